@@ -1,0 +1,98 @@
+//! `spotguard-imds-mock`: the mock IMDS as a program (see the crate docs).
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use spotguard_imds_mock::{serve, JsonStyle, MockConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "spotguard-imds-mock",
+    version,
+    about = "Local EC2 instance metadata service (IMDSv2) with a control API under /mock/"
+)]
+struct Args {
+    /// Address to listen on. Port 0 picks a free port; the address is printed on stdout.
+    #[arg(long, default_value = "127.0.0.1:1338")]
+    listen: String,
+    #[arg(long, default_value = "i-0123456789abcdef0")]
+    instance_id: String,
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    #[arg(long, default_value = "us-east-1a")]
+    availability_zone: String,
+    #[arg(long, default_value = "g4dn.xlarge")]
+    instance_type: String,
+    /// `spot` or `on-demand`.
+    #[arg(long, default_value = "spot")]
+    life_cycle: String,
+    /// Serve metadata GETs without a token too (IMDSv1); by default IMDSv2 is required.
+    #[arg(long)]
+    allow_imdsv1: bool,
+    /// `imds`: one-line JSON as text/plain (real IMDS); `pretty`: tab-indented
+    /// application/json (the popular AWS mock).
+    #[arg(long, value_enum, default_value = "imds")]
+    json_style: JsonStyle,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spotguard-imds-mock: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let cfg = MockConfig {
+        instance_id: args.instance_id,
+        region: args.region,
+        availability_zone: args.availability_zone,
+        instance_type: args.instance_type,
+        life_cycle: args.life_cycle,
+        require_token: !args.allow_imdsv1,
+        json_style: args.json_style,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("cannot read the bound address: {e}"))?;
+        // The first stdout line is the address, for scripts that pass port 0.
+        let mut out = std::io::stdout();
+        writeln!(out, "listening on http://{addr}")
+            .and_then(|_| out.flush())
+            .map_err(|e| format!("cannot write to stdout: {e}"))?;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term =
+            signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+        let mut int =
+            signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        serve(listener, cfg, shutdown)
+            .await
+            .map_err(|e| format!("serving on {addr}: {e}"))
+    })
+}
