@@ -1,1 +1,256 @@
-pub fn placeholder() {}
+//! Harness for the end-to-end tests and benchmarks: finds the workspace's
+//! binaries, runs them as child processes (the mock IMDS, the agent), reads
+//! their output line by line with arrival times, and drives the mock's
+//! control API. Everything talks to 127.0.0.1 only.
+//!
+//! This is test code: it panics with a message on anything unexpected.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub mod http;
+
+/// Directory holding the workspace binaries: `SPOTGUARD_BIN_DIR`, else the
+/// profile directory this executable was built into (`target/debug` for a
+/// test in `target/debug/deps`, `target/release` for a benchmark binary).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SPOTGUARD_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary; panics with the fix if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the workspace first (cargo build --workspace), or set SPOTGUARD_BIN_DIR",
+        p.display()
+    );
+    p
+}
+
+/// Lines of a child's stdout, each with the instant it was read.
+pub struct Lines {
+    rx: mpsc::Receiver<(Instant, String)>,
+}
+
+impl Lines {
+    pub fn new(out: ChildStdout) -> Lines {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines { rx }
+    }
+
+    /// The next line within `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<(Instant, String)> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// The next line parsed as JSON; panics if it is not JSON.
+    pub fn next_json(&self, timeout: Duration) -> Option<Value> {
+        self.next(timeout).map(|(_, l)| {
+            serde_json::from_str(&l)
+                .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {l}"))
+        })
+    }
+
+    /// Discards lines already read.
+    pub fn drain(&self) -> usize {
+        self.rx.try_iter().count()
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, name: &str) -> (Proc, Lines) {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        if std::env::var_os("SPOTGUARD_TEST_VERBOSE").is_none() {
+            cmd.stderr(Stdio::null());
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let out = child.stdout.take().expect("piped stdout");
+        (
+            Proc {
+                child,
+                name: name.to_string(),
+            },
+            Lines::new(out),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal with kill(1); no libc binding needed in the harness.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} {} failed", self.name);
+    }
+
+    /// Waits for the exit status up to `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `spotguard-imds-mock` on a free loopback port.
+pub struct MockImds {
+    pub proc: Proc,
+    pub url: String,
+    http: http::Client,
+}
+
+impl MockImds {
+    pub fn start(extra: &[&str]) -> MockImds {
+        let mut cmd = Command::new(bin("spotguard-imds-mock"));
+        cmd.args(["--listen", "127.0.0.1:0"]).args(extra);
+        let (proc, lines) = Proc::spawn(cmd, "spotguard-imds-mock");
+        let (_, first) = lines
+            .next(Duration::from_secs(10))
+            .expect("spotguard-imds-mock printed no address");
+        let url = first
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+            .to_string();
+        MockImds {
+            proc,
+            url,
+            http: Default::default(),
+        }
+    }
+
+    /// POSTs to the control API and returns the JSON answer; panics unless 200.
+    pub fn control(&self, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .request("POST", &format!("{}{path}", self.url), &body.to_string());
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        serde_json::from_str(&r.body).expect("control answer is JSON")
+    }
+
+    pub fn raw(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let r = self
+            .http
+            .request(method, &format!("{}{path}", self.url), body);
+        (r.status, r.body)
+    }
+
+    /// The mock's request counts.
+    pub fn requests(&self) -> Value {
+        let r = self
+            .http
+            .request("GET", &format!("{}/mock/requests", self.url), "");
+        serde_json::from_str(&r.body).expect("requests JSON")
+    }
+}
+
+/// A small deterministic generator (xorshift), so runs repeat with a seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Resident memory (VmRSS) and CPU time (user + system) of a process, from /proc.
+pub fn proc_usage(pid: u32) -> Option<(u64, Duration)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let hz = clock_ticks_per_second();
+    Some((rss_kib, Duration::from_secs_f64(ticks as f64 / hz)))
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Median and max of a sample, in the sample's unit.
+pub fn median_max(xs: &[f64]) -> (f64, f64) {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let med = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (med, v[n - 1])
+}
