@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 
+use crate::error_chain;
 use crate::imds::{ImdsClient, ImdsConfig, DEFAULT_ENDPOINT};
 use crate::watch::{self, WatchConfig};
 
@@ -86,20 +87,14 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Print the whole chain: the outermost context first.
-            let mut msg = format!("spotguard-agent: {e}");
-            let mut source = std::error::Error::source(e.as_ref());
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("spotguard-agent: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 
 fn run_async<F: std::future::Future<Output = Result<(), BoxError>>>(f: F) -> Result<(), BoxError> {
     // One thread: the agent is I/O-bound and its idle footprint matters on

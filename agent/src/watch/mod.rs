@@ -21,6 +21,7 @@ pub use tracker::{
     ASSUMED_NOTICE,
 };
 
+use crate::error_chain;
 use crate::imds::{paths, ImdsClient};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,9 +144,9 @@ async fn poll_path(
                 // Logged and counted; never a notice. Warn on the first
                 // failure of a run, then keep quiet until it recovers.
                 if !failing {
-                    tracing::warn!(path, error = %e, "IMDS poll failed; retrying next interval");
+                    tracing::warn!(path, error = %error_chain(&e), "IMDS poll failed; retrying next interval");
                 } else {
-                    tracing::debug!(path, error = %e, "IMDS poll failed again");
+                    tracing::debug!(path, error = %error_chain(&e), "IMDS poll failed again");
                 }
                 failing = true;
                 continue;
