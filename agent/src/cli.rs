@@ -8,7 +8,13 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 
+use crate::aws::{AsgFleet, SqsQueue};
+use crate::config::{Config, LogFormatKey, WorkerMode};
 use crate::error_chain;
+use crate::notify::Notifier;
+use crate::runner::Runner;
+use crate::status::Status;
+use crate::worker::WorkerSpec;
 use crate::imds::{ImdsClient, ImdsConfig, DEFAULT_ENDPOINT};
 use crate::watch::{self, WatchConfig};
 
@@ -25,8 +31,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Consume the SQS queue, drain on interruption notices, scale in when idle.
+    Run(ConfigArgs),
+    /// Validate the configuration and print it with every default filled in.
+    CheckConfig(ConfigArgs),
     /// Watch IMDS for interruption notices and print one JSON line per notice.
     Watch(WatchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    /// The TOML configuration file.
+    #[arg(long, default_value = crate::config::DEFAULT_PATH)]
+    pub config: std::path::PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,6 +99,21 @@ pub fn main() -> ExitCode {
         Command::Watch(args) => {
             init_logging(args.log_format);
             run_async(watch_command(args))
+        }
+        Command::CheckConfig(args) => return check_config(&args),
+        Command::Run(args) => {
+            let cfg = match Config::load(&args.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("spotguard-agent: {}", error_chain(&e));
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(match cfg.log.format {
+                LogFormatKey::Text => LogFormat::Text,
+                LogFormatKey::Json => LogFormat::Json,
+            });
+            run_async(run_command(cfg))
         }
     };
     match result {
@@ -150,4 +182,119 @@ async fn watch_command(args: WatchArgs) -> Result<(), BoxError> {
         Ok::<(), BoxError>(())
     };
     tokio::join!(watcher, printer).1
+}
+
+fn check_config(args: &ConfigArgs) -> ExitCode {
+    match Config::load(&args.config) {
+        Ok(cfg) => match toml::to_string_pretty(&cfg) {
+            Ok(text) => {
+                println!("# {}: valid; effective configuration with defaults:\n{text}", args.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("spotguard-agent: cannot print the configuration: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("spotguard-agent: {}", error_chain(&e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// How long start-up waits for IMDS to give the instance id: the agent
+/// cannot scale itself in without it; systemd restarts it after a failure.
+const STARTUP_IMDS_ATTEMPTS: u32 = 30;
+
+async fn imds_value(client: &ImdsClient, path: &str) -> Result<String, BoxError> {
+    let mut last = String::new();
+    for attempt in 1..=STARTUP_IMDS_ATTEMPTS {
+        match client.get(path).await {
+            Ok(Some(v)) if !v.trim().is_empty() => return Ok(v.trim().to_string()),
+            Ok(_) => last = "not found (404)".into(),
+            Err(e) => last = error_chain(&e),
+        }
+        tracing::warn!(path, attempt, error = %last, "IMDS not ready; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Err(format!("cannot read {path} from IMDS: {last}").into())
+}
+
+async fn run_command(cfg: Config) -> Result<(), BoxError> {
+    let cfg = Arc::new(cfg);
+    let imds = Arc::new(ImdsClient::new(ImdsConfig {
+        endpoint: cfg.imds.endpoint.clone(),
+        ..Default::default()
+    })?);
+    let instance_id = imds_value(&imds, crate::imds::paths::INSTANCE_ID).await?;
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+        // The instance's own region, from the same IMDS the agent watches.
+        let region = imds_value(&imds, crate::imds::paths::REGION).await?;
+        loader = loader.region(aws_config::Region::new(region));
+    }
+    let sdk = loader.load().await;
+    tracing::info!(%instance_id, region = ?sdk.region(), "starting");
+    let status = Arc::new(Status::new(instance_id.clone(), imds.stats()));
+    if let Some(addr) = cfg.status_addr() {
+        let listener_status = status.clone();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("status.listen {addr}: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = crate::status::serve_on(listener, listener_status).await {
+                tracing::error!(error = %e, "status endpoint stopped");
+            }
+        });
+    }
+    let notifier = Notifier {
+        sns: cfg
+            .notify
+            .sns_topic_arn
+            .clone()
+            .map(|t| (aws_sdk_sns::Client::new(&sdk), t)),
+        hook: cfg.notify.hook_command.clone(),
+    };
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| format!("cannot build the worker HTTP client: {e}"))?;
+    let spec = WorkerSpec {
+        mode: cfg.worker_mode(),
+        queue_url: cfg.queue.url.clone(),
+        queue_name: cfg.queue_name().to_string(),
+        term_grace: cfg.worker.term_grace.0,
+        content_type: cfg.worker.content_type.clone(),
+        env: cfg.worker.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        http,
+    };
+    if let WorkerMode::Exec(argv) = &spec.mode {
+        tracing::info!(command = ?argv, concurrency = cfg.worker.concurrency, "exec mode");
+    }
+    let runner = Runner {
+        cfg: cfg.clone(),
+        queue: Arc::new(SqsQueue {
+            client: aws_sdk_sqs::Client::new(&sdk),
+            url: cfg.queue.url.clone(),
+        }),
+        fleet: Arc::new(AsgFleet {
+            client: aws_sdk_autoscaling::Client::new(&sdk),
+        }),
+        notifier,
+        status,
+        instance_id,
+        spec,
+    };
+    let watch_cfg = WatchConfig {
+        spot_interval: cfg.interruption.poll_interval.0,
+        lifecycle_interval: cfg.interruption.poll_interval.0,
+        rebalance_interval: cfg.interruption.rebalance_poll_interval.0,
+        ..Default::default()
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let watcher = tokio::spawn(watch::run(imds, watch_cfg, tx, std::future::pending()));
+    runner.run(rx, shutdown_signal()?).await;
+    watcher.abort();
+    Ok(())
 }

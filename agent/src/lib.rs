@@ -2,11 +2,24 @@
 //!
 //! - [`imds`]: the IMDSv2 client (tokens, timeouts, faults never taken for notices).
 //! - [`watch`]: polls the notice paths and emits each notice once.
-//! - [`cli`]: the command line; `main.rs` only calls [`cli::main`].
+//! - [`state`]: the agent's modes and their pure transitions (drain, scale-in).
+//! - [`runner`]: the event loop that carries the transitions out.
+//! - [`job`]: one job, from receipt to a deleted or handed-back message.
+//! - [`worker`]: exec and http (sqsd) hand-off of a message to the worker.
+//! - [`aws`]: the SQS and Auto Scaling calls behind small traits.
+//! - [`config`], [`status`], [`notify`], [`cli`]: file, endpoint, SNS/hook, command line.
 
+pub mod aws;
 pub mod cli;
+pub mod config;
 pub mod imds;
+pub mod job;
+pub mod notify;
+pub mod runner;
+pub mod state;
+pub mod status;
 pub mod watch;
+pub mod worker;
 
 /// An error and its sources, outermost first: `a: b: c`.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -1,0 +1,356 @@
+//! The agent's AWS calls, behind two small traits so that the runner and the
+//! job code do not depend on the SDK: [`Queue`] (SQS) and [`Fleet`] (Auto
+//! Scaling). The SDK implementations are at the bottom.
+//!
+//! Every call is bounded by [`CALL_TIMEOUT`] (a receive by its long-poll wait
+//! plus that), so a drain cannot hang on a stuck connection. The SDK's
+//! standard retry mode (3 attempts, exponential backoff, for throttling,
+//! 5xx and transport errors) retries inside that bound.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use aws_sdk_autoscaling::error::ProvideErrorMetadata;
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+
+/// Upper bound of one AWS call with its SDK retries. A hand-back must finish
+/// well inside the default 25 s deadline margin minus the 10 s grace.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{op}: {message}")]
+pub struct AwsError {
+    pub op: &'static str,
+    /// The service's error code (`ValidationError`, `ThrottlingException`, ...), if any.
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl AwsError {
+    fn timeout(op: &'static str) -> AwsError {
+        AwsError {
+            op,
+            code: None,
+            message: format!("no answer within {CALL_TIMEOUT:?}"),
+        }
+    }
+}
+
+fn sdk_error<E, R>(op: &'static str, e: aws_sdk_sqs::error::SdkError<E, R>) -> AwsError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let code = e.code().map(str::to_string);
+    AwsError {
+        op,
+        code,
+        message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
+    }
+}
+
+async fn bounded<T>(
+    op: &'static str,
+    limit: Duration,
+    f: impl Future<Output = Result<T, AwsError>>,
+) -> Result<T, AwsError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| Err(AwsError::timeout(op)))
+}
+
+/// A received SQS message, with what the worker is told about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub id: String,
+    pub receipt: String,
+    pub body: String,
+    pub receive_count: u32,
+    /// `ApproximateFirstReceiveTimestamp`, ms since the epoch.
+    pub first_received_ms: Option<i64>,
+    /// String and Number message attributes (Binary ones are not passed on).
+    pub attributes: BTreeMap<String, String>,
+}
+
+pub trait Queue: Send + Sync + 'static {
+    fn receive(
+        &self,
+        max: i32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> impl Future<Output = Result<Vec<Message>, AwsError>> + Send;
+    fn delete(&self, receipt: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
+    /// `ChangeMessageVisibility`: extend (heartbeat) or, with 0, hand back now.
+    fn set_visibility(&self, receipt: &str, secs: i32) -> impl Future<Output = Result<(), AwsError>> + Send;
+}
+
+/// The answer to our own termination request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScaleIn {
+    Accepted,
+    /// The group said no (desired already equals MinSize): not an error.
+    Refused(String),
+}
+
+pub trait Fleet: Send + Sync + 'static {
+    /// The Auto Scaling group this instance belongs to, if any.
+    fn group_of(&self, instance: &str) -> impl Future<Output = Result<Option<String>, AwsError>> + Send;
+    /// `TerminateInstanceInAutoScalingGroup` with the desired capacity decremented.
+    fn terminate_self(&self, instance: &str) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send;
+    fn set_protection(
+        &self,
+        group: &str,
+        instance: &str,
+        protect: bool,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
+    fn lifecycle_heartbeat(
+        &self,
+        group: &str,
+        hook: &str,
+        instance: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
+    fn complete_lifecycle(
+        &self,
+        group: &str,
+        hook: &str,
+        instance: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
+}
+
+/// SQS through the SDK.
+pub struct SqsQueue {
+    pub client: aws_sdk_sqs::Client,
+    pub url: String,
+}
+
+fn secs_i32(d: Duration) -> i32 {
+    i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
+}
+
+impl Queue for SqsQueue {
+    async fn receive(&self, max: i32, wait: Duration, visibility: Duration) -> Result<Vec<Message>, AwsError> {
+        const OP: &str = "ReceiveMessage";
+        bounded(OP, wait + CALL_TIMEOUT, async {
+            let out = self
+                .client
+                .receive_message()
+                .queue_url(&self.url)
+                .max_number_of_messages(max.clamp(1, 10))
+                .wait_time_seconds(secs_i32(wait))
+                .visibility_timeout(secs_i32(visibility))
+                .message_system_attribute_names(MessageSystemAttributeName::All)
+                .message_attribute_names("All")
+                .send()
+                .await
+                .map_err(|e| sdk_error(OP, e))?;
+            Ok(out.messages().iter().filter_map(convert_message).collect())
+        })
+        .await
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<(), AwsError> {
+        const OP: &str = "DeleteMessage";
+        bounded(OP, CALL_TIMEOUT, async {
+            self.client
+                .delete_message()
+                .queue_url(&self.url)
+                .receipt_handle(receipt)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| sdk_error(OP, e))
+        })
+        .await
+    }
+
+    async fn set_visibility(&self, receipt: &str, secs: i32) -> Result<(), AwsError> {
+        const OP: &str = "ChangeMessageVisibility";
+        bounded(OP, CALL_TIMEOUT, async {
+            self.client
+                .change_message_visibility()
+                .queue_url(&self.url)
+                .receipt_handle(receipt)
+                .visibility_timeout(secs)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| sdk_error(OP, e))
+        })
+        .await
+    }
+}
+
+/// A message without id, receipt handle or body cannot be worked on or
+/// handed back; SQS always sends them, so such a message is skipped with a log.
+fn convert_message(m: &aws_sdk_sqs::types::Message) -> Option<Message> {
+    let (Some(id), Some(receipt)) = (m.message_id(), m.receipt_handle()) else {
+        tracing::warn!(?m, "SQS message without id or receipt handle; skipped");
+        return None;
+    };
+    let sys = m.attributes();
+    let sys_attr = |k: MessageSystemAttributeName| sys.and_then(|a| a.get(&k));
+    let attributes = m
+        .message_attributes()
+        .map(|attrs| {
+            attrs
+                .iter()
+                .filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(Message {
+        id: id.to_string(),
+        receipt: receipt.to_string(),
+        body: m.body().unwrap_or_default().to_string(),
+        receive_count: sys_attr(MessageSystemAttributeName::ApproximateReceiveCount)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
+        first_received_ms: sys_attr(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp)
+            .and_then(|v| v.parse().ok()),
+        attributes,
+    })
+}
+
+/// Queue depth, for status and the demo's accounting.
+pub async fn queue_depth(client: &aws_sdk_sqs::Client, url: &str) -> Result<(i64, i64), AwsError> {
+    const OP: &str = "GetQueueAttributes";
+    let out = bounded(OP, CALL_TIMEOUT, async {
+        client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(|e| sdk_error(OP, e))
+    })
+    .await?;
+    let get = |k: QueueAttributeName| {
+        out.attributes()
+            .and_then(|a| a.get(&k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((
+        get(QueueAttributeName::ApproximateNumberOfMessages),
+        get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+    ))
+}
+
+/// Auto Scaling through the SDK.
+pub struct AsgFleet {
+    pub client: aws_sdk_autoscaling::Client,
+}
+
+impl Fleet for AsgFleet {
+    async fn group_of(&self, instance: &str) -> Result<Option<String>, AwsError> {
+        const OP: &str = "DescribeAutoScalingInstances";
+        bounded(OP, CALL_TIMEOUT, async {
+            let out = self
+                .client
+                .describe_auto_scaling_instances()
+                .instance_ids(instance)
+                .send()
+                .await
+                .map_err(|e| sdk_error(OP, e))?;
+            Ok(out
+                .auto_scaling_instances()
+                .iter()
+                .find(|i| i.instance_id() == Some(instance))
+                .and_then(|i| i.auto_scaling_group_name())
+                .map(str::to_string))
+        })
+        .await
+    }
+
+    async fn terminate_self(&self, instance: &str) -> Result<ScaleIn, AwsError> {
+        const OP: &str = "TerminateInstanceInAutoScalingGroup";
+        bounded(OP, CALL_TIMEOUT, async {
+            match self
+                .client
+                .terminate_instance_in_auto_scaling_group()
+                .instance_id(instance)
+                .should_decrement_desired_capacity(true)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(ScaleIn::Accepted),
+                // "Currently, desiredSize equals minSize (1). Terminating
+                // instance without replacement will violate group's min size
+                // constraint." (REFERENCE.md)
+                Err(e) if e.code() == Some("ValidationError") => {
+                    Ok(ScaleIn::Refused(e.message().unwrap_or("ValidationError").to_string()))
+                }
+                Err(e) => Err(sdk_error(OP, e)),
+            }
+        })
+        .await
+    }
+
+    async fn set_protection(&self, group: &str, instance: &str, protect: bool) -> Result<(), AwsError> {
+        const OP: &str = "SetInstanceProtection";
+        bounded(OP, CALL_TIMEOUT, async {
+            self.client
+                .set_instance_protection()
+                .auto_scaling_group_name(group)
+                .instance_ids(instance)
+                .protected_from_scale_in(protect)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| sdk_error(OP, e))
+        })
+        .await
+    }
+
+    async fn lifecycle_heartbeat(&self, group: &str, hook: &str, instance: &str) -> Result<(), AwsError> {
+        const OP: &str = "RecordLifecycleActionHeartbeat";
+        bounded(OP, CALL_TIMEOUT, async {
+            self.client
+                .record_lifecycle_action_heartbeat()
+                .auto_scaling_group_name(group)
+                .lifecycle_hook_name(hook)
+                .instance_id(instance)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| sdk_error(OP, e))
+        })
+        .await
+    }
+
+    async fn complete_lifecycle(&self, group: &str, hook: &str, instance: &str) -> Result<(), AwsError> {
+        const OP: &str = "CompleteLifecycleAction";
+        bounded(OP, CALL_TIMEOUT, async {
+            self.client
+                .complete_lifecycle_action()
+                .auto_scaling_group_name(group)
+                .lifecycle_hook_name(hook)
+                .instance_id(instance)
+                .lifecycle_action_result("CONTINUE")
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| sdk_error(OP, e))
+        })
+        .await
+    }
+}
+
+/// Publishes a notice to SNS.
+pub async fn sns_publish(client: &aws_sdk_sns::Client, topic: &str, subject: &str, message: &str) -> Result<(), AwsError> {
+    const OP: &str = "Publish";
+    bounded(OP, CALL_TIMEOUT, async {
+        client
+            .publish()
+            .topic_arn(topic)
+            .subject(subject)
+            .message(message)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_error(OP, e))
+    })
+    .await
+}

@@ -1,0 +1,536 @@
+//! The agent's configuration file (`/etc/spotguard/agent.toml`).
+//!
+//! Every key is documented in the README with its default. Unknown keys are
+//! errors (a typo must not silently fall back to a default), and every error
+//! names the key it is about.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::imds::DEFAULT_ENDPOINT;
+
+pub const DEFAULT_PATH: &str = "/etc/spotguard/agent.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// A duration written as `30s`, `5m`, `250ms` in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"30s\" or \"5m\": {e}")))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub queue: QueueConfig,
+    pub worker: WorkerConfig,
+    #[serde(default)]
+    pub imds: ImdsSection,
+    #[serde(default)]
+    pub interruption: InterruptionConfig,
+    #[serde(default)]
+    pub notify: NotifyConfig,
+    #[serde(default)]
+    pub scale_in: ScaleInConfig,
+    #[serde(default)]
+    pub status: StatusConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// The SQS queue URL.
+    pub url: String,
+    /// Long-poll wait; SQS allows at most 20 s.
+    #[serde(default = "d_wait_time")]
+    pub wait_time: Dur,
+    /// Visibility given to a received message, renewed by the heartbeat
+    /// while its job runs. Short, so a message held by a vanished instance
+    /// comes back quickly; the heartbeat keeps long jobs invisible.
+    #[serde(default = "d_visibility")]
+    pub visibility_timeout: Dur,
+    /// How often a running job's visibility is renewed; default a third of
+    /// `visibility_timeout`, so two renewals can fail before it lapses.
+    pub heartbeat_interval: Option<Dur>,
+    /// After a failed job, its message reappears after this long (the
+    /// queue's redrive policy, not the agent, moves it to a dead-letter queue).
+    #[serde(default = "d_error_visibility")]
+    pub error_visibility_timeout: Dur,
+}
+
+fn d_wait_time() -> Dur {
+    Dur(Duration::from_secs(20))
+}
+fn d_visibility() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn d_error_visibility() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Exec mode: the program and its arguments, run directly (no shell).
+    pub command: Option<Vec<String>>,
+    /// HTTP mode: the URL the body is POSTed to, sqsd style.
+    pub url: Option<String>,
+    #[serde(default = "d_concurrency")]
+    pub concurrency: u32,
+    /// A job running longer is stopped and its message handed back. Unset:
+    /// no limit (GPU jobs vary too much for a safe universal default).
+    pub timeout: Option<Dur>,
+    /// Between SIGTERM and SIGKILL of a job's process group.
+    #[serde(default = "d_term_grace")]
+    pub term_grace: Dur,
+    /// Content-Type of the POST in http mode (sqsd's default).
+    #[serde(default = "d_content_type")]
+    pub content_type: String,
+    /// Extra environment for exec-mode jobs.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn d_concurrency() -> u32 {
+    1
+}
+fn d_term_grace() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn d_content_type() -> String {
+    "application/json".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImdsSection {
+    #[serde(default = "d_imds_endpoint")]
+    pub endpoint: String,
+}
+
+impl Default for ImdsSection {
+    fn default() -> Self {
+        ImdsSection {
+            endpoint: d_imds_endpoint(),
+        }
+    }
+}
+
+fn d_imds_endpoint() -> String {
+    DEFAULT_ENDPOINT.into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RebalancePolicy {
+    Ignore,
+    StopIntake,
+    Drain,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterruptionConfig {
+    /// Spot notice and lifecycle-state poll interval.
+    #[serde(default = "d_poll")]
+    pub poll_interval: Dur,
+    /// Jobs still running at (notice time - margin) are stopped and handed
+    /// back. 25 s covers the default 10 s SIGTERM grace, the hand-back calls
+    /// (about a second, with retries) and slack, well inside 120 s.
+    #[serde(default = "d_margin")]
+    pub deadline_margin: Dur,
+    /// Rebalance recommendation poll; AWS suggests 5 s, and a rebalance
+    /// recommendation is advice, not a deadline.
+    #[serde(default = "d_rebalance_poll")]
+    pub rebalance_poll_interval: Dur,
+    #[serde(default = "d_rebalance")]
+    pub rebalance: RebalancePolicy,
+    /// Name of the group's termination lifecycle hook; when set, a target
+    /// lifecycle state `Terminated` is answered with heartbeats while jobs
+    /// run and `CompleteLifecycleAction` CONTINUE once drained.
+    pub lifecycle_hook: Option<String>,
+    /// Interval of `RecordLifecycleActionHeartbeat`; must stay below the
+    /// hook's HeartbeatTimeout (30 s minimum on AWS).
+    #[serde(default = "d_hook_heartbeat")]
+    pub lifecycle_heartbeat_interval: Dur,
+    /// Deadline of the drain on SIGTERM/SIGINT (systemd's TimeoutStopSec must
+    /// be longer).
+    #[serde(default = "d_shutdown")]
+    pub shutdown_deadline: Dur,
+}
+
+impl Default for InterruptionConfig {
+    fn default() -> Self {
+        InterruptionConfig {
+            poll_interval: d_poll(),
+            rebalance_poll_interval: d_rebalance_poll(),
+            deadline_margin: d_margin(),
+            rebalance: d_rebalance(),
+            lifecycle_hook: None,
+            lifecycle_heartbeat_interval: d_hook_heartbeat(),
+            shutdown_deadline: d_shutdown(),
+        }
+    }
+}
+
+fn d_poll() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn d_rebalance_poll() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn d_margin() -> Dur {
+    Dur(Duration::from_secs(25))
+}
+fn d_rebalance() -> RebalancePolicy {
+    RebalancePolicy::StopIntake
+}
+fn d_hook_heartbeat() -> Dur {
+    Dur(Duration::from_secs(20))
+}
+fn d_shutdown() -> Dur {
+    Dur(Duration::from_secs(90))
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// SNS topic that gets a JSON message on every notice.
+    pub sns_topic_arn: Option<String>,
+    /// Program (argv, no shell) run on every notice with the event JSON on stdin.
+    pub hook_command: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleInConfig {
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    /// No job and no message for this long: terminate this instance.
+    #[serde(default = "d_idle")]
+    pub idle_timeout: Dur,
+    /// First wait after the group refused (desired = MinSize) or the call
+    /// failed; doubled per refusal up to 16 times this.
+    #[serde(default = "d_retry")]
+    pub retry_interval: Dur,
+    /// Protect the instance from the group's scale-in while a job runs.
+    #[serde(default)]
+    pub protect_busy: bool,
+}
+
+impl Default for ScaleInConfig {
+    fn default() -> Self {
+        ScaleInConfig {
+            enabled: true,
+            idle_timeout: d_idle(),
+            retry_interval: d_retry(),
+            protect_busy: false,
+        }
+    }
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_idle() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn d_retry() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Address of `/healthz`, `/status`, `/metrics`; empty disables it.
+    #[serde(default = "d_status")]
+    pub listen: String,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig { listen: d_status() }
+    }
+}
+
+fn d_status() -> String {
+    "127.0.0.1:9464".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatKey {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormatKey,
+}
+
+/// How a job is handed to the worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerMode {
+    Exec(Vec<String>),
+    Http(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    pub fn worker_mode(&self) -> WorkerMode {
+        match (&self.worker.command, &self.worker.url) {
+            (Some(c), _) => WorkerMode::Exec(c.clone()),
+            (None, Some(u)) => WorkerMode::Http(u.clone()),
+            // validate() guarantees exactly one.
+            (None, None) => WorkerMode::Exec(Vec::new()),
+        }
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.queue
+            .heartbeat_interval
+            .map_or(self.queue.visibility_timeout.0 / 3, |d| d.0)
+    }
+
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status.listen.parse().ok()
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, message: String| {
+            Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                key,
+                message,
+            })
+        };
+        let url = self.queue.url.trim();
+        if !(url.starts_with("https://") || url.starts_with("http://")) || url.trim_end_matches('/').rsplit('/').next().unwrap_or("").is_empty() {
+            return bad("queue.url", format!("{url:?} is not an SQS queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"));
+        }
+        let wait = self.queue.wait_time.0;
+        if wait > Duration::from_secs(20) {
+            return bad("queue.wait_time", "SQS long polls last at most 20s".into());
+        }
+        let vis = self.queue.visibility_timeout.0;
+        if vis < Duration::from_secs(2) || vis > Duration::from_secs(43_200) {
+            return bad("queue.visibility_timeout", "must be within 2s..12h (SQS allows 0..43200 s)".into());
+        }
+        if self.heartbeat_interval().is_zero() || self.heartbeat_interval() >= vis {
+            return bad(
+                "queue.heartbeat_interval",
+                "must be greater than zero and shorter than queue.visibility_timeout".into(),
+            );
+        }
+        if self.queue.error_visibility_timeout.0 > Duration::from_secs(43_200) {
+            return bad("queue.error_visibility_timeout", "SQS allows at most 12h".into());
+        }
+        match (&self.worker.command, &self.worker.url) {
+            (Some(_), Some(_)) | (None, None) => {
+                return bad("worker.command", "set exactly one of worker.command or worker.url".into())
+            }
+            (Some(c), None) if c.is_empty() || c[0].is_empty() => {
+                return bad("worker.command", "must name a program: [\"/path/to/program\", \"arg\", ...]".into())
+            }
+            (None, Some(u)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                return bad("worker.url", format!("{u:?} is not an http:// or https:// URL"))
+            }
+            _ => {}
+        }
+        if self.worker.url.as_deref().is_some_and(|u| reqwest::Url::parse(u).is_err()) {
+            return bad("worker.url", "not a valid URL".into());
+        }
+        if !(1..=256).contains(&self.worker.concurrency) {
+            return bad("worker.concurrency", "must be within 1..=256".into());
+        }
+        if self.worker.timeout.is_some_and(|t| t.0.is_zero()) {
+            return bad("worker.timeout", "must be greater than zero (leave it unset for no limit)".into());
+        }
+        if reqwest::header::HeaderValue::from_str(&self.worker.content_type).is_err() {
+            return bad("worker.content_type", "not a valid header value".into());
+        }
+        for k in self.worker.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return bad("worker.env", format!("{k:?} is not an environment variable name"));
+            }
+        }
+        for (key, d) in [
+            ("interruption.poll_interval", self.interruption.poll_interval),
+            ("interruption.rebalance_poll_interval", self.interruption.rebalance_poll_interval),
+            ("interruption.lifecycle_heartbeat_interval", self.interruption.lifecycle_heartbeat_interval),
+            ("interruption.shutdown_deadline", self.interruption.shutdown_deadline),
+            ("scale_in.idle_timeout", self.scale_in.idle_timeout),
+            ("scale_in.retry_interval", self.scale_in.retry_interval),
+        ] {
+            if d.0.is_zero() {
+                return bad(key, "must be greater than zero".into());
+            }
+        }
+        let margin = self.interruption.deadline_margin.0;
+        if margin <= self.worker.term_grace.0 {
+            return bad(
+                "interruption.deadline_margin",
+                format!(
+                    "must be longer than worker.term_grace ({}), or hand-backs would finish after the notice time",
+                    humantime::format_duration(self.worker.term_grace.0)
+                ),
+            );
+        }
+        if margin >= Duration::from_secs(120) {
+            return bad("interruption.deadline_margin", "must be shorter than the 2-minute spot notice".into());
+        }
+        if self.interruption.lifecycle_hook.as_deref().is_some_and(str::is_empty) {
+            return bad("interruption.lifecycle_hook", "must not be empty (leave it unset)".into());
+        }
+        if let Some(h) = &self.notify.hook_command {
+            if h.is_empty() || h[0].is_empty() {
+                return bad("notify.hook_command", "must name a program".into());
+            }
+        }
+        if self.notify.sns_topic_arn.as_deref().is_some_and(|a| !a.starts_with("arn:")) {
+            return bad("notify.sns_topic_arn", "must be an SNS topic ARN (arn:aws:sns:...)".into());
+        }
+        if !self.status.listen.is_empty() && self.status_addr().is_none() {
+            return bad("status.listen", format!("{:?} is not an IP:PORT address", self.status.listen));
+        }
+        if crate::imds::ImdsClient::new(crate::imds::ImdsConfig {
+            endpoint: self.imds.endpoint.clone(),
+            ..Default::default()
+        })
+        .is_err()
+        {
+            return bad("imds.endpoint", format!("{:?} is not an http://HOST[:PORT] URI", self.imds.endpoint));
+        }
+        Ok(())
+    }
+
+    /// The queue's name: the last segment of its URL.
+    pub fn queue_name(&self) -> &str {
+        self.queue.url.trim_end_matches('/').rsplit('/').next().unwrap_or("")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[queue]
+url = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs"
+[worker]
+command = ["/bin/true"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::parse(MIN, "t").unwrap();
+        assert_eq!(c.worker.concurrency, 1);
+        assert_eq!(c.scale_in.idle_timeout.0, Duration::from_secs(30));
+        assert_eq!(c.status.listen, "127.0.0.1:9464");
+        assert_eq!(c.imds.endpoint, "http://169.254.169.254");
+        assert_eq!(c.interruption.poll_interval.0, Duration::from_secs(1));
+        assert_eq!(c.interruption.rebalance, RebalancePolicy::StopIntake);
+        assert_eq!(c.heartbeat_interval(), Duration::from_secs(20));
+        assert_eq!(c.queue_name(), "jobs");
+        assert_eq!(c.worker_mode(), WorkerMode::Exec(vec!["/bin/true".into()]));
+    }
+
+    fn err(extra: &str) -> String {
+        Config::parse(&format!("{MIN}{extra}"), "agent.toml").unwrap_err().to_string()
+    }
+
+    fn err_full(text: &str) -> String {
+        Config::parse(text, "agent.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[scale_in]\nidle_timeout = \"soon\"\n", "idle_timeout"),
+            ("[scale_in]\nidle_timeout = 30\n", "idle_timeout"),
+            ("[scale_in]\nidle_timout = \"30s\"\n", "idle_timout"),
+            ("[status]\nlisten = \"localhost\"\n", "status.listen"),
+            ("[interruption]\nrebalance = \"panic\"\n", "rebalance"),
+            ("[interruption]\ndeadline_margin = \"5s\"\n", "interruption.deadline_margin"),
+            ("[interruption]\ndeadline_margin = \"3m\"\n", "interruption.deadline_margin"),
+            ("[imds]\nendpoint = \"169.254.169.254\"\n", "imds.endpoint"),
+            ("[notify]\nsns_topic_arn = \"topic\"\n", "notify.sns_topic_arn"),
+            ("[interruption]\npoll_interval = \"0s\"\n", "interruption.poll_interval"),
+        ];
+        for (extra, key) in cases {
+            let e = err(extra);
+            assert!(e.contains(key), "{extra:?} -> {e}");
+        }
+    }
+
+    #[test]
+    fn worker_and_queue_errors() {
+        let q = "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n";
+        assert!(err_full(&format!("{q}[worker]\n")).contains("worker.command"));
+        assert!(err_full(&format!("{q}[worker]\ncommand = [\"a\"]\nurl = \"http://x/\"\n")).contains("exactly one"));
+        assert!(err_full(&format!("{q}[worker]\ncommand = []\n")).contains("worker.command"));
+        assert!(err_full(&format!("{q}[worker]\nurl = \"ftp://x\"\n")).contains("worker.url"));
+        assert!(err_full(&format!("{q}[worker]\ncommand = [\"a\"]\nconcurrency = 0\n")).contains("worker.concurrency"));
+        assert!(err_full(&format!("{q}[worker]\ncommand = [\"a\"]\nconcurrency = -1\n")).contains("concurrency"));
+        assert!(err_full("[worker]\ncommand = [\"a\"]\n").contains("queue"));
+        assert!(err_full("[queue]\nurl = \"jobs\"\n[worker]\ncommand = [\"a\"]\n").contains("queue.url"));
+        assert!(err_full(&format!("{q}wait_time = \"30s\"\n[worker]\ncommand = [\"a\"]\n")).contains("queue.wait_time"));
+        assert!(err_full("not toml at all [").contains("agent.toml"));
+    }
+}

@@ -1,0 +1,435 @@
+//! The agent's states and their transitions, without I/O.
+//!
+//! ```text
+//!             idle for scale_in.idle_timeout
+//!   Running ---------------------------------> ScalingIn --accepted--> Terminating
+//!     ^  |  <-----refused / messages arrived----'   |                      |
+//!     |  | rebalance (stop-intake)                  |                      |
+//!     |  v                                          |                      |
+//!   IntakeStopped --idle--> ScalingIn               |                      |
+//!                                                   |                      |
+//!   any state --spot / lifecycle Terminated / SIGTERM / rebalance (drain)--+--> Draining
+//! ```
+//!
+//! `Draining` is final: intake never reopens. Its deadline is the earliest of
+//! the spot notice time minus the margin and the shutdown deadline; a
+//! lifecycle or rebalance drain alone has none. Only `Running` takes new
+//! work. A spot notice never leads to a scale-in call (the group must
+//! replace reclaimed capacity, so desired capacity is not decremented).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::RebalancePolicy;
+
+/// Why a drain was started. A drain can have several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainReason {
+    SpotInterruption,
+    LifecycleTerminated,
+    Rebalance,
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Drain {
+    /// Jobs still running then are stopped and handed back. `None`: no limit.
+    pub deadline: Option<DateTime<Utc>>,
+    /// In the order they arrived, each once.
+    pub reasons: Vec<DrainReason>,
+}
+
+impl Drain {
+    pub fn has(&self, r: DrainReason) -> bool {
+        self.reasons.contains(&r)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Mode {
+    /// Taking work.
+    Running,
+    /// A rebalance recommendation paused intake; running jobs go on.
+    IntakeStopped,
+    /// Idle: intake stopped. Once no receive is outstanding, the group is
+    /// asked to terminate this instance (`requested`). `resume_to_paused`
+    /// remembers whether to go back to `IntakeStopped` after a refusal.
+    ScalingIn { requested: bool, resume_to_paused: bool },
+    /// The group accepted the termination; waiting to be shut down.
+    Terminating,
+    /// Intake closed for good; jobs finish until the deadline.
+    Draining(Drain),
+}
+
+impl Mode {
+    pub fn intake_open(&self) -> bool {
+        matches!(self, Mode::Running)
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Running => "running",
+            Mode::IntakeStopped => "intake_stopped",
+            Mode::ScalingIn { .. } => "scaling_in",
+            Mode::Terminating => "terminating",
+            Mode::Draining(_) => "draining",
+        }
+    }
+
+    pub fn drain(&self) -> Option<&Drain> {
+        match self {
+            Mode::Draining(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// A notice, as the state machine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Spot interruption of any action, with the interruption time.
+    Spot { time: DateTime<Utc> },
+    Rebalance,
+    /// Target lifecycle state `Terminated`.
+    LifecycleTerminated,
+    /// SIGTERM or SIGINT.
+    Shutdown,
+}
+
+/// The configuration the transitions depend on.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub deadline_margin: Duration,
+    pub rebalance: RebalancePolicy,
+    pub shutdown_deadline: Duration,
+}
+
+fn earlier(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+fn to_chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// The mode after a notice.
+pub fn on_notice(mode: &Mode, notice: &Notice, policy: &Policy, now: DateTime<Utc>) -> Mode {
+    let (reason, deadline) = match notice {
+        Notice::Spot { time } => {
+            // A notice whose time minus the margin is already past: stop now.
+            let d = (*time - to_chrono(policy.deadline_margin)).max(now);
+            (DrainReason::SpotInterruption, Some(d))
+        }
+        Notice::LifecycleTerminated => (DrainReason::LifecycleTerminated, None),
+        Notice::Shutdown => (DrainReason::Shutdown, Some(now + to_chrono(policy.shutdown_deadline))),
+        Notice::Rebalance => match policy.rebalance {
+            RebalancePolicy::Ignore => return mode.clone(),
+            RebalancePolicy::StopIntake => {
+                return match mode {
+                    Mode::Running => Mode::IntakeStopped,
+                    Mode::ScalingIn { requested, .. } => Mode::ScalingIn {
+                        requested: *requested,
+                        resume_to_paused: true,
+                    },
+                    other => other.clone(),
+                }
+            }
+            RebalancePolicy::Drain => (DrainReason::Rebalance, None),
+        },
+    };
+    match mode {
+        Mode::Draining(d) => {
+            let mut d = d.clone();
+            if !d.has(reason) {
+                d.reasons.push(reason);
+            }
+            d.deadline = earlier(d.deadline, deadline);
+            Mode::Draining(d)
+        }
+        _ => Mode::Draining(Drain {
+            deadline,
+            reasons: vec![reason],
+        }),
+    }
+}
+
+/// The mode once the instance has been idle long enough, if scale-in applies.
+pub fn on_idle(mode: &Mode) -> Option<Mode> {
+    match mode {
+        Mode::Running => Some(Mode::ScalingIn {
+            requested: false,
+            resume_to_paused: false,
+        }),
+        Mode::IntakeStopped => Some(Mode::ScalingIn {
+            requested: false,
+            resume_to_paused: true,
+        }),
+        _ => None,
+    }
+}
+
+/// ScalingIn with no receive outstanding and no job: time to ask the group.
+pub fn ready_to_request(mode: &Mode) -> Option<Mode> {
+    match mode {
+        Mode::ScalingIn {
+            requested: false,
+            resume_to_paused,
+        } => Some(Mode::ScalingIn {
+            requested: true,
+            resume_to_paused: *resume_to_paused,
+        }),
+        _ => None,
+    }
+}
+
+/// Messages arrived from a receive that was outstanding when intake closed.
+/// In `ScalingIn` before the request, the instance is not idle after all: it
+/// goes back to work. Returns the new mode and whether to run the messages
+/// (otherwise they are handed back unstarted).
+pub fn on_late_messages(mode: &Mode) -> (Mode, bool) {
+    match mode {
+        Mode::Running => (Mode::Running, true),
+        Mode::ScalingIn {
+            requested: false,
+            resume_to_paused: false,
+        } => (Mode::Running, true),
+        other => (other.clone(), false),
+    }
+}
+
+/// The group's answer to our own termination request.
+pub fn on_scale_in_result(mode: &Mode, accepted: bool) -> Mode {
+    match mode {
+        Mode::ScalingIn {
+            requested: true,
+            resume_to_paused,
+        } => {
+            if accepted {
+                Mode::Terminating
+            } else if *resume_to_paused {
+                Mode::IntakeStopped
+            } else {
+                Mode::Running
+            }
+        }
+        // A notice arrived meanwhile: it decides.
+        other => other.clone(),
+    }
+}
+
+/// What to do once a drain has no job left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AfterDrain {
+    pub complete_lifecycle: bool,
+    pub exit: bool,
+}
+
+pub fn after_drain(drain: &Drain, hook_configured: bool) -> AfterDrain {
+    AfterDrain {
+        complete_lifecycle: hook_configured && drain.has(DrainReason::LifecycleTerminated),
+        exit: drain.has(DrainReason::Shutdown),
+    }
+}
+
+/// Back-off after the group refused a scale-in: `base` doubled per
+/// consecutive refusal, capped at 16 x base, so a group at MinSize is asked
+/// at most every 16 minutes with the 60 s default, never in a hot loop.
+pub fn scale_in_backoff(base: Duration, refusals: u32) -> Duration {
+    base * 2u32.pow(refusals.saturating_sub(1).min(4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+    fn policy(rebalance: RebalancePolicy) -> Policy {
+        Policy {
+            deadline_margin: Duration::from_secs(25),
+            rebalance,
+            shutdown_deadline: Duration::from_secs(90),
+        }
+    }
+    const NOW: &str = "2026-11-28T08:20:00Z";
+
+    fn every_mode() -> Vec<Mode> {
+        vec![
+            Mode::Running,
+            Mode::IntakeStopped,
+            Mode::ScalingIn {
+                requested: false,
+                resume_to_paused: false,
+            },
+            Mode::ScalingIn {
+                requested: true,
+                resume_to_paused: true,
+            },
+            Mode::Terminating,
+            Mode::Draining(Drain {
+                deadline: None,
+                reasons: vec![DrainReason::LifecycleTerminated],
+            }),
+        ]
+    }
+
+    #[test]
+    fn spot_notice_drains_from_every_mode_with_deadline_before_the_notice() {
+        let p = policy(RebalancePolicy::StopIntake);
+        for m in every_mode() {
+            let next = on_notice(&m, &Notice::Spot { time: t("2026-11-28T08:22:00Z") }, &p, t(NOW));
+            let d = next.drain().unwrap_or_else(|| panic!("{m:?} -> {next:?}"));
+            assert_eq!(d.deadline, Some(t("2026-11-28T08:21:35Z")), "{m:?}");
+            assert!(d.has(DrainReason::SpotInterruption));
+            assert!(!next.intake_open());
+            // Nothing after a spot notice leads to a scale-in request.
+            assert_eq!(on_idle(&next), None);
+            assert_eq!(ready_to_request(&next), None);
+        }
+    }
+
+    #[test]
+    fn a_late_notice_stops_jobs_now_not_in_the_past() {
+        let p = policy(RebalancePolicy::StopIntake);
+        let next = on_notice(&Mode::Running, &Notice::Spot { time: t("2026-11-28T08:20:10Z") }, &p, t(NOW));
+        assert_eq!(next.drain().unwrap().deadline, Some(t(NOW)));
+    }
+
+    #[test]
+    fn drains_combine_reasons_and_keep_the_earliest_deadline() {
+        let p = policy(RebalancePolicy::StopIntake);
+        let m = on_notice(&Mode::Running, &Notice::LifecycleTerminated, &p, t(NOW));
+        assert_eq!(m.drain().unwrap().deadline, None);
+        let m = on_notice(&m, &Notice::Shutdown, &p, t(NOW));
+        assert_eq!(m.drain().unwrap().deadline, Some(t("2026-11-28T08:21:30Z")));
+        let m = on_notice(&m, &Notice::Spot { time: t("2026-11-28T08:22:00Z") }, &p, t(NOW));
+        assert_eq!(m.drain().unwrap().deadline, Some(t("2026-11-28T08:21:30Z")));
+        let m = on_notice(&m, &Notice::Spot { time: t("2026-11-28T08:21:00Z") }, &p, t(NOW));
+        assert_eq!(m.drain().unwrap().deadline, Some(t("2026-11-28T08:20:35Z")));
+        // The same notice again changes nothing (duplicates are harmless).
+        let again = on_notice(&m, &Notice::Spot { time: t("2026-11-28T08:21:00Z") }, &p, t(NOW));
+        assert_eq!(again, m);
+        assert_eq!(
+            m.drain().unwrap().reasons,
+            vec![
+                DrainReason::LifecycleTerminated,
+                DrainReason::Shutdown,
+                DrainReason::SpotInterruption
+            ]
+        );
+    }
+
+    #[test]
+    fn rebalance_policies() {
+        let ignore = policy(RebalancePolicy::Ignore);
+        for m in every_mode() {
+            assert_eq!(on_notice(&m, &Notice::Rebalance, &ignore, t(NOW)), m);
+        }
+        let stop = policy(RebalancePolicy::StopIntake);
+        assert_eq!(on_notice(&Mode::Running, &Notice::Rebalance, &stop, t(NOW)), Mode::IntakeStopped);
+        assert_eq!(on_notice(&Mode::Terminating, &Notice::Rebalance, &stop, t(NOW)), Mode::Terminating);
+        let drain = policy(RebalancePolicy::Drain);
+        let m = on_notice(&Mode::Running, &Notice::Rebalance, &drain, t(NOW));
+        assert_eq!(
+            m,
+            Mode::Draining(Drain {
+                deadline: None,
+                reasons: vec![DrainReason::Rebalance]
+            })
+        );
+    }
+
+    #[test]
+    fn idle_scale_in_round_trips() {
+        let m = on_idle(&Mode::Running).unwrap();
+        assert!(!m.intake_open());
+        let m = ready_to_request(&m).unwrap();
+        assert_eq!(on_scale_in_result(&m, false), Mode::Running);
+        assert_eq!(on_scale_in_result(&m, true), Mode::Terminating);
+        // From a paused intake, a refusal returns to the pause.
+        let m = ready_to_request(&on_idle(&Mode::IntakeStopped).unwrap()).unwrap();
+        assert_eq!(on_scale_in_result(&m, false), Mode::IntakeStopped);
+        // A stop-intake rebalance during scale-in is remembered.
+        let m = on_idle(&Mode::Running).unwrap();
+        let m = on_notice(&m, &Notice::Rebalance, &policy(RebalancePolicy::StopIntake), t(NOW));
+        let m = ready_to_request(&m).unwrap();
+        assert_eq!(on_scale_in_result(&m, false), Mode::IntakeStopped);
+        // Not idle-able while draining or terminating.
+        assert_eq!(on_idle(&Mode::Terminating), None);
+        assert_eq!(on_idle(&on_notice(&Mode::Running, &Notice::Shutdown, &policy(RebalancePolicy::Ignore), t(NOW))), None);
+    }
+
+    #[test]
+    fn a_notice_during_scale_in_wins_over_the_answer() {
+        let p = policy(RebalancePolicy::StopIntake);
+        let m = ready_to_request(&on_idle(&Mode::Running).unwrap()).unwrap();
+        let m = on_notice(&m, &Notice::Spot { time: t("2026-11-28T08:22:00Z") }, &p, t(NOW));
+        assert!(on_scale_in_result(&m, false).drain().is_some());
+        assert!(on_scale_in_result(&m, true).drain().is_some());
+    }
+
+    #[test]
+    fn our_own_termination_then_lifecycle_terminated_drains() {
+        let p = policy(RebalancePolicy::StopIntake);
+        let m = on_notice(&Mode::Terminating, &Notice::LifecycleTerminated, &p, t(NOW));
+        let d = m.drain().unwrap();
+        assert_eq!(
+            after_drain(d, true),
+            AfterDrain {
+                complete_lifecycle: true,
+                exit: false
+            }
+        );
+        assert!(!after_drain(d, false).complete_lifecycle);
+    }
+
+    #[test]
+    fn late_messages() {
+        assert_eq!(on_late_messages(&Mode::Running), (Mode::Running, true));
+        let idle = on_idle(&Mode::Running).unwrap();
+        assert_eq!(on_late_messages(&idle), (Mode::Running, true));
+        let paused_idle = on_idle(&Mode::IntakeStopped).unwrap();
+        assert_eq!(on_late_messages(&paused_idle).1, false);
+        assert_eq!(on_late_messages(&Mode::IntakeStopped).1, false);
+        let drain = on_notice(&Mode::Running, &Notice::Shutdown, &policy(RebalancePolicy::Ignore), t(NOW));
+        assert_eq!(on_late_messages(&drain).1, false);
+    }
+
+    #[test]
+    fn after_drain_exit_only_on_shutdown() {
+        let d = Drain {
+            deadline: None,
+            reasons: vec![DrainReason::SpotInterruption],
+        };
+        assert_eq!(
+            after_drain(&d, true),
+            AfterDrain {
+                complete_lifecycle: false,
+                exit: false
+            }
+        );
+        let d = Drain {
+            deadline: None,
+            reasons: vec![DrainReason::SpotInterruption, DrainReason::Shutdown],
+        };
+        assert!(after_drain(&d, false).exit);
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let b = Duration::from_secs(60);
+        assert_eq!(scale_in_backoff(b, 1), b);
+        assert_eq!(scale_in_backoff(b, 2), b * 2);
+        assert_eq!(scale_in_backoff(b, 5), b * 16);
+        assert_eq!(scale_in_backoff(b, 50), b * 16);
+    }
+}

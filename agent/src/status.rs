@@ -1,0 +1,179 @@
+//! What the agent shows: counters, the current mode, and a small local HTTP
+//! endpoint with `/healthz`, `/status` (JSON) and `/metrics` (Prometheus text).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::imds::ImdsStats;
+use crate::state::Mode;
+
+macro_rules! counters {
+    ($($name:ident: $help:literal),* $(,)?) => {
+        /// Monotonic counters, exported on `/metrics` as `spotguard_agent_<name>_total`.
+        #[derive(Debug, Default)]
+        pub struct Counters { $(pub $name: AtomicU64,)* }
+
+        impl Counters {
+            fn each(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), $help, self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    messages_received: "Messages received from SQS.",
+    jobs_succeeded: "Jobs that succeeded; their messages were deleted.",
+    jobs_failed: "Jobs that failed; their messages return after the error visibility timeout.",
+    jobs_timed_out: "Jobs stopped after worker.timeout.",
+    jobs_handed_back: "Jobs stopped by a drain deadline; their messages were handed back at once.",
+    messages_returned_unstarted: "Messages received after intake closed, handed back unstarted.",
+    settle_errors: "Deletes or hand-backs that failed; those messages return when their visibility lapses.",
+    notices_spot: "Spot interruption notices.",
+    notices_rebalance: "Rebalance recommendations.",
+    notices_lifecycle: "Target lifecycle state changes to Terminated.",
+    notices_scheduled: "Scheduled maintenance event changes.",
+    drains: "Drains started.",
+    receive_errors: "Failed ReceiveMessage calls.",
+    aws_errors: "Other failed AWS calls.",
+    scale_in_requests: "TerminateInstanceInAutoScalingGroup calls.",
+    scale_in_refusals: "Scale-in requests the group refused.",
+}
+
+pub fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Shared between the runner (writer) and the HTTP endpoint (reader).
+pub struct Status {
+    pub counters: Counters,
+    pub imds: Arc<ImdsStats>,
+    pub instance_id: String,
+    view: Mutex<View>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct View {
+    mode: Mode,
+    jobs_in_flight: usize,
+}
+
+impl Status {
+    pub fn new(instance_id: String, imds: Arc<ImdsStats>) -> Status {
+        Status {
+            counters: Counters::default(),
+            imds,
+            instance_id,
+            view: Mutex::new(View {
+                mode: Mode::Running,
+                jobs_in_flight: 0,
+            }),
+        }
+    }
+
+    pub fn set(&self, mode: &Mode, jobs_in_flight: usize) {
+        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        v.mode = mode.clone();
+        v.jobs_in_flight = jobs_in_flight;
+    }
+
+    fn view(&self) -> View {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let v = self.view();
+        let counters: serde_json::Map<String, serde_json::Value> =
+            self.counters.each().into_iter().map(|(k, _, n)| (k.to_string(), json!(n))).collect();
+        json!({
+            "instance_id": self.instance_id,
+            "state": v.mode,
+            "jobs_in_flight": v.jobs_in_flight,
+            "counters": counters,
+            "imds": self.imds.snapshot(),
+        })
+    }
+
+    pub fn prometheus(&self) -> String {
+        let v = self.view();
+        let mut out = String::new();
+        for (name, help, n) in self.counters.each() {
+            let _ = writeln!(out, "# HELP spotguard_agent_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE spotguard_agent_{name}_total counter");
+            let _ = writeln!(out, "spotguard_agent_{name}_total {n}");
+        }
+        let imds = self.imds.snapshot();
+        let _ = writeln!(out, "# HELP spotguard_agent_imds_errors_total IMDS request failures by kind.");
+        let _ = writeln!(out, "# TYPE spotguard_agent_imds_errors_total counter");
+        for (kind, n) in [
+            ("timeout", imds.timeouts),
+            ("transport", imds.transport_errors),
+            ("server", imds.server_errors),
+            ("unauthorized", imds.unauthorized),
+            ("other", imds.other_errors),
+            ("parse", imds.parse_errors),
+        ] {
+            let _ = writeln!(out, "spotguard_agent_imds_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP spotguard_agent_jobs_in_flight Jobs running now.");
+        let _ = writeln!(out, "# TYPE spotguard_agent_jobs_in_flight gauge");
+        let _ = writeln!(out, "spotguard_agent_jobs_in_flight {}", v.jobs_in_flight);
+        let _ = writeln!(out, "# HELP spotguard_agent_mode The current mode (1 for the active one).");
+        let _ = writeln!(out, "# TYPE spotguard_agent_mode gauge");
+        for m in ["running", "intake_stopped", "scaling_in", "terminating", "draining"] {
+            let on = u8::from(v.mode.name() == m);
+            let _ = writeln!(out, "spotguard_agent_mode{{mode=\"{m}\"}} {on}");
+        }
+        out
+    }
+}
+
+fn respond(status: u16, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Serves the endpoint until the task is dropped.
+pub async fn serve_on(listener: tokio::net::TcpListener, status: Arc<Status>) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "status endpoint listening");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "status endpoint: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let status = status.clone();
+                async move {
+                    let r = match req.uri().path() {
+                        "/healthz" => respond(200, "text/plain", "ok\n".into()),
+                        "/status" => respond(200, "application/json", status.json().to_string()),
+                        "/metrics" => respond(200, "text/plain; version=0.0.4", status.prometheus()),
+                        _ => respond(404, "text/plain", "not found\n".into()),
+                    };
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
