@@ -82,7 +82,11 @@ pub trait Queue: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Message>, AwsError>> + Send;
     fn delete(&self, receipt: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
     /// `ChangeMessageVisibility`: extend (heartbeat) or, with 0, hand back now.
-    fn set_visibility(&self, receipt: &str, secs: i32) -> impl Future<Output = Result<(), AwsError>> + Send;
+    fn set_visibility(
+        &self,
+        receipt: &str,
+        secs: i32,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
 }
 
 /// The answer to our own termination request.
@@ -95,9 +99,15 @@ pub enum ScaleIn {
 
 pub trait Fleet: Send + Sync + 'static {
     /// The Auto Scaling group this instance belongs to, if any.
-    fn group_of(&self, instance: &str) -> impl Future<Output = Result<Option<String>, AwsError>> + Send;
+    fn group_of(
+        &self,
+        instance: &str,
+    ) -> impl Future<Output = Result<Option<String>, AwsError>> + Send;
     /// `TerminateInstanceInAutoScalingGroup` with the desired capacity decremented.
-    fn terminate_self(&self, instance: &str) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send;
+    fn terminate_self(
+        &self,
+        instance: &str,
+    ) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send;
     fn set_protection(
         &self,
         group: &str,
@@ -129,7 +139,12 @@ fn secs_i32(d: Duration) -> i32 {
 }
 
 impl Queue for SqsQueue {
-    async fn receive(&self, max: i32, wait: Duration, visibility: Duration) -> Result<Vec<Message>, AwsError> {
+    async fn receive(
+        &self,
+        max: i32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Message>, AwsError> {
         const OP: &str = "ReceiveMessage";
         bounded(OP, wait + CALL_TIMEOUT, async {
             let out = self
@@ -279,16 +294,21 @@ impl Fleet for AsgFleet {
                 // "Currently, desiredSize equals minSize (1). Terminating
                 // instance without replacement will violate group's min size
                 // constraint." (REFERENCE.md)
-                Err(e) if e.code() == Some("ValidationError") => {
-                    Ok(ScaleIn::Refused(e.message().unwrap_or("ValidationError").to_string()))
-                }
+                Err(e) if e.code() == Some("ValidationError") => Ok(ScaleIn::Refused(
+                    e.message().unwrap_or("ValidationError").to_string(),
+                )),
                 Err(e) => Err(sdk_error(OP, e)),
             }
         })
         .await
     }
 
-    async fn set_protection(&self, group: &str, instance: &str, protect: bool) -> Result<(), AwsError> {
+    async fn set_protection(
+        &self,
+        group: &str,
+        instance: &str,
+        protect: bool,
+    ) -> Result<(), AwsError> {
         const OP: &str = "SetInstanceProtection";
         bounded(OP, CALL_TIMEOUT, async {
             self.client
@@ -304,7 +324,12 @@ impl Fleet for AsgFleet {
         .await
     }
 
-    async fn lifecycle_heartbeat(&self, group: &str, hook: &str, instance: &str) -> Result<(), AwsError> {
+    async fn lifecycle_heartbeat(
+        &self,
+        group: &str,
+        hook: &str,
+        instance: &str,
+    ) -> Result<(), AwsError> {
         const OP: &str = "RecordLifecycleActionHeartbeat";
         bounded(OP, CALL_TIMEOUT, async {
             self.client
@@ -320,7 +345,12 @@ impl Fleet for AsgFleet {
         .await
     }
 
-    async fn complete_lifecycle(&self, group: &str, hook: &str, instance: &str) -> Result<(), AwsError> {
+    async fn complete_lifecycle(
+        &self,
+        group: &str,
+        hook: &str,
+        instance: &str,
+    ) -> Result<(), AwsError> {
         const OP: &str = "CompleteLifecycleAction";
         bounded(OP, CALL_TIMEOUT, async {
             self.client
@@ -339,7 +369,12 @@ impl Fleet for AsgFleet {
 }
 
 /// Publishes a notice to SNS.
-pub async fn sns_publish(client: &aws_sdk_sns::Client, topic: &str, subject: &str, message: &str) -> Result<(), AwsError> {
+pub async fn sns_publish(
+    client: &aws_sdk_sns::Client,
+    topic: &str,
+    subject: &str,
+    message: &str,
+) -> Result<(), AwsError> {
     const OP: &str = "Publish";
     bounded(OP, CALL_TIMEOUT, async {
         client

@@ -11,12 +11,12 @@ use tokio::sync::mpsc;
 use crate::aws::{AsgFleet, SqsQueue};
 use crate::config::{Config, LogFormatKey, WorkerMode};
 use crate::error_chain;
+use crate::imds::{ImdsClient, ImdsConfig, DEFAULT_ENDPOINT};
 use crate::notify::Notifier;
 use crate::runner::Runner;
 use crate::status::Status;
-use crate::worker::WorkerSpec;
-use crate::imds::{ImdsClient, ImdsConfig, DEFAULT_ENDPOINT};
 use crate::watch::{self, WatchConfig};
+use crate::worker::WorkerSpec;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -127,7 +127,6 @@ pub fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-
 fn run_async<F: std::future::Future<Output = Result<(), BoxError>>>(f: F) -> Result<(), BoxError> {
     // One thread: the agent is I/O-bound and its idle footprint matters on
     // every worker (BUILD-NOTES.md: single-threaded runtime, lowest RSS).
@@ -188,7 +187,10 @@ fn check_config(args: &ConfigArgs) -> ExitCode {
     match Config::load(&args.config) {
         Ok(cfg) => match toml::to_string_pretty(&cfg) {
             Ok(text) => {
-                println!("# {}: valid; effective configuration with defaults:\n{text}", args.config.display());
+                println!(
+                    "# {}: valid; effective configuration with defaults:\n{text}",
+                    args.config.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -229,7 +231,8 @@ async fn run_command(cfg: Config) -> Result<(), BoxError> {
     })?);
     let instance_id = imds_value(&imds, crate::imds::paths::INSTANCE_ID).await?;
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+    {
         // The instance's own region, from the same IMDS the agent watches.
         let region = imds_value(&imds, crate::imds::paths::REGION).await?;
         loader = loader.region(aws_config::Region::new(region));
@@ -266,7 +269,12 @@ async fn run_command(cfg: Config) -> Result<(), BoxError> {
         queue_name: cfg.queue_name().to_string(),
         term_grace: cfg.worker.term_grace.0,
         content_type: cfg.worker.content_type.clone(),
-        env: cfg.worker.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        env: cfg
+            .worker
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         http,
     };
     if let WorkerMode::Exec(argv) = &spec.mode {

@@ -40,9 +40,11 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"30s\" or \"5m\": {e}")))
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration like \"30s\" or \"5m\": {e}"
+            ))
+        })
     }
 }
 
@@ -361,7 +363,14 @@ impl Config {
             })
         };
         let url = self.queue.url.trim();
-        if !(url.starts_with("https://") || url.starts_with("http://")) || url.trim_end_matches('/').rsplit('/').next().unwrap_or("").is_empty() {
+        if !(url.starts_with("https://") || url.starts_with("http://"))
+            || url
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .is_empty()
+        {
             return bad("queue.url", format!("{url:?} is not an SQS queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"));
         }
         let wait = self.queue.wait_time.0;
@@ -370,7 +379,10 @@ impl Config {
         }
         let vis = self.queue.visibility_timeout.0;
         if vis < Duration::from_secs(2) || vis > Duration::from_secs(43_200) {
-            return bad("queue.visibility_timeout", "must be within 2s..12h (SQS allows 0..43200 s)".into());
+            return bad(
+                "queue.visibility_timeout",
+                "must be within 2s..12h (SQS allows 0..43200 s)".into(),
+            );
         }
         if self.heartbeat_interval().is_zero() || self.heartbeat_interval() >= vis {
             return bad(
@@ -379,42 +391,77 @@ impl Config {
             );
         }
         if self.queue.error_visibility_timeout.0 > Duration::from_secs(43_200) {
-            return bad("queue.error_visibility_timeout", "SQS allows at most 12h".into());
+            return bad(
+                "queue.error_visibility_timeout",
+                "SQS allows at most 12h".into(),
+            );
         }
         match (&self.worker.command, &self.worker.url) {
             (Some(_), Some(_)) | (None, None) => {
-                return bad("worker.command", "set exactly one of worker.command or worker.url".into())
+                return bad(
+                    "worker.command",
+                    "set exactly one of worker.command or worker.url".into(),
+                )
             }
             (Some(c), None) if c.is_empty() || c[0].is_empty() => {
-                return bad("worker.command", "must name a program: [\"/path/to/program\", \"arg\", ...]".into())
+                return bad(
+                    "worker.command",
+                    "must name a program: [\"/path/to/program\", \"arg\", ...]".into(),
+                )
             }
             (None, Some(u)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
-                return bad("worker.url", format!("{u:?} is not an http:// or https:// URL"))
+                return bad(
+                    "worker.url",
+                    format!("{u:?} is not an http:// or https:// URL"),
+                )
             }
             _ => {}
         }
-        if self.worker.url.as_deref().is_some_and(|u| reqwest::Url::parse(u).is_err()) {
+        if self
+            .worker
+            .url
+            .as_deref()
+            .is_some_and(|u| reqwest::Url::parse(u).is_err())
+        {
             return bad("worker.url", "not a valid URL".into());
         }
         if !(1..=256).contains(&self.worker.concurrency) {
             return bad("worker.concurrency", "must be within 1..=256".into());
         }
         if self.worker.timeout.is_some_and(|t| t.0.is_zero()) {
-            return bad("worker.timeout", "must be greater than zero (leave it unset for no limit)".into());
+            return bad(
+                "worker.timeout",
+                "must be greater than zero (leave it unset for no limit)".into(),
+            );
         }
         if reqwest::header::HeaderValue::from_str(&self.worker.content_type).is_err() {
             return bad("worker.content_type", "not a valid header value".into());
         }
         for k in self.worker.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return bad("worker.env", format!("{k:?} is not an environment variable name"));
+                return bad(
+                    "worker.env",
+                    format!("{k:?} is not an environment variable name"),
+                );
             }
         }
         for (key, d) in [
-            ("interruption.poll_interval", self.interruption.poll_interval),
-            ("interruption.rebalance_poll_interval", self.interruption.rebalance_poll_interval),
-            ("interruption.lifecycle_heartbeat_interval", self.interruption.lifecycle_heartbeat_interval),
-            ("interruption.shutdown_deadline", self.interruption.shutdown_deadline),
+            (
+                "interruption.poll_interval",
+                self.interruption.poll_interval,
+            ),
+            (
+                "interruption.rebalance_poll_interval",
+                self.interruption.rebalance_poll_interval,
+            ),
+            (
+                "interruption.lifecycle_heartbeat_interval",
+                self.interruption.lifecycle_heartbeat_interval,
+            ),
+            (
+                "interruption.shutdown_deadline",
+                self.interruption.shutdown_deadline,
+            ),
             ("scale_in.idle_timeout", self.scale_in.idle_timeout),
             ("scale_in.retry_interval", self.scale_in.retry_interval),
         ] {
@@ -433,21 +480,43 @@ impl Config {
             );
         }
         if margin >= Duration::from_secs(120) {
-            return bad("interruption.deadline_margin", "must be shorter than the 2-minute spot notice".into());
+            return bad(
+                "interruption.deadline_margin",
+                "must be shorter than the 2-minute spot notice".into(),
+            );
         }
-        if self.interruption.lifecycle_hook.as_deref().is_some_and(str::is_empty) {
-            return bad("interruption.lifecycle_hook", "must not be empty (leave it unset)".into());
+        if self
+            .interruption
+            .lifecycle_hook
+            .as_deref()
+            .is_some_and(str::is_empty)
+        {
+            return bad(
+                "interruption.lifecycle_hook",
+                "must not be empty (leave it unset)".into(),
+            );
         }
         if let Some(h) = &self.notify.hook_command {
             if h.is_empty() || h[0].is_empty() {
                 return bad("notify.hook_command", "must name a program".into());
             }
         }
-        if self.notify.sns_topic_arn.as_deref().is_some_and(|a| !a.starts_with("arn:")) {
-            return bad("notify.sns_topic_arn", "must be an SNS topic ARN (arn:aws:sns:...)".into());
+        if self
+            .notify
+            .sns_topic_arn
+            .as_deref()
+            .is_some_and(|a| !a.starts_with("arn:"))
+        {
+            return bad(
+                "notify.sns_topic_arn",
+                "must be an SNS topic ARN (arn:aws:sns:...)".into(),
+            );
         }
         if !self.status.listen.is_empty() && self.status_addr().is_none() {
-            return bad("status.listen", format!("{:?} is not an IP:PORT address", self.status.listen));
+            return bad(
+                "status.listen",
+                format!("{:?} is not an IP:PORT address", self.status.listen),
+            );
         }
         if crate::imds::ImdsClient::new(crate::imds::ImdsConfig {
             endpoint: self.imds.endpoint.clone(),
@@ -455,14 +524,22 @@ impl Config {
         })
         .is_err()
         {
-            return bad("imds.endpoint", format!("{:?} is not an http://HOST[:PORT] URI", self.imds.endpoint));
+            return bad(
+                "imds.endpoint",
+                format!("{:?} is not an http://HOST[:PORT] URI", self.imds.endpoint),
+            );
         }
         Ok(())
     }
 
     /// The queue's name: the last segment of its URL.
     pub fn queue_name(&self) -> &str {
-        self.queue.url.trim_end_matches('/').rsplit('/').next().unwrap_or("")
+        self.queue
+            .url
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
     }
 }
 
@@ -492,7 +569,9 @@ command = ["/bin/true"]
     }
 
     fn err(extra: &str) -> String {
-        Config::parse(&format!("{MIN}{extra}"), "agent.toml").unwrap_err().to_string()
+        Config::parse(&format!("{MIN}{extra}"), "agent.toml")
+            .unwrap_err()
+            .to_string()
     }
 
     fn err_full(text: &str) -> String {
@@ -507,11 +586,23 @@ command = ["/bin/true"]
             ("[scale_in]\nidle_timout = \"30s\"\n", "idle_timout"),
             ("[status]\nlisten = \"localhost\"\n", "status.listen"),
             ("[interruption]\nrebalance = \"panic\"\n", "rebalance"),
-            ("[interruption]\ndeadline_margin = \"5s\"\n", "interruption.deadline_margin"),
-            ("[interruption]\ndeadline_margin = \"3m\"\n", "interruption.deadline_margin"),
+            (
+                "[interruption]\ndeadline_margin = \"5s\"\n",
+                "interruption.deadline_margin",
+            ),
+            (
+                "[interruption]\ndeadline_margin = \"3m\"\n",
+                "interruption.deadline_margin",
+            ),
             ("[imds]\nendpoint = \"169.254.169.254\"\n", "imds.endpoint"),
-            ("[notify]\nsns_topic_arn = \"topic\"\n", "notify.sns_topic_arn"),
-            ("[interruption]\npoll_interval = \"0s\"\n", "interruption.poll_interval"),
+            (
+                "[notify]\nsns_topic_arn = \"topic\"\n",
+                "notify.sns_topic_arn",
+            ),
+            (
+                "[interruption]\npoll_interval = \"0s\"\n",
+                "interruption.poll_interval",
+            ),
         ];
         for (extra, key) in cases {
             let e = err(extra);
@@ -523,14 +614,29 @@ command = ["/bin/true"]
     fn worker_and_queue_errors() {
         let q = "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n";
         assert!(err_full(&format!("{q}[worker]\n")).contains("worker.command"));
-        assert!(err_full(&format!("{q}[worker]\ncommand = [\"a\"]\nurl = \"http://x/\"\n")).contains("exactly one"));
+        assert!(err_full(&format!(
+            "{q}[worker]\ncommand = [\"a\"]\nurl = \"http://x/\"\n"
+        ))
+        .contains("exactly one"));
         assert!(err_full(&format!("{q}[worker]\ncommand = []\n")).contains("worker.command"));
         assert!(err_full(&format!("{q}[worker]\nurl = \"ftp://x\"\n")).contains("worker.url"));
-        assert!(err_full(&format!("{q}[worker]\ncommand = [\"a\"]\nconcurrency = 0\n")).contains("worker.concurrency"));
-        assert!(err_full(&format!("{q}[worker]\ncommand = [\"a\"]\nconcurrency = -1\n")).contains("concurrency"));
+        assert!(err_full(&format!(
+            "{q}[worker]\ncommand = [\"a\"]\nconcurrency = 0\n"
+        ))
+        .contains("worker.concurrency"));
+        assert!(err_full(&format!(
+            "{q}[worker]\ncommand = [\"a\"]\nconcurrency = -1\n"
+        ))
+        .contains("concurrency"));
         assert!(err_full("[worker]\ncommand = [\"a\"]\n").contains("queue"));
-        assert!(err_full("[queue]\nurl = \"jobs\"\n[worker]\ncommand = [\"a\"]\n").contains("queue.url"));
-        assert!(err_full(&format!("{q}wait_time = \"30s\"\n[worker]\ncommand = [\"a\"]\n")).contains("queue.wait_time"));
+        assert!(
+            err_full("[queue]\nurl = \"jobs\"\n[worker]\ncommand = [\"a\"]\n")
+                .contains("queue.url")
+        );
+        assert!(err_full(&format!(
+            "{q}wait_time = \"30s\"\n[worker]\ncommand = [\"a\"]\n"
+        ))
+        .contains("queue.wait_time"));
         assert!(err_full("not toml at all [").contains("agent.toml"));
     }
 }

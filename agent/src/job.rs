@@ -54,7 +54,10 @@ const SETTLE_ATTEMPTS: u32 = 3;
 
 /// Completes at the drain deadline (`deadline` holds it once there is one)
 /// or after `timeout`, whichever comes first.
-async fn stop_signal(mut deadline: watch::Receiver<Option<Instant>>, timeout: Option<Duration>) -> StopReason {
+async fn stop_signal(
+    mut deadline: watch::Receiver<Option<Instant>>,
+    timeout: Option<Duration>,
+) -> StopReason {
     let timed_out = async {
         match timeout {
             Some(t) => tokio::time::sleep(t).await,
@@ -83,7 +86,11 @@ async fn stop_signal(mut deadline: watch::Receiver<Option<Instant>>, timeout: Op
     }
 }
 
-pub async fn run_job<Q: Queue>(ctx: Arc<JobCtx<Q>>, msg: Message, deadline: watch::Receiver<Option<Instant>>) -> JobReport {
+pub async fn run_job<Q: Queue>(
+    ctx: Arc<JobCtx<Q>>,
+    msg: Message,
+    deadline: watch::Receiver<Option<Instant>>,
+) -> JobReport {
     let started = Instant::now();
     let stop = stop_signal(deadline, ctx.timeout);
     let heartbeat = async {
@@ -103,8 +110,12 @@ pub async fn run_job<Q: Queue>(ctx: Arc<JobCtx<Q>>, msg: Message, deadline: watc
     let ran_for = started.elapsed();
     let settled = settle(&ctx, &msg, &outcome).await;
     match settled {
-        Settled::Deleted => tracing::info!(message_id = %msg.id, ?ran_for, "job done; message deleted"),
-        Settled::HandedBack => tracing::info!(message_id = %msg.id, ?ran_for, "job stopped at the drain deadline; message handed back"),
+        Settled::Deleted => {
+            tracing::info!(message_id = %msg.id, ?ran_for, "job done; message deleted")
+        }
+        Settled::HandedBack => {
+            tracing::info!(message_id = %msg.id, ?ran_for, "job stopped at the drain deadline; message handed back")
+        }
         _ => tracing::warn!(message_id = %msg.id, ?outcome, ?settled, "job did not succeed"),
     }
     JobReport {
@@ -123,8 +134,14 @@ fn unreachable_heartbeat() -> Outcome {
 async fn settle<Q: Queue>(ctx: &JobCtx<Q>, msg: &Message, outcome: &Outcome) -> Settled {
     let err_secs = i32::try_from(ctx.error_visibility.as_secs()).unwrap_or(i32::MAX);
     let (result, ok) = match outcome {
-        Outcome::Succeeded => (retry(|| ctx.queue.delete(&msg.receipt)).await, Settled::Deleted),
-        Outcome::Failed(_) => (retry(|| ctx.queue.set_visibility(&msg.receipt, err_secs)).await, Settled::Failed),
+        Outcome::Succeeded => (
+            retry(|| ctx.queue.delete(&msg.receipt)).await,
+            Settled::Deleted,
+        ),
+        Outcome::Failed(_) => (
+            retry(|| ctx.queue.set_visibility(&msg.receipt, err_secs)).await,
+            Settled::Failed,
+        ),
         Outcome::Stopped(StopReason::Timeout) => (
             retry(|| ctx.queue.set_visibility(&msg.receipt, err_secs)).await,
             Settled::TimedOut,
@@ -140,8 +157,14 @@ async fn settle<Q: Queue>(ctx: &JobCtx<Q>, msg: &Message, outcome: &Outcome) -> 
     }
 }
 
-async fn hand_back<Q: Queue>(queue: &Q, msg: &Message) -> (Result<(), crate::aws::AwsError>, Settled) {
-    (retry(|| queue.set_visibility(&msg.receipt, 0)).await, Settled::HandedBack)
+async fn hand_back<Q: Queue>(
+    queue: &Q,
+    msg: &Message,
+) -> (Result<(), crate::aws::AwsError>, Settled) {
+    (
+        retry(|| queue.set_visibility(&msg.receipt, 0)).await,
+        Settled::HandedBack,
+    )
 }
 
 /// Hands back messages that were received but never started.
@@ -150,7 +173,9 @@ pub async fn hand_back_unstarted<Q: Queue>(queue: &Q, msgs: &[Message]) -> usize
     for m in msgs {
         match retry(|| queue.set_visibility(&m.receipt, 0)).await {
             Ok(()) => ok += 1,
-            Err(e) => tracing::error!(message_id = %m.id, error = %e, "cannot hand back an unstarted message"),
+            Err(e) => {
+                tracing::error!(message_id = %m.id, error = %e, "cannot hand back an unstarted message")
+            }
         }
     }
     ok
@@ -195,7 +220,10 @@ mod tests {
 
         let (_tx, rx) = watch::channel(None);
         let start = Instant::now();
-        assert_eq!(stop_signal(rx, Some(Duration::from_secs(7))).await, StopReason::Timeout);
+        assert_eq!(
+            stop_signal(rx, Some(Duration::from_secs(7))).await,
+            StopReason::Timeout
+        );
         assert_eq!(start.elapsed(), Duration::from_secs(7));
     }
 

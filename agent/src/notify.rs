@@ -18,7 +18,10 @@ pub struct Notifier {
 
 impl Notifier {
     pub fn none() -> Notifier {
-        Notifier { sns: None, hook: None }
+        Notifier {
+            sns: None,
+            hook: None,
+        }
     }
 
     /// Sends `event` (a JSON object) to every configured target, in the background.
@@ -29,7 +32,9 @@ impl Notifier {
             tokio::spawn(async move {
                 match crate::aws::sns_publish(&client, &topic, &subject, &text).await {
                     Ok(()) => tracing::info!(%topic, "notice published to SNS"),
-                    Err(e) => tracing::warn!(%topic, error = %e, "cannot publish the notice to SNS"),
+                    Err(e) => {
+                        tracing::warn!(%topic, error = %e, "cannot publish the notice to SNS")
+                    }
                 }
             });
         }

@@ -104,7 +104,11 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
     }
 
     /// Runs until a shutdown drain completes. `shutdown` is SIGTERM/SIGINT.
-    pub async fn run(self, mut notices: mpsc::Receiver<Detected>, shutdown: impl Future<Output = ()>) {
+    pub async fn run(
+        self,
+        mut notices: mpsc::Receiver<Detected>,
+        shutdown: impl Future<Output = ()>,
+    ) {
         let now = Instant::now();
         let mut st = Loop {
             mode: Mode::Running,
@@ -200,7 +204,12 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         wake
     }
 
-    fn on_detected(&self, st: &mut Loop, d: Detected, deadline_tx: &watch::Sender<Option<Instant>>) {
+    fn on_detected(
+        &self,
+        st: &mut Loop,
+        d: Detected,
+        deadline_tx: &watch::Sender<Option<Instant>>,
+    ) {
         let c = &self.status.counters;
         let notice = match &d.event {
             WatchEvent::SpotInterruption { time, .. } => {
@@ -211,7 +220,9 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                 inc(&c.notices_rebalance);
                 Some(Notice::Rebalance)
             }
-            WatchEvent::LifecycleState { terminating: true, .. } => {
+            WatchEvent::LifecycleState {
+                terminating: true, ..
+            } => {
                 inc(&c.notices_lifecycle);
                 Some(Notice::LifecycleTerminated)
             }
@@ -248,7 +259,12 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         if st.mode == before {
             return;
         }
-        tracing::info!(?notice, from = before.name(), to = st.mode.name(), "state change");
+        tracing::info!(
+            ?notice,
+            from = before.name(),
+            to = st.mode.name(),
+            "state change"
+        );
         if before.drain().is_none() && st.mode.drain().is_some() {
             inc(&self.status.counters.drains);
             tracing::info!(jobs = st.jobs.len(), deadline = ?st.mode.drain().and_then(|d| d.deadline), "drain started: intake stopped");
@@ -294,7 +310,11 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                 }
                 let (mode, run) = state::on_late_messages(&st.mode);
                 if mode != st.mode {
-                    tracing::info!(from = st.mode.name(), to = mode.name(), "messages arrived; back to work");
+                    tracing::info!(
+                        from = st.mode.name(),
+                        to = mode.name(),
+                        "messages arrived; back to work"
+                    );
                     st.mode = mode;
                 }
                 if run {
@@ -303,13 +323,19 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                         st.jobs.spawn(run_job(ctx.clone(), m, deadline_rx.clone()));
                     }
                 } else {
-                    tracing::info!(count = msgs.len(), "intake closed: handing back messages unstarted");
+                    tracing::info!(
+                        count = msgs.len(),
+                        "intake closed: handing back messages unstarted"
+                    );
                     st.handbacks_in_flight += 1;
                     let queue = self.queue.clone();
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         let done = hand_back_unstarted(queue.as_ref(), &msgs).await;
-                        let _ = tx.send(Effect::HandedBack { asked: msgs.len(), done });
+                        let _ = tx.send(Effect::HandedBack {
+                            asked: msgs.len(),
+                            done,
+                        });
                     });
                 }
             }
@@ -317,7 +343,8 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                 st.receiving = false;
                 st.receive_failures += 1;
                 inc(&c.receive_errors);
-                let backoff = (Duration::from_secs(1) * 2u32.pow(st.receive_failures.min(5) - 1)).min(MAX_RECEIVE_BACKOFF);
+                let backoff = (Duration::from_secs(1) * 2u32.pow(st.receive_failures.min(5) - 1))
+                    .min(MAX_RECEIVE_BACKOFF);
                 st.receive_not_before = now + backoff;
                 tracing::warn!(error = %e, ?backoff, "receive failed");
             }
@@ -333,7 +360,9 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
             Effect::ScaleIn(r) => {
                 let accepted = match r {
                     Ok(ScaleIn::Accepted) => {
-                        tracing::info!("the group accepted our termination (desired capacity decremented)");
+                        tracing::info!(
+                            "the group accepted our termination (desired capacity decremented)"
+                        );
                         true
                     }
                     Ok(ScaleIn::Refused(why)) => {
@@ -349,7 +378,8 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                 };
                 if !accepted {
                     st.refusals += 1;
-                    let wait = state::scale_in_backoff(self.cfg.scale_in.retry_interval.0, st.refusals);
+                    let wait =
+                        state::scale_in_backoff(self.cfg.scale_in.retry_interval.0, st.refusals);
                     st.scale_in_not_before = now + wait;
                     tracing::info!(?wait, "next scale-in attempt not before");
                 } else {
@@ -413,18 +443,30 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         let concurrency = self.cfg.worker.concurrency as usize;
 
         // Intake.
-        if st.mode.intake_open() && !st.receiving && st.jobs.len() < concurrency && now >= st.receive_not_before {
+        if st.mode.intake_open()
+            && !st.receiving
+            && st.jobs.len() < concurrency
+            && now >= st.receive_not_before
+        {
             st.receiving = true;
             let max = (concurrency - st.jobs.len()).min(10) as i32;
             let (queue, tx) = (self.queue.clone(), tx.clone());
-            let (wait, vis) = (self.cfg.queue.wait_time.0, self.cfg.queue.visibility_timeout.0);
+            let (wait, vis) = (
+                self.cfg.queue.wait_time.0,
+                self.cfg.queue.visibility_timeout.0,
+            );
             tokio::spawn(async move {
                 let _ = tx.send(Effect::Received(queue.receive(max, wait, vis).await));
             });
         }
 
         // The group, for protection and the lifecycle hook.
-        if self.needs_group() && st.group.is_none() && !st.not_in_group && !st.group_in_flight && now >= st.group_not_before {
+        if self.needs_group()
+            && st.group.is_none()
+            && !st.not_in_group
+            && !st.group_in_flight
+            && now >= st.group_not_before
+        {
             st.group_in_flight = true;
             let (fleet, tx, id) = (self.fleet.clone(), tx.clone(), self.instance_id.clone());
             tokio::spawn(async move {
@@ -433,7 +475,10 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         }
 
         // Scale-in protection, one call per busy/idle transition.
-        if self.cfg.scale_in.protect_busy && !st.protection_in_flight && now >= st.protection_not_before {
+        if self.cfg.scale_in.protect_busy
+            && !st.protection_in_flight
+            && now >= st.protection_not_before
+        {
             let busy = !st.jobs.is_empty();
             if let (true, Some(group)) = (busy != st.protected, st.group.clone()) {
                 st.protection_in_flight = true;
@@ -472,10 +517,19 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
             return false;
         };
         let hook = self.cfg.interruption.lifecycle_hook.clone();
-        if let (Some(hook), Some(group), true) = (&hook, &st.group, drain.has(DrainReason::LifecycleTerminated)) {
+        if let (Some(hook), Some(group), true) = (
+            &hook,
+            &st.group,
+            drain.has(DrainReason::LifecycleTerminated),
+        ) {
             if !st.jobs.is_empty() && now >= st.next_hook_heartbeat {
                 st.next_hook_heartbeat = now + self.cfg.interruption.lifecycle_heartbeat_interval.0;
-                let (fleet, id, hook, group) = (self.fleet.clone(), self.instance_id.clone(), hook.clone(), group.clone());
+                let (fleet, id, hook, group) = (
+                    self.fleet.clone(),
+                    self.instance_id.clone(),
+                    hook.clone(),
+                    group.clone(),
+                );
                 let status = self.status.clone();
                 tokio::spawn(async move {
                     match fleet.lifecycle_heartbeat(&group, &hook, &id).await {
@@ -500,10 +554,17 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
             if let (Some(hook), Some(group)) = (&hook, &st.group) {
                 if !st.lifecycle_in_flight && now >= st.lifecycle_not_before {
                     st.lifecycle_in_flight = true;
-                    let (fleet, tx, id, hook, group) =
-                        (self.fleet.clone(), tx.clone(), self.instance_id.clone(), hook.clone(), group.clone());
+                    let (fleet, tx, id, hook, group) = (
+                        self.fleet.clone(),
+                        tx.clone(),
+                        self.instance_id.clone(),
+                        hook.clone(),
+                        group.clone(),
+                    );
                     tokio::spawn(async move {
-                        let _ = tx.send(Effect::LifecycleCompleted(fleet.complete_lifecycle(&group, &hook, &id).await));
+                        let _ = tx.send(Effect::LifecycleCompleted(
+                            fleet.complete_lifecycle(&group, &hook, &id).await,
+                        ));
                     });
                 }
             }

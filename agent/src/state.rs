@@ -58,7 +58,10 @@ pub enum Mode {
     /// Idle: intake stopped. Once no receive is outstanding, the group is
     /// asked to terminate this instance (`requested`). `resume_to_paused`
     /// remembers whether to go back to `IntakeStopped` after a refusal.
-    ScalingIn { requested: bool, resume_to_paused: bool },
+    ScalingIn {
+        requested: bool,
+        resume_to_paused: bool,
+    },
     /// The group accepted the termination; waiting to be shut down.
     Terminating,
     /// Intake closed for good; jobs finish until the deadline.
@@ -92,7 +95,9 @@ impl Mode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
     /// Spot interruption of any action, with the interruption time.
-    Spot { time: DateTime<Utc> },
+    Spot {
+        time: DateTime<Utc>,
+    },
     Rebalance,
     /// Target lifecycle state `Terminated`.
     LifecycleTerminated,
@@ -129,7 +134,10 @@ pub fn on_notice(mode: &Mode, notice: &Notice, policy: &Policy, now: DateTime<Ut
             (DrainReason::SpotInterruption, Some(d))
         }
         Notice::LifecycleTerminated => (DrainReason::LifecycleTerminated, None),
-        Notice::Shutdown => (DrainReason::Shutdown, Some(now + to_chrono(policy.shutdown_deadline))),
+        Notice::Shutdown => (
+            DrainReason::Shutdown,
+            Some(now + to_chrono(policy.shutdown_deadline)),
+        ),
         Notice::Rebalance => match policy.rebalance {
             RebalancePolicy::Ignore => return mode.clone(),
             RebalancePolicy::StopIntake => {
@@ -286,7 +294,14 @@ mod tests {
     fn spot_notice_drains_from_every_mode_with_deadline_before_the_notice() {
         let p = policy(RebalancePolicy::StopIntake);
         for m in every_mode() {
-            let next = on_notice(&m, &Notice::Spot { time: t("2026-11-28T08:22:00Z") }, &p, t(NOW));
+            let next = on_notice(
+                &m,
+                &Notice::Spot {
+                    time: t("2026-11-28T08:22:00Z"),
+                },
+                &p,
+                t(NOW),
+            );
             let d = next.drain().unwrap_or_else(|| panic!("{m:?} -> {next:?}"));
             assert_eq!(d.deadline, Some(t("2026-11-28T08:21:35Z")), "{m:?}");
             assert!(d.has(DrainReason::SpotInterruption));
@@ -300,7 +315,14 @@ mod tests {
     #[test]
     fn a_late_notice_stops_jobs_now_not_in_the_past() {
         let p = policy(RebalancePolicy::StopIntake);
-        let next = on_notice(&Mode::Running, &Notice::Spot { time: t("2026-11-28T08:20:10Z") }, &p, t(NOW));
+        let next = on_notice(
+            &Mode::Running,
+            &Notice::Spot {
+                time: t("2026-11-28T08:20:10Z"),
+            },
+            &p,
+            t(NOW),
+        );
         assert_eq!(next.drain().unwrap().deadline, Some(t(NOW)));
     }
 
@@ -311,12 +333,33 @@ mod tests {
         assert_eq!(m.drain().unwrap().deadline, None);
         let m = on_notice(&m, &Notice::Shutdown, &p, t(NOW));
         assert_eq!(m.drain().unwrap().deadline, Some(t("2026-11-28T08:21:30Z")));
-        let m = on_notice(&m, &Notice::Spot { time: t("2026-11-28T08:22:00Z") }, &p, t(NOW));
+        let m = on_notice(
+            &m,
+            &Notice::Spot {
+                time: t("2026-11-28T08:22:00Z"),
+            },
+            &p,
+            t(NOW),
+        );
         assert_eq!(m.drain().unwrap().deadline, Some(t("2026-11-28T08:21:30Z")));
-        let m = on_notice(&m, &Notice::Spot { time: t("2026-11-28T08:21:00Z") }, &p, t(NOW));
+        let m = on_notice(
+            &m,
+            &Notice::Spot {
+                time: t("2026-11-28T08:21:00Z"),
+            },
+            &p,
+            t(NOW),
+        );
         assert_eq!(m.drain().unwrap().deadline, Some(t("2026-11-28T08:20:35Z")));
         // The same notice again changes nothing (duplicates are harmless).
-        let again = on_notice(&m, &Notice::Spot { time: t("2026-11-28T08:21:00Z") }, &p, t(NOW));
+        let again = on_notice(
+            &m,
+            &Notice::Spot {
+                time: t("2026-11-28T08:21:00Z"),
+            },
+            &p,
+            t(NOW),
+        );
         assert_eq!(again, m);
         assert_eq!(
             m.drain().unwrap().reasons,
@@ -335,8 +378,14 @@ mod tests {
             assert_eq!(on_notice(&m, &Notice::Rebalance, &ignore, t(NOW)), m);
         }
         let stop = policy(RebalancePolicy::StopIntake);
-        assert_eq!(on_notice(&Mode::Running, &Notice::Rebalance, &stop, t(NOW)), Mode::IntakeStopped);
-        assert_eq!(on_notice(&Mode::Terminating, &Notice::Rebalance, &stop, t(NOW)), Mode::Terminating);
+        assert_eq!(
+            on_notice(&Mode::Running, &Notice::Rebalance, &stop, t(NOW)),
+            Mode::IntakeStopped
+        );
+        assert_eq!(
+            on_notice(&Mode::Terminating, &Notice::Rebalance, &stop, t(NOW)),
+            Mode::Terminating
+        );
         let drain = policy(RebalancePolicy::Drain);
         let m = on_notice(&Mode::Running, &Notice::Rebalance, &drain, t(NOW));
         assert_eq!(
@@ -360,19 +409,39 @@ mod tests {
         assert_eq!(on_scale_in_result(&m, false), Mode::IntakeStopped);
         // A stop-intake rebalance during scale-in is remembered.
         let m = on_idle(&Mode::Running).unwrap();
-        let m = on_notice(&m, &Notice::Rebalance, &policy(RebalancePolicy::StopIntake), t(NOW));
+        let m = on_notice(
+            &m,
+            &Notice::Rebalance,
+            &policy(RebalancePolicy::StopIntake),
+            t(NOW),
+        );
         let m = ready_to_request(&m).unwrap();
         assert_eq!(on_scale_in_result(&m, false), Mode::IntakeStopped);
         // Not idle-able while draining or terminating.
         assert_eq!(on_idle(&Mode::Terminating), None);
-        assert_eq!(on_idle(&on_notice(&Mode::Running, &Notice::Shutdown, &policy(RebalancePolicy::Ignore), t(NOW))), None);
+        assert_eq!(
+            on_idle(&on_notice(
+                &Mode::Running,
+                &Notice::Shutdown,
+                &policy(RebalancePolicy::Ignore),
+                t(NOW)
+            )),
+            None
+        );
     }
 
     #[test]
     fn a_notice_during_scale_in_wins_over_the_answer() {
         let p = policy(RebalancePolicy::StopIntake);
         let m = ready_to_request(&on_idle(&Mode::Running).unwrap()).unwrap();
-        let m = on_notice(&m, &Notice::Spot { time: t("2026-11-28T08:22:00Z") }, &p, t(NOW));
+        let m = on_notice(
+            &m,
+            &Notice::Spot {
+                time: t("2026-11-28T08:22:00Z"),
+            },
+            &p,
+            t(NOW),
+        );
         assert!(on_scale_in_result(&m, false).drain().is_some());
         assert!(on_scale_in_result(&m, true).drain().is_some());
     }
@@ -398,10 +467,15 @@ mod tests {
         let idle = on_idle(&Mode::Running).unwrap();
         assert_eq!(on_late_messages(&idle), (Mode::Running, true));
         let paused_idle = on_idle(&Mode::IntakeStopped).unwrap();
-        assert_eq!(on_late_messages(&paused_idle).1, false);
-        assert_eq!(on_late_messages(&Mode::IntakeStopped).1, false);
-        let drain = on_notice(&Mode::Running, &Notice::Shutdown, &policy(RebalancePolicy::Ignore), t(NOW));
-        assert_eq!(on_late_messages(&drain).1, false);
+        assert!(!on_late_messages(&paused_idle).1);
+        assert!(!on_late_messages(&Mode::IntakeStopped).1);
+        let drain = on_notice(
+            &Mode::Running,
+            &Notice::Shutdown,
+            &policy(RebalancePolicy::Ignore),
+            t(NOW),
+        );
+        assert!(!on_late_messages(&drain).1);
     }
 
     #[test]

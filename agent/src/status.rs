@@ -91,8 +91,12 @@ impl Status {
 
     pub fn json(&self) -> serde_json::Value {
         let v = self.view();
-        let counters: serde_json::Map<String, serde_json::Value> =
-            self.counters.each().into_iter().map(|(k, _, n)| (k.to_string(), json!(n))).collect();
+        let counters: serde_json::Map<String, serde_json::Value> = self
+            .counters
+            .each()
+            .into_iter()
+            .map(|(k, _, n)| (k.to_string(), json!(n)))
+            .collect();
         json!({
             "instance_id": self.instance_id,
             "state": v.mode,
@@ -111,7 +115,10 @@ impl Status {
             let _ = writeln!(out, "spotguard_agent_{name}_total {n}");
         }
         let imds = self.imds.snapshot();
-        let _ = writeln!(out, "# HELP spotguard_agent_imds_errors_total IMDS request failures by kind.");
+        let _ = writeln!(
+            out,
+            "# HELP spotguard_agent_imds_errors_total IMDS request failures by kind."
+        );
         let _ = writeln!(out, "# TYPE spotguard_agent_imds_errors_total counter");
         for (kind, n) in [
             ("timeout", imds.timeouts),
@@ -121,14 +128,29 @@ impl Status {
             ("other", imds.other_errors),
             ("parse", imds.parse_errors),
         ] {
-            let _ = writeln!(out, "spotguard_agent_imds_errors_total{{kind=\"{kind}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "spotguard_agent_imds_errors_total{{kind=\"{kind}\"}} {n}"
+            );
         }
-        let _ = writeln!(out, "# HELP spotguard_agent_jobs_in_flight Jobs running now.");
+        let _ = writeln!(
+            out,
+            "# HELP spotguard_agent_jobs_in_flight Jobs running now."
+        );
         let _ = writeln!(out, "# TYPE spotguard_agent_jobs_in_flight gauge");
         let _ = writeln!(out, "spotguard_agent_jobs_in_flight {}", v.jobs_in_flight);
-        let _ = writeln!(out, "# HELP spotguard_agent_mode The current mode (1 for the active one).");
+        let _ = writeln!(
+            out,
+            "# HELP spotguard_agent_mode The current mode (1 for the active one)."
+        );
         let _ = writeln!(out, "# TYPE spotguard_agent_mode gauge");
-        for m in ["running", "intake_stopped", "scaling_in", "terminating", "draining"] {
+        for m in [
+            "running",
+            "intake_stopped",
+            "scaling_in",
+            "terminating",
+            "draining",
+        ] {
             let on = u8::from(v.mode.name() == m);
             let _ = writeln!(out, "spotguard_agent_mode{{mode=\"{m}\"}} {on}");
         }
@@ -146,7 +168,10 @@ fn respond(status: u16, content_type: &str, body: String) -> Response<Full<Bytes
 }
 
 /// Serves the endpoint until the task is dropped.
-pub async fn serve_on(listener: tokio::net::TcpListener, status: Arc<Status>) -> std::io::Result<()> {
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    status: Arc<Status>,
+) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "status endpoint listening");
     loop {
         let (stream, _) = match listener.accept().await {
@@ -165,7 +190,9 @@ pub async fn serve_on(listener: tokio::net::TcpListener, status: Arc<Status>) ->
                     let r = match req.uri().path() {
                         "/healthz" => respond(200, "text/plain", "ok\n".into()),
                         "/status" => respond(200, "application/json", status.json().to_string()),
-                        "/metrics" => respond(200, "text/plain; version=0.0.4", status.prometheus()),
+                        "/metrics" => {
+                            respond(200, "text/plain; version=0.0.4", status.prometheus())
+                        }
                         _ => respond(404, "text/plain", "not found\n".into()),
                     };
                     Ok::<_, std::convert::Infallible>(r)

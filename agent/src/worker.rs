@@ -48,7 +48,11 @@ pub struct WorkerSpec {
 }
 
 /// Runs a job until it ends or `stop` completes, whichever is first.
-pub async fn execute(spec: &WorkerSpec, msg: &Message, stop: impl Future<Output = StopReason>) -> Outcome {
+pub async fn execute(
+    spec: &WorkerSpec,
+    msg: &Message,
+    stop: impl Future<Output = StopReason>,
+) -> Outcome {
     match &spec.mode {
         WorkerMode::Exec(argv) => exec(spec, argv, msg, stop).await,
         WorkerMode::Http(url) => http(spec, url, msg, stop).await,
@@ -60,7 +64,13 @@ pub async fn execute(spec: &WorkerSpec, msg: &Message, stop: impl Future<Output 
 pub fn attr_env_name(name: &str) -> String {
     let clean: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("SPOTGUARD_ATTR_{clean}")
 }
@@ -71,7 +81,12 @@ fn first_received_iso(msg: &Message) -> Option<String> {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
-async fn exec(spec: &WorkerSpec, argv: &[String], msg: &Message, stop: impl Future<Output = StopReason>) -> Outcome {
+async fn exec(
+    spec: &WorkerSpec,
+    argv: &[String],
+    msg: &Message,
+    stop: impl Future<Output = StopReason>,
+) -> Outcome {
     let Some((program, args)) = argv.split_first() else {
         return Outcome::Failed("worker.command is empty".into());
     };
@@ -102,7 +117,10 @@ async fn exec(spec: &WorkerSpec, argv: &[String], msg: &Message, stop: impl Futu
         Ok(c) => c,
         Err(e) => return Outcome::Failed(format!("cannot start {program}: {e}")),
     };
-    let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
     // Feed stdin concurrently: a job that never reads it must not block us.
     let stdin = child.stdin.take();
     let body = msg.body.clone().into_bytes();
@@ -147,7 +165,12 @@ fn signal_group(pgid: Pid, sig: Signal) {
     }
 }
 
-async fn http(spec: &WorkerSpec, url: &str, msg: &Message, stop: impl Future<Output = StopReason>) -> Outcome {
+async fn http(
+    spec: &WorkerSpec,
+    url: &str,
+    msg: &Message,
+    stop: impl Future<Output = StopReason>,
+) -> Outcome {
     let mut req = spec
         .http
         .post(url)
@@ -166,7 +189,9 @@ async fn http(spec: &WorkerSpec, url: &str, msg: &Message, stop: impl Future<Out
             reqwest::header::HeaderValue::from_str(v),
         ) {
             (Ok(n), Ok(v)) => req = req.header(n, v),
-            _ => tracing::warn!(message_id = %msg.id, attribute = %k, "attribute cannot be an HTTP header; not passed"),
+            _ => {
+                tracing::warn!(message_id = %msg.id, attribute = %k, "attribute cannot be an HTTP header; not passed")
+            }
         }
     }
     let send = req.body(msg.body.clone()).send();

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod aws_env;
 pub mod http;
+pub mod proxy;
 
 /// Directory holding the workspace binaries: `SPOTGUARD_BIN_DIR`, else the
 /// profile directory this executable was built into (`target/debug` for a
@@ -103,6 +105,24 @@ impl Proc {
             },
             Lines::new(out),
         )
+    }
+
+    /// Spawns with stdout and stderr appended to `log` (no line reader).
+    pub fn spawn_logged(mut cmd: Command, name: &str, log: &std::path::Path) -> Proc {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let f2 = f.try_clone().expect("clone log handle");
+        cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_string(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -253,4 +273,128 @@ pub fn median_max(xs: &[f64]) -> (f64, f64) {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     };
     (med, v[n - 1])
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A fresh directory under the system temp dir, removed on drop unless
+/// `SPOTGUARD_KEEP_TMP` is set (then its path is printed).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let p =
+            std::env::temp_dir().join(format!("spotguard-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("SPOTGUARD_KEEP_TMP").is_some() {
+            eprintln!("kept {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The test worker's record file: lines `start ID COUNT PID AGENT MS`,
+/// `done ID MS`, `term ID MS`, `fail ID MS`.
+#[derive(Debug, Default, Clone)]
+pub struct Record {
+    pub lines: Vec<Vec<String>>,
+}
+
+impl Record {
+    pub fn read(dir: &std::path::Path) -> Record {
+        let text = std::fs::read_to_string(dir.join("record.txt")).unwrap_or_default();
+        Record {
+            lines: text
+                .lines()
+                .map(|l| l.split_whitespace().map(str::to_string).collect())
+                .collect(),
+        }
+    }
+    pub fn count(&self, kind: &str, id: &str) -> usize {
+        self.lines
+            .iter()
+            .filter(|l| {
+                l.first().map(String::as_str) == Some(kind)
+                    && l.get(1).map(String::as_str) == Some(id)
+            })
+            .count()
+    }
+    pub fn total(&self, kind: &str) -> usize {
+        self.lines
+            .iter()
+            .filter(|l| l.first().map(String::as_str) == Some(kind))
+            .count()
+    }
+    /// (receive count, agent, ms) of each start of job `id`.
+    pub fn starts(&self, id: &str) -> Vec<(u32, String, u128)> {
+        self.lines
+            .iter()
+            .filter(|l| l.len() >= 6 && l[0] == "start" && l[1] == id)
+            .map(|l| {
+                (
+                    l[2].parse().unwrap_or(0),
+                    l[4].clone(),
+                    l[5].parse().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    /// Times (ms since the epoch) of the `kind` lines of job `id`.
+    pub fn times(&self, kind: &str, id: &str) -> Vec<u128> {
+        self.lines
+            .iter()
+            .filter(|l| l.len() >= 2 && l[0] == kind && l[1] == id)
+            .filter_map(|l| l.last().and_then(|t| t.parse().ok()))
+            .collect()
+    }
+
+    /// All start lines: (id, agent, ms).
+    pub fn all_starts(&self) -> Vec<(String, String, u128)> {
+        self.lines
+            .iter()
+            .filter(|l| l.len() >= 6 && l[0] == "start")
+            .map(|l| (l[1].clone(), l[4].clone(), l[5].parse().unwrap_or(0)))
+            .collect()
+    }
+
+    /// Receive counts seen by `start` lines of job `id`.
+    pub fn receive_counts(&self, id: &str) -> Vec<u32> {
+        self.lines
+            .iter()
+            .filter(|l| {
+                l.first().map(String::as_str) == Some("start")
+                    && l.get(1).map(String::as_str) == Some(id)
+            })
+            .filter_map(|l| l.get(2).and_then(|c| c.parse().ok()))
+            .collect()
+    }
+}
+
+/// Milliseconds since the epoch, comparable with the record's times.
+pub fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
 }

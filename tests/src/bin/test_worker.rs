@@ -1,0 +1,104 @@
+//! A worker for the end-to-end tests, run by the agent in exec mode.
+//!
+//! The body is read from stdin. A body starting with `{` is a JSON job
+//! `{"id": "...", "sleep_ms": N, "sleep_ms_first": N, "exit": CODE,
+//! "crash": bool, "ignore_term": bool}` (`sleep_ms_first` applies on the
+//! first receive only; `crash` aborts the process);
+//! anything else is stored raw. Every execution appends one line per event to
+//! the file named by `SPOTGUARD_TEST_RECORD` (O_APPEND, one write per line, so
+//! concurrent workers do not interleave):
+//! `start <id> <receive_count> <pid> <agent> <ms>`, then `done <id> <ms>`,
+//! `fail <id> <ms>` or `term <id> <ms>` (`<agent>` is `$TEST_AGENT`, `<ms>`
+//! milliseconds since the epoch).
+//! With `SPOTGUARD_TEST_RAW_DIR`, the raw body is also copied to
+//! `<dir>/<message id>` and the environment to `<dir>/<message id>.env`.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+static TERM: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_term(_: i32) {
+    TERM.store(true, Ordering::SeqCst);
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+fn record(line: &str) {
+    let line = format!("{line} {}", now_ms());
+    if let Some(path) = std::env::var_os("SPOTGUARD_TEST_RECORD") {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("record file");
+        f.write_all(format!("{line}\n").as_bytes())
+            .expect("record write");
+    }
+}
+
+fn main() {
+    let mut body = Vec::new();
+    std::io::stdin().read_to_end(&mut body).expect("stdin");
+    let msg_id = std::env::var("SPOTGUARD_MESSAGE_ID").unwrap_or_default();
+    let count = std::env::var("SPOTGUARD_RECEIVE_COUNT").unwrap_or_default();
+    if let Some(dir) = std::env::var_os("SPOTGUARD_TEST_RAW_DIR") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::write(dir.join(&msg_id), &body).expect("raw body");
+        let env: String = std::env::vars()
+            .filter(|(k, _)| k.starts_with("SPOTGUARD_"))
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect();
+        std::fs::write(dir.join(format!("{msg_id}.env")), env).expect("env copy");
+    }
+    let job: serde_json::Value = if body.first() == Some(&b'{') {
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)
+    } else {
+        serde_json::Value::Null
+    };
+    let id = job["id"].as_str().unwrap_or(&msg_id).to_string();
+    let first = count == "1";
+    let sleep_ms = match job["sleep_ms_first"].as_u64() {
+        Some(ms) if first => ms,
+        _ => job["sleep_ms"].as_u64().unwrap_or(0),
+    };
+    let sleep = Duration::from_millis(sleep_ms);
+    let agent = std::env::var("TEST_AGENT").unwrap_or_else(|_| "-".into());
+    let exit = job["exit"].as_i64().unwrap_or(0) as i32;
+    let ignore_term = job["ignore_term"].as_bool().unwrap_or(false);
+    // SAFETY: the handler only stores to an atomic, which is signal-safe.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGTERM,
+            nix::sys::signal::SigHandler::Handler(on_term),
+        );
+    }
+    record(&format!(
+        "start {id} {count} {} {agent}",
+        std::process::id()
+    ));
+    if job["crash"].as_bool().unwrap_or(false) {
+        record(&format!("fail {id}"));
+        std::process::abort();
+    }
+    let end = Instant::now() + sleep;
+    while Instant::now() < end {
+        if TERM.load(Ordering::SeqCst) && !ignore_term {
+            record(&format!("term {id}"));
+            std::process::exit(143);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if exit == 0 {
+        record(&format!("done {id}"));
+    } else {
+        record(&format!("fail {id}"));
+    }
+    std::process::exit(exit);
+}

@@ -1,0 +1,550 @@
+//! `spotguard-agent run` end to end: the agent binary against moto (through
+//! the fault proxy) and `spotguard-imds-mock`, with the test worker.
+
+use std::time::Duration;
+
+use serde_json::json;
+use spotguard_tests::aws_env::{start_agent, AwsEnv};
+use spotguard_tests::proxy::Fault;
+use spotguard_tests::{bin, now_ms, MockImds, Record, TempDir};
+
+struct Setup {
+    env: AwsEnv,
+    dir: TempDir,
+    queue: String,
+}
+
+fn setup(tag: &str, max_receives: u32) -> Setup {
+    let env = AwsEnv::start();
+    let queue = env.create_queue("jobs", max_receives);
+    Setup {
+        env,
+        dir: TempDir::new(tag),
+        queue,
+    }
+}
+
+/// An agent config for the tests: short long polls and timers so a test
+/// takes seconds; `extra` is appended (TOML tables).
+fn config(queue: &str, mock: &MockImds, agent: &str, worker_extra: &str, extra: &str) -> String {
+    format!(
+        r#"
+[queue]
+url = "{queue}"
+wait_time = "1s"
+visibility_timeout = "30s"
+error_visibility_timeout = "1s"
+
+[worker]
+command = ["{worker}"]
+term_grace = "2s"
+{worker_extra}
+
+[worker.env]
+TEST_AGENT = "{agent}"
+
+[imds]
+endpoint = "{imds}"
+
+[status]
+listen = ""
+
+{extra}
+"#,
+        worker = bin("spotguard-test-worker").display(),
+        imds = mock.url,
+    )
+}
+
+const NO_SCALE_IN: &str = "[scale_in]\nenabled = false\n";
+
+fn mock_for(instance: &str) -> MockImds {
+    MockImds::start(&["--instance-id", instance])
+}
+
+/// Prints the agent logs when a test fails, then panics.
+fn fail(s: &Setup, msg: &str) -> ! {
+    for entry in std::fs::read_dir(s.dir.path())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "log" || e == "txt") {
+            eprintln!(
+                "===== {}\n{}",
+                p.display(),
+                std::fs::read_to_string(&p).unwrap_or_default()
+            );
+        }
+    }
+    panic!("{msg}");
+}
+
+fn wait(s: &Setup, secs: u64, what: &str, f: impl FnMut() -> bool) {
+    if !s.env.wait_for(Duration::from_secs(secs), f) {
+        fail(s, &format!("timed out waiting for: {what}"));
+    }
+}
+
+#[test]
+fn jobs_are_run_once_and_deleted_after_success() {
+    let s = setup("normal", 5);
+    let ids = s.env.create_group("workers", 0, 3, 1);
+    let mock = mock_for(&ids[0]);
+    let _agent = start_agent(
+        &s.env,
+        s.dir.path(),
+        "agent",
+        &config(&s.queue, &mock, "a", "concurrency = 3", NO_SCALE_IN),
+    );
+    for i in 0..8 {
+        s.env.send(
+            &s.queue,
+            &json!({"id": format!("j{i}"), "sleep_ms": 150}).to_string(),
+        );
+    }
+    wait(&s, 60, "8 jobs done and the queue empty", || {
+        Record::read(s.dir.path()).total("done") == 8 && s.env.depth(&s.queue) == (0, 0)
+    });
+    let r = Record::read(s.dir.path());
+    for i in 0..8 {
+        let id = format!("j{i}");
+        assert_eq!(r.count("start", &id), 1, "{id} started more than once");
+        assert_eq!(r.count("done", &id), 1);
+    }
+    assert_eq!(s.env.proxy.calls_of("DeleteMessage").len(), 8);
+    // The group was never touched: scale-in is off and nothing was noticed.
+    assert!(s
+        .env
+        .proxy
+        .calls_of("TerminateInstanceInAutoScalingGroup")
+        .is_empty());
+}
+
+#[test]
+fn a_spot_notice_stops_intake_and_hands_the_long_job_to_another_agent() {
+    let s = setup("notice", 5);
+    let ids = s.env.create_group("workers", 0, 3, 2);
+    let (mock_a, mock_b) = (mock_for(&ids[0]), mock_for(&ids[1]));
+    let extra = format!(
+        "{NO_SCALE_IN}[interruption]\npoll_interval = \"200ms\"\ndeadline_margin = \"5s\"\n"
+    );
+    let mut agent_a = start_agent(
+        &s.env,
+        s.dir.path(),
+        "agent-a",
+        &config(&s.queue, &mock_a, "a", "concurrency = 2", &extra),
+    );
+    // A long job (60 s on its first run, 0.2 s after) and short ones.
+    s.env.send(
+        &s.queue,
+        &json!({"id": "long", "sleep_ms_first": 60000, "sleep_ms": 200}).to_string(),
+    );
+    wait(&s, 30, "the long job to start", || {
+        Record::read(s.dir.path()).count("start", "long") == 1
+    });
+    for i in 0..4 {
+        s.env.send(
+            &s.queue,
+            &json!({"id": format!("s{i}"), "sleep_ms": 300}).to_string(),
+        );
+    }
+    wait(&s, 30, "some short jobs done on agent a", || {
+        Record::read(s.dir.path()).total("done") >= 2
+    });
+    // Notice: interruption in 8 s, so jobs are stopped 3 s from now (8 - 5 margin).
+    let noticed = now_ms();
+    mock_a.control(
+        "/mock/spot-interruption",
+        json!({"action": "terminate", "in_seconds": 8}),
+    );
+    for i in 4..8 {
+        s.env.send(
+            &s.queue,
+            &json!({"id": format!("s{i}"), "sleep_ms": 300}).to_string(),
+        );
+    }
+    wait(&s, 20, "the long job to be stopped", || {
+        Record::read(s.dir.path()).count("term", "long") == 1
+    });
+    let r = Record::read(s.dir.path());
+    let term_at = r.times("term", "long")[0];
+    // Stopped at the deadline (3 s after the notice), not before, not much after.
+    let after = term_at - noticed;
+    assert!(
+        (2500..=5000).contains(&after),
+        "long job stopped {after} ms after the notice"
+    );
+    // Intake stopped within one poll interval (+ the receive in flight).
+    for (id, agent, at) in r.all_starts() {
+        if agent == "a" && at > noticed + 1500 {
+            fail(
+                &s,
+                &format!("agent a started {id} {} ms after the notice", at - noticed),
+            );
+        }
+    }
+    // The message is back at once (visibility 0), not after 30 s.
+    let _agent_b = start_agent(
+        &s.env,
+        s.dir.path(),
+        "agent-b",
+        &config(&s.queue, &mock_b, "b", "concurrency = 2", NO_SCALE_IN),
+    );
+    wait(
+        &s,
+        30,
+        "agent b to finish the long job and the rest",
+        || {
+            let r = Record::read(s.dir.path());
+            r.count("done", "long") == 1 && (0..8).all(|i| r.count("done", &format!("s{i}")) >= 1)
+        },
+    );
+    let r = Record::read(s.dir.path());
+    let starts = r.starts("long");
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_eq!((starts[0].0, starts[0].1.as_str()), (1, "a"));
+    assert_eq!(
+        (starts[1].0, starts[1].1.as_str()),
+        (2, "b"),
+        "seen again with a higher receive count"
+    );
+    // Handed back with visibility 0: agent b got it within seconds of its
+    // start, not after the 30 s visibility timeout.
+    let b_took = starts[1].2 - term_at;
+    assert!(
+        b_took < 8000,
+        "agent b started the long job {b_took} ms after it was stopped"
+    );
+    // Nothing lost: every job done, the queue empty.
+    wait(&s, 10, "queue empty", || s.env.depth(&s.queue) == (0, 0));
+    // After a spot notice the agent never decrements the group.
+    assert!(s
+        .env
+        .proxy
+        .calls_of("TerminateInstanceInAutoScalingGroup")
+        .is_empty());
+    assert_eq!(s.env.group("workers").desired, 2);
+    // And agent a keeps running (the instance is going away; systemd stops it).
+    assert!(agent_a.child.try_wait().unwrap().is_none());
+}
+
+#[test]
+fn idle_instance_scales_itself_in_with_the_desired_capacity_decremented() {
+    let s = setup("idle", 5);
+    let ids = s.env.create_group("workers", 0, 3, 2);
+    let mock = mock_for(&ids[0]);
+    let _agent = start_agent(
+        &s.env,
+        s.dir.path(),
+        "agent",
+        &config(
+            &s.queue,
+            &mock,
+            "a",
+            "",
+            "[scale_in]\nidle_timeout = \"2s\"\n",
+        ),
+    );
+    // One job first: the idle clock starts after it.
+    s.env
+        .send(&s.queue, &json!({"id": "j", "sleep_ms": 500}).to_string());
+    wait(&s, 30, "the group to shrink to 1", || {
+        s.env.group("workers").desired == 1
+    });
+    let g = s.env.group("workers");
+    assert!(
+        !g.instances
+            .iter()
+            .any(|(id, state, _)| id == &ids[0] && state == "InService"),
+        "{g:?}"
+    );
+    let r = Record::read(s.dir.path());
+    assert_eq!(r.count("done", "j"), 1);
+    let calls = s.env.proxy.calls_of("TerminateInstanceInAutoScalingGroup");
+    assert_eq!(calls.len(), 1);
+    assert!(
+        calls[0]
+            .body
+            .contains("ShouldDecrementDesiredCapacity=true"),
+        "{}",
+        calls[0].body
+    );
+    assert!(calls[0].body.contains(&ids[0]));
+}
+
+#[test]
+fn a_group_at_min_size_refuses_and_the_agent_resumes_without_a_hot_loop() {
+    let s = setup("minsize", 5);
+    let ids = s.env.create_group("workers", 1, 3, 1);
+    let mock = mock_for(&ids[0]);
+    // moto does not enforce MinSize on this call; AWS answers ValidationError
+    // ("Currently, desiredSize equals minSize"), which the proxy stands in for.
+    s.env.proxy.inject(
+        "TerminateInstanceInAutoScalingGroup",
+        Fault::Error {
+            status: 400,
+            code: "ValidationError",
+        },
+        100,
+    );
+    let _agent = start_agent(
+        &s.env,
+        s.dir.path(),
+        "agent",
+        &config(
+            &s.queue,
+            &mock,
+            "a",
+            "",
+            "[scale_in]\nidle_timeout = \"1s\"\nretry_interval = \"2s\"\n",
+        ),
+    );
+    wait(&s, 30, "a first refused scale-in", || {
+        !s.env
+            .proxy
+            .calls_of("TerminateInstanceInAutoScalingGroup")
+            .is_empty()
+    });
+    // Work still gets done after the refusal.
+    s.env.send(
+        &s.queue,
+        &json!({"id": "after", "sleep_ms": 100}).to_string(),
+    );
+    wait(&s, 30, "a job after the refusal", || {
+        Record::read(s.dir.path()).count("done", "after") == 1
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    let n = s
+        .env
+        .proxy
+        .calls_of("TerminateInstanceInAutoScalingGroup")
+        .len();
+    // Backoff 2 s, 4 s, 8 s after each refusal (and the idle timer restarts
+    // after the job): a handful of calls in ~10 s, not a hot loop.
+    assert!((2..=5).contains(&n), "{n} scale-in calls");
+    let g = s.env.group("workers");
+    assert_eq!(g.desired, 1);
+    assert_eq!(g.instances.len(), 1);
+}
+
+#[test]
+fn lifecycle_terminated_drains_then_completes_the_hook() {
+    let s = setup("lifecycle", 5);
+    let ids = s.env.create_group("workers", 0, 3, 1);
+    let mock = mock_for(&ids[0]);
+    let _agent = start_agent(
+        &s.env,
+        s.dir.path(),
+        "agent",
+        &config(
+            &s.queue,
+            &mock,
+            "a",
+            "",
+            &format!(
+                "{NO_SCALE_IN}[interruption]\npoll_interval = \"200ms\"\nlifecycle_hook = \"drain-hook\"\nlifecycle_heartbeat_interval = \"1s\"\n"
+            ),
+        ),
+    );
+    s.env
+        .send(&s.queue, &json!({"id": "j", "sleep_ms": 3500}).to_string());
+    wait(&s, 30, "the job to start", || {
+        Record::read(s.dir.path()).count("start", "j") == 1
+    });
+    mock.control("/mock/lifecycle-state", json!({"state": "Terminated"}));
+    s.env.send(
+        &s.queue,
+        &json!({"id": "later", "sleep_ms": 10}).to_string(),
+    );
+    wait(&s, 30, "CompleteLifecycleAction", || {
+        !s.env.proxy.calls_of("CompleteLifecycleAction").is_empty()
+    });
+    let r = Record::read(s.dir.path());
+    // No deadline: the job finished; nothing new was taken.
+    assert_eq!(r.count("done", "j"), 1);
+    assert_eq!(r.count("start", "later"), 0);
+    let complete = &s.env.proxy.calls_of("CompleteLifecycleAction")[0];
+    for part in [
+        "LifecycleActionResult=CONTINUE",
+        "LifecycleHookName=drain-hook",
+        "AutoScalingGroupName=workers",
+    ] {
+        assert!(
+            complete.body.contains(part),
+            "{part} missing: {}",
+            complete.body
+        );
+    }
+    assert!(complete.body.contains(&ids[0]));
+    assert!(!s
+        .env
+        .proxy
+        .calls_of("RecordLifecycleActionHeartbeat")
+        .is_empty());
+    // The completion came after the job ended.
+    let done_at = r.times("done", "j")[0];
+    assert!(done_at <= now_ms());
+    assert_eq!(s.env.proxy.calls_of("CompleteLifecycleAction").len(), 1);
+}
+
+#[test]
+fn sigterm_drains_then_exits_zero() {
+    let s = setup("sigterm", 5);
+    let ids = s.env.create_group("workers", 0, 3, 1);
+    let mock = mock_for(&ids[0]);
+    let mut agent = start_agent(
+        &s.env,
+        s.dir.path(),
+        "agent",
+        &config(
+            &s.queue,
+            &mock,
+            "a",
+            "concurrency = 2",
+            &format!("{NO_SCALE_IN}[interruption]\nshutdown_deadline = \"4s\"\n"),
+        ),
+    );
+    s.env.send(
+        &s.queue,
+        &json!({"id": "short", "sleep_ms": 1500}).to_string(),
+    );
+    s.env.send(
+        &s.queue,
+        &json!({"id": "long", "sleep_ms_first": 60000, "sleep_ms": 10}).to_string(),
+    );
+    wait(&s, 30, "both jobs to start", || {
+        let r = Record::read(s.dir.path());
+        r.count("start", "short") == 1 && r.count("start", "long") == 1
+    });
+    agent.signal("TERM");
+    s.env.send(
+        &s.queue,
+        &json!({"id": "queued", "sleep_ms": 10}).to_string(),
+    );
+    let status = agent.wait_timeout(Duration::from_secs(20));
+    let Some(status) = status else {
+        fail(&s, "agent did not exit after SIGTERM")
+    };
+    assert!(status.success(), "{status}");
+    let r = Record::read(s.dir.path());
+    assert_eq!(r.count("done", "short"), 1, "the short job finished");
+    assert_eq!(
+        r.count("term", "long"),
+        1,
+        "the long job was stopped at the shutdown deadline"
+    );
+    assert_eq!(r.count("start", "queued"), 0, "nothing new after SIGTERM");
+    // Long (handed back) and queued are visible; nothing in flight.
+    wait(&s, 5, "two messages visible again", || {
+        s.env.depth(&s.queue) == (2, 0)
+    });
+}
+
+#[test]
+fn a_crashing_worker_retries_then_dead_letters() {
+    let s = setup("crash", 2);
+    let ids = s.env.create_group("workers", 0, 3, 1);
+    let mock = mock_for(&ids[0]);
+    let _agent = start_agent(
+        &s.env,
+        s.dir.path(),
+        "agent",
+        &config(&s.queue, &mock, "a", "", NO_SCALE_IN),
+    );
+    s.env
+        .send(&s.queue, &json!({"id": "crash", "crash": true}).to_string());
+    s.env
+        .send(&s.queue, &json!({"id": "exit3", "exit": 3}).to_string());
+    s.env
+        .send(&s.queue, &json!({"id": "ok", "sleep_ms": 10}).to_string());
+    let dlq = s.queue.replace("/jobs", "/jobs-dlq");
+    wait(&s, 60, "both failing jobs in the dead-letter queue", || {
+        s.env.depth(&dlq).0 == 2
+    });
+    let r = Record::read(s.dir.path());
+    assert_eq!(r.count("done", "ok"), 1);
+    // maxReceiveCount 2: each failing job ran twice, then SQS moved it.
+    assert_eq!(r.count("start", "crash"), 2);
+    assert_eq!(r.count("start", "exit3"), 2);
+    assert_eq!(s.env.depth(&s.queue), (0, 0));
+}
+
+#[test]
+fn a_body_of_shell_metacharacters_reaches_the_worker_byte_for_byte() {
+    let s = setup("shell", 5);
+    let ids = s.env.create_group("workers", 0, 3, 1);
+    let mock = mock_for(&ids[0]);
+    let raw = TempDir::new("raw");
+    let extra = NO_SCALE_IN;
+    let cfg = config(&s.queue, &mock, "a", "", extra).replace(
+        "[worker.env]\n",
+        &format!(
+            "[worker.env]\nSPOTGUARD_TEST_RAW_DIR = \"{}\"\n",
+            raw.path().display()
+        ),
+    );
+    let _agent = start_agent(&s.env, s.dir.path(), "agent", &cfg);
+    let body = "$(touch /tmp/spotguard-pwned); `id` && echo \"$HOME\" | cat > /dev/null; 'q' \\n %s {} * ? [a] ~ # ! ; < > ' \" \t é ✓\n second line";
+    let id = s
+        .env
+        .send_with_attrs(&s.queue, body, &[("job-kind", "render $(id)")]);
+    wait(&s, 30, "the job", || {
+        raw.path().join(&id).exists() && s.env.depth(&s.queue) == (0, 0)
+    });
+    let got = std::fs::read(raw.path().join(&id)).unwrap();
+    assert_eq!(got, body.as_bytes());
+    assert!(!std::path::Path::new("/tmp/spotguard-pwned").exists());
+    let env = std::fs::read_to_string(raw.path().join(format!("{id}.env"))).unwrap();
+    assert!(
+        env.contains(&format!("SPOTGUARD_MESSAGE_ID={id}\n")),
+        "{env}"
+    );
+    assert!(env.contains("SPOTGUARD_RECEIVE_COUNT=1\n"), "{env}");
+    assert!(env.contains("SPOTGUARD_QUEUE_NAME=jobs\n"), "{env}");
+    assert!(
+        env.contains("SPOTGUARD_ATTR_job_kind=render $(id)\n"),
+        "{env}"
+    );
+}
+
+#[test]
+fn check_config_prints_defaults_and_names_bad_keys() {
+    let dir = TempDir::new("check");
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n[worker]\ncommand = [\"/bin/true\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("spotguard-agent"))
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("idle_timeout = \"30s\""), "{text}");
+    assert!(text.contains("listen = \"127.0.0.1:9464\""), "{text}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n[worker]\ncommand = [\"/bin/true\"]\n[scale_in]\nidle_timeout = \"soon\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("spotguard-agent"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("idle_timeout"), "{err}");
+    let out = std::process::Command::new(bin("spotguard-agent"))
+        .args(["run", "--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
+}
