@@ -117,14 +117,21 @@ fn jobs_are_run_once_and_deleted_after_success() {
     let base = format!("http://127.0.0.1:{port}");
     let health = http.request("GET", &format!("{base}/healthz"), "");
     assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
-    let status: serde_json::Value = serde_json::from_str(&http.request("GET", &format!("{base}/status"), "").body).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&http.request("GET", &format!("{base}/status"), "").body).unwrap();
     assert_eq!(status["state"]["mode"], "running");
     assert_eq!(status["jobs_in_flight"], 0);
     assert_eq!(status["counters"]["jobs_succeeded"], 8);
     assert_eq!(status["instance_id"], ids[0]);
     let metrics = http.request("GET", &format!("{base}/metrics"), "").body;
-    assert!(metrics.contains("spotguard_agent_jobs_succeeded_total 8\n"), "{metrics}");
-    assert!(metrics.contains("spotguard_agent_mode{mode=\"running\"} 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("spotguard_agent_jobs_succeeded_total 8\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("spotguard_agent_mode{mode=\"running\"} 1\n"),
+        "{metrics}"
+    );
     // The group was never touched: scale-in is off and nothing was noticed.
     assert!(s
         .env
@@ -571,22 +578,41 @@ fn http_mode_posts_with_the_sqsd_headers() {
         &format!("url = \"{url}\""),
     );
     let _agent = start_agent(&s.env, s.dir.path(), "agent", &cfg);
-    let ok_id = s.env.send_with_attrs(&s.queue, r#"{"task":"render"}"#, &[("customer", "acme")]);
+    let ok_id = s
+        .env
+        .send_with_attrs(&s.queue, r#"{"task":"render"}"#, &[("customer", "acme")]);
     let fail_id = s.env.send(&s.queue, r#"{"task":"fail"}"#);
     let dlq = s.queue.replace("/jobs", "/jobs-dlq");
     wait(&s, 60, "ok deleted, fail dead-lettered", || {
         s.env.depth(&s.queue) == (0, 0) && s.env.depth(&dlq).0 == 1
     });
     let seen = seen.lock().unwrap().clone();
-    let (h, body) = seen.iter().find(|(h, _)| h.get("x-aws-sqsd-msgid") == Some(&ok_id)).expect("ok job posted");
+    let (h, body) = seen
+        .iter()
+        .find(|(h, _)| h.get("x-aws-sqsd-msgid") == Some(&ok_id))
+        .expect("ok job posted");
     assert_eq!(body, r#"{"task":"render"}"#);
     assert_eq!(h.get("user-agent").map(String::as_str), Some("aws-sqsd"));
-    assert_eq!(h.get("content-type").map(String::as_str), Some("application/json"));
+    assert_eq!(
+        h.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
     assert_eq!(h.get("x-aws-sqsd-queue").map(String::as_str), Some("jobs"));
-    assert_eq!(h.get("x-aws-sqsd-receive-count").map(String::as_str), Some("1"));
-    assert_eq!(h.get("x-aws-sqsd-attr-customer").map(String::as_str), Some("acme"));
-    let first = h.get("x-aws-sqsd-first-received-at").expect("first received at");
-    assert!(chrono::DateTime::parse_from_rfc3339(first).is_ok(), "{first}");
+    assert_eq!(
+        h.get("x-aws-sqsd-receive-count").map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(
+        h.get("x-aws-sqsd-attr-customer").map(String::as_str),
+        Some("acme")
+    );
+    let first = h
+        .get("x-aws-sqsd-first-received-at")
+        .expect("first received at");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(first).is_ok(),
+        "{first}"
+    );
     // The failing one was posted twice (maxReceiveCount 2), counts 1 then 2.
     let counts: Vec<&str> = seen
         .iter()
@@ -607,10 +633,16 @@ fn a_job_over_worker_timeout_is_stopped_and_handed_back() {
         "agent",
         &config(&s.queue, &mock, "a", "timeout = \"1s\"", NO_SCALE_IN),
     );
-    s.env.send(&s.queue, &json!({"id": "slow", "sleep_ms_first": 30000, "sleep_ms": 10}).to_string());
-    wait(&s, 30, "the slow job stopped, then done on its second run", || {
-        Record::read(s.dir.path()).count("done", "slow") == 1
-    });
+    s.env.send(
+        &s.queue,
+        &json!({"id": "slow", "sleep_ms_first": 30000, "sleep_ms": 10}).to_string(),
+    );
+    wait(
+        &s,
+        30,
+        "the slow job stopped, then done on its second run",
+        || Record::read(s.dir.path()).count("done", "slow") == 1,
+    );
     let r = Record::read(s.dir.path());
     assert_eq!(r.count("term", "slow"), 1);
     assert_eq!(r.receive_counts("slow"), vec![1, 2]);
@@ -633,12 +665,23 @@ fn busy_instances_are_protected_from_scale_in_and_released_when_idle() {
             "[scale_in]\nenabled = false\nprotect_busy = true\n",
         ),
     );
-    let protected = || s.env.group("workers").instances.iter().any(|(id, _, p)| id == &ids[0] && *p);
+    let protected = || {
+        s.env
+            .group("workers")
+            .instances
+            .iter()
+            .any(|(id, _, p)| id == &ids[0] && *p)
+    };
     for i in 0..4 {
-        s.env.send(&s.queue, &json!({"id": format!("j{i}"), "sleep_ms": 1500}).to_string());
+        s.env.send(
+            &s.queue,
+            &json!({"id": format!("j{i}"), "sleep_ms": 1500}).to_string(),
+        );
     }
     wait(&s, 30, "protection while busy", protected);
-    wait(&s, 30, "all done", || Record::read(s.dir.path()).total("done") == 4);
+    wait(&s, 30, "all done", || {
+        Record::read(s.dir.path()).total("done") == 4
+    });
     wait(&s, 10, "protection released when idle", || !protected());
     // One call per transition, not per job.
     let calls = s.env.proxy.calls_of("SetInstanceProtection").len();
@@ -652,7 +695,11 @@ fn a_long_poll_in_flight_at_a_notice_is_abandoned_and_its_messages_handed_back_u
     let mock = mock_for(&ids[0]);
     let hook_out = s.dir.path().join("hook.json");
     let hook = s.dir.path().join("hook.sh");
-    std::fs::write(&hook, format!("#!/bin/sh\ncat > '{}'\n", hook_out.display())).unwrap();
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\ncat > '{}'\n", hook_out.display()),
+    )
+    .unwrap();
     std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let cfg = config(
         &s.queue,
@@ -667,19 +714,31 @@ fn a_long_poll_in_flight_at_a_notice_is_abandoned_and_its_messages_handed_back_u
     .replace("wait_time = \"1s\"", "wait_time = \"20s\"");
     let _agent = start_agent(&s.env, s.dir.path(), "agent", &cfg);
     // Let the agent start its 20 s long poll on the empty queue.
-    wait(&s, 30, "a receive in flight", || !s.env.proxy.calls_of("ReceiveMessage").is_empty());
+    wait(&s, 30, "a receive in flight", || {
+        !s.env.proxy.calls_of("ReceiveMessage").is_empty()
+    });
     std::thread::sleep(Duration::from_secs(2));
     mock.control("/mock/spot-interruption", json!({"in_seconds": 60}));
-    wait(&s, 10, "the notice hook", || hook_out.exists() && std::fs::metadata(&hook_out).map(|m| m.len() > 0).unwrap_or(false));
+    wait(&s, 10, "the notice hook", || {
+        hook_out.exists()
+            && std::fs::metadata(&hook_out)
+                .map(|m| m.len() > 0)
+                .unwrap_or(false)
+    });
     // The poll still in flight gets this message: it must go back unstarted.
     s.env.send(&s.queue, &json!({"id": "late"}).to_string());
     wait(&s, 30, "the late message handed back", || {
-        s.env.proxy.calls_of("ChangeMessageVisibility").iter().any(|c| c.body.contains("\"VisibilityTimeout\":0"))
+        s.env
+            .proxy
+            .calls_of("ChangeMessageVisibility")
+            .iter()
+            .any(|c| c.body.contains("\"VisibilityTimeout\":0"))
     });
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(Record::read(s.dir.path()).count("start", "late"), 0);
     assert_eq!(s.env.depth(&s.queue), (1, 0), "visible again at once");
-    let event: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&hook_out).unwrap()).unwrap();
+    let event: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&hook_out).unwrap()).unwrap();
     assert_eq!(event["event"], "spot_interruption");
     assert_eq!(event["instance_id"], ids[0]);
 }
