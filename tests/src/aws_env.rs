@@ -291,3 +291,63 @@ pub fn start_agent(env: &AwsEnv, dir: &Path, name: &str, config: &str) -> Proc {
     cmd.env("RUST_LOG", "info");
     Proc::spawn_logged(cmd, name, &dir.join(format!("{name}.log")))
 }
+
+impl AwsEnv {
+    /// An SNS topic delivering raw messages to a new queue; (topic ARN, queue URL).
+    pub fn topic_to_queue(&self, name: &str) -> (String, String) {
+        let queue = self.create_queue(&format!("{name}-sub"), 10);
+        self.rt.block_on(async {
+            let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new("us-east-1"))
+                .endpoint_url(&self.moto_url)
+                .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                    "test", "test", None, None, "test",
+                ))
+                .load()
+                .await;
+            let sns = aws_sdk_sns::Client::new(&sdk);
+            let topic = sns.create_topic().name(name).send().await.expect("topic");
+            let arn = topic.topic_arn().expect("topic arn").to_string();
+            let qarn = self
+                .sqs
+                .get_queue_attributes()
+                .queue_url(&queue)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .expect("queue arn");
+            let qarn = qarn
+                .attributes()
+                .and_then(|a| a.get(&QueueAttributeName::QueueArn))
+                .expect("arn")
+                .clone();
+            sns.subscribe()
+                .topic_arn(&arn)
+                .protocol("sqs")
+                .endpoint(qarn)
+                .attributes("RawMessageDelivery", "true")
+                .send()
+                .await
+                .expect("subscribe");
+            (arn, queue)
+        })
+    }
+
+    /// Bodies of up to 10 messages received (and left in flight) from `queue`.
+    pub fn peek(&self, queue: &str) -> Vec<String> {
+        self.rt.block_on(async {
+            let out = self
+                .sqs
+                .receive_message()
+                .queue_url(queue)
+                .max_number_of_messages(10)
+                .send()
+                .await
+                .expect("receive");
+            out.messages()
+                .iter()
+                .filter_map(|m| m.body().map(str::to_string))
+                .collect()
+        })
+    }
+}

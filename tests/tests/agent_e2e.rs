@@ -742,3 +742,39 @@ fn a_long_poll_in_flight_at_a_notice_is_abandoned_and_its_messages_handed_back_u
     assert_eq!(event["event"], "spot_interruption");
     assert_eq!(event["instance_id"], ids[0]);
 }
+
+#[test]
+fn notices_are_published_to_sns() {
+    let s = setup("sns", 5);
+    let ids = s.env.create_group("workers", 0, 3, 1);
+    let mock = mock_for(&ids[0]);
+    let (topic, sub) = s.env.topic_to_queue("spotguard-notices");
+    let _agent = start_agent(
+        &s.env,
+        s.dir.path(),
+        "agent",
+        &config(
+            &s.queue,
+            &mock,
+            "a",
+            "",
+            &format!("{NO_SCALE_IN}[interruption]\npoll_interval = \"200ms\"\n[notify]\nsns_topic_arn = \"{topic}\"\n"),
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    mock.control(
+        "/mock/spot-interruption",
+        json!({"action": "stop", "in_seconds": 60}),
+    );
+    let mut got = Vec::new();
+    wait(&s, 20, "an SNS message", || {
+        got.extend(s.env.peek(&sub));
+        !got.is_empty()
+    });
+    let v: serde_json::Value = serde_json::from_str(&got[0]).expect("JSON message");
+    assert_eq!(v["event"], "spot_interruption");
+    assert_eq!(v["action"], "stop");
+    assert_eq!(v["instance_id"], ids[0]);
+    assert_eq!(v["agent_mode"], "draining");
+    assert_eq!(s.env.proxy.calls_of("Publish").len(), 1);
+}
