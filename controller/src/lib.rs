@@ -1,8 +1,13 @@
-//! spotguard-controller. Not built yet: the backlog metric, the failover
-//! reconciler and the Lambda/loop front-ends are tracked in issue 4. This
-//! crate exists so the workspace layout is final; the binary says so and
-//! fails rather than pretending to work.
+//! spotguard-controller: keeps a queue-driven spot GPU fleet running across
+//! two regions.
+//!
+//! - [`reconcile`]: the pure failover decision (modes, gate, memory in tags).
+//! - [`metrics`]: the backlog metrics target tracking scales on.
+//! - [`events`]: EventBridge envelopes and launch outcomes.
+//! - [`aws`]: the AWS calls behind the [`aws::Cloud`] trait, and its SDK implementation.
+//! - [`handler`]: one invocation (an event and/or a tick) over a `Cloud`.
+//! - [`setup`]: creating the target-tracking policies.
+//! - [`config`], [`cli`]: configuration and command line.
 
-/// What the binary prints until the controller exists.
-pub const NOT_BUILT: &str =
-    "spotguard-controller is not built yet (metric publishing and failover are tracked in issue 4)";
+pub mod config;
+pub mod reconcile;

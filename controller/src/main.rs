@@ -1,4 +1,4 @@
 fn main() -> std::process::ExitCode {
-    eprintln!("{}", spotguard_controller::NOT_BUILT);
+    eprintln!("spotguard-controller: command line not wired yet");
     std::process::ExitCode::from(2)
 }

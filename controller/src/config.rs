@@ -1,0 +1,519 @@
+//! The controller's configuration: a TOML file, or environment variables
+//! (`SPOTGUARD_<SECTION>_<KEY>`, for Lambda). Validated at start; every
+//! error names its key.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{origin}: `{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// A duration written as `30s`, `10m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration like \"30s\" or \"10m\": {e}"
+            ))
+        })
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub primary: Primary,
+    pub fallback: Fallback,
+    #[serde(default)]
+    pub failover: Failover,
+    #[serde(default)]
+    pub metric: Metric,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub notify: Notify,
+    #[serde(default)]
+    pub run: Run,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Primary {
+    #[serde(default = "d_primary_region")]
+    pub region: String,
+    pub asg: String,
+    pub queue_url: String,
+}
+
+fn d_primary_region() -> String {
+    "us-east-1".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fallback {
+    #[serde(default = "d_fallback_region")]
+    pub region: String,
+    pub asg: String,
+    /// MaxSize given to the fallback group on failover.
+    #[serde(default = "d_max_size")]
+    pub max_size: i32,
+    /// Name of the fallback group's target-tracking policy (enabled on failover).
+    #[serde(default = "d_policy_name")]
+    pub policy_name: String,
+}
+
+fn d_fallback_region() -> String {
+    "us-east-2".into()
+}
+fn d_max_size() -> i32 {
+    10
+}
+fn d_policy_name() -> String {
+    "spotguard-backlog".into()
+}
+
+/// The capacity failure codes of REFERENCE.md. A launch that fails for any
+/// other reason (bad AMI, IAM, quota, subnet) is not a capacity problem and
+/// another region would not fix it.
+pub const CAPACITY_CODES: &[&str] = &[
+    "InsufficientInstanceCapacity",
+    "InsufficientCapacity",
+    "UnfulfillableCapacity",
+    "MaxSpotInstanceCountExceeded",
+    "SpotMaxPriceTooLow",
+    "InsufficientHostCapacity",
+    "InsufficientReservedInstanceCapacity",
+    "Unsupported",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failover {
+    #[serde(default = "d_codes")]
+    pub capacity_codes: Vec<String>,
+    /// Capacity failures within `failure_window` that trigger failover.
+    #[serde(default = "d_failures")]
+    pub failures: u32,
+    #[serde(default = "d_window")]
+    pub failure_window: Dur,
+    /// A capacity failure marks the primary unavailable for this long
+    /// (3 min, as the best-known spot scheduler, Karpenter, does).
+    #[serde(default = "d_ttl")]
+    pub capacity_ttl: Dur,
+    /// Fail back only after a successful launch and no capacity failure for this long.
+    #[serde(default = "d_cooldown")]
+    pub cooldown: Dur,
+    /// Least time in `failed-over` before failing back, and in `failing-back`
+    /// before `normal`, so the modes cannot flap.
+    #[serde(default = "d_dwell")]
+    pub min_dwell: Dur,
+    /// How much the fallback MaxSize is lowered per reconcile while failing back.
+    #[serde(default = "d_step")]
+    pub failback_step: i32,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Failover {
+            capacity_codes: d_codes(),
+            failures: d_failures(),
+            failure_window: d_window(),
+            capacity_ttl: d_ttl(),
+            cooldown: d_cooldown(),
+            min_dwell: d_dwell(),
+            failback_step: d_step(),
+        }
+    }
+}
+
+fn d_codes() -> Vec<String> {
+    CAPACITY_CODES.iter().map(|s| s.to_string()).collect()
+}
+fn d_failures() -> u32 {
+    1
+}
+fn d_window() -> Dur {
+    Dur(Duration::from_secs(600))
+}
+fn d_ttl() -> Dur {
+    Dur(Duration::from_secs(180))
+}
+fn d_cooldown() -> Dur {
+    Dur(Duration::from_secs(600))
+}
+fn d_dwell() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn d_step() -> i32 {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metric {
+    #[serde(default = "d_namespace")]
+    pub namespace: String,
+    /// Backlog per instance of the primary group.
+    #[serde(default = "d_primary_metric")]
+    pub primary_name: String,
+    /// Visible messages, for the fallback group.
+    #[serde(default = "d_fallback_metric")]
+    pub fallback_name: String,
+    /// Count in-flight messages in the backlog too.
+    #[serde(default)]
+    pub include_in_flight: bool,
+}
+
+impl Default for Metric {
+    fn default() -> Self {
+        Metric {
+            namespace: d_namespace(),
+            primary_name: d_primary_metric(),
+            fallback_name: d_fallback_metric(),
+            include_in_flight: false,
+        }
+    }
+}
+
+fn d_namespace() -> String {
+    "spotguard".into()
+}
+fn d_primary_metric() -> String {
+    "BacklogPerInstance".into()
+}
+fn d_fallback_metric() -> String {
+    "ApproximateNumberOfMessagesVisible".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyForm {
+    /// The metric this controller publishes.
+    CustomMetric,
+    /// Metric math over AWS/SQS and AWS/AutoScaling: needs no publisher.
+    MetricMath,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default = "d_form")]
+    pub form: PolicyForm,
+    /// Acceptable backlog per instance of the primary group (REFERENCE.md:
+    /// acceptable latency / seconds per message).
+    #[serde(default = "d_primary_target")]
+    pub primary_target: f64,
+    /// Visible messages per fallback instance, as the original design.
+    #[serde(default = "d_fallback_target")]
+    pub fallback_target: f64,
+    #[serde(default = "d_primary_policy")]
+    pub primary_policy_name: String,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            form: d_form(),
+            primary_target: d_primary_target(),
+            fallback_target: d_fallback_target(),
+            primary_policy_name: d_primary_policy(),
+        }
+    }
+}
+
+fn d_form() -> PolicyForm {
+    PolicyForm::CustomMetric
+}
+fn d_primary_target() -> f64 {
+    20.0
+}
+fn d_fallback_target() -> f64 {
+    200.0
+}
+fn d_primary_policy() -> String {
+    "spotguard-backlog".into()
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    pub sns_topic_arn: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Run {
+    /// Interval of `run`: metrics are published every minute (target
+    /// tracking evaluates one-minute periods).
+    #[serde(default = "d_interval")]
+    pub interval: Dur,
+    /// Queue that EventBridge rules feed with launch events (optional).
+    pub events_queue_url: Option<String>,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Run {
+            interval: d_interval(),
+            events_queue_url: None,
+        }
+    }
+}
+
+fn d_interval() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+
+const SECTIONS: &[&str] = &[
+    "primary", "fallback", "failover", "metric", "policy", "notify", "run",
+];
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// From `SPOTGUARD_<SECTION>_<KEY>` variables, e.g. `SPOTGUARD_PRIMARY_ASG`,
+    /// `SPOTGUARD_FAILOVER_COOLDOWN=15m`, `SPOTGUARD_FAILOVER_CAPACITY_CODES=["A","B"]`.
+    /// A value that parses as a TOML value (number, boolean, array) is taken as
+    /// such, anything else as a string.
+    pub fn from_env(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut root = toml::Table::new();
+        for (k, v) in vars {
+            let Some(rest) = k.strip_prefix("SPOTGUARD_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let Some((section, key)) = rest.split_once('_') else {
+                continue;
+            };
+            if !SECTIONS.contains(&section) {
+                return Err(ConfigError::Invalid {
+                    origin: "environment".into(),
+                    key: k.clone(),
+                    message: format!(
+                        "unknown section `{section}` (expected one of {})",
+                        SECTIONS.join(", ")
+                    ),
+                });
+            }
+            let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(v.clone()));
+            let table = root
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(t) = table {
+                t.insert(key.to_string(), value);
+            }
+        }
+        let text = toml::to_string(&root).map_err(|e| ConfigError::Parse {
+            origin: "environment".into(),
+            message: e.to_string(),
+        })?;
+        Config::parse(&text, "environment (SPOTGUARD_*)")
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| {
+            Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                key: key.to_string(),
+                message,
+            })
+        };
+        for (key, v) in [
+            ("primary.region", &self.primary.region),
+            ("primary.asg", &self.primary.asg),
+            ("fallback.region", &self.fallback.region),
+            ("fallback.asg", &self.fallback.asg),
+        ] {
+            if v.trim().is_empty() {
+                return bad(key, "must not be empty".into());
+            }
+        }
+        if !(self.primary.queue_url.starts_with("https://")
+            || self.primary.queue_url.starts_with("http://"))
+        {
+            return bad(
+                "primary.queue_url",
+                format!("{:?} is not an SQS queue URL", self.primary.queue_url),
+            );
+        }
+        if self.primary.region == self.fallback.region && self.primary.asg == self.fallback.asg {
+            return bad("fallback.asg", "must differ from the primary group".into());
+        }
+        if !(1..=10_000).contains(&self.fallback.max_size) {
+            return bad("fallback.max_size", "must be within 1..=10000".into());
+        }
+        if self.failover.capacity_codes.is_empty() {
+            return bad(
+                "failover.capacity_codes",
+                "must list at least one code".into(),
+            );
+        }
+        if self.failover.failures == 0 {
+            return bad("failover.failures", "must be at least 1".into());
+        }
+        if self.failover.failback_step < 1 {
+            return bad("failover.failback_step", "must be at least 1".into());
+        }
+        for (key, d) in [
+            ("failover.failure_window", self.failover.failure_window),
+            ("failover.capacity_ttl", self.failover.capacity_ttl),
+            ("run.interval", self.run.interval),
+        ] {
+            if d.0.is_zero() {
+                return bad(key, "must be greater than zero".into());
+            }
+        }
+        for (key, t) in [
+            ("policy.primary_target", self.policy.primary_target),
+            ("policy.fallback_target", self.policy.fallback_target),
+        ] {
+            if !(t.is_finite() && t > 0.0) {
+                return bad(key, "must be a positive number".into());
+            }
+        }
+        if self
+            .notify
+            .sns_topic_arn
+            .as_deref()
+            .is_some_and(|a| !a.starts_with("arn:"))
+        {
+            return bad("notify.sns_topic_arn", "must be an SNS topic ARN".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[primary]
+asg = "gpu-east-1"
+queue_url = "https://sqs.us-east-1.amazonaws.com/1/jobs"
+[fallback]
+asg = "gpu-east-2"
+"#;
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse(MIN, "t").unwrap();
+        assert_eq!(c.primary.region, "us-east-1");
+        assert_eq!(c.fallback.region, "us-east-2");
+        assert_eq!(c.failover.failures, 1);
+        assert_eq!(c.failover.capacity_ttl.0, Duration::from_secs(180));
+        assert_eq!(c.failover.cooldown.0, Duration::from_secs(600));
+        assert_eq!(c.policy.primary_target, 20.0);
+        assert_eq!(c.policy.fallback_target, 200.0);
+        assert_eq!(c.failover.capacity_codes.len(), 8);
+    }
+
+    #[test]
+    fn environment_form() {
+        let vars = [
+            ("SPOTGUARD_PRIMARY_ASG", "a"),
+            (
+                "SPOTGUARD_PRIMARY_QUEUE_URL",
+                "https://sqs.us-east-1.amazonaws.com/1/jobs",
+            ),
+            ("SPOTGUARD_FALLBACK_ASG", "b"),
+            ("SPOTGUARD_FAILOVER_COOLDOWN", "15m"),
+            ("SPOTGUARD_FAILOVER_FAILURES", "3"),
+            (
+                "SPOTGUARD_FAILOVER_CAPACITY_CODES",
+                r#"["InsufficientInstanceCapacity"]"#,
+            ),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::from_env(vars).unwrap();
+        assert_eq!(c.primary.asg, "a");
+        assert_eq!(c.failover.cooldown.0, Duration::from_secs(900));
+        assert_eq!(c.failover.failures, 3);
+        assert_eq!(
+            c.failover.capacity_codes,
+            vec!["InsufficientInstanceCapacity"]
+        );
+        let e =
+            Config::from_env([("SPOTGUARD_PRIMARY_ASG".to_string(), "a".to_string())]).unwrap_err();
+        assert!(
+            e.to_string().contains("queue_url") || e.to_string().contains("fallback"),
+            "{e}"
+        );
+        let e = Config::from_env([("SPOTGUARD_BOGUS_X".to_string(), "1".to_string())]).unwrap_err();
+        assert!(e.to_string().contains("SPOTGUARD_BOGUS_X"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (extra, key) in [
+            ("[failover]\ncooldown = \"later\"\n", "cooldown"),
+            ("[failover]\nfailures = 0\n", "failover.failures"),
+            (
+                "[failover]\ncapacity_codes = []\n",
+                "failover.capacity_codes",
+            ),
+            ("[policy]\nprimary_target = -1.0\n", "policy.primary_target"),
+            ("[policy]\nform = \"magic\"\n", "form"),
+            ("[notify]\nsns_topic_arn = \"x\"\n", "notify.sns_topic_arn"),
+            ("[run]\nintervall = \"1m\"\n", "intervall"),
+        ] {
+            let e = Config::parse(&format!("{MIN}{extra}"), "c.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{extra:?} -> {e}");
+        }
+        let e = Config::parse("[primary]\nasg = \"a\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queue_url") || e.contains("fallback"), "{e}");
+    }
+}

@@ -1,0 +1,737 @@
+//! The failover decision, without I/O.
+//!
+//! ```text
+//!  normal --N capacity failures in the window--> failed-over
+//!  failed-over --launch success, no capacity failure for the cool-down,
+//!                min dwell--> failing-back
+//!  failing-back --capacity failure--> failed-over
+//!  failing-back --fallback group empty, min dwell--> normal
+//! ```
+//!
+//! The controller is stateless: what it must remember (the mode, when it
+//! began, recent capacity failures, the last successful launch) lives in
+//! tags on the fallback group ([`Memory`]). Each reconcile reads it, merges
+//! the launch outcomes seen since (duplicates and reordering are harmless:
+//! failures are keyed by activity id, times merge by maximum), and returns
+//! the new memory and the actions that make AWS match it. Every action is
+//! idempotent, so a retried or concurrent invocation does no harm.
+//!
+//! The fallback group's MaxSize is the gate: 0 in `normal`, the configured
+//! cap in `failed-over`, lowered step by step in `failing-back`, and never
+//! below the number of busy (scale-in-protected) fallback instances, so no
+//! running job is killed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Normal,
+    FailedOver,
+    FailingBack,
+}
+
+impl Mode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Normal => "normal",
+            Mode::FailedOver => "failed-over",
+            Mode::FailingBack => "failing-back",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "normal" => Some(Mode::Normal),
+            "failed-over" => Some(Mode::FailedOver),
+            "failing-back" => Some(Mode::FailingBack),
+            _ => None,
+        }
+    }
+}
+
+pub const TAG_MODE: &str = "spotguard:mode";
+pub const TAG_SINCE: &str = "spotguard:since";
+pub const TAG_FAILURES: &str = "spotguard:capacity-failures";
+pub const TAG_LAST_FAILURE: &str = "spotguard:last-capacity-failure";
+pub const TAG_LAST_SUCCESS: &str = "spotguard:last-launch-success";
+
+/// How many capacity failures the memory keeps: a tag value holds at most
+/// 256 characters, and each entry takes at most 24.
+const MAX_FAILURES: usize = 10;
+/// Activity ids are shortened to this many characters in the tag; UUIDs
+/// differ in their first characters.
+const ID_CHARS: usize = 12;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    pub at: DateTime<Utc>,
+    pub id: String,
+}
+
+/// What the controller remembers between invocations (the fallback group's tags).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Memory {
+    pub mode: Mode,
+    pub since: DateTime<Utc>,
+    pub failures: Vec<Failure>,
+    pub last_capacity_failure: Option<DateTime<Utc>>,
+    pub last_success: Option<DateTime<Utc>>,
+}
+
+impl Memory {
+    /// A group without our tags is in `normal` since the beginning of time.
+    pub fn initial() -> Memory {
+        Memory {
+            mode: Mode::Normal,
+            since: DateTime::<Utc>::UNIX_EPOCH,
+            failures: Vec::new(),
+            last_capacity_failure: None,
+            last_success: None,
+        }
+    }
+
+    /// Reads the tags; unreadable values are reported and treated as absent.
+    pub fn from_tags(tags: &BTreeMap<String, String>) -> (Memory, Vec<String>) {
+        let mut m = Memory::initial();
+        let mut warnings = Vec::new();
+        let time = |key: &str, warnings: &mut Vec<String>| -> Option<DateTime<Utc>> {
+            let v = tags.get(key)?;
+            match DateTime::parse_from_rfc3339(v) {
+                Ok(t) => Some(t.with_timezone(&Utc)),
+                Err(e) => {
+                    warnings.push(format!(
+                        "tag {key}={v:?} is not an RFC 3339 time ({e}); ignored"
+                    ));
+                    None
+                }
+            }
+        };
+        if let Some(v) = tags.get(TAG_MODE) {
+            match Mode::parse(v) {
+                Some(mode) => m.mode = mode,
+                None => warnings.push(format!(
+                    "tag {TAG_MODE}={v:?} is not a mode; taken as normal"
+                )),
+            }
+        }
+        if let Some(t) = time(TAG_SINCE, &mut warnings) {
+            m.since = t;
+        }
+        m.last_capacity_failure = time(TAG_LAST_FAILURE, &mut warnings);
+        m.last_success = time(TAG_LAST_SUCCESS, &mut warnings);
+        if let Some(v) = tags.get(TAG_FAILURES) {
+            for entry in v.split_whitespace() {
+                let parsed = entry
+                    .split_once('/')
+                    .and_then(|(secs, id)| Some((secs.parse::<i64>().ok()?, id)))
+                    .and_then(|(secs, id)| Some((DateTime::<Utc>::from_timestamp(secs, 0)?, id)));
+                match parsed {
+                    Some((at, id)) => m.failures.push(Failure {
+                        at,
+                        id: id.to_string(),
+                    }),
+                    None => warnings.push(format!(
+                        "tag {TAG_FAILURES}: entry {entry:?} unreadable; ignored"
+                    )),
+                }
+            }
+        }
+        (m, warnings)
+    }
+
+    pub fn to_tags(&self) -> BTreeMap<String, String> {
+        let rfc = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let mut t = BTreeMap::new();
+        t.insert(TAG_MODE.to_string(), self.mode.as_str().to_string());
+        t.insert(TAG_SINCE.to_string(), rfc(self.since));
+        t.insert(
+            TAG_FAILURES.to_string(),
+            self.failures
+                .iter()
+                .map(|f| format!("{}/{}", f.at.timestamp(), f.id))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        if let Some(x) = self.last_capacity_failure {
+            t.insert(TAG_LAST_FAILURE.to_string(), rfc(x));
+        }
+        if let Some(x) = self.last_success {
+            t.insert(TAG_LAST_SUCCESS.to_string(), rfc(x));
+        }
+        t
+    }
+
+    /// Tags store whole seconds; compare memories at that precision.
+    fn normalized(&self) -> Memory {
+        Memory::from_tags(&self.to_tags()).0
+    }
+}
+
+/// The outcome of one launch attempt in the primary group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub at: DateTime<Utc>,
+    pub activity_id: String,
+    pub kind: LaunchKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaunchKind {
+    Success,
+    /// A launch failure carrying one of the capacity codes.
+    CapacityFailure(String),
+    /// Any other failure (bad AMI, IAM, quota, subnet): not a reason to fail over.
+    OtherFailure,
+}
+
+/// The capacity code in a failure's status message, if any. AWS also words
+/// an on-demand shortage without a code ("We currently do not have
+/// sufficient g4dn.xlarge capacity in the Availability Zone you requested"),
+/// which is taken as `InsufficientInstanceCapacity` when that code is listed.
+pub fn capacity_code(status_message: &str, codes: &[String]) -> Option<String> {
+    if let Some(c) = codes.iter().find(|c| status_message.contains(c.as_str())) {
+        return Some(c.clone());
+    }
+    let lower = status_message.to_ascii_lowercase();
+    let worded = lower.contains("do not have sufficient") && lower.contains("capacity");
+    let listed = codes.iter().any(|c| c == "InsufficientInstanceCapacity");
+    (worded && listed).then(|| "InsufficientInstanceCapacity".to_string())
+}
+
+/// What a reconcile sees of the fallback group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FallbackGroup {
+    pub desired: i32,
+    pub max: i32,
+    pub in_service: i32,
+    /// InService instances protected from scale-in: their agents run jobs.
+    pub busy: i32,
+    /// Whether its scaling policy is enabled, where AWS tells (moto does not).
+    pub policy_enabled: Option<bool>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub failures: u32,
+    pub window: Duration,
+    pub capacity_ttl: Duration,
+    pub cooldown: Duration,
+    pub min_dwell: Duration,
+    pub step: i32,
+    pub cap: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    SetFallbackMaxSize {
+        from: i32,
+        to: i32,
+    },
+    EnableFallbackPolicy,
+    SaveMemory {
+        tags: BTreeMap<String, String>,
+    },
+    Notify {
+        from: Mode,
+        to: Mode,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub memory: Memory,
+    /// The primary had a capacity failure within the TTL.
+    pub capacity_unavailable: bool,
+    pub reason: String,
+    pub actions: Vec<Action>,
+}
+
+fn dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+fn later(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    Some(a.map_or(b, |a| a.max(b)))
+}
+
+/// Merges launch outcomes into the memory (idempotent, order-independent).
+fn merge(m: &mut Memory, launches: &[Launch], now: DateTime<Utc>, s: &Settings) {
+    for l in launches {
+        // An event from the future (clock skew) counts as now.
+        let at = l.at.min(now);
+        match &l.kind {
+            LaunchKind::Success => m.last_success = later(m.last_success, at),
+            LaunchKind::CapacityFailure(_) => {
+                let id: String = l.activity_id.chars().take(ID_CHARS).collect();
+                let id = if id.is_empty() {
+                    format!("t{}", at.timestamp())
+                } else {
+                    id
+                };
+                if !m.failures.iter().any(|f| f.id == id) {
+                    m.failures.push(Failure { at, id });
+                }
+                m.last_capacity_failure = later(m.last_capacity_failure, at);
+            }
+            LaunchKind::OtherFailure => {}
+        }
+    }
+    let horizon = now - dur(s.window);
+    m.failures.retain(|f| f.at >= horizon);
+    m.failures.sort_by_key(|f| f.at);
+    let excess = m.failures.len().saturating_sub(MAX_FAILURES);
+    m.failures.drain(..excess);
+}
+
+/// The decision: new memory and the actions to take.
+pub fn reconcile(
+    memory: &Memory,
+    fallback: &FallbackGroup,
+    launches: &[Launch],
+    now: DateTime<Utc>,
+    s: &Settings,
+) -> Plan {
+    let stored = memory.normalized();
+    let mut m = stored.clone();
+    merge(&mut m, launches, now, s);
+    let capacity_unavailable = m
+        .last_capacity_failure
+        .is_some_and(|t| now - t < dur(s.capacity_ttl));
+    let dwelled = now - m.since >= dur(s.min_dwell);
+    let failures_in_window = m.failures.len() as u32;
+
+    let (next, reason) = match m.mode {
+        Mode::Normal if failures_in_window >= s.failures && capacity_unavailable => (
+            Mode::FailedOver,
+            format!("{failures_in_window} capacity failure(s) in the primary within the window"),
+        ),
+        Mode::Normal => (Mode::Normal, "primary healthy".to_string()),
+        Mode::FailedOver => {
+            let recovered = match (m.last_success, m.last_capacity_failure) {
+                (Some(ok), Some(bad)) => ok > bad && now - bad >= dur(s.cooldown),
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if recovered && dwelled {
+                (
+                    Mode::FailingBack,
+                    "primary launched and saw no capacity failure for the cool-down".to_string(),
+                )
+            } else if recovered {
+                (
+                    Mode::FailedOver,
+                    "primary recovered; waiting for the minimum dwell".to_string(),
+                )
+            } else {
+                (
+                    Mode::FailedOver,
+                    "primary capacity not back yet".to_string(),
+                )
+            }
+        }
+        Mode::FailingBack => {
+            if m.last_capacity_failure.is_some_and(|t| t > m.since) {
+                (
+                    Mode::FailedOver,
+                    "capacity failure in the primary while failing back".to_string(),
+                )
+            } else if fallback.desired == 0 && fallback.in_service == 0 && dwelled {
+                (Mode::Normal, "fallback group drained".to_string())
+            } else {
+                (Mode::FailingBack, "draining the fallback group".to_string())
+            }
+        }
+    };
+
+    let mut actions = Vec::new();
+    if next != m.mode {
+        actions.push(Action::Notify {
+            from: m.mode,
+            to: next,
+            reason: reason.clone(),
+        });
+        m.mode = next;
+        m.since = now;
+    }
+
+    // The gate. Never below the busy instances: lowering MaxSize under them
+    // would have the group pick instances to terminate.
+    let busy = fallback.busy.max(0);
+    let target = match next {
+        Mode::FailedOver => s.cap.max(busy),
+        Mode::FailingBack => (fallback.max.min(fallback.desired) - s.step)
+            .max(busy)
+            .max(0),
+        Mode::Normal => busy,
+    };
+    if target != fallback.max {
+        actions.push(Action::SetFallbackMaxSize {
+            from: fallback.max,
+            to: target,
+        });
+    }
+    let entered_failover = next == Mode::FailedOver && memory.mode != Mode::FailedOver;
+    if next == Mode::FailedOver && (entered_failover || fallback.policy_enabled == Some(false)) {
+        actions.push(Action::EnableFallbackPolicy);
+    }
+    let m = m.normalized();
+    if m != stored || memory.to_tags() != stored.to_tags() {
+        actions.push(Action::SaveMemory { tags: m.to_tags() });
+    }
+    Plan {
+        memory: m,
+        capacity_unavailable,
+        reason,
+        actions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    }
+    fn settings() -> Settings {
+        Settings {
+            failures: 1,
+            window: Duration::from_secs(600),
+            capacity_ttl: Duration::from_secs(180),
+            cooldown: Duration::from_secs(600),
+            min_dwell: Duration::from_secs(300),
+            step: 1,
+            cap: 10,
+        }
+    }
+    fn fail(at: i64, id: &str) -> Launch {
+        Launch {
+            at: t(at),
+            activity_id: id.into(),
+            kind: LaunchKind::CapacityFailure("InsufficientInstanceCapacity".into()),
+        }
+    }
+    fn ok(at: i64, id: &str) -> Launch {
+        Launch {
+            at: t(at),
+            activity_id: id.into(),
+            kind: LaunchKind::Success,
+        }
+    }
+    fn other(at: i64, id: &str) -> Launch {
+        Launch {
+            at: t(at),
+            activity_id: id.into(),
+            kind: LaunchKind::OtherFailure,
+        }
+    }
+    fn group(desired: i32, max: i32, in_service: i32, busy: i32) -> FallbackGroup {
+        FallbackGroup {
+            desired,
+            max,
+            in_service,
+            busy,
+            policy_enabled: None,
+        }
+    }
+    fn max_to(p: &Plan) -> Option<i32> {
+        p.actions.iter().find_map(|a| match a {
+            Action::SetFallbackMaxSize { to, .. } => Some(*to),
+            _ => None,
+        })
+    }
+    fn mode_change(p: &Plan) -> Option<(Mode, Mode)> {
+        p.actions.iter().find_map(|a| match a {
+            Action::Notify { from, to, .. } => Some((*from, *to)),
+            _ => None,
+        })
+    }
+    /// Reconciles and carries the memory through its tags, as AWS would.
+    fn step(m: &Memory, g: &FallbackGroup, l: &[Launch], now: i64) -> (Memory, Plan) {
+        let p = reconcile(m, g, l, t(now), &settings());
+        let tags = p
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                Action::SaveMemory { tags } => Some(tags.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| m.to_tags());
+        (Memory::from_tags(&tags).0, p)
+    }
+
+    #[test]
+    fn a_capacity_failure_fails_over_and_opens_the_gate() {
+        let (m, p) = step(&Memory::initial(), &group(0, 0, 0, 0), &[fail(0, "a1")], 5);
+        assert_eq!(m.mode, Mode::FailedOver);
+        assert_eq!(mode_change(&p), Some((Mode::Normal, Mode::FailedOver)));
+        assert_eq!(max_to(&p), Some(10));
+        assert!(p.actions.contains(&Action::EnableFallbackPolicy));
+        assert!(p.capacity_unavailable);
+    }
+
+    #[test]
+    fn other_failures_never_fail_over() {
+        let (m, p) = step(
+            &Memory::initial(),
+            &group(0, 0, 0, 0),
+            &[other(0, "ami"), other(1, "iam")],
+            5,
+        );
+        assert_eq!(m.mode, Mode::Normal);
+        assert_eq!(mode_change(&p), None);
+        assert_eq!(max_to(&p), None);
+    }
+
+    #[test]
+    fn threshold_within_the_window() {
+        let s = Settings {
+            failures: 3,
+            ..settings()
+        };
+        let m = Memory::initial();
+        let g = group(0, 0, 0, 0);
+        let p = reconcile(&m, &g, &[fail(0, "a"), fail(10, "b")], t(20), &s);
+        assert_eq!(p.memory.mode, Mode::Normal);
+        // The same two again (duplicates) do not make three.
+        let p = reconcile(&p.memory, &g, &[fail(0, "a"), fail(10, "b")], t(30), &s);
+        assert_eq!(p.memory.mode, Mode::Normal);
+        // Outside the window they do not count.
+        let p2 = reconcile(&p.memory, &g, &[fail(700, "c")], t(700), &s);
+        assert_eq!(p2.memory.mode, Mode::Normal);
+        // A third distinct one within the window does.
+        let p3 = reconcile(&p.memory, &g, &[fail(40, "c")], t(45), &s);
+        assert_eq!(p3.memory.mode, Mode::FailedOver);
+    }
+
+    #[test]
+    fn a_stale_failure_delivered_late_does_not_fail_over() {
+        // Delivered an hour late: outside the TTL and the window.
+        let (m, _) = step(
+            &Memory::initial(),
+            &group(0, 0, 0, 0),
+            &[fail(0, "old")],
+            3600,
+        );
+        assert_eq!(m.mode, Mode::Normal);
+    }
+
+    fn failed_over_at(at: i64) -> Memory {
+        step(
+            &Memory::initial(),
+            &group(0, 0, 0, 0),
+            &[fail(at, "f0")],
+            at,
+        )
+        .0
+    }
+
+    #[test]
+    fn no_failback_before_the_cool_down_or_without_a_success() {
+        let m = failed_over_at(0);
+        let g = group(4, 10, 4, 2);
+        // No success at all, long after: stays.
+        let (m2, p) = step(&m, &g, &[], 5000);
+        assert_eq!(m2.mode, Mode::FailedOver);
+        assert_eq!(max_to(&p), None);
+        // A success 1 min after the failure: still inside the 10 min cool-down.
+        let (m3, _) = step(&m, &g, &[ok(60, "s1")], 300);
+        assert_eq!(m3.mode, Mode::FailedOver);
+        // Cool-down over (failure at 0, now 601) with the success: fail back.
+        let (m4, p) = step(&m3, &g, &[], 601);
+        assert_eq!(m4.mode, Mode::FailingBack);
+        assert_eq!(mode_change(&p), Some((Mode::FailedOver, Mode::FailingBack)));
+    }
+
+    #[test]
+    fn a_success_older_than_the_last_failure_is_not_a_recovery() {
+        let m = failed_over_at(100);
+        // Out of order: a success from before the failure arrives later.
+        let (m2, _) = step(&m, &group(2, 10, 2, 0), &[ok(50, "s-old")], 2000);
+        assert_eq!(m2.mode, Mode::FailedOver);
+    }
+
+    #[test]
+    fn failback_lowers_max_size_step_by_step_never_below_busy() {
+        let m = failed_over_at(0);
+        let (m, _) = step(&m, &group(5, 10, 5, 3), &[ok(30, "s")], 700);
+        assert_eq!(m.mode, Mode::FailingBack);
+        // desired 5, busy 3: MaxSize 10 -> 4, then as idle agents leave, down to 3 and not below.
+        let (_, p) = step(&m, &group(5, 10, 5, 3), &[], 760);
+        assert_eq!(max_to(&p), Some(4));
+        let (_, p) = step(&m, &group(4, 4, 4, 3), &[], 820);
+        assert_eq!(max_to(&p), Some(3));
+        let (m, p) = step(&m, &group(3, 3, 3, 3), &[], 880);
+        assert_eq!(max_to(&p), None, "never below the 3 busy instances");
+        assert_eq!(m.mode, Mode::FailingBack);
+        // Jobs finish, agents scale themselves in; the group empties.
+        let (_, p) = step(&m, &group(1, 3, 1, 0), &[], 940);
+        assert_eq!(max_to(&p), Some(0));
+        let (m, p) = step(&m, &group(0, 0, 0, 0), &[], 1000);
+        assert_eq!(m.mode, Mode::Normal);
+        assert_eq!(mode_change(&p), Some((Mode::FailingBack, Mode::Normal)));
+        assert_eq!(max_to(&p), None);
+    }
+
+    #[test]
+    fn failing_back_respects_the_min_dwell_before_normal() {
+        let m = failed_over_at(0);
+        let (m, _) = step(&m, &group(0, 10, 0, 0), &[ok(30, "s")], 700);
+        assert_eq!(m.mode, Mode::FailingBack);
+        // Empty at once, but only 60 s in failing-back (dwell 300 s).
+        let (m2, _) = step(&m, &group(0, 0, 0, 0), &[], 760);
+        assert_eq!(m2.mode, Mode::FailingBack);
+        let (m3, _) = step(&m, &group(0, 0, 0, 0), &[], 1001);
+        assert_eq!(m3.mode, Mode::Normal);
+    }
+
+    #[test]
+    fn a_capacity_failure_while_failing_back_returns_to_failed_over() {
+        let m = failed_over_at(0);
+        let (m, _) = step(&m, &group(3, 10, 3, 1), &[ok(30, "s")], 700);
+        let (_, p) = step(&m, &group(3, 10, 3, 1), &[], 760);
+        assert_eq!(max_to(&p), Some(2));
+        let (m2, p) = step(&m, &group(3, 2, 3, 1), &[fail(770, "f1")], 771);
+        assert_eq!(m2.mode, Mode::FailedOver);
+        assert_eq!(max_to(&p), Some(10));
+        // And it does not fail back again before the cool-down and dwell.
+        let (m3, _) = step(&m2, &group(3, 10, 3, 1), &[ok(800, "s2")], 900);
+        assert_eq!(m3.mode, Mode::FailedOver);
+    }
+
+    #[test]
+    fn the_failure_that_caused_failover_does_not_bounce_failing_back() {
+        // The original failure is re-delivered (duplicate) after failing back.
+        let m = failed_over_at(0);
+        let (m, _) = step(&m, &group(2, 10, 2, 0), &[ok(30, "s")], 700);
+        let (m2, _) = step(&m, &group(2, 10, 2, 0), &[fail(0, "f0")], 710);
+        assert_eq!(m2.mode, Mode::FailingBack);
+    }
+
+    #[test]
+    fn normal_holds_the_gate_at_zero_but_never_below_busy() {
+        let (m, p) = step(&Memory::initial(), &group(0, 3, 0, 0), &[], 10);
+        assert_eq!(m.mode, Mode::Normal);
+        assert_eq!(max_to(&p), Some(0));
+        let (_, p) = step(&Memory::initial(), &group(2, 3, 2, 2), &[], 10);
+        assert_eq!(max_to(&p), Some(2));
+    }
+
+    #[test]
+    fn a_repeat_with_nothing_new_does_nothing() {
+        // Restart in every mode: the same observation twice plans nothing the second time.
+        let cases = [
+            (Memory::initial(), group(0, 0, 0, 0)),
+            (failed_over_at(0), group(3, 10, 3, 1)),
+            (
+                step(&failed_over_at(0), &group(3, 10, 3, 1), &[ok(30, "s")], 700).0,
+                group(3, 2, 3, 2),
+            ),
+        ];
+        for (m, g) in cases {
+            let (m1, _) = step(&m, &g, &[], 710);
+            let g2 = FallbackGroup {
+                max: match m1.mode {
+                    Mode::FailedOver => 10,
+                    Mode::FailingBack => g.max.min(g.desired).saturating_sub(1).max(g.busy),
+                    Mode::Normal => 0,
+                },
+                ..g
+            };
+            let (_, p2) = step(&m1, &g2, &[], 711);
+            assert!(p2.actions.is_empty(), "{:?}: {:?}", m1.mode, p2.actions);
+        }
+    }
+
+    #[test]
+    fn policy_is_re_enabled_when_seen_off_while_failed_over() {
+        let m = failed_over_at(0);
+        let g = FallbackGroup {
+            policy_enabled: Some(false),
+            ..group(1, 10, 1, 0)
+        };
+        let (_, p) = step(&m, &g, &[], 30);
+        assert!(p.actions.contains(&Action::EnableFallbackPolicy));
+        let g = FallbackGroup {
+            policy_enabled: Some(true),
+            ..group(1, 10, 1, 0)
+        };
+        let (_, p) = step(&m, &g, &[], 30);
+        assert!(!p.actions.contains(&Action::EnableFallbackPolicy));
+    }
+
+    #[test]
+    fn tags_round_trip_and_bad_tags_are_reported_not_fatal() {
+        let m = failed_over_at(0);
+        let (back, warnings) = Memory::from_tags(&m.to_tags());
+        assert_eq!(back, m);
+        assert!(warnings.is_empty());
+        let mut tags = m.to_tags();
+        tags.insert(TAG_MODE.into(), "sideways".into());
+        tags.insert(TAG_SINCE.into(), "yesterday".into());
+        tags.insert(TAG_FAILURES.into(), "12/a nonsense".into());
+        let (back, warnings) = Memory::from_tags(&tags);
+        assert_eq!(back.mode, Mode::Normal);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert_eq!(back.failures.len(), 1);
+        assert!(m.to_tags().values().all(|v| v.len() <= 256));
+    }
+
+    #[test]
+    fn failure_memory_is_bounded() {
+        let mut m = Memory::initial();
+        let launches: Vec<Launch> = (0..50)
+            .map(|i| fail(i, &format!("id-{i:04}-xxxxxxxxxxxx")))
+            .collect();
+        merge(&mut m, &launches, t(60), &settings());
+        assert_eq!(m.failures.len(), MAX_FAILURES);
+        assert!(m.to_tags()[TAG_FAILURES].len() <= 256);
+    }
+
+    #[test]
+    fn capacity_codes_are_found_in_status_messages() {
+        let codes: Vec<String> = crate::config::CAPACITY_CODES
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let msg = "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed.";
+        assert_eq!(
+            capacity_code(msg, &codes).as_deref(),
+            Some("InsufficientInstanceCapacity")
+        );
+        assert_eq!(
+            capacity_code(
+                "The image id '[ami-123]' does not exist. Launching EC2 instance failed.",
+                &codes
+            ),
+            None
+        );
+        let worded = "We currently do not have sufficient g4dn.xlarge capacity in the Availability Zone you requested (us-east-1a).";
+        assert_eq!(
+            capacity_code(worded, &codes).as_deref(),
+            Some("InsufficientInstanceCapacity")
+        );
+        assert_eq!(
+            capacity_code(worded, &["SpotMaxPriceTooLow".to_string()]),
+            None
+        );
+    }
+
+    #[test]
+    fn future_timestamps_count_as_now() {
+        let (m, _) = step(
+            &Memory::initial(),
+            &group(0, 0, 0, 0),
+            &[fail(10_000, "skew")],
+            5,
+        );
+        assert_eq!(m.last_capacity_failure, Some(t(5)));
+    }
+}
