@@ -9,5 +9,11 @@
 //! - [`setup`]: creating the target-tracking policies.
 //! - [`config`], [`cli`]: configuration and command line.
 
+pub mod aws;
+pub mod cli;
 pub mod config;
+pub mod events;
+pub mod handler;
+pub mod metrics;
 pub mod reconcile;
+pub mod setup;

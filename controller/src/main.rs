@@ -1,4 +1,3 @@
 fn main() -> std::process::ExitCode {
-    eprintln!("spotguard-controller: command line not wired yet");
-    std::process::ExitCode::from(2)
+    spotguard_controller::cli::main()
 }

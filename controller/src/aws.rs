@@ -1,0 +1,525 @@
+//! The controller's AWS calls behind the [`Cloud`] trait, so that the
+//! handler is a plain async function over it; [`SdkCloud`] implements it
+//! with one set of SDK clients per region. The SDK's standard retry mode
+//! retries throttling, 5xx and transport errors (3 attempts, backoff).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+
+use aws_sdk_autoscaling::error::ProvideErrorMetadata;
+use aws_sdk_autoscaling::types::{LifecycleState, Tag};
+use aws_sdk_cloudwatch::types::{Dimension, MetricDatum, StandardUnit};
+use chrono::{DateTime, Utc};
+
+use crate::events::Activity;
+use crate::metrics::MetricValue;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{op} in {region}: {message}")]
+pub struct CloudError {
+    pub op: &'static str,
+    pub region: String,
+    pub message: String,
+}
+
+/// What the controller reads of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupInfo {
+    pub desired: i32,
+    pub min: i32,
+    pub max: i32,
+    pub in_service: i32,
+    /// InService instances protected from scale-in (busy agents).
+    pub busy: i32,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A target-tracking policy as the controller writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetTracking {
+    pub name: String,
+    pub target: f64,
+    pub spec: MetricSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricSpec {
+    /// A published metric: namespace, name, dimensions.
+    Custom {
+        namespace: String,
+        name: String,
+        dimensions: Vec<(String, String)>,
+    },
+    /// `m1 / m2` over AWS/SQS ApproximateNumberOfMessagesVisible (queue) and
+    /// AWS/AutoScaling GroupInServiceInstances (group).
+    BacklogMath { queue_name: String, group: String },
+}
+
+pub trait Cloud: Send + Sync {
+    fn group(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<GroupInfo, CloudError>> + Send;
+    fn queue_depth(
+        &self,
+        region: &str,
+        url: &str,
+    ) -> impl Future<Output = Result<(i64, i64), CloudError>> + Send;
+    fn activities(
+        &self,
+        region: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<Activity>, CloudError>> + Send;
+    fn set_max_size(
+        &self,
+        region: &str,
+        group: &str,
+        max: i32,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn put_tags(
+        &self,
+        region: &str,
+        group: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// The policy's `Enabled` flag, if AWS reports it (moto does not).
+    fn policy(
+        &self,
+        region: &str,
+        group: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<(Option<bool>, TargetTracking)>, CloudError>> + Send;
+    fn put_policy(
+        &self,
+        region: &str,
+        group: &str,
+        policy: &TargetTracking,
+        enabled: bool,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn put_metric(&self, m: &MetricValue) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn publish(
+        &self,
+        topic: &str,
+        subject: &str,
+        message: &str,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+}
+
+struct Clients {
+    asg: aws_sdk_autoscaling::Client,
+    sqs: aws_sdk_sqs::Client,
+    cw: aws_sdk_cloudwatch::Client,
+    sns: aws_sdk_sns::Client,
+}
+
+/// SDK clients for each region the controller works in.
+pub struct SdkCloud {
+    regions: HashMap<String, Clients>,
+}
+
+impl SdkCloud {
+    /// `base` comes from the standard chain (credentials, `AWS_ENDPOINT_URL`);
+    /// each region gets its own clients.
+    pub fn new(base: &aws_config::SdkConfig, regions: &[&str]) -> SdkCloud {
+        let mut map = HashMap::new();
+        for r in regions {
+            let conf = base
+                .to_builder()
+                .region(aws_config::Region::new(r.to_string()))
+                .build();
+            map.insert(
+                r.to_string(),
+                Clients {
+                    asg: aws_sdk_autoscaling::Client::new(&conf),
+                    sqs: aws_sdk_sqs::Client::new(&conf),
+                    cw: aws_sdk_cloudwatch::Client::new(&conf),
+                    sns: aws_sdk_sns::Client::new(&conf),
+                },
+            );
+        }
+        SdkCloud { regions: map }
+    }
+
+    fn clients(&self, op: &'static str, region: &str) -> Result<&Clients, CloudError> {
+        self.regions.get(region).ok_or_else(|| CloudError {
+            op,
+            region: region.to_string(),
+            message: "no clients for this region (not in the configuration)".into(),
+        })
+    }
+}
+
+fn err<E>(op: &'static str, region: &str, e: E) -> CloudError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    CloudError {
+        op,
+        region: region.to_string(),
+        message: format!(
+            "{}: {}",
+            e.code().unwrap_or("error"),
+            aws_sdk_autoscaling::error::DisplayErrorContext(&e)
+        ),
+    }
+}
+
+fn chrono_of(t: &aws_sdk_autoscaling::primitives::DateTime) -> Option<DateTime<Utc>> {
+    DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos())
+}
+
+/// The region of an SNS topic ARN (`arn:aws:sns:REGION:ACCOUNT:NAME`).
+fn topic_region(topic: &str) -> Option<&str> {
+    topic.split(':').nth(3)
+}
+
+impl Cloud for SdkCloud {
+    async fn group(&self, region: &str, name: &str) -> Result<GroupInfo, CloudError> {
+        const OP: &str = "DescribeAutoScalingGroups";
+        let c = self.clients(OP, region)?;
+        let out = c
+            .asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(name)
+            .send()
+            .await
+            .map_err(|e| err(OP, region, e))?;
+        let g = out
+            .auto_scaling_groups()
+            .first()
+            .ok_or_else(|| CloudError {
+                op: OP,
+                region: region.to_string(),
+                message: format!("no Auto Scaling group named {name:?}"),
+            })?;
+        let in_service: Vec<_> = g
+            .instances()
+            .iter()
+            .filter(|i| i.lifecycle_state() == Some(&LifecycleState::InService))
+            .collect();
+        Ok(GroupInfo {
+            desired: g.desired_capacity().unwrap_or(0),
+            min: g.min_size().unwrap_or(0),
+            max: g.max_size().unwrap_or(0),
+            in_service: in_service.len() as i32,
+            busy: in_service
+                .iter()
+                .filter(|i| i.protected_from_scale_in() == Some(true))
+                .count() as i32,
+            tags: g
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string())))
+                .collect(),
+        })
+    }
+
+    async fn queue_depth(&self, region: &str, url: &str) -> Result<(i64, i64), CloudError> {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
+        const OP: &str = "GetQueueAttributes";
+        let c = self.clients(OP, region)?;
+        let out = c
+            .sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(A::ApproximateNumberOfMessages)
+            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(|e| err(OP, region, e))?;
+        let get = |k: A| {
+            out.attributes()
+                .and_then(|a| a.get(&k))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((
+            get(A::ApproximateNumberOfMessages),
+            get(A::ApproximateNumberOfMessagesNotVisible),
+        ))
+    }
+
+    async fn activities(&self, region: &str, group: &str) -> Result<Vec<Activity>, CloudError> {
+        const OP: &str = "DescribeScalingActivities";
+        let c = self.clients(OP, region)?;
+        let out = c
+            .asg
+            .describe_scaling_activities()
+            .auto_scaling_group_name(group)
+            .max_records(50)
+            .send()
+            .await
+            .map_err(|e| err(OP, region, e))?;
+        Ok(out
+            .activities()
+            .iter()
+            .map(|a| Activity {
+                id: a.activity_id().unwrap_or_default().to_string(),
+                description: a.description().unwrap_or_default().to_string(),
+                status_code: a
+                    .status_code()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default(),
+                status_message: a.status_message().unwrap_or_default().to_string(),
+                start: a.start_time().and_then(chrono_of),
+                end: a.end_time().and_then(chrono_of),
+            })
+            .collect())
+    }
+
+    async fn set_max_size(&self, region: &str, group: &str, max: i32) -> Result<(), CloudError> {
+        const OP: &str = "UpdateAutoScalingGroup";
+        let c = self.clients(OP, region)?;
+        c.asg
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(group)
+            .max_size(max)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| err(OP, region, e))
+    }
+
+    async fn put_tags(
+        &self,
+        region: &str,
+        group: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), CloudError> {
+        const OP: &str = "CreateOrUpdateTags";
+        let c = self.clients(OP, region)?;
+        let mut req = c.asg.create_or_update_tags();
+        for (k, v) in tags {
+            req = req.tags(
+                Tag::builder()
+                    .resource_id(group)
+                    .resource_type("auto-scaling-group")
+                    .key(k)
+                    .value(v)
+                    .propagate_at_launch(false)
+                    .build(),
+            );
+        }
+        req.send().await.map(|_| ()).map_err(|e| err(OP, region, e))
+    }
+
+    async fn policy(
+        &self,
+        region: &str,
+        group: &str,
+        name: &str,
+    ) -> Result<Option<(Option<bool>, TargetTracking)>, CloudError> {
+        const OP: &str = "DescribePolicies";
+        let c = self.clients(OP, region)?;
+        let out = c
+            .asg
+            .describe_policies()
+            .auto_scaling_group_name(group)
+            .policy_names(name)
+            .send()
+            .await
+            .map_err(|e| err(OP, region, e))?;
+        let Some(p) = out
+            .scaling_policies()
+            .iter()
+            .find(|p| p.policy_name() == Some(name))
+        else {
+            return Ok(None);
+        };
+        let Some(tt) = p.target_tracking_configuration() else {
+            return Ok(None);
+        };
+        let spec = match tt.customized_metric_specification() {
+            Some(c) if !c.metrics().is_empty() => {
+                let dim = |m: &aws_sdk_autoscaling::types::TargetTrackingMetricDataQuery,
+                           dim: &str| {
+                    m.metric_stat()
+                        .and_then(|s| s.metric())
+                        .map(|m| m.dimensions())
+                        .and_then(|d| d.iter().find(|x| x.name() == Some(dim)))
+                        .and_then(|x| x.value())
+                        .map(str::to_string)
+                        .unwrap_or_default()
+                };
+                let q = c
+                    .metrics()
+                    .iter()
+                    .map(|m| dim(m, "QueueName"))
+                    .find(|v| !v.is_empty());
+                let g = c
+                    .metrics()
+                    .iter()
+                    .map(|m| dim(m, "AutoScalingGroupName"))
+                    .find(|v| !v.is_empty());
+                MetricSpec::BacklogMath {
+                    queue_name: q.unwrap_or_default(),
+                    group: g.unwrap_or_default(),
+                }
+            }
+            Some(c) => MetricSpec::Custom {
+                namespace: c.namespace().unwrap_or_default().to_string(),
+                name: c.metric_name().unwrap_or_default().to_string(),
+                dimensions: c
+                    .dimensions()
+                    .iter()
+                    .map(|d| {
+                        (
+                            d.name().unwrap_or_default().to_string(),
+                            d.value().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect(),
+            },
+            None => return Ok(None),
+        };
+        Ok(Some((
+            p.enabled(),
+            TargetTracking {
+                name: name.to_string(),
+                target: tt.target_value().unwrap_or_default(),
+                spec,
+            },
+        )))
+    }
+
+    async fn put_policy(
+        &self,
+        region: &str,
+        group: &str,
+        policy: &TargetTracking,
+        enabled: bool,
+    ) -> Result<(), CloudError> {
+        use aws_sdk_autoscaling::types as t;
+        const OP: &str = "PutScalingPolicy";
+        let c = self.clients(OP, region)?;
+        let spec = match &policy.spec {
+            MetricSpec::Custom {
+                namespace,
+                name,
+                dimensions,
+            } => {
+                let mut b = t::CustomizedMetricSpecification::builder()
+                    .namespace(namespace)
+                    .metric_name(name)
+                    .statistic(t::MetricStatistic::Average);
+                for (k, v) in dimensions {
+                    b = b.dimensions(t::MetricDimension::builder().name(k).value(v).build());
+                }
+                b.build()
+            }
+            MetricSpec::BacklogMath { queue_name, group } => {
+                let stat = |id: &str, ns: &str, metric: &str, dim: &str, val: &str, stat: &str| {
+                    t::TargetTrackingMetricDataQuery::builder()
+                        .id(id)
+                        .return_data(false)
+                        .metric_stat(
+                            t::TargetTrackingMetricStat::builder()
+                                .stat(stat)
+                                .metric(
+                                    t::Metric::builder()
+                                        .namespace(ns)
+                                        .metric_name(metric)
+                                        .dimensions(
+                                            t::MetricDimension::builder()
+                                                .name(dim)
+                                                .value(val)
+                                                .build(),
+                                        )
+                                        .build(),
+                                )
+                                .build(),
+                        )
+                        .build()
+                };
+                t::CustomizedMetricSpecification::builder()
+                    .metrics(stat(
+                        "m1",
+                        "AWS/SQS",
+                        "ApproximateNumberOfMessagesVisible",
+                        "QueueName",
+                        queue_name,
+                        "Sum",
+                    ))
+                    .metrics(stat(
+                        "m2",
+                        "AWS/AutoScaling",
+                        "GroupInServiceInstances",
+                        "AutoScalingGroupName",
+                        group,
+                        "Average",
+                    ))
+                    .metrics(
+                        t::TargetTrackingMetricDataQuery::builder()
+                            .id("e1")
+                            .expression("m1 / m2")
+                            .label("Backlog per instance")
+                            .return_data(true)
+                            .build(),
+                    )
+                    .build()
+            }
+        };
+        let conf = t::TargetTrackingConfiguration::builder()
+            .customized_metric_specification(spec)
+            .target_value(policy.target)
+            .build();
+        c.asg
+            .put_scaling_policy()
+            .auto_scaling_group_name(group)
+            .policy_name(&policy.name)
+            .policy_type("TargetTrackingScaling")
+            .target_tracking_configuration(conf)
+            .enabled(enabled)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| err(OP, region, e))
+    }
+
+    async fn put_metric(&self, m: &MetricValue) -> Result<(), CloudError> {
+        const OP: &str = "PutMetricData";
+        let c = self.clients(OP, &m.region)?;
+        let mut d = MetricDatum::builder()
+            .metric_name(&m.name)
+            .value(m.value)
+            .unit(StandardUnit::Count);
+        for (k, v) in &m.dimensions {
+            d = d.dimensions(Dimension::builder().name(k).value(v).build());
+        }
+        c.cw.put_metric_data()
+            .namespace(&m.namespace)
+            .metric_data(d.build())
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| err(OP, &m.region, e))
+    }
+
+    async fn publish(&self, topic: &str, subject: &str, message: &str) -> Result<(), CloudError> {
+        const OP: &str = "Publish";
+        let region = topic_region(topic).unwrap_or_default();
+        let c = self.clients(OP, region)?;
+        c.sns
+            .publish()
+            .topic_arn(topic)
+            .subject(subject)
+            .message(message)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| err(OP, region, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn topic_region() {
+        assert_eq!(
+            super::topic_region("arn:aws:sns:us-east-2:123456789012:t"),
+            Some("us-east-2")
+        );
+        assert_eq!(super::topic_region("nonsense"), None);
+    }
+}

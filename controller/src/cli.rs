@@ -1,0 +1,338 @@
+//! Command line of `spotguard-controller`. `main.rs` only calls [`main`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::aws::SdkCloud;
+use crate::config::Config;
+use crate::handler::Controller;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "spotguard-controller",
+    version,
+    about = "Backlog metric and cross-region spot failover for a queue-driven GPU fleet"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// TOML configuration; without it, SPOTGUARD_* environment variables.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the AWS Lambda runtime API (provided.al2023); configuration from the environment.
+    Lambda,
+    /// Loop: every run.interval publish the metrics, read events, reconcile.
+    Run(ConfigArg),
+    /// One tick (publish the metrics, reconcile), after handling --event if given.
+    Once {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// An EventBridge event (JSON file) to handle first.
+        #[arg(long)]
+        event: Option<PathBuf>,
+    },
+    /// Print the mode, the groups' counts and the plan, changing nothing.
+    Status(ConfigArg),
+    /// Create or update the target-tracking policies of both groups.
+    Setup {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}
+
+fn load(arg: &ConfigArg) -> Result<Config, crate::config::ConfigError> {
+    match &arg.config {
+        Some(p) => Config::load(p),
+        None => Config::from_env(std::env::vars()),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // Lambda ships logs to CloudWatch: JSON there, text elsewhere.
+    if std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some() {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let cfg_arg = match &cli.command {
+        Command::Lambda => ConfigArg { config: None },
+        Command::Run(c) | Command::Status(c) => ConfigArg {
+            config: c.config.clone(),
+        },
+        Command::Once { config, .. } | Command::Setup { config, .. } => ConfigArg {
+            config: config.config.clone(),
+        },
+    };
+    let cfg = match load(&cfg_arg) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("spotguard-controller: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("spotguard-controller: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command, cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spotguard-controller: {}", error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn controller(cfg: Config) -> Controller<SdkCloud> {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    let mut regions = vec![cfg.primary.region.as_str(), cfg.fallback.region.as_str()];
+    // The SNS topic may live in a third region.
+    let topic_region = cfg
+        .notify
+        .sns_topic_arn
+        .as_deref()
+        .and_then(|t| t.split(':').nth(3))
+        .map(str::to_string);
+    if let Some(r) = topic_region.as_deref() {
+        regions.push(r);
+    }
+    let cloud = SdkCloud::new(&sdk, &regions);
+    Controller { cfg, cloud }
+}
+
+fn print(v: &impl serde::Serialize) -> Result<(), BoxError> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn dispatch(cmd: Command, cfg: Config) -> Result<(), BoxError> {
+    match cmd {
+        Command::Lambda => lambda(controller(cfg).await).await,
+        Command::Run(_) => run_loop(controller(cfg).await).await,
+        Command::Once { event, .. } => {
+            let c = controller(cfg).await;
+            let mut out = serde_json::Map::new();
+            if let Some(path) = event {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                let v: Value = serde_json::from_str(&text)
+                    .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+                let r = c.handle_event(&v).await?;
+                out.insert("event".into(), serde_json::to_value(r)?);
+            }
+            out.insert(
+                "tick".into(),
+                serde_json::to_value(c.tick(Vec::new()).await?)?,
+            );
+            print(&out)
+        }
+        Command::Status(_) => {
+            let c = controller(cfg).await;
+            let report = c.reconcile(Vec::new(), false).await?;
+            let p = &c.cfg.primary;
+            let primary = c.cloud_group(&p.region, &p.asg).await?;
+            let (visible, in_flight) = c.cloud_queue(&p.region, &p.queue_url).await?;
+            print(&json!({
+                "mode": report.mode_before,
+                "since": report.plan.memory.since,
+                "primary": {"region": p.region, "asg": p.asg, "desired": primary.desired, "max": primary.max, "in_service": primary.in_service},
+                "fallback": {"region": c.cfg.fallback.region, "asg": c.cfg.fallback.asg, "desired": report.fallback.desired, "max": report.fallback.max, "in_service": report.fallback.in_service, "busy": report.fallback.busy},
+                "queue": {"visible": visible, "in_flight": in_flight},
+                "capacity_unavailable": report.plan.capacity_unavailable,
+                "plan": report.plan,
+            }))
+        }
+        Command::Setup { dry_run, .. } => {
+            let c = controller(cfg).await;
+            let changes = crate::setup::setup(&c.cloud, &c.cfg, dry_run).await?;
+            for ch in &changes {
+                let verb = match (dry_run, ch.change) {
+                    (true, "create") => "would create",
+                    (true, "update") => "would update",
+                    (false, "create") => "created",
+                    (false, "update") => "updated",
+                    _ => "unchanged",
+                };
+                println!(
+                    "{verb}: {} / {} policy {} target {} on {}",
+                    ch.region, ch.group, ch.policy, ch.target, ch.metric
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+impl Controller<SdkCloud> {
+    async fn cloud_group(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> Result<crate::aws::GroupInfo, crate::aws::CloudError> {
+        crate::aws::Cloud::group(&self.cloud, region, name).await
+    }
+    async fn cloud_queue(
+        &self,
+        region: &str,
+        url: &str,
+    ) -> Result<(i64, i64), crate::aws::CloudError> {
+        crate::aws::Cloud::queue_depth(&self.cloud, region, url).await
+    }
+}
+
+/// Every event is acknowledged: AWS errors are logged and the next tick
+/// (one minute later, with the scaling activities polled again) recovers, so
+/// Lambda's retries never pile up.
+async fn lambda(c: Controller<SdkCloud>) -> Result<(), BoxError> {
+    let c = Arc::new(c);
+    lambda_runtime::run(lambda_runtime::service_fn(
+        move |ev: lambda_runtime::LambdaEvent<Value>| {
+            let c = c.clone();
+            async move {
+                let out = match c.handle_event(&ev.payload).await {
+                    Ok(Some(r)) => json!({"handled": true, "mode": r.reconcile.mode}),
+                    Ok(None) => json!({"handled": false}),
+                    Err(e) => {
+                        tracing::error!(error = %e, "AWS call failed; the next tick retries");
+                        json!({"handled": false, "error": e.to_string()})
+                    }
+                };
+                Ok::<Value, lambda_runtime::Error>(out)
+            }
+        },
+    ))
+    .await
+}
+
+async fn run_loop(c: Controller<SdkCloud>) -> Result<(), BoxError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(c.cfg.run.interval.0);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let sqs = match &c.cfg.run.events_queue_url {
+        Some(url) => {
+            let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new(c.cfg.primary.region.clone()))
+                .load()
+                .await;
+            Some((aws_sdk_sqs::Client::new(&sdk), url.clone()))
+        }
+        None => None,
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        if let Some((client, url)) = &sqs {
+            read_events(&c, client, url).await;
+        }
+        match c.tick(Vec::new()).await {
+            Ok(r) => tracing::info!(
+                mode = r.reconcile.mode,
+                actions = r.reconcile.plan.actions.len(),
+                "tick"
+            ),
+            Err(e) => tracing::warn!(error = %e, "tick failed; retrying next interval"),
+        }
+    }
+}
+
+/// Drains the EventBridge-fed queue: each message is handled, then deleted
+/// (malformed ones too: they would never become valid).
+async fn read_events(c: &Controller<SdkCloud>, client: &aws_sdk_sqs::Client, url: &str) {
+    for _ in 0..10 {
+        let out = match client
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(10)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "cannot read the events queue");
+                return;
+            }
+        };
+        if out.messages().is_empty() {
+            return;
+        }
+        for m in out.messages() {
+            let body = m.body().unwrap_or_default();
+            match serde_json::from_str::<Value>(body) {
+                Ok(v) => {
+                    if let Err(e) = c.handle_event(&v).await {
+                        // Keep the message: it comes back after its visibility timeout.
+                        tracing::warn!(error = %e, "event not handled; kept for a retry");
+                        continue;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "events queue message is not JSON; dropped"),
+            }
+            if let Some(r) = m.receipt_handle() {
+                if let Err(e) = client
+                    .delete_message()
+                    .queue_url(url)
+                    .receipt_handle(r)
+                    .send()
+                    .await
+                {
+                    tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "cannot delete an event message");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! EventBridge envelopes and Auto Scaling activities, turned into launch
+//! outcomes. Malformed input is an error that names the field; the caller
+//! logs and acknowledges it.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::reconcile::{capacity_code, Launch, LaunchKind};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A launch outcome of some group (the caller keeps the primary's).
+    Launch { group: String, launch: Launch },
+    /// `EC2 Spot Instance Interruption Warning`: logged, not a failover reason.
+    SpotInterruption { instance_id: String, action: String },
+    /// A scheduled rule: publish the metrics and reconcile.
+    Tick,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum EventError {
+    #[error("event field `{field}`: {message}")]
+    Field {
+        field: &'static str,
+        message: String,
+    },
+    #[error("unhandled event: source {source_name:?}, detail-type {detail_type:?}")]
+    Unknown {
+        source_name: String,
+        detail_type: String,
+    },
+}
+
+fn field<'a>(v: &'a Value, path: &[&str], name: &'static str) -> Result<&'a str, EventError> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p).ok_or_else(|| EventError::Field {
+            field: name,
+            message: "missing".into(),
+        })?;
+    }
+    cur.as_str().ok_or_else(|| EventError::Field {
+        field: name,
+        message: format!("expected a string, got {cur}"),
+    })
+}
+
+fn time(s: &str, name: &'static str) -> Result<DateTime<Utc>, EventError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| EventError::Field {
+            field: name,
+            message: format!("{s:?} is not an RFC 3339 time: {e}"),
+        })
+}
+
+/// Parses an EventBridge envelope.
+pub fn parse(v: &Value, codes: &[String]) -> Result<Event, EventError> {
+    let detail_type = field(v, &["detail-type"], "detail-type")?;
+    let source = field(v, &["source"], "source")?;
+    match (source, detail_type) {
+        ("aws.events", "Scheduled Event") => Ok(Event::Tick),
+        (
+            "aws.autoscaling",
+            "EC2 Instance Launch Successful" | "EC2 Instance Launch Unsuccessful",
+        ) => {
+            let group = field(
+                v,
+                &["detail", "AutoScalingGroupName"],
+                "detail.AutoScalingGroupName",
+            )?
+            .to_string();
+            let activity_id = field(v, &["detail", "ActivityId"], "detail.ActivityId")?.to_string();
+            // The end of the activity if known, else its start, else the envelope's time.
+            let at = ["EndTime", "StartTime"]
+                .iter()
+                .find_map(|k| v["detail"].get(k).and_then(Value::as_str))
+                .map(|s| time(s, "detail.EndTime"))
+                .unwrap_or_else(|| time(field(v, &["time"], "time")?, "time"))?;
+            let kind = if detail_type == "EC2 Instance Launch Successful" {
+                LaunchKind::Success
+            } else {
+                let msg = v["detail"]
+                    .get("StatusMessage")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                match capacity_code(msg, codes) {
+                    Some(code) => LaunchKind::CapacityFailure(code),
+                    None => LaunchKind::OtherFailure,
+                }
+            };
+            Ok(Event::Launch {
+                group,
+                launch: Launch {
+                    at,
+                    activity_id,
+                    kind,
+                },
+            })
+        }
+        ("aws.ec2", "EC2 Spot Instance Interruption Warning") => Ok(Event::SpotInterruption {
+            instance_id: field(v, &["detail", "instance-id"], "detail.instance-id")?.to_string(),
+            action: field(v, &["detail", "instance-action"], "detail.instance-action")?.to_string(),
+        }),
+        _ => Err(EventError::Unknown {
+            source_name: source.to_string(),
+            detail_type: detail_type.to_string(),
+        }),
+    }
+}
+
+/// A scaling activity as `DescribeScalingActivities` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activity {
+    pub id: String,
+    pub description: String,
+    pub status_code: String,
+    pub status_message: String,
+    pub start: Option<DateTime<Utc>>,
+    pub end: Option<DateTime<Utc>>,
+}
+
+/// Launch outcomes among activities; terminations and unfinished launches are skipped.
+pub fn launches_of(activities: &[Activity], codes: &[String]) -> Vec<Launch> {
+    activities
+        .iter()
+        .filter(|a| a.description.starts_with("Launching"))
+        .filter_map(|a| {
+            let at = a.end.or(a.start)?;
+            let kind = match a.status_code.as_str() {
+                "Successful" => LaunchKind::Success,
+                "Failed" | "Cancelled" => match capacity_code(&a.status_message, codes) {
+                    Some(code) => LaunchKind::CapacityFailure(code),
+                    None => LaunchKind::OtherFailure,
+                },
+                _ => return None,
+            };
+            Some(Launch {
+                at,
+                activity_id: a.id.clone(),
+                kind,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn codes() -> Vec<String> {
+        crate::config::CAPACITY_CODES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    pub fn launch_event(detail_type: &str, msg: &str) -> Value {
+        json!({
+            "version": "0", "id": "e1", "detail-type": detail_type, "source": "aws.autoscaling",
+            "account": "123456789012", "time": "2026-11-28T08:00:00Z", "region": "us-east-1", "resources": [],
+            "detail": {
+                "StatusCode": "Failed", "StatusMessage": msg, "AutoScalingGroupName": "gpu-east-1",
+                "ActivityId": "0f3c-activity", "RequestId": "r", "EC2InstanceId": "",
+                "StartTime": "2026-11-28T07:59:00Z", "EndTime": "2026-11-28T07:59:30Z",
+                "Cause": "...", "Details": {"Availability Zone": "us-east-1a", "Subnet ID": "subnet-1"}
+            }
+        })
+    }
+
+    #[test]
+    fn launch_events() {
+        let e = parse(
+            &launch_event(
+                "EC2 Instance Launch Unsuccessful",
+                "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed.",
+            ),
+            &codes(),
+        )
+        .unwrap();
+        match e {
+            Event::Launch { group, launch } => {
+                assert_eq!(group, "gpu-east-1");
+                assert_eq!(
+                    launch.kind,
+                    LaunchKind::CapacityFailure("InsufficientInstanceCapacity".into())
+                );
+                assert_eq!(launch.activity_id, "0f3c-activity");
+                assert_eq!(launch.at.to_rfc3339(), "2026-11-28T07:59:30+00:00");
+            }
+            e => panic!("{e:?}"),
+        }
+        let bad_ami = parse(
+            &launch_event(
+                "EC2 Instance Launch Unsuccessful",
+                "The image id '[ami-1]' does not exist.",
+            ),
+            &codes(),
+        )
+        .unwrap();
+        assert!(matches!(
+            bad_ami,
+            Event::Launch {
+                launch: Launch {
+                    kind: LaunchKind::OtherFailure,
+                    ..
+                },
+                ..
+            }
+        ));
+        let ok = parse(
+            &launch_event("EC2 Instance Launch Successful", ""),
+            &codes(),
+        )
+        .unwrap();
+        assert!(matches!(
+            ok,
+            Event::Launch {
+                launch: Launch {
+                    kind: LaunchKind::Success,
+                    ..
+                },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn other_events_and_malformed_ones() {
+        let tick = json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}});
+        assert_eq!(parse(&tick, &codes()).unwrap(), Event::Tick);
+        let spot = json!({"source": "aws.ec2", "detail-type": "EC2 Spot Instance Interruption Warning",
+                          "detail": {"instance-id": "i-1", "instance-action": "terminate"}});
+        assert!(matches!(
+            parse(&spot, &codes()).unwrap(),
+            Event::SpotInterruption { .. }
+        ));
+        let unknown = json!({"source": "aws.s3", "detail-type": "Object Created"});
+        assert!(matches!(
+            parse(&unknown, &codes()),
+            Err(EventError::Unknown { .. })
+        ));
+        let mut no_group = launch_event("EC2 Instance Launch Unsuccessful", "x");
+        no_group["detail"]
+            .as_object_mut()
+            .unwrap()
+            .remove("AutoScalingGroupName");
+        let e = parse(&no_group, &codes()).unwrap_err();
+        assert!(e.to_string().contains("detail.AutoScalingGroupName"), "{e}");
+        let mut bad_time = launch_event("EC2 Instance Launch Unsuccessful", "x");
+        bad_time["detail"]["EndTime"] = json!("noon");
+        assert!(parse(&bad_time, &codes())
+            .unwrap_err()
+            .to_string()
+            .contains("EndTime"));
+        for garbage in [
+            json!(null),
+            json!([1, 2]),
+            json!("text"),
+            json!({"detail-type": 5}),
+        ] {
+            assert!(parse(&garbage, &codes()).is_err(), "{garbage}");
+        }
+    }
+
+    #[test]
+    fn activities() {
+        let a = |id: &str, desc: &str, code: &str, msg: &str| Activity {
+            id: id.into(),
+            description: desc.into(),
+            status_code: code.into(),
+            status_message: msg.into(),
+            start: DateTime::from_timestamp(1_800_000_000, 0),
+            end: None,
+        };
+        let l = launches_of(
+            &[
+                a("1", "Launching a new EC2 instance: i-1", "Successful", ""),
+                a(
+                    "2",
+                    "Launching a new EC2 instance.  Status Reason: ...",
+                    "Failed",
+                    "InsufficientInstanceCapacity - no",
+                ),
+                a("3", "Launching a new EC2 instance", "InProgress", ""),
+                a("4", "Terminating EC2 instance: i-1", "Successful", ""),
+                a(
+                    "5",
+                    "Launching a new EC2 instance",
+                    "Failed",
+                    "The image id does not exist",
+                ),
+            ],
+            &codes(),
+        );
+        let kinds: Vec<_> = l
+            .iter()
+            .map(|l| (l.activity_id.as_str(), l.kind.clone()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("1", LaunchKind::Success),
+                (
+                    "2",
+                    LaunchKind::CapacityFailure("InsufficientInstanceCapacity".into())
+                ),
+                ("5", LaunchKind::OtherFailure)
+            ]
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! `spotguard-controller setup`: creates or updates, idempotently, the
+//! target-tracking policies of both groups.
+//!
+//! The primary uses the published backlog-per-instance metric
+//! (`custom-metric`) or metric math over AWS/SQS and AWS/AutoScaling
+//! (`metric-math`, which needs no publisher). The fallback always uses the
+//! published metric: its policy lives in another region than the queue, and
+//! a target-tracking policy can only read metrics of its own region.
+
+use serde::Serialize;
+
+use crate::aws::{Cloud, CloudError, MetricSpec, TargetTracking};
+use crate::config::{Config, PolicyForm};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyChange {
+    pub region: String,
+    pub group: String,
+    pub policy: String,
+    /// `create`, `update` or `unchanged`.
+    pub change: &'static str,
+    pub target: f64,
+    pub metric: String,
+}
+
+fn describe(spec: &MetricSpec) -> String {
+    match spec {
+        MetricSpec::Custom {
+            namespace,
+            name,
+            dimensions,
+        } => format!(
+            "{namespace}/{name} {}",
+            dimensions
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        MetricSpec::BacklogMath { queue_name, group } => {
+            format!("AWS/SQS ApproximateNumberOfMessagesVisible[{queue_name}] / AWS/AutoScaling GroupInServiceInstances[{group}]")
+        }
+    }
+}
+
+/// The policies the configuration asks for: (region, group, policy).
+pub fn desired(cfg: &Config) -> Vec<(String, String, TargetTracking)> {
+    let p = &cfg.primary;
+    let queue_name = p
+        .queue_url
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let primary_spec = match cfg.policy.form {
+        PolicyForm::CustomMetric => MetricSpec::Custom {
+            namespace: cfg.metric.namespace.clone(),
+            name: cfg.metric.primary_name.clone(),
+            dimensions: vec![("AutoScalingGroupName".into(), p.asg.clone())],
+        },
+        PolicyForm::MetricMath => MetricSpec::BacklogMath {
+            queue_name,
+            group: p.asg.clone(),
+        },
+    };
+    let f = &cfg.fallback;
+    vec![
+        (
+            p.region.clone(),
+            p.asg.clone(),
+            TargetTracking {
+                name: cfg.policy.primary_policy_name.clone(),
+                target: cfg.policy.primary_target,
+                spec: primary_spec,
+            },
+        ),
+        (
+            f.region.clone(),
+            f.asg.clone(),
+            TargetTracking {
+                name: f.policy_name.clone(),
+                target: cfg.policy.fallback_target,
+                spec: MetricSpec::Custom {
+                    namespace: cfg.metric.namespace.clone(),
+                    name: cfg.metric.fallback_name.clone(),
+                    dimensions: vec![("AutoScalingGroupName".into(), f.asg.clone())],
+                },
+            },
+        ),
+    ]
+}
+
+pub async fn setup<C: Cloud>(
+    cloud: &C,
+    cfg: &Config,
+    dry_run: bool,
+) -> Result<Vec<PolicyChange>, CloudError> {
+    let mut out = Vec::new();
+    for (region, group, policy) in desired(cfg) {
+        let existing = cloud.policy(&region, &group, &policy.name).await?;
+        let change = match &existing {
+            None => "create",
+            Some((enabled, p)) if *p == policy && *enabled != Some(false) => "unchanged",
+            Some(_) => "update",
+        };
+        if change != "unchanged" && !dry_run {
+            cloud.put_policy(&region, &group, &policy, true).await?;
+        }
+        out.push(PolicyChange {
+            region,
+            group,
+            policy: policy.name.clone(),
+            change,
+            target: policy.target,
+            metric: describe(&policy.spec),
+        });
+    }
+    Ok(out)
+}
