@@ -305,10 +305,14 @@ pub fn reconcile(
         .last_capacity_failure
         .is_some_and(|t| now - t < dur(s.capacity_ttl));
     let dwelled = now - m.since >= dur(s.min_dwell);
-    let failures_in_window = m.failures.len() as u32;
+    // Only failures since the mode began count for a new failover: those
+    // before it were already answered (by the failover that `normal` ended).
+    let fresh: Vec<&Failure> = m.failures.iter().filter(|f| f.at >= m.since).collect();
+    let failures_in_window = fresh.len() as u32;
+    let fresh_unavailable = fresh.iter().any(|f| now - f.at < dur(s.capacity_ttl));
 
     let (next, reason) = match m.mode {
-        Mode::Normal if failures_in_window >= s.failures && capacity_unavailable => (
+        Mode::Normal if failures_in_window >= s.failures && fresh_unavailable => (
             Mode::FailedOver,
             format!("{failures_in_window} capacity failure(s) in the primary within the window"),
         ),
@@ -337,7 +341,9 @@ pub fn reconcile(
             }
         }
         Mode::FailingBack => {
-            if m.last_capacity_failure.is_some_and(|t| t > m.since) {
+            // `>=`: times are whole seconds, and the failure that caused the
+            // failover is at least a cool-down older than `since`.
+            if m.last_capacity_failure.is_some_and(|t| t >= m.since) {
                 (
                     Mode::FailedOver,
                     "capacity failure in the primary while failing back".to_string(),
@@ -613,6 +619,24 @@ mod tests {
         let (m, _) = step(&m, &group(2, 10, 2, 0), &[ok(30, "s")], 700);
         let (m2, _) = step(&m, &group(2, 10, 2, 0), &[fail(0, "f0")], 710);
         assert_eq!(m2.mode, Mode::FailingBack);
+    }
+
+    #[test]
+    fn back_in_normal_old_failures_do_not_fail_over_again() {
+        let m = failed_over_at(0);
+        let (m, _) = step(&m, &group(0, 10, 0, 0), &[ok(30, "s")], 700);
+        let (m, _) = step(&m, &group(0, 0, 0, 0), &[], 1001);
+        assert_eq!(m.mode, Mode::Normal);
+        // Short window and TTL would not matter: re-deliver the old failure too.
+        let s = Settings {
+            window: Duration::from_secs(3600),
+            capacity_ttl: Duration::from_secs(3600),
+            ..settings()
+        };
+        let p = reconcile(&m, &group(0, 0, 0, 0), &[fail(0, "f0")], t(1002), &s);
+        assert_eq!(p.memory.mode, Mode::Normal);
+        let p = reconcile(&m, &group(0, 0, 0, 0), &[fail(1005, "f9")], t(1006), &s);
+        assert_eq!(p.memory.mode, Mode::FailedOver);
     }
 
     #[test]

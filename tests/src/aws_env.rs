@@ -43,6 +43,7 @@ pub struct Group {
     pub max: i32,
     /// (instance id, lifecycle state, protected from scale-in)
     pub instances: Vec<(String, String, bool)>,
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 impl AwsEnv {
@@ -138,30 +139,55 @@ impl AwsEnv {
         })
     }
 
-    /// A group of `desired` instances; returns their ids.
+    /// Auto Scaling in another region of the same moto.
+    pub fn asg_in(&self, region: &str) -> aws_sdk_autoscaling::Client {
+        let conf = self.rt.block_on(
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new(region.to_string()))
+                .endpoint_url(&self.moto_url)
+                .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                    "test", "test", None, None, "test",
+                ))
+                .load(),
+        );
+        aws_sdk_autoscaling::Client::new(&conf)
+    }
+
+    /// A group of `desired` instances in us-east-1; returns their ids.
     pub fn create_group(&self, name: &str, min: i32, max: i32, desired: i32) -> Vec<String> {
+        self.create_group_in("us-east-1", name, min, max, desired)
+    }
+
+    /// A group of `desired` instances in `region`; returns their ids.
+    pub fn create_group_in(
+        &self,
+        region: &str,
+        name: &str,
+        min: i32,
+        max: i32,
+        desired: i32,
+    ) -> Vec<String> {
+        let asg = self.asg_in(region);
         self.rt.block_on(async {
-            self.asg
-                .create_launch_configuration()
+            asg.create_launch_configuration()
                 .launch_configuration_name(format!("{name}-lc"))
                 .image_id("ami-12c6146b")
                 .instance_type("g4dn.xlarge")
                 .send()
                 .await
                 .expect("launch configuration");
-            self.asg
-                .create_auto_scaling_group()
+            asg.create_auto_scaling_group()
                 .auto_scaling_group_name(name)
                 .launch_configuration_name(format!("{name}-lc"))
                 .min_size(min)
                 .max_size(max)
                 .desired_capacity(desired)
-                .availability_zones("us-east-1a")
+                .availability_zones(format!("{region}a"))
                 .send()
                 .await
                 .expect("group");
         });
-        self.group(name)
+        self.group_in(region, name)
             .instances
             .into_iter()
             .map(|i| i.0)
@@ -169,9 +195,13 @@ impl AwsEnv {
     }
 
     pub fn group(&self, name: &str) -> Group {
+        self.group_in("us-east-1", name)
+    }
+
+    pub fn group_in(&self, region: &str, name: &str) -> Group {
+        let asg = self.asg_in(region);
         self.rt.block_on(async {
-            let out = self
-                .asg
+            let out = asg
                 .describe_auto_scaling_groups()
                 .auto_scaling_group_names(name)
                 .send()
@@ -193,6 +223,13 @@ impl AwsEnv {
                                 .unwrap_or_default(),
                             i.protected_from_scale_in().unwrap_or(false),
                         )
+                    })
+                    .collect(),
+                tags: g
+                    .tags()
+                    .iter()
+                    .filter_map(|t| {
+                        Some((t.key()?.to_string(), t.value().unwrap_or("").to_string()))
                     })
                     .collect(),
             }

@@ -25,6 +25,8 @@ pub enum Fault {
     Delay(Duration),
     /// Drop the connection without an answer.
     Reset,
+    /// Answer this instead of moto (e.g. scripted scaling activities).
+    Respond { status: u16, body: String },
 }
 
 impl Fault {
@@ -45,6 +47,8 @@ impl Fault {
 #[derive(Debug, Clone)]
 pub struct Call {
     pub action: String,
+    /// The region of the SigV4 credential scope.
+    pub region: String,
     pub body: String,
     /// The status answered; 0 for a dropped connection.
     pub status: u16,
@@ -179,6 +183,14 @@ async fn handle(
         .and_then(|v| v.to_str().ok());
     let json_protocol = target.is_some();
     let action = action_of(target, &text);
+    let region = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| a.split("Credential=").nth(1))
+        .and_then(|c| c.split('/').nth(2))
+        .unwrap_or("")
+        .to_string();
     let fault = {
         let mut s = st.lock().unwrap();
         let idx = s
@@ -193,6 +205,7 @@ async fn handle(
     let record = |status: u16| {
         st.lock().unwrap().calls.push(Call {
             action: action.clone(),
+            region: region.clone(),
             body: text.clone(),
             status,
         });
@@ -221,6 +234,10 @@ async fn handle(
                     ),
                 )
             });
+        }
+        Some(Fault::Respond { status, body }) => {
+            record(status);
+            return Ok(respond(status, "text/xml", body));
         }
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
         None => {}
@@ -274,4 +291,25 @@ async fn handle(
         r.headers_mut().insert(h, v);
     }
     Ok(r)
+}
+
+/// A `DescribeScalingActivities` answer with the given activities:
+/// (id, status code, status message, time RFC 3339).
+pub fn activities_xml(group: &str, activities: &[(&str, &str, &str, &str)]) -> String {
+    let members: String = activities
+        .iter()
+        .map(|(id, code, msg, at)| {
+            format!(
+                "<member><ActivityId>{id}</ActivityId><AutoScalingGroupName>{group}</AutoScalingGroupName>\
+                 <Description>Launching a new EC2 instance</Description><Cause>test</Cause>\
+                 <StartTime>{at}</StartTime><EndTime>{at}</EndTime><StatusCode>{code}</StatusCode>\
+                 <StatusMessage>{msg}</StatusMessage><Progress>100</Progress></member>"
+            )
+        })
+        .collect();
+    format!(
+        "<DescribeScalingActivitiesResponse xmlns=\"http://autoscaling.amazonaws.com/doc/2011-01-01/\">\
+         <DescribeScalingActivitiesResult><Activities>{members}</Activities></DescribeScalingActivitiesResult>\
+         <ResponseMetadata><RequestId>proxy</RequestId></ResponseMetadata></DescribeScalingActivitiesResponse>"
+    )
 }

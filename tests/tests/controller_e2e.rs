@@ -1,0 +1,514 @@
+//! `spotguard-controller` end to end on moto, two regions on one server,
+//! through the fault proxy: events through the Lambda handler (in process)
+//! and through `once --event` (the binary); failed scaling activities
+//! scripted by the proxy, since moto never fails a launch.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use spotguard_controller::aws::SdkCloud;
+use spotguard_controller::config::Config;
+use spotguard_controller::handler::Controller;
+use spotguard_tests::aws_env::AwsEnv;
+use spotguard_tests::proxy::{activities_xml, Fault};
+use spotguard_tests::{bin, TempDir};
+
+const CAPACITY: &str = "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed.";
+const BAD_AMI: &str = "The image id '[ami-0000]' does not exist. Launching EC2 instance failed.";
+
+struct Ctl {
+    env: AwsEnv,
+    dir: TempDir,
+    queue: String,
+    sub: String,
+    cfg_path: std::path::PathBuf,
+    cfg: Config,
+}
+
+fn setup(tag: &str) -> Ctl {
+    let env = AwsEnv::start();
+    let queue = env.create_queue("jobs", 5);
+    env.create_group_in("us-east-1", "gpu-primary", 0, 10, 1);
+    env.create_group_in("us-east-2", "gpu-fallback", 0, 0, 0);
+    let (topic, sub) = env.topic_to_queue("spotguard-modes");
+    let text = format!(
+        r#"
+[primary]
+asg = "gpu-primary"
+queue_url = "{queue}"
+[fallback]
+asg = "gpu-fallback"
+max_size = 5
+[failover]
+capacity_ttl = "60s"
+cooldown = "3s"
+min_dwell = "1s"
+[notify]
+sns_topic_arn = "{topic}"
+"#
+    );
+    let dir = TempDir::new(tag);
+    let cfg_path = dir.path().join("controller.toml");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let cfg = Config::parse(&text, "test").unwrap();
+    Ctl {
+        env,
+        dir,
+        queue,
+        sub,
+        cfg_path,
+        cfg,
+    }
+}
+
+impl Ctl {
+    /// The controller in process, talking to moto through the proxy.
+    fn controller(&self) -> Controller<SdkCloud> {
+        let sdk = self.env.rt.block_on(
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new("us-east-1"))
+                .endpoint_url(&self.env.proxy.url)
+                .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                    "test", "test", None, None, "test",
+                ))
+                .load(),
+        );
+        Controller {
+            cfg: self.cfg.clone(),
+            cloud: SdkCloud::new(&sdk, &["us-east-1", "us-east-2"]),
+        }
+    }
+
+    fn handle(
+        &self,
+        c: &Controller<SdkCloud>,
+        event: &Value,
+    ) -> Result<Option<spotguard_controller::handler::TickReport>, String> {
+        self.env
+            .rt
+            .block_on(c.handle_event(event))
+            .map_err(|e| e.to_string())
+    }
+
+    fn tick(&self, c: &Controller<SdkCloud>) -> spotguard_controller::handler::TickReport {
+        self.env.rt.block_on(c.tick(Vec::new())).expect("tick")
+    }
+
+    /// Runs the binary with `args` (config appended) and returns (exit code, stdout).
+    fn binary(&self, args: &[&str]) -> (i32, String) {
+        let mut cmd = Command::new(bin("spotguard-controller"));
+        cmd.args(args).arg("--config").arg(&self.cfg_path);
+        for (k, v) in self.env.agent_env() {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("spotguard-controller");
+        if !out.status.success() {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    fn fallback(&self) -> spotguard_tests::aws_env::Group {
+        self.env.group_in("us-east-2", "gpu-fallback")
+    }
+
+    fn mode(&self) -> Option<String> {
+        self.fallback().tags.get("spotguard:mode").cloned()
+    }
+
+    /// Mode changes announced on SNS so far (each as "from->to").
+    fn announced(&self, seen: &mut Vec<String>) -> Vec<String> {
+        for _ in 0..3 {
+            for body in self.env.peek(&self.sub) {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                seen.push(format!(
+                    "{}->{}",
+                    v["from"].as_str().unwrap(),
+                    v["to"].as_str().unwrap()
+                ));
+            }
+        }
+        seen.clone()
+    }
+}
+
+fn launch_event(
+    detail_type: &str,
+    msg: &str,
+    activity: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Value {
+    let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    json!({
+        "version": "0", "id": format!("ev-{activity}"), "detail-type": detail_type, "source": "aws.autoscaling",
+        "account": "123456789012", "time": at, "region": "us-east-1", "resources": [],
+        "detail": {
+            "StatusCode": if detail_type.ends_with("Unsuccessful") { "Failed" } else { "InProgress" },
+            "StatusMessage": msg, "AutoScalingGroupName": "gpu-primary", "ActivityId": activity,
+            "RequestId": "r", "EC2InstanceId": "", "StartTime": at, "EndTime": at, "Cause": "test",
+            "Details": {"Availability Zone": "us-east-1a", "Subnet ID": "subnet-1"}
+        }
+    })
+}
+
+fn now() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+}
+
+fn capacity_failure(id: &str) -> Value {
+    launch_event("EC2 Instance Launch Unsuccessful", CAPACITY, id, now())
+}
+
+fn success(id: &str) -> Value {
+    launch_event("EC2 Instance Launch Successful", "", id, now())
+}
+
+#[test]
+fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
+    let t = setup("ctl-once");
+    for i in 0..40 {
+        t.env.send(&t.queue, &format!("job {i}"));
+    }
+    let event = t.dir.path().join("event.json");
+    std::fs::write(&event, capacity_failure("act-1").to_string()).unwrap();
+    let (code, out) = t.binary(&["once", "--event", event.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["event"]["reconcile"]["mode"], "failed-over");
+    let g = t.fallback();
+    assert_eq!(g.max, 5, "the gate opened to the configured cap");
+    assert_eq!(t.mode().as_deref(), Some("failed-over"));
+    assert!(g.tags.get("spotguard:since").is_some());
+    assert_eq!(t.announced(&mut Vec::new()), vec!["normal->failed-over"]);
+    // Metrics: 40 visible, 1 InService in the primary; each in its group's region.
+    let puts = t.env.proxy.calls_of("PutMetricData");
+    let primary = puts
+        .iter()
+        .find(|c| c.region == "us-east-1")
+        .expect("primary metric");
+    assert!(
+        primary.body.contains("MetricName=BacklogPerInstance"),
+        "{}",
+        primary.body
+    );
+    assert!(primary.body.contains("Value=40"), "{}", primary.body);
+    assert!(
+        primary.body.contains("Value=gpu-primary"),
+        "{}",
+        primary.body
+    );
+    let fallback = puts
+        .iter()
+        .find(|c| c.region == "us-east-2")
+        .expect("fallback metric");
+    assert!(
+        fallback
+            .body
+            .contains("MetricName=ApproximateNumberOfMessagesVisible"),
+        "{}",
+        fallback.body
+    );
+    assert!(fallback.body.contains("Value=40"), "{}", fallback.body);
+    // `status` reports the same mode and plans nothing more.
+    let (code, out) = t.binary(&["status"]);
+    assert_eq!(code, 0);
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["mode"], "failed-over");
+    assert_eq!(status["plan"]["actions"], json!([]));
+}
+
+#[test]
+fn a_bad_ami_failure_does_not_fail_over_and_garbage_is_acknowledged() {
+    let t = setup("ctl-ami");
+    let c = t.controller();
+    t.handle(
+        &c,
+        &launch_event("EC2 Instance Launch Unsuccessful", BAD_AMI, "ami-1", now()),
+    )
+    .unwrap();
+    assert_eq!(t.fallback().max, 0);
+    assert_ne!(t.mode().as_deref(), Some("failed-over"));
+    for garbage in [
+        json!(null),
+        json!("x"),
+        json!({"source": "aws.s3", "detail-type": "Object Created"}),
+        json!({"detail-type": "EC2 Instance Launch Unsuccessful", "source": "aws.autoscaling", "detail": {}}),
+    ] {
+        assert!(t.handle(&c, &garbage).unwrap().is_none(), "{garbage}");
+    }
+    // A launch failure of another group is not ours.
+    let mut other = capacity_failure("x-1");
+    other["detail"]["AutoScalingGroupName"] = json!("someone-else");
+    t.handle(&c, &other).unwrap();
+    assert_eq!(t.fallback().max, 0);
+    assert!(t.announced(&mut Vec::new()).is_empty());
+}
+
+#[test]
+fn gradual_failback_keeps_busy_instances_and_returns_to_normal() {
+    let t = setup("ctl-failback");
+    let c = t.controller();
+    t.handle(&c, &capacity_failure("act-1")).unwrap();
+    assert_eq!(t.fallback().max, 5);
+    // The fallback group scaled out; two of its agents are busy (protected).
+    let asg = t.env.asg_in("us-east-2");
+    t.env.rt.block_on(async {
+        asg.set_desired_capacity()
+            .auto_scaling_group_name("gpu-fallback")
+            .desired_capacity(3)
+            .send()
+            .await
+            .unwrap();
+    });
+    let ids: Vec<String> = t.fallback().instances.iter().map(|i| i.0.clone()).collect();
+    assert_eq!(ids.len(), 3);
+    let protect = |ids: &[String], on: bool| {
+        t.env.rt.block_on(async {
+            asg.set_instance_protection()
+                .auto_scaling_group_name("gpu-fallback")
+                .set_instance_ids(Some(ids.to_vec()))
+                .protected_from_scale_in(on)
+                .send()
+                .await
+                .unwrap();
+        })
+    };
+    protect(&ids[..2], true);
+    std::thread::sleep(Duration::from_millis(1100));
+    // The primary launches again; before the cool-down nothing moves.
+    t.handle(&c, &success("ok-1")).unwrap();
+    t.tick(&c);
+    assert_eq!(t.mode().as_deref(), Some("failed-over"));
+    assert_eq!(t.fallback().max, 5);
+    std::thread::sleep(Duration::from_millis(3200));
+    let r = t.tick(&c);
+    assert_eq!(r.reconcile.mode, "failing-back");
+    // MaxSize: min(5, desired 3) - 1 = 2, and never below the 2 busy ones.
+    assert_eq!(t.fallback().max, 2);
+    t.tick(&c);
+    t.tick(&c);
+    let g = t.fallback();
+    assert_eq!(g.max, 2, "not below the busy instances");
+    for id in &ids[..2] {
+        assert!(
+            g.instances
+                .iter()
+                .any(|(i, state, p)| i == id && state == "InService" && *p),
+            "busy instance {id} kept: {g:?}"
+        );
+    }
+    // Their jobs end; the agents unprotect and scale themselves in.
+    protect(&ids[..2], false);
+    t.env.rt.block_on(async {
+        asg.set_desired_capacity()
+            .auto_scaling_group_name("gpu-fallback")
+            .desired_capacity(0)
+            .send()
+            .await
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(1100));
+    t.tick(&c);
+    let r = t.tick(&c);
+    assert_eq!(
+        r.reconcile.mode,
+        "normal",
+        "{:?} {:?}",
+        r.reconcile,
+        t.fallback()
+    );
+    assert_eq!(t.fallback().max, 0);
+    assert_eq!(
+        t.announced(&mut Vec::new()),
+        vec![
+            "normal->failed-over",
+            "failed-over->failing-back",
+            "failing-back->normal"
+        ]
+    );
+    // The controller never terminated an instance or set a desired capacity.
+    let counts = t.env.proxy.counts();
+    assert!(
+        !counts.contains_key("TerminateInstanceInAutoScalingGroup"),
+        "{counts:?}"
+    );
+    assert!(!counts.contains_key("SetDesiredCapacity"), "{counts:?}");
+}
+
+#[test]
+fn a_capacity_failure_during_failback_fails_over_again() {
+    let t = setup("ctl-refail");
+    let c = t.controller();
+    t.handle(&c, &capacity_failure("act-1")).unwrap();
+    // Times are kept to the second: the success must come in a later one.
+    std::thread::sleep(Duration::from_millis(1100));
+    t.handle(&c, &success("ok-1")).unwrap();
+    std::thread::sleep(Duration::from_millis(3200));
+    assert_eq!(t.tick(&c).reconcile.mode, "failing-back");
+    t.handle(&c, &capacity_failure("act-2")).unwrap();
+    assert_eq!(t.mode().as_deref(), Some("failed-over"));
+    assert_eq!(t.fallback().max, 5);
+    assert_eq!(
+        t.announced(&mut Vec::new()),
+        vec![
+            "normal->failed-over",
+            "failed-over->failing-back",
+            "failing-back->failed-over"
+        ]
+    );
+}
+
+#[test]
+fn duplicate_and_reordered_events_do_not_flap() {
+    let t = setup("ctl-dup");
+    let c = t.controller();
+    let old_success = launch_event(
+        "EC2 Instance Launch Successful",
+        "",
+        "ok-old",
+        now() - chrono::Duration::seconds(30),
+    );
+    let fail = capacity_failure("act-1");
+    t.handle(&c, &fail).unwrap();
+    t.handle(&c, &fail).unwrap();
+    t.handle(&c, &old_success).unwrap();
+    t.handle(&c, &fail).unwrap();
+    std::thread::sleep(Duration::from_millis(3200));
+    t.tick(&c);
+    // The only success predates the failure: still failed over, announced once.
+    assert_eq!(t.mode().as_deref(), Some("failed-over"));
+    assert_eq!(t.announced(&mut Vec::new()), vec!["normal->failed-over"]);
+    let failures = t
+        .fallback()
+        .tags
+        .get("spotguard:capacity-failures")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(failures.split_whitespace().count(), 1, "{failures}");
+}
+
+#[test]
+fn aws_errors_are_retried_without_a_wrong_mode_change() {
+    let t = setup("ctl-errors");
+    let c = t.controller();
+    // Throttled beyond the SDK's retries: the gate cannot be opened.
+    t.env
+        .proxy
+        .inject("UpdateAutoScalingGroup", Fault::throttle(), 10);
+    assert!(t.handle(&c, &capacity_failure("act-1")).is_err());
+    assert_ne!(
+        t.mode().as_deref(),
+        Some("failed-over"),
+        "mode recorded without the gate"
+    );
+    assert!(t.announced(&mut Vec::new()).is_empty());
+    t.env.proxy.clear_faults();
+    // The event is gone (acknowledged); the scaling activities still tell.
+    let at = now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    t.env.proxy.inject(
+        "DescribeScalingActivities",
+        Fault::Respond {
+            status: 200,
+            body: activities_xml("gpu-primary", &[("act-1", "Failed", CAPACITY, &at)]),
+        },
+        100,
+    );
+    // Transient 5xx on reads are absorbed by the SDK's retries.
+    t.env
+        .proxy
+        .inject("DescribeAutoScalingGroups", Fault::server_error(), 2);
+    t.tick(&c);
+    assert_eq!(t.mode().as_deref(), Some("failed-over"));
+    assert_eq!(t.fallback().max, 5);
+    assert_eq!(t.announced(&mut Vec::new()), vec!["normal->failed-over"]);
+}
+
+#[test]
+fn scripted_failed_activities_fail_over_without_events() {
+    let t = setup("ctl-activities");
+    let at = now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    t.env.proxy.inject(
+        "DescribeScalingActivities",
+        Fault::Respond {
+            status: 200,
+            body: activities_xml(
+                "gpu-primary",
+                &[
+                    ("a-ami", "Failed", BAD_AMI, &at),
+                    ("a-cap", "Failed", CAPACITY, &at),
+                ],
+            ),
+        },
+        100,
+    );
+    let (code, out) = t.binary(&["once"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(t.mode().as_deref(), Some("failed-over"));
+    let failures = t
+        .fallback()
+        .tags
+        .get("spotguard:capacity-failures")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        failures.contains("a-cap") && !failures.contains("a-ami"),
+        "{failures}"
+    );
+}
+
+#[test]
+fn setup_creates_policies_idempotently() {
+    let t = setup("ctl-setup");
+    let (code, out) = t.binary(&["setup", "--dry-run"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("would create").count(), 2, "{out}");
+    assert!(t.env.proxy.calls_of("PutScalingPolicy").is_empty());
+    let (code, out) = t.binary(&["setup"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("created").count(), 2, "{out}");
+    assert!(
+        out.contains("target 20") && out.contains("target 200"),
+        "{out}"
+    );
+    let (code, out) = t.binary(&["setup"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("unchanged").count(), 2, "{out}");
+    assert_eq!(t.env.proxy.calls_of("PutScalingPolicy").len(), 2);
+    let regions: Vec<String> = t
+        .env
+        .proxy
+        .calls_of("PutScalingPolicy")
+        .iter()
+        .map(|c| c.region.clone())
+        .collect();
+    assert_eq!(regions, vec!["us-east-1", "us-east-2"]);
+}
+
+#[test]
+fn config_errors_exit_2_naming_the_key() {
+    let dir = TempDir::new("ctl-cfg");
+    let p = dir.path().join("c.toml");
+    std::fs::write(&p, "[primary]\nasg = \"a\"\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/1/q\"\n[fallback]\nasg = \"b\"\n[failover]\ncooldown = \"soon\"\n").unwrap();
+    let out = Command::new(bin("spotguard-controller"))
+        .args(["status", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cooldown"));
+    let out = Command::new(bin("spotguard-controller"))
+        .args(["status"])
+        .env("SPOTGUARD_PRIMARY_ASG", "a")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("environment"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
