@@ -182,7 +182,7 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
     let g = t.fallback();
     assert_eq!(g.max, 5, "the gate opened to the configured cap");
     assert_eq!(t.mode().as_deref(), Some("failed-over"));
-    assert!(g.tags.get("spotguard:since").is_some());
+    assert!(g.tags.contains_key("spotguard:since"));
     assert_eq!(t.announced(&mut Vec::new()), vec!["normal->failed-over"]);
     // Metrics: 40 visible, 1 InService in the primary; each in its group's region.
     let puts = t.env.proxy.calls_of("PutMetricData");
