@@ -512,3 +512,165 @@ fn config_errors_exit_2_naming_the_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A fake Lambda runtime API on loopback that hands out `events` one by one
+/// and collects the function's responses.
+fn fake_runtime(
+    rt: &tokio::runtime::Runtime,
+    events: Vec<Value>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use http_body_util::{BodyExt, Full};
+    use std::sync::{Arc, Mutex};
+    let responses: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let queue = Arc::new(Mutex::new(
+        events
+            .into_iter()
+            .enumerate()
+            .collect::<std::collections::VecDeque<_>>(),
+    ));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let out = responses.clone();
+    rt.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (queue, out) = (queue.clone(), out.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (queue, out) = (queue.clone(), out.clone());
+                        async move {
+                            let path = req.uri().path().to_string();
+                            if path.ends_with("/invocation/next") {
+                                let next = queue.lock().unwrap().pop_front();
+                                let Some((i, ev)) = next else {
+                                    // No more events: hold the poll, as Lambda does.
+                                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                                    return Ok::<_, std::convert::Infallible>(
+                                        hyper::Response::new(Full::new(bytes::Bytes::new())),
+                                    );
+                                };
+                                let deadline = chrono::Utc::now().timestamp_millis() + 60_000;
+                                return Ok(hyper::Response::builder()
+                                    .header("Lambda-Runtime-Aws-Request-Id", format!("req-{i}"))
+                                    .header("Lambda-Runtime-Deadline-Ms", deadline.to_string())
+                                    .header(
+                                        "Lambda-Runtime-Invoked-Function-Arn",
+                                        "arn:aws:lambda:us-east-1:123456789012:function:spotguard",
+                                    )
+                                    .header("Lambda-Runtime-Trace-Id", "Root=1-0-0")
+                                    .body(Full::new(bytes::Bytes::from(ev.to_string())))
+                                    .unwrap());
+                            }
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let v: Value = serde_json::from_slice(&body)
+                                .unwrap_or(json!({"raw": String::from_utf8_lossy(&body)}));
+                            out.lock().unwrap().push(json!({"path": path, "body": v}));
+                            Ok(hyper::Response::builder()
+                                .status(202)
+                                .body(Full::new(bytes::Bytes::new()))
+                                .unwrap())
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, responses)
+}
+
+#[test]
+fn the_lambda_runtime_handles_events_and_acknowledges_garbage() {
+    let t = setup("ctl-lambda");
+    let (api, responses) = fake_runtime(
+        &t.env.rt,
+        vec![
+            json!({"not": "an event"}),
+            capacity_failure("act-1"),
+            json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}}),
+        ],
+    );
+    let mut cmd = Command::new(bin("spotguard-controller"));
+    cmd.arg("lambda")
+        .env("AWS_LAMBDA_RUNTIME_API", &api)
+        .env("AWS_LAMBDA_FUNCTION_NAME", "spotguard")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "s")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "g")
+        .env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
+        .env("SPOTGUARD_PRIMARY_QUEUE_URL", &t.queue)
+        .env("SPOTGUARD_FALLBACK_ASG", "gpu-fallback")
+        .env("SPOTGUARD_FALLBACK_MAX_SIZE", "4");
+    for (k, v) in t.env.agent_env() {
+        cmd.env(k, v);
+    }
+    let (_lambda, _) = spotguard_tests::Proc::spawn(cmd, "spotguard-controller lambda");
+    assert!(
+        t.env
+            .wait_for(Duration::from_secs(30), || responses.lock().unwrap().len()
+                == 3),
+        "responses: {:?}",
+        responses.lock().unwrap()
+    );
+    let r = responses.lock().unwrap().clone();
+    // Every invocation answered (no error posts, so no retries), in order.
+    for (i, resp) in r.iter().enumerate() {
+        assert_eq!(
+            resp["path"],
+            format!("/2018-06-01/runtime/invocation/req-{i}/response"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(r[0]["body"]["handled"], false);
+    assert_eq!(r[1]["body"]["mode"], "failed-over");
+    assert_eq!(t.fallback().max, 4);
+    assert_eq!(r[2]["body"]["handled"], true);
+    assert!(
+        !t.env.proxy.calls_of("PutMetricData").is_empty(),
+        "the scheduled tick published the metrics"
+    );
+}
+
+#[test]
+fn run_reads_events_from_an_sqs_queue() {
+    let t = setup("ctl-run");
+    let events = t.env.create_queue("spotguard-events", 5);
+    t.env.send(&events, &capacity_failure("act-q").to_string());
+    t.env.send(&events, "not json");
+    let cfg = std::fs::read_to_string(&t.cfg_path).unwrap()
+        + &format!("[run]\ninterval = \"1s\"\nevents_queue_url = \"{events}\"\n");
+    std::fs::write(&t.cfg_path, cfg).unwrap();
+    let mut cmd = Command::new(bin("spotguard-controller"));
+    cmd.arg("run").arg("--config").arg(&t.cfg_path);
+    for (k, v) in t.env.agent_env() {
+        cmd.env(k, v);
+    }
+    let (mut run, _) = spotguard_tests::Proc::spawn(cmd, "spotguard-controller run");
+    assert!(t
+        .env
+        .wait_for(Duration::from_secs(20), || t.mode().as_deref()
+            == Some("failed-over")));
+    assert!(
+        t.env
+            .wait_for(Duration::from_secs(10), || t.env.depth(&events) == (0, 0)),
+        "events consumed"
+    );
+    run.signal("TERM");
+    let st = run
+        .wait_timeout(Duration::from_secs(10))
+        .expect("run stops on SIGTERM");
+    assert!(st.success());
+}
