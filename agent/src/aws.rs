@@ -70,7 +70,37 @@ pub struct Message {
     /// `ApproximateFirstReceiveTimestamp`, ms since the epoch.
     pub first_received_ms: Option<i64>,
     /// String and Number message attributes (Binary ones are not passed on).
-    pub attributes: BTreeMap<String, String>,
+    pub attributes: BTreeMap<String, Attr>,
+    /// `MessageGroupId` of a FIFO queue's message.
+    pub group_id: Option<String>,
+}
+
+/// A message attribute: its SQS data type (`String`, `Number`, `String.x`) and value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub data_type: String,
+    pub value: String,
+}
+
+impl Attr {
+    pub fn string(value: impl Into<String>) -> Attr {
+        Attr {
+            data_type: "String".into(),
+            value: value.into(),
+        }
+    }
+}
+
+/// A message to send: used to carry a job's checkpoint to the next worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub body: String,
+    pub attributes: BTreeMap<String, Attr>,
+    /// FIFO queues: the original message group.
+    pub group_id: Option<String>,
+    /// FIFO queues: derived from the original message and the checkpoint, so
+    /// a retried send cannot make two copies.
+    pub dedup_id: Option<String>,
 }
 
 pub trait Queue: Send + Sync + 'static {
@@ -87,6 +117,8 @@ pub trait Queue: Send + Sync + 'static {
         receipt: &str,
         secs: i32,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
+    /// `SendMessage`; returns the new message id.
+    fn send(&self, msg: &Outgoing) -> impl Future<Output = Result<String, AwsError>> + Send;
 }
 
 /// The answer to our own termination request.
@@ -139,6 +171,34 @@ fn secs_i32(d: Duration) -> i32 {
 }
 
 impl Queue for SqsQueue {
+    async fn send(&self, msg: &Outgoing) -> Result<String, AwsError> {
+        const OP: &str = "SendMessage";
+        bounded(OP, CALL_TIMEOUT, async {
+            let mut req = self
+                .client
+                .send_message()
+                .queue_url(&self.url)
+                .message_body(&msg.body)
+                .set_message_group_id(msg.group_id.clone())
+                .set_message_deduplication_id(msg.dedup_id.clone());
+            for (k, a) in &msg.attributes {
+                let v = aws_sdk_sqs::types::MessageAttributeValue::builder()
+                    .data_type(&a.data_type)
+                    .string_value(&a.value)
+                    .build()
+                    .map_err(|e| AwsError {
+                        op: OP,
+                        code: None,
+                        message: format!("attribute {k}: {e}"),
+                    })?;
+                req = req.message_attributes(k, v);
+            }
+            let out = req.send().await.map_err(|e| sdk_error(OP, e))?;
+            Ok(out.message_id().unwrap_or_default().to_string())
+        })
+        .await
+    }
+
     async fn receive(
         &self,
         max: i32,
@@ -210,7 +270,17 @@ fn convert_message(m: &aws_sdk_sqs::types::Message) -> Option<Message> {
         .map(|attrs| {
             attrs
                 .iter()
-                .filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_string())))
+                .filter_map(|(k, v)| {
+                    v.string_value().map(|s| {
+                        (
+                            k.clone(),
+                            Attr {
+                                data_type: v.data_type().to_string(),
+                                value: s.to_string(),
+                            },
+                        )
+                    })
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -224,6 +294,7 @@ fn convert_message(m: &aws_sdk_sqs::types::Message) -> Option<Message> {
         first_received_ms: sys_attr(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp)
             .and_then(|v| v.parse().ok()),
         attributes,
+        group_id: sys_attr(MessageSystemAttributeName::MessageGroupId).cloned(),
     })
 }
 

@@ -276,7 +276,16 @@ async fn run_command(cfg: Config) -> Result<(), BoxError> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         http,
+        notice_signal: cfg
+            .notice_signal()
+            .map_err(|e| format!("worker.notice_signal: {e}"))?,
+        notice_url: cfg.worker.notice_url.clone(),
+        state_dir: std::path::PathBuf::from(&cfg.worker.state_dir),
     };
+    if let WorkerMode::Exec(_) = &spec.mode {
+        std::fs::create_dir_all(spec.state_dir.join("jobs"))
+            .map_err(|e| format!("worker.state_dir {}: {e}", spec.state_dir.display()))?;
+    }
     if let WorkerMode::Exec(argv) = &spec.mode {
         tracing::info!(command = ?argv, concurrency = cfg.worker.concurrency, "exec mode");
     }

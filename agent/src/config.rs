@@ -126,6 +126,31 @@ pub struct WorkerConfig {
     /// Extra environment for exec-mode jobs.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Exec mode: signal sent to a running job's process group on a notice
+    /// (`SIGUSR1`, ..., or `none`).
+    #[serde(default = "d_notice_signal")]
+    pub notice_signal: String,
+    /// Http mode: URL the notice JSON is POSTed to while a job runs.
+    pub notice_url: Option<String>,
+    /// Exec mode: where each job's notice and checkpoint files live
+    /// (`<state_dir>/jobs/<message id>/`).
+    #[serde(default = "d_state_dir")]
+    pub state_dir: String,
+    /// Largest checkpoint reference carried over to the next worker.
+    #[serde(default = "d_checkpoint_max")]
+    pub checkpoint_max_bytes: usize,
+}
+
+fn d_notice_signal() -> String {
+    "SIGUSR1".into()
+}
+fn d_state_dir() -> String {
+    "/var/lib/spotguard".into()
+}
+/// A reference (an S3 URI, a path) is short; 1 KiB also keeps it far from
+/// SQS's 256 KiB message limit.
+fn d_checkpoint_max() -> usize {
+    1024
 }
 
 fn d_concurrency() -> u32 {
@@ -434,6 +459,34 @@ impl Config {
                 "must be greater than zero (leave it unset for no limit)".into(),
             );
         }
+        if self.notice_signal().is_err() {
+            return bad(
+                "worker.notice_signal",
+                format!(
+                    "{:?} is not a signal name like \"SIGUSR1\" (or \"none\")",
+                    self.worker.notice_signal
+                ),
+            );
+        }
+        if let Some(u) = &self.worker.notice_url {
+            if reqwest::Url::parse(u).is_err()
+                || !(u.starts_with("http://") || u.starts_with("https://"))
+            {
+                return bad(
+                    "worker.notice_url",
+                    format!("{u:?} is not an http:// or https:// URL"),
+                );
+            }
+        }
+        if self.worker.state_dir.is_empty() {
+            return bad("worker.state_dir", "must not be empty".into());
+        }
+        if !(1..=65_536).contains(&self.worker.checkpoint_max_bytes) {
+            return bad(
+                "worker.checkpoint_max_bytes",
+                "must be within 1..=65536".into(),
+            );
+        }
         if reqwest::header::HeaderValue::from_str(&self.worker.content_type).is_err() {
             return bad("worker.content_type", "not a valid header value".into());
         }
@@ -530,6 +583,22 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The notice signal; `None` for `none`.
+    pub fn notice_signal(&self) -> Result<Option<nix::sys::signal::Signal>, String> {
+        let s = self.worker.notice_signal.trim();
+        if s.eq_ignore_ascii_case("none") {
+            return Ok(None);
+        }
+        let name = if s.starts_with("SIG") {
+            s.to_string()
+        } else {
+            format!("SIG{s}")
+        };
+        name.parse::<nix::sys::signal::Signal>()
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     /// The queue's name: the last segment of its URL.

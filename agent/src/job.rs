@@ -14,8 +14,14 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::aws::{Message, Queue};
-use crate::worker::{execute, Outcome, StopReason, WorkerSpec};
+use std::collections::BTreeMap;
+
+use crate::aws::{Attr, Message, Outgoing, Queue};
+use crate::config::WorkerMode;
+use crate::worker::{
+    execute, Ended, JobFiles, JobNotice, Outcome, StopReason, WorkerSpec, CHECKPOINT_ATTR,
+    FIRST_RECEIVED_ATTR, ORIGINAL_ID_ATTR,
+};
 
 /// How a message ended up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,8 +31,10 @@ pub enum Settled {
     Failed,
     /// Timed-out job: stopped, back after the error visibility timeout.
     TimedOut,
-    /// Stopped by a drain: back at once.
+    /// Stopped by a drain, or gave its work back after a notice: back at once.
     HandedBack,
+    /// As `HandedBack`, re-sent with the job's checkpoint reference.
+    HandedOver,
     /// The settling call failed: the message comes back when its visibility
     /// lapses (a possible duplicate if the job had succeeded).
     SettleFailed,
@@ -47,6 +55,11 @@ pub struct JobCtx<Q> {
     pub heartbeat: Duration,
     pub error_visibility: Duration,
     pub timeout: Option<Duration>,
+    /// Largest checkpoint reference carried over (bytes).
+    pub checkpoint_max: usize,
+    /// A FIFO queue (its URL ends in `.fifo`): re-sent messages keep their
+    /// group and get a derived deduplication id.
+    pub fifo: bool,
 }
 
 /// Attempts for the settling call; each is itself retried by the SDK.
@@ -90,8 +103,20 @@ pub async fn run_job<Q: Queue>(
     ctx: Arc<JobCtx<Q>>,
     msg: Message,
     deadline: watch::Receiver<Option<Instant>>,
+    notices: watch::Receiver<Option<JobNotice>>,
 ) -> JobReport {
     let started = Instant::now();
+    let files = match ctx.spec.mode {
+        WorkerMode::Exec(_) => match JobFiles::create(&ctx.spec.state_dir, &msg.id) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                // The job still runs; it only cannot see notices or checkpoint.
+                tracing::warn!(message_id = %msg.id, error = %e, "cannot create the job directory");
+                None
+            }
+        },
+        WorkerMode::Http(_) => None,
+    };
     let stop = stop_signal(deadline, ctx.timeout);
     let heartbeat = async {
         let mut tick = tokio::time::interval_at(Instant::now() + ctx.heartbeat, ctx.heartbeat);
@@ -103,18 +128,36 @@ pub async fn run_job<Q: Queue>(
             }
         }
     };
-    let outcome = tokio::select! {
-        o = execute(&ctx.spec, &msg, stop) => o,
-        _ = heartbeat => unreachable_heartbeat(),
+    let ended = tokio::select! {
+        e = execute(&ctx.spec, &msg, files.as_ref(), notices, stop) => e,
+        _ = heartbeat => Ended { outcome: unreachable_heartbeat(), checkpoint: None },
     };
     let ran_for = started.elapsed();
-    let settled = settle(&ctx, &msg, &outcome).await;
+    let checkpoint = match (&ended.checkpoint, &files) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(f)) => match f.checkpoint(ctx.checkpoint_max) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(message_id = %msg.id, error = %e, "checkpoint not carried over");
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let outcome = ended.outcome;
+    let settled = settle(&ctx, &msg, &outcome, checkpoint).await;
+    if let Some(f) = &files {
+        f.remove();
+    }
     match settled {
         Settled::Deleted => {
             tracing::info!(message_id = %msg.id, ?ran_for, "job done; message deleted")
         }
         Settled::HandedBack => {
-            tracing::info!(message_id = %msg.id, ?ran_for, "job stopped at the drain deadline; message handed back")
+            tracing::info!(message_id = %msg.id, ?ran_for, ?outcome, "message handed back")
+        }
+        Settled::HandedOver => {
+            tracing::info!(message_id = %msg.id, ?ran_for, ?outcome, "message handed over with the job's checkpoint")
         }
         _ => tracing::warn!(message_id = %msg.id, ?outcome, ?settled, "job did not succeed"),
     }
@@ -131,7 +174,12 @@ fn unreachable_heartbeat() -> Outcome {
     Outcome::Failed("heartbeat loop ended".into())
 }
 
-async fn settle<Q: Queue>(ctx: &JobCtx<Q>, msg: &Message, outcome: &Outcome) -> Settled {
+async fn settle<Q: Queue>(
+    ctx: &JobCtx<Q>,
+    msg: &Message,
+    outcome: &Outcome,
+    checkpoint: Option<String>,
+) -> Settled {
     let err_secs = i32::try_from(ctx.error_visibility.as_secs()).unwrap_or(i32::MAX);
     let (result, ok) = match outcome {
         Outcome::Succeeded => (
@@ -146,7 +194,20 @@ async fn settle<Q: Queue>(ctx: &JobCtx<Q>, msg: &Message, outcome: &Outcome) -> 
             retry(|| ctx.queue.set_visibility(&msg.receipt, err_secs)).await,
             Settled::TimedOut,
         ),
-        Outcome::Stopped(StopReason::Deadline) => hand_back(ctx.queue.as_ref(), msg).await,
+        Outcome::Stopped(StopReason::Deadline) | Outcome::Yielded(_) => {
+            if let Some(c) = checkpoint {
+                match hand_over(ctx, msg, &c).await {
+                    Ok(()) => return Settled::HandedOver,
+                    Err(e) => {
+                        tracing::warn!(message_id = %msg.id, error = %e, "checkpoint not carried over; handing the message back as it was")
+                    }
+                }
+            }
+            (
+                retry(|| ctx.queue.set_visibility(&msg.receipt, 0)).await,
+                Settled::HandedBack,
+            )
+        }
     };
     match result {
         Ok(()) => ok,
@@ -157,14 +218,108 @@ async fn settle<Q: Queue>(ctx: &JobCtx<Q>, msg: &Message, outcome: &Outcome) -> 
     }
 }
 
-async fn hand_back<Q: Queue>(
-    queue: &Q,
+/// SQS limits (developer guide): at most 10 message attributes, and body
+/// plus attributes (names, types, values) at most 256 KiB.
+const MAX_ATTRIBUTES: usize = 10;
+const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// 64-bit FNV-1a: a stable digest for deduplication ids (not security).
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The message that carries `checkpoint` to the next worker, or why it cannot be sent.
+pub fn hand_over_message(msg: &Message, checkpoint: &str, fifo: bool) -> Result<Outgoing, String> {
+    let mut attributes: BTreeMap<String, Attr> = msg.attributes.clone();
+    attributes.insert(CHECKPOINT_ATTR.into(), Attr::string(checkpoint));
+    attributes
+        .entry(ORIGINAL_ID_ATTR.into())
+        .or_insert_with(|| Attr::string(msg.id.clone()));
+    if let Some(ms) = msg.first_received_ms {
+        if let Some(t) = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms) {
+            attributes
+                .entry(FIRST_RECEIVED_ATTR.into())
+                .or_insert_with(|| {
+                    Attr::string(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                });
+        }
+    }
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err(format!(
+            "the message would carry {} attributes; SQS allows {MAX_ATTRIBUTES}",
+            attributes.len()
+        ));
+    }
+    let size = msg.body.len()
+        + attributes
+            .iter()
+            .map(|(k, a)| k.len() + a.data_type.len() + a.value.len())
+            .sum::<usize>();
+    if size > MAX_MESSAGE_BYTES {
+        return Err(format!(
+            "the message would be {size} bytes; SQS allows {MAX_MESSAGE_BYTES}"
+        ));
+    }
+    let (group_id, dedup_id) = if fifo {
+        let group = msg
+            .group_id
+            .clone()
+            .ok_or_else(|| "a FIFO message without MessageGroupId".to_string())?;
+        // The same message and checkpoint always give the same id, so a
+        // retried send inside SQS's 5-minute window makes no second copy.
+        (
+            Some(group),
+            Some(format!("sg-{:016x}", fnv1a(&[&msg.id, checkpoint]))),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(Outgoing {
+        body: msg.body.clone(),
+        attributes,
+        group_id,
+        dedup_id,
+    })
+}
+
+/// Re-sends the message with the checkpoint, then deletes the original.
+/// The original is deleted only after the send succeeded: if the send
+/// fails, the caller hands the original back as it was (at least once).
+async fn hand_over<Q: Queue>(
+    ctx: &JobCtx<Q>,
     msg: &Message,
-) -> (Result<(), crate::aws::AwsError>, Settled) {
-    (
-        retry(|| queue.set_visibility(&msg.receipt, 0)).await,
-        Settled::HandedBack,
-    )
+    checkpoint: &str,
+) -> Result<(), String> {
+    let out = hand_over_message(msg, checkpoint, ctx.fifo)?;
+    let mut attempt = 1;
+    let new_id = loop {
+        match ctx.queue.send(&out).await {
+            Ok(id) => break id,
+            // Retrying is safe only where SQS deduplicates (FIFO); on a
+            // standard queue a retry after an unseen success would duplicate,
+            // which at-least-once allows but we avoid: one attempt there.
+            Err(e) if ctx.fifo && attempt < SETTLE_ATTEMPTS => {
+                tracing::warn!(error = %e, attempt, "re-send failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    tracing::info!(message_id = %msg.id, %new_id, "re-sent with the checkpoint");
+    if let Err(e) = retry(|| ctx.queue.delete(&msg.receipt)).await {
+        // Both copies exist now; the original returns after its visibility
+        // timeout and runs again: a duplicate, never a loss.
+        tracing::error!(message_id = %msg.id, error = %e, "cannot delete the original after the re-send");
+    }
+    Ok(())
 }
 
 /// Hands back messages that were received but never started.
@@ -204,6 +359,81 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn msg(fifo_group: Option<&str>) -> Message {
+        Message {
+            id: "6d0c1b4e-0000-4000-8000-000000000001".into(),
+            receipt: "r".into(),
+            body: "{\"job\": 1}".into(),
+            receive_count: 1,
+            first_received_ms: Some(1_800_000_000_000),
+            attributes: [("customer".to_string(), Attr::string("acme"))]
+                .into_iter()
+                .collect(),
+            group_id: fifo_group.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn hand_over_message_carries_checkpoint_origin_and_group() {
+        let m = hand_over_message(&msg(None), "s3://b/ckpt-7", false).unwrap();
+        assert_eq!(m.body, "{\"job\": 1}");
+        assert_eq!(m.attributes[CHECKPOINT_ATTR].value, "s3://b/ckpt-7");
+        assert_eq!(
+            m.attributes[ORIGINAL_ID_ATTR].value,
+            "6d0c1b4e-0000-4000-8000-000000000001"
+        );
+        assert_eq!(
+            m.attributes[FIRST_RECEIVED_ATTR].value,
+            "2027-01-15T08:00:00.000Z"
+        );
+        assert_eq!(m.attributes["customer"].value, "acme");
+        assert_eq!((m.group_id, m.dedup_id), (None, None));
+        // FIFO: same group; the same checkpoint gives the same dedup id, another a different one.
+        let a = hand_over_message(&msg(Some("g1")), "s3://b/ckpt-7", true).unwrap();
+        let b = hand_over_message(&msg(Some("g1")), "s3://b/ckpt-7", true).unwrap();
+        let c = hand_over_message(&msg(Some("g1")), "s3://b/ckpt-8", true).unwrap();
+        assert_eq!(a.group_id.as_deref(), Some("g1"));
+        assert_eq!(a.dedup_id, b.dedup_id);
+        assert_ne!(a.dedup_id, c.dedup_id);
+        assert!(a.dedup_id.unwrap().len() <= 128);
+    }
+
+    #[test]
+    fn a_second_hand_over_keeps_the_first_origin() {
+        let mut m = msg(None);
+        m.attributes
+            .insert(ORIGINAL_ID_ATTR.into(), Attr::string("first-id"));
+        m.attributes.insert(
+            FIRST_RECEIVED_ATTR.into(),
+            Attr::string("2026-01-01T00:00:00.000Z"),
+        );
+        let out = hand_over_message(&m, "c2", false).unwrap();
+        assert_eq!(out.attributes[ORIGINAL_ID_ATTR].value, "first-id");
+        assert_eq!(
+            out.attributes[FIRST_RECEIVED_ATTR].value,
+            "2026-01-01T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let mut m = msg(None);
+        for i in 0..8 {
+            m.attributes.insert(format!("a{i}"), Attr::string("x"));
+        }
+        assert!(hand_over_message(&m, "c", false)
+            .unwrap_err()
+            .contains("attributes"));
+        let mut big = msg(None);
+        big.body = "x".repeat(MAX_MESSAGE_BYTES);
+        assert!(hand_over_message(&big, "c", false)
+            .unwrap_err()
+            .contains("bytes"));
+        assert!(hand_over_message(&msg(None), "c", true)
+            .unwrap_err()
+            .contains("MessageGroupId"));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn stop_signal_fires_at_the_earliest_of_deadline_and_timeout() {

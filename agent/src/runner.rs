@@ -27,7 +27,7 @@ use crate::notify::Notifier;
 use crate::state::{self, DrainReason, Mode, Notice, Policy};
 use crate::status::{inc, Status};
 use crate::watch::{Detected, WatchEvent};
-use crate::worker::WorkerSpec;
+use crate::worker::{JobNotice, WorkerSpec};
 
 /// Wait after a failed housekeeping call (group lookup, protection, lifecycle
 /// completion) before it is tried again: long enough not to hammer a
@@ -56,6 +56,14 @@ pub struct Runner<Q, F> {
     pub spec: WorkerSpec,
 }
 
+/// What the loop tells running jobs: the drain deadline and the notice.
+struct Chans {
+    deadline_tx: watch::Sender<Option<Instant>>,
+    deadline_rx: watch::Receiver<Option<Instant>>,
+    notice_tx: watch::Sender<Option<JobNotice>>,
+    notice_rx: watch::Receiver<Option<JobNotice>>,
+}
+
 /// Loop state that is not the mode.
 struct Loop {
     mode: Mode,
@@ -80,6 +88,8 @@ struct Loop {
     handbacks_in_flight: usize,
     drain_complete_logged: bool,
     deadline: Option<Instant>,
+    /// The last spot notice (action, time), for what running jobs are told.
+    spot: Option<(Option<String>, DateTime<Utc>)>,
 }
 
 fn instant_of(t: DateTime<Utc>) -> Instant {
@@ -133,9 +143,11 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
             handbacks_in_flight: 0,
             drain_complete_logged: false,
             deadline: None,
+            spot: None,
         };
         let (effects_tx, mut effects) = mpsc::unbounded_channel();
         let (deadline_tx, deadline_rx) = watch::channel(None::<Instant>);
+        let (notice_tx, notice_rx) = watch::channel(None::<JobNotice>);
         let ctx = Arc::new(JobCtx {
             queue: self.queue.clone(),
             spec: self.spec.clone(),
@@ -143,7 +155,15 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
             heartbeat: self.cfg.heartbeat_interval(),
             error_visibility: self.cfg.queue.error_visibility_timeout.0,
             timeout: self.cfg.worker.timeout.map(|d| d.0),
+            checkpoint_max: self.cfg.worker.checkpoint_max_bytes,
+            fifo: self.cfg.queue.url.trim_end_matches('/').ends_with(".fifo"),
         });
+        let chans = Chans {
+            deadline_tx,
+            deadline_rx,
+            notice_tx,
+            notice_rx,
+        };
         tokio::pin!(shutdown);
         let mut shutdown_seen = false;
         let mut notices_open = true;
@@ -159,16 +179,16 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                 biased;
                 _ = &mut shutdown, if !shutdown_seen => {
                     shutdown_seen = true;
-                    self.apply(&mut st, Notice::Shutdown, &deadline_tx);
+                    self.apply(&mut st, Notice::Shutdown, &chans);
                 }
                 d = notices.recv(), if notices_open => match d {
-                    Some(d) => self.on_detected(&mut st, d, &deadline_tx),
+                    Some(d) => self.on_detected(&mut st, d, &chans),
                     None => {
                         notices_open = false;
                         tracing::error!("the IMDS watcher stopped; no more notices will be seen");
                     }
                 },
-                Some(e) = effects.recv() => self.on_effect(&mut st, e, &effects_tx, &ctx, &deadline_rx),
+                Some(e) = effects.recv() => self.on_effect(&mut st, e, &effects_tx, &ctx, &chans),
                 Some(r) = st.jobs.join_next(), if !st.jobs.is_empty() => {
                     st.last_activity = Instant::now();
                     match r {
@@ -204,16 +224,12 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         wake
     }
 
-    fn on_detected(
-        &self,
-        st: &mut Loop,
-        d: Detected,
-        deadline_tx: &watch::Sender<Option<Instant>>,
-    ) {
+    fn on_detected(&self, st: &mut Loop, d: Detected, chans: &Chans) {
         let c = &self.status.counters;
         let notice = match &d.event {
-            WatchEvent::SpotInterruption { time, .. } => {
+            WatchEvent::SpotInterruption { time, action, .. } => {
                 inc(&c.notices_spot);
+                st.spot = Some((action.as_ref().map(|a| a.to_string()), *time));
                 Some(Notice::Spot { time: *time })
             }
             WatchEvent::RebalanceRecommendation { .. } => {
@@ -240,7 +256,7 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         };
         let relevant = notice.is_some() || matches!(d.event, WatchEvent::ScheduledEvent { .. });
         if let Some(n) = notice {
-            self.apply(st, n, deadline_tx);
+            self.apply(st, n, chans);
         }
         if relevant {
             let mut event = serde_json::to_value(&d).unwrap_or_else(|_| json!({}));
@@ -253,7 +269,7 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         }
     }
 
-    fn apply(&self, st: &mut Loop, notice: Notice, deadline_tx: &watch::Sender<Option<Instant>>) {
+    fn apply(&self, st: &mut Loop, notice: Notice, chans: &Chans) {
         let before = st.mode.clone();
         st.mode = state::on_notice(&st.mode, &notice, &self.policy(), Utc::now());
         if st.mode == before {
@@ -272,7 +288,27 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         let deadline = st.mode.drain().and_then(|d| d.deadline).map(instant_of);
         if deadline != st.deadline {
             st.deadline = deadline;
-            deadline_tx.send_replace(deadline);
+            chans.deadline_tx.send_replace(deadline);
+        }
+        // Every drain (spot, lifecycle, SIGTERM, rebalance in drain mode) is
+        // told to the running jobs, again whenever its deadline changes.
+        if let Some(drain) = st.mode.drain() {
+            let kind = match notice {
+                Notice::Spot { .. } => "spot_interruption",
+                Notice::Rebalance => "rebalance_recommendation",
+                Notice::LifecycleTerminated => "lifecycle_terminated",
+                Notice::Shutdown => "shutdown",
+            };
+            let spot = drain
+                .has(DrainReason::SpotInterruption)
+                .then(|| st.spot.clone())
+                .flatten();
+            chans.notice_tx.send_replace(Some(JobNotice {
+                kind,
+                action: spot.as_ref().and_then(|s| s.0.clone()),
+                notice_time: spot.map(|s| s.1),
+                deadline: drain.deadline,
+            }));
         }
     }
 
@@ -283,6 +319,7 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
             Settled::Failed => &c.jobs_failed,
             Settled::TimedOut => &c.jobs_timed_out,
             Settled::HandedBack => &c.jobs_handed_back,
+            Settled::HandedOver => &c.jobs_handed_over,
             Settled::SettleFailed => &c.settle_errors,
         });
     }
@@ -293,7 +330,7 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         e: Effect,
         tx: &mpsc::UnboundedSender<Effect>,
         ctx: &Arc<JobCtx<Q>>,
-        deadline_rx: &watch::Receiver<Option<Instant>>,
+        chans: &Chans,
     ) {
         let now = Instant::now();
         let c = &self.status.counters;
@@ -320,7 +357,12 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                 if run {
                     for m in msgs {
                         tracing::info!(message_id = %m.id, receive_count = m.receive_count, "job started");
-                        st.jobs.spawn(run_job(ctx.clone(), m, deadline_rx.clone()));
+                        st.jobs.spawn(run_job(
+                            ctx.clone(),
+                            m,
+                            chans.deadline_rx.clone(),
+                            chans.notice_rx.clone(),
+                        ));
                     }
                 } else {
                     tracing::info!(

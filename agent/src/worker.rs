@@ -1,21 +1,44 @@
 //! Handing one message to the worker: a program (exec mode) or an HTTP POST
-//! in the Elastic Beanstalk sqsd style (http mode).
+//! in the Elastic Beanstalk sqsd style (http mode), and telling it about a
+//! notice while it runs.
 //!
 //! The message body never passes through a shell: exec mode runs the
 //! configured argv directly and writes the body to the job's stdin.
+//!
+//! A running job learns of a notice at once: in exec mode the notice is
+//! written as JSON to the file named by `SPOTGUARD_NOTICE_FILE` (which
+//! exists only once there is a notice) and the job's process group gets
+//! `worker.notice_signal`; in http mode the JSON is POSTed to
+//! `worker.notice_url`. A job may leave a checkpoint reference in the file
+//! named by `SPOTGUARD_CHECKPOINT_FILE` (http mode: in the
+//! `X-Spotguard-Checkpoint` header of its answer to the job request), which
+//! the agent carries over to the next worker when the message is handed back.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use chrono::{TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
+use tokio::sync::watch;
 
 use crate::aws::Message;
 use crate::config::WorkerMode;
+
+/// Attribute carrying a checkpoint reference to the next worker.
+pub const CHECKPOINT_ATTR: &str = "spotguard.checkpoint";
+/// The first message's id, kept across hand-overs.
+pub const ORIGINAL_ID_ATTR: &str = "spotguard.original-message-id";
+/// The first message's first receive time (RFC 3339), kept across hand-overs.
+pub const FIRST_RECEIVED_ATTR: &str = "spotguard.first-received-at";
+/// Http mode: the header a worker answers with its checkpoint reference, and
+/// the header the next worker gets it in.
+pub const CHECKPOINT_HEADER: &str = "X-Spotguard-Checkpoint";
 
 /// How a job ended, before its message is settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +48,9 @@ pub enum Outcome {
     Failed(String),
     /// Stopped by the agent, for the reason given.
     Stopped(StopReason),
+    /// After a notice the job ended without success: it gave its work back
+    /// (typically after saving a checkpoint). Handed back, not a failure.
+    Yielded(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +59,19 @@ pub enum StopReason {
     Deadline,
     /// `worker.timeout` elapsed.
     Timeout,
+}
+
+/// What a running job is told on a notice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobNotice {
+    /// `spot_interruption`, `rebalance_recommendation`, `lifecycle_terminated` or `shutdown`.
+    pub kind: &'static str,
+    /// The spot action (`terminate`, `stop`, `hibernate`), if a spot notice.
+    pub action: Option<String>,
+    /// When AWS interrupts the instance, if a spot notice.
+    pub notice_time: Option<DateTime<Utc>>,
+    /// When the agent stops the job if it is still running; `None`: no limit.
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 /// What every job of this agent shares.
@@ -45,17 +84,104 @@ pub struct WorkerSpec {
     pub content_type: String,
     pub env: Vec<(String, String)>,
     pub http: reqwest::Client,
+    /// Exec mode: the signal a job's process group gets on a notice.
+    pub notice_signal: Option<Signal>,
+    /// Http mode: where the notice is POSTed.
+    pub notice_url: Option<String>,
+    /// Exec mode: per-job directories for the notice and checkpoint files.
+    pub state_dir: PathBuf,
 }
 
-/// Runs a job until it ends or `stop` completes, whichever is first.
+/// A job's notice and checkpoint files (exec mode).
+#[derive(Debug, Clone)]
+pub struct JobFiles {
+    pub dir: PathBuf,
+    pub notice: PathBuf,
+    pub checkpoint: PathBuf,
+}
+
+impl JobFiles {
+    /// `<state_dir>/jobs/<message id>`; message ids are UUIDs, but anything
+    /// outside `[A-Za-z0-9-_]` is replaced so no id can leave the directory.
+    pub fn create(state_dir: &Path, message_id: &str) -> std::io::Result<JobFiles> {
+        let safe: String = message_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let dir = state_dir.join("jobs").join(safe);
+        std::fs::create_dir_all(&dir)?;
+        let files = JobFiles {
+            notice: dir.join("notice.json"),
+            checkpoint: dir.join("checkpoint"),
+            dir,
+        };
+        // A stale file from an earlier run of the same message must not count.
+        let _ = std::fs::remove_file(&files.notice);
+        let _ = std::fs::remove_file(&files.checkpoint);
+        Ok(files)
+    }
+
+    /// The checkpoint reference, if the job left one; `Err` names why it is unusable.
+    pub fn checkpoint(&self, max_bytes: usize) -> Result<Option<String>, String> {
+        match std::fs::read(&self.checkpoint) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", self.checkpoint.display())),
+            Ok(bytes) => checkpoint_value(&bytes, max_bytes),
+        }
+    }
+
+    pub fn remove(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::debug!(dir = %self.dir.display(), error = %e, "cannot remove the job directory");
+        }
+    }
+}
+
+/// A checkpoint reference: trimmed UTF-8 text without NUL, at most `max_bytes`.
+pub fn checkpoint_value(bytes: &[u8], max_bytes: usize) -> Result<Option<String>, String> {
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| "checkpoint reference is not UTF-8".to_string())?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if text.len() > max_bytes {
+        return Err(format!(
+            "checkpoint reference of {} bytes exceeds {max_bytes}",
+            text.len()
+        ));
+    }
+    if text.contains('\0') {
+        return Err("checkpoint reference contains a NUL byte".into());
+    }
+    Ok(Some(text.to_string()))
+}
+
+/// How a job ended, with a checkpoint reference from its answer (http mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub outcome: Outcome,
+    pub checkpoint: Option<String>,
+}
+
+/// Runs a job until it ends or `stop` completes, whichever is first, telling
+/// it of every notice on `notices`.
 pub async fn execute(
     spec: &WorkerSpec,
     msg: &Message,
+    files: Option<&JobFiles>,
+    notices: watch::Receiver<Option<JobNotice>>,
     stop: impl Future<Output = StopReason>,
-) -> Outcome {
+) -> Ended {
     match &spec.mode {
-        WorkerMode::Exec(argv) => exec(spec, argv, msg, stop).await,
-        WorkerMode::Http(url) => http(spec, url, msg, stop).await,
+        WorkerMode::Exec(argv) => exec(spec, argv, msg, files, notices, stop).await,
+        WorkerMode::Http(url) => http(spec, url, msg, notices, stop).await,
     }
 }
 
@@ -81,14 +207,37 @@ fn first_received_iso(msg: &Message) -> Option<String> {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
+fn notice_json(msg: &Message, n: &JobNotice) -> String {
+    let mut v = serde_json::to_value(n).unwrap_or_else(|_| serde_json::json!({}));
+    if let Some(o) = v.as_object_mut() {
+        o.insert("message_id".into(), serde_json::json!(msg.id));
+    }
+    v.to_string()
+}
+
+/// Writes the notice file atomically (temporary file, then rename), so a
+/// job polling for it never reads half a notice.
+fn write_notice(files: &JobFiles, json: &str) {
+    let tmp = files.dir.join(".notice.json.tmp");
+    if let Err(e) = std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, &files.notice)) {
+        tracing::warn!(file = %files.notice.display(), error = %e, "cannot write the notice file");
+    }
+}
+
 async fn exec(
     spec: &WorkerSpec,
     argv: &[String],
     msg: &Message,
+    files: Option<&JobFiles>,
+    mut notices: watch::Receiver<Option<JobNotice>>,
     stop: impl Future<Output = StopReason>,
-) -> Outcome {
+) -> Ended {
+    let ended = |outcome| Ended {
+        outcome,
+        checkpoint: None,
+    };
     let Some((program, args)) = argv.split_first() else {
-        return Outcome::Failed("worker.command is empty".into());
+        return ended(Outcome::Failed("worker.command is empty".into()));
     };
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -106,16 +255,29 @@ async fn exec(
     if let Some(t) = first_received_iso(msg) {
         cmd.env("SPOTGUARD_FIRST_RECEIVED_AT", t);
     }
-    for (k, v) in &msg.attributes {
-        if v.contains('\0') {
+    if let Some(f) = files {
+        cmd.env("SPOTGUARD_NOTICE_FILE", &f.notice)
+            .env("SPOTGUARD_CHECKPOINT_FILE", &f.checkpoint);
+    }
+    for (k, a) in &msg.attributes {
+        if a.value.contains('\0') {
             tracing::warn!(message_id = %msg.id, attribute = %k, "attribute holds a NUL byte; not passed");
             continue;
         }
-        cmd.env(attr_env_name(k), v);
+        cmd.env(attr_env_name(k), &a.value);
+        match k.as_str() {
+            CHECKPOINT_ATTR => {
+                cmd.env("SPOTGUARD_CHECKPOINT", &a.value);
+            }
+            ORIGINAL_ID_ATTR => {
+                cmd.env("SPOTGUARD_ORIGINAL_MESSAGE_ID", &a.value);
+            }
+            _ => {}
+        }
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Outcome::Failed(format!("cannot start {program}: {e}")),
+        Err(e) => return ended(Outcome::Failed(format!("cannot start {program}: {e}"))),
     };
     let pgid = child
         .id()
@@ -137,23 +299,93 @@ async fn exec(
     };
     tokio::pin!(run);
     tokio::pin!(stop);
-    tokio::select! {
-        status = &mut run => match status {
-            Ok(s) if s.success() => Outcome::Succeeded,
-            Ok(s) => Outcome::Failed(format!("worker exited with {s}")),
-            Err(e) => Outcome::Failed(format!("cannot wait for the worker: {e}")),
-        },
-        reason = &mut stop => {
-            if let Some(pgid) = pgid {
-                signal_group(pgid, Signal::SIGTERM);
-                if tokio::time::timeout(spec.term_grace, &mut run).await.is_err() {
-                    signal_group(pgid, Signal::SIGKILL);
-                    let _ = run.await;
-                }
+    let mut noticed = false;
+    let mut notices_open = true;
+    loop {
+        tokio::select! {
+            status = &mut run => {
+                return ended(match status {
+                    Ok(s) if s.success() => Outcome::Succeeded,
+                    Ok(s) if noticed => Outcome::Yielded(format!("worker exited with {s} after the notice")),
+                    Ok(s) => Outcome::Failed(format!("worker exited with {s}")),
+                    Err(e) => Outcome::Failed(format!("cannot wait for the worker: {e}")),
+                });
             }
-            Outcome::Stopped(reason)
+            changed = notices.changed(), if notices_open => {
+                if changed.is_err() {
+                    notices_open = false;
+                    continue;
+                }
+                let Some(n) = notices.borrow_and_update().clone() else { continue };
+                noticed = true;
+                if let Some(f) = files {
+                    write_notice(f, &notice_json(msg, &n));
+                }
+                if let (Some(sig), Some(pgid)) = (spec.notice_signal, pgid) {
+                    signal_catchers(pgid, sig);
+                }
+                tracing::info!(message_id = %msg.id, kind = n.kind, "job told of the notice");
+            }
+            reason = &mut stop => {
+                if let Some(pgid) = pgid {
+                    signal_group(pgid, Signal::SIGTERM);
+                    if tokio::time::timeout(spec.term_grace, &mut run).await.is_err() {
+                        signal_group(pgid, Signal::SIGKILL);
+                        let _ = run.await;
+                    }
+                }
+                return ended(Outcome::Stopped(reason));
+            }
         }
     }
+}
+
+/// Sends `sig` to the processes of group `pgid` that catch it, and only to
+/// them: a notice signal whose default action is to terminate (SIGUSR1's is)
+/// must not kill a worker that knows nothing of notices, which may well
+/// finish before the deadline. Linux: reads `/proc/<pid>/stat` (group) and
+/// `/proc/<pid>/status` (`SigCgt`, the caught-signals mask).
+pub fn signal_catchers(pgid: Pid, sig: Signal) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let bit = 1u64 << ((sig as i32) - 1);
+    let mut sent = 0;
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the ")" that closes the command name: state, ppid, pgrp.
+        let pgrp = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(2))
+            .and_then(|g| g.parse::<i32>().ok());
+        if pgrp != Some(pgid.as_raw()) {
+            continue;
+        }
+        let catches = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("SigCgt:"))
+                    .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            })
+            .is_some_and(|mask| mask & bit != 0);
+        if catches && nix::sys::signal::kill(Pid::from_raw(pid), sig).is_ok() {
+            sent += 1;
+        }
+    }
+    if sent == 0 {
+        tracing::info!(
+            pgid = pgid.as_raw(),
+            ?sig,
+            "no process of the job catches the notice signal; none sent"
+        );
+    }
+    sent
 }
 
 fn signal_group(pgid: Pid, sig: Signal) {
@@ -165,12 +397,16 @@ fn signal_group(pgid: Pid, sig: Signal) {
     }
 }
 
+/// How long a notice POST may take; the worker only has to accept it.
+const NOTICE_POST_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn http(
     spec: &WorkerSpec,
     url: &str,
     msg: &Message,
+    mut notices: watch::Receiver<Option<JobNotice>>,
     stop: impl Future<Output = StopReason>,
-) -> Outcome {
+) -> Ended {
     let mut req = spec
         .http
         .post(url)
@@ -182,27 +418,90 @@ async fn http(
     if let Some(t) = first_received_iso(msg) {
         req = req.header("X-Aws-Sqsd-First-Received-At", t);
     }
-    for (k, v) in &msg.attributes {
+    for (k, a) in &msg.attributes {
         let name = format!("X-Aws-Sqsd-Attr-{k}");
         match (
             reqwest::header::HeaderName::from_bytes(name.as_bytes()),
-            reqwest::header::HeaderValue::from_str(v),
+            reqwest::header::HeaderValue::from_str(&a.value),
         ) {
-            (Ok(n), Ok(v)) => req = req.header(n, v),
+            (Ok(n), Ok(v)) => {
+                if k == CHECKPOINT_ATTR {
+                    req = req.header(CHECKPOINT_HEADER, v.clone());
+                }
+                req = req.header(n, v);
+            }
             _ => {
                 tracing::warn!(message_id = %msg.id, attribute = %k, "attribute cannot be an HTTP header; not passed")
             }
         }
     }
     let send = req.body(msg.body.clone()).send();
-    tokio::select! {
-        r = send => match r {
-            Ok(resp) if resp.status().is_success() => Outcome::Succeeded,
-            Ok(resp) => Outcome::Failed(format!("worker answered HTTP {}", resp.status())),
-            Err(e) => Outcome::Failed(format!("worker request failed: {}", crate::error_chain(&e))),
-        },
-        // Dropping the request abandons it (the connection is closed).
-        reason = stop => Outcome::Stopped(reason),
+    tokio::pin!(send);
+    tokio::pin!(stop);
+    let mut noticed = false;
+    let mut notices_open = true;
+    loop {
+        tokio::select! {
+            r = &mut send => {
+                return match r {
+                    Ok(resp) if resp.status().is_success() => Ended { outcome: Outcome::Succeeded, checkpoint: None },
+                    Ok(resp) => {
+                        let checkpoint = resp
+                            .headers()
+                            .get(CHECKPOINT_HEADER)
+                            .map(|v| v.as_bytes().to_vec());
+                        let why = format!("worker answered HTTP {}", resp.status());
+                        if noticed {
+                            let checkpoint = checkpoint.and_then(|b| match checkpoint_value(&b, usize::MAX) {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    tracing::warn!(message_id = %msg.id, error = %e, "checkpoint header unusable");
+                                    None
+                                }
+                            });
+                            Ended { outcome: Outcome::Yielded(why), checkpoint }
+                        } else {
+                            Ended { outcome: Outcome::Failed(why), checkpoint: None }
+                        }
+                    }
+                    Err(e) => Ended {
+                        outcome: Outcome::Failed(format!("worker request failed: {}", crate::error_chain(&e))),
+                        checkpoint: None,
+                    },
+                };
+            }
+            changed = notices.changed(), if notices_open => {
+                if changed.is_err() {
+                    notices_open = false;
+                    continue;
+                }
+                let Some(n) = notices.borrow_and_update().clone() else { continue };
+                noticed = true;
+                if let Some(nurl) = spec.notice_url.clone() {
+                    let body = notice_json(msg, &n);
+                    let client = spec.http.clone();
+                    let id = msg.id.clone();
+                    // Off the job's path: a slow notice endpoint must not delay the job's end.
+                    tokio::spawn(async move {
+                        let r = client
+                            .post(&nurl)
+                            .header(reqwest::header::CONTENT_TYPE, "application/json")
+                            .header("X-Aws-Sqsd-Msgid", &id)
+                            .timeout(NOTICE_POST_TIMEOUT)
+                            .body(body)
+                            .send()
+                            .await;
+                        match r {
+                            Ok(resp) if resp.status().is_success() => tracing::info!(message_id = %id, "worker told of the notice"),
+                            Ok(resp) => tracing::warn!(message_id = %id, status = %resp.status(), "notice POST refused"),
+                            Err(e) => tracing::warn!(message_id = %id, error = %crate::error_chain(&e), "notice POST failed"),
+                        }
+                    });
+                }
+            }
+            // Dropping the request abandons it (the connection is closed).
+            reason = &mut stop => return Ended { outcome: Outcome::Stopped(reason), checkpoint: None },
+        }
     }
 }
 
@@ -215,5 +514,33 @@ mod tests {
         assert_eq!(attr_env_name("job-kind"), "SPOTGUARD_ATTR_job_kind");
         assert_eq!(attr_env_name("a.b c$"), "SPOTGUARD_ATTR_a_b_c_");
         assert_eq!(attr_env_name("Plain_1"), "SPOTGUARD_ATTR_Plain_1");
+    }
+
+    #[test]
+    fn checkpoint_values() {
+        assert_eq!(
+            checkpoint_value(b"  s3://b/k \n", 64),
+            Ok(Some("s3://b/k".into()))
+        );
+        assert_eq!(checkpoint_value(b" \n", 64), Ok(None));
+        assert!(checkpoint_value(&[0xff, 0xfe], 64).is_err());
+        assert!(checkpoint_value(b"a\0b", 64).is_err());
+        assert!(checkpoint_value(&[b'x'; 65], 64)
+            .unwrap_err()
+            .contains("65 bytes"));
+    }
+
+    #[test]
+    fn job_files_stay_inside_the_state_dir() {
+        let base = std::env::temp_dir().join(format!("spotguard-jobfiles-{}", std::process::id()));
+        let f = JobFiles::create(&base, "../../etc/passwd").unwrap();
+        assert!(f.dir.starts_with(base.join("jobs")));
+        assert!(!f.dir.to_string_lossy().contains(".."));
+        std::fs::write(&f.checkpoint, "42\n").unwrap();
+        assert_eq!(f.checkpoint(16), Ok(Some("42".into())));
+        // A new run of the same message starts without the old files.
+        let again = JobFiles::create(&base, "../../etc/passwd").unwrap();
+        assert_eq!(again.checkpoint(16), Ok(None));
+        let _ = std::fs::remove_dir_all(base);
     }
 }

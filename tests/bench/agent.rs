@@ -17,6 +17,8 @@ use spotguard_tests::aws_env::{start_agent, AwsEnv};
 use spotguard_tests::{bin, median_max, now_ms, proc_usage, MockImds, Proc, Record, TempDir};
 
 fn config(queue: &str, imds: &str, worker: &str, concurrency: u32) -> String {
+    let state = std::env::temp_dir().join("spotguard-bench-state");
+    let state = state.display();
     format!(
         r#"
 [queue]
@@ -24,6 +26,7 @@ url = "{queue}"
 wait_time = "1s"
 [worker]
 command = ["{worker}"]
+state_dir = "{state}"
 concurrency = {concurrency}
 term_grace = "2s"
 [imds]

@@ -22,6 +22,7 @@ visibility_timeout = "30s"
 
 [worker]
 command = ["{worker}"]
+state_dir = "{state}"
 concurrency = 3
 term_grace = "2s"
 
@@ -41,7 +42,8 @@ idle_timeout = "10s"
 [status]
 listen = ""
 "#,
-        worker = bin("spotguard-test-worker").display()
+        worker = bin("spotguard-test-worker").display(),
+        state = std::env::temp_dir().join("spotguard-demo-state").display(),
     )
 }
 

@@ -378,6 +378,15 @@ impl Record {
             .collect()
     }
 
+    /// (from, to) of each `work` line of job `id` (counting jobs).
+    pub fn work(&self, id: &str) -> Vec<(u64, u64)> {
+        self.lines
+            .iter()
+            .filter(|l| l.len() >= 4 && l[0] == "work" && l[1] == id)
+            .map(|l| (l[2].parse().unwrap_or(0), l[3].parse().unwrap_or(0)))
+            .collect()
+    }
+
     /// Receive counts seen by `start` lines of job `id`.
     pub fn receive_counts(&self, id: &str) -> Vec<u32> {
         self.lines

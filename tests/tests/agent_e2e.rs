@@ -38,6 +38,7 @@ error_visibility_timeout = "1s"
 [worker]
 command = ["{worker}"]
 term_grace = "2s"
+state_dir = "{state}"
 {worker_extra}
 
 [worker.env]
@@ -53,6 +54,9 @@ listen = ""
 "#,
         worker = bin("spotguard-test-worker").display(),
         imds = mock.url,
+        state = std::env::temp_dir()
+            .join(format!("spotguard-state-{agent}-{}", std::process::id()))
+            .display(),
     )
 }
 

@@ -18,9 +18,56 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 static TERM: AtomicBool = AtomicBool::new(false);
+static NOTICE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_term(_: i32) {
     TERM.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_notice(_: i32) {
+    NOTICE.store(true, Ordering::SeqCst);
+}
+
+/// Counting mode (`count_to`): counts from the checkpoint (or 0) to N, one
+/// step per `step_ms`, saving the count every `checkpoint_every` steps and,
+/// on a notice (SIGUSR1), saving it and exiting 75 unless `ignore_notice`.
+/// Records `work <id> <from> <to>` for each execution.
+fn count_job(id: &str, job: &serde_json::Value) -> ! {
+    let n = job["count_to"].as_u64().unwrap_or(0);
+    let step = Duration::from_millis(job["step_ms"].as_u64().unwrap_or(100));
+    let every = job["checkpoint_every"].as_u64().unwrap_or(10).max(1);
+    let ignore_notice = job["ignore_notice"].as_bool().unwrap_or(false);
+    let from: u64 = std::env::var("SPOTGUARD_CHECKPOINT")
+        .ok()
+        .and_then(|c| c.trim().parse().ok())
+        .unwrap_or(0);
+    let save = |i: u64| {
+        if let Some(p) = std::env::var_os("SPOTGUARD_CHECKPOINT_FILE") {
+            std::fs::write(p, i.to_string()).expect("checkpoint");
+        }
+    };
+    let mut i = from;
+    while i < n {
+        std::thread::sleep(step);
+        i += 1;
+        if i % every == 0 {
+            save(i);
+        }
+        if TERM.load(Ordering::SeqCst) {
+            record(&format!("work {id} {from} {i}"));
+            record(&format!("term {id}"));
+            std::process::exit(143);
+        }
+        if NOTICE.load(Ordering::SeqCst) && !ignore_notice {
+            save(i);
+            record(&format!("work {id} {from} {i}"));
+            record(&format!("yield {id}"));
+            std::process::exit(75);
+        }
+    }
+    record(&format!("work {id} {from} {i}"));
+    record(&format!("done {id}"));
+    std::process::exit(0);
 }
 
 fn now_ms() -> u128 {
@@ -72,17 +119,21 @@ fn main() {
     let agent = std::env::var("TEST_AGENT").unwrap_or_else(|_| "-".into());
     let exit = job["exit"].as_i64().unwrap_or(0) as i32;
     let ignore_term = job["ignore_term"].as_bool().unwrap_or(false);
-    // SAFETY: the handler only stores to an atomic, which is signal-safe.
+    // SAFETY: the handlers only store to atomics, which is signal-safe.
     unsafe {
-        let _ = nix::sys::signal::signal(
-            nix::sys::signal::Signal::SIGTERM,
-            nix::sys::signal::SigHandler::Handler(on_term),
-        );
+        use nix::sys::signal::{signal, SigHandler, Signal};
+        let _ = signal(Signal::SIGTERM, SigHandler::Handler(on_term));
+        if !job["no_notice_handler"].as_bool().unwrap_or(false) {
+            let _ = signal(Signal::SIGUSR1, SigHandler::Handler(on_notice));
+        }
     }
     record(&format!(
         "start {id} {count} {} {agent}",
         std::process::id()
     ));
+    if job.get("count_to").is_some() {
+        count_job(&id, &job);
+    }
     if job["crash"].as_bool().unwrap_or(false) {
         record(&format!("fail {id}"));
         std::process::abort();
