@@ -153,6 +153,39 @@ impl AwsEnv {
         aws_sdk_autoscaling::Client::new(&conf)
     }
 
+    /// A FIFO queue (`<name>.fifo`) without content-based deduplication.
+    pub fn create_fifo_queue(&self, name: &str) -> String {
+        self.rt.block_on(async {
+            let q = self
+                .sqs
+                .create_queue()
+                .queue_name(format!("{name}.fifo"))
+                .attributes(QueueAttributeName::FifoQueue, "true")
+                .attributes(QueueAttributeName::VisibilityTimeout, "30")
+                .send()
+                .await
+                .expect("fifo queue");
+            q.queue_url().expect("queue url").to_string()
+        })
+    }
+
+    pub fn send_fifo(&self, queue: &str, body: &str, group: &str, dedup: &str) -> String {
+        self.rt.block_on(async {
+            self.sqs
+                .send_message()
+                .queue_url(queue)
+                .message_body(body)
+                .message_group_id(group)
+                .message_deduplication_id(dedup)
+                .send()
+                .await
+                .expect("send fifo")
+                .message_id()
+                .unwrap_or_default()
+                .to_string()
+        })
+    }
+
     /// A group of `desired` instances in us-east-1; returns their ids.
     pub fn create_group(&self, name: &str, min: i32, max: i32, desired: i32) -> Vec<String> {
         self.create_group_in("us-east-1", name, min, max, desired)

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod agent_setup;
 pub mod aws_env;
 pub mod http;
 pub mod proxy;

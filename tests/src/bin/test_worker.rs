@@ -58,7 +58,20 @@ fn count_job(id: &str, job: &serde_json::Value) -> ! {
             record(&format!("term {id}"));
             std::process::exit(143);
         }
-        if NOTICE.load(Ordering::SeqCst) && !ignore_notice {
+        if NOTICE.swap(false, Ordering::SeqCst) {
+            // What the agent wrote for us: kind and deadline.
+            let notice = std::env::var_os("SPOTGUARD_NOTICE_FILE")
+                .and_then(|p| std::fs::read(p).ok())
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .unwrap_or_default();
+            record(&format!(
+                "notice {id} {} {}",
+                notice["kind"].as_str().unwrap_or("-"),
+                notice["deadline"].as_str().unwrap_or("-")
+            ));
+            if ignore_notice {
+                continue;
+            }
             save(i);
             record(&format!("work {id} {from} {i}"));
             record(&format!("yield {id}"));
