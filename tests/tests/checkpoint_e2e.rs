@@ -161,15 +161,12 @@ fn fifo_queues_keep_the_group_and_deduplicate_the_re_send() {
 /// An http-mode worker that checkpoints: a job without a checkpoint runs
 /// until a notice is POSTed to /notice, then answers 503 with its reference;
 /// a job carrying one answers 200. Records (path, checkpoint header, body).
-fn checkpointing_http_worker(
-    rt: &tokio::runtime::Runtime,
-) -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>, String)>>>,
-) {
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>, String)>>>;
+
+fn checkpointing_http_worker(rt: &tokio::runtime::Runtime) -> (String, Seen) {
     use http_body_util::{BodyExt, Full};
-    use std::sync::{Arc, Mutex};
-    let seen: Arc<Mutex<Vec<(String, Option<String>, String)>>> = Arc::default();
+    use std::sync::Arc;
+    let seen: Seen = Arc::default();
     let noticed = Arc::new(tokio::sync::Notify::new());
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
