@@ -37,8 +37,10 @@ fn count_job(id: &str, job: &serde_json::Value) -> ! {
     let step = Duration::from_millis(job["step_ms"].as_u64().unwrap_or(100));
     let every = job["checkpoint_every"].as_u64().unwrap_or(10).max(1);
     let ignore_notice = job["ignore_notice"].as_bool().unwrap_or(false);
+    // `no_resume`: a job that cannot resume (starts over every time).
     let from: u64 = std::env::var("SPOTGUARD_CHECKPOINT")
         .ok()
+        .filter(|_| !job["no_resume"].as_bool().unwrap_or(false))
         .and_then(|c| c.trim().parse().ok())
         .unwrap_or(0);
     let save = |i: u64| {
