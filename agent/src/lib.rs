@@ -21,18 +21,4 @@ pub mod status;
 pub mod watch;
 pub mod worker;
 
-/// An error and its sources, outermost first: `a: b: c`.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        // Some errors repeat their source in their own message.
-        if !msg.ends_with(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
-}
+pub use spotguard_common::config::error_chain;

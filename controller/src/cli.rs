@@ -7,6 +7,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
+use spotguard_common::config::error_chain;
+
 use crate::aws::SdkCloud;
 use crate::config::Config;
 use crate::handler::Controller;
@@ -56,20 +58,6 @@ enum Command {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.ends_with(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
-}
 
 fn load(arg: &ConfigArg) -> Result<Config, crate::config::ConfigError> {
     match &arg.config {

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use spotguard_tests::aws_env::{start_agent, AwsEnv};
-use spotguard_tests::{bin, median_max, now_ms, proc_usage, MockImds, Proc, Record, TempDir};
+use spotguard_tests::{
+    arg_u64, bin, median_max, now_ms, proc_usage, MockImds, Proc, Record, TempDir,
+};
 
 fn config(queue: &str, imds: &str, worker: &str, concurrency: u32) -> String {
     let state = std::env::temp_dir().join("spotguard-bench-state");
@@ -42,15 +44,6 @@ listen = ""
     )
 }
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -63,8 +56,8 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 fn main() {
-    let jobs = arg("--jobs", 200) as usize;
-    let trials = arg("--trials", 5) as usize;
+    let jobs = arg_u64("--jobs", 200) as usize;
+    let trials = arg_u64("--trials", 5) as usize;
     let env = AwsEnv::start();
     let ids = env.create_group("bench", 0, 3, 1);
     let mock = MockImds::start(&["--instance-id", &ids[0]]);

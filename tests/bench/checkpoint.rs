@@ -19,20 +19,11 @@ use std::time::Duration;
 use serde_json::json;
 use spotguard_tests::agent_setup::{config, mock_for, setup, NO_SCALE_IN};
 use spotguard_tests::aws_env::start_agent;
-use spotguard_tests::{median_max, Record, Rng};
+use spotguard_tests::{arg_u64, median_max, Record, Rng};
 
 const WORK: u64 = 600;
 const EVERY: u64 = 10;
 const STEP_MS: u64 = 20;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One interrupted run; returns the job seconds lost.
 fn run(variant: &str, job: serde_json::Value, notice_after_steps: u64) -> u64 {
@@ -80,8 +71,8 @@ fn run(variant: &str, job: serde_json::Value, notice_after_steps: u64) -> u64 {
 }
 
 fn main() {
-    let trials = arg("--trials", 5) as usize;
-    let mut rng = Rng::new(arg("--seed", 7));
+    let trials = arg_u64("--trials", 5) as usize;
+    let mut rng = Rng::new(arg_u64("--seed", 7));
     let base =
         json!({"id": "job", "count_to": WORK, "step_ms": STEP_MS, "checkpoint_every": EVERY});
     let with = |k: &str| {

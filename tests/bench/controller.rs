@@ -17,19 +17,10 @@ use spotguard_controller::reconcile::{
     reconcile, FallbackGroup, Launch, LaunchKind, Memory, Settings,
 };
 use spotguard_tests::aws_env::AwsEnv;
-use spotguard_tests::{bin, median_max, TempDir};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use spotguard_tests::{arg_u64, bin, lambda_env, median_max, TempDir};
 
 fn main() {
-    let runs = arg("--runs", 20) as usize;
+    let runs = arg_u64("--runs", 20) as usize;
 
     // 1. Decision time.
     let s = Settings {
@@ -146,14 +137,9 @@ fn main() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut cmd = Command::new(bin("spotguard-controller"));
-        cmd.arg("lambda")
-            .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
-            .env("AWS_LAMBDA_FUNCTION_NAME", "spotguard")
-            .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-            .env("AWS_LAMBDA_LOG_STREAM_NAME", "s")
-            .env("AWS_LAMBDA_LOG_GROUP_NAME", "g")
-            .env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
+        cmd.arg("lambda");
+        lambda_env(&mut cmd, &addr.to_string());
+        cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
             .env("SPOTGUARD_PRIMARY_QUEUE_URL", &queue)
             .env("SPOTGUARD_FALLBACK_ASG", "gpu-fallback")
             .stdout(Stdio::null())

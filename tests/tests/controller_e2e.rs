@@ -603,14 +603,9 @@ fn the_lambda_runtime_handles_events_and_acknowledges_garbage() {
         ],
     );
     let mut cmd = Command::new(bin("spotguard-controller"));
-    cmd.arg("lambda")
-        .env("AWS_LAMBDA_RUNTIME_API", &api)
-        .env("AWS_LAMBDA_FUNCTION_NAME", "spotguard")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "s")
-        .env("AWS_LAMBDA_LOG_GROUP_NAME", "g")
-        .env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
+    cmd.arg("lambda");
+    spotguard_tests::lambda_env(&mut cmd, &api);
+    cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
         .env("SPOTGUARD_PRIMARY_QUEUE_URL", &t.queue)
         .env("SPOTGUARD_FALLBACK_ASG", "gpu-fallback")
         .env("SPOTGUARD_FALLBACK_MAX_SIZE", "4");
