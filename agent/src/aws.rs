@@ -12,7 +12,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use aws_sdk_autoscaling::error::ProvideErrorMetadata;
-use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::MessageSystemAttributeName;
 
 /// Upper bound of one AWS call with its SDK retries. A hand-back must finish
 /// well inside the default 25 s deadline margin minus the 10 s grace.
@@ -296,32 +296,6 @@ fn convert_message(m: &aws_sdk_sqs::types::Message) -> Option<Message> {
         attributes,
         group_id: sys_attr(MessageSystemAttributeName::MessageGroupId).cloned(),
     })
-}
-
-/// Queue depth, for status and the demo's accounting.
-pub async fn queue_depth(client: &aws_sdk_sqs::Client, url: &str) -> Result<(i64, i64), AwsError> {
-    const OP: &str = "GetQueueAttributes";
-    let out = bounded(OP, CALL_TIMEOUT, async {
-        client
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .map_err(|e| sdk_error(OP, e))
-    })
-    .await?;
-    let get = |k: QueueAttributeName| {
-        out.attributes()
-            .and_then(|a| a.get(&k))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok((
-        get(QueueAttributeName::ApproximateNumberOfMessages),
-        get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-    ))
 }
 
 /// Auto Scaling through the SDK.

@@ -281,6 +281,8 @@ async fn run_loop(c: Controller<SdkCloud>) -> Result<(), BoxError> {
 /// Drains the EventBridge-fed queue: each message is handled, then deleted
 /// (malformed ones too: they would never become valid).
 async fn read_events(c: &Controller<SdkCloud>, client: &aws_sdk_sqs::Client, url: &str) {
+    // The SQS actions this makes, for the IAM policy check.
+    const _OPS: [&str; 2] = ["ReceiveMessage", "DeleteMessage"];
     for _ in 0..10 {
         let out = match client
             .receive_message()
