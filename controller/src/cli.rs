@@ -81,8 +81,24 @@ fn init_logging() {
     }
 }
 
+/// Lambda's provided.al2023 runtime executes `./bootstrap` without
+/// arguments: the binary packaged under that name serves Lambda.
+fn parse_cli() -> Cli {
+    let mut args = std::env::args_os();
+    let argv0 = args.next();
+    let invoked_as_bootstrap = argv0
+        .as_deref()
+        .map(std::path::Path::new)
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "bootstrap");
+    if invoked_as_bootstrap && args.next().is_none() {
+        return Cli { command: Command::Lambda };
+    }
+    Cli::parse()
+}
+
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     init_logging();
     let cfg_arg = match &cli.command {
         Command::Lambda => ConfigArg { config: None },

@@ -602,8 +602,10 @@ fn the_lambda_runtime_handles_events_and_acknowledges_garbage() {
             json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}}),
         ],
     );
-    let mut cmd = Command::new(bin("spotguard-controller"));
-    cmd.arg("lambda");
+    // As Lambda runs it: the binary named `bootstrap`, no arguments.
+    let bootstrap = t.dir.path().join("bootstrap");
+    std::fs::copy(bin("spotguard-controller"), &bootstrap).unwrap();
+    let mut cmd = Command::new(&bootstrap);
     spotguard_tests::lambda_env(&mut cmd, &api);
     cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
         .env("SPOTGUARD_PRIMARY_QUEUE_URL", &t.queue)
