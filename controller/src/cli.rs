@@ -92,7 +92,9 @@ fn parse_cli() -> Cli {
         .and_then(|p| p.file_name())
         .is_some_and(|n| n == "bootstrap");
     if invoked_as_bootstrap && args.next().is_none() {
-        return Cli { command: Command::Lambda };
+        return Cli {
+            command: Command::Lambda,
+        };
     }
     Cli::parse()
 }

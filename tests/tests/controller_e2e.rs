@@ -173,6 +173,9 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
     for i in 0..40 {
         t.env.send(&t.queue, &format!("job {i}"));
     }
+    // The policies exist (as after `setup`); failover re-puts the fallback's enabled.
+    assert_eq!(t.binary(&["setup"]).0, 0);
+    let puts_before = t.env.proxy.calls_of("PutScalingPolicy").len();
     let event = t.dir.path().join("event.json");
     std::fs::write(&event, capacity_failure("act-1").to_string()).unwrap();
     let (code, out) = t.binary(&["once", "--event", event.to_str().unwrap()]);
@@ -184,6 +187,20 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
     assert_eq!(t.mode().as_deref(), Some("failed-over"));
     assert!(g.tags.contains_key("spotguard:since"));
     assert_eq!(t.announced(&mut Vec::new()), vec!["normal->failed-over"]);
+    let enable: Vec<_> = t
+        .env
+        .proxy
+        .calls_of("PutScalingPolicy")
+        .into_iter()
+        .skip(puts_before)
+        .collect();
+    assert_eq!(enable.len(), 1, "the fallback policy enabled once");
+    assert_eq!(enable[0].region, "us-east-2");
+    assert!(
+        enable[0].body.contains("Enabled=true"),
+        "{}",
+        enable[0].body
+    );
     // Metrics: 40 visible, 1 InService in the primary; each in its group's region.
     let puts = t.env.proxy.calls_of("PutMetricData");
     let primary = puts
