@@ -14,8 +14,8 @@ check() { local what=$1; shift; if "$@" >/dev/null 2>&1; then ok "$what"; else b
 mode_owner() { stat -c '%a %U:%G' "$1" 2>/dev/null; }
 expect_mode() { local got; got=$(mode_owner "$1"); if [ "$got" = "$2" ]; then ok "$1 is $2"; else bad "$1 is '$got', expected $2"; fi; }
 
-deb=$(ls $dist/spotguard-agent_*.deb | head -n1)
-rpm=$(ls $dist/spotguard-agent-*.rpm | head -n1)
+deb=$(ls $dist/spotguard-agent_*_amd64.deb | head -n1)
+rpm=$(ls $dist/spotguard-agent-*.x86_64.rpm | head -n1)
 echo "== $deb"
 dpkg-deb -c "$deb"
 check "deb lists /etc/spotguard/agent.toml as a conffile" sh -c "dpkg-deb -e '$deb' /tmp/spotguard-deb-control && grep -qx /etc/spotguard/agent.toml /tmp/spotguard-deb-control/conffiles"
@@ -48,6 +48,18 @@ check "rpm payload is gzip (Amazon Linux 2 reads it)" sh -c "[ \"\$(rpm -qp --qf
 check "rpm marks agent.toml as config" sh -c "rpm -qcp '$rpm' 2>/dev/null | grep -qx /etc/spotguard/agent.toml"
 check "rpm ships the binaries 0755" sh -c "rpm -qlp --dump '$rpm' 2>/dev/null | grep -q '^/usr/bin/spotguard-agent .* 0100755 '"
 check "rpm ships the unit" sh -c "rpm -qlp '$rpm' 2>/dev/null | grep -qx /usr/lib/systemd/system/spotguard-agent.service"
+
+echo "== aarch64"
+armdeb=$(ls $dist/spotguard-agent_*_arm64.deb 2>/dev/null | head -n1)
+armrpm=$(ls $dist/spotguard-agent-*.aarch64.rpm 2>/dev/null | head -n1)
+if [ -n "$armdeb" ] && [ -n "$armrpm" ]; then
+  rm -rf /tmp/spotguard-armdeb && mkdir -p /tmp/spotguard-armdeb && dpkg-deb -x "$armdeb" /tmp/spotguard-armdeb
+  check "arm64 deb holds aarch64 binaries" sh -c "file /tmp/spotguard-armdeb/usr/bin/spotguard-agent | grep -q 'ARM aarch64'"
+  check "aarch64 rpm is aarch64" sh -c "[ \"\$(rpm -qp --qf '%{ARCH}' '$armrpm' 2>/dev/null)\" = aarch64 ]"
+  check "aarch64 rpm payload is gzip" sh -c "[ \"\$(rpm -qp --qf '%{PAYLOADCOMPRESSOR}' '$armrpm' 2>/dev/null)\" = gzip ]"
+else
+  bad "aarch64 packages missing"
+fi
 
 echo "== $dist/spotguard-controller-lambda.zip"
 unzip -Z "$dist/spotguard-controller-lambda.zip"
