@@ -2,8 +2,8 @@
 //!
 //! The body is read from stdin. A body starting with `{` is a JSON job
 //! `{"id": "...", "sleep_ms": N, "sleep_ms_first": N, "exit": CODE,
-//! "crash": bool, "ignore_term": bool}` (`sleep_ms_first` applies on the
-//! first receive only; `crash` aborts the process);
+//! "crash": bool, "crash_first": bool, "ignore_term": bool}` (`sleep_ms_first`
+//! and `crash_first` apply on the first receive only; a crash aborts the process);
 //! anything else is stored raw. Every execution appends one line per event to
 //! the file named by `SPOTGUARD_TEST_RECORD` (O_APPEND, one write per line, so
 //! concurrent workers do not interleave):
@@ -149,7 +149,8 @@ fn main() {
     if job.get("count_to").is_some() {
         count_job(&id, &job);
     }
-    if job["crash"].as_bool().unwrap_or(false) {
+    let crash_first = job["crash_first"].as_bool().unwrap_or(false) && count == "1";
+    if job["crash"].as_bool().unwrap_or(false) || crash_first {
         record(&format!("fail {id}"));
         std::process::abort();
     }
