@@ -688,3 +688,133 @@ fn run_reads_events_from_an_sqs_queue() {
         .expect("run stops on SIGTERM");
     assert!(st.success());
 }
+
+/// A scripted day of launch outcomes, compressed (cool-down 3 s, dwell 1 s):
+/// bursts of capacity failures with duplicates, late and reordered events,
+/// API errors, recoveries. The mode changes must be exactly the expected
+/// sequence: no flapping, no change on an error.
+#[test]
+fn a_scripted_day_gives_exactly_the_expected_mode_changes() {
+    let t = setup("ctl-day");
+    let c = t.controller();
+    let mut seen = Vec::new();
+    let old = |secs: i64| now() - chrono::Duration::seconds(secs);
+    // Morning: launches succeed.
+    t.handle(&c, &success("m-1")).unwrap();
+    t.tick(&c);
+    // A burst of capacity failures, one delivered twice, one bad-AMI failure.
+    t.handle(&c, &capacity_failure("b1-1")).unwrap();
+    t.handle(&c, &capacity_failure("b1-2")).unwrap();
+    t.handle(&c, &capacity_failure("b1-1")).unwrap();
+    t.handle(
+        &c,
+        &launch_event("EC2 Instance Launch Unsuccessful", BAD_AMI, "ami-x", now()),
+    )
+    .unwrap();
+    // A late success from before the burst changes nothing.
+    t.handle(
+        &c,
+        &launch_event("EC2 Instance Launch Successful", "", "m-0", old(120)),
+    )
+    .unwrap();
+    // Throttled beyond retries while the gate is already open: no change.
+    t.env
+        .proxy
+        .inject("DescribeAutoScalingGroups", Fault::throttle(), 10);
+    assert!(t.env.rt.block_on(c.tick(Vec::new())).is_err());
+    t.env.proxy.clear_faults();
+    t.tick(&c);
+    assert_eq!(t.mode().as_deref(), Some("failed-over"));
+    // The fallback group took work: one busy (protected) instance, so
+    // failing back cannot finish until its job ends.
+    let asg = t.env.asg_in("us-east-2");
+    let fallback_busy = |desired: i32, protect: bool| {
+        t.env.rt.block_on(async {
+            asg.set_desired_capacity()
+                .auto_scaling_group_name("gpu-fallback")
+                .desired_capacity(desired)
+                .send()
+                .await
+                .unwrap();
+        });
+        let ids: Vec<String> = t.fallback().instances.iter().map(|i| i.0.clone()).collect();
+        if !ids.is_empty() {
+            t.env.rt.block_on(async {
+                asg.set_instance_protection()
+                    .auto_scaling_group_name("gpu-fallback")
+                    .set_instance_ids(Some(ids))
+                    .protected_from_scale_in(protect)
+                    .send()
+                    .await
+                    .unwrap();
+            });
+        }
+    };
+    fallback_busy(1, true);
+    // Recovery: a success, the cool-down, then failing back.
+    std::thread::sleep(Duration::from_millis(1100));
+    t.handle(&c, &success("r-1")).unwrap();
+    t.tick(&c);
+    std::thread::sleep(Duration::from_millis(3200));
+    t.tick(&c);
+    assert_eq!(t.mode().as_deref(), Some("failing-back"));
+    // A new burst while failing back: failed over again, at once.
+    t.handle(&c, &capacity_failure("b2-1")).unwrap();
+    t.tick(&c);
+    // The old burst re-delivered late: nothing new.
+    t.handle(&c, &capacity_failure("b1-2")).unwrap();
+    assert_eq!(t.mode().as_deref(), Some("failed-over"));
+    // Second recovery; failing back waits for the busy instance.
+    std::thread::sleep(Duration::from_millis(1100));
+    t.handle(&c, &success("r-2")).unwrap();
+    std::thread::sleep(Duration::from_millis(3200));
+    t.tick(&c);
+    std::thread::sleep(Duration::from_millis(1100));
+    t.tick(&c);
+    assert_eq!(t.mode().as_deref(), Some("failing-back"));
+    // Its job ends; the agent unprotects and scales itself in: normal.
+    unprotect_and_empty(&t, &asg);
+    std::thread::sleep(Duration::from_millis(1100));
+    t.tick(&c);
+    // Evening: a late duplicate of a morning failure, more successes.
+    t.handle(
+        &c,
+        &launch_event("EC2 Instance Launch Unsuccessful", CAPACITY, "b2-1", old(5)),
+    )
+    .unwrap();
+    t.handle(&c, &success("e-1")).unwrap();
+    t.tick(&c);
+    assert_eq!(
+        t.announced(&mut seen),
+        vec![
+            "normal->failed-over",
+            "failed-over->failing-back",
+            "failing-back->failed-over",
+            "failed-over->failing-back",
+            "failing-back->normal",
+        ]
+    );
+    assert_eq!(t.mode().as_deref(), Some("normal"));
+    assert_eq!(t.fallback().max, 0);
+}
+
+fn unprotect_and_empty(t: &Ctl, asg: &aws_sdk_autoscaling::Client) {
+    let ids: Vec<String> = t.fallback().instances.iter().map(|i| i.0.clone()).collect();
+    t.env.rt.block_on(async {
+        if !ids.is_empty() {
+            asg.set_instance_protection()
+                .auto_scaling_group_name("gpu-fallback")
+                .set_instance_ids(Some(ids))
+                .protected_from_scale_in(false)
+                .send()
+                .await
+                .unwrap();
+        }
+        asg.set_desired_capacity()
+            .auto_scaling_group_name("gpu-fallback")
+            .desired_capacity(0)
+            .send()
+            .await
+            .unwrap();
+    });
+}
