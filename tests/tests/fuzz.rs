@@ -1,0 +1,298 @@
+//! Property tests over every parser of outside input: IMDS bodies, the
+//! watcher's trackers, EventBridge events, the controller's tag memory and
+//! decision, SQS message attributes (hand-over message, env names, checkpoint
+//! references), and both configuration files. No input may panic; where a
+//! parse succeeds, its result must hold together. Each test prints how many
+//! cases it ran.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+/// Cases per property: enough to find shallow panics in seconds on 2 cores.
+const CASES: u32 = 3000;
+
+fn run<S: Strategy>(name: &str, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
+where
+    S::Value: std::fmt::Debug,
+{
+    let mut runner = TestRunner::new(Config {
+        cases: CASES,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&strategy, test)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    println!("{name}: {CASES} cases, no panic");
+}
+
+/// JSON values of bounded depth, with the keys and strings real bodies use.
+fn json() -> impl Strategy<Value = serde_json::Value> {
+    let key = prop_oneof![
+        Just("action".to_string()),
+        Just("time".to_string()),
+        Just("noticeTime".to_string()),
+        Just("EventId".to_string()),
+        Just("Code".to_string()),
+        Just("State".to_string()),
+        Just("NotBefore".to_string()),
+        Just("detail-type".to_string()),
+        Just("source".to_string()),
+        Just("detail".to_string()),
+        Just("AutoScalingGroupName".to_string()),
+        Just("ActivityId".to_string()),
+        Just("StatusMessage".to_string()),
+        Just("EndTime".to_string()),
+        ".{0,12}",
+    ];
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::Bool),
+        any::<i64>().prop_map(|n| serde_json::json!(n)),
+        any::<f64>().prop_map(|n| serde_json::json!(n)),
+        prop_oneof![
+            Just("terminate".to_string()),
+            Just("2026-11-28T08:22:00Z".to_string()),
+            Just("21 Jan 2026 09:00:43 GMT".to_string()),
+            Just("aws.autoscaling".to_string()),
+            Just("EC2 Instance Launch Unsuccessful".to_string()),
+            Just("InsufficientInstanceCapacity".to_string()),
+            ".{0,24}",
+        ]
+        .prop_map(serde_json::Value::String),
+    ];
+    leaf.prop_recursive(4, 48, 6, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+            prop::collection::btree_map(key.clone(), inner, 0..6)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Text: arbitrary strings half the time, serialized JSON the other half.
+fn body() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<String>(),
+        json().prop_map(|v| v.to_string()),
+        json().prop_map(|v| format!("{v:#}"))
+    ]
+}
+
+#[test]
+fn imds_bodies_never_panic() {
+    use spotguard_common::imds::*;
+    run("IMDS bodies", body(), |b| {
+        let _ = parse_instance_action(&b);
+        let _ = parse_rebalance(&b);
+        if let Ok(s) = parse_target_lifecycle_state(&b) {
+            prop_assert_eq!(parse_target_lifecycle_state(&s.to_string()).ok(), Some(s));
+        }
+        let _ = parse_scheduled_events(&b);
+        let _ = truncate(&b, 7);
+        Ok(())
+    });
+}
+
+#[test]
+fn trackers_never_panic_and_never_repeat_a_notice() {
+    use spotguard_agent::watch::{
+        LifecycleTracker, RebalanceTracker, ScheduledTracker, SpotTracker,
+    };
+    run(
+        "watcher trackers",
+        prop::collection::vec(prop::option::of(body()), 1..8),
+        |polls| {
+            let now = chrono::Utc::now();
+            let (mut spot, mut reb, mut life, mut sched) = (
+                SpotTracker::default(),
+                RebalanceTracker::default(),
+                LifecycleTracker::default(),
+                ScheduledTracker::default(),
+            );
+            for p in &polls {
+                let _ = spot.observe(p.as_deref(), now);
+                let _ = reb.observe(p.as_deref());
+                let _ = life.observe(p.as_deref());
+                let _ = sched.observe(p.as_deref());
+            }
+            // The same polls again: nothing new to report.
+            for p in &polls {
+                prop_assert!(spot.observe(p.as_deref(), now).events.is_empty());
+                prop_assert!(reb.observe(p.as_deref()).events.is_empty());
+                prop_assert!(sched.observe(p.as_deref()).events.is_empty());
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn eventbridge_events_never_panic() {
+    let codes: Vec<String> = spotguard_controller::config::CAPACITY_CODES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    run("EventBridge events", json(), |v| {
+        let _ = spotguard_controller::events::parse(&v, &codes);
+        Ok(())
+    });
+}
+
+#[test]
+fn tag_memory_and_decisions_never_panic_and_respect_busy_instances() {
+    use spotguard_controller::reconcile::*;
+    let tags = prop::collection::btree_map(
+        prop_oneof![
+            Just(TAG_MODE.to_string()),
+            Just(TAG_SINCE.to_string()),
+            Just(TAG_FAILURES.to_string()),
+            Just(TAG_LAST_FAILURE.to_string()),
+            Just(TAG_LAST_SUCCESS.to_string()),
+            ".{0,8}"
+        ],
+        prop_oneof![
+            Just("failed-over".to_string()),
+            Just("failing-back".to_string()),
+            Just("2026-11-28T08:00:00Z".to_string()),
+            Just("1795000000/abc 12/x".to_string()),
+            ".{0,40}"
+        ],
+        0..6,
+    );
+    let launch = (any::<i32>(), ".{0,20}", 0u8..3).prop_map(|(secs, id, k)| Launch {
+        at: chrono::DateTime::<chrono::Utc>::from_timestamp(
+            1_800_000_000 + i64::from(secs / 1000),
+            0,
+        )
+        .unwrap_or_default(),
+        activity_id: id,
+        kind: match k {
+            0 => LaunchKind::Success,
+            1 => LaunchKind::CapacityFailure("InsufficientInstanceCapacity".into()),
+            _ => LaunchKind::OtherFailure,
+        },
+    });
+    let group = (-2i32..20, -2i32..20, -2i32..20, -2i32..20).prop_map(
+        |(desired, max, in_service, busy)| FallbackGroup {
+            desired,
+            max,
+            in_service,
+            busy,
+            policy_enabled: None,
+        },
+    );
+    let settings = Settings {
+        failures: 2,
+        window: std::time::Duration::from_secs(600),
+        capacity_ttl: std::time::Duration::from_secs(180),
+        cooldown: std::time::Duration::from_secs(600),
+        min_dwell: std::time::Duration::from_secs(300),
+        step: 1,
+        cap: 10,
+    };
+    run(
+        "tags + reconcile",
+        (
+            tags,
+            prop::collection::vec(launch, 0..12),
+            group,
+            any::<i32>(),
+        ),
+        |(tags, launches, g, now)| {
+            let (m, _) = Memory::from_tags(&tags);
+            let now = chrono::DateTime::<chrono::Utc>::from_timestamp(
+                1_800_000_000 + i64::from(now / 100),
+                0,
+            )
+            .unwrap_or_default();
+            let p = reconcile(&m, &g, &launches, now, &settings);
+            for a in &p.actions {
+                if let Action::SetFallbackMaxSize { to, .. } = a {
+                    prop_assert!(*to >= g.busy.max(0), "MaxSize {} below {} busy", to, g.busy);
+                }
+                if let Action::SaveMemory { tags } = a {
+                    prop_assert!(tags.values().all(|v| v.len() <= 256));
+                }
+            }
+            // Deciding again on the saved memory changes nothing more.
+            let again = reconcile(&p.memory, &g, &launches, now, &settings);
+            prop_assert_eq!(again.memory.mode, p.memory.mode);
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn message_attributes_and_checkpoints_never_panic() {
+    use spotguard_agent::aws::{Attr, Message};
+    use spotguard_agent::job::hand_over_message;
+    use spotguard_agent::worker::{attr_env_name, checkpoint_value};
+    let attrs = prop::collection::btree_map(".{0,16}", ".{0,32}", 0..12);
+    run(
+        "SQS attributes, checkpoints",
+        (
+            attrs,
+            any::<String>(),
+            prop::collection::vec(any::<u8>(), 0..64),
+            any::<bool>(),
+            ".{0,40}",
+        ),
+        |(attrs, ckpt, bytes, fifo, body)| {
+            for k in attrs.keys() {
+                let n = attr_env_name(k);
+                prop_assert!(n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+            }
+            let _ = checkpoint_value(&bytes, 32);
+            let msg = Message {
+                id: "m".into(),
+                receipt: "r".into(),
+                body,
+                receive_count: 1,
+                first_received_ms: Some(1_800_000_000_000),
+                attributes: attrs
+                    .into_iter()
+                    .map(|(k, v)| (k, Attr::string(v)))
+                    .collect::<BTreeMap<_, _>>(),
+                group_id: fifo.then(|| "g".to_string()),
+            };
+            if let Ok(out) = hand_over_message(&msg, &ckpt, fifo) {
+                prop_assert!(out.attributes.len() <= 10);
+                prop_assert_eq!(&out.attributes["spotguard.checkpoint"].value, &ckpt);
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn configuration_files_never_panic() {
+    let valid_agent = "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/q\"\n[worker]\ncommand = [\"/bin/true\"]\n";
+    let valid_ctl = "[primary]\nasg = \"a\"\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/1/q\"\n[fallback]\nasg = \"b\"\n";
+    let line = prop_oneof![
+        Just("[scale_in]".to_string()),
+        Just("[interruption]".to_string()),
+        Just("[failover]".to_string()),
+        Just("[worker]".to_string()),
+        "[a-z_]{1,12} = \"[0-9a-z ]{0,6}\"",
+        "[a-z_]{1,12} = [0-9-]{1,6}",
+        "[a-z_]{1,12} = \\[\"[a-z]{0,4}\"\\]",
+        ".{0,30}",
+    ];
+    run(
+        "config files",
+        (prop::collection::vec(line, 0..8), any::<bool>()),
+        |(lines, agent)| {
+            let text = format!(
+                "{}{}",
+                if agent { valid_agent } else { valid_ctl },
+                lines.join("\n")
+            );
+            let _ = spotguard_agent::config::Config::parse(&text, "fuzz");
+            let _ = spotguard_controller::config::Config::parse(&text, "fuzz");
+            Ok(())
+        },
+    );
+}
