@@ -5,7 +5,7 @@
 //!   visible in the queue again (target <= 1 s);
 //! - resident memory while 4 jobs run (target <= 16 MiB).
 //!
-//! Usage: cargo build --release --workspace && target/release/bench-agent [--jobs 200] [--trials 5]
+//! Usage: cargo build --release --workspace && target/release/bench-agent [--jobs 200] [--repeat 3] [--trials 5]
 //! Loopback only. Needs moto (./scripts/setup-moto).
 
 use std::path::PathBuf;
@@ -63,71 +63,68 @@ fn main() {
     let mock = MockImds::start(&["--instance-id", &ids[0]]);
     let dir = TempDir::new("bench-agent");
 
-    // 1. CPU per job, no-op worker.
-    let q = env.create_queue("cpu", 10);
-    for i in 0..jobs {
-        env.send(&q, &format!("job {i}"));
-    }
-    let t0 = Instant::now();
-    let agent = start_agent(
-        &env,
-        dir.path(),
-        "cpu",
-        &config(&q, &mock.url, "/bin/true", 4),
-    );
-    let ok = wait_until(Duration::from_secs(600), || {
-        env.proxy.calls_of("DeleteMessage").len() >= jobs
-    });
-    assert!(ok, "agent did not finish {jobs} jobs");
-    let wall = t0.elapsed();
-    let (_, cpu) = proc_usage(agent.pid()).expect("agent usage");
-    drop(agent);
-    let agent_ms_per_job = cpu.as_secs_f64() * 1000.0 / jobs as f64;
+    // 1. CPU per job, no-op worker, repeated for a median and a spread.
+    let repeats = arg_u64("--repeat", 3) as usize;
+    let (mut agent_ms, mut base_ms, mut walls, mut base_walls) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..repeats {
+        let q = env.create_queue(&format!("cpu{rep}"), 10);
+        for i in 0..jobs {
+            env.send(&q, &format!("job {i}"));
+        }
+        let deletes_before = env.proxy.calls_of("DeleteMessage").len();
+        let t0 = Instant::now();
+        let agent = start_agent(&env, dir.path(), &format!("cpu{rep}"), &config(&q, &mock.url, "/bin/true", 4));
+        let ok = wait_until(Duration::from_secs(600), || {
+            env.proxy.calls_of("DeleteMessage").len() >= deletes_before + jobs
+        });
+        assert!(ok, "agent did not finish {jobs} jobs");
+        walls.push(t0.elapsed().as_secs_f64());
+        let (_, cpu) = proc_usage(agent.pid()).expect("agent usage");
+        drop(agent);
+        agent_ms.push(cpu.as_secs_f64() * 1000.0 / jobs as f64);
 
-    let q2 = env.create_queue("cpu-baseline", 10);
-    for i in 0..jobs {
-        env.send(&q2, &format!("job {i}"));
+        let q2 = env.create_queue(&format!("cpu-baseline{rep}"), 10);
+        for i in 0..jobs {
+            env.send(&q2, &format!("job {i}"));
+        }
+        let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/baseline_consumer.py");
+        let t1 = Instant::now();
+        let out = Command::new(&python)
+            .arg("-c")
+            .arg(format!(
+                "import resource, runpy, sys; sys.argv = {argv:?}; runpy.run_path({script:?}, run_name='__main__'); r = resource.getrusage(resource.RUSAGE_SELF); print(r.ru_utime + r.ru_stime)",
+                argv = vec![script.display().to_string(), env.moto_url.clone(), q2.clone(), jobs.to_string(), "/bin/true".into()],
+                script = script.display().to_string(),
+            ))
+            .output()
+            .expect("baseline consumer");
+        base_walls.push(t1.elapsed().as_secs_f64());
+        assert!(out.status.success(), "baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+        let base_cpu: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("baseline cpu");
+        base_ms.push(base_cpu * 1000.0 / jobs as f64);
     }
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/baseline_consumer.py");
-    let t1 = Instant::now();
-    let out = Command::new(&python)
-        .arg("-c")
-        .arg(format!(
-            "import resource, runpy, sys; sys.argv = {argv:?}; runpy.run_path({script:?}, run_name='__main__'); r = resource.getrusage(resource.RUSAGE_SELF); print(r.ru_utime + r.ru_stime)",
-            argv = vec![script.display().to_string(), env.moto_url.clone(), q2.clone(), jobs.to_string(), "/bin/true".into()],
-            script = script.display().to_string(),
-        ))
-        .output()
-        .expect("baseline consumer");
-    let base_wall = t1.elapsed();
-    assert!(
-        out.status.success(),
-        "baseline failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let base_cpu: f64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("baseline cpu");
-    let base_ms_per_job = base_cpu * 1000.0 / jobs as f64;
+    let spread = |xs: &[f64]| {
+        let lo = xs.iter().cloned().fold(f64::INFINITY, f64::min);
+        let (med, hi) = median_max(xs);
+        (med, lo, hi)
+    };
+    let (am, alo, ahi) = spread(&agent_ms);
+    let (bm, blo, bhi) = spread(&base_ms);
 
     println!("# spotguard-agent benchmark (moto on loopback, release build)\n");
-    println!("## CPU per job, no-op worker (/bin/true), {jobs} jobs\n");
-    println!("| consumer | CPU ms per job | wall s |");
-    println!("|---|---|---|");
+    println!("## CPU per job, no-op worker (/bin/true), {jobs} jobs, {repeats} runs\n");
+    println!("| consumer | CPU ms per job, median | min..max | wall s, median |");
+    println!("|---|---|---|---|");
     println!(
-        "| spotguard-agent run, concurrency 4 | {agent_ms_per_job:.2} | {:.1} |",
-        wall.as_secs_f64()
+        "| spotguard-agent run, concurrency 4 | {am:.2} | {alo:.2}..{ahi:.2} | {:.1} |",
+        median_max(&walls).0
     );
     println!(
-        "| baseline: boto3 loop, sequential | {base_ms_per_job:.2} | {:.1} |",
-        base_wall.as_secs_f64()
+        "| baseline: boto3 loop, sequential | {bm:.2} | {blo:.2}..{bhi:.2} | {:.1} |",
+        median_max(&base_walls).0
     );
-    println!(
-        "\nratio baseline/agent CPU per job: {:.1}x",
-        base_ms_per_job / agent_ms_per_job
-    );
+    println!("\nratio baseline/agent CPU per job (medians): {:.1}x", bm / am);
 
     // 2. Drain deadline -> last unfinished message visible again.
     let mut lat = Vec::new();
