@@ -65,7 +65,8 @@ fn main() {
 
     // 1. CPU per job, no-op worker, repeated for a median and a spread.
     let repeats = arg_u64("--repeat", 3) as usize;
-    let (mut agent_ms, mut base_ms, mut walls, mut base_walls) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut agent_ms, mut base_ms, mut walls, mut base_walls) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..repeats {
         let q = env.create_queue(&format!("cpu{rep}"), 10);
         for i in 0..jobs {
@@ -73,7 +74,12 @@ fn main() {
         }
         let deletes_before = env.proxy.calls_of("DeleteMessage").len();
         let t0 = Instant::now();
-        let agent = start_agent(&env, dir.path(), &format!("cpu{rep}"), &config(&q, &mock.url, "/bin/true", 4));
+        let agent = start_agent(
+            &env,
+            dir.path(),
+            &format!("cpu{rep}"),
+            &config(&q, &mock.url, "/bin/true", 4),
+        );
         let ok = wait_until(Duration::from_secs(600), || {
             env.proxy.calls_of("DeleteMessage").len() >= deletes_before + jobs
         });
@@ -100,8 +106,15 @@ fn main() {
             .output()
             .expect("baseline consumer");
         base_walls.push(t1.elapsed().as_secs_f64());
-        assert!(out.status.success(), "baseline failed: {}", String::from_utf8_lossy(&out.stderr));
-        let base_cpu: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("baseline cpu");
+        assert!(
+            out.status.success(),
+            "baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let base_cpu: f64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("baseline cpu");
         base_ms.push(base_cpu * 1000.0 / jobs as f64);
     }
     let spread = |xs: &[f64]| {
@@ -124,7 +137,10 @@ fn main() {
         "| baseline: boto3 loop, sequential | {bm:.2} | {blo:.2}..{bhi:.2} | {:.1} |",
         median_max(&base_walls).0
     );
-    println!("\nratio baseline/agent CPU per job (medians): {:.1}x", bm / am);
+    println!(
+        "\nratio baseline/agent CPU per job (medians): {:.1}x",
+        bm / am
+    );
 
     // 2. Drain deadline -> last unfinished message visible again.
     let mut lat = Vec::new();

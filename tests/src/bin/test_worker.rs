@@ -3,7 +3,8 @@
 //! The body is read from stdin. A body starting with `{` is a JSON job
 //! `{"id": "...", "sleep_ms": N, "sleep_ms_first": N, "exit": CODE,
 //! "crash": bool, "crash_first": bool, "ignore_term": bool}` (`sleep_ms_first`
-//! and `crash_first` apply on the first receive only; a crash aborts the process);
+//! and `crash_first` apply on the first receive only; a crash aborts the
+//! process half-way through `sleep_ms`);
 //! anything else is stored raw. Every execution appends one line per event to
 //! the file named by `SPOTGUARD_TEST_RECORD` (O_APPEND, one write per line, so
 //! concurrent workers do not interleave):
@@ -151,6 +152,8 @@ fn main() {
     }
     let crash_first = job["crash_first"].as_bool().unwrap_or(false) && count == "1";
     if job["crash"].as_bool().unwrap_or(false) || crash_first {
+        // Mid-job: half the work, then the crash.
+        std::thread::sleep(sleep / 2);
         record(&format!("fail {id}"));
         std::process::abort();
     }
