@@ -1,0 +1,101 @@
+"""Creates the CloudFormation stacks on moto (the control plane in
+us-east-1, a fleet in us-east-1 and one in us-east-2) and checks the
+resources. Usage: cfn_stacks_on_moto.py MOTO_SERVER LAMBDA_ZIP.
+Prints "N passed, M failed"."""
+import base64
+import socket
+import subprocess
+import sys
+import time
+
+import boto3
+
+moto_bin, lambda_zip = sys.argv[1], sys.argv[2]
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+proc = subprocess.Popen([moto_bin, "-H", "127.0.0.1", "-p", str(port)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+passed = failed = 0
+
+
+def check(what, ok, detail=""):
+    global passed, failed
+    if ok:
+        passed += 1
+        print(f"ok   {what}")
+    else:
+        failed += 1
+        print(f"FAIL {what} {detail}")
+
+
+def client(service, region="us-east-1"):
+    return boto3.client(service, endpoint_url=f"http://127.0.0.1:{port}", region_name=region,
+                        aws_access_key_id="test", aws_secret_access_key="test")
+
+
+def create(region, name, template, params):
+    cfn = client("cloudformation", region)
+    cfn.create_stack(StackName=name, TemplateBody=open(template).read(), Capabilities=["CAPABILITY_IAM"],
+                     Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in params.items()])
+    for _ in range(60):
+        st = cfn.describe_stacks(StackName=name)["Stacks"][0]
+        if not st["StackStatus"].endswith("IN_PROGRESS"):
+            break
+        time.sleep(0.5)
+    check(f"{name} in {region}: {st['StackStatus']}", st["StackStatus"] == "CREATE_COMPLETE", st.get("StackStatusReason"))
+    return {o["OutputKey"]: o["OutputValue"] for o in st.get("Outputs", [])}
+
+
+try:
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    client("s3").create_bucket(Bucket="code")
+    client("s3").put_object(Bucket="code", Key="spotguard/spotguard-controller-lambda.zip", Body=open(lambda_zip, "rb").read())
+    out = create("us-east-1", "spotguard-control", "packaging/cloudformation/spotguard-control.yaml",
+                 {"ControllerCodeBucket": "code", "FallbackMaxSize": "7"})
+    sqs = client("sqs")
+    attrs = sqs.get_queue_attributes(QueueUrl=out["QueueUrl"], AttributeNames=["All"])["Attributes"]
+    check("job queue redrives to the DLQ after 5 receives", '"maxReceiveCount": 5' in attrs.get("RedrivePolicy", "")
+          or '"maxReceiveCount":5' in attrs.get("RedrivePolicy", ""), attrs.get("RedrivePolicy"))
+    fn = client("lambda").get_function(FunctionName=out["ControllerFunction"])["Configuration"]
+    env = fn["Environment"]["Variables"]
+    check("controller runs provided.al2023 bootstrap", fn["Runtime"] == "provided.al2023" and fn["Handler"] == "bootstrap")
+    check("controller config in SPOTGUARD_* variables",
+          env.get("SPOTGUARD_PRIMARY_QUEUE_URL") == out["QueueUrl"] and str(env.get("SPOTGUARD_FALLBACK_MAX_SIZE")) == "7"
+          and env.get("SPOTGUARD_NOTIFY_SNS_TOPIC_ARN") == out["TopicArn"], env)
+    rules = client("events").list_rules()["Rules"]
+    check("four EventBridge rules (capacity failures, successes, spot warning, schedule)", len(rules) == 4, rules)
+    check("a one-minute schedule", any(r.get("ScheduleExpression") == "rate(1 minute)" for r in rules))
+
+    for region, group, max_size in [("us-east-1", "spotguard-gpu-primary", "10"), ("us-east-2", "spotguard-gpu-fallback", "0")]:
+        ec2 = client("ec2", region)
+        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24", AvailabilityZone=f"{region}a")["Subnet"]["SubnetId"]
+        ami = ec2.describe_images()["Images"][0]["ImageId"]
+        create(region, group, "packaging/cloudformation/spotguard-region.yaml", {
+            "GroupName": group, "MaxSize": max_size, "QueueUrl": out["QueueUrl"], "QueueArn": out["QueueArn"],
+            "TopicArn": out["TopicArn"], "ImageId": ami, "Subnets": subnet,
+            "AgentPackageUrl": "https://example.invalid/spotguard-agent.rpm",
+        })
+        g = client("autoscaling", region).describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"]
+        check(f"{group}: exists", len(g) == 1)
+        if g:
+            g = g[0]
+            check(f"{group}: MinSize 0, MaxSize {max_size}", g["MinSize"] == 0 and str(g["MaxSize"]) == max_size)
+            check(f"{group}: tagged spotguard=true",
+                  any(t["Key"] == "spotguard" and t["Value"] == "true" for t in g.get("Tags", [])), g.get("Tags"))
+        lts = ec2.describe_launch_templates()["LaunchTemplates"]
+        data = ec2.describe_launch_template_versions(LaunchTemplateId=lts[0]["LaunchTemplateId"])["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+        user_data = base64.b64decode(data.get("UserData", "")).decode()
+        check(f"{group}: user-data writes the queue URL and enables the agent",
+              out["QueueUrl"] in user_data and "systemctl enable --now spotguard-agent" in user_data)
+        check(f"{group}: IMDSv2 required", data.get("MetadataOptions", {}).get("HttpTokens") == "required")
+finally:
+    proc.terminate()
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
