@@ -281,7 +281,7 @@ fn main() {
         let starts = r.starts(id);
         let dones = r.times("done", id);
         let explained = dones.iter().take(dones.len() - 1).any(|done| {
-            let run = starts.iter().filter(|(_, _, at)| at <= done).next_back();
+            let run = starts.iter().rfind(|(_, _, at)| at <= done);
             run.is_some_and(|(_, agent, started)| {
                 kills.iter().any(|(tag, at)| {
                     tag == agent && at >= started && *at <= done + SETTLE_WINDOW_MS
