@@ -263,6 +263,10 @@ fn later(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>> {
 
 /// Merges launch outcomes into the memory (idempotent, order-independent).
 fn merge(m: &mut Memory, launches: &[Launch], now: DateTime<Utc>, s: &Settings) {
+    // Expired entries go first, so that one cannot hide a new failure that
+    // reuses its id (found by the property test: merging twice differed).
+    let horizon = now - dur(s.window);
+    m.failures.retain(|f| f.at >= horizon);
     for l in launches {
         // An event from the future (clock skew) counts as now.
         let at = l.at.min(now);
@@ -290,7 +294,6 @@ fn merge(m: &mut Memory, launches: &[Launch], now: DateTime<Utc>, s: &Settings) 
             LaunchKind::OtherFailure => {}
         }
     }
-    let horizon = now - dur(s.window);
     m.failures.retain(|f| f.at >= horizon);
     m.failures.sort_by_key(|f| f.at);
     let excess = m.failures.len().saturating_sub(MAX_FAILURES);
@@ -713,6 +716,24 @@ mod tests {
         assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert_eq!(back.failures.len(), 1);
         assert!(m.to_tags().values().all(|v| v.len() <= 256));
+    }
+
+    #[test]
+    fn an_expired_failure_does_not_hide_a_new_one_with_its_id() {
+        let mut m = Memory::initial();
+        m.failures.push(Failure {
+            at: t(-5000),
+            id: "x".into(),
+        });
+        let s = Settings {
+            failures: 1,
+            ..settings()
+        };
+        let p = reconcile(&m, &group(0, 0, 0, 0), &[fail(0, "x")], t(1), &s);
+        assert_eq!(p.memory.mode, Mode::FailedOver);
+        // And deciding again on the result changes nothing.
+        let again = reconcile(&p.memory, &group(0, 10, 0, 0), &[fail(0, "x")], t(1), &s);
+        assert_eq!(again.memory.failures, p.memory.failures);
     }
 
     #[test]
