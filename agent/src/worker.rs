@@ -300,7 +300,6 @@ async fn exec(
     tokio::pin!(run);
     tokio::pin!(stop);
     let mut noticed = false;
-    let mut notices_open = true;
     loop {
         tokio::select! {
             status = &mut run => {
@@ -311,12 +310,7 @@ async fn exec(
                     Err(e) => Outcome::Failed(format!("cannot wait for the worker: {e}")),
                 });
             }
-            changed = notices.changed(), if notices_open => {
-                if changed.is_err() {
-                    notices_open = false;
-                    continue;
-                }
-                let Some(n) = notices.borrow_and_update().clone() else { continue };
+            n = next_notice(&mut notices) => {
                 noticed = true;
                 if let Some(f) = files {
                     write_notice(f, &notice_json(msg, &n));
@@ -388,6 +382,20 @@ pub fn signal_catchers(pgid: Pid, sig: Signal) -> usize {
     sent
 }
 
+/// The next notice for a running job. Once the agent has dropped the sender
+/// no notice can come, and this never completes. Cancel-safe: it only
+/// awaits `changed()`, so a `select!` may drop it at any await.
+async fn next_notice(notices: &mut watch::Receiver<Option<JobNotice>>) -> JobNotice {
+    loop {
+        if notices.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if let Some(n) = notices.borrow_and_update().clone() {
+            return n;
+        }
+    }
+}
+
 fn signal_group(pgid: Pid, sig: Signal) {
     // ESRCH: the group is already gone, which is what we want.
     if let Err(e) = killpg(pgid, sig) {
@@ -439,7 +447,6 @@ async fn http(
     tokio::pin!(send);
     tokio::pin!(stop);
     let mut noticed = false;
-    let mut notices_open = true;
     loop {
         tokio::select! {
             r = &mut send => {
@@ -470,12 +477,7 @@ async fn http(
                     },
                 };
             }
-            changed = notices.changed(), if notices_open => {
-                if changed.is_err() {
-                    notices_open = false;
-                    continue;
-                }
-                let Some(n) = notices.borrow_and_update().clone() else { continue };
+            n = next_notice(&mut notices) => {
                 noticed = true;
                 if let Some(nurl) = spec.notice_url.clone() {
                     let body = notice_json(msg, &n);

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use spotguard_common::config::error_chain;
 
-use crate::aws::SdkCloud;
+use crate::aws::{Cloud, SdkCloud};
 use crate::config::Config;
 use crate::handler::Controller;
 
@@ -186,8 +186,8 @@ async fn dispatch(cmd: Command, cfg: Config) -> Result<(), BoxError> {
             let c = controller(cfg).await;
             let report = c.reconcile(Vec::new(), false).await?;
             let p = &c.cfg.primary;
-            let primary = c.cloud_group(&p.region, &p.asg).await?;
-            let (visible, in_flight) = c.cloud_queue(&p.region, &p.queue_url).await?;
+            let primary = c.cloud.group(&p.region, &p.asg).await?;
+            let (visible, in_flight) = c.cloud.queue_depth(&p.region, &p.queue_url).await?;
             print(&json!({
                 "mode": report.mode_before,
                 "since": report.plan.memory.since,
@@ -216,23 +216,6 @@ async fn dispatch(cmd: Command, cfg: Config) -> Result<(), BoxError> {
             }
             Ok(())
         }
-    }
-}
-
-impl Controller<SdkCloud> {
-    async fn cloud_group(
-        &self,
-        region: &str,
-        name: &str,
-    ) -> Result<crate::aws::GroupInfo, crate::aws::CloudError> {
-        crate::aws::Cloud::group(&self.cloud, region, name).await
-    }
-    async fn cloud_queue(
-        &self,
-        region: &str,
-        url: &str,
-    ) -> Result<(i64, i64), crate::aws::CloudError> {
-        crate::aws::Cloud::queue_depth(&self.cloud, region, url).await
     }
 }
 
