@@ -116,6 +116,41 @@ impl Ctl {
         self.env.group_in("us-east-2", "gpu-fallback")
     }
 
+    fn fallback_ids(&self) -> Vec<String> {
+        self.fallback().instances.into_iter().map(|i| i.0).collect()
+    }
+
+    /// Sets the fallback group's desired capacity, as its policy (scaling
+    /// out) or its agents (scaling themselves in) would.
+    fn set_fallback_desired(&self, desired: i32) {
+        let asg = self.env.asg_in("us-east-2");
+        self.env.rt.block_on(async {
+            asg.set_desired_capacity()
+                .auto_scaling_group_name("gpu-fallback")
+                .desired_capacity(desired)
+                .send()
+                .await
+                .unwrap();
+        });
+    }
+
+    /// Protects (busy) or releases fallback instances, as their agents do.
+    fn protect_fallback(&self, ids: &[String], on: bool) {
+        if ids.is_empty() {
+            return;
+        }
+        let asg = self.env.asg_in("us-east-2");
+        self.env.rt.block_on(async {
+            asg.set_instance_protection()
+                .auto_scaling_group_name("gpu-fallback")
+                .set_instance_ids(Some(ids.to_vec()))
+                .protected_from_scale_in(on)
+                .send()
+                .await
+                .unwrap();
+        });
+    }
+
     fn mode(&self) -> Option<String> {
         self.fallback().tags.get("spotguard:mode").cloned()
     }
@@ -272,29 +307,10 @@ fn gradual_failback_keeps_busy_instances_and_returns_to_normal() {
     t.handle(&c, &capacity_failure("act-1")).unwrap();
     assert_eq!(t.fallback().max, 5);
     // The fallback group scaled out; two of its agents are busy (protected).
-    let asg = t.env.asg_in("us-east-2");
-    t.env.rt.block_on(async {
-        asg.set_desired_capacity()
-            .auto_scaling_group_name("gpu-fallback")
-            .desired_capacity(3)
-            .send()
-            .await
-            .unwrap();
-    });
-    let ids: Vec<String> = t.fallback().instances.iter().map(|i| i.0.clone()).collect();
+    t.set_fallback_desired(3);
+    let ids = t.fallback_ids();
     assert_eq!(ids.len(), 3);
-    let protect = |ids: &[String], on: bool| {
-        t.env.rt.block_on(async {
-            asg.set_instance_protection()
-                .auto_scaling_group_name("gpu-fallback")
-                .set_instance_ids(Some(ids.to_vec()))
-                .protected_from_scale_in(on)
-                .send()
-                .await
-                .unwrap();
-        })
-    };
-    protect(&ids[..2], true);
+    t.protect_fallback(&ids[..2], true);
     std::thread::sleep(Duration::from_millis(1100));
     // The primary launches again; before the cool-down nothing moves.
     t.handle(&c, &success("ok-1")).unwrap();
@@ -319,15 +335,8 @@ fn gradual_failback_keeps_busy_instances_and_returns_to_normal() {
         );
     }
     // Their jobs end; the agents unprotect and scale themselves in.
-    protect(&ids[..2], false);
-    t.env.rt.block_on(async {
-        asg.set_desired_capacity()
-            .auto_scaling_group_name("gpu-fallback")
-            .desired_capacity(0)
-            .send()
-            .await
-            .unwrap();
-    });
+    t.protect_fallback(&ids[..2], false);
+    t.set_fallback_desired(0);
     std::thread::sleep(Duration::from_millis(1100));
     t.tick(&c);
     let r = t.tick(&c);
@@ -727,30 +736,8 @@ fn a_scripted_day_gives_exactly_the_expected_mode_changes() {
     assert_eq!(t.mode().as_deref(), Some("failed-over"));
     // The fallback group took work: one busy (protected) instance, so
     // failing back cannot finish until its job ends.
-    let asg = t.env.asg_in("us-east-2");
-    let fallback_busy = |desired: i32, protect: bool| {
-        t.env.rt.block_on(async {
-            asg.set_desired_capacity()
-                .auto_scaling_group_name("gpu-fallback")
-                .desired_capacity(desired)
-                .send()
-                .await
-                .unwrap();
-        });
-        let ids: Vec<String> = t.fallback().instances.iter().map(|i| i.0.clone()).collect();
-        if !ids.is_empty() {
-            t.env.rt.block_on(async {
-                asg.set_instance_protection()
-                    .auto_scaling_group_name("gpu-fallback")
-                    .set_instance_ids(Some(ids))
-                    .protected_from_scale_in(protect)
-                    .send()
-                    .await
-                    .unwrap();
-            });
-        }
-    };
-    fallback_busy(1, true);
+    t.set_fallback_desired(1);
+    t.protect_fallback(&t.fallback_ids(), true);
     // Recovery: a success, the cool-down, then failing back.
     std::thread::sleep(Duration::from_millis(1100));
     t.handle(&c, &success("r-1")).unwrap();
@@ -773,7 +760,8 @@ fn a_scripted_day_gives_exactly_the_expected_mode_changes() {
     t.tick(&c);
     assert_eq!(t.mode().as_deref(), Some("failing-back"));
     // Its job ends; the agent unprotects and scales itself in: normal.
-    unprotect_and_empty(&t, &asg);
+    t.protect_fallback(&t.fallback_ids(), false);
+    t.set_fallback_desired(0);
     std::thread::sleep(Duration::from_millis(1100));
     t.tick(&c);
     // Evening: a late duplicate of a morning failure, more successes.
@@ -796,25 +784,4 @@ fn a_scripted_day_gives_exactly_the_expected_mode_changes() {
     );
     assert_eq!(t.mode().as_deref(), Some("normal"));
     assert_eq!(t.fallback().max, 0);
-}
-
-fn unprotect_and_empty(t: &Ctl, asg: &aws_sdk_autoscaling::Client) {
-    let ids: Vec<String> = t.fallback().instances.iter().map(|i| i.0.clone()).collect();
-    t.env.rt.block_on(async {
-        if !ids.is_empty() {
-            asg.set_instance_protection()
-                .auto_scaling_group_name("gpu-fallback")
-                .set_instance_ids(Some(ids))
-                .protected_from_scale_in(false)
-                .send()
-                .await
-                .unwrap();
-        }
-        asg.set_desired_capacity()
-            .auto_scaling_group_name("gpu-fallback")
-            .desired_capacity(0)
-            .send()
-            .await
-            .unwrap();
-    });
 }
