@@ -18,46 +18,68 @@ use aws_sdk_sqs::types::MessageSystemAttributeName;
 /// well inside the default 25 s deadline margin minus the 10 s grace.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A failed AWS call, as one readable log line: `ReceiveMessage on
+/// https://sqs.../jobs in us-east-1: QueueDoesNotExist: The specified queue
+/// does not exist.`
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{op}: {message}")]
+#[error("{op}{}{}: {}{message}",
+    resource.as_deref().map(|r| format!(" on {r}")).unwrap_or_default(),
+    region.as_deref().map(|r| format!(" in {r}")).unwrap_or_default(),
+    code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default())]
 pub struct AwsError {
     pub op: &'static str,
     /// The service's error code (`ValidationError`, `ThrottlingException`, ...), if any.
     pub code: Option<String>,
     pub message: String,
+    /// The queue URL, group or topic the call was about.
+    pub resource: Option<String>,
+    pub region: Option<String>,
 }
 
-impl AwsError {
-    fn timeout(op: &'static str) -> AwsError {
+/// Where a call goes: for the error line.
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
+    resource: &'a str,
+    region: Option<&'a str>,
+}
+
+impl Target<'_> {
+    fn error(&self, op: &'static str, code: Option<String>, message: String) -> AwsError {
         AwsError {
             op,
-            code: None,
-            message: format!("no answer within {CALL_TIMEOUT:?}"),
+            code,
+            message,
+            resource: Some(self.resource.to_string()),
+            region: self.region.map(str::to_string),
         }
     }
-}
 
-fn sdk_error<E, R>(op: &'static str, e: aws_sdk_sqs::error::SdkError<E, R>) -> AwsError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let code = e.code().map(str::to_string);
-    AwsError {
-        op,
-        code,
-        message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
+    fn sdk<E, R>(&self, op: &'static str, e: aws_sdk_sqs::error::SdkError<E, R>) -> AwsError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        let code = e.code().map(str::to_string);
+        let message = match (code.is_some(), e.message()) {
+            // A service error: its own message, not the SDK's debug dump.
+            (true, Some(m)) => m.to_string(),
+            (true, None) => "(no message)".to_string(),
+            // Transport, timeout, unreadable answer: the error chain on one line.
+            _ => crate::error_chain(&e).replace('\n', " "),
+        };
+        self.error(op, code, message)
     }
-}
 
-async fn bounded<T>(
-    op: &'static str,
-    limit: Duration,
-    f: impl Future<Output = Result<T, AwsError>>,
-) -> Result<T, AwsError> {
-    tokio::time::timeout(limit, f)
-        .await
-        .unwrap_or_else(|_| Err(AwsError::timeout(op)))
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        f: impl Future<Output = Result<T, AwsError>>,
+    ) -> Result<T, AwsError> {
+        tokio::time::timeout(limit, f)
+            .await
+            .unwrap_or_else(|_| Err(self.error(op, None, format!("no answer within {limit:?}"))))
+    }
 }
 
 /// A received SQS message, with what the worker is told about it.
@@ -140,6 +162,12 @@ pub trait Fleet: Send + Sync + 'static {
         &self,
         instance: &str,
     ) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send;
+    /// The instance's lifecycle state in its group (`InService`,
+    /// `Terminating:Wait`, ...); `None` when it is in no group any more.
+    fn lifecycle_state(
+        &self,
+        instance: &str,
+    ) -> impl Future<Output = Result<Option<String>, AwsError>> + Send;
     fn set_protection(
         &self,
         group: &str,
@@ -160,10 +188,20 @@ pub trait Fleet: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
 }
 
-/// SQS through the SDK.
+/// SQS through the SDK, with a client in the queue's own region.
 pub struct SqsQueue {
     pub client: aws_sdk_sqs::Client,
     pub url: String,
+    pub region: String,
+}
+
+impl SqsQueue {
+    fn target(&self) -> Target<'_> {
+        Target {
+            resource: &self.url,
+            region: Some(&self.region),
+        }
+    }
 }
 
 fn secs_i32(d: Duration) -> i32 {
@@ -173,30 +211,29 @@ fn secs_i32(d: Duration) -> i32 {
 impl Queue for SqsQueue {
     async fn send(&self, msg: &Outgoing) -> Result<String, AwsError> {
         const OP: &str = "SendMessage";
-        bounded(OP, CALL_TIMEOUT, async {
-            let mut req = self
-                .client
-                .send_message()
-                .queue_url(&self.url)
-                .message_body(&msg.body)
-                .set_message_group_id(msg.group_id.clone())
-                .set_message_deduplication_id(msg.dedup_id.clone());
-            for (k, a) in &msg.attributes {
-                let v = aws_sdk_sqs::types::MessageAttributeValue::builder()
-                    .data_type(&a.data_type)
-                    .string_value(&a.value)
-                    .build()
-                    .map_err(|e| AwsError {
-                        op: OP,
-                        code: None,
-                        message: format!("attribute {k}: {e}"),
-                    })?;
-                req = req.message_attributes(k, v);
-            }
-            let out = req.send().await.map_err(|e| sdk_error(OP, e))?;
-            Ok(out.message_id().unwrap_or_default().to_string())
-        })
-        .await
+        self.target()
+            .bounded(OP, CALL_TIMEOUT, async {
+                let mut req = self
+                    .client
+                    .send_message()
+                    .queue_url(&self.url)
+                    .message_body(&msg.body)
+                    .set_message_group_id(msg.group_id.clone())
+                    .set_message_deduplication_id(msg.dedup_id.clone());
+                for (k, a) in &msg.attributes {
+                    let v = aws_sdk_sqs::types::MessageAttributeValue::builder()
+                        .data_type(&a.data_type)
+                        .string_value(&a.value)
+                        .build()
+                        .map_err(|e| {
+                            self.target().error(OP, None, format!("attribute {k}: {e}"))
+                        })?;
+                    req = req.message_attributes(k, v);
+                }
+                let out = req.send().await.map_err(|e| self.target().sdk(OP, e))?;
+                Ok(out.message_id().unwrap_or_default().to_string())
+            })
+            .await
     }
 
     async fn receive(
@@ -206,53 +243,56 @@ impl Queue for SqsQueue {
         visibility: Duration,
     ) -> Result<Vec<Message>, AwsError> {
         const OP: &str = "ReceiveMessage";
-        bounded(OP, wait + CALL_TIMEOUT, async {
-            let out = self
-                .client
-                .receive_message()
-                .queue_url(&self.url)
-                .max_number_of_messages(max.clamp(1, 10))
-                .wait_time_seconds(secs_i32(wait))
-                .visibility_timeout(secs_i32(visibility))
-                .message_system_attribute_names(MessageSystemAttributeName::All)
-                .message_attribute_names("All")
-                .send()
-                .await
-                .map_err(|e| sdk_error(OP, e))?;
-            Ok(out.messages().iter().filter_map(convert_message).collect())
-        })
-        .await
+        self.target()
+            .bounded(OP, wait + CALL_TIMEOUT, async {
+                let out = self
+                    .client
+                    .receive_message()
+                    .queue_url(&self.url)
+                    .max_number_of_messages(max.clamp(1, 10))
+                    .wait_time_seconds(secs_i32(wait))
+                    .visibility_timeout(secs_i32(visibility))
+                    .message_system_attribute_names(MessageSystemAttributeName::All)
+                    .message_attribute_names("All")
+                    .send()
+                    .await
+                    .map_err(|e| self.target().sdk(OP, e))?;
+                Ok(out.messages().iter().filter_map(convert_message).collect())
+            })
+            .await
     }
 
     async fn delete(&self, receipt: &str) -> Result<(), AwsError> {
         const OP: &str = "DeleteMessage";
-        bounded(OP, CALL_TIMEOUT, async {
-            self.client
-                .delete_message()
-                .queue_url(&self.url)
-                .receipt_handle(receipt)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| sdk_error(OP, e))
-        })
-        .await
+        self.target()
+            .bounded(OP, CALL_TIMEOUT, async {
+                self.client
+                    .delete_message()
+                    .queue_url(&self.url)
+                    .receipt_handle(receipt)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.target().sdk(OP, e))
+            })
+            .await
     }
 
     async fn set_visibility(&self, receipt: &str, secs: i32) -> Result<(), AwsError> {
         const OP: &str = "ChangeMessageVisibility";
-        bounded(OP, CALL_TIMEOUT, async {
-            self.client
-                .change_message_visibility()
-                .queue_url(&self.url)
-                .receipt_handle(receipt)
-                .visibility_timeout(secs)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| sdk_error(OP, e))
-        })
-        .await
+        self.target()
+            .bounded(OP, CALL_TIMEOUT, async {
+                self.client
+                    .change_message_visibility()
+                    .queue_url(&self.url)
+                    .receipt_handle(receipt)
+                    .visibility_timeout(secs)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.target().sdk(OP, e))
+            })
+            .await
     }
 }
 
@@ -298,35 +338,43 @@ fn convert_message(m: &aws_sdk_sqs::types::Message) -> Option<Message> {
     })
 }
 
-/// Auto Scaling through the SDK.
+/// Auto Scaling through the SDK, with a client in the instance's own region.
 pub struct AsgFleet {
     pub client: aws_sdk_autoscaling::Client,
+    pub region: String,
+}
+
+impl AsgFleet {
+    fn target<'a>(&'a self, resource: &'a str) -> Target<'a> {
+        Target {
+            resource,
+            region: Some(&self.region),
+        }
+    }
+}
+
+/// AWS's MinSize refusal: "Currently, desiredSize equals minSize (1).
+/// Terminating instance without replacement will violate group's min size
+/// constraint." (REFERENCE.md). Only this ValidationError is a refusal;
+/// any other ("not in InService", after a lost answer and a retry) is not.
+pub fn is_min_size_refusal(code: Option<&str>, message: Option<&str>) -> bool {
+    code == Some("ValidationError")
+        && message.is_some_and(|m| m.contains("desiredSize equals minSize"))
 }
 
 impl Fleet for AsgFleet {
     async fn group_of(&self, instance: &str) -> Result<Option<String>, AwsError> {
-        const OP: &str = "DescribeAutoScalingInstances";
-        bounded(OP, CALL_TIMEOUT, async {
-            let out = self
-                .client
-                .describe_auto_scaling_instances()
-                .instance_ids(instance)
-                .send()
-                .await
-                .map_err(|e| sdk_error(OP, e))?;
-            Ok(out
-                .auto_scaling_instances()
-                .iter()
-                .find(|i| i.instance_id() == Some(instance))
-                .and_then(|i| i.auto_scaling_group_name())
-                .map(str::to_string))
-        })
-        .await
+        Ok(self.describe(instance).await?.map(|(group, _)| group))
+    }
+
+    async fn lifecycle_state(&self, instance: &str) -> Result<Option<String>, AwsError> {
+        Ok(self.describe(instance).await?.map(|(_, state)| state))
     }
 
     async fn terminate_self(&self, instance: &str) -> Result<ScaleIn, AwsError> {
         const OP: &str = "TerminateInstanceInAutoScalingGroup";
-        bounded(OP, CALL_TIMEOUT, async {
+        let t = self.target(instance);
+        t.bounded(OP, CALL_TIMEOUT, async {
             match self
                 .client
                 .terminate_instance_in_auto_scaling_group()
@@ -336,13 +384,10 @@ impl Fleet for AsgFleet {
                 .await
             {
                 Ok(_) => Ok(ScaleIn::Accepted),
-                // "Currently, desiredSize equals minSize (1). Terminating
-                // instance without replacement will violate group's min size
-                // constraint." (REFERENCE.md)
-                Err(e) if e.code() == Some("ValidationError") => Ok(ScaleIn::Refused(
+                Err(e) if is_min_size_refusal(e.code(), e.message()) => Ok(ScaleIn::Refused(
                     e.message().unwrap_or("ValidationError").to_string(),
                 )),
-                Err(e) => Err(sdk_error(OP, e)),
+                Err(e) => Err(t.sdk(OP, e)),
             }
         })
         .await
@@ -355,7 +400,8 @@ impl Fleet for AsgFleet {
         protect: bool,
     ) -> Result<(), AwsError> {
         const OP: &str = "SetInstanceProtection";
-        bounded(OP, CALL_TIMEOUT, async {
+        let t = self.target(group);
+        t.bounded(OP, CALL_TIMEOUT, async {
             self.client
                 .set_instance_protection()
                 .auto_scaling_group_name(group)
@@ -364,7 +410,7 @@ impl Fleet for AsgFleet {
                 .send()
                 .await
                 .map(|_| ())
-                .map_err(|e| sdk_error(OP, e))
+                .map_err(|e| t.sdk(OP, e))
         })
         .await
     }
@@ -376,7 +422,8 @@ impl Fleet for AsgFleet {
         instance: &str,
     ) -> Result<(), AwsError> {
         const OP: &str = "RecordLifecycleActionHeartbeat";
-        bounded(OP, CALL_TIMEOUT, async {
+        let t = self.target(group);
+        t.bounded(OP, CALL_TIMEOUT, async {
             self.client
                 .record_lifecycle_action_heartbeat()
                 .auto_scaling_group_name(group)
@@ -385,7 +432,7 @@ impl Fleet for AsgFleet {
                 .send()
                 .await
                 .map(|_| ())
-                .map_err(|e| sdk_error(OP, e))
+                .map_err(|e| t.sdk(OP, e))
         })
         .await
     }
@@ -397,7 +444,8 @@ impl Fleet for AsgFleet {
         instance: &str,
     ) -> Result<(), AwsError> {
         const OP: &str = "CompleteLifecycleAction";
-        bounded(OP, CALL_TIMEOUT, async {
+        let t = self.target(group);
+        t.bounded(OP, CALL_TIMEOUT, async {
             self.client
                 .complete_lifecycle_action()
                 .auto_scaling_group_name(group)
@@ -407,13 +455,41 @@ impl Fleet for AsgFleet {
                 .send()
                 .await
                 .map(|_| ())
-                .map_err(|e| sdk_error(OP, e))
+                .map_err(|e| t.sdk(OP, e))
         })
         .await
     }
 }
 
-/// Publishes a notice to SNS.
+impl AsgFleet {
+    /// (group, lifecycle state) of the instance, if it is in a group.
+    async fn describe(&self, instance: &str) -> Result<Option<(String, String)>, AwsError> {
+        const OP: &str = "DescribeAutoScalingInstances";
+        let t = self.target(instance);
+        t.bounded(OP, CALL_TIMEOUT, async {
+            let out = self
+                .client
+                .describe_auto_scaling_instances()
+                .instance_ids(instance)
+                .send()
+                .await
+                .map_err(|e| t.sdk(OP, e))?;
+            Ok(out
+                .auto_scaling_instances()
+                .iter()
+                .find(|i| i.instance_id() == Some(instance))
+                .and_then(|i| {
+                    Some((
+                        i.auto_scaling_group_name()?.to_string(),
+                        i.lifecycle_state().unwrap_or_default().to_string(),
+                    ))
+                }))
+        })
+        .await
+    }
+}
+
+/// Publishes a notice to SNS, with a client in the topic's region.
 pub async fn sns_publish(
     client: &aws_sdk_sns::Client,
     topic: &str,
@@ -421,7 +497,12 @@ pub async fn sns_publish(
     message: &str,
 ) -> Result<(), AwsError> {
     const OP: &str = "Publish";
-    bounded(OP, CALL_TIMEOUT, async {
+    let region = client.config().region().map(|r| r.to_string());
+    let t = Target {
+        resource: topic,
+        region: region.as_deref(),
+    };
+    t.bounded(OP, CALL_TIMEOUT, async {
         client
             .publish()
             .topic_arn(topic)
@@ -430,7 +511,40 @@ pub async fn sns_publish(
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| sdk_error(OP, e))
+            .map_err(|e| t.sdk(OP, e))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_aws_error_is_one_readable_line() {
+        let e = AwsError {
+            op: "ReceiveMessage",
+            code: Some("AWS.SimpleQueueService.NonExistentQueue".into()),
+            message: "The specified queue does not exist.".into(),
+            resource: Some("https://sqs.us-east-1.amazonaws.com/1/jobs".into()),
+            region: Some("us-east-2".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "ReceiveMessage on https://sqs.us-east-1.amazonaws.com/1/jobs in us-east-2: \
+             AWS.SimpleQueueService.NonExistentQueue: The specified queue does not exist."
+        );
+    }
+
+    #[test]
+    fn only_the_min_size_validation_error_is_a_refusal() {
+        let min = "Currently, desiredSize equals minSize (1). Terminating instance without replacement will violate group's min size constraint.";
+        assert!(is_min_size_refusal(Some("ValidationError"), Some(min)));
+        assert!(!is_min_size_refusal(
+            Some("ValidationError"),
+            Some("The instance i-0abc is not in InService.")
+        ));
+        assert!(!is_min_size_refusal(Some("ValidationError"), None));
+        assert!(!is_min_size_refusal(Some("Throttling"), Some(min)));
+    }
 }

@@ -8,15 +8,17 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 
-use crate::aws::{AsgFleet, SqsQueue};
+use spotguard_common::clock::{Clock, SystemClock};
+
+use crate::aws::{AsgFleet, Fleet, Queue, SqsQueue};
 use crate::config::{Config, LogFormatKey, WorkerMode};
 use crate::error_chain;
 use crate::imds::{ImdsClient, ImdsConfig, DEFAULT_ENDPOINT};
 use crate::notify::Notifier;
 use crate::runner::Runner;
 use crate::status::Status;
-use crate::watch::{self, WatchConfig};
-use crate::worker::WorkerSpec;
+use crate::watch::{self, Detected, WatchConfig};
+use crate::worker::{Worker, WorkerSpec};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -223,6 +225,8 @@ async fn imds_value(client: &ImdsClient, path: &str) -> Result<String, BoxError>
     Err(format!("cannot read {path} from IMDS: {last}").into())
 }
 
+/// Wiring: IMDS, the SDK clients (each in its resource's region), the
+/// status endpoint and the worker; then [`run_with`] does the work.
 async fn run_command(cfg: Config) -> Result<(), BoxError> {
     let cfg = Arc::new(cfg);
     let imds = Arc::new(ImdsClient::new(ImdsConfig {
@@ -230,15 +234,24 @@ async fn run_command(cfg: Config) -> Result<(), BoxError> {
         ..Default::default()
     })?);
     let instance_id = imds_value(&imds, crate::imds::paths::INSTANCE_ID).await?;
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-    {
-        // The instance's own region, from the same IMDS the agent watches.
-        let region = imds_value(&imds, crate::imds::paths::REGION).await?;
-        loader = loader.region(aws_config::Region::new(region));
-    }
-    let sdk = loader.load().await;
-    tracing::info!(%instance_id, region = ?sdk.region(), "starting");
+    // Every client talks to the region its resource lives in (REFERENCE.md,
+    // SQS): Auto Scaling to the instance's own region, from IMDS as on any
+    // instance (AWS_REGION is not consulted); SQS to the queue's; SNS to the
+    // topic's. A fallback-region worker thus reads the primary's queue.
+    let own_region = imds_value(&imds, crate::imds::paths::REGION).await?;
+    let queue_region = cfg
+        .queue_region()
+        .ok_or("queue.region: the queue URL names no region; set queue.region")?;
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(own_region.clone()))
+        .load()
+        .await;
+    let in_region = |r: &str| {
+        sdk.to_builder()
+            .region(aws_config::Region::new(r.to_string()))
+            .build()
+    };
+    tracing::info!(%instance_id, region = %own_region, %queue_region, "starting");
     let status = Arc::new(Status::new(instance_id.clone(), imds.stats()));
     if let Some(addr) = cfg.status_addr() {
         let listener_status = status.clone();
@@ -251,12 +264,17 @@ async fn run_command(cfg: Config) -> Result<(), BoxError> {
             }
         });
     }
+    let sns = match &cfg.notify.sns_topic_arn {
+        Some(topic) => {
+            let region = spotguard_common::region::arn_region(topic).ok_or_else(|| {
+                format!("notify.sns_topic_arn: {topic:?} names no region (arn:aws:sns:REGION:ACCOUNT:NAME)")
+            })?;
+            Some((aws_sdk_sns::Client::new(&in_region(&region)), topic.clone()))
+        }
+        None => None,
+    };
     let notifier = Notifier {
-        sns: cfg
-            .notify
-            .sns_topic_arn
-            .clone()
-            .map(|t| (aws_sdk_sns::Client::new(&sdk), t)),
+        sns,
         hook: cfg.notify.hook_command.clone(),
     };
     let http = reqwest::Client::builder()
@@ -282,27 +300,11 @@ async fn run_command(cfg: Config) -> Result<(), BoxError> {
         notice_url: cfg.worker.notice_url.clone(),
         state_dir: std::path::PathBuf::from(&cfg.worker.state_dir),
     };
-    if let WorkerMode::Exec(_) = &spec.mode {
+    if let WorkerMode::Exec(argv) = &spec.mode {
         std::fs::create_dir_all(spec.state_dir.join("jobs"))
             .map_err(|e| format!("worker.state_dir {}: {e}", spec.state_dir.display()))?;
-    }
-    if let WorkerMode::Exec(argv) = &spec.mode {
         tracing::info!(command = ?argv, concurrency = cfg.worker.concurrency, "exec mode");
     }
-    let runner = Runner {
-        cfg: cfg.clone(),
-        queue: Arc::new(SqsQueue {
-            client: aws_sdk_sqs::Client::new(&sdk),
-            url: cfg.queue.url.clone(),
-        }),
-        fleet: Arc::new(AsgFleet {
-            client: aws_sdk_autoscaling::Client::new(&sdk),
-        }),
-        notifier,
-        status,
-        instance_id,
-        spec,
-    };
     let watch_cfg = WatchConfig {
         spot_interval: cfg.interruption.poll_interval.0,
         lifecycle_interval: cfg.interruption.poll_interval.0,
@@ -310,8 +312,77 @@ async fn run_command(cfg: Config) -> Result<(), BoxError> {
         ..Default::default()
     };
     let (tx, rx) = mpsc::channel(64);
-    let watcher = tokio::spawn(watch::run(imds, watch_cfg, tx, std::future::pending()));
-    runner.run(rx, shutdown_signal()?).await;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let watcher = tokio::spawn(watch::run_signalling(
+        imds,
+        watch_cfg,
+        tx,
+        ready_tx,
+        std::future::pending(),
+    ));
+    let edges = Edges {
+        queue: Arc::new(SqsQueue {
+            client: aws_sdk_sqs::Client::new(&in_region(&queue_region)),
+            url: cfg.queue.url.clone(),
+            region: queue_region,
+        }),
+        fleet: Arc::new(AsgFleet {
+            client: aws_sdk_autoscaling::Client::new(&sdk),
+            region: own_region,
+        }),
+        worker: Arc::new(spec),
+        clock: Arc::new(SystemClock),
+        notices: rx,
+        ready: async move {
+            // A watcher that died before its first poll: run anyway; its
+            // end is logged by the runner when the notice channel closes.
+            let _ = ready_rx.await;
+        },
+    };
+    run_with(
+        cfg,
+        instance_id,
+        notifier,
+        status,
+        edges,
+        shutdown_signal()?,
+    )
+    .await;
     watcher.abort();
     Ok(())
+}
+
+/// The agent's edges, each a trait: the SDK ones in production, in-memory
+/// fakes in tests and the simulation.
+pub struct Edges<Q, F, W, R> {
+    pub queue: Arc<Q>,
+    pub fleet: Arc<F>,
+    pub worker: Arc<W>,
+    pub clock: Arc<dyn Clock>,
+    /// Notices from the IMDS watcher.
+    pub notices: mpsc::Receiver<Detected>,
+    /// Completes once the watcher's first poll has answered.
+    pub ready: R,
+}
+
+/// The work, over its edges: runs until a shutdown drain completes.
+pub async fn run_with<Q: Queue, F: Fleet, W: Worker, R: std::future::Future<Output = ()>>(
+    cfg: Arc<Config>,
+    instance_id: String,
+    notifier: Notifier,
+    status: Arc<Status>,
+    edges: Edges<Q, F, W, R>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let runner = Runner {
+        cfg,
+        queue: edges.queue,
+        fleet: edges.fleet,
+        worker: edges.worker,
+        clock: edges.clock,
+        notifier,
+        status,
+        instance_id,
+    };
+    runner.run(edges.notices, edges.ready, shutdown).await;
 }

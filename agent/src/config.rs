@@ -58,6 +58,10 @@ pub struct Config {
 pub struct QueueConfig {
     /// The SQS queue URL.
     pub url: String,
+    /// The queue's region, for URLs that carry none (a VPC endpoint's or a
+    /// local stand-in's). The SQS client is made in the queue's region, not
+    /// the instance's: a fallback-region worker reads the primary's queue.
+    pub region: Option<String>,
     /// Long-poll wait; SQS allows at most 20 s.
     #[serde(default = "d_wait_time")]
     pub wait_time: Dur,
@@ -378,6 +382,35 @@ impl Config {
         {
             return bad("queue.url", format!("{url:?} is not an SQS queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"));
         }
+        let from_url = spotguard_common::region::queue_url_region(url);
+        match (&self.queue.region, &from_url) {
+            (None, None) => {
+                return bad(
+                    "queue.region",
+                    format!("{url:?} names no region (not https://sqs.REGION.amazonaws.com/...): set queue.region to the queue's region"),
+                )
+            }
+            (Some(r), _) if !spotguard_common::region::is_region(r) => {
+                return bad("queue.region", format!("{r:?} is not a region like us-east-1"))
+            }
+            (Some(r), Some(u)) if r != u => {
+                return bad(
+                    "queue.region",
+                    format!("{r:?} contradicts the queue URL, which is in {u}"),
+                )
+            }
+            _ => {}
+        }
+        if self
+            .worker
+            .timeout
+            .is_some_and(|t| t.0 > Duration::from_secs(43_200))
+        {
+            return bad(
+                "worker.timeout",
+                "must be at most 12h: SQS keeps a message invisible at most 12 hours from its receipt".into(),
+            );
+        }
         let wait = self.queue.wait_time.0;
         if wait > Duration::from_secs(20) {
             return bad("queue.wait_time", "SQS long polls last at most 20s".into());
@@ -582,6 +615,14 @@ impl Config {
     }
 
     /// The queue's name: the last segment of its URL.
+    /// The queue's region: `queue.region`, else the URL's (validated).
+    pub fn queue_region(&self) -> Option<String> {
+        self.queue
+            .region
+            .clone()
+            .or_else(|| spotguard_common::region::queue_url_region(self.queue.url.trim()))
+    }
+
     pub fn queue_name(&self) -> &str {
         self.queue
             .url

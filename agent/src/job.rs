@@ -17,10 +17,9 @@ use tokio::time::Instant;
 use std::collections::BTreeMap;
 
 use crate::aws::{Attr, Message, Outgoing, Queue};
-use crate::config::WorkerMode;
 use crate::worker::{
-    execute, Ended, JobFiles, JobNotice, Outcome, StopReason, WorkerSpec, CHECKPOINT_ATTR,
-    FIRST_RECEIVED_ATTR, ORIGINAL_ID_ATTR,
+    Ended, JobFiles, JobNotice, Outcome, StopReason, Worker, CHECKPOINT_ATTR, FIRST_RECEIVED_ATTR,
+    ORIGINAL_ID_ATTR,
 };
 
 /// How a message ended up.
@@ -38,6 +37,9 @@ pub enum Settled {
     /// The settling call failed: the message comes back when its visibility
     /// lapses (a possible duplicate if the job had succeeded).
     SettleFailed,
+    /// The job could not start (the agent's fault): handed back at once,
+    /// not counted as a failure; the runner pauses intake.
+    NotStarted,
 }
 
 #[derive(Debug, Clone)]
@@ -48,9 +50,9 @@ pub struct JobReport {
     pub ran_for: Duration,
 }
 
-pub struct JobCtx<Q> {
+pub struct JobCtx<Q, W> {
     pub queue: Arc<Q>,
-    pub spec: WorkerSpec,
+    pub worker: Arc<W>,
     pub visibility: Duration,
     pub heartbeat: Duration,
     pub error_visibility: Duration,
@@ -60,16 +62,39 @@ pub struct JobCtx<Q> {
     /// A FIFO queue (its URL ends in `.fifo`): re-sent messages keep their
     /// group and get a derived deduplication id.
     pub fifo: bool,
+    /// A job still running this long before the 12-hour cap is stopped,
+    /// leaving time for its SIGTERM grace and the settle.
+    pub lease_margin: Duration,
+}
+
+/// SQS keeps a message invisible at most 12 hours from its receipt
+/// (REFERENCE.md, SQS); a `ChangeMessageVisibility` asking for more than
+/// what is left is rejected, not clamped.
+pub const MAX_INVISIBLE: Duration = Duration::from_secs(12 * 3600);
+
+/// The visibility a heartbeat asks for: the configured one, but never past
+/// the 12-hour cap counted from `received`.
+pub fn heartbeat_visibility(visibility: Duration, received: Instant, now: Instant) -> Duration {
+    let left = (received + MAX_INVISIBLE).saturating_duration_since(now);
+    visibility.min(left)
 }
 
 /// Attempts for the settling call; each is itself retried by the SDK.
 const SETTLE_ATTEMPTS: u32 = 3;
+
+/// The whole settle (delete, hand-back or re-send, with every retry) ends
+/// within this: the default deadline margin (25 s) minus the default
+/// SIGTERM grace (10 s) leaves 15 s, and this leaves 5 s of that as slack.
+/// A settle cut short leaves the message to come back when its visibility
+/// lapses: a possible duplicate, never a loss.
+pub const SETTLE_BUDGET: Duration = Duration::from_secs(10);
 
 /// Completes at the drain deadline (`deadline` holds it once there is one)
 /// or after `timeout`, whichever comes first.
 async fn stop_signal(
     mut deadline: watch::Receiver<Option<Instant>>,
     timeout: Option<Duration>,
+    lease_stop: Instant,
 ) -> StopReason {
     let timed_out = async {
         match timeout {
@@ -96,18 +121,19 @@ async fn stop_signal(
     tokio::select! {
         _ = timed_out => StopReason::Timeout,
         _ = drained => StopReason::Deadline,
+        _ = tokio::time::sleep_until(lease_stop) => StopReason::LeaseLimit,
     }
 }
 
-pub async fn run_job<Q: Queue>(
-    ctx: Arc<JobCtx<Q>>,
+pub async fn run_job<Q: Queue, W: Worker>(
+    ctx: Arc<JobCtx<Q, W>>,
     msg: Message,
     deadline: watch::Receiver<Option<Instant>>,
     notices: watch::Receiver<Option<JobNotice>>,
 ) -> JobReport {
     let started = Instant::now();
-    let files = match ctx.spec.mode {
-        WorkerMode::Exec(_) => match JobFiles::create(&ctx.spec.state_dir, &msg.id) {
+    let files = match ctx.worker.state_dir() {
+        Some(dir) => match JobFiles::create(dir, &msg.id) {
             Ok(f) => Some(f),
             Err(e) => {
                 // The job still runs; it only cannot see notices or checkpoint.
@@ -115,21 +141,50 @@ pub async fn run_job<Q: Queue>(
                 None
             }
         },
-        WorkerMode::Http(_) => None,
+        None => None,
     };
-    let stop = stop_signal(deadline, ctx.timeout);
+    // The receive answered just before the job was started: its time is
+    // the receipt's, to within the margin's slack.
+    let received = started;
+    let lease_stop = (received + MAX_INVISIBLE)
+        .checked_sub(ctx.lease_margin)
+        .unwrap_or(received);
+    let stop = stop_signal(deadline, ctx.timeout, lease_stop);
     let heartbeat = async {
         let mut tick = tokio::time::interval_at(Instant::now() + ctx.heartbeat, ctx.heartbeat);
+        let mut lost = false;
         loop {
             tick.tick().await;
-            let secs = i32::try_from(ctx.visibility.as_secs()).unwrap_or(i32::MAX);
-            if let Err(e) = ctx.queue.set_visibility(&msg.receipt, secs).await {
-                tracing::warn!(message_id = %msg.id, error = %e, "visibility heartbeat failed");
+            let vis = heartbeat_visibility(ctx.visibility, received, Instant::now());
+            let secs = i32::try_from(vis.as_secs()).unwrap_or(i32::MAX);
+            if secs == 0 || lost {
+                continue;
+            }
+            match ctx.queue.set_visibility(&msg.receipt, secs).await {
+                Ok(()) => {}
+                // The handle is stale or the lease lapsed: another consumer
+                // may hold the message now. Said once, loudly.
+                Err(e)
+                    if matches!(
+                        e.code.as_deref(),
+                        Some(
+                            "ReceiptHandleIsInvalid"
+                                | "MessageNotInflight"
+                                | "AWS.SimpleQueueService.MessageNotInflight"
+                        )
+                    ) =>
+                {
+                    lost = true;
+                    tracing::error!(message_id = %msg.id, error = %e, "lost ownership of the message: its lease lapsed or its handle is stale; another worker may run it");
+                }
+                Err(e) => {
+                    tracing::warn!(message_id = %msg.id, error = %e, "visibility heartbeat failed")
+                }
             }
         }
     };
     let ended = tokio::select! {
-        e = execute(&ctx.spec, &msg, files.as_ref(), notices, stop) => e,
+        e = ctx.worker.run(&msg, files.as_ref(), notices, stop) => e,
         _ = heartbeat => Ended { outcome: unreachable_heartbeat(), checkpoint: None },
     };
     let ran_for = started.elapsed();
@@ -145,7 +200,18 @@ pub async fn run_job<Q: Queue>(
         (None, None) => None,
     };
     let outcome = ended.outcome;
-    let settled = settle(&ctx, &msg, &outcome, checkpoint).await;
+    let settled = match tokio::time::timeout(
+        SETTLE_BUDGET,
+        settle(&ctx, &msg, &outcome, checkpoint),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(_) => {
+            tracing::error!(message_id = %msg.id, budget = ?SETTLE_BUDGET, "settling took too long; the message returns when its visibility lapses");
+            Settled::SettleFailed
+        }
+    };
     if let Some(f) = &files {
         f.remove();
     }
@@ -174,8 +240,8 @@ fn unreachable_heartbeat() -> Outcome {
     Outcome::Failed("heartbeat loop ended".into())
 }
 
-async fn settle<Q: Queue>(
-    ctx: &JobCtx<Q>,
+async fn settle<Q: Queue, W>(
+    ctx: &JobCtx<Q, W>,
     msg: &Message,
     outcome: &Outcome,
     checkpoint: Option<String>,
@@ -190,10 +256,29 @@ async fn settle<Q: Queue>(
             retry(|| ctx.queue.set_visibility(&msg.receipt, err_secs)).await,
             Settled::Failed,
         ),
+        Outcome::NotStarted(_) => (
+            retry(|| ctx.queue.set_visibility(&msg.receipt, 0)).await,
+            Settled::NotStarted,
+        ),
         Outcome::Stopped(StopReason::Timeout) => (
             retry(|| ctx.queue.set_visibility(&msg.receipt, err_secs)).await,
             Settled::TimedOut,
         ),
+        Outcome::Stopped(StopReason::LeaseLimit) => {
+            if let Some(c) = checkpoint {
+                match hand_over(ctx, msg, &c).await {
+                    Ok(()) => return Settled::HandedOver,
+                    Err(e) => {
+                        tracing::warn!(message_id = %msg.id, error = %e, "checkpoint not carried over")
+                    }
+                }
+            }
+            tracing::error!(message_id = %msg.id, "the job ran into SQS's 12-hour visibility cap without a checkpoint: stopped as failed (write checkpoints, or split the job)");
+            (
+                retry(|| ctx.queue.set_visibility(&msg.receipt, err_secs)).await,
+                Settled::TimedOut,
+            )
+        }
         Outcome::Stopped(StopReason::Deadline) | Outcome::Yielded(_) => {
             if let Some(c) = checkpoint {
                 match hand_over(ctx, msg, &c).await {
@@ -292,8 +377,8 @@ pub fn hand_over_message(msg: &Message, checkpoint: &str, fifo: bool) -> Result<
 /// Re-sends the message with the checkpoint, then deletes the original.
 /// The original is deleted only after the send succeeded: if the send
 /// fails, the caller hands the original back as it was (at least once).
-async fn hand_over<Q: Queue>(
-    ctx: &JobCtx<Q>,
+async fn hand_over<Q: Queue, W>(
+    ctx: &JobCtx<Q, W>,
     msg: &Message,
     checkpoint: &str,
 ) -> Result<(), String> {
@@ -439,7 +524,8 @@ mod tests {
     async fn stop_signal_fires_at_the_earliest_of_deadline_and_timeout() {
         let (tx, rx) = watch::channel(None);
         let start = Instant::now();
-        let h = tokio::spawn(stop_signal(rx, Some(Duration::from_secs(100))));
+        let far = start + Duration::from_secs(86_400);
+        let h = tokio::spawn(stop_signal(rx, Some(Duration::from_secs(100)), far));
         tokio::time::sleep(Duration::from_secs(5)).await;
         tx.send(Some(start + Duration::from_secs(30))).unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -451,16 +537,33 @@ mod tests {
         let (_tx, rx) = watch::channel(None);
         let start = Instant::now();
         assert_eq!(
-            stop_signal(rx, Some(Duration::from_secs(7))).await,
+            stop_signal(rx, Some(Duration::from_secs(7)), far).await,
             StopReason::Timeout
         );
         assert_eq!(start.elapsed(), Duration::from_secs(7));
     }
 
     #[tokio::test(start_paused = true)]
+    async fn heartbeats_never_ask_past_the_12_hour_cap() {
+        let t0 = Instant::now();
+        let vis = Duration::from_secs(60);
+        assert_eq!(
+            heartbeat_visibility(vis, t0, t0 + Duration::from_secs(3600)),
+            vis
+        );
+        let near = t0 + MAX_INVISIBLE - Duration::from_secs(25);
+        assert_eq!(heartbeat_visibility(vis, t0, near), Duration::from_secs(25));
+        assert_eq!(
+            heartbeat_visibility(vis, t0, t0 + MAX_INVISIBLE * 2),
+            Duration::ZERO
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn stop_signal_without_limits_never_fires() {
         let (tx, rx) = watch::channel(None::<Instant>);
-        let r = tokio::time::timeout(Duration::from_secs(3600), stop_signal(rx, None)).await;
+        let far = Instant::now() + Duration::from_secs(86_400);
+        let r = tokio::time::timeout(Duration::from_secs(3600), stop_signal(rx, None, far)).await;
         assert!(r.is_err());
         drop(tx);
     }

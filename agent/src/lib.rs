@@ -7,11 +7,14 @@
 //! - [`job`]: one job, from receipt to a deleted or handed-back message.
 //! - [`worker`]: exec and http (sqsd) hand-off of a message to the worker.
 //! - [`aws`]: the SQS and Auto Scaling calls behind small traits.
+//! - `fakes` (tests, feature `test-util`): in-memory SQS, Auto Scaling and worker.
 //! - [`config`], [`status`], [`notify`], [`cli`]: file, endpoint, SNS/hook, command line.
 
 pub mod aws;
 pub mod cli;
 pub mod config;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fakes;
 pub mod imds;
 pub mod job;
 pub mod notify;

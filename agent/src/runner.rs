@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
+use spotguard_common::clock::Clock;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -27,33 +28,47 @@ use crate::notify::Notifier;
 use crate::state::{self, DrainReason, Mode, Notice, Policy};
 use crate::status::{inc, Status};
 use crate::watch::{Detected, WatchEvent};
-use crate::worker::{JobNotice, WorkerSpec};
+use crate::worker::{JobNotice, Worker};
 
 /// Wait after a failed housekeeping call (group lookup, protection, lifecycle
-/// completion) before it is tried again: long enough not to hammer a
-/// throttled API, short against a 30 s idle timeout or a lifecycle timeout.
-const CALL_RETRY: Duration = Duration::from_secs(5);
+/// completion or heartbeat, scale-in confirmation) before it is tried
+/// again: long enough not to hammer a throttled API, short against a 30 s
+/// idle timeout or the hook's 30 s minimum HeartbeatTimeout (REFERENCE.md).
+pub const CALL_RETRY: Duration = Duration::from_secs(5);
 
 /// Receive failures back off 1, 2, 4 ... s up to this (a long poll's length).
-const MAX_RECEIVE_BACKOFF: Duration = Duration::from_secs(20);
+pub const MAX_RECEIVE_BACKOFF: Duration = Duration::from_secs(20);
+
+/// A job that could not start pauses intake 5 s, doubling per failure in a
+/// row up to 5 minutes: an app that is still starting gets its messages
+/// soon, a broken instance does not burn the fleet's receive counts.
+pub const START_FAILURE_PAUSE: Duration = Duration::from_secs(5);
+pub const MAX_START_FAILURE_PAUSE: Duration = Duration::from_secs(300);
+
+/// A lifecycle hook holds an instance at most 100 heartbeats (REFERENCE.md,
+/// Auto Scaling): more are refused, so none are sent.
+pub const MAX_HOOK_HEARTBEATS: u32 = 100;
 
 enum Effect {
     Received(Result<Vec<Message>, AwsError>),
     HandedBack { asked: usize, done: usize },
     ScaleIn(Result<ScaleIn, AwsError>),
+    Confirmed(Result<Option<String>, AwsError>),
     Protection(bool, Result<(), AwsError>),
     Group(Result<Option<String>, AwsError>),
     LifecycleCompleted(Result<(), AwsError>),
+    HookHeartbeat(Result<(), AwsError>),
 }
 
-pub struct Runner<Q, F> {
+pub struct Runner<Q, F, W> {
     pub cfg: Arc<Config>,
     pub queue: Arc<Q>,
     pub fleet: Arc<F>,
+    pub worker: Arc<W>,
+    pub clock: Arc<dyn Clock>,
     pub notifier: Notifier,
     pub status: Arc<Status>,
     pub instance_id: String,
-    pub spec: WorkerSpec,
 }
 
 /// What the loop tells running jobs: the drain deadline and the notice.
@@ -64,43 +79,259 @@ struct Chans {
     notice_rx: watch::Receiver<Option<JobNotice>>,
 }
 
-/// Loop state that is not the mode.
-struct Loop {
-    mode: Mode,
-    jobs: JoinSet<JobReport>,
-    receiving: bool,
-    receive_failures: u32,
-    receive_not_before: Instant,
-    last_activity: Instant,
-    scale_in_not_before: Instant,
-    refusals: u32,
-    protected: bool,
-    protection_in_flight: bool,
-    protection_not_before: Instant,
-    group: Option<String>,
-    not_in_group: bool,
-    group_in_flight: bool,
-    group_not_before: Instant,
-    lifecycle_completed: bool,
-    lifecycle_in_flight: bool,
-    lifecycle_not_before: Instant,
-    next_hook_heartbeat: Instant,
-    handbacks_in_flight: usize,
-    drain_complete_logged: bool,
-    deadline: Option<Instant>,
-    /// The last spot notice (action, time), for what running jobs are told.
-    spot: Option<(Option<String>, DateTime<Utc>)>,
+/// One kind of housekeeping call: at most one in flight, and after a
+/// failure not again before `not_before`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub in_flight: bool,
+    pub not_before: Instant,
+    /// Failures (or refusals) in a row.
+    pub failures: u32,
 }
 
-fn instant_of(t: DateTime<Utc>) -> Instant {
-    let now = Instant::now();
-    match (t - Utc::now()).to_std() {
-        Ok(d) => now + d,
-        Err(_) => now, // in the past
+impl Pending {
+    pub fn new(now: Instant) -> Pending {
+        Pending {
+            in_flight: false,
+            not_before: now,
+            failures: 0,
+        }
+    }
+
+    pub fn ready(&self, now: Instant) -> bool {
+        !self.in_flight && now >= self.not_before
+    }
+
+    fn start(&mut self) {
+        self.in_flight = true;
+    }
+
+    fn succeeded(&mut self) {
+        self.in_flight = false;
+        self.failures = 0;
+    }
+
+    /// Failed: the next try waits `backoff(failures)`.
+    fn failed(&mut self, now: Instant, backoff: impl Fn(u32) -> Duration) {
+        self.in_flight = false;
+        self.failures += 1;
+        self.not_before = now + backoff(self.failures);
     }
 }
 
-impl<Q: Queue, F: Fleet> Runner<Q, F> {
+/// Receive failures: 1, 2, 4 ... s, capped.
+pub fn receive_backoff(failures: u32) -> Duration {
+    (Duration::from_secs(1) * 2u32.pow(failures.clamp(1, 6) - 1)).min(MAX_RECEIVE_BACKOFF)
+}
+
+/// Start failures in a row: 5, 10, 20 ... s, capped.
+pub fn start_failure_pause(failures: u32) -> Duration {
+    (START_FAILURE_PAUSE * 2u32.pow(failures.clamp(1, 8) - 1)).min(MAX_START_FAILURE_PAUSE)
+}
+
+/// Everything the loop keeps besides its jobs and channels: plain data, so
+/// that [`due`] is a pure function of it.
+#[derive(Debug, Clone)]
+pub struct Books {
+    pub mode: Mode,
+    pub receive: Pending,
+    pub group_lookup: Pending,
+    pub protection: Pending,
+    pub lifecycle: Pending,
+    /// `not_before` after a refused scale-in; `failures` counts refusals.
+    pub scale_in: Pending,
+    /// Confirming the instance's state after an ambiguous scale-in answer.
+    pub confirm: Pending,
+    pub confirm_needed: bool,
+    /// `not_before` is the next heartbeat's time.
+    pub hook_heartbeat: Pending,
+    pub hook_heartbeats_sent: u32,
+    /// Jobs that could not start in a row; `not_before` pauses intake.
+    pub start_failures: Pending,
+    pub group: Option<String>,
+    pub not_in_group: bool,
+    pub protected: bool,
+    pub lifecycle_completed: bool,
+    pub handbacks_in_flight: usize,
+    pub last_activity: Instant,
+    pub deadline: Option<Instant>,
+    /// The last spot notice (action, time), for what running jobs are told.
+    pub spot: Option<(Option<String>, DateTime<Utc>)>,
+    pub drain_complete_logged: bool,
+}
+
+impl Books {
+    pub fn new(now: Instant) -> Books {
+        Books {
+            mode: Mode::Running,
+            receive: Pending::new(now),
+            group_lookup: Pending::new(now),
+            protection: Pending::new(now),
+            lifecycle: Pending::new(now),
+            scale_in: Pending::new(now),
+            confirm: Pending::new(now),
+            confirm_needed: false,
+            hook_heartbeat: Pending::new(now),
+            hook_heartbeats_sent: 0,
+            start_failures: Pending::new(now),
+            group: None,
+            not_in_group: false,
+            protected: false,
+            lifecycle_completed: false,
+            handbacks_in_flight: 0,
+            last_activity: now,
+            deadline: None,
+            spot: None,
+            drain_complete_logged: false,
+        }
+    }
+}
+
+/// The configuration [`due`] reads.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub concurrency: usize,
+    pub idle_timeout: Duration,
+    pub scale_in: bool,
+    pub protect_busy: bool,
+    /// A lifecycle hook is configured.
+    pub hook: bool,
+}
+
+impl Settings {
+    pub fn of(cfg: &Config) -> Settings {
+        Settings {
+            concurrency: cfg.worker.concurrency as usize,
+            idle_timeout: cfg.scale_in.idle_timeout.0,
+            scale_in: cfg.scale_in.enabled,
+            protect_busy: cfg.scale_in.protect_busy,
+            hook: cfg.interruption.lifecycle_hook.is_some(),
+        }
+    }
+}
+
+/// What is due now: the calls to start, the new mode, whether to exit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Due {
+    /// The new mode, if it changes.
+    pub mode: Option<Mode>,
+    /// `ReceiveMessage` for at most this many messages.
+    pub receive: Option<i32>,
+    pub lookup_group: bool,
+    /// `SetInstanceProtection` to this value.
+    pub protect: Option<bool>,
+    pub request_scale_in: bool,
+    /// `DescribeAutoScalingInstances` after an ambiguous scale-in answer.
+    pub confirm_state: bool,
+    pub hook_heartbeat: bool,
+    pub complete_lifecycle: bool,
+    pub exit: bool,
+}
+
+/// The loop's housekeeping as a pure function of its books, the number of
+/// running jobs, the settings and the time.
+pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
+    let mut d = Due::default();
+    let mut mode = b.mode.clone();
+    let idle = jobs == 0 && now.saturating_duration_since(b.last_activity) >= s.idle_timeout;
+
+    // Idle: stop intake and scale in (also after a rebalance drain).
+    if s.scale_in && idle && b.scale_in.ready(now) {
+        if let Some(m) = state::on_idle(&mode) {
+            mode = m;
+        }
+    }
+
+    // Intake: one receive at a time, for the free slots, unless paused.
+    let mut receiving = b.receive.in_flight;
+    if mode.intake_open()
+        && !receiving
+        && jobs < s.concurrency
+        && b.receive.ready(now)
+        && now >= b.start_failures.not_before
+    {
+        d.receive = Some((s.concurrency - jobs).min(10) as i32);
+        receiving = true;
+    }
+
+    // The group, for protection and the lifecycle hook.
+    if (s.protect_busy || s.hook)
+        && b.group.is_none()
+        && !b.not_in_group
+        && b.group_lookup.ready(now)
+    {
+        d.lookup_group = true;
+    }
+
+    // Protection: on when a job runs; off only once the instance is idle
+    // (idle timeout, or scaling in), not between back-to-back jobs.
+    if s.protect_busy && b.group.is_some() && b.protection.ready(now) {
+        let want = if jobs > 0 {
+            true
+        } else if idle || matches!(mode, Mode::ScalingIn { .. }) {
+            false
+        } else {
+            b.protected
+        };
+        if want != b.protected {
+            d.protect = Some(want);
+        }
+    }
+
+    // Scale-in request, once nothing is outstanding.
+    if !receiving && jobs == 0 {
+        if let Some(m) = state::ready_to_request(&mode) {
+            mode = m;
+            d.request_scale_in = true;
+        }
+    }
+    if b.confirm_needed && b.confirm.ready(now) {
+        d.confirm_state = true;
+    }
+
+    if let Some(drain) = mode.drain() {
+        let hooked = s.hook && b.group.is_some() && drain.has(DrainReason::LifecycleTerminated);
+        if hooked
+            && jobs > 0
+            && b.hook_heartbeat.ready(now)
+            && b.hook_heartbeats_sent < MAX_HOOK_HEARTBEATS
+        {
+            d.hook_heartbeat = true;
+        }
+        if jobs == 0 {
+            let after = state::after_drain(drain, s.hook && !b.not_in_group);
+            if after.complete_lifecycle
+                && !b.lifecycle_completed
+                && b.group.is_some()
+                && b.lifecycle.ready(now)
+            {
+                d.complete_lifecycle = true;
+            }
+            if after.exit {
+                // Exit once nothing is left to settle, or at the deadline
+                // whatever is still outstanding (a long poll's messages then
+                // return after their visibility timeout).
+                let past_deadline = b.deadline.is_some_and(|t| now >= t);
+                let settled = !receiving
+                    && b.handbacks_in_flight == 0
+                    && (!after.complete_lifecycle || b.lifecycle_completed || b.not_in_group);
+                d.exit = settled || past_deadline;
+            }
+        }
+    }
+    if mode != b.mode {
+        d.mode = Some(mode);
+    }
+    d
+}
+
+/// Loop state: the books, and the running jobs.
+struct Loop {
+    books: Books,
+    jobs: JoinSet<JobReport>,
+}
+
+impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
     fn policy(&self) -> Policy {
         Policy {
             deadline_margin: self.cfg.interruption.deadline_margin.0,
@@ -109,54 +340,47 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         }
     }
 
-    fn needs_group(&self) -> bool {
-        self.cfg.scale_in.protect_busy || self.cfg.interruption.lifecycle_hook.is_some()
+    /// An instant (tokio's clock) for a wall-clock time from the clock.
+    fn instant_of(&self, t: DateTime<Utc>) -> Instant {
+        let now = Instant::now();
+        match (t - self.clock.now()).to_std() {
+            Ok(d) => now + d,
+            Err(_) => now, // in the past
+        }
     }
 
     /// Runs until a shutdown drain completes. `shutdown` is SIGTERM/SIGINT.
+    /// `ready` completes once the first IMDS poll has answered: no message
+    /// is taken before the agent knows whether a notice is already up.
     pub async fn run(
         self,
         mut notices: mpsc::Receiver<Detected>,
+        ready: impl Future<Output = ()>,
         shutdown: impl Future<Output = ()>,
     ) {
         let now = Instant::now();
         let mut st = Loop {
-            mode: Mode::Running,
+            books: Books::new(now),
             jobs: JoinSet::new(),
-            receiving: false,
-            receive_failures: 0,
-            receive_not_before: now,
-            last_activity: now,
-            scale_in_not_before: now,
-            refusals: 0,
-            protected: false,
-            protection_in_flight: false,
-            protection_not_before: now,
-            group: None,
-            not_in_group: false,
-            group_in_flight: false,
-            group_not_before: now,
-            lifecycle_completed: false,
-            lifecycle_in_flight: false,
-            lifecycle_not_before: now,
-            next_hook_heartbeat: now,
-            handbacks_in_flight: 0,
-            drain_complete_logged: false,
-            deadline: None,
-            spot: None,
         };
+        let settings = Settings::of(&self.cfg);
         let (effects_tx, mut effects) = mpsc::unbounded_channel();
         let (deadline_tx, deadline_rx) = watch::channel(None::<Instant>);
         let (notice_tx, notice_rx) = watch::channel(None::<JobNotice>);
         let ctx = Arc::new(JobCtx {
             queue: self.queue.clone(),
-            spec: self.spec.clone(),
+            worker: self.worker.clone(),
             visibility: self.cfg.queue.visibility_timeout.0,
             heartbeat: self.cfg.heartbeat_interval(),
             error_visibility: self.cfg.queue.error_visibility_timeout.0,
             timeout: self.cfg.worker.timeout.map(|d| d.0),
             checkpoint_max: self.cfg.worker.checkpoint_max_bytes,
             fifo: self.cfg.queue.url.trim_end_matches('/').ends_with(".fifo"),
+            // The SIGTERM grace, the settle, and 30 s for the receive's
+            // round trip and clock slack.
+            lease_margin: self.cfg.worker.term_grace.0
+                + crate::job::SETTLE_BUDGET
+                + Duration::from_secs(30),
         });
         let chans = Chans {
             deadline_tx,
@@ -165,16 +389,18 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
             notice_rx,
         };
         tokio::pin!(shutdown);
+        tokio::pin!(ready);
+        let mut is_ready = false;
         let mut shutdown_seen = false;
         let mut notices_open = true;
         tracing::info!(instance_id = %self.instance_id, queue = %self.cfg.queue.url, "agent running");
         loop {
-            if self.housekeeping(&mut st, &effects_tx) {
+            if is_ready && self.housekeeping(&mut st, &settings, &effects_tx) {
                 tracing::info!("drain complete; exiting");
                 return;
             }
-            self.status.set(&st.mode, st.jobs.len());
-            let wake = self.next_wake(&st);
+            self.status.set(&st.books.mode, st.jobs.len());
+            let wake = self.next_wake(&st.books, &settings);
             tokio::select! {
                 biased;
                 _ = &mut shutdown, if !shutdown_seen => {
@@ -188,11 +414,15 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                         tracing::error!("the IMDS watcher stopped; no more notices will be seen");
                     }
                 },
+                _ = &mut ready, if !is_ready => {
+                    is_ready = true;
+                    tracing::info!("first IMDS poll answered; intake may open");
+                }
                 Some(e) = effects.recv() => self.on_effect(&mut st, e, &effects_tx, &ctx, &chans),
                 Some(r) = st.jobs.join_next(), if !st.jobs.is_empty() => {
-                    st.last_activity = Instant::now();
+                    st.books.last_activity = Instant::now();
                     match r {
-                        Ok(report) => self.on_report(&report),
+                        Ok(report) => self.on_report(&mut st.books, &report),
                         Err(e) => {
                             // A job task panicked: its message returns when its
                             // visibility lapses (the heartbeat died with it).
@@ -206,7 +436,7 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         }
     }
 
-    fn next_wake(&self, st: &Loop) -> Instant {
+    fn next_wake(&self, b: &Books, s: &Settings) -> Instant {
         let now = Instant::now();
         let mut wake = now + Duration::from_secs(1);
         let mut consider = |t: Instant| {
@@ -214,11 +444,20 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                 wake = t;
             }
         };
-        consider(st.last_activity + self.cfg.scale_in.idle_timeout.0);
-        consider(st.scale_in_not_before);
-        consider(st.receive_not_before);
-        consider(st.next_hook_heartbeat);
-        if let Some(d) = st.deadline {
+        consider(b.last_activity + s.idle_timeout);
+        for p in [
+            &b.scale_in,
+            &b.receive,
+            &b.hook_heartbeat,
+            &b.start_failures,
+            &b.group_lookup,
+            &b.protection,
+            &b.lifecycle,
+            &b.confirm,
+        ] {
+            consider(p.not_before);
+        }
+        if let Some(d) = b.deadline {
             consider(d);
         }
         wake
@@ -229,7 +468,7 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         let notice = match &d.event {
             WatchEvent::SpotInterruption { time, action, .. } => {
                 inc(&c.notices_spot);
-                st.spot = Some((action.as_ref().map(|a| a.to_string()), *time));
+                st.books.spot = Some((action.as_ref().map(|a| a.to_string()), *time));
                 Some(Notice::Spot { time: *time })
             }
             WatchEvent::RebalanceRecommendation { .. } => {
@@ -262,7 +501,7 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
             let mut event = serde_json::to_value(&d).unwrap_or_else(|_| json!({}));
             if let Some(obj) = event.as_object_mut() {
                 obj.insert("instance_id".into(), json!(self.instance_id));
-                obj.insert("agent_mode".into(), json!(st.mode.name()));
+                obj.insert("agent_mode".into(), json!(st.books.mode.name()));
                 obj.insert("jobs_in_flight".into(), json!(st.jobs.len()));
             }
             self.notifier.notify(subject, event);
@@ -270,29 +509,34 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
     }
 
     fn apply(&self, st: &mut Loop, notice: Notice, chans: &Chans) {
-        let before = st.mode.clone();
-        st.mode = state::on_notice(&st.mode, &notice, &self.policy(), Utc::now());
-        if st.mode == before {
+        let b = &mut st.books;
+        let before = b.mode.clone();
+        b.mode = state::on_notice(&b.mode, &notice, &self.policy(), self.clock.now());
+        if b.mode == before {
             return;
         }
         tracing::info!(
             ?notice,
             from = before.name(),
-            to = st.mode.name(),
+            to = b.mode.name(),
             "state change"
         );
-        if before.drain().is_none() && st.mode.drain().is_some() {
+        if before.drain().is_none() && b.mode.drain().is_some() {
             inc(&self.status.counters.drains);
-            tracing::info!(jobs = st.jobs.len(), deadline = ?st.mode.drain().and_then(|d| d.deadline), "drain started: intake stopped");
+            tracing::info!(jobs = st.jobs.len(), deadline = ?b.mode.drain().and_then(|d| d.deadline), "drain started: intake stopped");
         }
-        let deadline = st.mode.drain().and_then(|d| d.deadline).map(instant_of);
-        if deadline != st.deadline {
-            st.deadline = deadline;
+        let deadline = b
+            .mode
+            .drain()
+            .and_then(|d| d.deadline)
+            .map(|t| self.instant_of(t));
+        if deadline != b.deadline {
+            b.deadline = deadline;
             chans.deadline_tx.send_replace(deadline);
         }
         // Every drain (spot, lifecycle, SIGTERM, rebalance in drain mode) is
         // told to the running jobs, again whenever its deadline changes.
-        if let Some(drain) = st.mode.drain() {
+        if let Some(drain) = b.mode.drain() {
             let kind = match notice {
                 Notice::Spot { .. } => "spot_interruption",
                 Notice::Rebalance => "rebalance_recommendation",
@@ -301,7 +545,7 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
             };
             let spot = drain
                 .has(DrainReason::SpotInterruption)
-                .then(|| st.spot.clone())
+                .then(|| b.spot.clone())
                 .flatten();
             chans.notice_tx.send_replace(Some(JobNotice {
                 kind,
@@ -312,8 +556,18 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         }
     }
 
-    fn on_report(&self, r: &JobReport) {
+    fn on_report(&self, b: &mut Books, r: &JobReport) {
         let c = &self.status.counters;
+        if r.settled == Settled::NotStarted {
+            b.start_failures.failed(Instant::now(), start_failure_pause);
+            let pause = start_failure_pause(b.start_failures.failures);
+            tracing::error!(message_id = %r.message_id, ?pause, outcome = ?r.outcome, "the job could not start; message handed back, intake paused");
+        } else if matches!(
+            r.settled,
+            Settled::Deleted | Settled::Failed | Settled::TimedOut
+        ) {
+            b.start_failures.succeeded();
+        }
         inc(match r.settled {
             Settled::Deleted => &c.jobs_succeeded,
             Settled::Failed => &c.jobs_failed,
@@ -321,6 +575,7 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
             Settled::HandedBack => &c.jobs_handed_back,
             Settled::HandedOver => &c.jobs_handed_over,
             Settled::SettleFailed => &c.settle_errors,
+            Settled::NotStarted => &c.jobs_not_started,
         });
     }
 
@@ -329,30 +584,30 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
         st: &mut Loop,
         e: Effect,
         tx: &mpsc::UnboundedSender<Effect>,
-        ctx: &Arc<JobCtx<Q>>,
+        ctx: &Arc<JobCtx<Q, W>>,
         chans: &Chans,
     ) {
         let now = Instant::now();
         let c = &self.status.counters;
+        let b = &mut st.books;
         match e {
             Effect::Received(Ok(msgs)) => {
-                st.receiving = false;
-                st.receive_failures = 0;
+                b.receive.succeeded();
                 if msgs.is_empty() {
                     return;
                 }
-                st.last_activity = now;
+                b.last_activity = now;
                 for _ in &msgs {
                     inc(&c.messages_received);
                 }
-                let (mode, run) = state::on_late_messages(&st.mode);
-                if mode != st.mode {
+                let (mode, run) = state::on_late_messages(&b.mode);
+                if mode != b.mode {
                     tracing::info!(
-                        from = st.mode.name(),
+                        from = b.mode.name(),
                         to = mode.name(),
                         "messages arrived; back to work"
                     );
-                    st.mode = mode;
+                    b.mode = mode;
                 }
                 if run {
                     for m in msgs {
@@ -369,7 +624,7 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                         count = msgs.len(),
                         "intake closed: handing back messages unstarted"
                     );
-                    st.handbacks_in_flight += 1;
+                    b.handbacks_in_flight += 1;
                     let queue = self.queue.clone();
                     let tx = tx.clone();
                     tokio::spawn(async move {
@@ -382,16 +637,13 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                 }
             }
             Effect::Received(Err(e)) => {
-                st.receiving = false;
-                st.receive_failures += 1;
+                b.receive.failed(now, receive_backoff);
                 inc(&c.receive_errors);
-                let backoff = (Duration::from_secs(1) * 2u32.pow(st.receive_failures.min(5) - 1))
-                    .min(MAX_RECEIVE_BACKOFF);
-                st.receive_not_before = now + backoff;
+                let backoff = receive_backoff(b.receive.failures);
                 tracing::warn!(error = %e, ?backoff, "receive failed");
             }
             Effect::HandedBack { asked, done } => {
-                st.handbacks_in_flight -= 1;
+                b.handbacks_in_flight -= 1;
                 for _ in 0..done {
                     inc(&c.messages_returned_unstarted);
                 }
@@ -400,6 +652,7 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                 }
             }
             Effect::ScaleIn(r) => {
+                b.scale_in.in_flight = false;
                 let accepted = match r {
                     Ok(ScaleIn::Accepted) => {
                         tracing::info!(
@@ -409,218 +662,206 @@ impl<Q: Queue, F: Fleet> Runner<Q, F> {
                     }
                     Ok(ScaleIn::Refused(why)) => {
                         inc(&c.scale_in_refusals);
-                        tracing::info!(reason = %why, "the group refused to scale in; resuming work");
+                        tracing::info!(reason = %why, "the group refused to scale in (at MinSize): the instance is needed; resuming work");
                         false
                     }
                     Err(e) => {
+                        // Lost answer, timeout, another ValidationError: the
+                        // instance may be terminating. Keep intake closed
+                        // until its state is confirmed.
                         inc(&c.aws_errors);
-                        tracing::warn!(error = %e, "scale-in request failed; resuming work");
-                        false
+                        tracing::warn!(error = %e, "scale-in answer unclear; intake stays closed until the instance's state is confirmed");
+                        b.confirm_needed = true;
+                        b.confirm = Pending::new(now);
+                        return;
                     }
                 };
-                if !accepted {
-                    st.refusals += 1;
-                    let wait =
-                        state::scale_in_backoff(self.cfg.scale_in.retry_interval.0, st.refusals);
-                    st.scale_in_not_before = now + wait;
-                    tracing::info!(?wait, "next scale-in attempt not before");
-                } else {
-                    st.refusals = 0;
-                }
-                st.mode = state::on_scale_in_result(&st.mode, accepted);
+                self.scale_in_result(b, accepted, now);
             }
-            Effect::Protection(want, r) => {
-                st.protection_in_flight = false;
-                match r {
-                    Ok(()) => {
-                        st.protected = want;
-                        tracing::info!(protected = want, "scale-in protection set");
-                    }
-                    Err(e) => {
-                        inc(&c.aws_errors);
-                        st.protection_not_before = now + CALL_RETRY;
-                        tracing::warn!(error = %e, "cannot set scale-in protection");
-                    }
+            Effect::Confirmed(r) => match r {
+                Ok(state) => {
+                    b.confirm.succeeded();
+                    b.confirm_needed = false;
+                    let in_service = state.as_deref() == Some("InService");
+                    tracing::info!(state = ?state, "instance state after an unclear scale-in answer");
+                    self.scale_in_result(b, !in_service, now);
                 }
-            }
-            Effect::Group(r) => {
-                st.group_in_flight = false;
-                match r {
-                    Ok(Some(g)) => {
-                        tracing::info!(group = %g, "Auto Scaling group found");
-                        st.group = Some(g);
-                    }
-                    Ok(None) => {
-                        st.not_in_group = true;
-                        tracing::warn!("this instance is in no Auto Scaling group: no protection, no lifecycle hook");
-                    }
-                    Err(e) => {
-                        inc(&c.aws_errors);
-                        st.group_not_before = now + CALL_RETRY;
-                        tracing::warn!(error = %e, "cannot find this instance's Auto Scaling group");
-                    }
+                Err(e) => {
+                    inc(&c.aws_errors);
+                    b.confirm.failed(now, |_| CALL_RETRY);
+                    tracing::warn!(error = %e, "cannot confirm the instance's state; retrying");
                 }
-            }
-            Effect::LifecycleCompleted(r) => {
-                st.lifecycle_in_flight = false;
-                match r {
-                    Ok(()) => {
-                        st.lifecycle_completed = true;
-                        tracing::info!("lifecycle action completed (CONTINUE)");
-                    }
-                    Err(e) => {
-                        inc(&c.aws_errors);
-                        st.lifecycle_not_before = now + CALL_RETRY;
-                        tracing::warn!(error = %e, "cannot complete the lifecycle action");
-                    }
+            },
+            Effect::Protection(want, r) => match r {
+                Ok(()) => {
+                    b.protection.succeeded();
+                    b.protected = want;
+                    tracing::info!(protected = want, "scale-in protection set");
                 }
-            }
+                Err(e) => {
+                    inc(&c.aws_errors);
+                    b.protection.failed(now, |_| CALL_RETRY);
+                    tracing::warn!(error = %e, "cannot set scale-in protection");
+                }
+            },
+            Effect::Group(r) => match r {
+                Ok(Some(g)) => {
+                    b.group_lookup.succeeded();
+                    tracing::info!(group = %g, "Auto Scaling group found");
+                    b.group = Some(g);
+                }
+                Ok(None) => {
+                    b.group_lookup.succeeded();
+                    b.not_in_group = true;
+                    tracing::warn!("this instance is in no Auto Scaling group: no protection, no lifecycle hook");
+                }
+                Err(e) => {
+                    inc(&c.aws_errors);
+                    b.group_lookup.failed(now, |_| CALL_RETRY);
+                    tracing::warn!(error = %e, "cannot find this instance's Auto Scaling group");
+                }
+            },
+            Effect::LifecycleCompleted(r) => match r {
+                Ok(()) => {
+                    b.lifecycle.succeeded();
+                    b.lifecycle_completed = true;
+                    tracing::info!("lifecycle action completed (CONTINUE)");
+                }
+                Err(e) => {
+                    inc(&c.aws_errors);
+                    b.lifecycle.failed(now, |_| CALL_RETRY);
+                    tracing::warn!(error = %e, "cannot complete the lifecycle action");
+                }
+            },
+            Effect::HookHeartbeat(r) => match r {
+                Ok(()) => {
+                    b.hook_heartbeat.succeeded();
+                    b.hook_heartbeats_sent += 1;
+                    b.hook_heartbeat.not_before =
+                        now + self.cfg.interruption.lifecycle_heartbeat_interval.0;
+                    tracing::info!(sent = b.hook_heartbeats_sent, "lifecycle heartbeat sent");
+                }
+                Err(e) => {
+                    // Retried soon, not after the full interval: one
+                    // throttled call must not let the hook time out.
+                    inc(&c.aws_errors);
+                    b.hook_heartbeat.failed(now, |_| CALL_RETRY);
+                    tracing::warn!(error = %e, "lifecycle heartbeat failed; retrying");
+                }
+            },
         }
     }
 
-    /// Starts whatever is due. Returns true when the agent should exit.
-    fn housekeeping(&self, st: &mut Loop, tx: &mpsc::UnboundedSender<Effect>) -> bool {
-        let now = Instant::now();
-        let c = &self.status.counters;
-        let concurrency = self.cfg.worker.concurrency as usize;
+    fn scale_in_result(&self, b: &mut Books, accepted: bool, now: Instant) {
+        if accepted {
+            b.scale_in.succeeded();
+        } else {
+            let retry = self.cfg.scale_in.retry_interval.0;
+            b.scale_in
+                .failed(now, |n| state::scale_in_backoff(retry, n));
+            tracing::info!(wait = ?b.scale_in.not_before.duration_since(now), "next scale-in attempt not before");
+            // The idle timer starts again after the refusal.
+            b.last_activity = now;
+        }
+        b.mode = state::on_scale_in_result(&b.mode, accepted);
+    }
 
-        // Intake.
-        if st.mode.intake_open()
-            && !st.receiving
-            && st.jobs.len() < concurrency
-            && now >= st.receive_not_before
-        {
-            st.receiving = true;
-            let max = (concurrency - st.jobs.len()).min(10) as i32;
-            let (queue, tx) = (self.queue.clone(), tx.clone());
+    /// Starts whatever [`due`] says is due. Returns true when the agent
+    /// should exit.
+    fn housekeeping(
+        &self,
+        st: &mut Loop,
+        settings: &Settings,
+        tx: &mpsc::UnboundedSender<Effect>,
+    ) -> bool {
+        let now = Instant::now();
+        let d = due(&st.books, st.jobs.len(), settings, now);
+        let b = &mut st.books;
+        if let Some(m) = d.mode {
+            if matches!(
+                m,
+                Mode::ScalingIn {
+                    requested: false,
+                    ..
+                }
+            ) && !matches!(b.mode, Mode::ScalingIn { .. })
+            {
+                tracing::info!(idle_for = ?now.duration_since(b.last_activity), "idle: intake stopped, scaling in");
+            }
+            b.mode = m;
+        }
+        let spawn = |f: std::pin::Pin<Box<dyn Future<Output = Effect> + Send>>| {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(f.await);
+            });
+        };
+        let (id, fleet) = (self.instance_id.clone(), self.fleet.clone());
+        if let Some(max) = d.receive {
+            b.receive.start();
+            let queue = self.queue.clone();
             let (wait, vis) = (
                 self.cfg.queue.wait_time.0,
                 self.cfg.queue.visibility_timeout.0,
             );
-            tokio::spawn(async move {
-                let _ = tx.send(Effect::Received(queue.receive(max, wait, vis).await));
-            });
+            spawn(Box::pin(async move {
+                Effect::Received(queue.receive(max, wait, vis).await)
+            }));
         }
-
-        // The group, for protection and the lifecycle hook.
-        if self.needs_group()
-            && st.group.is_none()
-            && !st.not_in_group
-            && !st.group_in_flight
-            && now >= st.group_not_before
-        {
-            st.group_in_flight = true;
-            let (fleet, tx, id) = (self.fleet.clone(), tx.clone(), self.instance_id.clone());
-            tokio::spawn(async move {
-                let _ = tx.send(Effect::Group(fleet.group_of(&id).await));
-            });
+        if d.lookup_group {
+            b.group_lookup.start();
+            let (fleet, id) = (fleet.clone(), id.clone());
+            spawn(Box::pin(
+                async move { Effect::Group(fleet.group_of(&id).await) },
+            ));
         }
-
-        // Scale-in protection, one call per busy/idle transition.
-        if self.cfg.scale_in.protect_busy
-            && !st.protection_in_flight
-            && now >= st.protection_not_before
-        {
-            let busy = !st.jobs.is_empty();
-            if let (true, Some(group)) = (busy != st.protected, st.group.clone()) {
-                st.protection_in_flight = true;
-                let (fleet, tx, id) = (self.fleet.clone(), tx.clone(), self.instance_id.clone());
-                tokio::spawn(async move {
-                    let r = fleet.set_protection(&group, &id, busy).await;
-                    let _ = tx.send(Effect::Protection(busy, r));
-                });
-            }
+        if let (Some(want), Some(group)) = (d.protect, b.group.clone()) {
+            b.protection.start();
+            let (fleet, id) = (fleet.clone(), id.clone());
+            spawn(Box::pin(async move {
+                Effect::Protection(want, fleet.set_protection(&group, &id, want).await)
+            }));
         }
-
-        // Idle scale-in.
-        if self.cfg.scale_in.enabled
-            && st.jobs.is_empty()
-            && now >= st.scale_in_not_before
-            && now.duration_since(st.last_activity) >= self.cfg.scale_in.idle_timeout.0
-        {
-            if let Some(m) = state::on_idle(&st.mode) {
-                tracing::info!(idle_for = ?now.duration_since(st.last_activity), "idle: intake stopped, scaling in");
-                st.mode = m;
-            }
+        if d.request_scale_in {
+            b.scale_in.start();
+            inc(&self.status.counters.scale_in_requests);
+            let (fleet, id) = (fleet.clone(), id.clone());
+            spawn(Box::pin(async move {
+                Effect::ScaleIn(fleet.terminate_self(&id).await)
+            }));
         }
-        if !st.receiving && st.jobs.is_empty() {
-            if let Some(m) = state::ready_to_request(&st.mode) {
-                st.mode = m;
-                inc(&c.scale_in_requests);
-                let (fleet, tx, id) = (self.fleet.clone(), tx.clone(), self.instance_id.clone());
-                tokio::spawn(async move {
-                    let _ = tx.send(Effect::ScaleIn(fleet.terminate_self(&id).await));
-                });
-            }
+        if d.confirm_state {
+            b.confirm.start();
+            let (fleet, id) = (fleet.clone(), id.clone());
+            spawn(Box::pin(async move {
+                Effect::Confirmed(fleet.lifecycle_state(&id).await)
+            }));
         }
-
-        // Drain.
-        let Some(drain) = st.mode.drain().cloned() else {
-            return false;
-        };
         let hook = self.cfg.interruption.lifecycle_hook.clone();
-        if let (Some(hook), Some(group), true) = (
-            &hook,
-            &st.group,
-            drain.has(DrainReason::LifecycleTerminated),
-        ) {
-            if !st.jobs.is_empty() && now >= st.next_hook_heartbeat {
-                st.next_hook_heartbeat = now + self.cfg.interruption.lifecycle_heartbeat_interval.0;
-                let (fleet, id, hook, group) = (
-                    self.fleet.clone(),
-                    self.instance_id.clone(),
-                    hook.clone(),
-                    group.clone(),
-                );
-                let status = self.status.clone();
-                tokio::spawn(async move {
-                    match fleet.lifecycle_heartbeat(&group, &hook, &id).await {
-                        Ok(()) => tracing::info!("lifecycle heartbeat sent"),
-                        Err(e) => {
-                            inc(&status.counters.aws_errors);
-                            tracing::warn!(error = %e, "lifecycle heartbeat failed");
-                        }
-                    }
-                });
+        if let (true, Some(hook), Some(group)) = (d.hook_heartbeat, hook.clone(), b.group.clone()) {
+            b.hook_heartbeat.start();
+            let (fleet, id) = (fleet.clone(), id.clone());
+            spawn(Box::pin(async move {
+                Effect::HookHeartbeat(fleet.lifecycle_heartbeat(&group, &hook, &id).await)
+            }));
+        }
+        if let (true, Some(hook), Some(group)) = (d.complete_lifecycle, hook, b.group.clone()) {
+            b.lifecycle.start();
+            let (fleet, id) = (fleet.clone(), id.clone());
+            spawn(Box::pin(async move {
+                Effect::LifecycleCompleted(fleet.complete_lifecycle(&group, &hook, &id).await)
+            }));
+        }
+        if let Some(drain) = b.mode.drain() {
+            if st.jobs.is_empty() && !b.drain_complete_logged {
+                b.drain_complete_logged = true;
+                tracing::info!(reasons = ?drain.reasons, "no job left");
             }
         }
-        if !st.jobs.is_empty() {
-            return false;
-        }
-        if !st.drain_complete_logged {
-            st.drain_complete_logged = true;
-            tracing::info!(reasons = ?drain.reasons, "no job left");
-        }
-        let after = state::after_drain(&drain, hook.is_some() && !st.not_in_group);
-        if after.complete_lifecycle && !st.lifecycle_completed {
-            if let (Some(hook), Some(group)) = (&hook, &st.group) {
-                if !st.lifecycle_in_flight && now >= st.lifecycle_not_before {
-                    st.lifecycle_in_flight = true;
-                    let (fleet, tx, id, hook, group) = (
-                        self.fleet.clone(),
-                        tx.clone(),
-                        self.instance_id.clone(),
-                        hook.clone(),
-                        group.clone(),
-                    );
-                    tokio::spawn(async move {
-                        let _ = tx.send(Effect::LifecycleCompleted(
-                            fleet.complete_lifecycle(&group, &hook, &id).await,
-                        ));
-                    });
-                }
-            }
-        }
-        if !after.exit {
-            return false;
-        }
-        // Exit once nothing is left to settle, or at the deadline whatever
-        // is still outstanding (a long poll's messages then return after
-        // their visibility timeout).
-        let past_deadline = st.deadline.is_some_and(|d| now >= d);
-        let settled = !st.receiving
-            && st.handbacks_in_flight == 0
-            && (!after.complete_lifecycle || st.lifecycle_completed || st.not_in_group);
-        settled || past_deadline
+        d.exit
     }
 }
+
+#[cfg(test)]
+#[path = "runner_tests.rs"]
+mod tests;

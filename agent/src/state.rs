@@ -4,6 +4,7 @@
 //!             idle for scale_in.idle_timeout
 //!   Running ---------------------------------> ScalingIn --accepted--> Terminating
 //!     ^  |  <-----refused / messages arrived----'   |                      |
+//!     |  |  (a refusal always resumes work)         |                      |
 //!     |  | rebalance (stop-intake)                  |                      |
 //!     |  v                                          |                      |
 //!   IntakeStopped --idle--> ScalingIn               |                      |
@@ -11,7 +12,8 @@
 //!   any state --spot / lifecycle Terminated / SIGTERM / rebalance (drain)--+--> Draining
 //! ```
 //!
-//! `Draining` is final: intake never reopens. Its deadline is the earliest of
+//! `Draining` is final (intake never reopens), but for a drain started by a
+//! rebalance recommendation alone, which scales in once idle. Its deadline is the earliest of
 //! the spot notice time minus the margin and the shutdown deadline; a
 //! lifecycle or rebalance drain alone has none. Only `Running` takes new
 //! work. A spot notice never leads to a scale-in call (the group must
@@ -150,7 +152,14 @@ pub fn on_notice(mode: &Mode, notice: &Notice, policy: &Policy, now: DateTime<Ut
                     other => other.clone(),
                 }
             }
-            RebalancePolicy::Drain => (DrainReason::Rebalance, None),
+            RebalancePolicy::Drain => match mode {
+                // Already leaving: a recommendation adds nothing.
+                Mode::ScalingIn {
+                    requested: true, ..
+                }
+                | Mode::Terminating => return mode.clone(),
+                _ => (DrainReason::Rebalance, None),
+            },
         },
     };
     match mode {
@@ -170,8 +179,16 @@ pub fn on_notice(mode: &Mode, notice: &Notice, policy: &Policy, now: DateTime<Ut
 }
 
 /// The mode once the instance has been idle long enough, if scale-in applies.
+/// A drain started by a rebalance recommendation alone (`rebalance =
+/// "drain"`) scales in too: it is advice, not a spot notice, and a drained
+/// idle instance would otherwise stay paid for until a reclaim that may
+/// never come.
 pub fn on_idle(mode: &Mode) -> Option<Mode> {
     match mode {
+        Mode::Draining(d) if d.reasons == [DrainReason::Rebalance] => Some(Mode::ScalingIn {
+            requested: false,
+            resume_to_paused: true,
+        }),
         Mode::Running => Some(Mode::ScalingIn {
             requested: false,
             resume_to_paused: false,
@@ -213,17 +230,17 @@ pub fn on_late_messages(mode: &Mode) -> (Mode, bool) {
     }
 }
 
-/// The group's answer to our own termination request.
+/// The group's answer to our own termination request. A refusal (the group
+/// is at MinSize) means the instance is needed: it goes back to work, also
+/// after a rebalance pause, which nothing else would ever reopen when
+/// scale-in keeps being refused.
 pub fn on_scale_in_result(mode: &Mode, accepted: bool) -> Mode {
     match mode {
         Mode::ScalingIn {
-            requested: true,
-            resume_to_paused,
+            requested: true, ..
         } => {
             if accepted {
                 Mode::Terminating
-            } else if *resume_to_paused {
-                Mode::IntakeStopped
             } else {
                 Mode::Running
             }
@@ -404,10 +421,12 @@ mod tests {
         let m = ready_to_request(&m).unwrap();
         assert_eq!(on_scale_in_result(&m, false), Mode::Running);
         assert_eq!(on_scale_in_result(&m, true), Mode::Terminating);
-        // From a paused intake, a refusal returns to the pause.
+        // From a paused intake, a refusal means the instance is needed: back
+        // to work (nothing else would reopen intake at MinSize).
         let m = ready_to_request(&on_idle(&Mode::IntakeStopped).unwrap()).unwrap();
-        assert_eq!(on_scale_in_result(&m, false), Mode::IntakeStopped);
-        // A stop-intake rebalance during scale-in is remembered.
+        assert_eq!(on_scale_in_result(&m, false), Mode::Running);
+        // A stop-intake rebalance during scale-in is remembered (late
+        // messages are handed back), and a refusal still resumes work.
         let m = on_idle(&Mode::Running).unwrap();
         let m = on_notice(
             &m,
@@ -415,8 +434,9 @@ mod tests {
             &policy(RebalancePolicy::StopIntake),
             t(NOW),
         );
+        assert!(!on_late_messages(&m).1);
         let m = ready_to_request(&m).unwrap();
-        assert_eq!(on_scale_in_result(&m, false), Mode::IntakeStopped);
+        assert_eq!(on_scale_in_result(&m, false), Mode::Running);
         // Not idle-able while draining or terminating.
         assert_eq!(on_idle(&Mode::Terminating), None);
         assert_eq!(
@@ -428,6 +448,20 @@ mod tests {
             )),
             None
         );
+    }
+
+    #[test]
+    fn a_rebalance_drain_scales_in_once_idle_and_other_drains_do_not() {
+        let drain = policy(RebalancePolicy::Drain);
+        let m = on_notice(&Mode::Running, &Notice::Rebalance, &drain, t(NOW));
+        let m = ready_to_request(&on_idle(&m).expect("rebalance drain scales in")).unwrap();
+        assert_eq!(on_scale_in_result(&m, true), Mode::Terminating);
+        // Already asked to leave: the recommendation changes nothing.
+        assert_eq!(on_notice(&m, &Notice::Rebalance, &drain, t(NOW)), m);
+        // Rebalance then lifecycle: not a rebalance-only drain.
+        let m = on_notice(&Mode::Running, &Notice::Rebalance, &drain, t(NOW));
+        let m = on_notice(&m, &Notice::LifecycleTerminated, &drain, t(NOW));
+        assert_eq!(on_idle(&m), None);
     }
 
     #[test]

@@ -38,6 +38,7 @@ counters! {
     jobs_handed_over: "Jobs handed back after a notice with their checkpoint reference, re-sent for the next worker.",
     messages_returned_unstarted: "Messages received after intake closed, handed back unstarted.",
     settle_errors: "Deletes or hand-backs that failed; those messages return when their visibility lapses.",
+    jobs_not_started: "Jobs that could not start (missing program, no app listening); handed back at once, intake paused.",
     notices_spot: "Spot interruption notices.",
     notices_rebalance: "Rebalance recommendations.",
     notices_lifecycle: "Target lifecycle state changes to Terminated.",

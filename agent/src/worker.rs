@@ -44,8 +44,12 @@ pub const CHECKPOINT_HEADER: &str = "X-Spotguard-Checkpoint";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Succeeded,
-    /// Non-zero exit, signal, non-2xx answer, or the job could not start.
+    /// Non-zero exit, signal, or non-2xx answer.
     Failed(String),
+    /// The job could not start: a missing or non-executable program, or no
+    /// app listening (http mode). The agent's fault, not the message's: it
+    /// is handed back at once without counting as a failure.
+    NotStarted(String),
     /// Stopped by the agent, for the reason given.
     Stopped(StopReason),
     /// After a notice the job ended without success: it gave its work back
@@ -59,6 +63,10 @@ pub enum StopReason {
     Deadline,
     /// `worker.timeout` elapsed.
     Timeout,
+    /// SQS's 12-hour cap on the message's invisibility is near: the job is
+    /// handed over with its checkpoint (a re-send starts a new 12 hours),
+    /// or without one, stopped as failed.
+    LeaseLimit,
 }
 
 /// What a running job is told on a notice.
@@ -170,6 +178,43 @@ pub struct Ended {
     pub checkpoint: Option<String>,
 }
 
+/// The worker edge: what runs a job. [`WorkerSpec`] is the real one (a
+/// process or an sqsd-style app); tests and the simulation pass a scripted
+/// one, so the runner and the job code run without processes.
+pub trait Worker: Send + Sync + 'static {
+    /// Where per-job notice and checkpoint files live (exec mode); `None`
+    /// when the worker takes no files.
+    fn state_dir(&self) -> Option<&Path>;
+    /// Runs a job until it ends or `stop` completes, whichever is first,
+    /// telling it of every notice on `notices`.
+    fn run(
+        &self,
+        msg: &Message,
+        files: Option<&JobFiles>,
+        notices: watch::Receiver<Option<JobNotice>>,
+        stop: impl Future<Output = StopReason> + Send,
+    ) -> impl Future<Output = Ended> + Send;
+}
+
+impl Worker for WorkerSpec {
+    fn state_dir(&self) -> Option<&Path> {
+        match self.mode {
+            WorkerMode::Exec(_) => Some(&self.state_dir),
+            WorkerMode::Http(_) => None,
+        }
+    }
+
+    fn run(
+        &self,
+        msg: &Message,
+        files: Option<&JobFiles>,
+        notices: watch::Receiver<Option<JobNotice>>,
+        stop: impl Future<Output = StopReason> + Send,
+    ) -> impl Future<Output = Ended> + Send {
+        execute(self, msg, files, notices, stop)
+    }
+}
+
 /// Runs a job until it ends or `stop` completes, whichever is first, telling
 /// it of every notice on `notices`.
 pub async fn execute(
@@ -277,7 +322,7 @@ async fn exec(
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return ended(Outcome::Failed(format!("cannot start {program}: {e}"))),
+        Err(e) => return ended(Outcome::NotStarted(format!("cannot start {program}: {e}"))),
     };
     let pgid = child
         .id()
@@ -293,16 +338,31 @@ async fn exec(
             let _ = stdin.shutdown().await;
         }
     };
+    // The job ends when its leader exits, whether or not stdin was read:
+    // a descendant that inherited stdin must not keep the writer (and so the
+    // job) waiting. Dropping the feeder closes our end of the pipe.
     let run = async {
-        let (_, status) = tokio::join!(feeder, child.wait());
-        status
+        tokio::pin!(feeder);
+        let mut fed = false;
+        loop {
+            tokio::select! {
+                status = child.wait() => return status,
+                _ = &mut feeder, if !fed => fed = true,
+            }
+        }
     };
     tokio::pin!(run);
     tokio::pin!(stop);
     let mut noticed = false;
     loop {
+        // Biased: an exit already available wins over a deadline that fires
+        // in the same poll, so a job that succeeded is never handed back.
         tokio::select! {
+            biased;
             status = &mut run => {
+                if let Some(pgid) = pgid {
+                    end_group(pgid, spec.term_grace).await;
+                }
                 return ended(match status {
                     Ok(s) if s.success() => Outcome::Succeeded,
                     Ok(s) if noticed => Outcome::Yielded(format!("worker exited with {s} after the notice")),
@@ -396,6 +456,29 @@ async fn next_notice(notices: &mut watch::Receiver<Option<JobNotice>>) -> JobNot
     }
 }
 
+/// Ends what is left of a job's process group once its leader has exited:
+/// a helper it started would otherwise hold GPU memory into the next job.
+/// SIGTERM, then SIGKILL after `grace` (a `setsid` descendant escapes the
+/// group; a cgroup per job would catch it too, and is not done).
+async fn end_group(pgid: Pid, grace: Duration) {
+    if killpg(pgid, None).is_err() {
+        return; // nothing left
+    }
+    tracing::info!(
+        pgid = pgid.as_raw(),
+        "the job left processes behind; ending them"
+    );
+    signal_group(pgid, Signal::SIGTERM);
+    let end = tokio::time::Instant::now() + grace;
+    while tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if killpg(pgid, None).is_err() {
+            return;
+        }
+    }
+    signal_group(pgid, Signal::SIGKILL);
+}
+
 fn signal_group(pgid: Pid, sig: Signal) {
     // ESRCH: the group is already gone, which is what we want.
     if let Err(e) = killpg(pgid, sig) {
@@ -449,6 +532,7 @@ async fn http(
     let mut noticed = false;
     loop {
         tokio::select! {
+            biased;
             r = &mut send => {
                 return match r {
                     Ok(resp) if resp.status().is_success() => Ended { outcome: Outcome::Succeeded, checkpoint: None },
@@ -471,6 +555,12 @@ async fn http(
                             Ended { outcome: Outcome::Failed(why), checkpoint: None }
                         }
                     }
+                    // No app listening (not up yet, crashed): the agent's
+                    // fault, not the message's.
+                    Err(e) if e.is_connect() => Ended {
+                        outcome: Outcome::NotStarted(format!("cannot reach the worker at {url}: {}", crate::error_chain(&e))),
+                        checkpoint: None,
+                    },
                     Err(e) => Ended {
                         outcome: Outcome::Failed(format!("worker request failed: {}", crate::error_chain(&e))),
                         checkpoint: None,

@@ -1,7 +1,9 @@
 //! Code the spotguard binaries truly share: the shapes of the instance
 //! metadata the agent reads and the mock serves (so both sides agree on one
-//! definition of every body), and the configuration duration type and error
-//! chain the agent and the controller both use.
+//! definition of every body), the configuration duration type and error
+//! chain, the clock decisions read, and the region of a queue URL or ARN.
 
+pub mod clock;
 pub mod config;
 pub mod imds;
+pub mod region;

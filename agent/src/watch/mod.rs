@@ -77,6 +77,30 @@ pub async fn run(
     tx: mpsc::Sender<Detected>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let (ready, _) = tokio::sync::oneshot::channel();
+    run_signalling(client, cfg, tx, ready, shutdown).await
+}
+
+/// As [`run`], and completes `ready` once the spot and lifecycle paths have
+/// each answered once and whatever they showed has been sent on `tx`: the
+/// agent takes no message before it knows whether a notice is already up
+/// (a restart during a notice must not take work).
+pub async fn run_signalling(
+    client: Arc<ImdsClient>,
+    cfg: WatchConfig,
+    tx: mpsc::Sender<Detected>,
+    ready: tokio::sync::oneshot::Sender<()>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (first_tx, mut first_rx) = mpsc::channel::<()>(2);
+    let gate = tokio::spawn(async move {
+        for _ in 0..2 {
+            if first_rx.recv().await.is_none() {
+                return;
+            }
+        }
+        let _ = ready.send(());
+    });
     let sources = [
         (
             paths::SPOT_INSTANCE_ACTION,
@@ -101,21 +125,25 @@ pub async fn run(
     ];
     let mut tasks = JoinSet::new();
     for (path, interval, source) in sources {
+        let first =
+            matches!(source, Source::Spot(_) | Source::Lifecycle(_)).then(|| first_tx.clone());
         tasks.spawn(poll_path(
             client.clone(),
             path,
             interval,
             source,
             tx.clone(),
+            first,
         ));
     }
-    drop(tx);
+    drop((tx, first_tx));
     tokio::select! {
         _ = shutdown => {}
         // Every poller ends only when the receiver is gone.
         _ = async { while tasks.join_next().await.is_some() {} } => {}
     }
     tasks.abort_all();
+    gate.abort();
 }
 
 async fn poll_path(
@@ -124,6 +152,7 @@ async fn poll_path(
     interval: Duration,
     mut source: Source,
     tx: mpsc::Sender<Detected>,
+    mut first: Option<mpsc::Sender<()>>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     // After a slow poll, wait a full interval rather than bursting.
@@ -163,6 +192,9 @@ async fn poll_path(
             if tx.send(Detected { event, detected_at }).await.is_err() {
                 return;
             }
+        }
+        if let Some(f) = first.take() {
+            let _ = f.send(()).await;
         }
     }
 }

@@ -1,0 +1,552 @@
+//! In-memory fakes of the agent's edges (SQS, Auto Scaling, the worker),
+//! in the manner of NTH's `pkg/test/aws-mocks.go`: plain structs with the
+//! behaviour AWS documents (REFERENCE.md), a call log, and scripted faults.
+//! They keep time with tokio's clock, so tests run them under
+//! `tokio::time::pause()` and a 12-hour job takes milliseconds.
+//!
+//! Built for this crate's tests and, with the `test-util` feature, for the
+//! other crates' tests and the simulation.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::aws::{AwsError, Fleet, Message, Outgoing, Queue, ScaleIn};
+use crate::worker::{Ended, JobFiles, JobNotice, Outcome, StopReason, Worker};
+
+/// SQS caps a message's invisibility at 12 hours from its receipt
+/// (REFERENCE.md, SQS); a longer `ChangeMessageVisibility` is rejected.
+pub const MAX_INVISIBLE: Duration = Duration::from_secs(12 * 3600);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking test thread poisons the lock; the state is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An error as the SDK implementation reports it.
+pub fn aws_error(op: &'static str, code: &str) -> AwsError {
+    AwsError {
+        op,
+        code: Some(code.to_string()),
+        message: format!("{code} (injected)"),
+        resource: None,
+        region: None,
+    }
+}
+
+/// One message of the in-memory queue.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub id: String,
+    pub body: String,
+    pub attributes: BTreeMap<String, crate::aws::Attr>,
+    pub group_id: Option<String>,
+    pub receive_count: u32,
+    pub visible_at: Instant,
+    /// The receipt handle of the current receive, if in flight.
+    pub receipt: Option<String>,
+    pub received_at: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+pub struct QueueState {
+    pub messages: Vec<Stored>,
+    /// Ids of deleted messages, in order.
+    pub deleted: Vec<String>,
+    /// Every call: (when, operation, detail).
+    pub calls: Vec<(Instant, &'static str, String)>,
+    /// Errors to answer, per operation, before answering normally.
+    pub faults: BTreeMap<&'static str, VecDeque<AwsError>>,
+    next: u64,
+}
+
+/// SQS in memory: visibility, receive counts, long polls, receipt handles
+/// that go stale on the next receive, and the 12-hour cap.
+#[derive(Default)]
+pub struct MemQueue {
+    pub state: Mutex<QueueState>,
+    arrived: Notify,
+}
+
+impl MemQueue {
+    pub fn new() -> Arc<MemQueue> {
+        Arc::new(MemQueue::default())
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, QueueState> {
+        lock(&self.state)
+    }
+
+    /// Puts a message on the queue, visible now; returns its id.
+    pub fn push(&self, body: &str) -> String {
+        self.push_group(body, None)
+    }
+
+    pub fn push_group(&self, body: &str, group: Option<&str>) -> String {
+        let mut st = self.lock();
+        st.next += 1;
+        let id = format!("m{}", st.next);
+        st.messages.push(Stored {
+            id: id.clone(),
+            body: body.to_string(),
+            attributes: BTreeMap::new(),
+            group_id: group.map(str::to_string),
+            receive_count: 0,
+            visible_at: Instant::now(),
+            receipt: None,
+            received_at: None,
+        });
+        drop(st);
+        self.arrived.notify_waiters();
+        id
+    }
+
+    /// The next `n` calls of `op` fail with `code`.
+    pub fn fail_next(&self, op: &'static str, code: &str, n: usize) {
+        let mut st = self.lock();
+        let q = st.faults.entry(op).or_default();
+        for _ in 0..n {
+            q.push_back(aws_error(op, code));
+        }
+    }
+
+    /// Calls of `op`, with their times.
+    pub fn calls(&self, op: &str) -> Vec<(Instant, String)> {
+        self.lock()
+            .calls
+            .iter()
+            .filter(|c| c.1 == op)
+            .map(|c| (c.0, c.2.clone()))
+            .collect()
+    }
+
+    /// (visible, in flight) now.
+    pub fn depth(&self) -> (usize, usize) {
+        let now = Instant::now();
+        let st = self.lock();
+        let visible = st.messages.iter().filter(|m| m.visible_at <= now).count();
+        (visible, st.messages.len() - visible)
+    }
+
+    pub fn deleted(&self) -> Vec<String> {
+        self.lock().deleted.clone()
+    }
+
+    fn begin(&self, op: &'static str, detail: String) -> Result<(), AwsError> {
+        let mut st = self.lock();
+        st.calls.push((Instant::now(), op, detail));
+        match st.faults.get_mut(op).and_then(VecDeque::pop_front) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn take_visible(&self, max: usize, visibility: Duration) -> Vec<Message> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let mut out = Vec::new();
+        let mut next = st.next;
+        for m in st.messages.iter_mut() {
+            if out.len() >= max {
+                break;
+            }
+            if m.visible_at > now {
+                continue;
+            }
+            next += 1;
+            let receipt = format!("{}#{next}", m.id);
+            m.receive_count += 1;
+            m.visible_at = now + visibility;
+            m.receipt = Some(receipt.clone());
+            m.received_at = Some(now);
+            out.push(Message {
+                id: m.id.clone(),
+                receipt,
+                body: m.body.clone(),
+                receive_count: m.receive_count,
+                first_received_ms: None,
+                attributes: m.attributes.clone(),
+                group_id: m.group_id.clone(),
+            });
+        }
+        st.next = next;
+        out
+    }
+
+    fn find<'a>(st: &'a mut QueueState, receipt: &str) -> Option<&'a mut Stored> {
+        st.messages
+            .iter_mut()
+            .find(|m| m.receipt.as_deref() == Some(receipt))
+    }
+}
+
+impl Queue for MemQueue {
+    fn receive(
+        &self,
+        max: i32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> impl Future<Output = Result<Vec<Message>, AwsError>> + Send {
+        async move {
+            self.begin("ReceiveMessage", format!("max={max}"))?;
+            let end = Instant::now() + wait;
+            loop {
+                let notified = self.arrived.notified();
+                let got = self.take_visible(max.clamp(1, 10) as usize, visibility);
+                if !got.is_empty() || Instant::now() >= end {
+                    return Ok(got);
+                }
+                // Wake on a new message, when an in-flight one turns visible, or at the end.
+                let next_visible = self
+                    .lock()
+                    .messages
+                    .iter()
+                    .map(|m| m.visible_at)
+                    .filter(|t| *t > Instant::now())
+                    .min()
+                    .unwrap_or(end)
+                    .min(end);
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep_until(next_visible) => {}
+                }
+            }
+        }
+    }
+
+    fn delete(&self, receipt: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
+        let receipt = receipt.to_string();
+        async move {
+            const OP: &str = "DeleteMessage";
+            self.begin(OP, receipt.clone())?;
+            let mut st = self.lock();
+            let Some(pos) = st
+                .messages
+                .iter()
+                .position(|m| m.receipt.as_deref() == Some(receipt.as_str()))
+            else {
+                return Err(aws_error(OP, "ReceiptHandleIsInvalid"));
+            };
+            let m = st.messages.remove(pos);
+            st.deleted.push(m.id);
+            Ok(())
+        }
+    }
+
+    fn set_visibility(
+        &self,
+        receipt: &str,
+        secs: i32,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send {
+        let receipt = receipt.to_string();
+        async move {
+            const OP: &str = "ChangeMessageVisibility";
+            self.begin(OP, format!("{receipt} {secs}"))?;
+            let now = Instant::now();
+            let mut st = self.lock();
+            let Some(m) = MemQueue::find(&mut st, &receipt) else {
+                return Err(aws_error(OP, "ReceiptHandleIsInvalid"));
+            };
+            if m.visible_at <= now {
+                return Err(aws_error(OP, "MessageNotInflight"));
+            }
+            let until = now + Duration::from_secs(secs.max(0) as u64);
+            if m.received_at.is_some_and(|r| until > r + MAX_INVISIBLE) {
+                return Err(aws_error(OP, "InvalidParameterValue"));
+            }
+            m.visible_at = until;
+            if secs == 0 {
+                m.receipt = None;
+                drop(st);
+                self.arrived.notify_waiters();
+            }
+            Ok(())
+        }
+    }
+
+    fn send(&self, msg: &Outgoing) -> impl Future<Output = Result<String, AwsError>> + Send {
+        let msg = msg.clone();
+        async move {
+            self.begin("SendMessage", msg.body.clone())?;
+            let id = self.push_group(&msg.body, msg.group_id.as_deref());
+            if let Some(m) = self.lock().messages.iter_mut().find(|m| m.id == id) {
+                m.attributes = msg.attributes;
+            }
+            Ok(id)
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct FleetState {
+    /// The instance's group; `None`: in no group.
+    pub group: Option<String>,
+    pub min: i32,
+    pub desired: i32,
+    pub protected: bool,
+    pub terminated: bool,
+    pub lifecycle_completed: bool,
+    pub calls: Vec<(Instant, &'static str, String)>,
+    pub faults: BTreeMap<&'static str, VecDeque<AwsError>>,
+}
+
+/// One instance's view of its Auto Scaling group.
+pub struct MemFleet {
+    pub state: Mutex<FleetState>,
+}
+
+impl MemFleet {
+    /// The instance in group `g` of `desired` instances with MinSize `min`.
+    pub fn new(group: Option<&str>, min: i32, desired: i32) -> Arc<MemFleet> {
+        Arc::new(MemFleet {
+            state: Mutex::new(FleetState {
+                group: group.map(str::to_string),
+                min,
+                desired,
+                protected: false,
+                terminated: false,
+                lifecycle_completed: false,
+                calls: Vec::new(),
+                faults: BTreeMap::new(),
+            }),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, FleetState> {
+        lock(&self.state)
+    }
+
+    pub fn fail_next(&self, op: &'static str, code: &str, n: usize) {
+        let mut st = self.lock();
+        let q = st.faults.entry(op).or_default();
+        for _ in 0..n {
+            q.push_back(aws_error(op, code));
+        }
+    }
+
+    pub fn calls(&self, op: &str) -> Vec<(Instant, String)> {
+        self.lock()
+            .calls
+            .iter()
+            .filter(|c| c.1 == op)
+            .map(|c| (c.0, c.2.clone()))
+            .collect()
+    }
+
+    fn begin(
+        &self,
+        op: &'static str,
+        detail: String,
+    ) -> Result<MutexGuard<'_, FleetState>, AwsError> {
+        let mut st = self.lock();
+        st.calls.push((Instant::now(), op, detail));
+        match st.faults.get_mut(op).and_then(VecDeque::pop_front) {
+            Some(e) => Err(e),
+            None => Ok(st),
+        }
+    }
+}
+
+/// AWS's answer when desired capacity already equals MinSize (REFERENCE.md).
+pub const MIN_SIZE_REFUSAL: &str = "Currently, desiredSize equals minSize (1). Terminating instance without replacement will violate group's min size constraint. Either set shouldDecrementDesiredCapacity flag to false or lower group's min size.";
+
+impl Fleet for MemFleet {
+    fn group_of(
+        &self,
+        instance: &str,
+    ) -> impl Future<Output = Result<Option<String>, AwsError>> + Send {
+        let r = self
+            .begin("DescribeAutoScalingInstances", instance.to_string())
+            .map(|st| st.group.clone());
+        async move { r }
+    }
+
+    fn terminate_self(
+        &self,
+        instance: &str,
+    ) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send {
+        let r = self
+            .begin("TerminateInstanceInAutoScalingGroup", instance.to_string())
+            .map(|mut st| {
+                if st.desired <= st.min {
+                    ScaleIn::Refused(MIN_SIZE_REFUSAL.to_string())
+                } else {
+                    st.desired -= 1;
+                    st.terminated = true;
+                    ScaleIn::Accepted
+                }
+            });
+        async move { r }
+    }
+
+    fn lifecycle_state(
+        &self,
+        instance: &str,
+    ) -> impl Future<Output = Result<Option<String>, AwsError>> + Send {
+        let r = self
+            .begin("DescribeAutoScalingInstances", instance.to_string())
+            .map(|st| {
+                st.group.as_ref().map(|_| {
+                    if st.terminated {
+                        "Terminating:Wait".to_string()
+                    } else {
+                        "InService".to_string()
+                    }
+                })
+            });
+        async move { r }
+    }
+
+    fn set_protection(
+        &self,
+        _group: &str,
+        instance: &str,
+        protect: bool,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send {
+        let r = self
+            .begin("SetInstanceProtection", format!("{instance} {protect}"))
+            .map(|mut st| st.protected = protect);
+        async move { r }
+    }
+
+    fn lifecycle_heartbeat(
+        &self,
+        _group: &str,
+        hook: &str,
+        instance: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send {
+        let r = self
+            .begin(
+                "RecordLifecycleActionHeartbeat",
+                format!("{hook} {instance}"),
+            )
+            .map(|_| ());
+        async move { r }
+    }
+
+    fn complete_lifecycle(
+        &self,
+        _group: &str,
+        hook: &str,
+        instance: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send {
+        let r = self
+            .begin("CompleteLifecycleAction", format!("{hook} {instance}"))
+            .map(|mut st| st.lifecycle_completed = true);
+        async move { r }
+    }
+}
+
+/// What a scripted job does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Script {
+    /// How long it runs before it ends by itself.
+    pub runs_for: Duration,
+    /// How it ends by itself.
+    pub outcome: Outcome,
+}
+
+/// A worker whose jobs are scripted by their body: `"<seconds>"` runs that
+/// long and succeeds, `"<seconds> fail"` runs that long and fails,
+/// `"<seconds> nostart"` cannot start (a missing program). Anything else
+/// succeeds at once. Every start and end is logged with its time.
+#[derive(Default)]
+pub struct ScriptedWorker {
+    /// (when, message id, "start" | "end", detail)
+    pub log: Mutex<Vec<(Instant, String, &'static str, String)>>,
+    /// Notices seen by running jobs.
+    pub notices: Mutex<Vec<(String, JobNotice)>>,
+}
+
+impl ScriptedWorker {
+    pub fn new() -> Arc<ScriptedWorker> {
+        Arc::new(ScriptedWorker::default())
+    }
+
+    pub fn script(body: &str) -> Script {
+        let mut words = body.split_whitespace();
+        let secs = words
+            .next()
+            .and_then(|w| w.parse::<u64>().ok())
+            .unwrap_or(0);
+        let outcome = match words.next() {
+            Some("fail") => Outcome::Failed("exit status 1".into()),
+            Some("nostart") => Outcome::NotStarted("No such file or directory (os error 2)".into()),
+            _ => Outcome::Succeeded,
+        };
+        Script {
+            runs_for: Duration::from_secs(secs),
+            outcome,
+        }
+    }
+
+    /// Ids of started jobs, in order.
+    pub fn started(&self) -> Vec<String> {
+        lock(&self.log)
+            .iter()
+            .filter(|e| e.2 == "start")
+            .map(|e| e.1.clone())
+            .collect()
+    }
+
+    pub fn events(&self) -> Vec<(Instant, String, &'static str, String)> {
+        lock(&self.log).clone()
+    }
+}
+
+impl Worker for ScriptedWorker {
+    fn state_dir(&self) -> Option<&Path> {
+        None
+    }
+
+    fn run(
+        &self,
+        msg: &Message,
+        _files: Option<&JobFiles>,
+        mut notices: watch::Receiver<Option<JobNotice>>,
+        stop: impl Future<Output = StopReason> + Send,
+    ) -> impl Future<Output = Ended> + Send {
+        let script = Self::script(&msg.body);
+        let id = msg.id.clone();
+        async move {
+            if let Outcome::NotStarted(_) = script.outcome {
+                lock(&self.log).push((Instant::now(), id, "nostart", String::new()));
+                return Ended {
+                    outcome: script.outcome,
+                    checkpoint: None,
+                };
+            }
+            lock(&self.log).push((Instant::now(), id.clone(), "start", String::new()));
+            let work = tokio::time::sleep(script.runs_for);
+            tokio::pin!(work, stop);
+            let outcome = loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut work => break script.outcome.clone(),
+                    r = &mut stop => break Outcome::Stopped(r),
+                    c = notices.changed() => {
+                        if c.is_ok() {
+                            if let Some(n) = notices.borrow_and_update().clone() {
+                                lock(&self.notices).push((id.clone(), n));
+                            }
+                        } else {
+                            // The loop has gone: only the job's own end remains.
+                            (&mut work).await;
+                            break script.outcome.clone();
+                        }
+                    }
+                }
+            };
+            lock(&self.log).push((Instant::now(), id, "end", format!("{outcome:?}")));
+            Ended {
+                outcome,
+                checkpoint: None,
+            }
+        }
+    }
+}

@@ -1,0 +1,493 @@
+//! The runner over in-memory fakes, in virtual time: no process, no moto,
+//! no real sleeping. Each test drives one transition of `state.rs` as the
+//! loop carries it out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use spotguard_common::clock::{Clock, TokioClock};
+use spotguard_common::imds::{SpotAction, TargetLifecycleState};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{advance, Instant};
+
+use super::*;
+use crate::config::Config;
+use crate::fakes::{MemFleet, MemQueue, ScriptedWorker};
+use crate::imds::ImdsStats;
+use crate::watch::{Change, Detected, WatchEvent};
+
+const BASE: &str = r#"
+[queue]
+url = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs"
+wait_time = "20s"
+visibility_timeout = "60s"
+error_visibility_timeout = "30s"
+[worker]
+command = ["/bin/true"]
+[status]
+listen = ""
+"#;
+
+fn cfg(extra: &str) -> Config {
+    Config::parse(&format!("{BASE}{extra}"), "test").expect("test config")
+}
+
+struct World {
+    queue: Arc<MemQueue>,
+    fleet: Arc<MemFleet>,
+    worker: Arc<ScriptedWorker>,
+    status: Arc<Status>,
+    clock: Arc<TokioClock>,
+    notices: mpsc::Sender<Detected>,
+    ready: Option<oneshot::Sender<()>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    t0: Instant,
+    runner: JoinHandle<()>,
+}
+
+impl World {
+    /// Starts the runner; intake opens at once unless `gated`.
+    fn start(cfg: Config, fleet: Arc<MemFleet>, gated: bool) -> World {
+        let queue = MemQueue::new();
+        let worker = ScriptedWorker::new();
+        let status = Arc::new(Status::new(
+            "i-0test".into(),
+            Arc::new(ImdsStats::default()),
+        ));
+        let clock = Arc::new(TokioClock::new(start_time()));
+        let (ntx, nrx) = mpsc::channel(16);
+        let (ready_tx, ready_rx) = oneshot::channel::<()>();
+        let (sd_tx, sd_rx) = oneshot::channel::<()>();
+        let runner = Runner {
+            cfg: Arc::new(cfg),
+            queue: queue.clone(),
+            fleet: fleet.clone(),
+            worker: worker.clone(),
+            clock: clock.clone(),
+            notifier: Notifier::none(),
+            status: status.clone(),
+            instance_id: "i-0test".into(),
+        };
+        let handle = tokio::spawn(runner.run(
+            nrx,
+            async move {
+                let _ = ready_rx.await;
+            },
+            async move {
+                let _ = sd_rx.await;
+            },
+        ));
+        let mut w = World {
+            queue,
+            fleet,
+            worker,
+            status,
+            clock,
+            notices: ntx,
+            ready: Some(ready_tx),
+            shutdown: Some(sd_tx),
+            t0: Instant::now(),
+            runner: handle,
+        };
+        if !gated {
+            w.open();
+        }
+        w
+    }
+
+    fn open(&mut self) {
+        if let Some(r) = self.ready.take() {
+            let _ = r.send(());
+        }
+    }
+
+    /// Lets virtual time pass in small steps, so every task runs in between.
+    async fn run_for(&self, secs: u64) {
+        for _ in 0..secs * 10 {
+            advance(Duration::from_millis(100)).await;
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn at(&self, t: Instant) -> f64 {
+        t.duration_since(self.t0).as_secs_f64()
+    }
+
+    fn call_times(&self, calls: Vec<(Instant, String)>) -> Vec<f64> {
+        calls.into_iter().map(|(t, _)| self.at(t).round()).collect()
+    }
+
+    async fn notice(&self, event: WatchEvent) {
+        self.notices
+            .send(Detected {
+                event,
+                detected_at: self.clock.now(),
+            })
+            .await
+            .expect("runner gone");
+    }
+
+    async fn spot(&self, in_secs: i64) {
+        let time = self.clock.now() + chrono::Duration::seconds(in_secs);
+        self.notice(WatchEvent::SpotInterruption {
+            change: Change::New,
+            action: Some(SpotAction::Terminate),
+            time,
+            deadline_assumed: false,
+            raw: None,
+        })
+        .await;
+    }
+
+    async fn rebalance(&self) {
+        self.notice(WatchEvent::RebalanceRecommendation {
+            change: Change::New,
+            notice_time: self.clock.now(),
+        })
+        .await;
+    }
+
+    async fn lifecycle_terminated(&self) {
+        self.notice(WatchEvent::LifecycleState {
+            change: Change::New,
+            state: TargetLifecycleState::Terminated,
+            previous: Some(TargetLifecycleState::InService),
+            terminating: true,
+        })
+        .await;
+    }
+
+    fn counter(
+        &self,
+        f: impl Fn(&crate::status::Counters) -> &std::sync::atomic::AtomicU64,
+    ) -> u64 {
+        f(&self.status.counters).load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+fn start_time() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-28T08:00:00Z")
+        .expect("time")
+        .with_timezone(&Utc)
+}
+
+fn no_scale_in() -> &'static str {
+    "[scale_in]\nenabled = false\n"
+}
+
+#[tokio::test(start_paused = true)]
+async fn jobs_run_up_to_the_concurrency_and_their_messages_are_deleted() {
+    let mut c = cfg(no_scale_in());
+    c.worker.concurrency = 2;
+    let w = World::start(c, MemFleet::new(None, 0, 1), false);
+    let ids: Vec<String> = (0..3).map(|_| w.queue.push("10")).collect();
+    w.run_for(15).await;
+    // Two at once, the third after the first two.
+    let starts: Vec<f64> = w
+        .worker
+        .events()
+        .iter()
+        .filter(|e| e.2 == "start")
+        .map(|e| w.at(e.0).round())
+        .collect();
+    assert_eq!(starts, vec![0.0, 0.0, 10.0]);
+    w.run_for(10).await;
+    assert_eq!(w.queue.deleted(), ids);
+    assert_eq!(w.counter(|c| &c.jobs_succeeded), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn receive_failures_back_off_1_2_4_up_to_20_seconds() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.queue.fail_next("ReceiveMessage", "ServiceUnavailable", 7);
+    w.run_for(100).await;
+    let times = w.call_times(w.queue.calls("ReceiveMessage"));
+    let gaps: Vec<f64> = times.windows(2).map(|p| p[1] - p[0]).take(7).collect();
+    assert_eq!(
+        gaps,
+        vec![1.0, 2.0, 4.0, 8.0, 16.0, 20.0, 20.0],
+        "{times:?}"
+    );
+    assert_eq!(w.counter(|c| &c.receive_errors), 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_message_is_taken_before_the_first_imds_poll_answers() {
+    let mut w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), true);
+    w.queue.push("1");
+    w.run_for(3).await;
+    assert!(w.queue.calls("ReceiveMessage").is_empty());
+    // The first poll shows a spot notice, then answers: nothing is taken.
+    w.spot(120).await;
+    w.open();
+    w.run_for(3).await;
+    assert!(w.queue.calls("ReceiveMessage").is_empty());
+    assert!(w.worker.started().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spot_notice_hands_back_what_a_receive_in_flight_returns_unstarted() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.run_for(1).await;
+    // A long poll is outstanding. A message arrives and the notice comes
+    // in the same instant: the notice is acted on first.
+    assert_eq!(w.queue.calls("ReceiveMessage").len(), 1);
+    w.queue.push("5");
+    w.spot(120).await;
+    w.run_for(2).await;
+    assert!(w.worker.started().is_empty(), "{:?}", w.worker.events());
+    assert_eq!(w.counter(|c| &c.messages_returned_unstarted), 1);
+    assert_eq!(w.queue.depth(), (1, 0));
+    // No scale-in call after a spot notice.
+    assert!(w
+        .fleet
+        .calls("TerminateInstanceInAutoScalingGroup")
+        .is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_stops_running_jobs_at_the_deadline_and_hands_them_back() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    let id = w.queue.push("1000");
+    w.run_for(5).await;
+    w.spot(120).await; // deadline: notice time - 25 s margin = t+100
+    w.run_for(110).await;
+    let end = w
+        .worker
+        .events()
+        .into_iter()
+        .find(|e| e.2 == "end")
+        .expect("job ended");
+    assert_eq!(w.at(end.0).round(), 100.0);
+    assert!(end.3.contains("Deadline"), "{end:?}");
+    assert!(w.queue.deleted().is_empty());
+    assert_eq!(w.queue.depth(), (1, 0), "{id} handed back at once");
+    assert_eq!(w.counter(|c| &c.jobs_handed_back), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_drains_then_the_runner_exits() {
+    let mut w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.queue.push("30");
+    w.run_for(5).await;
+    let _ = w.shutdown.take().expect("once").send(());
+    w.run_for(5).await;
+    assert!(!w.runner.is_finished(), "a job is still running");
+    w.run_for(30).await;
+    assert!(w.runner.is_finished());
+    assert_eq!(
+        w.queue.deleted().len(),
+        1,
+        "the job finished before the 90 s deadline"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_intake_then_idle_scale_in_is_accepted() {
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"30s\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    w.run_for(1).await;
+    w.rebalance().await;
+    w.run_for(40).await;
+    let calls = w.fleet.calls("TerminateInstanceInAutoScalingGroup");
+    assert_eq!(w.call_times(calls), vec![30.0]);
+    assert!(w.fleet.lock().terminated);
+    // Terminating: no more receives after the first (abandoned) one.
+    let receives = w.queue.calls("ReceiveMessage").len();
+    w.queue.push("1");
+    w.run_for(30).await;
+    assert_eq!(w.queue.calls("ReceiveMessage").len(), receives);
+    assert!(w.worker.started().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_scale_in_resumes_work_even_after_stop_intake_and_backs_off() {
+    // MinSize 1, desired 1: every scale-in is refused.
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"30s\"\nretry_interval = \"60s\"\n"),
+        MemFleet::new(Some("g"), 1, 1),
+        false,
+    );
+    w.run_for(1).await;
+    w.rebalance().await;
+    w.run_for(35).await;
+    assert_eq!(w.counter(|c| &c.scale_in_refusals), 1);
+    // The refusal means the instance is needed: intake reopens.
+    w.queue.push("1");
+    w.run_for(5).await;
+    assert_eq!(
+        w.worker.started().len(),
+        1,
+        "intake reopened after the refusal"
+    );
+    // Then the refusals back off: 60 s, 120 s after each (idle 30 s is shorter).
+    w.run_for(300).await;
+    let times = w.call_times(w.fleet.calls("TerminateInstanceInAutoScalingGroup"));
+    let gaps: Vec<f64> = times.windows(2).map(|p| p[1] - p[0]).collect();
+    assert_eq!(times[0], 30.0, "{times:?}");
+    assert!(
+        gaps.len() >= 2 && gaps[1] >= 120.0 && gaps[1] <= 121.0,
+        "{times:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rebalance_drain_scales_in_once_idle() {
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"30s\"\n[interruption]\nrebalance = \"drain\"\n"),
+        MemFleet::new(Some("g"), 0, 3),
+        false,
+    );
+    w.queue.push("20");
+    w.run_for(2).await;
+    w.rebalance().await;
+    w.run_for(60).await;
+    // The job finished (no deadline on a rebalance drain), then 30 s idle.
+    assert_eq!(w.queue.deleted().len(), 1);
+    let times = w.call_times(w.fleet.calls("TerminateInstanceInAutoScalingGroup"));
+    assert_eq!(times, vec![50.0]);
+    assert_eq!(w.fleet.lock().desired, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unclear_scale_in_answer_keeps_intake_closed_until_the_state_is_confirmed() {
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"30s\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    // The answer is lost (a ValidationError that is not the MinSize
+    // refusal), and the confirmation fails twice before it answers.
+    w.fleet
+        .fail_next("TerminateInstanceInAutoScalingGroup", "ValidationError", 1);
+    w.fleet
+        .fail_next("DescribeAutoScalingInstances", "Throttling", 2);
+    // Idle from 0; the request waits for the long poll out at 30 s (20-40 s).
+    w.run_for(41).await;
+    let asked = w.call_times(w.fleet.calls("TerminateInstanceInAutoScalingGroup"));
+    assert_eq!(asked, vec![40.0]);
+    w.queue.push("1");
+    w.run_for(8).await;
+    assert!(
+        w.worker.started().is_empty(),
+        "intake stayed closed while unconfirmed"
+    );
+    w.run_for(10).await;
+    // Confirmed InService (the fake never terminated): back to work.
+    let confirms = w.call_times(w.fleet.calls("DescribeAutoScalingInstances"));
+    assert_eq!(confirms, vec![40.0, 45.0, 50.0]);
+    assert_eq!(w.worker.started().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lifecycle_terminated_heartbeats_retry_soon_and_completion_waits_for_jobs() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[interruption]\nlifecycle_hook = \"drain\"\nlifecycle_heartbeat_interval = \"20s\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    w.queue.push("100");
+    w.run_for(10).await;
+    w.fleet
+        .fail_next("RecordLifecycleActionHeartbeat", "Throttling", 1);
+    w.fleet
+        .fail_next("CompleteLifecycleAction", "Throttling", 1);
+    w.lifecycle_terminated().await;
+    w.run_for(110).await;
+    let beats = w.call_times(w.fleet.calls("RecordLifecycleActionHeartbeat"));
+    // A failed heartbeat is retried after 5 s, not after the full 20 s.
+    assert_eq!(beats, vec![10.0, 15.0, 35.0, 55.0, 75.0, 95.0], "{beats:?}");
+    // The job ran to its end (no deadline), then the hook completes; the
+    // first try fails and is retried 5 s later.
+    assert_eq!(w.queue.deleted().len(), 1);
+    let completes = w.call_times(w.fleet.calls("CompleteLifecycleAction"));
+    assert_eq!(completes, vec![100.0, 105.0]);
+    assert!(w.fleet.lock().lifecycle_completed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn protection_is_set_once_for_back_to_back_jobs_and_dropped_when_idle() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\nprotect_busy = true\nidle_timeout = \"30s\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    for _ in 0..6 {
+        w.queue.push("10");
+    }
+    w.run_for(100).await;
+    assert_eq!(w.queue.deleted().len(), 6);
+    let calls: Vec<String> = w
+        .fleet
+        .calls("SetInstanceProtection")
+        .into_iter()
+        .map(|c| c.1)
+        .collect();
+    assert_eq!(calls, vec!["i-0test true", "i-0test false"]);
+    assert!(!w.fleet.lock().protected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_that_cannot_start_is_handed_back_uncounted_and_pauses_intake() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.queue.push("0 nostart");
+    w.run_for(40).await;
+    // Tried at 0, then after pauses of 5, 10, 20 s: not a hot loop.
+    let tries: Vec<f64> = w
+        .worker
+        .events()
+        .iter()
+        .filter(|e| e.2 == "nostart")
+        .map(|e| w.at(e.0).round())
+        .collect();
+    assert_eq!(tries, vec![0.0, 5.0, 15.0, 35.0]);
+    assert_eq!(w.counter(|c| &c.jobs_failed), 0);
+    assert_eq!(w.counter(|c| &c.jobs_not_started), 4);
+    // Handed back at once each time (visibility 0), never deleted.
+    assert!(w.queue.deleted().is_empty());
+    let vis: Vec<String> = w
+        .queue
+        .calls("ChangeMessageVisibility")
+        .into_iter()
+        .map(|c| c.1)
+        .collect();
+    assert!(vis.iter().all(|v| v.ends_with(" 0")), "{vis:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_14_hour_job_never_asks_past_the_12_hour_cap_and_stops_before_it() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.queue.push(&(14 * 3600).to_string());
+    // 12 h of heartbeats (every 20 s), in 10 s steps.
+    for _ in 0..(12 * 360) {
+        advance(Duration::from_secs(10)).await;
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    w.run_for(60).await;
+    // Every heartbeat was accepted by the fake, which rejects anything past
+    // 12 h from receipt as SQS does: none failed.
+    let vis = w.queue.calls("ChangeMessageVisibility");
+    assert!(vis.len() > 2000, "{}", vis.len());
+    let end = w
+        .worker
+        .events()
+        .into_iter()
+        .find(|e| e.2 == "end")
+        .expect("stopped");
+    assert!(end.3.contains("LeaseLimit"), "{end:?}");
+    let at = w.at(end.0);
+    assert!(
+        at < 12.0 * 3600.0 && at > 12.0 * 3600.0 - 120.0,
+        "stopped at {at}"
+    );
+    // No checkpoint: stopped as failed, back after the error visibility.
+    assert_eq!(w.counter(|c| &c.jobs_timed_out), 1);
+    assert!(w.queue.deleted().is_empty());
+}
