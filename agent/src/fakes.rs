@@ -186,13 +186,13 @@ impl MemQueue {
 }
 
 impl Queue for MemQueue {
-    fn receive(
+    async fn receive(
         &self,
         max: i32,
         wait: Duration,
         visibility: Duration,
-    ) -> impl Future<Output = Result<Vec<Message>, AwsError>> + Send {
-        async move {
+    ) -> Result<Vec<Message>, AwsError> {
+        {
             self.begin("ReceiveMessage", format!("max={max}"))?;
             let end = Instant::now() + wait;
             loop {

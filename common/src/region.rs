@@ -21,12 +21,9 @@ pub fn queue_url_region(url: &str) -> Option<String> {
     if host == "queue" {
         return Some("us-east-1".into());
     }
-    let region = if let Some(r) = host.strip_prefix("sqs.") {
-        r
-    } else if let Some(r) = host.strip_suffix(".queue") {
-        r
-    } else {
-        return None;
+    let region = match host.strip_prefix("sqs.") {
+        Some(r) => r,
+        None => host.strip_suffix(".queue")?,
     };
     is_region(region).then(|| region.to_string())
 }

@@ -77,6 +77,13 @@ pub trait Cloud: Send + Sync {
         group: &str,
         max: i32,
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// `UpdateAutoScalingGroup` with a new desired capacity.
+    fn set_desired(
+        &self,
+        region: &str,
+        group: &str,
+        desired: i32,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
     fn put_tags(
         &self,
         region: &str,
@@ -150,19 +157,43 @@ impl SdkCloud {
     }
 }
 
+/// One readable line: the error code and AWS's message (the SDK's own
+/// chain for transport errors), not a debug dump of the SDK's struct.
 fn err<E>(op: &'static str, region: &str, e: E) -> CloudError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
+    let message = match (e.code(), e.message()) {
+        (Some(code), Some(m)) => format!("{code}: {m}"),
+        (Some(code), None) => code.to_string(),
+        _ => spotguard_common::config::error_chain(&e).replace('\n', " "),
+    };
     CloudError {
         op,
         region: region.to_string(),
-        message: format!(
-            "{}: {}",
-            e.code().unwrap_or("error"),
-            aws_sdk_autoscaling::error::DisplayErrorContext(&e)
-        ),
+        message,
     }
+}
+
+/// Upper bound of one AWS call with the SDK's retries, as in the agent: a
+/// stuck connection must not hold a Lambda invocation (or the `run` loop)
+/// until its own timeout.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn bounded<T>(
+    op: &'static str,
+    region: &str,
+    f: impl Future<Output = Result<T, CloudError>>,
+) -> Result<T, CloudError> {
+    tokio::time::timeout(CALL_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| {
+            Err(CloudError {
+                op,
+                region: region.to_string(),
+                message: format!("no answer within {CALL_TIMEOUT:?}"),
+            })
+        })
 }
 
 fn chrono_of(t: &aws_sdk_autoscaling::primitives::DateTime) -> Option<DateTime<Utc>> {
@@ -178,107 +209,137 @@ impl Cloud for SdkCloud {
     async fn group(&self, region: &str, name: &str) -> Result<GroupInfo, CloudError> {
         const OP: &str = "DescribeAutoScalingGroups";
         let c = self.clients(OP, region)?;
-        let out = c
-            .asg
-            .describe_auto_scaling_groups()
-            .auto_scaling_group_names(name)
-            .send()
-            .await
-            .map_err(|e| err(OP, region, e))?;
-        let g = out
-            .auto_scaling_groups()
-            .first()
-            .ok_or_else(|| CloudError {
-                op: OP,
-                region: region.to_string(),
-                message: format!("no Auto Scaling group named {name:?}"),
-            })?;
-        let in_service: Vec<_> = g
-            .instances()
-            .iter()
-            .filter(|i| i.lifecycle_state() == Some(&LifecycleState::InService))
-            .collect();
-        Ok(GroupInfo {
-            desired: g.desired_capacity().unwrap_or(0),
-            min: g.min_size().unwrap_or(0),
-            max: g.max_size().unwrap_or(0),
-            in_service: in_service.len() as i32,
-            busy: in_service
+        bounded(OP, region, async {
+            let out = c
+                .asg
+                .describe_auto_scaling_groups()
+                .auto_scaling_group_names(name)
+                .send()
+                .await
+                .map_err(|e| err(OP, region, e))?;
+            let g = out
+                .auto_scaling_groups()
+                .first()
+                .ok_or_else(|| CloudError {
+                    op: OP,
+                    region: region.to_string(),
+                    message: format!("no Auto Scaling group named {name:?}"),
+                })?;
+            let in_service: Vec<_> = g
+                .instances()
                 .iter()
-                .filter(|i| i.protected_from_scale_in() == Some(true))
-                .count() as i32,
-            tags: g
-                .tags()
-                .iter()
-                .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string())))
-                .collect(),
+                .filter(|i| i.lifecycle_state() == Some(&LifecycleState::InService))
+                .collect();
+            Ok(GroupInfo {
+                desired: g.desired_capacity().unwrap_or(0),
+                min: g.min_size().unwrap_or(0),
+                max: g.max_size().unwrap_or(0),
+                in_service: in_service.len() as i32,
+                busy: in_service
+                    .iter()
+                    .filter(|i| i.protected_from_scale_in() == Some(true))
+                    .count() as i32,
+                tags: g
+                    .tags()
+                    .iter()
+                    .filter_map(|t| {
+                        Some((t.key()?.to_string(), t.value().unwrap_or("").to_string()))
+                    })
+                    .collect(),
+            })
         })
+        .await
     }
 
     async fn queue_depth(&self, region: &str, url: &str) -> Result<(i64, i64), CloudError> {
         use aws_sdk_sqs::types::QueueAttributeName as A;
         const OP: &str = "GetQueueAttributes";
         let c = self.clients(OP, region)?;
-        let out = c
-            .sqs
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(A::ApproximateNumberOfMessages)
-            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .map_err(|e| err(OP, region, e))?;
-        let get = |k: A| {
-            out.attributes()
-                .and_then(|a| a.get(&k))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        Ok((
-            get(A::ApproximateNumberOfMessages),
-            get(A::ApproximateNumberOfMessagesNotVisible),
-        ))
+        bounded(OP, region, async {
+            let out = c
+                .sqs
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(A::ApproximateNumberOfMessages)
+                .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+                .send()
+                .await
+                .map_err(|e| err(OP, region, e))?;
+            let get = |k: A| {
+                out.attributes()
+                    .and_then(|a| a.get(&k))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            Ok((
+                get(A::ApproximateNumberOfMessages),
+                get(A::ApproximateNumberOfMessagesNotVisible),
+            ))
+        })
+        .await
     }
 
     async fn activities(&self, region: &str, group: &str) -> Result<Vec<Activity>, CloudError> {
         const OP: &str = "DescribeScalingActivities";
         let c = self.clients(OP, region)?;
-        let out = c
-            .asg
-            .describe_scaling_activities()
-            .auto_scaling_group_name(group)
-            .max_records(50)
-            .send()
-            .await
-            .map_err(|e| err(OP, region, e))?;
-        Ok(out
-            .activities()
-            .iter()
-            .map(|a| Activity {
-                id: a.activity_id().unwrap_or_default().to_string(),
-                description: a.description().unwrap_or_default().to_string(),
-                status_code: a
-                    .status_code()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default(),
-                status_message: a.status_message().unwrap_or_default().to_string(),
-                start: a.start_time().and_then(chrono_of),
-                end: a.end_time().and_then(chrono_of),
-            })
-            .collect())
+        bounded(OP, region, async {
+            let out = c
+                .asg
+                .describe_scaling_activities()
+                .auto_scaling_group_name(group)
+                .max_records(50)
+                .send()
+                .await
+                .map_err(|e| err(OP, region, e))?;
+            Ok(out
+                .activities()
+                .iter()
+                .map(|a| Activity {
+                    id: a.activity_id().unwrap_or_default().to_string(),
+                    description: a.description().unwrap_or_default().to_string(),
+                    status_code: a
+                        .status_code()
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default(),
+                    status_message: a.status_message().unwrap_or_default().to_string(),
+                    start: a.start_time().and_then(chrono_of),
+                    end: a.end_time().and_then(chrono_of),
+                })
+                .collect())
+        })
+        .await
     }
 
     async fn set_max_size(&self, region: &str, group: &str, max: i32) -> Result<(), CloudError> {
         const OP: &str = "UpdateAutoScalingGroup";
         let c = self.clients(OP, region)?;
-        c.asg
-            .update_auto_scaling_group()
-            .auto_scaling_group_name(group)
-            .max_size(max)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| err(OP, region, e))
+        bounded(OP, region, async {
+            c.asg
+                .update_auto_scaling_group()
+                .auto_scaling_group_name(group)
+                .max_size(max)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| err(OP, region, e))
+        })
+        .await
+    }
+
+    async fn set_desired(&self, region: &str, group: &str, desired: i32) -> Result<(), CloudError> {
+        const OP: &str = "UpdateAutoScalingGroup";
+        let c = self.clients(OP, region)?;
+        bounded(OP, region, async {
+            c.asg
+                .update_auto_scaling_group()
+                .auto_scaling_group_name(group)
+                .desired_capacity(desired)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| err(OP, region, e))
+        })
+        .await
     }
 
     async fn put_tags(
@@ -289,19 +350,22 @@ impl Cloud for SdkCloud {
     ) -> Result<(), CloudError> {
         const OP: &str = "CreateOrUpdateTags";
         let c = self.clients(OP, region)?;
-        let mut req = c.asg.create_or_update_tags();
-        for (k, v) in tags {
-            req = req.tags(
-                Tag::builder()
-                    .resource_id(group)
-                    .resource_type("auto-scaling-group")
-                    .key(k)
-                    .value(v)
-                    .propagate_at_launch(false)
-                    .build(),
-            );
-        }
-        req.send().await.map(|_| ()).map_err(|e| err(OP, region, e))
+        bounded(OP, region, async {
+            let mut req = c.asg.create_or_update_tags();
+            for (k, v) in tags {
+                req = req.tags(
+                    Tag::builder()
+                        .resource_id(group)
+                        .resource_type("auto-scaling-group")
+                        .key(k)
+                        .value(v)
+                        .propagate_at_launch(false)
+                        .build(),
+                );
+            }
+            req.send().await.map(|_| ()).map_err(|e| err(OP, region, e))
+        })
+        .await
     }
 
     async fn policy(
@@ -312,75 +376,78 @@ impl Cloud for SdkCloud {
     ) -> Result<Option<(Option<bool>, TargetTracking)>, CloudError> {
         const OP: &str = "DescribePolicies";
         let c = self.clients(OP, region)?;
-        let out = c
-            .asg
-            .describe_policies()
-            .auto_scaling_group_name(group)
-            .policy_names(name)
-            .send()
-            .await
-            .map_err(|e| err(OP, region, e))?;
-        let Some(p) = out
-            .scaling_policies()
-            .iter()
-            .find(|p| p.policy_name() == Some(name))
-        else {
-            return Ok(None);
-        };
-        let Some(tt) = p.target_tracking_configuration() else {
-            return Ok(None);
-        };
-        let spec = match tt.customized_metric_specification() {
-            Some(c) if !c.metrics().is_empty() => {
-                let dim = |m: &aws_sdk_autoscaling::types::TargetTrackingMetricDataQuery,
-                           dim: &str| {
-                    m.metric_stat()
-                        .and_then(|s| s.metric())
-                        .map(|m| m.dimensions())
-                        .and_then(|d| d.iter().find(|x| x.name() == Some(dim)))
-                        .and_then(|x| x.value())
-                        .map(str::to_string)
-                        .unwrap_or_default()
-                };
-                let q = c
-                    .metrics()
-                    .iter()
-                    .map(|m| dim(m, "QueueName"))
-                    .find(|v| !v.is_empty());
-                let g = c
-                    .metrics()
-                    .iter()
-                    .map(|m| dim(m, "AutoScalingGroupName"))
-                    .find(|v| !v.is_empty());
-                MetricSpec::BacklogMath {
-                    queue_name: q.unwrap_or_default(),
-                    group: g.unwrap_or_default(),
+        bounded(OP, region, async {
+            let out = c
+                .asg
+                .describe_policies()
+                .auto_scaling_group_name(group)
+                .policy_names(name)
+                .send()
+                .await
+                .map_err(|e| err(OP, region, e))?;
+            let Some(p) = out
+                .scaling_policies()
+                .iter()
+                .find(|p| p.policy_name() == Some(name))
+            else {
+                return Ok(None);
+            };
+            let Some(tt) = p.target_tracking_configuration() else {
+                return Ok(None);
+            };
+            let spec = match tt.customized_metric_specification() {
+                Some(c) if !c.metrics().is_empty() => {
+                    let dim = |m: &aws_sdk_autoscaling::types::TargetTrackingMetricDataQuery,
+                               dim: &str| {
+                        m.metric_stat()
+                            .and_then(|s| s.metric())
+                            .map(|m| m.dimensions())
+                            .and_then(|d| d.iter().find(|x| x.name() == Some(dim)))
+                            .and_then(|x| x.value())
+                            .map(str::to_string)
+                            .unwrap_or_default()
+                    };
+                    let q = c
+                        .metrics()
+                        .iter()
+                        .map(|m| dim(m, "QueueName"))
+                        .find(|v| !v.is_empty());
+                    let g = c
+                        .metrics()
+                        .iter()
+                        .map(|m| dim(m, "AutoScalingGroupName"))
+                        .find(|v| !v.is_empty());
+                    MetricSpec::BacklogMath {
+                        queue_name: q.unwrap_or_default(),
+                        group: g.unwrap_or_default(),
+                    }
                 }
-            }
-            Some(c) => MetricSpec::Custom {
-                namespace: c.namespace().unwrap_or_default().to_string(),
-                name: c.metric_name().unwrap_or_default().to_string(),
-                dimensions: c
-                    .dimensions()
-                    .iter()
-                    .map(|d| {
-                        (
-                            d.name().unwrap_or_default().to_string(),
-                            d.value().unwrap_or_default().to_string(),
-                        )
-                    })
-                    .collect(),
-            },
-            None => return Ok(None),
-        };
-        Ok(Some((
-            p.enabled(),
-            TargetTracking {
-                name: name.to_string(),
-                target: tt.target_value().unwrap_or_default(),
-                spec,
-            },
-        )))
+                Some(c) => MetricSpec::Custom {
+                    namespace: c.namespace().unwrap_or_default().to_string(),
+                    name: c.metric_name().unwrap_or_default().to_string(),
+                    dimensions: c
+                        .dimensions()
+                        .iter()
+                        .map(|d| {
+                            (
+                                d.name().unwrap_or_default().to_string(),
+                                d.value().unwrap_or_default().to_string(),
+                            )
+                        })
+                        .collect(),
+                },
+                None => return Ok(None),
+            };
+            Ok(Some((
+                p.enabled(),
+                TargetTracking {
+                    name: name.to_string(),
+                    target: tt.target_value().unwrap_or_default(),
+                    spec,
+                },
+            )))
+        })
+        .await
     }
 
     async fn put_policy(
@@ -393,122 +460,181 @@ impl Cloud for SdkCloud {
         use aws_sdk_autoscaling::types as t;
         const OP: &str = "PutScalingPolicy";
         let c = self.clients(OP, region)?;
-        let spec = match &policy.spec {
-            MetricSpec::Custom {
-                namespace,
-                name,
-                dimensions,
-            } => {
-                let mut b = t::CustomizedMetricSpecification::builder()
-                    .namespace(namespace)
-                    .metric_name(name)
-                    .statistic(t::MetricStatistic::Average);
-                for (k, v) in dimensions {
-                    b = b.dimensions(t::MetricDimension::builder().name(k).value(v).build());
+        bounded(OP, region, async {
+            let spec = match &policy.spec {
+                MetricSpec::Custom {
+                    namespace,
+                    name,
+                    dimensions,
+                } => {
+                    let mut b = t::CustomizedMetricSpecification::builder()
+                        .namespace(namespace)
+                        .metric_name(name)
+                        .statistic(t::MetricStatistic::Average);
+                    for (k, v) in dimensions {
+                        b = b.dimensions(t::MetricDimension::builder().name(k).value(v).build());
+                    }
+                    b.build()
                 }
-                b.build()
-            }
-            MetricSpec::BacklogMath { queue_name, group } => {
-                let stat = |id: &str, ns: &str, metric: &str, dim: &str, val: &str, stat: &str| {
-                    t::TargetTrackingMetricDataQuery::builder()
-                        .id(id)
-                        .return_data(false)
-                        .metric_stat(
-                            t::TargetTrackingMetricStat::builder()
-                                .stat(stat)
-                                .metric(
-                                    t::Metric::builder()
-                                        .namespace(ns)
-                                        .metric_name(metric)
-                                        .dimensions(
-                                            t::MetricDimension::builder()
-                                                .name(dim)
-                                                .value(val)
+                MetricSpec::BacklogMath { queue_name, group } => {
+                    let stat =
+                        |id: &str, ns: &str, metric: &str, dim: &str, val: &str, stat: &str| {
+                            t::TargetTrackingMetricDataQuery::builder()
+                                .id(id)
+                                .return_data(false)
+                                .metric_stat(
+                                    t::TargetTrackingMetricStat::builder()
+                                        .stat(stat)
+                                        .metric(
+                                            t::Metric::builder()
+                                                .namespace(ns)
+                                                .metric_name(metric)
+                                                .dimensions(
+                                                    t::MetricDimension::builder()
+                                                        .name(dim)
+                                                        .value(val)
+                                                        .build(),
+                                                )
                                                 .build(),
                                         )
                                         .build(),
                                 )
+                                .build()
+                        };
+                    t::CustomizedMetricSpecification::builder()
+                        .metrics(stat(
+                            "m1",
+                            "AWS/SQS",
+                            "ApproximateNumberOfMessagesVisible",
+                            "QueueName",
+                            queue_name,
+                            "Sum",
+                        ))
+                        .metrics(stat(
+                            "m2",
+                            "AWS/AutoScaling",
+                            "GroupInServiceInstances",
+                            "AutoScalingGroupName",
+                            group,
+                            "Average",
+                        ))
+                        .metrics(
+                            t::TargetTrackingMetricDataQuery::builder()
+                                .id("e1")
+                                .expression("m1 / m2")
+                                .label("Backlog per instance")
+                                .return_data(true)
                                 .build(),
                         )
                         .build()
-                };
-                t::CustomizedMetricSpecification::builder()
-                    .metrics(stat(
-                        "m1",
-                        "AWS/SQS",
-                        "ApproximateNumberOfMessagesVisible",
-                        "QueueName",
-                        queue_name,
-                        "Sum",
-                    ))
-                    .metrics(stat(
-                        "m2",
-                        "AWS/AutoScaling",
-                        "GroupInServiceInstances",
-                        "AutoScalingGroupName",
-                        group,
-                        "Average",
-                    ))
-                    .metrics(
-                        t::TargetTrackingMetricDataQuery::builder()
-                            .id("e1")
-                            .expression("m1 / m2")
-                            .label("Backlog per instance")
-                            .return_data(true)
-                            .build(),
-                    )
-                    .build()
-            }
-        };
-        let conf = t::TargetTrackingConfiguration::builder()
-            .customized_metric_specification(spec)
-            .target_value(policy.target)
-            .build();
-        c.asg
-            .put_scaling_policy()
-            .auto_scaling_group_name(group)
-            .policy_name(&policy.name)
-            .policy_type("TargetTrackingScaling")
-            .target_tracking_configuration(conf)
-            .enabled(enabled)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| err(OP, region, e))
+                }
+            };
+            let conf = t::TargetTrackingConfiguration::builder()
+                .customized_metric_specification(spec)
+                .target_value(policy.target)
+                .build();
+            c.asg
+                .put_scaling_policy()
+                .auto_scaling_group_name(group)
+                .policy_name(&policy.name)
+                .policy_type("TargetTrackingScaling")
+                .target_tracking_configuration(conf)
+                .enabled(enabled)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| err(OP, region, e))
+        })
+        .await
     }
 
     async fn put_metric(&self, m: &MetricValue) -> Result<(), CloudError> {
         const OP: &str = "PutMetricData";
         let c = self.clients(OP, &m.region)?;
-        let mut d = MetricDatum::builder()
-            .metric_name(&m.name)
-            .value(m.value)
-            .unit(StandardUnit::Count);
-        for (k, v) in &m.dimensions {
-            d = d.dimensions(Dimension::builder().name(k).value(v).build());
-        }
-        c.cw.put_metric_data()
-            .namespace(&m.namespace)
-            .metric_data(d.build())
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| err(OP, &m.region, e))
+        bounded(OP, &m.region, async {
+            let mut d = MetricDatum::builder()
+                .metric_name(&m.name)
+                .value(m.value)
+                .unit(StandardUnit::Count);
+            for (k, v) in &m.dimensions {
+                d = d.dimensions(Dimension::builder().name(k).value(v).build());
+            }
+            c.cw.put_metric_data()
+                .namespace(&m.namespace)
+                .metric_data(d.build())
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| err(OP, &m.region, e))
+        })
+        .await
     }
 
     async fn publish(&self, topic: &str, subject: &str, message: &str) -> Result<(), CloudError> {
         const OP: &str = "Publish";
         let region = topic_region(topic).unwrap_or_default();
         let c = self.clients(OP, region)?;
-        c.sns
-            .publish()
-            .topic_arn(topic)
-            .subject(subject)
-            .message(message)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| err(OP, region, e))
+        bounded(OP, region, async {
+            c.sns
+                .publish()
+                .topic_arn(topic)
+                .subject(subject)
+                .message(message)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| err(OP, region, e))
+        })
+        .await
+    }
+}
+
+/// The queue EventBridge rules feed with launch events, read by `run`.
+pub struct SqsEvents {
+    pub client: aws_sdk_sqs::Client,
+    pub url: String,
+    pub region: String,
+}
+
+impl crate::handler::EventSource for SqsEvents {
+    async fn receive(&self) -> Result<Vec<(String, String)>, CloudError> {
+        const OP: &str = "ReceiveMessage";
+        bounded(OP, &self.region, async {
+            let out = self
+                .client
+                .receive_message()
+                .queue_url(&self.url)
+                .max_number_of_messages(10)
+                .send()
+                .await
+                .map_err(|e| err(OP, &self.region, e))?;
+            Ok(out
+                .messages()
+                .iter()
+                .filter_map(|m| {
+                    Some((
+                        m.receipt_handle()?.to_string(),
+                        m.body().unwrap_or_default().to_string(),
+                    ))
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<(), CloudError> {
+        const OP: &str = "DeleteMessage";
+        bounded(OP, &self.region, async {
+            self.client
+                .delete_message()
+                .queue_url(&self.url)
+                .receipt_handle(receipt)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| err(OP, &self.region, e))
+        })
+        .await
     }
 }
 

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use spotguard_common::config::error_chain;
 
-use crate::aws::{Cloud, SdkCloud};
+use crate::aws::{Cloud, SdkCloud, SqsEvents};
 use crate::config::Config;
 use crate::handler::Controller;
 
@@ -153,7 +153,11 @@ async fn controller(cfg: Config) -> Controller<SdkCloud> {
         regions.push(r);
     }
     let cloud = SdkCloud::new(&sdk, &regions);
-    Controller { cfg, cloud }
+    Controller {
+        cfg,
+        cloud,
+        clock: Arc::new(spotguard_common::clock::SystemClock),
+    }
 }
 
 fn print(v: &impl serde::Serialize) -> Result<(), BoxError> {
@@ -249,13 +253,20 @@ async fn run_loop(c: Controller<SdkCloud>) -> Result<(), BoxError> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(c.cfg.run.interval.0);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let sqs = match &c.cfg.run.events_queue_url {
+    let events = match &c.cfg.run.events_queue_url {
         Some(url) => {
+            // The events queue's own region (it may differ from the primary's).
+            let region = spotguard_common::region::queue_url_region(url)
+                .unwrap_or_else(|| c.cfg.primary.region.clone());
             let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .region(aws_config::Region::new(c.cfg.primary.region.clone()))
+                .region(aws_config::Region::new(region.clone()))
                 .load()
                 .await;
-            Some((aws_sdk_sqs::Client::new(&sdk), url.clone()))
+            Some(SqsEvents {
+                client: aws_sdk_sqs::Client::new(&sdk),
+                url: url.clone(),
+                region,
+            })
         }
         None => None,
     };
@@ -265,8 +276,8 @@ async fn run_loop(c: Controller<SdkCloud>) -> Result<(), BoxError> {
             _ = int.recv() => return Ok(()),
             _ = tick.tick() => {}
         }
-        if let Some((client, url)) = &sqs {
-            read_events(&c, client, url).await;
+        if let Some(src) = &events {
+            crate::handler::read_events(&c, src).await;
         }
         match c.tick(Vec::new()).await {
             Ok(r) => tracing::info!(
@@ -275,55 +286,6 @@ async fn run_loop(c: Controller<SdkCloud>) -> Result<(), BoxError> {
                 "tick"
             ),
             Err(e) => tracing::warn!(error = %e, "tick failed; retrying next interval"),
-        }
-    }
-}
-
-/// Drains the EventBridge-fed queue: each message is handled, then deleted
-/// (malformed ones too: they would never become valid).
-async fn read_events(c: &Controller<SdkCloud>, client: &aws_sdk_sqs::Client, url: &str) {
-    // The SQS actions this makes, for the IAM policy check.
-    const _OPS: [&str; 2] = ["ReceiveMessage", "DeleteMessage"];
-    for _ in 0..10 {
-        let out = match client
-            .receive_message()
-            .queue_url(url)
-            .max_number_of_messages(10)
-            .send()
-            .await
-        {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "cannot read the events queue");
-                return;
-            }
-        };
-        if out.messages().is_empty() {
-            return;
-        }
-        for m in out.messages() {
-            let body = m.body().unwrap_or_default();
-            match serde_json::from_str::<Value>(body) {
-                Ok(v) => {
-                    if let Err(e) = c.handle_event(&v).await {
-                        // Keep the message: it comes back after its visibility timeout.
-                        tracing::warn!(error = %e, "event not handled; kept for a retry");
-                        continue;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "events queue message is not JSON; dropped"),
-            }
-            if let Some(r) = m.receipt_handle() {
-                if let Err(e) = client
-                    .delete_message()
-                    .queue_url(url)
-                    .receipt_handle(r)
-                    .send()
-                    .await
-                {
-                    tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "cannot delete an event message");
-                }
-            }
         }
     }
 }

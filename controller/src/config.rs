@@ -80,25 +80,34 @@ fn d_policy_name() -> String {
     "spotguard-backlog".into()
 }
 
-/// The capacity failure codes of REFERENCE.md. A launch that fails for any
-/// other reason (bad AMI, IAM, quota, subnet) is not a capacity problem and
-/// another region would not fix it.
+/// The capacity shortage codes of REFERENCE.md, matched exactly. Not
+/// listed, on purpose: `Unsupported` (the type is not offered in that zone:
+/// permanent, a configuration error) and `SpotMaxPriceTooLow` (a price
+/// setting). Another region would fix neither, and with them one bad subnet
+/// kept the fleet failed over for ever.
 pub const CAPACITY_CODES: &[&str] = &[
     "InsufficientInstanceCapacity",
     "InsufficientCapacity",
     "UnfulfillableCapacity",
-    "MaxSpotInstanceCountExceeded",
-    "SpotMaxPriceTooLow",
     "InsufficientHostCapacity",
     "InsufficientReservedInstanceCapacity",
-    "Unsupported",
 ];
+
+/// Quota errors: per region, so another region can help, but a policy
+/// choice rather than a shortage (`failover.on_quota`).
+pub const QUOTA_CODES: &[&str] = &["MaxSpotInstanceCountExceeded", "VcpuLimitExceeded"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Failover {
     #[serde(default = "d_codes")]
     pub capacity_codes: Vec<String>,
+    /// Fail over on the regional quota errors too ([`QUOTA_CODES`]). On by
+    /// default: the primary's quota is full, the fallback region's is not,
+    /// and the work keeps flowing; off keeps the fleet in one region and
+    /// leaves the quota to be raised.
+    #[serde(default = "d_true")]
+    pub on_quota: bool,
     /// Capacity failures within `failure_window` that trigger failover.
     #[serde(default = "d_failures")]
     pub failures: u32,
@@ -124,6 +133,7 @@ impl Default for Failover {
     fn default() -> Self {
         Failover {
             capacity_codes: d_codes(),
+            on_quota: true,
             failures: d_failures(),
             failure_window: d_window(),
             capacity_ttl: d_ttl(),
@@ -136,6 +146,9 @@ impl Default for Failover {
 
 fn d_codes() -> Vec<String> {
     CAPACITY_CODES.iter().map(|s| s.to_string()).collect()
+}
+fn d_true() -> bool {
+    true
 }
 fn d_failures() -> u32 {
     1
@@ -164,7 +177,8 @@ pub struct Metric {
     /// Backlog per instance of the primary group.
     #[serde(default = "d_primary_metric")]
     pub primary_name: String,
-    /// Visible messages, for the fallback group.
+    /// Backlog per InService instance of the fallback group (its own data
+    /// point, in its own region).
     #[serde(default = "d_fallback_metric")]
     pub fallback_name: String,
     /// Count in-flight messages in the backlog too.
@@ -190,7 +204,7 @@ fn d_primary_metric() -> String {
     "BacklogPerInstance".into()
 }
 fn d_fallback_metric() -> String {
-    "ApproximateNumberOfMessagesVisible".into()
+    "BacklogPerInstance".into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,7 +225,10 @@ pub struct Policy {
     /// acceptable latency / seconds per message).
     #[serde(default = "d_primary_target")]
     pub primary_target: f64,
-    /// Visible messages per fallback instance, as the original design.
+    /// Acceptable backlog per instance of the fallback group: the same as
+    /// the primary's by default (the original design tracked total visible
+    /// messages with target 200, which AWS's guide says does not work: it
+    /// does not fall as instances are added).
     #[serde(default = "d_fallback_target")]
     pub fallback_target: f64,
     #[serde(default = "d_primary_policy")]
@@ -236,7 +253,7 @@ fn d_primary_target() -> f64 {
     20.0
 }
 fn d_fallback_target() -> f64 {
-    200.0
+    20.0
 }
 fn d_primary_policy() -> String {
     "spotguard-backlog".into()
@@ -277,6 +294,16 @@ const SECTIONS: &[&str] = &[
 ];
 
 impl Config {
+    /// The codes that count toward a failover: the capacity codes, and the
+    /// quota codes when `failover.on_quota`.
+    pub fn failover_codes(&self) -> Vec<String> {
+        let mut codes = self.failover.capacity_codes.clone();
+        if self.failover.on_quota {
+            codes.extend(QUOTA_CODES.iter().map(|s| s.to_string()));
+        }
+        codes
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
@@ -432,8 +459,11 @@ asg = "gpu-east-2"
         assert_eq!(c.failover.capacity_ttl.0, Duration::from_secs(180));
         assert_eq!(c.failover.cooldown.0, Duration::from_secs(600));
         assert_eq!(c.policy.primary_target, 20.0);
-        assert_eq!(c.policy.fallback_target, 200.0);
-        assert_eq!(c.failover.capacity_codes.len(), 8);
+        assert_eq!(c.policy.fallback_target, 20.0);
+        assert_eq!(c.metric.fallback_name, "BacklogPerInstance");
+        assert_eq!(c.failover.capacity_codes.len(), 5);
+        assert!(c.failover.on_quota);
+        assert!(c.failover_codes().iter().any(|x| x == "VcpuLimitExceeded"));
     }
 
     #[test]

@@ -71,12 +71,17 @@ pub fn parse(v: &Value, codes: &[String]) -> Result<Event, EventError> {
             )?
             .to_string();
             let activity_id = field(v, &["detail", "ActivityId"], "detail.ActivityId")?.to_string();
-            // The end of the activity if known, else its start, else the envelope's time.
-            let at = ["EndTime", "StartTime"]
+            // The end of the activity if known, else its start, else the
+            // envelope's time: a missing, empty or unreadable EndTime (AWS
+            // sends "" while an activity runs) never drops the event.
+            let at = match ["EndTime", "StartTime"]
                 .iter()
-                .find_map(|k| v["detail"].get(k).and_then(Value::as_str))
-                .map(|s| time(s, "detail.EndTime"))
-                .unwrap_or_else(|| time(field(v, &["time"], "time")?, "time"))?;
+                .filter_map(|k| v["detail"].get(k).and_then(Value::as_str))
+                .find_map(|s| time(s, "detail.EndTime").ok())
+            {
+                Some(t) => t,
+                None => time(field(v, &["time"], "time")?, "time")?,
+            };
             let kind = if detail_type == "EC2 Instance Launch Successful" {
                 LaunchKind::Success
             } else {
@@ -248,12 +253,38 @@ mod tests {
             .remove("AutoScalingGroupName");
         let e = parse(&no_group, &codes()).unwrap_err();
         assert!(e.to_string().contains("detail.AutoScalingGroupName"), "{e}");
+        // A time the decision can do without never drops the event: an
+        // unreadable or empty EndTime falls back to StartTime, then to the
+        // envelope's time.
+        let at = |e: Event| match e {
+            Event::Launch { launch, .. } => launch.at.to_rfc3339(),
+            e => panic!("{e:?}"),
+        };
         let mut bad_time = launch_event("EC2 Instance Launch Unsuccessful", "x");
         bad_time["detail"]["EndTime"] = json!("noon");
+        assert_eq!(
+            at(parse(&bad_time, &codes()).unwrap()),
+            "2026-11-28T07:59:00+00:00"
+        );
+        bad_time["detail"]["EndTime"] = json!("");
+        bad_time["detail"]["StartTime"] = json!("");
+        assert_eq!(
+            at(parse(&bad_time, &codes()).unwrap()),
+            "2026-11-28T08:00:00+00:00"
+        );
+        bad_time["detail"]
+            .as_object_mut()
+            .unwrap()
+            .remove("EndTime");
+        assert_eq!(
+            at(parse(&bad_time, &codes()).unwrap()),
+            "2026-11-28T08:00:00+00:00"
+        );
+        bad_time["time"] = json!("later");
         assert!(parse(&bad_time, &codes())
             .unwrap_err()
             .to_string()
-            .contains("EndTime"));
+            .contains("time"));
         for garbage in [
             json!(null),
             json!([1, 2]),
@@ -261,6 +292,89 @@ mod tests {
             json!({"detail-type": 5}),
         ] {
             assert!(parse(&garbage, &codes()).is_err(), "{garbage}");
+        }
+    }
+
+    /// AWS's published sample of the event (Auto Scaling user guide,
+    /// "Example events"), with its placeholders filled in.
+    const AWS_SAMPLE: &str = r#"{
+      "version": "0",
+      "id": "12345678-1234-1234-1234-123456789012",
+      "detail-type": "EC2 Instance Launch Unsuccessful",
+      "source": "aws.autoscaling",
+      "account": "123456789012",
+      "time": "2026-11-28T08:00:05Z",
+      "region": "us-west-2",
+      "resources": ["auto-scaling-group-arn", "instance-arn"],
+      "detail": {
+        "StatusCode": "Failed",
+        "AutoScalingGroupName": "my-asg",
+        "ActivityId": "87654321-4321-4321-4321-210987654321",
+        "Details": {"Availability Zone": "us-west-2b", "Subnet ID": "subnet-12345678"},
+        "RequestId": "12345678-1234-1234-1234-123456789012",
+        "StatusMessage": "message-text",
+        "EndTime": "2026-11-28T08:00:04Z",
+        "EC2InstanceId": "i-1234567890abcdef0",
+        "StartTime": "2026-11-28T08:00:01Z",
+        "Cause": "description-text"
+      }
+    }"#;
+
+    #[test]
+    fn every_status_message_form_is_classified_by_its_exact_code() {
+        let failover = crate::config::Config::parse(
+            "[primary]\nasg = \"p\"\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/1/q\"\n[fallback]\nasg = \"f\"\n",
+            "t",
+        )
+        .unwrap()
+        .failover_codes();
+        for (msg, code, fails_over) in [
+            ("Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed.", Some("InsufficientInstanceCapacity"), true),
+            ("Could not launch Spot Instances. UnfulfillableCapacity - Unable to fulfill capacity due to your request configuration. Please adjust your request and try again. Launching EC2 instance failed.", Some("UnfulfillableCapacity"), true),
+            ("We currently do not have sufficient g4dn.xlarge capacity in the Availability Zone you requested (us-east-1a). Our system will be working on provisioning additional capacity.", Some("InsufficientInstanceCapacity"), true),
+            ("There is no Spot capacity available that matches your request.", Some("InsufficientInstanceCapacity"), true),
+            ("Max spot instance count exceeded. Launching EC2 instance failed.", Some("MaxSpotInstanceCountExceeded"), true),
+            ("Could not launch Spot Instances. VcpuLimitExceeded - You have requested more vCPU capacity than your current vCPU limit of 64 allows. Launching EC2 instance failed.", Some("VcpuLimitExceeded"), true),
+            // Permanent or a setting: another region would not fix them.
+            ("Could not launch Spot Instances. Unsupported - The requested configuration is currently not supported. Launching EC2 instance failed.", Some("Unsupported"), false),
+            ("Could not launch Spot Instances. SpotMaxPriceTooLow - Your Spot request price of 0.1 is lower than the minimum required Spot request fulfillment price of 0.2. Launching EC2 instance failed.", Some("SpotMaxPriceTooLow"), false),
+            ("The image id '[ami-1]' does not exist. Launching EC2 instance failed.", None, false),
+            // Words of a code inside other text are not the code.
+            ("Subnet note: InsufficientInstanceCapacityWarning seen", None, false),
+            ("message-text", None, false),
+        ] {
+            assert_eq!(crate::reconcile::failure_code(msg).as_deref(), code, "{msg}");
+            assert_eq!(capacity_code(msg, &failover).is_some(), fails_over, "{msg}");
+        }
+        // On-quota off: the quota codes do not fail over.
+        let only_capacity = codes();
+        assert!(capacity_code("Max spot instance count exceeded.", &only_capacity).is_none());
+    }
+
+    #[test]
+    fn the_aws_sample_event_parses() {
+        let v: Value = serde_json::from_str(AWS_SAMPLE).unwrap();
+        match parse(&v, &codes()).unwrap() {
+            Event::Launch { group, launch } => {
+                assert_eq!(group, "my-asg");
+                assert_eq!(launch.kind, LaunchKind::OtherFailure);
+                assert_eq!(launch.activity_id, "87654321-4321-4321-4321-210987654321");
+                assert_eq!(launch.at.to_rfc3339(), "2026-11-28T08:00:04+00:00");
+            }
+            e => panic!("{e:?}"),
+        }
+        let mut v = v;
+        v["detail"]["StatusMessage"] = json!("Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed.");
+        v["detail"]["EndTime"] = json!("");
+        match parse(&v, &codes()).unwrap() {
+            Event::Launch { launch, .. } => {
+                assert_eq!(
+                    launch.kind,
+                    LaunchKind::CapacityFailure("InsufficientInstanceCapacity".into())
+                );
+                assert_eq!(launch.at.to_rfc3339(), "2026-11-28T08:00:01+00:00");
+            }
+            e => panic!("{e:?}"),
         }
     }
 

@@ -2,8 +2,11 @@
 //! publish the metrics, observe, decide ([`crate::reconcile`]) and act.
 //! The same code serves Lambda, the `run` loop and `once`.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde_json::{json, Value};
+use spotguard_common::clock::Clock;
 
 use crate::aws::{Cloud, CloudError, GroupInfo};
 use crate::config::Config;
@@ -14,6 +17,9 @@ use crate::reconcile::{self, Action, FallbackGroup, Launch, Memory, Plan, Settin
 pub struct Controller<C> {
     pub cfg: Config,
     pub cloud: C,
+    /// Where decisions read the time: the system clock when deployed, a
+    /// virtual one in tests and the simulation.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// What one reconcile saw, decided and did.
@@ -33,6 +39,8 @@ pub struct TickReport {
     pub metrics: Vec<MetricValue>,
     pub metrics_error: Option<String>,
     pub reconcile: Report,
+    /// Groups whose desired capacity was raised from 0 to 1 (scale-out from zero).
+    pub raised_from_zero: Vec<String>,
 }
 
 impl<C: Cloud> Controller<C> {
@@ -52,7 +60,7 @@ impl<C: Cloud> Controller<C> {
     /// Handles one EventBridge event. Unknown or malformed events are logged
     /// and acknowledged (`Ok(None)`): a retry would not make them valid.
     pub async fn handle_event(&self, v: &Value) -> Result<Option<TickReport>, CloudError> {
-        match events::parse(v, &self.cfg.failover.capacity_codes) {
+        match events::parse(v, &self.cfg.failover_codes()) {
             Err(e) => {
                 tracing::warn!(error = %e, "event ignored");
                 Ok(None)
@@ -65,6 +73,7 @@ impl<C: Cloud> Controller<C> {
                     metrics: Vec::new(),
                     metrics_error: None,
                     reconcile,
+                    raised_from_zero: Vec::new(),
                 }))
             }
             Ok(Event::Launch { group, .. }) => {
@@ -82,39 +91,107 @@ impl<C: Cloud> Controller<C> {
         }
     }
 
-    /// The scheduled work: publish the metrics, then reconcile. A metrics
-    /// failure does not stop the reconcile.
+    /// The scheduled work: publish the metrics, reconcile, then raise a
+    /// group that may run from 0 to 1 if work waits. A metrics failure does
+    /// not stop the reconcile.
     pub async fn tick(&self, launches: Vec<Launch>) -> Result<TickReport, CloudError> {
-        let (metrics, metrics_error) = match self.publish_metrics().await {
-            Ok(m) => (m, None),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot publish the backlog metrics");
-                (Vec::new(), Some(e.to_string()))
-            }
-        };
+        let (metrics, errors, depth) = self.publish_metrics().await;
+        for e in &errors {
+            tracing::warn!(error = %e, "cannot publish a backlog metric");
+        }
         let reconcile = self.reconcile(launches, true).await?;
+        let raised_from_zero = match depth {
+            Some((visible, _)) => self.scale_from_zero(visible, reconcile.mode).await,
+            None => Vec::new(),
+        };
         Ok(TickReport {
             metrics,
-            metrics_error,
+            metrics_error: (!errors.is_empty()).then(|| errors.join("; ")),
             reconcile,
+            raised_from_zero,
         })
     }
 
-    pub async fn publish_metrics(&self) -> Result<Vec<MetricValue>, CloudError> {
-        let p = &self.cfg.primary;
-        let (visible, in_flight) = self.cloud.queue_depth(&p.region, &p.queue_url).await?;
-        let primary = self.cloud.group(&p.region, &p.asg).await?;
-        let values = metrics::backlog(&self.cfg, visible, in_flight, primary.in_service);
-        for m in &values {
-            self.cloud.put_metric(m).await?;
+    /// Target tracking cannot grow a group from 0: its new capacity is in
+    /// proportion to the current one, and the metric-math form has no value
+    /// with no instance (REFERENCE.md). So with work waiting and a group at
+    /// 0 that may run (the primary always; the fallback while failed over),
+    /// the controller sets its desired capacity to 1, and target tracking
+    /// takes it from there. With the one-minute schedule, a job waits about
+    /// a minute plus the launch for its first instance.
+    async fn scale_from_zero(&self, visible: i64, mode: &str) -> Vec<String> {
+        if visible < 1 {
+            return Vec::new();
+        }
+        let (p, f) = (&self.cfg.primary, &self.cfg.fallback);
+        let mut groups = vec![(p.region.as_str(), p.asg.as_str())];
+        if mode == reconcile::Mode::FailedOver.as_str() {
+            groups.push((f.region.as_str(), f.asg.as_str()));
+        }
+        let mut raised = Vec::new();
+        for (region, name) in groups {
+            match self.cloud.group(region, name).await {
+                Ok(g) if g.desired == 0 && g.in_service == 0 && g.max >= 1 => {
+                    match self.cloud.set_desired(region, name, 1).await {
+                        Ok(()) => {
+                            tracing::info!(%region, group = %name, visible, "work waits and the group is empty: desired capacity 0 -> 1");
+                            raised.push(name.to_string());
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot raise the desired capacity from 0")
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the group for scale-out from zero")
+                }
+            }
+        }
+        raised
+    }
+
+    /// Publishes each group's data point on its own: an error in one region
+    /// does not stop the other's. Returns what was published, the errors,
+    /// and the queue depth (visible, in flight) if it could be read.
+    pub async fn publish_metrics(&self) -> (Vec<MetricValue>, Vec<String>, Option<(i64, i64)>) {
+        let (p, f) = (&self.cfg.primary, &self.cfg.fallback);
+        let (visible, in_flight) = match self.cloud.queue_depth(&p.region, &p.queue_url).await {
+            Ok(d) => d,
+            Err(e) => return (Vec::new(), vec![e.to_string()], None),
+        };
+        let backlog = metrics::backlog_of(&self.cfg, visible, in_flight);
+        let mut published = Vec::new();
+        let mut errors = Vec::new();
+        for (region, group, name) in [
+            (&p.region, &p.asg, &self.cfg.metric.primary_name),
+            (&f.region, &f.asg, &self.cfg.metric.fallback_name),
+        ] {
+            let point = match self.cloud.group(region, group).await {
+                Ok(g) => metrics::group_point(
+                    &self.cfg,
+                    region,
+                    group,
+                    name,
+                    metrics::per_instance(backlog, g.in_service),
+                ),
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            match self.cloud.put_metric(&point).await {
+                Ok(()) => published.push(point),
+                Err(e) => errors.push(e.to_string()),
+            }
         }
         tracing::info!(
             visible,
             in_flight,
-            primary_in_service = primary.in_service,
+            published = published.len(),
             "metrics published"
         );
-        Ok(values)
+        (published, errors, Some((visible, in_flight)))
     }
 
     /// Observes, decides and (with `execute`) acts. `launches` are outcomes
@@ -126,10 +203,7 @@ impl<C: Cloud> Controller<C> {
     ) -> Result<Report, CloudError> {
         let (p, f) = (&self.cfg.primary, &self.cfg.fallback);
         match self.cloud.activities(&p.region, &p.asg).await {
-            Ok(acts) => launches.extend(events::launches_of(
-                &acts,
-                &self.cfg.failover.capacity_codes,
-            )),
+            Ok(acts) => launches.extend(events::launches_of(&acts, &self.cfg.failover_codes())),
             // Events still count; the next tick polls again.
             Err(e) => tracing::warn!(error = %e, "cannot read the primary's scaling activities"),
         }
@@ -156,7 +230,7 @@ impl<C: Cloud> Controller<C> {
             &memory,
             &fallback,
             &launches,
-            chrono::Utc::now(),
+            self.clock.now(),
             &self.settings(),
         );
         let report = Report {
@@ -236,3 +310,54 @@ impl<C: Cloud> Controller<C> {
         Ok(())
     }
 }
+
+/// Where `run` reads EventBridge events from (an SQS queue when deployed):
+/// (receipt, body) pairs, and deleting one once handled.
+pub trait EventSource: Send + Sync {
+    fn receive(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Vec<(String, String)>, CloudError>> + Send;
+    fn delete(
+        &self,
+        receipt: &str,
+    ) -> impl std::future::Future<Output = Result<(), CloudError>> + Send;
+}
+
+/// Drains the events source: each message is handled, then deleted
+/// (malformed ones too: they would never become valid); one whose handling
+/// failed on AWS is kept and comes back after its visibility timeout.
+pub async fn read_events<C: Cloud, S: EventSource>(c: &Controller<C>, src: &S) -> usize {
+    let mut handled = 0;
+    for _ in 0..10 {
+        let msgs = match src.receive().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the events queue");
+                return handled;
+            }
+        };
+        if msgs.is_empty() {
+            return handled;
+        }
+        for (receipt, body) in msgs {
+            match serde_json::from_str::<Value>(&body) {
+                Ok(v) => {
+                    if let Err(e) = c.handle_event(&v).await {
+                        tracing::warn!(error = %e, "event not handled; kept for a retry");
+                        continue;
+                    }
+                    handled += 1;
+                }
+                Err(e) => tracing::warn!(error = %e, "events queue message is not JSON; dropped"),
+            }
+            if let Err(e) = src.delete(&receipt).await {
+                tracing::warn!(error = %e, "cannot delete an event message");
+            }
+        }
+    }
+    handled
+}
+
+#[cfg(test)]
+#[path = "handler_tests.rs"]
+mod tests;

@@ -5,6 +5,7 @@
 //! - [`metrics`]: the backlog metrics target tracking scales on.
 //! - [`events`]: EventBridge envelopes and launch outcomes.
 //! - [`aws`]: the AWS calls behind the [`aws::Cloud`] trait, and its SDK implementation.
+//! - `fakes` (tests, feature `test-util`): an in-memory `Cloud`.
 //! - [`handler`]: one invocation (an event and/or a tick) over a `Cloud`.
 //! - [`setup`]: creating the target-tracking policies.
 //! - [`config`], [`cli`]: configuration and command line.
@@ -13,6 +14,8 @@ pub mod aws;
 pub mod cli;
 pub mod config;
 pub mod events;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fakes;
 pub mod handler;
 pub mod metrics;
 pub mod reconcile;

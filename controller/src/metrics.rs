@@ -1,9 +1,7 @@
-//! The metrics target tracking scales on (REFERENCE.md): for the primary
-//! group, backlog per InService instance, or the backlog itself when none is
-//! InService (a quotient with no instances has no value, and target tracking
-//! would never scale out from zero); for the fallback group, the visible
-//! backlog (target 200 in the original design). Published in each group's
-//! own region, since a target-tracking policy reads metrics of its region only.
+//! The metrics target tracking scales on (REFERENCE.md): for each group,
+//! backlog per InService instance of that group, or the backlog itself when
+//! none is InService. Published in each group's own region, since a
+//! target-tracking policy reads metrics of its region only.
 
 use serde::Serialize;
 
@@ -19,40 +17,65 @@ pub struct MetricValue {
     pub value: f64,
 }
 
-/// The two data points of one publication.
-pub fn backlog(
-    cfg: &Config,
-    visible: i64,
-    in_flight: i64,
-    primary_in_service: i32,
-) -> Vec<MetricValue> {
-    let backlog = (visible
+/// Backlog per InService instance; with none InService, the backlog
+/// itself (a quotient has no value then; the controller also raises the
+/// desired capacity from 0, see [`crate::handler`]).
+pub fn per_instance(backlog: f64, in_service: i32) -> f64 {
+    if in_service > 0 {
+        backlog / f64::from(in_service)
+    } else {
+        backlog
+    }
+}
+
+/// The backlog the metrics divide: visible messages, plus in-flight ones
+/// when `metric.include_in_flight`.
+pub fn backlog_of(cfg: &Config, visible: i64, in_flight: i64) -> f64 {
+    (visible
         + if cfg.metric.include_in_flight {
             in_flight
         } else {
             0
         })
-    .max(0) as f64;
-    let per_instance = if primary_in_service > 0 {
-        backlog / f64::from(primary_in_service)
-    } else {
-        backlog
-    };
+    .max(0) as f64
+}
+
+/// One group's data point, in the group's region.
+pub fn group_point(cfg: &Config, region: &str, group: &str, name: &str, value: f64) -> MetricValue {
+    MetricValue {
+        region: region.to_string(),
+        namespace: cfg.metric.namespace.clone(),
+        name: name.to_string(),
+        dimensions: vec![("AutoScalingGroupName".into(), group.to_string())],
+        value,
+    }
+}
+
+/// The two data points of one publication: backlog per InService instance
+/// of each group, each in its own region.
+pub fn backlog(
+    cfg: &Config,
+    visible: i64,
+    in_flight: i64,
+    primary_in_service: i32,
+    fallback_in_service: i32,
+) -> Vec<MetricValue> {
+    let b = backlog_of(cfg, visible, in_flight);
     vec![
-        MetricValue {
-            region: cfg.primary.region.clone(),
-            namespace: cfg.metric.namespace.clone(),
-            name: cfg.metric.primary_name.clone(),
-            dimensions: vec![("AutoScalingGroupName".into(), cfg.primary.asg.clone())],
-            value: per_instance,
-        },
-        MetricValue {
-            region: cfg.fallback.region.clone(),
-            namespace: cfg.metric.namespace.clone(),
-            name: cfg.metric.fallback_name.clone(),
-            dimensions: vec![("AutoScalingGroupName".into(), cfg.fallback.asg.clone())],
-            value: backlog,
-        },
+        group_point(
+            cfg,
+            &cfg.primary.region,
+            &cfg.primary.asg,
+            &cfg.metric.primary_name,
+            per_instance(b, primary_in_service),
+        ),
+        group_point(
+            cfg,
+            &cfg.fallback.region,
+            &cfg.fallback.asg,
+            &cfg.metric.fallback_name,
+            per_instance(b, fallback_in_service),
+        ),
     ]
 }
 
@@ -71,21 +94,24 @@ mod tests {
     }
 
     #[test]
-    fn backlog_per_instance_and_from_zero() {
-        let m = backlog(&cfg(false), 100, 30, 4);
+    fn backlog_per_instance_of_each_group_and_from_zero() {
+        let m = backlog(&cfg(false), 100, 30, 4, 5);
         assert_eq!(m[0].value, 25.0);
         assert_eq!(m[0].region, "us-east-1");
         assert_eq!(
             m[0].dimensions,
             vec![("AutoScalingGroupName".to_string(), "p".to_string())]
         );
-        assert_eq!(m[1].value, 100.0);
+        // The fallback's point falls as its instances are added.
+        assert_eq!(m[1].value, 20.0);
         assert_eq!(m[1].region, "us-east-2");
-        // No InService instance: the backlog itself, so the group scales out from zero.
-        assert_eq!(backlog(&cfg(false), 100, 0, 0)[0].value, 100.0);
+        assert_eq!(m[1].name, "BacklogPerInstance");
+        assert_eq!(backlog(&cfg(false), 100, 30, 4, 10)[1].value, 10.0);
+        // No InService instance: the backlog itself.
+        assert_eq!(backlog(&cfg(false), 100, 0, 0, 0)[0].value, 100.0);
+        assert_eq!(backlog(&cfg(false), 100, 0, 0, 0)[1].value, 100.0);
         // In-flight counted when asked.
-        assert_eq!(backlog(&cfg(true), 100, 20, 4)[0].value, 30.0);
-        assert_eq!(backlog(&cfg(true), 100, 20, 4)[1].value, 120.0);
-        assert_eq!(backlog(&cfg(false), -5, 0, 1)[0].value, 0.0);
+        assert_eq!(backlog(&cfg(true), 100, 20, 4, 4)[0].value, 30.0);
+        assert_eq!(backlog(&cfg(false), -5, 0, 1, 1)[0].value, 0.0);
     }
 }

@@ -189,18 +189,52 @@ pub enum LaunchKind {
     OtherFailure,
 }
 
-/// The capacity code in a failure's status message, if any. AWS also words
-/// an on-demand shortage without a code ("We currently do not have
-/// sufficient g4dn.xlarge capacity in the Availability Zone you requested"),
-/// which is taken as `InsufficientInstanceCapacity` when that code is listed.
-pub fn capacity_code(status_message: &str, codes: &[String]) -> Option<String> {
-    if let Some(c) = codes.iter().find(|c| status_message.contains(c.as_str())) {
-        return Some(c.clone());
+/// The error code of a launch failure's free-text StatusMessage, parsed
+/// from the forms AWS writes (REFERENCE.md, EventBridge events):
+/// - "Could not launch Spot Instances. <Code> - <text>. Launching EC2
+///   instance failed." (mixed-instances groups): the word before " - ";
+/// - "We currently do not have sufficient <type> capacity in the
+///   Availability Zone you requested ..." and "There is no Spot capacity
+///   available that matches your request.": `InsufficientInstanceCapacity`;
+/// - "Max spot instance count exceeded": `MaxSpotInstanceCountExceeded`;
+/// - "... than your current vCPU limit ...": `VcpuLimitExceeded`.
+///
+/// A message in none of these forms has no code: it is not a capacity
+/// failure, whatever words it contains.
+pub fn failure_code(status_message: &str) -> Option<String> {
+    // "<Code> - <text>": a CamelCase word of ASCII letters and digits.
+    for (i, _) in status_message.match_indices(" - ") {
+        let before = &status_message[..i];
+        let word = before
+            .rsplit(|c: char| !c.is_ascii_alphanumeric())
+            .next()
+            .unwrap_or("");
+        if word.len() >= 3
+            && word.starts_with(|c: char| c.is_ascii_uppercase())
+            && word.chars().any(|c| c.is_ascii_lowercase())
+        {
+            return Some(word.to_string());
+        }
     }
     let lower = status_message.to_ascii_lowercase();
-    let worded = lower.contains("do not have sufficient") && lower.contains("capacity");
-    let listed = codes.iter().any(|c| c == "InsufficientInstanceCapacity");
-    (worded && listed).then(|| "InsufficientInstanceCapacity".to_string())
+    if lower.contains("we currently do not have sufficient") && lower.contains("capacity")
+        || lower.contains("there is no spot capacity available")
+    {
+        return Some("InsufficientInstanceCapacity".into());
+    }
+    if lower.contains("max spot instance count exceeded") {
+        return Some("MaxSpotInstanceCountExceeded".into());
+    }
+    if lower.contains("current vcpu limit") {
+        return Some("VcpuLimitExceeded".into());
+    }
+    None
+}
+
+/// The failover code of a failure: its parsed code, if it is one of `codes`
+/// (exact match).
+pub fn capacity_code(status_message: &str, codes: &[String]) -> Option<String> {
+    failure_code(status_message).filter(|c| codes.iter().any(|x| x == c))
 }
 
 /// What a reconcile sees of the fallback group.

@@ -27,6 +27,17 @@ pub fn moto_server_bin() -> PathBuf {
     p
 }
 
+/// The URL AWS gives a queue (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`)
+/// for moto's local one: the code under test parses regions from real URLs,
+/// and moto finds the queue by account and name, in the request's signing
+/// region.
+pub fn real_queue_url(region: &str, moto_url: &str) -> String {
+    let mut parts = moto_url.trim_end_matches('/').rsplit('/');
+    let name = parts.next().unwrap_or_default();
+    let account = parts.next().unwrap_or("123456789012");
+    format!("https://sqs.{region}.amazonaws.com/{account}/{name}")
+}
+
 pub struct AwsEnv {
     pub rt: tokio::runtime::Runtime,
     _moto: Proc,
@@ -83,11 +94,12 @@ impl AwsEnv {
         }
     }
 
-    /// The environment an agent needs to reach moto through the proxy.
+    /// The environment an agent needs to reach moto through the proxy. No
+    /// `AWS_REGION`: as on an instance, the agent takes its region from its
+    /// own (mock) IMDS and each client the region of its resource.
     pub fn agent_env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("AWS_ENDPOINT_URL", self.proxy.url.clone()),
-            ("AWS_REGION", "us-east-1".into()),
             ("AWS_ACCESS_KEY_ID", "test".into()),
             ("AWS_SECRET_ACCESS_KEY", "test".into()),
             // No profile files or IMDS credentials lookups on the test machine.
@@ -135,7 +147,7 @@ impl AwsEnv {
                 .send()
                 .await
                 .expect("queue");
-            q.queue_url().expect("queue url").to_string()
+            real_queue_url("us-east-1", q.queue_url().expect("queue url"))
         })
     }
 
@@ -165,7 +177,7 @@ impl AwsEnv {
                 .send()
                 .await
                 .expect("fifo queue");
-            q.queue_url().expect("queue url").to_string()
+            real_queue_url("us-east-1", q.queue_url().expect("queue url"))
         })
     }
 

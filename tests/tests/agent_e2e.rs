@@ -225,9 +225,9 @@ fn a_group_at_min_size_refuses_and_the_agent_resumes_without_a_hot_loop() {
     // ("Currently, desiredSize equals minSize"), which the proxy stands in for.
     s.env.proxy.inject(
         "TerminateInstanceInAutoScalingGroup",
-        Fault::Error {
+        Fault::Respond {
             status: 400,
-            code: "ValidationError",
+            body: "<ErrorResponse><Error><Type>Sender</Type><Code>ValidationError</Code><Message>Currently, desiredSize equals minSize (1). Terminating instance without replacement will violate group's min size constraint. Either set shouldDecrementDesiredCapacity flag to false or lower group's min size.</Message></Error><RequestId>fault</RequestId></ErrorResponse>".into(),
         },
         100,
     );

@@ -77,6 +77,7 @@ impl Ctl {
         Controller {
             cfg: self.cfg.clone(),
             cloud: SdkCloud::new(&sdk, &["us-east-1", "us-east-2"]),
+            clock: std::sync::Arc::new(spotguard_common::clock::SystemClock),
         }
     }
 

@@ -1,0 +1,269 @@
+//! The handler over the in-memory Cloud: no AWS, no moto, time from a clock.
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use spotguard_common::clock::TokioClock;
+
+use super::*;
+use crate::aws::GroupInfo;
+use crate::fakes::FakeCloud;
+
+const QUEUE: &str = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs";
+
+fn start() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-28T08:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+fn controller() -> Controller<FakeCloud> {
+    let cfg = Config::parse(
+        &format!(
+            "[primary]\nasg = \"gpu-east-1\"\nqueue_url = \"{QUEUE}\"\n[fallback]\nasg = \"gpu-east-2\"\n[notify]\nsns_topic_arn = \"arn:aws:sns:us-east-1:123456789012:spotguard\"\n"
+        ),
+        "test",
+    )
+    .unwrap();
+    let cloud = FakeCloud::default();
+    cloud.add_group(
+        "us-east-1",
+        "gpu-east-1",
+        GroupInfo {
+            desired: 2,
+            min: 0,
+            max: 10,
+            in_service: 2,
+            ..Default::default()
+        },
+    );
+    cloud.add_group(
+        "us-east-2",
+        "gpu-east-2",
+        GroupInfo {
+            desired: 0,
+            min: 0,
+            max: 0,
+            in_service: 0,
+            ..Default::default()
+        },
+    );
+    cloud.set_depth("us-east-1", QUEUE, 40, 2);
+    Controller {
+        cfg,
+        cloud,
+        clock: Arc::new(TokioClock::new(start())),
+    }
+}
+
+fn launch(detail_type: &str, msg: &str, at: &str) -> Value {
+    json!({
+        "version": "0", "id": "e", "detail-type": detail_type, "source": "aws.autoscaling",
+        "account": "123456789012", "time": at, "region": "us-east-1", "resources": [],
+        "detail": {"StatusCode": "Failed", "StatusMessage": msg, "AutoScalingGroupName": "gpu-east-1",
+                   "ActivityId": "a-1", "StartTime": at, "EndTime": ""}
+    })
+}
+
+const ICE: &str = "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed.";
+
+#[tokio::test(start_paused = true)]
+async fn a_capacity_failure_opens_the_fallback_and_announces_it() {
+    let c = controller();
+    let r = c
+        .handle_event(&launch(
+            "EC2 Instance Launch Unsuccessful",
+            ICE,
+            "2026-11-28T08:00:00Z",
+        ))
+        .await
+        .unwrap()
+        .expect("handled");
+    assert_eq!(r.reconcile.mode, "failed-over");
+    let f = c.cloud.group_of("us-east-2", "gpu-east-2");
+    assert_eq!(f.max, 10, "the gate opens to the cap");
+    assert_eq!(
+        f.tags.get("spotguard:mode").map(String::as_str),
+        Some("failed-over")
+    );
+    let published = c.cloud.lock().published.clone();
+    assert_eq!(published.len(), 1);
+    assert!(
+        published[0].2.contains("\"to\":\"failed-over\""),
+        "{published:?}"
+    );
+    // SNS went to the topic's region.
+    assert_eq!(c.cloud.calls("Publish"), vec!["us-east-1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_zone_or_price_never_fails_over() {
+    let c = controller();
+    for msg in [
+        "Could not launch Spot Instances. Unsupported - The requested configuration is currently not supported. Launching EC2 instance failed.",
+        "Could not launch Spot Instances. SpotMaxPriceTooLow - Your Spot request price of 0.1 is lower than the minimum required. Launching EC2 instance failed.",
+    ] {
+        let r = c
+            .handle_event(&launch("EC2 Instance Launch Unsuccessful", msg, "2026-11-28T08:00:00Z"))
+            .await
+            .unwrap()
+            .expect("handled");
+        assert_eq!(r.reconcile.mode, "normal", "{msg}");
+    }
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_group_gets_its_backlog_per_instance_in_its_region_and_one_region_failing_spares_the_other(
+) {
+    let c = controller();
+    c.cloud
+        .lock()
+        .groups
+        .get_mut(&("us-east-2".into(), "gpu-east-2".into()))
+        .unwrap()
+        .in_service = 4;
+    let (m, errors, depth) = c.publish_metrics().await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(depth, Some((40, 2)));
+    let points: Vec<(String, String, f64)> = m
+        .iter()
+        .map(|p| (p.region.clone(), p.dimensions[0].1.clone(), p.value))
+        .collect();
+    assert_eq!(
+        points,
+        vec![
+            ("us-east-1".into(), "gpu-east-1".into(), 20.0),
+            ("us-east-2".into(), "gpu-east-2".into(), 10.0),
+        ]
+    );
+    // us-east-1's group cannot be read: us-east-2 is still published.
+    c.cloud.fail_next(
+        "DescribeAutoScalingGroups",
+        "us-east-1",
+        "Throttling: Rate exceeded",
+        1,
+    );
+    let (m, errors, _) = c.publish_metrics().await;
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].region, "us-east-2");
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].contains("us-east-1") && errors[0].contains("Throttling"),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn work_waiting_raises_an_empty_group_from_zero_to_one() {
+    let c = controller();
+    {
+        let mut st = c.cloud.lock();
+        let p = st
+            .groups
+            .get_mut(&("us-east-1".into(), "gpu-east-1".into()))
+            .unwrap();
+        p.desired = 0;
+        p.in_service = 0;
+    }
+    c.cloud.set_depth("us-east-1", QUEUE, 3, 0);
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(r.raised_from_zero, vec!["gpu-east-1"]);
+    assert_eq!(c.cloud.group_of("us-east-1", "gpu-east-1").desired, 1);
+    // The metric carries the backlog itself (no instance to divide by).
+    assert_eq!(r.metrics[0].value, 3.0);
+    // The fallback stays at 0 while not failed over.
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").desired, 0);
+
+    // Failed over with an empty fallback: the fallback is raised too.
+    let c = controller();
+    {
+        let mut st = c.cloud.lock();
+        let p = st
+            .groups
+            .get_mut(&("us-east-1".into(), "gpu-east-1".into()))
+            .unwrap();
+        p.desired = 0;
+        p.in_service = 0;
+    }
+    c.cloud.set_depth("us-east-1", QUEUE, 1, 0);
+    c.handle_event(&launch(
+        "EC2 Instance Launch Unsuccessful",
+        ICE,
+        "2026-11-28T08:00:00Z",
+    ))
+    .await
+    .unwrap();
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(r.reconcile.mode, "failed-over");
+    assert_eq!(r.raised_from_zero, vec!["gpu-east-1", "gpu-east-2"]);
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").desired, 1);
+
+    // Nothing waiting: nothing raised.
+    let c = controller();
+    c.cloud.set_depth("us-east-1", QUEUE, 0, 0);
+    assert!(c
+        .tick(Vec::new())
+        .await
+        .unwrap()
+        .raised_from_zero
+        .is_empty());
+}
+
+/// An events queue in memory.
+#[derive(Default)]
+struct MemEvents {
+    msgs: Mutex<Vec<(String, String)>>,
+    deleted: Mutex<Vec<String>>,
+}
+
+impl EventSource for MemEvents {
+    fn receive(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Vec<(String, String)>, CloudError>> + Send {
+        let batch: Vec<_> = {
+            let mut m = self.msgs.lock().unwrap();
+            let n = m.len().min(10);
+            m.drain(..n).collect()
+        };
+        std::future::ready(Ok(batch))
+    }
+
+    fn delete(
+        &self,
+        receipt: &str,
+    ) -> impl std::future::Future<Output = Result<(), CloudError>> + Send {
+        self.deleted.lock().unwrap().push(receipt.to_string());
+        std::future::ready(Ok(()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_run_loop_handles_queued_events_and_deletes_them_malformed_ones_too() {
+    let c = controller();
+    let src = MemEvents::default();
+    src.msgs.lock().unwrap().extend([
+        (
+            "r1".to_string(),
+            launch(
+                "EC2 Instance Launch Unsuccessful",
+                ICE,
+                "2026-11-28T08:00:00Z",
+            )
+            .to_string(),
+        ),
+        ("r2".to_string(), "not json".to_string()),
+        (
+            "r3".to_string(),
+            json!({"source": "aws.s3", "detail-type": "x"}).to_string(),
+        ),
+    ]);
+    let handled = read_events(&c, &src).await;
+    assert_eq!(
+        handled, 2,
+        "the launch event and the unknown one (acknowledged)"
+    );
+    assert_eq!(*src.deleted.lock().unwrap(), vec!["r1", "r2", "r3"]);
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 10);
+}
