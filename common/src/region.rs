@@ -11,10 +11,11 @@
 /// `None` for any other host (a VPC endpoint's DNS name, a local
 /// stand-in): the configuration must then name the region.
 pub fn queue_url_region(url: &str) -> Option<String> {
+    let url = url.trim().to_ascii_lowercase();
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))?;
-    let host = rest.split(['/', ':']).next()?.to_ascii_lowercase();
+    let host = rest.split(['/', ':']).next()?;
     let host = host
         .strip_suffix(".amazonaws.com")
         .or_else(|| host.strip_suffix(".amazonaws.com.cn"))?;

@@ -586,7 +586,7 @@ fn busy_instances_are_protected_from_scale_in_and_released_when_idle() {
             &mock,
             "a",
             "concurrency = 2",
-            "[scale_in]\nenabled = false\nprotect_busy = true\n",
+            "[scale_in]\nenabled = false\nprotect_busy = true\nidle_timeout = \"2s\"\n",
         ),
     );
     let protected = || {
@@ -607,9 +607,9 @@ fn busy_instances_are_protected_from_scale_in_and_released_when_idle() {
         Record::read(s.dir.path()).total("done") == 4
     });
     wait(&s, 10, "protection released when idle", || !protected());
-    // One call per transition, not per job.
+    // On once for the busy spell, off once idle (idle_timeout): not per job.
     let calls = s.env.proxy.calls_of("SetInstanceProtection").len();
-    assert!(calls <= 4, "{calls} SetInstanceProtection calls for 4 jobs");
+    assert_eq!(calls, 2, "{calls} SetInstanceProtection calls for 4 jobs");
 }
 
 #[test]

@@ -259,9 +259,7 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
         .find(|c| c.region == "us-east-2")
         .expect("fallback metric");
     assert!(
-        fallback
-            .body
-            .contains("MetricName=ApproximateNumberOfMessagesVisible"),
+        fallback.body.contains("MetricName=BacklogPerInstance"),
         "{}",
         fallback.body
     );
@@ -497,10 +495,8 @@ fn setup_creates_policies_idempotently() {
     let (code, out) = t.binary(&["setup"]);
     assert_eq!(code, 0);
     assert_eq!(out.matches("created").count(), 2, "{out}");
-    assert!(
-        out.contains("target 20") && out.contains("target 200"),
-        "{out}"
-    );
+    // Both groups track backlog per instance with the same target.
+    assert_eq!(out.matches("target 20 on").count(), 2, "{out}");
     let (code, out) = t.binary(&["setup"]);
     assert_eq!(code, 0);
     assert_eq!(out.matches("unchanged").count(), 2, "{out}");
