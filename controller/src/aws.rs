@@ -31,6 +31,8 @@ pub struct GroupInfo {
     pub in_service: i32,
     /// InService instances protected from scale-in (busy agents).
     pub busy: i32,
+    /// Instances on their way in (`Pending`, `Pending:Wait`, `Pending:Proceed`).
+    pub pending: i32,
     pub tags: BTreeMap<String, String>,
 }
 
@@ -77,6 +79,13 @@ pub trait Cloud: Send + Sync {
         group: &str,
         max: i32,
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Releases the scale-in protection of the group's protected
+    /// instances; returns their ids.
+    fn release_protection(
+        &self,
+        region: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send;
     /// `UpdateAutoScalingGroup` with a new desired capacity.
     fn set_desired(
         &self,
@@ -239,6 +248,14 @@ impl Cloud for SdkCloud {
                     .iter()
                     .filter(|i| i.protected_from_scale_in() == Some(true))
                     .count() as i32,
+                pending: g
+                    .instances()
+                    .iter()
+                    .filter(|i| {
+                        i.lifecycle_state()
+                            .is_some_and(|s| s.as_str().starts_with("Pending"))
+                    })
+                    .count() as i32,
                 tags: g
                     .tags()
                     .iter()
@@ -322,6 +339,43 @@ impl Cloud for SdkCloud {
                 .await
                 .map(|_| ())
                 .map_err(|e| err(OP, region, e))
+        })
+        .await
+    }
+
+    async fn release_protection(
+        &self,
+        region: &str,
+        group: &str,
+    ) -> Result<Vec<String>, CloudError> {
+        const OP: &str = "SetInstanceProtection";
+        let c = self.clients(OP, region)?;
+        bounded(OP, region, async {
+            let out = c
+                .asg
+                .describe_auto_scaling_groups()
+                .auto_scaling_group_names(group)
+                .send()
+                .await
+                .map_err(|e| err(OP, region, e))?;
+            let ids: Vec<String> = out
+                .auto_scaling_groups()
+                .iter()
+                .flat_map(|g| g.instances())
+                .filter(|i| i.protected_from_scale_in() == Some(true))
+                .filter_map(|i| i.instance_id().map(str::to_string))
+                .collect();
+            if !ids.is_empty() {
+                c.asg
+                    .set_instance_protection()
+                    .auto_scaling_group_name(group)
+                    .set_instance_ids(Some(ids.clone()))
+                    .protected_from_scale_in(false)
+                    .send()
+                    .await
+                    .map_err(|e| err(OP, region, e))?;
+            }
+            Ok(ids)
         })
         .await
     }

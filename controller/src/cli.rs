@@ -188,7 +188,7 @@ async fn dispatch(cmd: Command, cfg: Config) -> Result<(), BoxError> {
         }
         Command::Status(_) => {
             let c = controller(cfg).await;
-            let report = c.reconcile(Vec::new(), false).await?;
+            let report = c.reconcile(Vec::new(), false, None).await?;
             let p = &c.cfg.primary;
             let primary = c.cloud.group(&p.region, &p.asg).await?;
             let (visible, in_flight) = c.cloud.queue_depth(&p.region, &p.queue_url).await?;

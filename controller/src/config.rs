@@ -127,6 +127,25 @@ pub struct Failover {
     /// How much the fallback MaxSize is lowered per reconcile while failing back.
     #[serde(default = "d_step")]
     pub failback_step: i32,
+    /// Fail over only once the primary has also been short of its desired
+    /// capacity (desired > InService + pending) this long. A mixed-instances
+    /// group retries other pools within seconds, so one failed launch is
+    /// routine; 2 minutes is two of the controller's one-minute ticks, and
+    /// less than target tracking's own 3-minute scale-out delay.
+    #[serde(default = "d_shortage_for")]
+    pub shortage_for: Dur,
+    /// A spot request waiting in `PendingSpotBidPlacement` or
+    /// `WaitingForSpotInstanceId` this long counts as a capacity failure
+    /// (groups without a mixed-instances policy show a shortage that way);
+    /// 3 minutes, Karpenter's unavailable-offering TTL.
+    #[serde(default = "d_spot_wait")]
+    pub spot_wait: Dur,
+    /// Failing back, a gate held up only by busy (protected) fallback
+    /// instances this long releases their protection and raises an alarm:
+    /// set it above your longest job (a busy spell of back-to-back jobs
+    /// counts as one).
+    #[serde(default = "d_max_busy_age")]
+    pub max_busy_age: Dur,
 }
 
 impl Default for Failover {
@@ -140,6 +159,9 @@ impl Default for Failover {
             cooldown: d_cooldown(),
             min_dwell: d_dwell(),
             failback_step: d_step(),
+            shortage_for: d_shortage_for(),
+            spot_wait: d_spot_wait(),
+            max_busy_age: d_max_busy_age(),
         }
     }
 }
@@ -167,6 +189,15 @@ fn d_dwell() -> Dur {
 }
 fn d_step() -> i32 {
     1
+}
+fn d_shortage_for() -> Dur {
+    Dur(Duration::from_secs(120))
+}
+fn d_spot_wait() -> Dur {
+    Dur(Duration::from_secs(180))
+}
+fn d_max_busy_age() -> Dur {
+    Dur(Duration::from_secs(24 * 3600))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -412,6 +443,8 @@ impl Config {
         for (key, d) in [
             ("failover.failure_window", self.failover.failure_window),
             ("failover.capacity_ttl", self.failover.capacity_ttl),
+            ("failover.spot_wait", self.failover.spot_wait),
+            ("failover.max_busy_age", self.failover.max_busy_age),
             ("run.interval", self.run.interval),
         ] {
             if d.0.is_zero() {

@@ -149,6 +149,33 @@ pub fn launches_of(activities: &[Activity], codes: &[String]) -> Vec<Launch> {
         .collect()
 }
 
+/// Spot requests of groups without a mixed-instances policy wait in these
+/// states while no capacity is found, instead of failing (REFERENCE.md).
+pub const SPOT_WAIT_STATES: &[&str] = &["PendingSpotBidPlacement", "WaitingForSpotInstanceId"];
+
+/// Launch activities waiting for spot capacity longer than `wait`, as
+/// capacity failures: a shortage that never shows as `Failed`. The time is
+/// the start plus `wait`, so the same activity always gives the same failure.
+pub fn stuck_spot_requests(
+    activities: &[Activity],
+    now: DateTime<Utc>,
+    wait: std::time::Duration,
+) -> Vec<Launch> {
+    let wait = chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+    activities
+        .iter()
+        .filter(|a| SPOT_WAIT_STATES.contains(&a.status_code.as_str()))
+        .filter_map(|a| {
+            let since = a.start?;
+            (now - since >= wait).then(|| Launch {
+                at: since + wait,
+                activity_id: a.id.clone(),
+                kind: LaunchKind::CapacityFailure(a.status_code.clone()),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,6 +439,24 @@ mod tests {
             .iter()
             .map(|l| (l.activity_id.as_str(), l.kind.clone()))
             .collect();
+        // A spot request waiting for capacity: a failure once it waited long enough.
+        let mut waiting = a(
+            "6",
+            "Launching a new EC2 instance",
+            "PendingSpotBidPlacement",
+            "",
+        );
+        waiting.start = DateTime::from_timestamp(1_800_000_000, 0);
+        let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let wait = std::time::Duration::from_secs(180);
+        assert!(stuck_spot_requests(std::slice::from_ref(&waiting), at(179), wait).is_empty());
+        let stuck = stuck_spot_requests(std::slice::from_ref(&waiting), at(400), wait);
+        assert_eq!(stuck.len(), 1);
+        assert_eq!(stuck[0].at, at(180));
+        assert_eq!(
+            stuck[0].kind,
+            LaunchKind::CapacityFailure("PendingSpotBidPlacement".into())
+        );
         assert_eq!(
             kinds,
             vec![

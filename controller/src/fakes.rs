@@ -25,6 +25,10 @@ pub struct CloudState {
     pub calls: Vec<(&'static str, String)>,
     /// Errors to answer for (operation, region), before answering normally.
     pub faults: BTreeMap<(&'static str, String), VecDeque<String>>,
+    /// A concurrent writer: after the n-th read of a group (counted per
+    /// group), its `spotguard:version` tag becomes this value.
+    pub race: Option<(usize, (String, String), String)>,
+    reads: BTreeMap<(String, String), usize>,
 }
 
 #[derive(Debug, Default)]
@@ -113,11 +117,26 @@ impl Cloud for FakeCloud {
         name: &str,
     ) -> impl Future<Output = Result<GroupInfo, CloudError>> + Send {
         const OP: &str = "DescribeAutoScalingGroups";
-        ready(self.begin(OP, region).and_then(|st| {
-            st.groups
-                .get(&(region.to_string(), name.to_string()))
+        ready(self.begin(OP, region).and_then(|mut st| {
+            let key = (region.to_string(), name.to_string());
+            let g = st
+                .groups
+                .get(&key)
                 .cloned()
-                .ok_or_else(|| FakeCloud::missing(OP, region, &format!("group {name:?}")))
+                .ok_or_else(|| FakeCloud::missing(OP, region, &format!("group {name:?}")))?;
+            let n = {
+                let r = st.reads.entry(key.clone()).or_default();
+                *r += 1;
+                *r
+            };
+            if let Some((at, group, version)) = st.race.clone() {
+                if at == n && group == key {
+                    if let Some(g) = st.groups.get_mut(&key) {
+                        g.tags.insert("spotguard:version".into(), version);
+                    }
+                }
+            }
+            Ok(g)
         }))
     }
 
@@ -163,6 +182,23 @@ impl Cloud for FakeCloud {
             g.max = max;
             g.desired = g.desired.min(max);
             Ok(())
+        }))
+    }
+
+    fn release_protection(
+        &self,
+        region: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send {
+        const OP: &str = "SetInstanceProtection";
+        ready(self.begin(OP, region).and_then(|mut st| {
+            let g = st
+                .groups
+                .get_mut(&(region.to_string(), group.to_string()))
+                .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
+            let ids = (0..g.busy).map(|i| format!("i-busy{i}")).collect();
+            g.busy = 0;
+            Ok(ids)
         }))
     }
 

@@ -54,6 +54,8 @@ impl<C: Cloud> Controller<C> {
             min_dwell: f.min_dwell.0,
             step: f.failback_step,
             cap: self.cfg.fallback.max_size,
+            shortage_for: f.shortage_for.0,
+            max_busy_age: Some(f.max_busy_age.0),
         }
     }
 
@@ -68,7 +70,19 @@ impl<C: Cloud> Controller<C> {
             Ok(Event::Tick) => self.tick(Vec::new()).await.map(Some),
             Ok(Event::Launch { group, launch }) if group == self.cfg.primary.asg => {
                 tracing::info!(?launch, "launch outcome in the primary group");
-                let reconcile = self.reconcile(vec![launch], true).await?;
+                // The backlog decides whether the fallback is needed at all.
+                let visible = match self
+                    .cloud
+                    .queue_depth(&self.cfg.primary.region, &self.cfg.primary.queue_url)
+                    .await
+                {
+                    Ok((v, _)) => Some(v),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the queue depth");
+                        None
+                    }
+                };
+                let reconcile = self.reconcile(vec![launch], true, visible).await?;
                 Ok(Some(TickReport {
                     metrics: Vec::new(),
                     metrics_error: None,
@@ -99,7 +113,9 @@ impl<C: Cloud> Controller<C> {
         for e in &errors {
             tracing::warn!(error = %e, "cannot publish a backlog metric");
         }
-        let reconcile = self.reconcile(launches, true).await?;
+        let reconcile = self
+            .reconcile(launches, true, depth.map(|(visible, _)| visible))
+            .await?;
         let raised_from_zero = match depth {
             Some((visible, _)) => self.scale_from_zero(visible, reconcile.mode).await,
             None => Vec::new(),
@@ -200,13 +216,29 @@ impl<C: Cloud> Controller<C> {
         &self,
         mut launches: Vec<Launch>,
         execute: bool,
+        visible: Option<i64>,
     ) -> Result<Report, CloudError> {
         let (p, f) = (&self.cfg.primary, &self.cfg.fallback);
+        let now = self.clock.now();
         match self.cloud.activities(&p.region, &p.asg).await {
-            Ok(acts) => launches.extend(events::launches_of(&acts, &self.cfg.failover_codes())),
+            Ok(acts) => {
+                launches.extend(events::launches_of(&acts, &self.cfg.failover_codes()));
+                launches.extend(events::stuck_spot_requests(
+                    &acts,
+                    now,
+                    self.cfg.failover.spot_wait.0,
+                ));
+            }
             // Events still count; the next tick polls again.
             Err(e) => tracing::warn!(error = %e, "cannot read the primary's scaling activities"),
         }
+        // No decision without seeing the primary: the failover needs it short.
+        let pg = self.cloud.group(&p.region, &p.asg).await?;
+        let primary = reconcile::PrimaryGroup {
+            desired: pg.desired,
+            in_service: pg.in_service,
+            pending: pg.pending,
+        };
         let g: GroupInfo = self.cloud.group(&f.region, &f.asg).await?;
         let (memory, warnings) = Memory::from_tags(&g.tags);
         for w in warnings {
@@ -226,13 +258,12 @@ impl<C: Cloud> Controller<C> {
             busy: g.busy,
             policy_enabled,
         };
-        let plan = reconcile::reconcile(
-            &memory,
-            &fallback,
-            &launches,
-            self.clock.now(),
-            &self.settings(),
-        );
+        let seen = reconcile::Seen {
+            primary: Some(primary),
+            visible,
+        };
+        let plan =
+            reconcile::reconcile_seen(&memory, &fallback, &seen, &launches, now, &self.settings());
         let report = Report {
             mode_before: memory.mode.as_str(),
             mode: plan.memory.mode.as_str(),
@@ -241,7 +272,22 @@ impl<C: Cloud> Controller<C> {
             plan: plan.clone(),
             executed: execute,
         };
-        if execute {
+        if execute && !plan.actions.is_empty() {
+            // A decision made on an older memory must not undo a newer one:
+            // re-read the version just before acting.
+            let current = self.cloud.group(&f.region, &f.asg).await?;
+            let (now_memory, _) = Memory::from_tags(&current.tags);
+            if now_memory.version != memory.version {
+                tracing::warn!(
+                    read = memory.version,
+                    now = now_memory.version,
+                    "another invocation changed the memory meanwhile; this decision is dropped"
+                );
+                return Ok(Report {
+                    executed: false,
+                    ..report
+                });
+            }
             self.execute(&plan).await?;
         }
         Ok(report)
@@ -273,6 +319,31 @@ impl<C: Cloud> Controller<C> {
                     }
                 }
                 _ => {}
+            }
+        }
+        for a in &plan.actions {
+            if let Action::ReleaseStaleProtection { busy, held_since } = a {
+                tracing::error!(group = %f.asg, busy, %held_since, "failing back has been held by protected fallback instances past failover.max_busy_age: releasing their protection (their agents may be dead)");
+                let released = self.cloud.release_protection(&f.region, &f.asg).await?;
+                if let Some(topic) = &self.cfg.notify.sns_topic_arn {
+                    let msg = json!({
+                        "event": "stale_protection_released",
+                        "fallback": {"region": f.region, "asg": f.asg},
+                        "instances": released,
+                        "held_since": held_since.to_rfc3339(),
+                    });
+                    if let Err(e) = self
+                        .cloud
+                        .publish(
+                            topic,
+                            "spotguard: ALARM stale scale-in protection released",
+                            &msg.to_string(),
+                        )
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot publish the alarm");
+                    }
+                }
             }
         }
         for a in &plan.actions {

@@ -18,10 +18,12 @@ fn start() -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-fn controller() -> Controller<FakeCloud> {
+/// The primary is short (desired 3, 2 InService); failover needs it short
+/// for `shortage`.
+fn controller_with(shortage: &str) -> Controller<FakeCloud> {
     let cfg = Config::parse(
         &format!(
-            "[primary]\nasg = \"gpu-east-1\"\nqueue_url = \"{QUEUE}\"\n[fallback]\nasg = \"gpu-east-2\"\n[notify]\nsns_topic_arn = \"arn:aws:sns:us-east-1:123456789012:spotguard\"\n"
+            "[primary]\nasg = \"gpu-east-1\"\nqueue_url = \"{QUEUE}\"\n[fallback]\nasg = \"gpu-east-2\"\n[failover]\nshortage_for = \"{shortage}\"\nmin_dwell = \"60s\"\n[notify]\nsns_topic_arn = \"arn:aws:sns:us-east-1:123456789012:spotguard\"\n"
         ),
         "test",
     )
@@ -31,24 +33,13 @@ fn controller() -> Controller<FakeCloud> {
         "us-east-1",
         "gpu-east-1",
         GroupInfo {
-            desired: 2,
-            min: 0,
+            desired: 3,
             max: 10,
             in_service: 2,
             ..Default::default()
         },
     );
-    cloud.add_group(
-        "us-east-2",
-        "gpu-east-2",
-        GroupInfo {
-            desired: 0,
-            min: 0,
-            max: 0,
-            in_service: 0,
-            ..Default::default()
-        },
-    );
+    cloud.add_group("us-east-2", "gpu-east-2", GroupInfo::default());
     cloud.set_depth("us-east-1", QUEUE, 40, 2);
     Controller {
         cfg,
@@ -57,12 +48,26 @@ fn controller() -> Controller<FakeCloud> {
     }
 }
 
+fn controller() -> Controller<FakeCloud> {
+    controller_with("0s")
+}
+
+fn set_primary(c: &Controller<FakeCloud>, desired: i32, in_service: i32) {
+    let mut st = c.cloud.lock();
+    let p = st
+        .groups
+        .get_mut(&("us-east-1".into(), "gpu-east-1".into()))
+        .unwrap();
+    p.desired = desired;
+    p.in_service = in_service;
+}
+
 fn launch(detail_type: &str, msg: &str, at: &str) -> Value {
     json!({
         "version": "0", "id": "e", "detail-type": detail_type, "source": "aws.autoscaling",
         "account": "123456789012", "time": at, "region": "us-east-1", "resources": [],
         "detail": {"StatusCode": "Failed", "StatusMessage": msg, "AutoScalingGroupName": "gpu-east-1",
-                   "ActivityId": "a-1", "StartTime": at, "EndTime": ""}
+                   "ActivityId": format!("act-{}", at[11..19].replace(':', "")), "StartTime": at, "EndTime": ""}
     })
 }
 
@@ -176,17 +181,10 @@ async fn work_waiting_raises_an_empty_group_from_zero_to_one() {
     // The fallback stays at 0 while not failed over.
     assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").desired, 0);
 
-    // Failed over with an empty fallback: the fallback is raised too.
+    // Failed over (the primary's one launch failed: desired 1, none
+    // InService) with an empty fallback: the fallback is raised too.
     let c = controller();
-    {
-        let mut st = c.cloud.lock();
-        let p = st
-            .groups
-            .get_mut(&("us-east-1".into(), "gpu-east-1".into()))
-            .unwrap();
-        p.desired = 0;
-        p.in_service = 0;
-    }
+    set_primary(&c, 1, 0);
     c.cloud.set_depth("us-east-1", QUEUE, 1, 0);
     c.handle_event(&launch(
         "EC2 Instance Launch Unsuccessful",
@@ -197,7 +195,7 @@ async fn work_waiting_raises_an_empty_group_from_zero_to_one() {
     .unwrap();
     let r = c.tick(Vec::new()).await.unwrap();
     assert_eq!(r.reconcile.mode, "failed-over");
-    assert_eq!(r.raised_from_zero, vec!["gpu-east-1", "gpu-east-2"]);
+    assert_eq!(r.raised_from_zero, vec!["gpu-east-2"]);
     assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").desired, 1);
 
     // Nothing waiting: nothing raised.
@@ -266,4 +264,156 @@ async fn the_run_loop_handles_queued_events_and_deletes_them_malformed_ones_too(
     );
     assert_eq!(*src.deleted.lock().unwrap(), vec!["r1", "r2", "r3"]);
     assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failover_waits_until_the_primary_has_been_short_for_the_set_time() {
+    let c = controller_with("2m");
+    let at = |m: u32| {
+        launch(
+            "EC2 Instance Launch Unsuccessful",
+            ICE,
+            &format!("2026-11-28T08:0{m}:00Z"),
+        )
+    };
+    let r = c.handle_event(&at(0)).await.unwrap().unwrap();
+    assert_eq!(r.reconcile.mode, "normal", "short for 0 s only");
+    tokio::time::advance(std::time::Duration::from_secs(60)).await;
+    let r = c.handle_event(&at(1)).await.unwrap().unwrap();
+    assert_eq!(r.reconcile.mode, "normal");
+    tokio::time::advance(std::time::Duration::from_secs(60)).await;
+    let r = c.handle_event(&at(2)).await.unwrap().unwrap();
+    assert_eq!(
+        r.reconcile.mode, "failed-over",
+        "short for 2 minutes, with failures"
+    );
+
+    // A group that got its capacity (from another pool) never fails over.
+    let c = controller_with("2m");
+    set_primary(&c, 3, 3);
+    for m in 0..5 {
+        let r = c.handle_event(&at(m)).await.unwrap().unwrap();
+        assert_eq!(r.reconcile.mode, "normal");
+        tokio::time::advance(std::time::Duration::from_secs(60)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unneeded_failover_closes_and_does_not_flap() {
+    let c = controller();
+    let at = |m: u32| {
+        launch(
+            "EC2 Instance Launch Unsuccessful",
+            ICE,
+            &format!("2026-11-28T08:0{m}:00Z"),
+        )
+    };
+    c.handle_event(&at(0)).await.unwrap();
+    // No backlog and no busy fallback instance, past the dwell: failing back.
+    c.cloud.set_depth("us-east-1", QUEUE, 0, 0);
+    tokio::time::advance(std::time::Duration::from_secs(61)).await;
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(r.reconcile.mode, "failing-back");
+    // Capacity failures keep coming while nothing waits: no flap back.
+    for m in 2..6 {
+        tokio::time::advance(std::time::Duration::from_secs(60)).await;
+        c.handle_event(&at(m)).await.unwrap();
+        let r = c.tick(Vec::new()).await.unwrap();
+        assert_ne!(r.reconcile.mode, "failed-over", "minute {m}");
+    }
+    // Work waits again and the primary still fails: failed over again.
+    c.cloud.set_depth("us-east-1", QUEUE, 5, 0);
+    c.handle_event(&at(7)).await.unwrap();
+    assert_eq!(
+        c.tick(Vec::new()).await.unwrap().reconcile.mode,
+        "failed-over"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gate_held_by_stale_protection_is_released_with_an_alarm() {
+    let c = controller();
+    c.handle_event(&launch(
+        "EC2 Instance Launch Unsuccessful",
+        ICE,
+        "2026-11-28T08:00:00Z",
+    ))
+    .await
+    .unwrap();
+    {
+        let mut st = c.cloud.lock();
+        let f = st
+            .groups
+            .get_mut(&("us-east-2".into(), "gpu-east-2".into()))
+            .unwrap();
+        f.desired = 2;
+        f.in_service = 2;
+        f.busy = 2;
+    }
+    // The primary recovers; failing back, the gate stops at the 2 busy ones.
+    set_primary(&c, 3, 3);
+    tokio::time::advance(std::time::Duration::from_secs(60)).await;
+    let ok = json!({"version": "0", "id": "s", "detail-type": "EC2 Instance Launch Successful", "source": "aws.autoscaling",
+        "account": "1", "time": "2026-11-28T08:01:00Z", "region": "us-east-1", "resources": [],
+        "detail": {"StatusCode": "InProgress", "AutoScalingGroupName": "gpu-east-1", "ActivityId": "s-1", "EndTime": "2026-11-28T08:01:00Z"}});
+    c.handle_event(&ok).await.unwrap();
+    tokio::time::advance(std::time::Duration::from_secs(700)).await;
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(r.reconcile.mode, "failing-back");
+    c.tick(Vec::new()).await.unwrap();
+    assert_eq!(
+        c.cloud.group_of("us-east-2", "gpu-east-2").max,
+        2,
+        "held by the busy instances"
+    );
+    assert!(c.cloud.calls("SetInstanceProtection").is_empty());
+    // A day later they are still protected: released, with an alarm.
+    tokio::time::advance(std::time::Duration::from_secs(24 * 3600)).await;
+    c.tick(Vec::new()).await.unwrap();
+    assert_eq!(c.cloud.calls("SetInstanceProtection"), vec!["us-east-2"]);
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").busy, 0);
+    let alarms: Vec<_> = c
+        .cloud
+        .lock()
+        .published
+        .iter()
+        .filter(|p| p.1.contains("ALARM"))
+        .cloned()
+        .collect();
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_decision_made_on_a_stale_memory_is_dropped() {
+    let c = controller();
+    // Another invocation writes a newer memory right after our first read.
+    c.cloud.lock().race = Some((1, ("us-east-2".into(), "gpu-east-2".into()), "7".into()));
+    let r = c
+        .handle_event(&launch(
+            "EC2 Instance Launch Unsuccessful",
+            ICE,
+            "2026-11-28T08:00:00Z",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!r.reconcile.executed, "a stale decision is not carried out");
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 0);
+    assert!(c.cloud.calls("CreateOrUpdateTags").is_empty());
+    // The next invocation reads the new memory and acts.
+    let r = c
+        .handle_event(&launch(
+            "EC2 Instance Launch Unsuccessful",
+            ICE,
+            "2026-11-28T08:00:00Z",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.reconcile.executed);
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 10);
+    assert_eq!(
+        c.cloud.group_of("us-east-2", "gpu-east-2").tags["spotguard:version"],
+        "8"
+    );
 }

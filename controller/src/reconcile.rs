@@ -1,10 +1,12 @@
 //! The failover decision, without I/O.
 //!
 //! ```text
-//!  normal --N capacity failures in the window--> failed-over
+//!  normal --N capacity failures in the window, primary short for
+//!            shortage_for--> failed-over
+//!  failed-over --no backlog, no busy fallback instance, min dwell--> failing-back
 //!  failed-over --launch success, no capacity failure for the cool-down,
 //!                min dwell--> failing-back
-//!  failing-back --capacity failure--> failed-over
+//!  failing-back --capacity failure while work waits--> failed-over
 //!  failing-back --fallback group empty, min dwell--> normal
 //! ```
 //!
@@ -14,7 +16,11 @@
 //! the launch outcomes seen since (duplicates and reordering are harmless:
 //! failures are keyed by activity id, times merge by maximum), and returns
 //! the new memory and the actions that make AWS match it. Every action is
-//! idempotent, so a retried or concurrent invocation does no harm.
+//! idempotent, so a retried invocation does no harm. Two concurrent ones
+//! could: tags are last-writer-wins, so a stale decision could undo a newer
+//! one. The deployment runs one at a time (`ReservedConcurrentExecutions:
+//! 1`), and the memory carries a version that the handler checks before it
+//! acts.
 //!
 //! The fallback group's MaxSize is the gate: 0 in `normal`, the configured
 //! cap in `failed-over`, lowered step by step in `failing-back`, and never
@@ -59,6 +65,9 @@ pub const TAG_SINCE: &str = "spotguard:since";
 pub const TAG_FAILURES: &str = "spotguard:capacity-failures";
 pub const TAG_LAST_FAILURE: &str = "spotguard:last-capacity-failure";
 pub const TAG_LAST_SUCCESS: &str = "spotguard:last-launch-success";
+pub const TAG_SHORT_SINCE: &str = "spotguard:primary-short-since";
+pub const TAG_HELD_SINCE: &str = "spotguard:gate-held-since";
+pub const TAG_VERSION: &str = "spotguard:version";
 
 /// How many capacity failures the memory keeps: a tag value holds at most
 /// 256 characters, and each entry takes at most 24.
@@ -81,6 +90,15 @@ pub struct Memory {
     pub failures: Vec<Failure>,
     pub last_capacity_failure: Option<DateTime<Utc>>,
     pub last_success: Option<DateTime<Utc>>,
+    /// Since when the primary has been short of its desired capacity
+    /// (desired > InService + pending), as last observed.
+    pub primary_short_since: Option<DateTime<Utc>>,
+    /// Since when the failing-back gate has been held up only by busy
+    /// (protected) fallback instances.
+    pub held_since: Option<DateTime<Utc>>,
+    /// Bumped by every write: a writer that read an older version must not
+    /// write (a stale decision cannot undo a newer one).
+    pub version: u64,
 }
 
 impl Memory {
@@ -92,6 +110,9 @@ impl Memory {
             failures: Vec::new(),
             last_capacity_failure: None,
             last_success: None,
+            primary_short_since: None,
+            held_since: None,
+            version: 0,
         }
     }
 
@@ -100,7 +121,9 @@ impl Memory {
         let mut m = Memory::initial();
         let mut warnings = Vec::new();
         let time = |key: &str, warnings: &mut Vec<String>| -> Option<DateTime<Utc>> {
-            let v = tags.get(key)?;
+            // An empty value is how an absent time is written (a tag cannot
+            // be removed by CreateOrUpdateTags).
+            let v = tags.get(key).filter(|v| !v.is_empty())?;
             match DateTime::parse_from_rfc3339(v) {
                 Ok(t) => Some(t.with_timezone(&Utc)),
                 Err(e) => {
@@ -124,6 +147,16 @@ impl Memory {
         }
         m.last_capacity_failure = time(TAG_LAST_FAILURE, &mut warnings);
         m.last_success = time(TAG_LAST_SUCCESS, &mut warnings);
+        m.primary_short_since = time(TAG_SHORT_SINCE, &mut warnings);
+        m.held_since = time(TAG_HELD_SINCE, &mut warnings);
+        if let Some(v) = tags.get(TAG_VERSION) {
+            match v.parse() {
+                Ok(n) => m.version = n,
+                Err(_) => warnings.push(format!(
+                    "tag {TAG_VERSION}={v:?} is not a number; taken as 0"
+                )),
+            }
+        }
         if let Some(v) = tags.get(TAG_FAILURES) {
             for entry in v.split_whitespace() {
                 let parsed = entry
@@ -163,6 +196,15 @@ impl Memory {
         if let Some(x) = self.last_success {
             t.insert(TAG_LAST_SUCCESS.to_string(), rfc(x));
         }
+        t.insert(
+            TAG_SHORT_SINCE.to_string(),
+            self.primary_short_since.map(rfc).unwrap_or_default(),
+        );
+        t.insert(
+            TAG_HELD_SINCE.to_string(),
+            self.held_since.map(rfc).unwrap_or_default(),
+        );
+        t.insert(TAG_VERSION.to_string(), self.version.to_string());
         t
     }
 
@@ -249,6 +291,47 @@ pub struct FallbackGroup {
     pub policy_enabled: Option<bool>,
 }
 
+impl Default for Settings {
+    /// The configuration's defaults (`controller/src/config.rs`).
+    fn default() -> Settings {
+        Settings {
+            failures: 1,
+            window: Duration::from_secs(600),
+            capacity_ttl: Duration::from_secs(180),
+            cooldown: Duration::from_secs(600),
+            min_dwell: Duration::from_secs(300),
+            step: 1,
+            cap: 10,
+            shortage_for: Duration::from_secs(120),
+            max_busy_age: Some(Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+/// What a reconcile sees besides the fallback group, when it can.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Seen {
+    /// The primary group; `None`: not observed, and the shortage rule is
+    /// not applied (failover on capacity failures alone).
+    pub primary: Option<PrimaryGroup>,
+    /// Visible messages in the queue, if read.
+    pub visible: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PrimaryGroup {
+    pub desired: i32,
+    pub in_service: i32,
+    /// Instances on their way in (`Pending`, `Pending:Wait`, `Pending:Proceed`).
+    pub pending: i32,
+}
+
+impl PrimaryGroup {
+    pub fn short(&self) -> bool {
+        self.desired > self.in_service + self.pending
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub failures: u32,
@@ -258,6 +341,13 @@ pub struct Settings {
     pub min_dwell: Duration,
     pub step: i32,
     pub cap: i32,
+    /// The primary must be short of its desired capacity this long (with
+    /// capacity failures) before a failover.
+    pub shortage_for: Duration,
+    /// Failing back, a gate held up only by busy instances this long
+    /// releases their protection and raises an alarm (a dead agent's
+    /// instance must not hold `failing-back` for ever). `None`: no limit.
+    pub max_busy_age: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -275,6 +365,13 @@ pub enum Action {
         from: Mode,
         to: Mode,
         reason: String,
+    },
+    /// The failing-back gate has been held by `busy` protected instances
+    /// since `held_since`, past `max_busy_age`: release their protection
+    /// and raise an alarm.
+    ReleaseStaleProtection {
+        busy: i32,
+        held_since: DateTime<Utc>,
     },
 }
 
@@ -334,7 +431,8 @@ fn merge(m: &mut Memory, launches: &[Launch], now: DateTime<Utc>, s: &Settings) 
     m.failures.drain(..excess);
 }
 
-/// The decision: new memory and the actions to take.
+/// The decision, seeing only the fallback group (no shortage rule, no
+/// backlog): new memory and the actions to take.
 pub fn reconcile(
     memory: &Memory,
     fallback: &FallbackGroup,
@@ -342,9 +440,34 @@ pub fn reconcile(
     now: DateTime<Utc>,
     s: &Settings,
 ) -> Plan {
+    reconcile_seen(memory, fallback, &Seen::default(), launches, now, s)
+}
+
+/// The decision: new memory and the actions to take.
+pub fn reconcile_seen(
+    memory: &Memory,
+    fallback: &FallbackGroup,
+    seen: &Seen,
+    launches: &[Launch],
+    now: DateTime<Utc>,
+    s: &Settings,
+) -> Plan {
     let stored = memory.normalized();
     let mut m = stored.clone();
     merge(&mut m, launches, now, s);
+    if let Some(p) = seen.primary {
+        m.primary_short_since = if p.short() {
+            Some(m.primary_short_since.map_or(now, |t| t.min(now)))
+        } else {
+            None
+        };
+    }
+    // Not observed: the rule does not hold the failover back.
+    let short_long_enough = seen.primary.is_none()
+        || m.primary_short_since
+            .is_some_and(|t| now - t >= dur(s.shortage_for));
+    // Nobody needs the fallback: no backlog, no busy fallback instance.
+    let unneeded = seen.visible == Some(0) && fallback.busy == 0;
     let capacity_unavailable = m
         .last_capacity_failure
         .is_some_and(|t| now - t < dur(s.capacity_ttl));
@@ -356,10 +479,19 @@ pub fn reconcile(
     let fresh_unavailable = fresh.iter().any(|f| now - f.at < dur(s.capacity_ttl));
 
     let (next, reason) = match m.mode {
-        Mode::Normal if failures_in_window >= s.failures && fresh_unavailable => (
-            Mode::FailedOver,
-            format!("{failures_in_window} capacity failure(s) in the primary within the window"),
-        ),
+        Mode::Normal
+            if failures_in_window >= s.failures
+                && fresh_unavailable
+                && short_long_enough
+                && !unneeded =>
+        {
+            (
+                Mode::FailedOver,
+                format!(
+                    "{failures_in_window} capacity failure(s) in the primary within the window, and the primary short of its desired capacity"
+                ),
+            )
+        }
         Mode::Normal => (Mode::Normal, "primary healthy".to_string()),
         Mode::FailedOver => {
             let recovered = match (m.last_success, m.last_capacity_failure) {
@@ -371,6 +503,11 @@ pub fn reconcile(
                 (
                     Mode::FailingBack,
                     "primary launched and saw no capacity failure for the cool-down".to_string(),
+                )
+            } else if unneeded && dwelled {
+                (
+                    Mode::FailingBack,
+                    "no backlog and no busy fallback instance: the fallback is not needed".to_string(),
                 )
             } else if recovered {
                 (
@@ -387,7 +524,9 @@ pub fn reconcile(
         Mode::FailingBack => {
             // `>=`: times are whole seconds, and the failure that caused the
             // failover is at least a cool-down older than `since`.
-            if m.last_capacity_failure.is_some_and(|t| t >= m.since) {
+            // Back to failed-over only if work waits: with nothing to do,
+            // capacity failures must not flap the modes.
+            if m.last_capacity_failure.is_some_and(|t| t >= m.since) && !unneeded {
                 (
                     Mode::FailedOver,
                     "capacity failure in the primary while failing back".to_string(),
@@ -427,12 +566,30 @@ pub fn reconcile(
             to: target,
         });
     }
+    // A gate held up only by busy instances: how long, and past the limit
+    // release them (their agents may be dead) and say so.
+    let held = next == Mode::FailingBack && busy > 0 && target == busy;
+    m.held_since = if held {
+        Some(m.held_since.map_or(now, |t| t.min(now)))
+    } else {
+        None
+    };
+    if let (Some(since), Some(limit)) = (m.held_since, s.max_busy_age) {
+        if now - since >= dur(limit) {
+            actions.push(Action::ReleaseStaleProtection {
+                busy,
+                held_since: since,
+            });
+            m.held_since = None;
+        }
+    }
     let entered_failover = next == Mode::FailedOver && memory.mode != Mode::FailedOver;
     if next == Mode::FailedOver && (entered_failover || fallback.policy_enabled == Some(false)) {
         actions.push(Action::EnableFallbackPolicy);
     }
-    let m = m.normalized();
+    let mut m = m.normalized();
     if m != stored || memory.to_tags() != stored.to_tags() {
+        m.version = stored.version + 1;
         actions.push(Action::SaveMemory { tags: m.to_tags() });
     }
     Plan {
@@ -459,6 +616,7 @@ mod tests {
             min_dwell: Duration::from_secs(300),
             step: 1,
             cap: 10,
+            ..Settings::default()
         }
     }
     fn fail(at: i64, id: &str) -> Launch {

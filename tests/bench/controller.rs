@@ -31,6 +31,7 @@ fn main() {
         min_dwell: Duration::from_secs(300),
         step: 1,
         cap: 10,
+        ..Settings::default()
     };
     let now = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap_or_default();
     let launches: Vec<Launch> = (0..10)

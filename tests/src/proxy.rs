@@ -56,6 +56,9 @@ pub struct Call {
 
 #[derive(Default)]
 struct State {
+    /// (action, signing region, find, replace): applied to moto's answers
+    /// until cleared, to show what moto cannot (a group short of capacity).
+    rewrites: Vec<(String, String, String, String)>,
     calls: Vec<Call>,
     /// action ("*" for any) -> faults to apply in order.
     faults: Vec<(String, Fault, u32)>,
@@ -123,6 +126,21 @@ impl FaultProxy {
     }
 
     /// Calls of one action.
+    /// Rewrites `find` into `replace` in every answer of `action` signed for
+    /// `region`, until [`FaultProxy::clear_rewrites`].
+    pub fn rewrite(&self, action: &str, region: &str, find: &str, replace: &str) {
+        self.state.lock().unwrap().rewrites.push((
+            action.into(),
+            region.into(),
+            find.into(),
+            replace.into(),
+        ));
+    }
+
+    pub fn clear_rewrites(&self) {
+        self.state.lock().unwrap().rewrites.clear();
+    }
+
     pub fn calls_of(&self, action: &str) -> Vec<Call> {
         self.calls()
             .into_iter()
@@ -283,7 +301,22 @@ async fn handle(
             extra.push((h, v.clone()));
         }
     }
-    let bytes = resp.bytes().await.unwrap_or_default();
+    let mut bytes = resp.bytes().await.unwrap_or_default();
+    let rewrites: Vec<_> = st
+        .lock()
+        .unwrap()
+        .rewrites
+        .iter()
+        .filter(|(a, r, _, _)| *a == action && *r == region)
+        .cloned()
+        .collect();
+    if !rewrites.is_empty() {
+        let mut text = String::from_utf8_lossy(&bytes).into_owned();
+        for (_, _, find, replace) in rewrites {
+            text = text.replace(&find, &replace);
+        }
+        bytes = Bytes::from(text);
+    }
     record(status);
     let mut r = respond(status, &ct, String::new());
     *r.body_mut() = Full::new(bytes);

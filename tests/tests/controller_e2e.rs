@@ -30,6 +30,19 @@ fn setup(tag: &str) -> Ctl {
     let env = AwsEnv::start();
     let queue = env.create_queue("jobs", 5);
     env.create_group_in("us-east-1", "gpu-primary", 0, 10, 1);
+    // moto launches every instance at once; a primary out of spot capacity
+    // is short of its desired capacity. The proxy shows the primary as AWS
+    // would then: desired 3, one instance InService.
+    env.proxy.rewrite(
+        "DescribeAutoScalingGroups",
+        "us-east-1",
+        "<DesiredCapacity>1</DesiredCapacity>",
+        "<DesiredCapacity>3</DesiredCapacity>",
+    );
+    // Work waits: a failover with nothing to do is not made.
+    for i in 0..3 {
+        env.send(&queue, &format!("waiting {i}"));
+    }
     env.create_group_in("us-east-2", "gpu-fallback", 0, 0, 0);
     let (topic, sub) = env.topic_to_queue("spotguard-modes");
     let text = format!(
@@ -41,6 +54,7 @@ queue_url = "{queue}"
 asg = "gpu-fallback"
 max_size = 5
 [failover]
+shortage_for = "0s"
 capacity_ttl = "60s"
 cooldown = "3s"
 min_dwell = "1s"
@@ -206,7 +220,8 @@ fn success(id: &str) -> Value {
 #[test]
 fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
     let t = setup("ctl-once");
-    for i in 0..40 {
+    // 37 more: 40 visible.
+    for i in 0..37 {
         t.env.send(&t.queue, &format!("job {i}"));
     }
     // The policies exist (as after `setup`); failover re-puts the fallback's enabled.
@@ -633,7 +648,9 @@ fn the_lambda_runtime_handles_events_and_acknowledges_garbage() {
     cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
         .env("SPOTGUARD_PRIMARY_QUEUE_URL", &t.queue)
         .env("SPOTGUARD_FALLBACK_ASG", "gpu-fallback")
-        .env("SPOTGUARD_FALLBACK_MAX_SIZE", "4");
+        .env("SPOTGUARD_FALLBACK_MAX_SIZE", "4")
+        // The primary is short from the start here (see `setup`).
+        .env("SPOTGUARD_FAILOVER_SHORTAGE_FOR", "0s");
     for (k, v) in t.env.agent_env() {
         cmd.env(k, v);
     }

@@ -200,6 +200,7 @@ fn tag_memory_and_decisions_never_panic_and_respect_busy_instances() {
         min_dwell: std::time::Duration::from_secs(300),
         step: 1,
         cap: 10,
+        ..Settings::default()
     };
     run(
         "tags + reconcile",
