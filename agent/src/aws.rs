@@ -97,11 +97,14 @@ pub struct Message {
     pub group_id: Option<String>,
 }
 
-/// A message attribute: its SQS data type (`String`, `Number`, `String.x`) and value.
+/// A message attribute: its SQS data type (`String`, `Number`, `Binary`,
+/// `String.x`) and value. Binary ones are carried over on a re-send
+/// (`binary`) but not passed to the worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attr {
     pub data_type: String,
     pub value: String,
+    pub binary: Option<Vec<u8>>,
 }
 
 impl Attr {
@@ -109,7 +112,21 @@ impl Attr {
         Attr {
             data_type: "String".into(),
             value: value.into(),
+            binary: None,
         }
+    }
+
+    pub fn binary(data_type: impl Into<String>, bytes: Vec<u8>) -> Attr {
+        Attr {
+            data_type: data_type.into(),
+            value: String::new(),
+            binary: Some(bytes),
+        }
+    }
+
+    /// Bytes it takes of SQS's 256 KiB message limit (name not included).
+    pub fn size(&self) -> usize {
+        self.data_type.len() + self.value.len() + self.binary.as_ref().map_or(0, Vec::len)
     }
 }
 
@@ -221,13 +238,17 @@ impl Queue for SqsQueue {
                     .set_message_group_id(msg.group_id.clone())
                     .set_message_deduplication_id(msg.dedup_id.clone());
                 for (k, a) in &msg.attributes {
-                    let v = aws_sdk_sqs::types::MessageAttributeValue::builder()
-                        .data_type(&a.data_type)
-                        .string_value(&a.value)
-                        .build()
-                        .map_err(|e| {
-                            self.target().error(OP, None, format!("attribute {k}: {e}"))
-                        })?;
+                    let b = aws_sdk_sqs::types::MessageAttributeValue::builder()
+                        .data_type(&a.data_type);
+                    let b = match &a.binary {
+                        Some(bytes) => {
+                            b.binary_value(aws_sdk_sqs::primitives::Blob::new(bytes.clone()))
+                        }
+                        None => b.string_value(&a.value),
+                    };
+                    let v = b.build().map_err(|e| {
+                        self.target().error(OP, None, format!("attribute {k}: {e}"))
+                    })?;
                     req = req.message_attributes(k, v);
                 }
                 let out = req.send().await.map_err(|e| self.target().sdk(OP, e))?;
@@ -311,15 +332,16 @@ fn convert_message(m: &aws_sdk_sqs::types::Message) -> Option<Message> {
             attrs
                 .iter()
                 .filter_map(|(k, v)| {
-                    v.string_value().map(|s| {
-                        (
-                            k.clone(),
-                            Attr {
-                                data_type: v.data_type().to_string(),
-                                value: s.to_string(),
-                            },
-                        )
-                    })
+                    let attr = match (v.string_value(), v.binary_value()) {
+                        (Some(s), _) => Attr {
+                            data_type: v.data_type().to_string(),
+                            value: s.to_string(),
+                            binary: None,
+                        },
+                        (None, Some(b)) => Attr::binary(v.data_type(), b.as_ref().to_vec()),
+                        (None, None) => return None,
+                    };
+                    Some((k.clone(), attr))
                 })
                 .collect()
         })

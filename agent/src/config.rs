@@ -123,6 +123,12 @@ pub struct WorkerConfig {
     /// Largest checkpoint reference carried over to the next worker.
     #[serde(default = "d_checkpoint_max")]
     pub checkpoint_max_bytes: usize,
+    /// FIFO queues: carry a checkpoint over by re-sending the message, which
+    /// puts it at the tail of its group (later messages then run first).
+    /// Off by default: the message is handed back as it was and the order
+    /// holds, but the job starts over.
+    #[serde(default)]
+    pub fifo_resend_checkpoint: bool,
 }
 
 fn d_notice_signal() -> String {

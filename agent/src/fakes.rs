@@ -71,11 +71,21 @@ pub struct QueueState {
 pub struct MemQueue {
     pub state: Mutex<QueueState>,
     arrived: Notify,
+    /// FIFO: a group with a message in flight delivers nothing; one receive
+    /// returns a group's messages in order, several at once.
+    fifo: bool,
 }
 
 impl MemQueue {
     pub fn new() -> Arc<MemQueue> {
         Arc::new(MemQueue::default())
+    }
+
+    pub fn new_fifo() -> Arc<MemQueue> {
+        Arc::new(MemQueue {
+            fifo: true,
+            ..MemQueue::default()
+        })
     }
 
     pub fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -151,11 +161,31 @@ impl MemQueue {
         let mut st = self.lock();
         let mut out = Vec::new();
         let mut next = st.next;
+        // FIFO: groups with a message in flight are locked.
+        let mut locked: std::collections::BTreeSet<String> = if self.fifo {
+            st.messages
+                .iter()
+                .filter(|m| m.visible_at > now)
+                .filter_map(|m| m.group_id.clone())
+                .collect()
+        } else {
+            Default::default()
+        };
         for m in st.messages.iter_mut() {
             if out.len() >= max {
                 break;
             }
+            if self.fifo {
+                if let Some(g) = &m.group_id {
+                    if locked.contains(g) {
+                        continue;
+                    }
+                }
+            }
             if m.visible_at > now {
+                if let (true, Some(g)) = (self.fifo, &m.group_id) {
+                    locked.insert(g.clone());
+                }
                 continue;
             }
             next += 1;
@@ -234,6 +264,9 @@ impl Queue for MemQueue {
             };
             let m = st.messages.remove(pos);
             st.deleted.push(m.id);
+            drop(st);
+            // A FIFO group may be free again: long polls look again.
+            self.arrived.notify_waiters();
             Ok(())
         }
     }

@@ -62,6 +62,10 @@ pub struct JobCtx<Q, W> {
     /// A FIFO queue (its URL ends in `.fifo`): re-sent messages keep their
     /// group and get a derived deduplication id.
     pub fifo: bool,
+    /// FIFO: carry a checkpoint over by re-sending, which puts the job at
+    /// the tail of its group (`worker.fifo_resend_checkpoint`). Off, the
+    /// message is handed back as it was and the group's order is kept.
+    pub fifo_resend: bool,
     /// A job still running this long before the 12-hour cap is stopped,
     /// leaving time for its SIGTERM grace and the settle.
     pub lease_margin: Duration,
@@ -280,6 +284,13 @@ async fn settle<Q: Queue, W>(
             )
         }
         Outcome::Stopped(StopReason::Deadline) | Outcome::Yielded(_) => {
+            let checkpoint = match checkpoint {
+                Some(_) if ctx.fifo && !ctx.fifo_resend => {
+                    tracing::warn!(message_id = %msg.id, "FIFO queue: checkpoint not carried over, to keep the group's order (worker.fifo_resend_checkpoint opts in)");
+                    None
+                }
+                c => c,
+            };
             if let Some(c) = checkpoint {
                 match hand_over(ctx, msg, &c).await {
                     Ok(()) => return Settled::HandedOver,
@@ -345,7 +356,7 @@ pub fn hand_over_message(msg: &Message, checkpoint: &str, fifo: bool) -> Result<
     let size = msg.body.len()
         + attributes
             .iter()
-            .map(|(k, a)| k.len() + a.data_type.len() + a.value.len())
+            .map(|(k, a)| k.len() + a.size())
             .sum::<usize>();
     if size > MAX_MESSAGE_BYTES {
         return Err(format!(
@@ -482,6 +493,29 @@ mod tests {
         assert_eq!(a.dedup_id, b.dedup_id);
         assert_ne!(a.dedup_id, c.dedup_id);
         assert!(a.dedup_id.unwrap().len() <= 128);
+    }
+
+    #[test]
+    fn binary_attributes_survive_a_hand_over_and_count_toward_the_limit() {
+        let mut m = msg(None);
+        m.attributes.insert(
+            "blob".into(),
+            Attr::binary("Binary", vec![0, 159, 146, 150]),
+        );
+        let out = hand_over_message(&m, "c", false).unwrap();
+        assert_eq!(
+            out.attributes["blob"].binary.as_deref(),
+            Some(&[0u8, 159, 146, 150][..])
+        );
+        assert_eq!(out.attributes["blob"].data_type, "Binary");
+        let mut big = msg(None);
+        big.attributes.insert(
+            "blob".into(),
+            Attr::binary("Binary", vec![7; MAX_MESSAGE_BYTES]),
+        );
+        assert!(hand_over_message(&big, "c", false)
+            .unwrap_err()
+            .contains("bytes"));
     }
 
     #[test]

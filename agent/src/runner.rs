@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::aws::{AwsError, Fleet, Message, Queue, ScaleIn};
 use crate::config::Config;
+use crate::imds::TargetLifecycleState;
 use crate::job::{hand_back_unstarted, run_job, JobCtx, JobReport, Settled};
 use crate::notify::Notifier;
 use crate::state::{self, DrainReason, Mode, Notice, Policy};
@@ -127,6 +128,16 @@ pub fn receive_backoff(failures: u32) -> Duration {
 /// Start failures in a row: 5, 10, 20 ... s, capped.
 pub fn start_failure_pause(failures: u32) -> Duration {
     (START_FAILURE_PAUSE * 2u32.pow(failures.clamp(1, 8) - 1)).min(MAX_START_FAILURE_PAUSE)
+}
+
+/// The first message of each FIFO group (to run), and the rest (to hand
+/// back unstarted), in receive order.
+pub fn split_fifo_groups(msgs: Vec<Message>) -> (Vec<Message>, Vec<Message>) {
+    let mut seen = std::collections::BTreeSet::new();
+    msgs.into_iter().partition(|m| match &m.group_id {
+        Some(g) => seen.insert(g.clone()),
+        None => true,
+    })
 }
 
 /// Everything the loop keeps besides its jobs and channels: plain data, so
@@ -325,10 +336,25 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     d
 }
 
-/// Loop state: the books, and the running jobs.
+/// Loop state: the books, the running jobs, and the last look at both
+/// clocks (to see a resume after a pause).
 struct Loop {
     books: Books,
     jobs: JoinSet<JobReport>,
+    clocks: (Instant, DateTime<Utc>),
+}
+
+/// The wall clock moving this much further than the monotonic one between
+/// two looks means the machine was paused (a spot `hibernate`; Linux's
+/// monotonic clock does not count suspended time). The loop looks at least
+/// every second, so NTP slews (at most 0.5 ms/s) never come near it.
+pub const RESUME_JUMP: Duration = Duration::from_secs(60);
+
+/// Whether the machine was paused between two looks at the clocks.
+pub fn paused_between(before: (Instant, DateTime<Utc>), after: (Instant, DateTime<Utc>)) -> bool {
+    let mono = after.0.saturating_duration_since(before.0);
+    let wall = (after.1 - before.1).to_std().unwrap_or(Duration::ZERO);
+    wall.saturating_sub(mono) >= RESUME_JUMP
 }
 
 impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
@@ -362,6 +388,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         let mut st = Loop {
             books: Books::new(now),
             jobs: JoinSet::new(),
+            clocks: (now, self.clock.now()),
         };
         let settings = Settings::of(&self.cfg);
         let (effects_tx, mut effects) = mpsc::unbounded_channel();
@@ -376,6 +403,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             timeout: self.cfg.worker.timeout.map(|d| d.0),
             checkpoint_max: self.cfg.worker.checkpoint_max_bytes,
             fifo: self.cfg.queue.url.trim_end_matches('/').ends_with(".fifo"),
+            fifo_resend: self.cfg.worker.fifo_resend_checkpoint,
             // The SIGTERM grace, the settle, and 30 s for the receive's
             // round trip and clock slack.
             lease_margin: self.cfg.worker.term_grace.0
@@ -395,6 +423,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         let mut notices_open = true;
         tracing::info!(instance_id = %self.instance_id, queue = %self.cfg.queue.url, "agent running");
         loop {
+            self.check_resume(&mut st, &chans);
             if is_ready && self.housekeeping(&mut st, &settings, &effects_tx) {
                 tracing::info!("drain complete; exiting");
                 return;
@@ -463,6 +492,31 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         wake
     }
 
+    /// After a spot `stop`/`hibernate` notice the process may come back
+    /// (hibernation keeps it): once the wall clock has jumped past the
+    /// interruption time, the drain for it ends and intake reopens.
+    fn check_resume(&self, st: &mut Loop, chans: &Chans) {
+        let now = (Instant::now(), self.clock.now());
+        let before = std::mem::replace(&mut st.clocks, now);
+        if !paused_between(before, now) {
+            return;
+        }
+        let pausing = st.books.spot.as_ref().is_some_and(|(action, time)| {
+            matches!(action.as_deref(), Some("stop" | "hibernate")) && now.1 > *time
+        });
+        tracing::warn!(jumped = %(now.1 - before.1), pausing, "the wall clock jumped: the machine was paused");
+        if pausing {
+            st.books.spot = None;
+            self.apply(st, Notice::Resumed, chans);
+            if st.books.mode == Mode::Running {
+                st.books.deadline = None;
+                chans.deadline_tx.send_replace(None);
+                chans.notice_tx.send_replace(None);
+                tracing::info!("resumed after a spot stop/hibernate: intake reopens");
+            }
+        }
+    }
+
     fn on_detected(&self, st: &mut Loop, d: Detected, chans: &Chans) {
         let c = &self.status.counters;
         let notice = match &d.event {
@@ -481,6 +535,17 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 inc(&c.notices_lifecycle);
                 Some(Notice::LifecycleTerminated)
             }
+            WatchEvent::LifecycleState {
+                state: TargetLifecycleState::Warmed(_),
+                ..
+            } => {
+                inc(&c.notices_lifecycle);
+                Some(Notice::WarmPool)
+            }
+            WatchEvent::LifecycleState {
+                state: TargetLifecycleState::InService,
+                ..
+            } => Some(Notice::InService),
             WatchEvent::LifecycleState { .. } => None,
             WatchEvent::ScheduledEvent { .. } => {
                 inc(&c.notices_scheduled);
@@ -541,6 +606,8 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 Notice::Spot { .. } => "spot_interruption",
                 Notice::Rebalance => "rebalance_recommendation",
                 Notice::LifecycleTerminated => "lifecycle_terminated",
+                Notice::WarmPool => "warm_pool",
+                Notice::InService | Notice::Resumed => "resumed",
                 Notice::Shutdown => "shutdown",
             };
             let spot = drain
@@ -610,6 +677,33 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                     b.mode = mode;
                 }
                 if run {
+                    // FIFO: one receive returns several messages of a group
+                    // (REFERENCE.md, SQS). Only the first of each group runs;
+                    // the rest go back unstarted and come again, in order,
+                    // once it is settled (SQS holds a group while one of its
+                    // messages is in flight). A failure thus never lets a
+                    // later message of its group run first.
+                    let (msgs, later) = if ctx.fifo {
+                        split_fifo_groups(msgs)
+                    } else {
+                        (msgs, Vec::new())
+                    };
+                    if !later.is_empty() {
+                        tracing::info!(
+                            count = later.len(),
+                            "FIFO: later messages of a running group handed back, to run in order"
+                        );
+                        b.handbacks_in_flight += 1;
+                        let queue = self.queue.clone();
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let done = hand_back_unstarted(queue.as_ref(), &later).await;
+                            let _ = tx.send(Effect::HandedBack {
+                                asked: later.len(),
+                                done,
+                            });
+                        });
+                    }
                     for m in msgs {
                         tracing::info!(message_id = %m.id, receive_count = m.receive_count, "job started");
                         st.jobs.spawn(run_job(

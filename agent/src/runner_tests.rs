@@ -39,7 +39,7 @@ struct World {
     fleet: Arc<MemFleet>,
     worker: Arc<ScriptedWorker>,
     status: Arc<Status>,
-    clock: Arc<TokioClock>,
+    clock: Arc<JumpClock>,
     notices: mpsc::Sender<Detected>,
     ready: Option<oneshot::Sender<()>>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -50,13 +50,20 @@ struct World {
 impl World {
     /// Starts the runner; intake opens at once unless `gated`.
     fn start(cfg: Config, fleet: Arc<MemFleet>, gated: bool) -> World {
-        let queue = MemQueue::new();
+        let queue = if cfg.queue.url.ends_with(".fifo") {
+            MemQueue::new_fifo()
+        } else {
+            MemQueue::new()
+        };
         let worker = ScriptedWorker::new();
         let status = Arc::new(Status::new(
             "i-0test".into(),
             Arc::new(ImdsStats::default()),
         ));
-        let clock = Arc::new(TokioClock::new(start_time()));
+        let clock = Arc::new(JumpClock {
+            inner: TokioClock::new(start_time()),
+            offset_secs: std::sync::atomic::AtomicI64::new(0),
+        });
         let (ntx, nrx) = mpsc::channel(16);
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
         let (sd_tx, sd_rx) = oneshot::channel::<()>();
@@ -130,10 +137,14 @@ impl World {
     }
 
     async fn spot(&self, in_secs: i64) {
+        self.spot_action(in_secs, SpotAction::Terminate).await
+    }
+
+    async fn spot_action(&self, in_secs: i64, action: SpotAction) {
         let time = self.clock.now() + chrono::Duration::seconds(in_secs);
         self.notice(WatchEvent::SpotInterruption {
             change: Change::New,
-            action: Some(SpotAction::Terminate),
+            action: Some(action),
             time,
             deadline_assumed: false,
             raw: None,
@@ -164,6 +175,19 @@ impl World {
         f: impl Fn(&crate::status::Counters) -> &std::sync::atomic::AtomicU64,
     ) -> u64 {
         f(&self.status.counters).load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Virtual time, plus jumps of the wall clock alone (a hibernated machine).
+struct JumpClock {
+    inner: TokioClock,
+    offset_secs: std::sync::atomic::AtomicI64,
+}
+
+impl Clock for JumpClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.inner.now()
+            + chrono::Duration::seconds(self.offset_secs.load(std::sync::atomic::Ordering::SeqCst))
     }
 }
 
@@ -490,4 +514,126 @@ async fn a_14_hour_job_never_asks_past_the_12_hour_cap_and_stops_before_it() {
     // No checkpoint: stopped as failed, back after the error visibility.
     assert_eq!(w.counter(|c| &c.jobs_timed_out), 1);
     assert!(w.queue.deleted().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifo_groups_run_one_message_at_a_time_in_order_and_a_failure_blocks_the_rest() {
+    let mut c = cfg(no_scale_in());
+    c.queue.url = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs.fifo".into();
+    c.worker.concurrency = 4;
+    let w = World::start(c, MemFleet::new(None, 0, 1), true);
+    // Group g: 10 s, a failure, then 10 s; group h: 5 s, 5 s.
+    let g1 = w.queue.push_group("10", Some("g"));
+    let g2 = w.queue.push_group("10 fail", Some("g"));
+    let g3 = w.queue.push_group("10", Some("g"));
+    let h1 = w.queue.push_group("5", Some("h"));
+    let h2 = w.queue.push_group("5", Some("h"));
+    let mut w = w;
+    w.open();
+    w.run_for(25).await;
+    let ev = w.worker.events();
+    let span = |id: &str| {
+        let s = ev
+            .iter()
+            .find(|e| e.1 == id && e.2 == "start")
+            .map(|e| w.at(e.0).round());
+        let e = ev
+            .iter()
+            .find(|e| e.1 == id && e.2 == "end")
+            .map(|e| w.at(e.0).round());
+        (s, e)
+    };
+    // Never two of a group at once, each after the one before it.
+    assert_eq!(span(&g1), (Some(0.0), Some(10.0)));
+    assert_eq!(span(&g2), (Some(10.0), Some(20.0)), "{ev:?}");
+    assert_eq!(span(&h1), (Some(0.0), Some(5.0)));
+    assert_eq!(span(&h2), (Some(5.0), Some(10.0)));
+    // g2 failed: g3 is not run before g2 comes back (error visibility 30 s).
+    assert_eq!(span(&g3), (None, None), "{ev:?}");
+    w.run_for(60).await;
+    let ev = w.worker.events();
+    let starts: Vec<&str> = ev
+        .iter()
+        .filter(|e| e.2 == "start" && (e.1 == g2 || e.1 == g3))
+        .map(|e| e.1.as_str())
+        .collect();
+    assert_eq!(
+        starts,
+        vec![g2.as_str(), g2.as_str()],
+        "g2 retried before g3"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_spot_hibernate_the_resumed_agent_takes_work_again() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.queue.push("1000");
+    w.run_for(5).await;
+    w.spot_action(120, SpotAction::Hibernate).await;
+    w.run_for(110).await;
+    assert_eq!(
+        w.queue.depth(),
+        (1, 0),
+        "stopped at the deadline and handed back"
+    );
+    let started = w.worker.started().len();
+    // Hibernated for an hour: the wall clock jumps, the monotonic one does not.
+    w.clock
+        .offset_secs
+        .fetch_add(3600, std::sync::atomic::Ordering::SeqCst);
+    w.run_for(3).await;
+    assert!(
+        w.worker.started().len() > started,
+        "intake reopened after the resume: {:?}",
+        w.worker.events()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_terminate_notice_is_not_undone_by_a_clock_jump() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.spot(120).await;
+    w.run_for(2).await;
+    w.clock
+        .offset_secs
+        .fetch_add(3600, std::sync::atomic::Ordering::SeqCst);
+    w.queue.push("1");
+    w.run_for(3).await;
+    assert!(w.worker.started().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_warm_pool_transition_drains_completes_the_hook_and_inservice_reopens() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[interruption]\nlifecycle_hook = \"warm\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    w.queue.push("10");
+    w.run_for(2).await;
+    w.notice(WatchEvent::LifecycleState {
+        change: Change::New,
+        state: TargetLifecycleState::Warmed("Running".into()),
+        previous: Some(TargetLifecycleState::InService),
+        terminating: false,
+    })
+    .await;
+    w.queue.push("1");
+    w.run_for(15).await;
+    // The running job finished, the new message was not taken, the hook completed.
+    assert_eq!(w.worker.started().len(), 1);
+    assert_eq!(
+        w.call_times(w.fleet.calls("CompleteLifecycleAction")),
+        vec![10.0]
+    );
+    // Back in service from the pool: work again.
+    w.notice(WatchEvent::LifecycleState {
+        change: Change::New,
+        state: TargetLifecycleState::InService,
+        previous: Some(TargetLifecycleState::Warmed("Running".into())),
+        terminating: false,
+    })
+    .await;
+    w.run_for(3).await;
+    assert_eq!(w.worker.started().len(), 2);
 }

@@ -34,6 +34,10 @@ pub enum DrainReason {
     LifecycleTerminated,
     Rebalance,
     Shutdown,
+    /// Target lifecycle state `Warmed:*`: the instance goes (back) into the
+    /// warm pool; it drains like a termination, and a return to `InService`
+    /// reopens intake.
+    WarmPool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -103,6 +107,13 @@ pub enum Notice {
     Rebalance,
     /// Target lifecycle state `Terminated`.
     LifecycleTerminated,
+    /// Target lifecycle state `Warmed:*`.
+    WarmPool,
+    /// Target lifecycle state `InService` (after a warm-pool drain).
+    InService,
+    /// The process came back after a spot `stop`/`hibernate` pause: the
+    /// wall clock jumped past the interruption time.
+    Resumed,
     /// SIGTERM or SIGINT.
     Shutdown,
 }
@@ -136,6 +147,22 @@ pub fn on_notice(mode: &Mode, notice: &Notice, policy: &Policy, now: DateTime<Ut
             (DrainReason::SpotInterruption, Some(d))
         }
         Notice::LifecycleTerminated => (DrainReason::LifecycleTerminated, None),
+        Notice::WarmPool => (DrainReason::WarmPool, None),
+        // Back in service from the warm pool: a drain for the pool alone ends.
+        Notice::InService => {
+            return match mode {
+                Mode::Draining(d) if d.reasons == [DrainReason::WarmPool] => Mode::Running,
+                other => other.clone(),
+            }
+        }
+        // Back from a spot stop/hibernate: that drain ends (the jobs were
+        // handed back before the pause); other reasons still hold.
+        Notice::Resumed => {
+            return match mode {
+                Mode::Draining(d) if d.reasons == [DrainReason::SpotInterruption] => Mode::Running,
+                other => other.clone(),
+            }
+        }
         Notice::Shutdown => (
             DrainReason::Shutdown,
             Some(now + to_chrono(policy.shutdown_deadline)),
@@ -259,7 +286,8 @@ pub struct AfterDrain {
 
 pub fn after_drain(drain: &Drain, hook_configured: bool) -> AfterDrain {
     AfterDrain {
-        complete_lifecycle: hook_configured && drain.has(DrainReason::LifecycleTerminated),
+        complete_lifecycle: hook_configured
+            && (drain.has(DrainReason::LifecycleTerminated) || drain.has(DrainReason::WarmPool)),
         exit: drain.has(DrainReason::Shutdown),
     }
 }
@@ -462,6 +490,41 @@ mod tests {
         let m = on_notice(&Mode::Running, &Notice::Rebalance, &drain, t(NOW));
         let m = on_notice(&m, &Notice::LifecycleTerminated, &drain, t(NOW));
         assert_eq!(on_idle(&m), None);
+    }
+
+    #[test]
+    fn warm_pool_drains_complete_the_hook_and_inservice_reopens_intake() {
+        let p = policy(RebalancePolicy::StopIntake);
+        let m = on_notice(&Mode::Running, &Notice::WarmPool, &p, t(NOW));
+        let d = m.drain().expect("drains");
+        assert!(after_drain(d, true).complete_lifecycle);
+        assert_eq!(on_notice(&m, &Notice::InService, &p, t(NOW)), Mode::Running);
+        // A warm-pool drain joined by a spot notice stays a drain.
+        let spot = Notice::Spot {
+            time: t("2026-11-28T08:22:00Z"),
+        };
+        let both = on_notice(&m, &spot, &p, t(NOW));
+        assert!(on_notice(&both, &Notice::InService, &p, t(NOW))
+            .drain()
+            .is_some());
+    }
+
+    #[test]
+    fn a_resume_after_a_spot_stop_reopens_intake_only_for_that_drain() {
+        let p = policy(RebalancePolicy::StopIntake);
+        let spot = Notice::Spot {
+            time: t("2026-11-28T08:22:00Z"),
+        };
+        let m = on_notice(&Mode::Running, &spot, &p, t(NOW));
+        assert_eq!(on_notice(&m, &Notice::Resumed, &p, t(NOW)), Mode::Running);
+        let m = on_notice(&m, &Notice::Shutdown, &p, t(NOW));
+        assert!(on_notice(&m, &Notice::Resumed, &p, t(NOW))
+            .drain()
+            .is_some());
+        assert_eq!(
+            on_notice(&Mode::Running, &Notice::Resumed, &p, t(NOW)),
+            Mode::Running
+        );
     }
 
     #[test]

@@ -136,12 +136,20 @@ impl JobFiles {
     }
 
     /// The checkpoint reference, if the job left one; `Err` names why it is unusable.
+    /// Reads at most `max_bytes + 1` bytes: a job that wrote gigabytes
+    /// there costs the agent nothing (the excess is what tells it is too big).
     pub fn checkpoint(&self, max_bytes: usize) -> Result<Option<String>, String> {
-        match std::fs::read(&self.checkpoint) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("cannot read {}: {e}", self.checkpoint.display())),
-            Ok(bytes) => checkpoint_value(&bytes, max_bytes),
-        }
+        use std::io::Read;
+        let file = match std::fs::File::open(&self.checkpoint) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot read {}: {e}", self.checkpoint.display())),
+            Ok(f) => f,
+        };
+        let mut bytes = Vec::new();
+        file.take(max_bytes as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read {}: {e}", self.checkpoint.display()))?;
+        checkpoint_value(&bytes, max_bytes)
     }
 
     pub fn remove(&self) {
@@ -305,6 +313,9 @@ async fn exec(
             .env("SPOTGUARD_CHECKPOINT_FILE", &f.checkpoint);
     }
     for (k, a) in &msg.attributes {
+        if a.binary.is_some() {
+            continue; // not passed to the worker; carried over on a re-send
+        }
         if a.value.contains('\0') {
             tracing::warn!(message_id = %msg.id, attribute = %k, "attribute holds a NUL byte; not passed");
             continue;
@@ -509,7 +520,7 @@ async fn http(
     if let Some(t) = first_received_iso(msg) {
         req = req.header("X-Aws-Sqsd-First-Received-At", t);
     }
-    for (k, a) in &msg.attributes {
+    for (k, a) in msg.attributes.iter().filter(|(_, a)| a.binary.is_none()) {
         let name = format!("X-Aws-Sqsd-Attr-{k}");
         match (
             reqwest::header::HeaderName::from_bytes(name.as_bytes()),
@@ -591,8 +602,39 @@ async fn http(
                     });
                 }
             }
-            // Dropping the request abandons it (the connection is closed).
-            reason = &mut stop => return Ended { outcome: Outcome::Stopped(reason), checkpoint: None },
+            // Dropping the request abandons it (the connection is closed),
+            // which does not stop the app's work: the app is told on its
+            // notice URL to stop this message's job now.
+            reason = &mut stop => {
+                if let Some(nurl) = spec.notice_url.clone() {
+                    let body = serde_json::json!({
+                        "kind": "stop",
+                        "reason": match reason {
+                            StopReason::Deadline => "deadline",
+                            StopReason::Timeout => "timeout",
+                            StopReason::LeaseLimit => "lease_limit",
+                        },
+                        "message_id": msg.id,
+                    })
+                    .to_string();
+                    let client = spec.http.clone();
+                    let id = msg.id.clone();
+                    tokio::spawn(async move {
+                        let r = client
+                            .post(&nurl)
+                            .header(reqwest::header::CONTENT_TYPE, "application/json")
+                            .header("X-Aws-Sqsd-Msgid", &id)
+                            .timeout(NOTICE_POST_TIMEOUT)
+                            .body(body)
+                            .send()
+                            .await;
+                        if let Err(e) = r {
+                            tracing::warn!(message_id = %id, error = %crate::error_chain(&e), "stop POST failed");
+                        }
+                    });
+                }
+                return Ended { outcome: Outcome::Stopped(reason), checkpoint: None };
+            }
         }
     }
 }
@@ -606,6 +648,21 @@ mod tests {
         assert_eq!(attr_env_name("job-kind"), "SPOTGUARD_ATTR_job_kind");
         assert_eq!(attr_env_name("a.b c$"), "SPOTGUARD_ATTR_a_b_c_");
         assert_eq!(attr_env_name("Plain_1"), "SPOTGUARD_ATTR_Plain_1");
+    }
+
+    #[test]
+    fn a_huge_checkpoint_file_is_refused_after_reading_only_the_limit() {
+        let dir = std::env::temp_dir().join(format!("sg-ckpt-{}", std::process::id()));
+        let f = JobFiles::create(&dir, "m-1").unwrap();
+        // A sparse 1 GiB file: reading it whole would take a gigabyte.
+        let file = std::fs::File::create(&f.checkpoint).unwrap();
+        file.set_len(1 << 30).unwrap();
+        let e = f.checkpoint(1024).unwrap_err();
+        assert!(e.contains("1024") || e.contains("bytes"), "{e}");
+        std::fs::write(&f.checkpoint, "s3://b/k\n").unwrap();
+        assert_eq!(f.checkpoint(1024).unwrap().as_deref(), Some("s3://b/k"));
+        f.remove();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
