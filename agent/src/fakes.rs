@@ -486,7 +486,8 @@ pub struct Script {
 
 /// A worker whose jobs are scripted by their body: `"<seconds>"` runs that
 /// long and succeeds, `"<seconds> fail"` runs that long and fails,
-/// `"<seconds> nostart"` cannot start (a missing program). Anything else
+/// `"<seconds> nostart"` cannot start (a missing program), `"<seconds>
+/// ckpt"` leaves a checkpoint reference when stopped. Anything else
 /// succeeds at once. Every start and end is logged with its time.
 #[derive(Default)]
 pub struct ScriptedWorker {
@@ -545,6 +546,7 @@ impl Worker for ScriptedWorker {
         stop: impl Future<Output = StopReason> + Send,
     ) -> impl Future<Output = Ended> + Send {
         let script = Self::script(&msg.body);
+        let ckpt = msg.body.split_whitespace().any(|w| w == "ckpt");
         let id = msg.id.clone();
         async move {
             if let Outcome::NotStarted(_) = script.outcome {
@@ -575,10 +577,12 @@ impl Worker for ScriptedWorker {
                     }
                 }
             };
-            lock(&self.log).push((Instant::now(), id, "end", format!("{outcome:?}")));
+            lock(&self.log).push((Instant::now(), id.clone(), "end", format!("{outcome:?}")));
+            let checkpoint =
+                (matches!(outcome, Outcome::Stopped(_)) && ckpt).then(|| format!("ckpt-of-{id}"));
             Ended {
                 outcome,
-                checkpoint: None,
+                checkpoint,
             }
         }
     }

@@ -637,3 +637,21 @@ async fn a_warm_pool_transition_drains_completes_the_hook_and_inservice_reopens(
     w.run_for(3).await;
     assert_eq!(w.worker.started().len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn on_fifo_a_checkpoint_is_re_sent_only_when_opted_in() {
+    for resend in [false, true] {
+        let mut c = cfg(no_scale_in());
+        c.queue.url = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs.fifo".into();
+        c.worker.fifo_resend_checkpoint = resend;
+        let w = World::start(c, MemFleet::new(None, 0, 1), false);
+        w.queue.push_group("1000 ckpt", Some("g"));
+        w.run_for(2).await;
+        w.spot(120).await;
+        w.run_for(100).await;
+        let sends = w.queue.calls("SendMessage").len();
+        assert_eq!(sends, usize::from(resend), "resend {resend}");
+        // Either way the work is there again, once.
+        assert_eq!(w.queue.depth(), (1, 0), "resend {resend}");
+    }
+}

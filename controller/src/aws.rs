@@ -214,6 +214,31 @@ fn topic_region(topic: &str) -> Option<&str> {
     topic.split(':').nth(3)
 }
 
+impl SdkCloud {
+    /// The group's instances that are protected from scale-in.
+    async fn protected_ids(&self, region: &str, group: &str) -> Result<Vec<String>, CloudError> {
+        const OP: &str = "DescribeAutoScalingGroups";
+        let c = self.clients(OP, region)?;
+        bounded(OP, region, async {
+            let out = c
+                .asg
+                .describe_auto_scaling_groups()
+                .auto_scaling_group_names(group)
+                .send()
+                .await
+                .map_err(|e| err(OP, region, e))?;
+            Ok(out
+                .auto_scaling_groups()
+                .iter()
+                .flat_map(|g| g.instances())
+                .filter(|i| i.protected_from_scale_in() == Some(true))
+                .filter_map(|i| i.instance_id().map(str::to_string))
+                .collect())
+        })
+        .await
+    }
+}
+
 impl Cloud for SdkCloud {
     async fn group(&self, region: &str, name: &str) -> Result<GroupInfo, CloudError> {
         const OP: &str = "DescribeAutoScalingGroups";
@@ -349,22 +374,9 @@ impl Cloud for SdkCloud {
         group: &str,
     ) -> Result<Vec<String>, CloudError> {
         const OP: &str = "SetInstanceProtection";
+        let ids = self.protected_ids(region, group).await?;
         let c = self.clients(OP, region)?;
         bounded(OP, region, async {
-            let out = c
-                .asg
-                .describe_auto_scaling_groups()
-                .auto_scaling_group_names(group)
-                .send()
-                .await
-                .map_err(|e| err(OP, region, e))?;
-            let ids: Vec<String> = out
-                .auto_scaling_groups()
-                .iter()
-                .flat_map(|g| g.instances())
-                .filter(|i| i.protected_from_scale_in() == Some(true))
-                .filter_map(|i| i.instance_id().map(str::to_string))
-                .collect();
             if !ids.is_empty() {
                 c.asg
                     .set_instance_protection()

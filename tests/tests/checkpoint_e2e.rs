@@ -18,7 +18,12 @@ fn agent_cfg(queue: &str, mock: &spotguard_tests::MockImds, agent: &str) -> Stri
         queue,
         mock,
         agent,
-        "",
+        // FIFO: the re-send with the checkpoint is opt-in (it reorders the group).
+        if queue.ends_with(".fifo") {
+            "fifo_resend_checkpoint = true"
+        } else {
+            ""
+        },
         &format!(
             "{NO_SCALE_IN}[interruption]\npoll_interval = \"200ms\"\ndeadline_margin = \"5s\"\n"
         ),
