@@ -191,6 +191,8 @@ pub trait Fleet: Send + Sync + 'static {
         instance: &str,
         protect: bool,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
+    /// `SetInstanceHealth Unhealthy`: the group replaces the instance.
+    fn mark_unhealthy(&self, instance: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
     fn lifecycle_heartbeat(
         &self,
         group: &str,
@@ -429,6 +431,22 @@ impl Fleet for AsgFleet {
                 .auto_scaling_group_name(group)
                 .instance_ids(instance)
                 .protected_from_scale_in(protect)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| t.sdk(OP, e))
+        })
+        .await
+    }
+
+    async fn mark_unhealthy(&self, instance: &str) -> Result<(), AwsError> {
+        const OP: &str = "SetInstanceHealth";
+        let t = self.target(instance);
+        t.bounded(OP, CALL_TIMEOUT, async {
+            self.client
+                .set_instance_health()
+                .instance_id(instance)
+                .health_status("Unhealthy")
                 .send()
                 .await
                 .map(|_| ())

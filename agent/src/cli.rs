@@ -383,12 +383,20 @@ pub async fn run_with<Q: Queue, F: Fleet, W: Worker, R: std::future::Future<Outp
     edges: Edges<Q, F, W, R>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let health = cfg.health.command.clone().map(|argv| {
+        Arc::new(crate::health::CommandCheck { argv }) as Arc<dyn crate::health::HealthCheck>
+    });
+    status.imds_stale_ms.store(
+        u64::try_from(cfg.health.imds_unreachable_after.0.as_millis()).unwrap_or(u64::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let runner = Runner {
         cfg,
         queue: edges.queue,
         fleet: edges.fleet,
         worker: edges.worker,
         clock: edges.clock,
+        health,
         notifier,
         status,
         instance_id,

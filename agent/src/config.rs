@@ -51,6 +51,66 @@ pub struct Config {
     pub status: StatusConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// What an unhealthy instance does besides closing intake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnUnhealthy {
+    /// Log, count, publish the notice, answer 503 on `/healthz`.
+    Report,
+    /// As `report`, and `SetInstanceHealth Unhealthy`: the group replaces it.
+    Replace,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Jobs failing in a row (failed, timed out, or not started) that make
+    /// this instance unhealthy: a GPU that fell off the bus must not empty
+    /// the queue into the dead-letter queue. 0 disables the breaker.
+    #[serde(default = "d_max_failures")]
+    pub max_consecutive_failures: u32,
+    #[serde(default = "d_on_unhealthy")]
+    pub on_unhealthy: OnUnhealthy,
+    /// A check (argv, no shell; e.g. `["nvidia-smi"]`) run at start and
+    /// every `interval`; while it fails, intake is closed.
+    pub command: Option<Vec<String>>,
+    #[serde(default = "d_health_interval")]
+    pub interval: Dur,
+    /// `/healthz` answers 503 when IMDS has not answered for this long
+    /// (notices would go unseen). 60 s is 60 missed spot polls.
+    #[serde(default = "d_imds_stale")]
+    pub imds_unreachable_after: Dur,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            max_consecutive_failures: d_max_failures(),
+            on_unhealthy: d_on_unhealthy(),
+            command: None,
+            interval: d_health_interval(),
+            imds_unreachable_after: d_imds_stale(),
+        }
+    }
+}
+
+/// Five in a row: one bad message (retried up to its redrive limit) does
+/// not trip it, a broken instance does, after five receives of the fleet's.
+fn d_max_failures() -> u32 {
+    5
+}
+fn d_on_unhealthy() -> OnUnhealthy {
+    OnUnhealthy::Report
+}
+fn d_health_interval() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn d_imds_stale() -> Dur {
+    Dur(Duration::from_secs(60))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -439,6 +499,28 @@ impl Config {
                 "queue.error_visibility_timeout",
                 "SQS allows at most 12h".into(),
             );
+        }
+        if let Some(c) = &self.health.command {
+            if c.is_empty() || c[0].is_empty() {
+                return bad(
+                    "health.command",
+                    "must name a program: [\"nvidia-smi\"]".into(),
+                );
+            }
+        }
+        if self.health.interval.0.is_zero() {
+            return bad("health.interval", "must be greater than zero".into());
+        }
+        if let Some(c) = &self.health.command {
+            if c.is_empty() || c[0].is_empty() {
+                return bad(
+                    "health.command",
+                    "must name a program: [\"nvidia-smi\"]".into(),
+                );
+            }
+        }
+        if self.health.interval.0.is_zero() {
+            return bad("health.interval", "must be greater than zero".into());
         }
         match (&self.worker.command, &self.worker.url) {
             (Some(_), Some(_)) | (None, None) => {

@@ -324,6 +324,8 @@ pub struct FleetState {
     pub protected: bool,
     pub terminated: bool,
     pub lifecycle_completed: bool,
+    /// `SetInstanceHealth Unhealthy` was called.
+    pub unhealthy: bool,
     pub calls: Vec<(Instant, &'static str, String)>,
     pub faults: BTreeMap<&'static str, VecDeque<AwsError>>,
 }
@@ -344,6 +346,7 @@ impl MemFleet {
                 protected: false,
                 terminated: false,
                 lifecycle_completed: false,
+                unhealthy: false,
                 calls: Vec::new(),
                 faults: BTreeMap::new(),
             }),
@@ -444,6 +447,13 @@ impl Fleet for MemFleet {
         let r = self
             .begin("SetInstanceProtection", format!("{instance} {protect}"))
             .map(|mut st| st.protected = protect);
+        async move { r }
+    }
+
+    fn mark_unhealthy(&self, instance: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
+        let r = self
+            .begin("SetInstanceHealth", instance.to_string())
+            .map(|mut st| st.unhealthy = true);
         async move { r }
     }
 

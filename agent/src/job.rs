@@ -45,6 +45,8 @@ pub enum Settled {
 #[derive(Debug, Clone)]
 pub struct JobReport {
     pub message_id: String,
+    /// A heartbeat was refused as stale: another worker may run it too.
+    pub lost_ownership: bool,
     pub outcome: Outcome,
     pub settled: Settled,
     pub ran_for: Duration,
@@ -154,6 +156,7 @@ pub async fn run_job<Q: Queue, W: Worker>(
         .checked_sub(ctx.lease_margin)
         .unwrap_or(received);
     let stop = stop_signal(deadline, ctx.timeout, lease_stop);
+    let lost_flag = std::sync::atomic::AtomicBool::new(false);
     let heartbeat = async {
         let mut tick = tokio::time::interval_at(Instant::now() + ctx.heartbeat, ctx.heartbeat);
         let mut lost = false;
@@ -179,6 +182,7 @@ pub async fn run_job<Q: Queue, W: Worker>(
                     ) =>
                 {
                     lost = true;
+                    lost_flag.store(true, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(message_id = %msg.id, error = %e, "lost ownership of the message: its lease lapsed or its handle is stale; another worker may run it");
                 }
                 Err(e) => {
@@ -231,8 +235,13 @@ pub async fn run_job<Q: Queue, W: Worker>(
         }
         _ => tracing::warn!(message_id = %msg.id, ?outcome, ?settled, "job did not succeed"),
     }
+    let lost_ownership = lost_flag.load(std::sync::atomic::Ordering::Relaxed);
+    if lost_ownership && settled == Settled::Deleted {
+        tracing::warn!(message_id = %msg.id, "deleted after ownership was lost: another worker may have run this job too");
+    }
     JobReport {
         message_id: msg.id,
+        lost_ownership,
         outcome,
         settled,
         ran_for,

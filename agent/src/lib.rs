@@ -8,6 +8,7 @@
 //! - [`worker`]: exec and http (sqsd) hand-off of a message to the worker.
 //! - [`aws`]: the SQS and Auto Scaling calls behind small traits.
 //! - `fakes` (tests, feature `test-util`): in-memory SQS, Auto Scaling and worker.
+//! - [`health`]: the worker-health check (`health.command`).
 //! - [`config`], [`status`], [`notify`], [`cli`]: file, endpoint, SNS/hook, command line.
 
 pub mod aws;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fakes;
+pub mod health;
 pub mod imds;
 pub mod job;
 pub mod notify;

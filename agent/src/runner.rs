@@ -22,7 +22,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::aws::{AwsError, Fleet, Message, Queue, ScaleIn};
-use crate::config::Config;
+use crate::config::{Config, OnUnhealthy};
+use crate::health::HealthCheck;
 use crate::imds::TargetLifecycleState;
 use crate::job::{hand_back_unstarted, run_job, JobCtx, JobReport, Settled};
 use crate::notify::Notifier;
@@ -59,6 +60,8 @@ enum Effect {
     Group(Result<Option<String>, AwsError>),
     LifecycleCompleted(Result<(), AwsError>),
     HookHeartbeat(Result<(), AwsError>),
+    Health(Result<(), String>),
+    MarkedUnhealthy(Result<(), AwsError>),
 }
 
 pub struct Runner<Q, F, W> {
@@ -67,6 +70,8 @@ pub struct Runner<Q, F, W> {
     pub fleet: Arc<F>,
     pub worker: Arc<W>,
     pub clock: Arc<dyn Clock>,
+    /// `health.command`, if configured.
+    pub health: Option<Arc<dyn HealthCheck>>,
     pub notifier: Notifier,
     pub status: Arc<Status>,
     pub instance_id: String,
@@ -169,6 +174,15 @@ pub struct Books {
     /// The last spot notice (action, time), for what running jobs are told.
     pub spot: Option<(Option<String>, DateTime<Utc>)>,
     pub drain_complete_logged: bool,
+    /// Jobs that ended badly in a row (failed, timed out, not started).
+    pub failures_in_a_row: u32,
+    /// The circuit breaker tripped: why.
+    pub broken: Option<String>,
+    /// `health.command` fails: why. `None` also before its first answer.
+    pub check_failing: Option<String>,
+    /// `health.command` has answered at least once (or there is none).
+    pub check_known: bool,
+    pub health_check: Pending,
 }
 
 impl Books {
@@ -194,7 +208,17 @@ impl Books {
             deadline: None,
             spot: None,
             drain_complete_logged: false,
+            failures_in_a_row: 0,
+            broken: None,
+            check_failing: None,
+            check_known: true,
+            health_check: Pending::new(now),
         }
+    }
+
+    /// Why intake is closed for health, if it is.
+    pub fn unhealthy(&self) -> Option<&str> {
+        self.broken.as_deref().or(self.check_failing.as_deref())
     }
 }
 
@@ -207,6 +231,8 @@ pub struct Settings {
     pub protect_busy: bool,
     /// A lifecycle hook is configured.
     pub hook: bool,
+    /// `health.command` is configured.
+    pub health_check: bool,
 }
 
 impl Settings {
@@ -217,6 +243,7 @@ impl Settings {
             scale_in: cfg.scale_in.enabled,
             protect_busy: cfg.scale_in.protect_busy,
             hook: cfg.interruption.lifecycle_hook.is_some(),
+            health_check: cfg.health.command.is_some(),
         }
     }
 }
@@ -236,6 +263,8 @@ pub struct Due {
     pub confirm_state: bool,
     pub hook_heartbeat: bool,
     pub complete_lifecycle: bool,
+    /// Run `health.command`.
+    pub health_check: bool,
     pub exit: bool,
 }
 
@@ -260,6 +289,8 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
         && jobs < s.concurrency
         && b.receive.ready(now)
         && now >= b.start_failures.not_before
+        && b.check_known
+        && b.unhealthy().is_none()
     {
         d.receive = Some((s.concurrency - jobs).min(10) as i32);
         receiving = true;
@@ -298,6 +329,9 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     }
     if b.confirm_needed && b.confirm.ready(now) {
         d.confirm_state = true;
+    }
+    if s.health_check && b.health_check.ready(now) && mode.drain().is_none() {
+        d.health_check = true;
     }
 
     if let Some(drain) = mode.drain() {
@@ -341,6 +375,8 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
 struct Loop {
     books: Books,
     jobs: JoinSet<JobReport>,
+    /// When each running job started, by message id.
+    job_starts: std::collections::HashMap<String, Instant>,
     clocks: (Instant, DateTime<Utc>),
 }
 
@@ -385,9 +421,13 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         shutdown: impl Future<Output = ()>,
     ) {
         let now = Instant::now();
+        let mut books = Books::new(now);
+        // Intake waits for the first answer of `health.command`.
+        books.check_known = self.health.is_none();
         let mut st = Loop {
-            books: Books::new(now),
+            books,
             jobs: JoinSet::new(),
+            job_starts: Default::default(),
             clocks: (now, self.clock.now()),
         };
         let settings = Settings::of(&self.cfg);
@@ -428,7 +468,12 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 tracing::info!("drain complete; exiting");
                 return;
             }
-            self.status.set(&st.books.mode, st.jobs.len());
+            let oldest = st
+                .job_starts
+                .values()
+                .min()
+                .map_or(0, |t| Instant::now().duration_since(*t).as_secs());
+            self.status.set(&st.books.mode, st.jobs.len(), oldest);
             let wake = self.next_wake(&st.books, &settings);
             tokio::select! {
                 biased;
@@ -451,7 +496,10 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 Some(r) = st.jobs.join_next(), if !st.jobs.is_empty() => {
                     st.books.last_activity = Instant::now();
                     match r {
-                        Ok(report) => self.on_report(&mut st.books, &report),
+                        Ok(report) => {
+                            st.job_starts.remove(&report.message_id);
+                            self.on_report(&mut st.books, &report, &effects_tx);
+                        }
                         Err(e) => {
                             // A job task panicked: its message returns when its
                             // visibility lapses (the heartbeat died with it).
@@ -483,6 +531,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             &b.protection,
             &b.lifecycle,
             &b.confirm,
+            &b.health_check,
         ] {
             consider(p.not_before);
         }
@@ -623,8 +672,38 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         }
     }
 
-    fn on_report(&self, b: &mut Books, r: &JobReport) {
+    fn on_report(&self, b: &mut Books, r: &JobReport, tx: &mpsc::UnboundedSender<Effect>) {
         let c = &self.status.counters;
+        if r.lost_ownership {
+            inc(&c.lost_ownership);
+        }
+        // The circuit breaker: jobs ending badly in a row on this instance.
+        match r.settled {
+            Settled::Deleted => b.failures_in_a_row = 0,
+            Settled::Failed | Settled::TimedOut | Settled::NotStarted => b.failures_in_a_row += 1,
+            _ => {}
+        }
+        let limit = self.cfg.health.max_consecutive_failures;
+        if limit > 0 && b.failures_in_a_row >= limit && b.broken.is_none() {
+            let why = format!(
+                "{} jobs in a row failed, timed out or could not start (health.max_consecutive_failures = {limit})",
+                b.failures_in_a_row
+            );
+            tracing::error!(reason = %why, action = ?self.cfg.health.on_unhealthy, "this instance is unhealthy: intake closed");
+            inc(&c.unhealthy_trips);
+            b.broken = Some(why.clone());
+            self.status.set_unhealthy(Some(why.clone()));
+            self.notifier.notify(
+                "spotguard: instance unhealthy",
+                json!({"event": "unhealthy", "instance_id": self.instance_id, "reason": why}),
+            );
+            if self.cfg.health.on_unhealthy == OnUnhealthy::Replace {
+                let (fleet, id, tx) = (self.fleet.clone(), self.instance_id.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _ = tx.send(Effect::MarkedUnhealthy(fleet.mark_unhealthy(&id).await));
+                });
+            }
+        }
         if r.settled == Settled::NotStarted {
             b.start_failures.failed(Instant::now(), start_failure_pause);
             let pause = start_failure_pause(b.start_failures.failures);
@@ -705,6 +784,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                         });
                     }
                     for m in msgs {
+                        st.job_starts.insert(m.id.clone(), now);
                         tracing::info!(message_id = %m.id, receive_count = m.receive_count, "job started");
                         st.jobs.spawn(run_job(
                             ctx.clone(),
@@ -827,6 +907,33 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                     tracing::warn!(error = %e, "cannot complete the lifecycle action");
                 }
             },
+            Effect::Health(r) => {
+                b.health_check.succeeded();
+                b.health_check.not_before = now + self.cfg.health.interval.0;
+                b.check_known = true;
+                match r {
+                    Ok(()) => {
+                        if let Some(why) = b.check_failing.take() {
+                            tracing::info!(was = %why, "health.command passes again: intake reopens");
+                        }
+                    }
+                    Err(why) => {
+                        if b.check_failing.is_none() {
+                            inc(&c.unhealthy_trips);
+                            tracing::error!(reason = %why, "health.command fails: intake closed");
+                        }
+                        b.check_failing = Some(why);
+                    }
+                }
+                self.status.set_unhealthy(b.unhealthy().map(str::to_string));
+            }
+            Effect::MarkedUnhealthy(r) => match r {
+                Ok(()) => tracing::warn!("instance marked Unhealthy: the group replaces it"),
+                Err(e) => {
+                    inc(&c.aws_errors);
+                    tracing::warn!(error = %e, "cannot mark the instance unhealthy");
+                }
+            },
             Effect::HookHeartbeat(r) => match r {
                 Ok(()) => {
                     b.hook_heartbeat.succeeded();
@@ -945,6 +1052,10 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             spawn(Box::pin(async move {
                 Effect::LifecycleCompleted(fleet.complete_lifecycle(&group, &hook, &id).await)
             }));
+        }
+        if let (true, Some(check)) = (d.health_check, self.health.clone()) {
+            b.health_check.start();
+            spawn(Box::pin(async move { Effect::Health(check.check().await) }));
         }
         if let Some(drain) = b.mode.drain() {
             if st.jobs.is_empty() && !b.drain_complete_logged {

@@ -47,9 +47,35 @@ struct World {
     runner: JoinHandle<()>,
 }
 
+/// A health check whose answer the test sets.
+struct FlagCheck(std::sync::atomic::AtomicBool, std::sync::atomic::AtomicU32);
+
+impl crate::health::HealthCheck for FlagCheck {
+    fn check(&self) -> crate::health::CheckFuture<'_> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let ok = self.0.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if ok {
+                Ok(())
+            } else {
+                Err("health.command nvidia-smi exited with exit status: 9".into())
+            }
+        })
+    }
+}
+
 impl World {
     /// Starts the runner; intake opens at once unless `gated`.
     fn start(cfg: Config, fleet: Arc<MemFleet>, gated: bool) -> World {
+        World::start_with(cfg, fleet, gated, None)
+    }
+
+    fn start_with(
+        cfg: Config,
+        fleet: Arc<MemFleet>,
+        gated: bool,
+        health: Option<Arc<dyn crate::health::HealthCheck>>,
+    ) -> World {
         let queue = if cfg.queue.url.ends_with(".fifo") {
             MemQueue::new_fifo()
         } else {
@@ -73,6 +99,7 @@ impl World {
             fleet: fleet.clone(),
             worker: worker.clone(),
             clock: clock.clone(),
+            health,
             notifier: Notifier::none(),
             status: status.clone(),
             instance_id: "i-0test".into(),
@@ -654,4 +681,66 @@ async fn on_fifo_a_checkpoint_is_re_sent_only_when_opted_in() {
         // Either way the work is there again, once.
         assert_eq!(w.queue.depth(), (1, 0), "resend {resend}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_in_a_row_trip_the_breaker_close_intake_and_replace_the_instance() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 3\non_unhealthy = \"replace\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    for _ in 0..6 {
+        w.queue.push("1 fail");
+    }
+    w.run_for(10).await;
+    // Three failures, then no more intake: the other messages stay queued
+    // with their receive counts untouched.
+    assert_eq!(w.worker.started().len(), 3);
+    assert_eq!(w.counter(|c| &c.jobs_failed), 3);
+    assert_eq!(w.counter(|c| &c.unhealthy_trips), 1);
+    assert!(w.status.unhealthy().is_some());
+    assert_eq!(w.status.healthz().0, 503);
+    assert!(w.fleet.lock().unhealthy, "SetInstanceHealth Unhealthy");
+    w.run_for(60).await;
+    assert_eq!(w.worker.started().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_resets_the_count_of_failures() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 3\n"),
+        MemFleet::new(None, 0, 1),
+        false,
+    );
+    for body in ["1 fail", "1 fail", "1", "1 fail", "1 fail", "1"] {
+        w.queue.push(body);
+    }
+    w.run_for(20).await;
+    assert_eq!(w.worker.started().len(), 6);
+    assert!(w.status.unhealthy().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_health_command_gates_intake_until_it_passes() {
+    let check = Arc::new(FlagCheck(
+        std::sync::atomic::AtomicBool::new(false),
+        std::sync::atomic::AtomicU32::new(0),
+    ));
+    let w = World::start_with(
+        cfg("[scale_in]\nenabled = false\n[health]\ncommand = [\"nvidia-smi\"]\ninterval = \"30s\"\n"),
+        MemFleet::new(None, 0, 1),
+        false,
+        Some(check.clone()),
+    );
+    w.queue.push("1");
+    w.run_for(40).await;
+    // Checked at start and 30 s later; failing, so nothing was taken.
+    assert_eq!(check.1.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(w.queue.calls("ReceiveMessage").is_empty());
+    assert_eq!(w.status.healthz().0, 503);
+    check.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    w.run_for(30).await;
+    assert_eq!(w.worker.started().len(), 1);
+    assert!(w.status.unhealthy().is_none());
 }

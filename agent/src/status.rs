@@ -39,6 +39,8 @@ counters! {
     messages_returned_unstarted: "Messages received after intake closed, handed back unstarted.",
     settle_errors: "Deletes or hand-backs that failed; those messages return when their visibility lapses.",
     jobs_not_started: "Jobs that could not start (missing program, no app listening); handed back at once, intake paused.",
+    lost_ownership: "Heartbeats refused because the lease lapsed or the handle is stale (another worker may run the job).",
+    unhealthy_trips: "Times the agent went unhealthy (failures in a row, or health.command failing).",
     notices_spot: "Spot interruption notices.",
     notices_rebalance: "Rebalance recommendations.",
     notices_lifecycle: "Target lifecycle state changes to Terminated.",
@@ -50,22 +52,62 @@ counters! {
     scale_in_refusals: "Scale-in requests the group refused.",
 }
 
+fn now_ms() -> u64 {
+    u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
 pub fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Shared between the runner (writer) and the HTTP endpoint (reader).
+/// `/healthz`: 503 while the agent is unhealthy (the circuit breaker or
+/// `health.command`), or while IMDS has not answered for `imds_stale_ms`
+/// (notices would go unseen); 200 otherwise. A pure function of its inputs.
+pub fn healthz(
+    unhealthy: Option<&str>,
+    last_imds_ms: u64,
+    started_ms: u64,
+    now_ms: u64,
+    imds_stale_ms: u64,
+) -> (u16, String) {
+    if let Some(why) = unhealthy {
+        return (503, format!("unhealthy: {why}\n"));
+    }
+    let since = if last_imds_ms == 0 {
+        started_ms
+    } else {
+        last_imds_ms
+    };
+    let silent = now_ms.saturating_sub(since);
+    if silent >= imds_stale_ms {
+        return (
+            503,
+            format!("unhealthy: IMDS has not answered for {} s\n", silent / 1000),
+        );
+    }
+    (200, "ok\n".into())
+}
+
 pub struct Status {
     pub counters: Counters,
     pub imds: Arc<ImdsStats>,
     pub instance_id: String,
     view: Mutex<View>,
+    /// Why the agent is unhealthy, if it is.
+    unhealthy: Mutex<Option<String>>,
+    started_ms: u64,
+    /// IMDS silent this long makes `/healthz` answer 503.
+    pub imds_stale_ms: AtomicU64,
 }
 
 #[derive(Debug, Clone, Serialize)]
 struct View {
     mode: Mode,
     jobs_in_flight: usize,
+    /// Age of the longest-running job (a job without `worker.timeout`
+    /// cannot hold its slot for ever unnoticed).
+    oldest_job_secs: u64,
 }
 
 impl Status {
@@ -77,14 +119,40 @@ impl Status {
             view: Mutex::new(View {
                 mode: Mode::Running,
                 jobs_in_flight: 0,
+                oldest_job_secs: 0,
             }),
+            unhealthy: Mutex::new(None),
+            started_ms: now_ms(),
+            imds_stale_ms: AtomicU64::new(60_000),
         }
     }
 
-    pub fn set(&self, mode: &Mode, jobs_in_flight: usize) {
+    pub fn set_unhealthy(&self, why: Option<String>) {
+        *self.unhealthy.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    pub fn unhealthy(&self) -> Option<String> {
+        self.unhealthy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn healthz(&self) -> (u16, String) {
+        healthz(
+            self.unhealthy().as_deref(),
+            self.imds.last_answer_ms.load(Ordering::Relaxed),
+            self.started_ms,
+            now_ms(),
+            self.imds_stale_ms.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn set(&self, mode: &Mode, jobs_in_flight: usize, oldest_job_secs: u64) {
         let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
         v.mode = mode.clone();
         v.jobs_in_flight = jobs_in_flight;
+        v.oldest_job_secs = oldest_job_secs;
     }
 
     fn view(&self) -> View {
@@ -103,6 +171,8 @@ impl Status {
             "instance_id": self.instance_id,
             "state": v.mode,
             "jobs_in_flight": v.jobs_in_flight,
+            "oldest_job_age_seconds": v.oldest_job_secs,
+            "unhealthy": self.unhealthy(),
             "counters": counters,
             "imds": self.imds.snapshot(),
         })
@@ -141,6 +211,26 @@ impl Status {
         );
         let _ = writeln!(out, "# TYPE spotguard_agent_jobs_in_flight gauge");
         let _ = writeln!(out, "spotguard_agent_jobs_in_flight {}", v.jobs_in_flight);
+        let _ = writeln!(
+            out,
+            "# HELP spotguard_agent_oldest_job_age_seconds Age of the longest-running job (0: none)."
+        );
+        let _ = writeln!(out, "# TYPE spotguard_agent_oldest_job_age_seconds gauge");
+        let _ = writeln!(
+            out,
+            "spotguard_agent_oldest_job_age_seconds {}",
+            v.oldest_job_secs
+        );
+        let _ = writeln!(
+            out,
+            "# HELP spotguard_agent_healthy 1 unless the agent is unhealthy."
+        );
+        let _ = writeln!(out, "# TYPE spotguard_agent_healthy gauge");
+        let _ = writeln!(
+            out,
+            "spotguard_agent_healthy {}",
+            u8::from(self.unhealthy().is_none())
+        );
         let _ = writeln!(
             out,
             "# HELP spotguard_agent_mode The current mode (1 for the active one)."
@@ -190,7 +280,10 @@ pub async fn serve_on(
                 let status = status.clone();
                 async move {
                     let r = match req.uri().path() {
-                        "/healthz" => respond(200, "text/plain", "ok\n".into()),
+                        "/healthz" => {
+                            let (code, text) = status.healthz();
+                            respond(code, "text/plain", text)
+                        }
                         "/status" => respond(200, "application/json", status.json().to_string()),
                         "/metrics" => {
                             respond(200, "text/plain; version=0.0.4", status.prometheus())
@@ -204,5 +297,25 @@ pub async fn serve_on(
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::healthz;
+
+    #[test]
+    fn healthz_answers_503_when_unhealthy_or_imds_silent() {
+        let min = 60_000;
+        assert_eq!(healthz(None, 1_000_000, 0, 1_030_000, min).0, 200);
+        assert_eq!(healthz(None, 1_000_000, 0, 1_060_000, min).0, 503);
+        // Never answered: counted from the start.
+        assert_eq!(healthz(None, 0, 1_000_000, 1_010_000, min).0, 200);
+        let (code, text) = healthz(None, 0, 1_000_000, 1_090_000, min);
+        assert_eq!(code, 503);
+        assert!(text.contains("IMDS has not answered for 90 s"), "{text}");
+        let (code, text) = healthz(Some("5 jobs in a row failed"), 1_000_000, 0, 1_000_000, min);
+        assert_eq!(code, 503);
+        assert!(text.contains("5 jobs in a row"), "{text}");
     }
 }

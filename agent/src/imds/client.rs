@@ -123,6 +123,9 @@ pub struct ImdsStats {
     pub other_errors: AtomicU64,
     /// Bodies the watcher could not parse (counted by the watcher).
     pub parse_errors: AtomicU64,
+    /// When a poll last answered (ms since the epoch; 0: never), set by the
+    /// watcher, for `/healthz`.
+    pub last_answer_ms: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]

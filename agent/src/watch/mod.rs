@@ -163,6 +163,10 @@ async fn poll_path(
         ticker.tick().await;
         let polled = match client.get(path).await {
             Ok(p) => {
+                stats.last_answer_ms.store(
+                    u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0),
+                    Ordering::Relaxed,
+                );
                 if failing {
                     tracing::info!(path, "IMDS answers again");
                     failing = false;
