@@ -32,7 +32,19 @@ struct Slot {
     past: Vec<(PathBuf, u32)>,
 }
 
-fn config(queue: &str, mock: &MockImds, tag: &str, state: &std::path::Path) -> String {
+fn config(
+    queue: &str,
+    mock: &MockImds,
+    tag: &str,
+    state: &std::path::Path,
+    broken: bool,
+) -> String {
+    let worker = if broken {
+        // A broken install: the worker program is missing on this agent.
+        PathBuf::from("/nonexistent/spotguard-test-worker")
+    } else {
+        bin("spotguard-test-worker")
+    };
     format!(
         r#"
 [queue]
@@ -58,7 +70,7 @@ enabled = false
 [status]
 listen = ""
 "#,
-        worker = bin("spotguard-test-worker").display(),
+        worker = worker.display(),
         imds = mock.url,
         state = state.display(),
     )
@@ -81,7 +93,16 @@ fn main() {
     let start = |slot: &mut Slot, env: &AwsEnv| {
         slot.generation += 1;
         let name = format!("{}-{}", slot.tag, slot.generation);
-        let cfg = config(&queue, &slot.mock, &slot.tag, &dir.path().join("state"));
+        // Agent a0's first process has a broken worker binary: it must not
+        // burn the queue's receive counts (it pauses and trips its breaker).
+        let broken = slot.tag == "a0" && slot.generation == 1;
+        let cfg = config(
+            &queue,
+            &slot.mock,
+            &slot.tag,
+            &dir.path().join("state"),
+            broken,
+        );
         slot.proc = Some(start_agent(env, dir.path(), &name, &cfg));
         slot.given = 0;
     };
@@ -105,17 +126,29 @@ fn main() {
     }
     let ids: Vec<String> = (0..jobs).map(|k| format!("j{k}")).collect();
     let mut crashing = 0;
+    let mut leaving = 0;
     for id in &ids {
         let crash = rng.unit() < 0.05;
+        let leave = !crash && rng.unit() < 0.05;
         crashing += u32::from(crash);
+        leaving += u32::from(leave);
         // 0.5 to 2.5 s per job: long enough for faults to land mid-job.
         let sleep = 500 + (rng.unit() * 2000.0) as u64;
-        env.send(
-            &queue,
-            &json!({"id": id, "sleep_ms": sleep, "crash_first": crash}).to_string(),
-        );
+        let body = if leave {
+            // 200 KB after the first line: more than a pipe holds, unread.
+            format!(
+                "{}\n{}",
+                json!({"id": id, "sleep_ms": sleep, "leave_child": true}),
+                "x".repeat(200_000)
+            )
+        } else {
+            json!({"id": id, "sleep_ms": sleep, "crash_first": crash}).to_string()
+        };
+        env.send(&queue, &body);
     }
     faults.insert("worker crash", crashing);
+    faults.insert("worker ignores stdin, leaves a child", leaving);
+    faults.insert("broken worker binary (a0's first process)", 1);
     println!(
         "chaos run: seed {seed}, {jobs} jobs, {agents} agents; work dir {}",
         dir.path().display()
@@ -310,7 +343,46 @@ fn main() {
     for (k, n) in &faults {
         println!("| {k} | {n} |");
     }
-    let ok = lost == 0 && completed == jobs && false_drains == 0 && unexplained_count == 0;
+    // Helpers left behind by jobs must have been ended with their group,
+    // unless their agent was SIGKILLed while the job ran (then nothing is
+    // left to end them; on an instance, systemd's control-group kill does).
+    std::thread::sleep(Duration::from_secs(2));
+    let text = std::fs::read_to_string(dir.path().join("record.txt")).unwrap_or_default();
+    let mut leftovers = 0;
+    let mut leftovers_after_kill = 0;
+    for l in text.lines().filter(|l| l.starts_with("child ")) {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let (Some(pid), Some(agent), Some(at)) = (
+            w.get(2).and_then(|p| p.parse::<i32>().ok()),
+            w.get(3),
+            w.get(4).and_then(|t| t.parse::<u128>().ok()),
+        ) else {
+            continue;
+        };
+        let alive = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| c == b"sleep\0301\0")
+            .unwrap_or(false);
+        if !alive {
+            continue;
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        if kills.iter().any(|(tag, k)| tag == agent && *k >= at) {
+            leftovers_after_kill += 1;
+        } else {
+            leftovers += 1;
+        }
+    }
+    println!(
+        "\nleftover job processes (`sleep 301`): {leftovers} (and {leftovers_after_kill} whose agent was SIGKILLed mid-job)"
+    );
+    let ok = lost == 0
+        && completed == jobs
+        && false_drains == 0
+        && unexplained_count == 0
+        && leftovers == 0;
     if !ok {
         eprintln!("CHAOS FAILED (logs kept in {})", dir.path().display());
         std::mem::forget(dir);

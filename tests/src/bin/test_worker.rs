@@ -8,6 +8,8 @@
 //! anything else is stored raw. Every execution appends one line per event to
 //! the file named by `SPOTGUARD_TEST_RECORD` (O_APPEND, one write per line, so
 //! concurrent workers do not interleave):
+//! With `"leave_child": true` on the first line, only that line is read: a
+//! `sleep 301` child inherits the rest of stdin and outlives the worker.
 //! `start <id> <receive_count> <pid> <agent> <ms>`, then `done <id> <ms>`,
 //! `fail <id> <ms>` or `term <id> <ms>` (`<agent>` is `$TEST_AGENT`, `<ms>`
 //! milliseconds since the epoch).
@@ -107,8 +109,36 @@ fn record(line: &str) {
 }
 
 fn main() {
+    // The first line, then (unless the job says to leave stdin unread) the rest.
+    let mut stdin = std::io::BufReader::new(std::io::stdin());
     let mut body = Vec::new();
-    std::io::stdin().read_to_end(&mut body).expect("stdin");
+    std::io::BufRead::read_until(&mut stdin, b'\n', &mut body).expect("stdin");
+    let first_line: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if first_line["leave_child"].as_bool().unwrap_or(false) {
+        // A helper that inherits the unread stdin and outlives this process:
+        // its process group must be ended by the agent, and the agent must
+        // settle the job on this process's exit (not wait for stdin).
+        let child = std::process::Command::new("sleep")
+            .arg("301")
+            .stdin(std::process::Stdio::inherit())
+            .spawn();
+        let id = first_line["id"].as_str().unwrap_or("-").to_string();
+        let count = std::env::var("SPOTGUARD_RECEIVE_COUNT").unwrap_or_default();
+        let agent = std::env::var("TEST_AGENT").unwrap_or_else(|_| "-".into());
+        record(&format!(
+            "start {id} {count} {} {agent}",
+            std::process::id()
+        ));
+        if let Ok(c) = &child {
+            record(&format!("child {id} {} {agent}", c.id()));
+        }
+        std::thread::sleep(Duration::from_millis(
+            first_line["sleep_ms"].as_u64().unwrap_or(0),
+        ));
+        record(&format!("done {id}"));
+        std::process::exit(0);
+    }
+    stdin.read_to_end(&mut body).expect("stdin");
     let msg_id = std::env::var("SPOTGUARD_MESSAGE_ID").unwrap_or_default();
     let count = std::env::var("SPOTGUARD_RECEIVE_COUNT").unwrap_or_default();
     if let Some(dir) = std::env::var_os("SPOTGUARD_TEST_RAW_DIR") {
