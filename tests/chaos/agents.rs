@@ -360,7 +360,7 @@ fn main() {
             continue;
         };
         let alive = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|c| c == b"sleep\0301\0")
+            .map(|c| c == b"sleep\x00301\x00")
             .unwrap_or(false);
         if !alive {
             continue;
