@@ -56,6 +56,8 @@ pub struct Stored {
 #[derive(Debug, Default)]
 pub struct QueueState {
     pub messages: Vec<Stored>,
+    /// The dead-letter queue.
+    pub dead: Vec<Stored>,
     /// Ids of deleted messages, in order.
     pub deleted: Vec<String>,
     /// Every call: (when, operation, detail).
@@ -74,11 +76,22 @@ pub struct MemQueue {
     /// FIFO: a group with a message in flight delivers nothing; one receive
     /// returns a group's messages in order, several at once.
     fifo: bool,
+    /// The redrive policy's maxReceiveCount: a message received this many
+    /// times moves to the dead-letter queue instead of a new delivery.
+    max_receives: Option<u32>,
 }
 
 impl MemQueue {
     pub fn new() -> Arc<MemQueue> {
         Arc::new(MemQueue::default())
+    }
+
+    /// A standard queue with a dead-letter queue after `max` receives.
+    pub fn with_redrive(max: u32) -> Arc<MemQueue> {
+        Arc::new(MemQueue {
+            max_receives: Some(max),
+            ..MemQueue::default()
+        })
     }
 
     pub fn new_fifo() -> Arc<MemQueue> {
@@ -159,6 +172,14 @@ impl MemQueue {
     fn take_visible(&self, max: usize, visibility: Duration) -> Vec<Message> {
         let now = Instant::now();
         let mut st = self.lock();
+        if let Some(limit) = self.max_receives {
+            // Redrive: visible messages already received `limit` times.
+            let (dead, keep): (Vec<Stored>, Vec<Stored>) = std::mem::take(&mut st.messages)
+                .into_iter()
+                .partition(|m| m.visible_at <= now && m.receive_count >= limit);
+            st.messages = keep;
+            st.dead.extend(dead);
+        }
         let mut out = Vec::new();
         let mut next = st.next;
         // FIFO: groups with a message in flight are locked.
@@ -242,6 +263,7 @@ impl Queue for MemQueue {
                     .unwrap_or(end)
                     .min(end);
                 tokio::select! {
+                    biased;
                     _ = notified => {}
                     _ = tokio::time::sleep_until(next_visible) => {}
                 }

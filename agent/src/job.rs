@@ -113,6 +113,7 @@ async fn stop_signal(
             let at = *deadline.borrow_and_update();
             match at {
                 Some(at) => tokio::select! {
+                    biased;
                     _ = tokio::time::sleep_until(at) => return,
                     r = deadline.changed() => if r.is_err() { tokio::time::sleep_until(at).await; return },
                 },
@@ -125,6 +126,7 @@ async fn stop_signal(
         }
     };
     tokio::select! {
+        biased;
         _ = timed_out => StopReason::Timeout,
         _ = drained => StopReason::Deadline,
         _ = tokio::time::sleep_until(lease_stop) => StopReason::LeaseLimit,
@@ -192,6 +194,7 @@ pub async fn run_job<Q: Queue, W: Worker>(
         }
     };
     let ended = tokio::select! {
+        biased;
         e = ctx.worker.run(&msg, files.as_ref(), notices, stop) => e,
         _ = heartbeat => Ended { outcome: unreachable_heartbeat(), checkpoint: None },
     };

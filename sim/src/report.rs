@@ -1,0 +1,205 @@
+//! What a run writes: `summary.json`, a terminal table, and `report.html`
+//! with SVG plots drawn by plotters (self-contained: the SVG is inline).
+
+use std::fmt::Write as _;
+
+use plotters::prelude::*;
+
+use crate::run::{Outcome, Summary};
+
+const COLORS: [RGBColor; 4] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+];
+
+/// The comparison table, one row per policy (Markdown, so it pastes into
+/// the README).
+pub fn table(rows: &[&Summary], no_outage_p95: Option<f64>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| policy | jobs done | p50 wait s | p95 wait s | p95 vs no outage | jobs killed | lost | dead-lettered | fallback instance-h | total cost $ | mode changes | invariant violations |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for s in rows {
+        let killed: usize = s.killed.values().sum();
+        let ratio = no_outage_p95
+            .filter(|b| *b > 0.0)
+            .map_or("-".to_string(), |b| format!("{:.2}x", s.wait_p95_s / b));
+        let _ = writeln!(
+            out,
+            "| {} | {}/{} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} | {:.2} | {} | {} |",
+            s.policy,
+            s.done,
+            s.jobs,
+            s.wait_p50_s,
+            s.wait_p95_s,
+            ratio,
+            killed,
+            s.lost,
+            s.dead_lettered,
+            s.fallback_instance_hours,
+            s.cost_usd,
+            s.mode_changes,
+            s.violations.len()
+        );
+    }
+    out
+}
+
+type Line<'a> = (&'a str, &'a [f64]);
+
+fn line_plot(title: &str, y_desc: &str, x: &[f64], lines: &[Line<'_>], step: bool) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 300)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let x_max = x.last().copied().unwrap_or(1.0).max(1.0) / 60.0;
+        let y_max = lines
+            .iter()
+            .flat_map(|l| l.1.iter().copied())
+            .fold(1.0f64, f64::max)
+            * 1.1;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0f64..x_max, 0f64..y_max)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("simulated hours")
+            .y_desc(y_desc)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (k, (name, ys)) in lines.iter().enumerate() {
+            let color = COLORS[k % COLORS.len()];
+            let mut pts: Vec<(f64, f64)> = Vec::new();
+            for (i, (xv, yv)) in x.iter().zip(ys.iter()).enumerate() {
+                if step && i > 0 {
+                    pts.push((xv / 60.0, ys[i - 1]));
+                }
+                pts.push((xv / 60.0, *yv));
+            }
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(*name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
+/// Cumulative distribution of job waits, one line per policy.
+fn wait_plot(outcomes: &[(&str, &Outcome)]) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 300)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let x_max = outcomes
+            .iter()
+            .flat_map(|o| o.1.series.waits_s.last().copied())
+            .fold(60.0f64, f64::max)
+            / 60.0;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("job wait: share of jobs started within x minutes", ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0f64..x_max, 0f64..1.0f64)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("wait (minutes)")
+            .y_desc("share of jobs")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (k, (name, o)) in outcomes.iter().enumerate() {
+            let color = COLORS[k % COLORS.len()];
+            let n = o.series.waits_s.len().max(1) as f64;
+            let pts: Vec<(f64, f64)> = o
+                .series
+                .waits_s
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (w / 60.0, (i + 1) as f64 / n))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(*name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The whole report: the table, then per policy the backlog, instances and
+/// mode plots, then the waits and costs across policies.
+pub fn html(scenario: &str, seed: u64, outcomes: &[(&str, &Outcome)], table_md: &str) -> Result<String, String> {
+    let mut body = String::new();
+    let _ = write!(
+        body,
+        "<h1>spotguard-sim: {}</h1><p>seed {seed}; every run is the real agent and controller code in virtual time.</p><pre>{}</pre>",
+        esc(scenario),
+        esc(table_md)
+    );
+    let x = outcomes.first().map(|o| o.1.series.minutes.clone()).unwrap_or_default();
+    let backlog: Vec<(&str, &[f64])> = outcomes
+        .iter()
+        .map(|(n, o)| (*n, o.series.visible.as_slice()))
+        .collect();
+    body.push_str("<h2>Backlog over time</h2>");
+    body.push_str(&line_plot("visible messages", "messages", &x, &backlog, false)?);
+    body.push_str("<h2>Instances per region and state</h2>");
+    for (name, o) in outcomes {
+        let s = &o.series;
+        body.push_str(&line_plot(
+            &format!("{name}: instances"),
+            "instances",
+            &s.minutes,
+            &[
+                ("primary in service", &s.primary_in_service),
+                ("primary pending", &s.primary_pending),
+                ("fallback in service", &s.fallback_in_service),
+                ("fallback pending", &s.fallback_pending),
+            ],
+            false,
+        )?);
+    }
+    body.push_str("<h2>Job wait-time distribution</h2>");
+    body.push_str(&wait_plot(outcomes)?);
+    body.push_str("<h2>Cumulative cost</h2>");
+    let cost: Vec<(&str, &[f64])> = outcomes.iter().map(|(n, o)| (*n, o.series.cost.as_slice())).collect();
+    body.push_str(&line_plot("cumulative cost", "dollars", &x, &cost, false)?);
+    body.push_str("<h2>Failover mode timeline</h2><p>0 normal, 1 failed over, 2 failing back (the original design: 1 while its fallback is open).</p>");
+    let modes: Vec<(&str, &[f64])> = outcomes.iter().map(|(n, o)| (*n, o.series.mode.as_slice())).collect();
+    body.push_str(&line_plot("mode", "mode", &x, &modes, true)?);
+    Ok(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>spotguard-sim: {}</title><style>body{{font-family:sans-serif;max-width:820px;margin:auto}}pre{{font-size:11px;overflow-x:auto}}svg{{display:block;margin:8px 0}}</style></head><body>{body}</body></html>\n",
+        esc(scenario)
+    ))
+}

@@ -1,0 +1,741 @@
+//! One run: a scenario, a seed and a policy, in virtual time on one
+//! thread. The agents are the real `Runner` (state machine, job code,
+//! heartbeats, drains, scale-in) over the in-memory SQS and the simulated
+//! Auto Scaling; under `spotguard` the controller is the real handler.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use spotguard_agent::aws::Message;
+use spotguard_agent::config::Config as AgentConfig;
+use spotguard_agent::fakes::MemQueue;
+use spotguard_agent::imds::{ImdsStats, SpotAction};
+use spotguard_agent::notify::Notifier;
+use spotguard_agent::runner::Runner;
+use spotguard_agent::status::Status;
+use spotguard_agent::watch::{Change, Detected, WatchEvent};
+use spotguard_agent::worker::{Ended, JobFiles, JobNotice, Outcome as JobOutcome, StopReason, Worker, CHECKPOINT_ATTR};
+use spotguard_common::clock::{Clock, TokioClock};
+use spotguard_controller::aws::{Cloud, MetricSpec, TargetTracking};
+use spotguard_controller::handler::Controller;
+
+use crate::scenario::Scenario;
+use crate::world::{lock, wall, Group, Instance, Kill, Rng, Shared, SimCloud, SimFleet, State, Tracking, World};
+
+/// The failover policies compared side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// The real controller with the scenario's settings; agents protect busy instances.
+    Spotguard,
+    /// The original design: open the fallback on the first failed launch,
+    /// set it to desired 0 on the first success (killing its jobs); the
+    /// fallback tracks visible messages with target 200.
+    Seed,
+    /// One region, no failover.
+    SingleRegion,
+}
+
+impl Policy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Policy::Spotguard => "spotguard",
+            Policy::Seed => "seed",
+            Policy::SingleRegion => "single-region",
+        }
+    }
+}
+
+const PRIMARY: &str = "gpu-primary";
+const FALLBACK: &str = "gpu-fallback";
+const METRIC: &str = "BacklogPerInstance";
+const SEED_METRIC: &str = "ApproximateNumberOfMessagesVisible";
+/// The original design's fallback target (visible messages).
+const SEED_TARGET: f64 = 200.0;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub policy: String,
+    pub seed: u64,
+    pub jobs: usize,
+    pub done: usize,
+    pub dead_lettered: usize,
+    pub still_queued: usize,
+    pub lost: usize,
+    pub wait_p50_s: f64,
+    pub wait_p95_s: f64,
+    pub killed: BTreeMap<String, usize>,
+    pub duplicates: usize,
+    pub duplicates_explained: usize,
+    pub primary_instance_hours: f64,
+    pub fallback_instance_hours: f64,
+    pub cost_usd: f64,
+    pub mode_changes: usize,
+    pub violations: Vec<String>,
+}
+
+/// One sample per simulated minute.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Series {
+    pub minutes: Vec<f64>,
+    pub visible: Vec<f64>,
+    pub in_flight: Vec<f64>,
+    pub primary_in_service: Vec<f64>,
+    pub primary_pending: Vec<f64>,
+    pub fallback_in_service: Vec<f64>,
+    pub fallback_pending: Vec<f64>,
+    pub cost: Vec<f64>,
+    /// 0 normal, 1 failed over, 2 failing back.
+    pub mode: Vec<f64>,
+    pub waits_s: Vec<f64>,
+}
+
+pub struct Outcome {
+    pub summary: Summary,
+    pub series: Series,
+}
+
+/// A job: `job=<name> secs=<run time> ckpt=<checkpoint every, s>`.
+struct JobSpec {
+    name: String,
+    secs: u64,
+    ckpt: u64,
+}
+
+fn parse_job(body: &str) -> JobSpec {
+    let mut j = JobSpec {
+        name: String::new(),
+        secs: 0,
+        ckpt: 0,
+    };
+    for w in body.split_whitespace() {
+        match w.split_once('=') {
+            Some(("job", v)) => j.name = v.to_string(),
+            Some(("secs", v)) => j.secs = v.parse().unwrap_or(0),
+            Some(("ckpt", v)) => j.ckpt = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    j
+}
+
+/// The worker on one instance: runs a job for its time, checkpointing as
+/// the job says, and resumes from a carried-over checkpoint.
+struct SimWorker {
+    world: Shared,
+    instance: String,
+    broken: bool,
+}
+
+impl Worker for SimWorker {
+    fn state_dir(&self) -> Option<&Path> {
+        None
+    }
+
+    fn run(
+        &self,
+        msg: &Message,
+        _files: Option<&JobFiles>,
+        _notices: watch::Receiver<Option<JobNotice>>,
+        stop: impl Future<Output = StopReason> + Send,
+    ) -> impl Future<Output = Ended> + Send {
+        let job = parse_job(&msg.body);
+        let resumed: u64 = msg
+            .attributes
+            .get(CHECKPOINT_ATTR)
+            .and_then(|a| a.value.strip_prefix("progress="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let (world, instance, broken) = (self.world.clone(), self.instance.clone(), self.broken);
+        async move {
+            if broken {
+                return Ended {
+                    outcome: JobOutcome::NotStarted("cannot start /opt/worker/run: No such file or directory (os error 2)".into()),
+                    checkpoint: None,
+                };
+            }
+            {
+                let mut w = lock(&world);
+                let now = Instant::now();
+                let s = w.jobs.entry(job.name.clone()).or_default();
+                s.starts += 1;
+                s.first_start.get_or_insert(now);
+                if let Some(i) = w.instances.get_mut(&instance) {
+                    i.running.push(job.name.clone());
+                }
+            }
+            let mut done = resumed.min(job.secs);
+            let mut saved = resumed;
+            tokio::pin!(stop);
+            let outcome = loop {
+                if done >= job.secs {
+                    break JobOutcome::Succeeded;
+                }
+                let step = if job.ckpt > 0 {
+                    job.ckpt.min(job.secs - done)
+                } else {
+                    job.secs - done
+                };
+                tokio::select! {
+                    biased;
+                    _ = tokio::time::sleep(Duration::from_secs(step)) => {
+                        done += step;
+                        if job.ckpt > 0 {
+                            saved = done;
+                        }
+                    }
+                    r = &mut stop => break JobOutcome::Stopped(r),
+                }
+            };
+            let mut w = lock(&world);
+            if let Some(i) = w.instances.get_mut(&instance) {
+                if let Some(p) = i.running.iter().position(|n| *n == job.name) {
+                    i.running.remove(p);
+                }
+            }
+            if outcome == JobOutcome::Succeeded {
+                w.jobs.entry(job.name.clone()).or_default().done.push(Instant::now());
+            }
+            let checkpoint = (matches!(outcome, JobOutcome::Stopped(_)) && saved > 0)
+                .then(|| format!("progress={saved}"));
+            Ended { outcome, checkpoint }
+        }
+    }
+}
+
+fn agent_config(s: &Scenario, policy: Policy) -> AgentConfig {
+    let text = format!(
+        r#"
+[queue]
+url = "https://sqs.{region}.amazonaws.com/123456789012/jobs"
+wait_time = "20s"
+visibility_timeout = "{vis}"
+error_visibility_timeout = "30s"
+[worker]
+command = ["/opt/worker/run"]
+concurrency = {conc}
+[scale_in]
+idle_timeout = "{idle}"
+protect_busy = {protect}
+[status]
+listen = ""
+"#,
+        region = s.primary.region,
+        vis = humantime_of(s.agent.visibility_timeout.0),
+        conc = s.agent.concurrency,
+        idle = humantime_of(s.agent.idle_timeout.0),
+        protect = policy == Policy::Spotguard,
+    );
+    match AgentConfig::parse(&text, "simulation agent config") {
+        Ok(c) => c,
+        Err(e) => panic!("the simulation's agent config is invalid: {e}"),
+    }
+}
+
+fn humantime_of(d: Duration) -> String {
+    format!("{}s", d.as_secs().max(1))
+}
+
+fn controller_config(s: &Scenario) -> Option<spotguard_controller::config::Config> {
+    let f = s.fallback.as_ref()?;
+    let text = format!(
+        r#"
+[primary]
+region = "{pr}"
+asg = "{PRIMARY}"
+queue_url = "https://sqs.{pr}.amazonaws.com/123456789012/jobs"
+[fallback]
+region = "{fr}"
+asg = "{FALLBACK}"
+max_size = {max}
+[failover]
+cooldown = "{cool}"
+min_dwell = "{dwell}"
+shortage_for = "{short}"
+[policy]
+primary_target = {t}
+fallback_target = {t}
+"#,
+        pr = s.primary.region,
+        fr = f.region,
+        max = f.max.max(1),
+        cool = humantime_of(s.controller.cooldown.0),
+        dwell = humantime_of(s.controller.min_dwell.0),
+        short = humantime_of(s.controller.shortage_for.0),
+        t = s.controller.target,
+    );
+    spotguard_controller::config::Config::parse(&text, "simulation controller config").ok()
+}
+
+fn tracking(target: f64, region: &str, group: &str, metric: &str, enabled: bool) -> Tracking {
+    Tracking {
+        policy: TargetTracking {
+            name: "spotguard-backlog".into(),
+            target,
+            spec: MetricSpec::Custom {
+                namespace: "spotguard".into(),
+                name: metric.into(),
+                dimensions: vec![("AutoScalingGroupName".into(), group.into())],
+            },
+        },
+        enabled: enabled && !region.is_empty(),
+        history: Default::default(),
+        last_scale_out: None,
+    }
+}
+
+fn group_of(r: &crate::scenario::Region, name: &str, tracking: Option<Tracking>, max: i32) -> Group {
+    Group {
+        name: name.into(),
+        region: r.region.clone(),
+        min: r.min,
+        max,
+        desired: r.initial.min(max),
+        price: r.spot_price,
+        capacity: r.capacity,
+        tags: BTreeMap::new(),
+        activities: Vec::new(),
+        tracking,
+        last_launch_try: None,
+        interruptions_per_hour: r.interruptions_per_hour,
+    }
+}
+
+pub const START: &str = "2026-11-28T00:00:00Z";
+
+/// Runs one policy over the scenario. `progress` gets the fraction done.
+pub fn run(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn FnMut(f64)) -> Result<Outcome, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(simulate(s, seed, policy, progress))
+}
+
+async fn simulate(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn FnMut(f64)) -> Result<Outcome, String> {
+    let start: DateTime<Utc> = DateTime::parse_from_rfc3339(START)
+        .map_err(|e| e.to_string())?
+        .with_timezone(&Utc);
+    let base = Instant::now();
+    let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(start));
+    let queue = MemQueue::with_redrive(s.jobs.max_receives);
+    let t = s.controller.target;
+    let two = s.fallback.is_some() && policy != Policy::SingleRegion;
+
+    let mut w = World {
+        rng: Some(Rng::new(seed)),
+        broken_left: s.agent.broken_instances,
+        ..World::default()
+    };
+    w.groups.push(group_of(
+        &s.primary,
+        PRIMARY,
+        Some(tracking(t, &s.primary.region, PRIMARY, METRIC, true)),
+        s.primary.max,
+    ));
+    if let (true, Some(f)) = (two, &s.fallback) {
+        let tr = match policy {
+            Policy::Seed => tracking(SEED_TARGET, &f.region, FALLBACK, SEED_METRIC, false),
+            _ => tracking(t, &f.region, FALLBACK, METRIC, false),
+        };
+        // The gate starts closed: MaxSize 0.
+        let mut g = group_of(f, FALLBACK, Some(tr), 0);
+        g.desired = 0;
+        w.groups.push(g);
+    }
+    w.instance_secs = vec![0.0; w.groups.len()];
+    let world: Shared = Arc::new(std::sync::Mutex::new(w));
+
+    // Arrivals: evenly spread with seeded jitter, each job 0.5-1.5 x its mean.
+    let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(7));
+    let mut arrivals: Vec<(u64, String)> = Vec::new();
+    let mut n = 0u64;
+    for a in &s.jobs.arrivals {
+        let (from, to) = (a.start.0.as_secs(), a.end.0.as_secs());
+        for k in 0..a.count {
+            n += 1;
+            let span = to.saturating_sub(from) as f64;
+            let at = from + ((f64::from(k) + rng.unit()) / f64::from(a.count.max(1)) * span) as u64;
+            let secs = (a.duration.0.as_secs_f64() * (0.5 + rng.unit())).max(1.0) as u64;
+            let body = format!("job=j{n} secs={secs} ckpt={}", a.checkpoint_every.0.as_secs());
+            arrivals.push((at.min(to), body));
+        }
+    }
+    arrivals.sort_by_key(|a| a.0);
+    let total_jobs = arrivals.len();
+    let mut arrivals = arrivals.into_iter().peekable();
+
+    let mut changes: Vec<(u64, usize, i32)> = Vec::new();
+    for (g, r) in [(0usize, Some(&s.primary)), (1, s.fallback.as_ref().filter(|_| two))] {
+        if let Some(r) = r {
+            if s.baseline_without_changes {
+                continue;
+            }
+            for c in &r.capacity_changes {
+                changes.push((c.at.0.as_secs(), g, c.capacity));
+            }
+        }
+    }
+    changes.sort();
+
+    let agent_cfg = Arc::new(agent_config(s, policy));
+    let controller = match (policy, controller_config(s)) {
+        (Policy::Spotguard, Some(cfg)) if two => Some(Controller {
+            cfg,
+            cloud: SimCloud {
+                world: world.clone(),
+                queue: queue.clone(),
+            },
+            clock: clock.clone(),
+        }),
+        _ => None,
+    };
+    let cloud = SimCloud {
+        world: world.clone(),
+        queue: queue.clone(),
+    };
+    let mut seed_open = false;
+    let mut series = Series::default();
+    let mut last_mode = 0.0;
+    let mut mode_changes = 0;
+    let total = s.duration.0.as_secs();
+    let step = Duration::from_secs(1);
+    let mut last_progress = 0.0;
+
+    for sec in 0..=total {
+        if sec > 0 {
+            tokio::time::sleep_until(base + Duration::from_secs(sec)).await;
+        }
+        let now = Instant::now();
+        // Arrivals.
+        while arrivals.peek().is_some_and(|a| a.0 <= sec) {
+            if let Some((_, body)) = arrivals.next() {
+                let job = parse_job(&body).name;
+                queue.push(&body);
+                lock(&world).jobs.entry(job).or_default().enqueued = Some(now);
+            }
+        }
+        let mut spawn: Vec<String> = Vec::new();
+        let mut notices: Vec<(mpsc::Sender<Detected>, Detected)> = Vec::new();
+        {
+            let mut w = lock(&world);
+            while changes.first().is_some_and(|c| c.0 <= sec) {
+                let (_, g, cap) = changes.remove(0);
+                w.groups[g].capacity = cap;
+            }
+            w.interrupt(now, step, s.launch.rebalance_lead.0);
+            let wall_of = |t: Instant| wall(start, base, t);
+            let ids: Vec<String> = w.instances.keys().cloned().collect();
+            for id in ids {
+                let Some(i) = w.instances.get_mut(&id) else { continue };
+                if let (Some((reb, notice, reclaim)), true) = (i.interruption, matches!(i.state, State::InService | State::Pending { .. })) {
+                    if let (Some(r), Some(tx)) = (reb, &i.notices) {
+                        if r <= now {
+                            notices.push((tx.clone(), Detected {
+                                event: WatchEvent::RebalanceRecommendation { change: Change::New, notice_time: wall_of(r) },
+                                detected_at: wall_of(now),
+                            }));
+                            i.interruption = Some((None, notice, reclaim));
+                        }
+                    }
+                    if notice <= now && !i.noticed {
+                        i.noticed = true;
+                        if let Some(tx) = &i.notices {
+                            notices.push((tx.clone(), Detected {
+                                event: WatchEvent::SpotInterruption {
+                                    change: Change::New,
+                                    action: Some(SpotAction::Terminate),
+                                    time: wall_of(reclaim),
+                                    deadline_assumed: false,
+                                    raw: None,
+                                },
+                                detected_at: wall_of(now),
+                            }));
+                        }
+                    }
+                    if reclaim <= now {
+                        w.terminate(&id, now, Kill::Reclaimed);
+                    }
+                }
+            }
+            // Boots and ends.
+            let ids: Vec<String> = w.instances.keys().cloned().collect();
+            for id in ids {
+                let state = w.instances[&id].state;
+                match state {
+                    State::Pending { ready } if ready <= now => {
+                        if let Some(i) = w.instances.get_mut(&id) {
+                            i.state = State::InService;
+                        }
+                        spawn.push(id);
+                    }
+                    State::Terminating { at } if at <= now => {
+                        let (running, why, task, group) = {
+                            let i = w.instances.get_mut(&id).expect("present");
+                            i.state = State::Gone;
+                            i.ended = Some(now);
+                            (std::mem::take(&mut i.running), i.why, i.task.take(), i.group)
+                        };
+                        if let Some(t) = task {
+                            t.abort();
+                        }
+                        let why = why.unwrap_or(Kill::GroupScaleIn);
+                        for job in &running {
+                            w.jobs.entry(job.clone()).or_default().kills.push(why);
+                        }
+                        if !running.is_empty() && policy == Policy::Spotguard && matches!(why, Kill::GroupScaleIn | Kill::AgentScaleIn) {
+                            let what = if group == 1 { "failback or scale-in of the fallback" } else { "scale-in of the primary" };
+                            w.violations.push(format!("{id}: {} job(s) killed by {what} ({why:?})", running.len()));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            w.reconcile_groups(now, &s.launch, (start, base));
+            w.bill(step);
+        }
+        for (tx, d) in notices {
+            let _ = tx.try_send(d);
+        }
+        for id in spawn {
+            start_agent(&world, &id, &agent_cfg, &queue, &clock).await;
+        }
+
+        // The control plane: events as they come, a tick every minute.
+        let events: Vec<serde_json::Value> = std::mem::take(&mut lock(&world).events);
+        let minute = sec % 60 == 0;
+        match (policy, &controller) {
+            (Policy::Spotguard, Some(c)) => {
+                for ev in &events {
+                    let _ = c.handle_event(ev).await;
+                }
+                if minute {
+                    let _ = c.tick(Vec::new()).await;
+                }
+            }
+            (Policy::Seed, _) if two => {
+                for ev in &events {
+                    let primary = ev["detail"]["AutoScalingGroupName"] == PRIMARY;
+                    let failed = ev["detail-type"] == "EC2 Instance Launch Unsuccessful";
+                    let f = &s.fallback.as_ref().map_or(String::new(), |f| f.region.clone());
+                    if primary && failed && !seed_open {
+                        seed_open = true;
+                        let _ = cloud.set_max_size(f, FALLBACK, s.fallback.as_ref().map_or(0, |f| f.max)).await;
+                        if let Some(Some((_, p))) = cloud.policy(f, FALLBACK, "spotguard-backlog").await.ok() {
+                            let _ = cloud.put_policy(f, FALLBACK, &p, true).await;
+                        }
+                    } else if primary && !failed && seed_open {
+                        seed_open = false;
+                        let _ = cloud.set_desired(f, FALLBACK, 0).await;
+                        let _ = cloud.set_max_size(f, FALLBACK, 0).await;
+                        if let Some(Some((_, p))) = cloud.policy(f, FALLBACK, "spotguard-backlog").await.ok() {
+                            let _ = cloud.put_policy(f, FALLBACK, &p, false).await;
+                        }
+                    }
+                }
+                if minute {
+                    publish_simple(&cloud, s, &queue, true).await;
+                }
+            }
+            _ => {
+                if minute {
+                    publish_simple(&cloud, s, &queue, false).await;
+                }
+            }
+        }
+
+        if minute {
+            let mut w = lock(&world);
+            w.track(now);
+            let (vis, fl) = queue.depth();
+            let count = |w: &World, g: usize, pending: bool| -> f64 {
+                if g >= w.groups.len() {
+                    return 0.0;
+                }
+                w.alive(g)
+                    .filter(|i| matches!(i.state, State::Pending { .. }) == pending)
+                    .count() as f64
+            };
+            series.minutes.push(sec as f64 / 60.0);
+            series.visible.push(vis as f64);
+            series.in_flight.push(fl as f64);
+            series.primary_in_service.push(count(&w, 0, false));
+            series.primary_pending.push(count(&w, 0, true));
+            series.fallback_in_service.push(count(&w, 1, false));
+            series.fallback_pending.push(count(&w, 1, true));
+            series.cost.push(w.cost);
+            let mode = match policy {
+                Policy::Spotguard => match w.groups.get(1).and_then(|g| g.tags.get("spotguard:mode")).map(String::as_str) {
+                    Some("failed-over") => 1.0,
+                    Some("failing-back") => 2.0,
+                    _ => 0.0,
+                },
+                Policy::Seed => f64::from(u8::from(seed_open)),
+                Policy::SingleRegion => 0.0,
+            };
+            if mode != last_mode {
+                mode_changes += 1;
+                last_mode = mode;
+            }
+            series.mode.push(mode);
+        }
+        let frac = sec as f64 / total as f64;
+        if frac - last_progress >= 0.01 {
+            last_progress = frac;
+            progress(frac);
+        }
+    }
+    progress(1.0);
+
+    // Stop everything, then account.
+    let mut w = lock(&world);
+    for i in w.instances.values_mut() {
+        if let Some(t) = i.task.take() {
+            t.abort();
+        }
+    }
+    let summary = summarize(&mut w, &queue, s, seed, policy, total_jobs, mode_changes, &mut series);
+    Ok(Outcome { summary, series })
+}
+
+async fn publish_simple(cloud: &SimCloud, s: &Scenario, queue: &MemQueue, fallback_visible: bool) {
+    let (visible, _) = queue.depth();
+    let p = &s.primary;
+    if let Ok(g) = cloud.group(&p.region, PRIMARY).await {
+        let v = spotguard_controller::metrics::per_instance(visible as f64, g.in_service);
+        let m = spotguard_controller::metrics::MetricValue {
+            region: p.region.clone(),
+            namespace: "spotguard".into(),
+            name: METRIC.into(),
+            dimensions: vec![("AutoScalingGroupName".into(), PRIMARY.into())],
+            value: v,
+        };
+        let _ = cloud.put_metric(&m).await;
+    }
+    if let (true, Some(f)) = (fallback_visible, &s.fallback) {
+        let m = spotguard_controller::metrics::MetricValue {
+            region: f.region.clone(),
+            namespace: "spotguard".into(),
+            name: SEED_METRIC.into(),
+            dimensions: vec![("AutoScalingGroupName".into(), FALLBACK.into())],
+            value: visible as f64,
+        };
+        let _ = cloud.put_metric(&m).await;
+    }
+}
+
+async fn start_agent(world: &Shared, id: &str, cfg: &Arc<AgentConfig>, queue: &Arc<MemQueue>, clock: &Arc<dyn Clock>) {
+    let (tx, rx) = mpsc::channel(16);
+    let status = Arc::new(Status::new(id.to_string(), Arc::new(ImdsStats::default())));
+    let broken = lock(world).instances.get(id).is_some_and(|i: &Instance| i.broken);
+    let runner = Runner {
+        cfg: cfg.clone(),
+        queue: queue.clone(),
+        fleet: Arc::new(SimFleet {
+            world: world.clone(),
+            id: id.to_string(),
+        }),
+        worker: Arc::new(SimWorker {
+            world: world.clone(),
+            instance: id.to_string(),
+            broken,
+        }),
+        clock: clock.clone(),
+        health: None,
+        notifier: Notifier::none(),
+        status: status.clone(),
+        instance_id: id.to_string(),
+    };
+    let task = tokio::spawn(runner.run(rx, async {}, std::future::pending()));
+    let mut w = lock(world);
+    if let Some(i) = w.instances.get_mut(id) {
+        i.notices = Some(tx);
+        i.task = Some(task);
+        i.status = Some(status);
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let k = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[k.min(sorted.len() - 1)]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summarize(
+    w: &mut World,
+    queue: &MemQueue,
+    _s: &Scenario,
+    seed: u64,
+    policy: Policy,
+    total_jobs: usize,
+    mode_changes: usize,
+    series: &mut Series,
+) -> Summary {
+    let st = queue.lock();
+    let name_of = |body: &str| parse_job(body).name;
+    let queued: std::collections::BTreeSet<String> = st.messages.iter().map(|m| name_of(&m.body)).collect();
+    let dead: std::collections::BTreeSet<String> = st.dead.iter().map(|m| name_of(&m.body)).collect();
+    drop(st);
+    let mut waits = Vec::new();
+    let mut killed: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut done, mut lost, mut dups, mut explained) = (0, 0, 0, 0);
+    for (name, j) in &w.jobs {
+        if let (Some(e), Some(f)) = (j.enqueued, j.first_start) {
+            waits.push(f.duration_since(e).as_secs_f64());
+        }
+        for k in &j.kills {
+            *killed.entry(format!("{k:?}")).or_default() += 1;
+        }
+        if !j.done.is_empty() {
+            done += 1;
+        } else if !queued.contains(name) && !dead.contains(name) {
+            lost += 1;
+            w.violations.push(format!("job {name} lost: not done, not queued, not dead-lettered"));
+        }
+        if j.done.len() > 1 {
+            dups += j.done.len() - 1;
+            // A second completion is explained by an execution that was
+            // killed (reclaimed, scaled in) after it finished its work but
+            // before its message was deleted.
+            if !j.kills.is_empty() {
+                explained += j.done.len() - 1;
+            } else {
+                w.violations.push(format!("job {name}: unexplained duplicate execution"));
+            }
+        }
+    }
+    waits.sort_by(f64::total_cmp);
+    series.waits_s = waits.clone();
+    let hours = |g: usize| w.instance_secs.get(g).copied().unwrap_or(0.0) / 3600.0;
+    Summary {
+        policy: policy.name().into(),
+        seed,
+        jobs: total_jobs,
+        done,
+        dead_lettered: dead.len(),
+        still_queued: queued.len(),
+        lost,
+        wait_p50_s: percentile(&waits, 0.5),
+        wait_p95_s: percentile(&waits, 0.95),
+        killed,
+        duplicates: dups,
+        duplicates_explained: explained,
+        primary_instance_hours: hours(0),
+        fallback_instance_hours: hours(1),
+        cost_usd: w.cost,
+        mode_changes,
+        violations: w.violations.clone(),
+    }
+}

@@ -1,0 +1,636 @@
+//! The simulated AWS: Auto Scaling groups per region over spot capacity
+//! that follows the scenario, spot interruptions (rebalance, notice,
+//! reclaim), launches that fail with AWS's own StatusMessage forms and
+//! EventBridge events, target tracking as AWS documents it, SQS (the
+//! agent's in-memory queue, with redrive), and the bill.
+//!
+//! The agents' [`Fleet`] and the controller's [`Cloud`] are implemented
+//! over this one world, so the real agent and controller code runs against
+//! it. Everything is keyed by ordered maps and a seeded generator: the same
+//! seed gives the same run.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use spotguard_agent::aws::{AwsError, Fleet, ScaleIn};
+use spotguard_agent::fakes::{aws_error, MemQueue, MIN_SIZE_REFUSAL};
+use spotguard_agent::watch::Detected;
+use spotguard_controller::aws::{Cloud, CloudError, GroupInfo, TargetTracking};
+use spotguard_controller::events::Activity;
+use spotguard_controller::metrics::MetricValue;
+
+/// SplitMix64: small, seeded, the same on every machine.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// In [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Launched; the agent starts at `ready`.
+    Pending { ready: Instant },
+    InService,
+    /// Going away at `at` (its agent and jobs end then).
+    Terminating { at: Instant },
+    Gone,
+}
+
+pub struct Instance {
+    pub id: String,
+    pub group: usize,
+    pub state: State,
+    pub protected: bool,
+    pub launched: Instant,
+    pub ended: Option<Instant>,
+    /// The spot notice was given (no decrement may follow).
+    pub noticed: bool,
+    /// Scheduled: (rebalance at, notice at, reclaim at).
+    pub interruption: Option<(Option<Instant>, Instant, Instant)>,
+    pub notices: Option<mpsc::Sender<Detected>>,
+    pub task: Option<JoinHandle<()>>,
+    pub status: Option<Arc<spotguard_agent::status::Status>>,
+    pub broken: bool,
+    /// Why it ends, once it is ending.
+    pub why: Option<Kill>,
+    /// Jobs running on it now (message ids), kept by its worker.
+    pub running: Vec<String>,
+}
+
+/// A target-tracking policy as the group holds it.
+pub struct Tracking {
+    pub policy: TargetTracking,
+    pub enabled: bool,
+    /// One value per minute, newest last.
+    pub history: VecDeque<f64>,
+    pub last_scale_out: Option<Instant>,
+}
+
+pub struct Group {
+    pub name: String,
+    pub region: String,
+    pub min: i32,
+    pub max: i32,
+    pub desired: i32,
+    pub price: f64,
+    pub capacity: i32,
+    pub tags: BTreeMap<String, String>,
+    pub activities: Vec<Activity>,
+    pub tracking: Option<Tracking>,
+    pub last_launch_try: Option<Instant>,
+    pub interruptions_per_hour: f64,
+}
+
+/// Why a job's execution ended without its own end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kill {
+    /// The spot instance was reclaimed.
+    Reclaimed,
+    /// The group terminated the instance (scale-in, a lowered gate).
+    GroupScaleIn,
+    /// The agent asked for its own termination while a job ran.
+    AgentScaleIn,
+    /// The instance was replaced as unhealthy.
+    Replaced,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct JobStats {
+    pub enqueued: Option<Instant>,
+    pub first_start: Option<Instant>,
+    pub done: Vec<Instant>,
+    pub starts: u32,
+    pub kills: Vec<Kill>,
+}
+
+#[derive(Default)]
+pub struct World {
+    pub start: Option<Instant>,
+    pub groups: Vec<Group>,
+    pub instances: BTreeMap<String, Instance>,
+    pub metrics: BTreeMap<(String, String, String), f64>,
+    /// EventBridge events for the controller, in order.
+    pub events: Vec<Value>,
+    pub jobs: BTreeMap<String, JobStats>,
+    pub violations: Vec<String>,
+    pub published: Vec<(String, String)>,
+    pub cost: f64,
+    /// Instance-seconds per group.
+    pub instance_secs: Vec<f64>,
+    pub next_instance: u64,
+    pub next_activity: u64,
+    pub broken_left: u32,
+    pub rng: Option<Rng>,
+}
+
+pub type Shared = Arc<Mutex<World>>;
+
+pub fn lock(w: &Shared) -> MutexGuard<'_, World> {
+    w.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sim time as wall-clock time (the clock the agents and controller read).
+pub fn wall(start: DateTime<Utc>, base: Instant, t: Instant) -> DateTime<Utc> {
+    start + chrono::Duration::from_std(t.duration_since(base)).unwrap_or_default()
+}
+
+impl World {
+    pub fn group_index(&self, region: &str, name: &str) -> Option<usize> {
+        self.groups
+            .iter()
+            .position(|g| g.region == region && g.name == name)
+    }
+
+    pub fn alive(&self, g: usize) -> impl Iterator<Item = &Instance> {
+        self.instances.values().filter(move |i| {
+            i.group == g && matches!(i.state, State::Pending { .. } | State::InService)
+        })
+    }
+
+    pub fn in_service(&self, g: usize) -> i32 {
+        self.alive(g)
+            .filter(|i| i.state == State::InService)
+            .count() as i32
+    }
+
+    /// Marks an instance to end at `at`, counting the jobs it kills.
+    pub fn terminate(&mut self, id: &str, at: Instant, why: Kill) {
+        let Some(i) = self.instances.get_mut(id) else {
+            return;
+        };
+        if !matches!(i.state, State::Pending { .. } | State::InService) {
+            return;
+        }
+        i.state = State::Terminating { at };
+        i.why = Some(why);
+    }
+
+    fn activity(&mut self, g: usize, now: Instant, ok: bool, message: &str, base: (DateTime<Utc>, Instant)) -> Value {
+        self.next_activity += 1;
+        let id = format!("act-{:08}", self.next_activity);
+        let t = wall(base.0, base.1, now);
+        let group = &mut self.groups[g];
+        group.activities.push(Activity {
+            id: id.clone(),
+            description: "Launching a new EC2 instance".into(),
+            status_code: if ok { "Successful" } else { "Failed" }.into(),
+            status_message: message.into(),
+            start: Some(t),
+            end: Some(t),
+        });
+        if group.activities.len() > 50 {
+            group.activities.remove(0);
+        }
+        let at = t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        json!({
+            "version": "0", "id": id, "source": "aws.autoscaling",
+            "detail-type": if ok { "EC2 Instance Launch Successful" } else { "EC2 Instance Launch Unsuccessful" },
+            "account": "123456789012", "time": at, "region": group.region, "resources": [],
+            "detail": {
+                "StatusCode": if ok { "InProgress" } else { "Failed" },
+                "StatusMessage": message, "AutoScalingGroupName": group.name,
+                "ActivityId": id, "RequestId": id, "EC2InstanceId": "",
+                "StartTime": at, "EndTime": at, "Cause": "simulated",
+                "Details": {"Availability Zone": format!("{}a", group.region), "Subnet ID": "subnet-sim"}
+            }
+        })
+    }
+
+    /// Launches what the groups are short of, against spot capacity; ends
+    /// what is above desired (unprotected first, newest first).
+    pub fn reconcile_groups(&mut self, now: Instant, launch: &crate::scenario::Launch, base: (DateTime<Utc>, Instant)) {
+        for g in 0..self.groups.len() {
+            let alive: Vec<String> = self.alive(g).map(|i| i.id.clone()).collect();
+            let have = alive.len() as i32;
+            let desired = self.groups[g].desired.min(self.groups[g].max).max(0);
+            if have > desired {
+                // Scale in: the group picks unprotected instances (pending
+                // first, then the newest); protected ones stay.
+                let mut victims: Vec<(bool, Instant, String)> = self
+                    .alive(g)
+                    .filter(|i| !i.protected)
+                    .map(|i| (i.state == State::InService, i.launched, i.id.clone()))
+                    .collect();
+                victims.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+                for (_, _, id) in victims.into_iter().take((have - desired) as usize) {
+                    self.terminate(&id, now, Kill::GroupScaleIn);
+                }
+                continue;
+            }
+            if have == desired {
+                continue;
+            }
+            let due = self.groups[g]
+                .last_launch_try
+                .is_none_or(|t| now.duration_since(t) >= launch.retry.0);
+            if !due {
+                continue;
+            }
+            self.groups[g].last_launch_try = Some(now);
+            let spot_alive = self.alive(g).count() as i32;
+            let free = (self.groups[g].capacity - spot_alive).max(0);
+            let want = desired - have;
+            let launched = want.min(free);
+            for _ in 0..launched {
+                self.next_instance += 1;
+                let id = format!("i-{:017x}", self.next_instance);
+                let broken = self.broken_left > 0;
+                if broken {
+                    self.broken_left -= 1;
+                }
+                self.instances.insert(
+                    id.clone(),
+                    Instance {
+                        id,
+                        group: g,
+                        state: State::Pending {
+                            ready: now + launch.delay.0 + launch.boot.0,
+                        },
+                        protected: false,
+                        launched: now,
+                        ended: None,
+                        noticed: false,
+                        interruption: None,
+                        notices: None,
+                        task: None,
+                        status: None,
+                        broken,
+                        why: None,
+                        running: Vec::new(),
+                    },
+                );
+                let ev = self.activity(g, now, true, "", base);
+                self.events.push(ev);
+            }
+            if launched < want {
+                let msg = "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed.";
+                let ev = self.activity(g, now, false, msg, base);
+                self.events.push(ev);
+            }
+        }
+    }
+
+    /// Interruptions: at the scenario's rate, and whenever a pool shrank
+    /// below what runs in it (newest first).
+    pub fn interrupt(&mut self, now: Instant, dt: Duration, lead: Duration) {
+        let mut picks = Vec::new();
+        for g in 0..self.groups.len() {
+            let rate = self.groups[g].interruptions_per_hour;
+            let cap = self.groups[g].capacity;
+            let mut running: Vec<(Instant, String)> = self
+                .alive(g)
+                .filter(|i| i.interruption.is_none())
+                .map(|i| (i.launched, i.id.clone()))
+                .collect();
+            running.sort();
+            let scheduled = self.alive(g).filter(|i| i.interruption.is_some()).count() as i32;
+            let excess = (running.len() as i32 + scheduled - cap).max(0) as usize;
+            for (_, id) in running.iter().rev().take(excess) {
+                picks.push((id.clone(), false));
+            }
+            if rate > 0.0 {
+                let p = rate * dt.as_secs_f64() / 3600.0;
+                for (_, id) in running.iter() {
+                    let roll = self.rng.as_mut().map_or(1.0, Rng::unit);
+                    if roll < p && !picks.iter().any(|(x, _)| x == id) {
+                        picks.push((id.clone(), true));
+                    }
+                }
+            }
+        }
+        for (id, with_rebalance) in picks {
+            if let Some(i) = self.instances.get_mut(&id) {
+                let notice = if with_rebalance && !lead.is_zero() { now + lead } else { now };
+                let rebalance = (with_rebalance && !lead.is_zero()).then_some(now);
+                i.interruption = Some((rebalance, notice, notice + Duration::from_secs(120)));
+            }
+        }
+    }
+
+    /// Target tracking, once a minute (REFERENCE.md): scale out after 3
+    /// periods above the target, in after 15 below 90 % of it, to capacity
+    /// in proportion to metric / target; no new scale-out within the
+    /// 300 s warm-up of the last one.
+    pub fn track(&mut self, now: Instant) {
+        for g in 0..self.groups.len() {
+            let in_service = self.in_service(g);
+            let (region, name) = (self.groups[g].region.clone(), self.groups[g].name.clone());
+            let group = &mut self.groups[g];
+            let Some(t) = group.tracking.as_mut() else {
+                continue;
+            };
+            if !t.enabled {
+                t.history.clear();
+                continue;
+            }
+            let metric = match &t.policy.spec {
+                spotguard_controller::aws::MetricSpec::Custom { name: m, .. } => {
+                    self.metrics.get(&(region.clone(), name.clone(), m.clone())).copied()
+                }
+                spotguard_controller::aws::MetricSpec::BacklogMath { .. } => None,
+            };
+            let Some(v) = metric else {
+                continue;
+            };
+            t.history.push_back(v);
+            while t.history.len() > 15 {
+                t.history.pop_front();
+            }
+            let target = t.policy.target;
+            let cap = f64::from(in_service.max(group.desired));
+            let above = t.history.len() >= 3 && t.history.iter().rev().take(3).all(|x| *x > target);
+            let below = t.history.len() >= 15 && t.history.iter().all(|x| *x < 0.9 * target);
+            let warm = t
+                .last_scale_out
+                .is_some_and(|s| now.duration_since(s) < Duration::from_secs(300));
+            if above && !warm && cap > 0.0 {
+                let want = ((cap * v / target).ceil() as i32).max(group.desired + 1).min(group.max);
+                if want > group.desired {
+                    group.desired = want;
+                    t.last_scale_out = Some(now);
+                }
+            } else if below && cap > 0.0 {
+                let want = ((cap * v / target).ceil() as i32).max(group.min);
+                if want < group.desired {
+                    group.desired = want;
+                    t.history.clear();
+                }
+            }
+        }
+    }
+
+    /// Adds the cost and instance time of `dt`.
+    pub fn bill(&mut self, dt: Duration) {
+        let mut add = vec![0f64; self.groups.len()];
+        for i in self.instances.values() {
+            if matches!(i.state, State::Pending { .. } | State::InService | State::Terminating { .. }) {
+                add[i.group] += dt.as_secs_f64();
+            }
+        }
+        if self.instance_secs.len() < add.len() {
+            self.instance_secs.resize(add.len(), 0.0);
+        }
+        for (g, secs) in add.into_iter().enumerate() {
+            self.instance_secs[g] += secs;
+            self.cost += secs / 3600.0 * self.groups[g].price;
+        }
+    }
+}
+
+/// One instance's view of Auto Scaling, for its agent.
+pub struct SimFleet {
+    pub world: Shared,
+    pub id: String,
+}
+
+impl Fleet for SimFleet {
+    fn group_of(&self, _instance: &str) -> impl Future<Output = Result<Option<String>, AwsError>> + Send {
+        let w = lock(&self.world);
+        let r = w
+            .instances
+            .get(&self.id)
+            .map(|i| w.groups[i.group].name.clone());
+        std::future::ready(Ok(r))
+    }
+
+    fn lifecycle_state(&self, _instance: &str) -> impl Future<Output = Result<Option<String>, AwsError>> + Send {
+        let w = lock(&self.world);
+        let r = w.instances.get(&self.id).map(|i| {
+            match i.state {
+                State::InService => "InService",
+                State::Pending { .. } => "Pending",
+                _ => "Terminating",
+            }
+            .to_string()
+        });
+        std::future::ready(Ok(r))
+    }
+
+    fn terminate_self(&self, _instance: &str) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send {
+        let mut w = lock(&self.world);
+        let now = Instant::now();
+        let r = match w.instances.get(&self.id).map(|i| (i.group, i.noticed)) {
+            None => Err(aws_error("TerminateInstanceInAutoScalingGroup", "ValidationError")),
+            Some((g, noticed)) => {
+                if noticed {
+                    w.violations
+                        .push(format!("{}: desired capacity decremented after a spot notice", self.id));
+                }
+                if w.groups[g].desired <= w.groups[g].min {
+                    Ok(ScaleIn::Refused(MIN_SIZE_REFUSAL.to_string()))
+                } else {
+                    w.groups[g].desired -= 1;
+                    let busy = w
+                        .instances
+                        .get(&self.id)
+                        .and_then(|i| i.status.as_ref())
+                        .is_some_and(|s| s.json()["jobs_in_flight"].as_u64().unwrap_or(0) > 0);
+                    if busy {
+                        w.violations
+                            .push(format!("{}: the agent's own scale-in with a job running", self.id));
+                    }
+                    // The instance shuts down a little later (the agent has
+                    // nothing left to do).
+                    w.terminate(&self.id, now + Duration::from_secs(30), Kill::AgentScaleIn);
+                    Ok(ScaleIn::Accepted)
+                }
+            }
+        };
+        std::future::ready(r)
+    }
+
+    fn set_protection(&self, _group: &str, _instance: &str, protect: bool) -> impl Future<Output = Result<(), AwsError>> + Send {
+        if let Some(i) = lock(&self.world).instances.get_mut(&self.id) {
+            i.protected = protect;
+        }
+        std::future::ready(Ok(()))
+    }
+
+    fn mark_unhealthy(&self, _instance: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
+        let mut w = lock(&self.world);
+        let now = Instant::now();
+        w.terminate(&self.id, now, Kill::Replaced);
+        std::future::ready(Ok(()))
+    }
+
+    fn lifecycle_heartbeat(&self, _g: &str, _h: &str, _i: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    fn complete_lifecycle(&self, _g: &str, _h: &str, _i: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// The controller's view of AWS.
+pub struct SimCloud {
+    pub world: Shared,
+    pub queue: Arc<MemQueue>,
+}
+
+fn missing(op: &'static str, region: &str) -> CloudError {
+    CloudError {
+        op,
+        region: region.to_string(),
+        message: "no such group in the simulation".into(),
+    }
+}
+
+impl Cloud for SimCloud {
+    fn group(&self, region: &str, name: &str) -> impl Future<Output = Result<GroupInfo, CloudError>> + Send {
+        let w = lock(&self.world);
+        let r = w.group_index(region, name).map(|g| {
+            let gr = &w.groups[g];
+            let ins: Vec<&Instance> = w.alive(g).collect();
+            GroupInfo {
+                desired: gr.desired,
+                min: gr.min,
+                max: gr.max,
+                in_service: ins.iter().filter(|i| i.state == State::InService).count() as i32,
+                busy: ins
+                    .iter()
+                    .filter(|i| i.state == State::InService && i.protected)
+                    .count() as i32,
+                pending: ins
+                    .iter()
+                    .filter(|i| matches!(i.state, State::Pending { .. }))
+                    .count() as i32,
+                tags: gr.tags.clone(),
+            }
+        });
+        std::future::ready(r.ok_or_else(|| missing("DescribeAutoScalingGroups", region)))
+    }
+
+    fn queue_depth(&self, _region: &str, _url: &str) -> impl Future<Output = Result<(i64, i64), CloudError>> + Send {
+        let (v, f) = self.queue.depth();
+        std::future::ready(Ok((v as i64, f as i64)))
+    }
+
+    fn activities(&self, region: &str, group: &str) -> impl Future<Output = Result<Vec<Activity>, CloudError>> + Send {
+        let w = lock(&self.world);
+        let r = w
+            .group_index(region, group)
+            .map(|g| w.groups[g].activities.iter().rev().cloned().collect())
+            .unwrap_or_default();
+        std::future::ready(Ok(r))
+    }
+
+    fn set_max_size(&self, region: &str, group: &str, max: i32) -> impl Future<Output = Result<(), CloudError>> + Send {
+        let mut w = lock(&self.world);
+        let r = match w.group_index(region, group) {
+            Some(g) => {
+                let gr = &mut w.groups[g];
+                gr.max = max;
+                gr.desired = gr.desired.min(max);
+                Ok(())
+            }
+            None => Err(missing("UpdateAutoScalingGroup", region)),
+        };
+        std::future::ready(r)
+    }
+
+    fn release_protection(&self, region: &str, group: &str) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send {
+        let mut w = lock(&self.world);
+        let g = w.group_index(region, group);
+        let mut ids = Vec::new();
+        for i in w.instances.values_mut() {
+            if Some(i.group) == g && i.protected {
+                i.protected = false;
+                ids.push(i.id.clone());
+            }
+        }
+        std::future::ready(Ok(ids))
+    }
+
+    fn set_desired(&self, region: &str, group: &str, desired: i32) -> impl Future<Output = Result<(), CloudError>> + Send {
+        let mut w = lock(&self.world);
+        let r = match w.group_index(region, group) {
+            Some(g) => {
+                w.groups[g].desired = desired.min(w.groups[g].max);
+                Ok(())
+            }
+            None => Err(missing("UpdateAutoScalingGroup", region)),
+        };
+        std::future::ready(r)
+    }
+
+    fn put_tags(&self, region: &str, group: &str, tags: &BTreeMap<String, String>) -> impl Future<Output = Result<(), CloudError>> + Send {
+        let mut w = lock(&self.world);
+        let r = match w.group_index(region, group) {
+            Some(g) => {
+                w.groups[g].tags.extend(tags.clone());
+                Ok(())
+            }
+            None => Err(missing("CreateOrUpdateTags", region)),
+        };
+        std::future::ready(r)
+    }
+
+    fn policy(&self, region: &str, group: &str, name: &str) -> impl Future<Output = Result<Option<(Option<bool>, TargetTracking)>, CloudError>> + Send {
+        let w = lock(&self.world);
+        let r = w.group_index(region, group).and_then(|g| {
+            w.groups[g]
+                .tracking
+                .as_ref()
+                .filter(|t| t.policy.name == name)
+                .map(|t| (Some(t.enabled), t.policy.clone()))
+        });
+        std::future::ready(Ok(r))
+    }
+
+    fn put_policy(&self, region: &str, group: &str, policy: &TargetTracking, enabled: bool) -> impl Future<Output = Result<(), CloudError>> + Send {
+        let mut w = lock(&self.world);
+        if let Some(g) = w.group_index(region, group) {
+            let keep = w.groups[g].tracking.take();
+            w.groups[g].tracking = Some(Tracking {
+                policy: policy.clone(),
+                enabled,
+                history: keep.as_ref().map(|t| t.history.clone()).unwrap_or_default(),
+                last_scale_out: keep.and_then(|t| t.last_scale_out),
+            });
+        }
+        std::future::ready(Ok(()))
+    }
+
+    fn put_metric(&self, m: &MetricValue) -> impl Future<Output = Result<(), CloudError>> + Send {
+        let group = m
+            .dimensions
+            .iter()
+            .find(|d| d.0 == "AutoScalingGroupName")
+            .map(|d| d.1.clone())
+            .unwrap_or_default();
+        lock(&self.world)
+            .metrics
+            .insert((m.region.clone(), group, m.name.clone()), m.value);
+        std::future::ready(Ok(()))
+    }
+
+    fn publish(&self, _topic: &str, subject: &str, message: &str) -> impl Future<Output = Result<(), CloudError>> + Send {
+        lock(&self.world)
+            .published
+            .push((subject.to_string(), message.to_string()));
+        std::future::ready(Ok(()))
+    }
+}
