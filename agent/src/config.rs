@@ -73,6 +73,14 @@ pub struct HealthConfig {
     /// the queue into the dead-letter queue. 0 disables the breaker.
     #[serde(default = "d_max_failures")]
     pub max_consecutive_failures: u32,
+    /// Jobs that could not start in a row (a missing program, no app
+    /// listening) that make this instance unhealthy. Lower than the
+    /// breaker's count: each such try burns one receive of a message, and
+    /// the queue's maxReceiveCount must not be reached by one broken
+    /// instance. An http app that starts slowly should gate intake with
+    /// `health.command` instead (`["curl", "-fs", "http://127.0.0.1:8080/health"]`).
+    #[serde(default = "d_max_start_failures")]
+    pub max_start_failures: u32,
     #[serde(default = "d_on_unhealthy")]
     pub on_unhealthy: OnUnhealthy,
     /// A check (argv, no shell; e.g. `["nvidia-smi"]`) run at start and
@@ -90,6 +98,7 @@ impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
             max_consecutive_failures: d_max_failures(),
+            max_start_failures: d_max_start_failures(),
             on_unhealthy: d_on_unhealthy(),
             command: None,
             interval: d_health_interval(),
@@ -102,6 +111,11 @@ impl Default for HealthConfig {
 /// not trip it, a broken instance does, after five receives of the fleet's.
 fn d_max_failures() -> u32 {
     5
+}
+/// Three: with the template's maxReceiveCount of 5, one broken instance
+/// leaves every message at least two receives for healthy ones.
+fn d_max_start_failures() -> u32 {
+    3
 }
 fn d_on_unhealthy() -> OnUnhealthy {
     OnUnhealthy::Report

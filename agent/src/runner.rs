@@ -677,33 +677,6 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         if r.lost_ownership {
             inc(&c.lost_ownership);
         }
-        // The circuit breaker: jobs ending badly in a row on this instance.
-        match r.settled {
-            Settled::Deleted => b.failures_in_a_row = 0,
-            Settled::Failed | Settled::TimedOut | Settled::NotStarted => b.failures_in_a_row += 1,
-            _ => {}
-        }
-        let limit = self.cfg.health.max_consecutive_failures;
-        if limit > 0 && b.failures_in_a_row >= limit && b.broken.is_none() {
-            let why = format!(
-                "{} jobs in a row failed, timed out or could not start (health.max_consecutive_failures = {limit})",
-                b.failures_in_a_row
-            );
-            tracing::error!(reason = %why, action = ?self.cfg.health.on_unhealthy, "this instance is unhealthy: intake closed");
-            inc(&c.unhealthy_trips);
-            b.broken = Some(why.clone());
-            self.status.set_unhealthy(Some(why.clone()));
-            self.notifier.notify(
-                "spotguard: instance unhealthy",
-                json!({"event": "unhealthy", "instance_id": self.instance_id, "reason": why}),
-            );
-            if self.cfg.health.on_unhealthy == OnUnhealthy::Replace {
-                let (fleet, id, tx) = (self.fleet.clone(), self.instance_id.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _ = tx.send(Effect::MarkedUnhealthy(fleet.mark_unhealthy(&id).await));
-                });
-            }
-        }
         if r.settled == Settled::NotStarted {
             b.start_failures.failed(Instant::now(), start_failure_pause);
             let pause = start_failure_pause(b.start_failures.failures);
@@ -723,6 +696,43 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             Settled::SettleFailed => &c.settle_errors,
             Settled::NotStarted => &c.jobs_not_started,
         });
+        // The circuit breaker: jobs ending badly in a row on this instance.
+        match r.settled {
+            Settled::Deleted => b.failures_in_a_row = 0,
+            Settled::Failed | Settled::TimedOut | Settled::NotStarted => b.failures_in_a_row += 1,
+            _ => {}
+        }
+        let limit = self.cfg.health.max_consecutive_failures;
+        let start_limit = self.cfg.health.max_start_failures;
+        let tripped = if limit > 0 && b.failures_in_a_row >= limit {
+            Some(format!(
+                "{} jobs in a row failed, timed out or could not start (health.max_consecutive_failures = {limit})",
+                b.failures_in_a_row
+            ))
+        } else if start_limit > 0 && b.start_failures.failures >= start_limit {
+            Some(format!(
+                "{} jobs in a row could not start (health.max_start_failures = {start_limit})",
+                b.start_failures.failures
+            ))
+        } else {
+            None
+        };
+        if let (Some(why), None) = (tripped, &b.broken) {
+            tracing::error!(reason = %why, action = ?self.cfg.health.on_unhealthy, "this instance is unhealthy: intake closed");
+            inc(&c.unhealthy_trips);
+            b.broken = Some(why.clone());
+            self.status.set_unhealthy(Some(why.clone()));
+            self.notifier.notify(
+                "spotguard: instance unhealthy",
+                json!({"event": "unhealthy", "instance_id": self.instance_id, "reason": why}),
+            );
+            if self.cfg.health.on_unhealthy == OnUnhealthy::Replace {
+                let (fleet, id, tx) = (self.fleet.clone(), self.instance_id.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _ = tx.send(Effect::MarkedUnhealthy(fleet.mark_unhealthy(&id).await));
+                });
+            }
+        }
     }
 
     fn on_effect(

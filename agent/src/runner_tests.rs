@@ -485,7 +485,12 @@ async fn protection_is_set_once_for_back_to_back_jobs_and_dropped_when_idle() {
 
 #[tokio::test(start_paused = true)]
 async fn a_job_that_cannot_start_is_handed_back_uncounted_and_pauses_intake() {
-    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    // The start-failure breaker off, to see the pauses alone.
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[health]\nmax_start_failures = 0\n"),
+        MemFleet::new(None, 0, 1),
+        false,
+    );
     w.queue.push("0 nostart");
     w.run_for(40).await;
     // Tried at 0, then after pauses of 5, 10, 20 s: not a hot loop.
@@ -743,4 +748,22 @@ async fn a_failing_health_command_gates_intake_until_it_passes() {
     w.run_for(30).await;
     assert_eq!(w.worker.started().len(), 1);
     assert!(w.status.unhealthy().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_jobs_that_cannot_start_make_the_instance_unhealthy() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.queue.push("0 nostart");
+    w.run_for(600).await;
+    let tries = w
+        .worker
+        .events()
+        .iter()
+        .filter(|e| e.2 == "nostart")
+        .count();
+    assert_eq!(tries, 3, "at most 3 receives burnt by this instance");
+    assert!(w
+        .status
+        .unhealthy()
+        .is_some_and(|u| u.contains("could not start")));
 }

@@ -304,6 +304,10 @@ impl<C: Cloud> Controller<C> {
                     tracing::info!(group = %f.asg, from, to, "setting the fallback MaxSize");
                     self.cloud.set_max_size(&f.region, &f.asg, *to).await?;
                 }
+                Action::SetFallbackDesired { from, to } => {
+                    tracing::info!(group = %f.asg, from, to, "failover: the fallback takes over the primary's shortfall");
+                    self.cloud.set_desired(&f.region, &f.asg, *to).await?;
+                }
                 Action::EnableFallbackPolicy => {
                     match self.cloud.policy(&f.region, &f.asg, &f.policy_name).await? {
                         Some((_, policy)) => {

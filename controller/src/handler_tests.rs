@@ -7,7 +7,7 @@ use serde_json::json;
 use spotguard_common::clock::TokioClock;
 
 use super::*;
-use crate::aws::GroupInfo;
+use crate::aws::{Cloud, GroupInfo};
 use crate::fakes::FakeCloud;
 
 const QUEUE: &str = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs";
@@ -88,6 +88,8 @@ async fn a_capacity_failure_opens_the_fallback_and_announces_it() {
     assert_eq!(r.reconcile.mode, "failed-over");
     let f = c.cloud.group_of("us-east-2", "gpu-east-2");
     assert_eq!(f.max, 10, "the gate opens to the cap");
+    // The primary is short by one (desired 3, 2 InService): the fallback takes it.
+    assert_eq!(f.desired, 1);
     assert_eq!(
         f.tags.get("spotguard:mode").map(String::as_str),
         Some("failed-over")
@@ -193,6 +195,13 @@ async fn work_waiting_raises_an_empty_group_from_zero_to_one() {
     ))
     .await
     .unwrap();
+    // The failover itself gave the fallback the primary's shortfall (1).
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").desired, 1);
+    // Later its agents scaled it in to 0 while work waits again: raised.
+    c.cloud
+        .set_desired("us-east-2", "gpu-east-2", 0)
+        .await
+        .unwrap();
     let r = c.tick(Vec::new()).await.unwrap();
     assert_eq!(r.reconcile.mode, "failed-over");
     assert_eq!(r.raised_from_zero, vec!["gpu-east-2"]);

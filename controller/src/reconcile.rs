@@ -358,6 +358,11 @@ pub enum Action {
         to: i32,
     },
     EnableFallbackPolicy,
+    /// Raise the fallback's desired capacity (on failover: the primary's shortfall).
+    SetFallbackDesired {
+        from: i32,
+        to: i32,
+    },
     SaveMemory {
         tags: BTreeMap<String, String>,
     },
@@ -584,6 +589,19 @@ pub fn reconcile_seen(
         }
     }
     let entered_failover = next == Mode::FailedOver && memory.mode != Mode::FailedOver;
+    // On failover the fallback takes over what the primary is short of at
+    // once, rather than growing from one instance at target tracking's pace
+    // (3 minutes per step, with warm-up between).
+    if let (true, Some(p)) = (entered_failover, seen.primary) {
+        let shortfall = (p.desired - p.in_service - p.pending).max(1);
+        let to = shortfall.min(target);
+        if to > fallback.desired {
+            actions.push(Action::SetFallbackDesired {
+                from: fallback.desired,
+                to,
+            });
+        }
+    }
     if next == Mode::FailedOver && (entered_failover || fallback.policy_enabled == Some(false)) {
         actions.push(Action::EnableFallbackPolicy);
     }

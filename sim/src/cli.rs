@@ -12,7 +12,11 @@ use crate::run::{run, Outcome, Policy};
 use crate::scenario::Scenario;
 
 #[derive(Debug, Parser)]
-#[command(name = "spotguard-sim", version, about = "Simulate a spot GPU fleet under spotguard, in virtual time")]
+#[command(
+    name = "spotguard-sim",
+    version,
+    about = "Simulate a spot GPU fleet under spotguard, in virtual time"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,7 +73,12 @@ fn progress_bar(label: &str) -> impl FnMut(f64) {
         let mut e = std::io::stderr();
         if tty {
             let filled = (f * 30.0) as usize;
-            let _ = write!(e, "\r{label:<14} [{}{}] {pct:3}%", "#".repeat(filled), " ".repeat(30 - filled));
+            let _ = write!(
+                e,
+                "\r{label:<14} [{}{}] {pct:3}%",
+                "#".repeat(filled),
+                " ".repeat(30 - filled)
+            );
             if pct >= 100 {
                 let _ = writeln!(e);
             }
@@ -83,8 +92,15 @@ fn parse_seeds(s: &str) -> Result<std::ops::RangeInclusive<u64>, String> {
     let (a, b) = s
         .split_once("..")
         .ok_or_else(|| format!("--seeds {s:?}: expected A..B"))?;
-    let a: u64 = a.trim().parse().map_err(|_| format!("--seeds {s:?}: {a:?} is not a number"))?;
-    let b: u64 = b.trim().trim_start_matches('=').parse().map_err(|_| format!("--seeds {s:?}: {b:?} is not a number"))?;
+    let a: u64 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("--seeds {s:?}: {a:?} is not a number"))?;
+    let b: u64 = b
+        .trim()
+        .trim_start_matches('=')
+        .parse()
+        .map_err(|_| format!("--seeds {s:?}: {b:?} is not a number"))?;
     if b < a {
         return Err(format!("--seeds {s:?}: empty range"));
     }
@@ -94,7 +110,12 @@ fn parse_seeds(s: &str) -> Result<std::ops::RangeInclusive<u64>, String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { scenario, seed, policy, out } => match run_command(&scenario, seed, policy, &out) {
+        Command::Run {
+            scenario,
+            seed,
+            policy,
+            out,
+        } => match run_command(&scenario, seed, policy, &out) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
@@ -114,7 +135,12 @@ pub fn main() -> ExitCode {
 }
 
 /// Runs the chosen policies; returns whether spotguard kept every invariant.
-pub fn run_command(path: &std::path::Path, seed: u64, which: Which, out: &std::path::Path) -> Result<bool, String> {
+pub fn run_command(
+    path: &std::path::Path,
+    seed: u64,
+    which: Which,
+    out: &std::path::Path,
+) -> Result<bool, String> {
     let s = Scenario::load(path)?;
     let mut outcomes: Vec<(Policy, Outcome)> = Vec::new();
     for p in policies(which) {
@@ -125,9 +151,24 @@ pub fn run_command(path: &std::path::Path, seed: u64, which: Which, out: &std::p
     let no_outage = {
         let mut calm = s.clone();
         calm.baseline_without_changes = true;
-        let any_change = s.primary.capacity_changes.iter().chain(s.fallback.iter().flat_map(|f| f.capacity_changes.iter())).next().is_some();
+        let any_change = s
+            .primary
+            .capacity_changes
+            .iter()
+            .chain(s.fallback.iter().flat_map(|f| f.capacity_changes.iter()))
+            .next()
+            .is_some();
         if any_change {
-            Some(run(&calm, seed, Policy::Spotguard, &mut progress_bar("no outage"))?.summary.wait_p95_s)
+            Some(
+                run(
+                    &calm,
+                    seed,
+                    Policy::Spotguard,
+                    &mut progress_bar("no outage"),
+                )?
+                .summary
+                .wait_p95_s,
+            )
         } else {
             None
         }
@@ -143,11 +184,16 @@ pub fn run_command(path: &std::path::Path, seed: u64, which: Which, out: &std::p
         "policies": rows,
     });
     let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
-    std::fs::write(out.join("summary.json"), text + "\n").map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::write(out.join("summary.json"), text + "\n")
+        .map_err(|e| format!("{}: {e}", out.display()))?;
     let named: Vec<(&str, &Outcome)> = outcomes.iter().map(|(p, o)| (p.name(), o)).collect();
     let html = report::html(&s.name, seed, &named, &table)?;
     std::fs::write(out.join("report.html"), html).map_err(|e| format!("{}: {e}", out.display()))?;
-    println!("wrote {} and {}", out.join("summary.json").display(), out.join("report.html").display());
+    println!(
+        "wrote {} and {}",
+        out.join("summary.json").display(),
+        out.join("report.html").display()
+    );
     let mut ok = true;
     for (p, o) in &outcomes {
         if *p == Policy::Spotguard && !o.summary.violations.is_empty() {
@@ -176,7 +222,11 @@ fn sweep(path: &std::path::Path, seeds: &str) -> Result<bool, String> {
             o.summary.wait_p95_s,
             o.summary.lost,
             o.summary.killed.values().sum::<usize>(),
-            if v.is_empty() { "ok".to_string() } else { format!("{} violation(s)", v.len()) }
+            if v.is_empty() {
+                "ok".to_string()
+            } else {
+                format!("{} violation(s)", v.len())
+            }
         );
         if !v.is_empty() {
             for x in v {
@@ -187,7 +237,10 @@ fn sweep(path: &std::path::Path, seeds: &str) -> Result<bool, String> {
     }
     println!("sweep: {} seeds, {} failed", n, failed.len());
     for seed in &failed {
-        println!("replay: spotguard-sim run {} --seed {seed} --policy spotguard", path.display());
+        println!(
+            "replay: spotguard-sim run {} --seed {seed} --policy spotguard",
+            path.display()
+        );
     }
     Ok(failed.is_empty())
 }

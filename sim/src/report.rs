@@ -51,7 +51,13 @@ pub fn table(rows: &[&Summary], no_outage_p95: Option<f64>) -> String {
 
 type Line<'a> = (&'a str, &'a [f64]);
 
-fn line_plot(title: &str, y_desc: &str, x: &[f64], lines: &[Line<'_>], step: bool) -> Result<String, String> {
+fn line_plot(
+    title: &str,
+    y_desc: &str,
+    x: &[f64],
+    lines: &[Line<'_>],
+    step: bool,
+) -> Result<String, String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (760, 300)).into_drawing_area();
@@ -88,7 +94,9 @@ fn line_plot(title: &str, y_desc: &str, x: &[f64], lines: &[Line<'_>], step: boo
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))
                 .map_err(|e| e.to_string())?
                 .label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -113,7 +121,10 @@ fn wait_plot(outcomes: &[(&str, &Outcome)]) -> Result<String, String> {
             .fold(60.0f64, f64::max)
             / 60.0;
         let mut chart = ChartBuilder::on(&root)
-            .caption("job wait: share of jobs started within x minutes", ("sans-serif", 18))
+            .caption(
+                "job wait: share of jobs started within x minutes",
+                ("sans-serif", 18),
+            )
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(55)
@@ -139,7 +150,9 @@ fn wait_plot(outcomes: &[(&str, &Outcome)]) -> Result<String, String> {
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))
                 .map_err(|e| e.to_string())?
                 .label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -154,12 +167,19 @@ fn wait_plot(outcomes: &[(&str, &Outcome)]) -> Result<String, String> {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// The whole report: the table, then per policy the backlog, instances and
 /// mode plots, then the waits and costs across policies.
-pub fn html(scenario: &str, seed: u64, outcomes: &[(&str, &Outcome)], table_md: &str) -> Result<String, String> {
+pub fn html(
+    scenario: &str,
+    seed: u64,
+    outcomes: &[(&str, &Outcome)],
+    table_md: &str,
+) -> Result<String, String> {
     let mut body = String::new();
     let _ = write!(
         body,
@@ -167,13 +187,22 @@ pub fn html(scenario: &str, seed: u64, outcomes: &[(&str, &Outcome)], table_md: 
         esc(scenario),
         esc(table_md)
     );
-    let x = outcomes.first().map(|o| o.1.series.minutes.clone()).unwrap_or_default();
+    let x = outcomes
+        .first()
+        .map(|o| o.1.series.minutes.clone())
+        .unwrap_or_default();
     let backlog: Vec<(&str, &[f64])> = outcomes
         .iter()
         .map(|(n, o)| (*n, o.series.visible.as_slice()))
         .collect();
     body.push_str("<h2>Backlog over time</h2>");
-    body.push_str(&line_plot("visible messages", "messages", &x, &backlog, false)?);
+    body.push_str(&line_plot(
+        "visible messages",
+        "messages",
+        &x,
+        &backlog,
+        false,
+    )?);
     body.push_str("<h2>Instances per region and state</h2>");
     for (name, o) in outcomes {
         let s = &o.series;
@@ -193,10 +222,16 @@ pub fn html(scenario: &str, seed: u64, outcomes: &[(&str, &Outcome)], table_md: 
     body.push_str("<h2>Job wait-time distribution</h2>");
     body.push_str(&wait_plot(outcomes)?);
     body.push_str("<h2>Cumulative cost</h2>");
-    let cost: Vec<(&str, &[f64])> = outcomes.iter().map(|(n, o)| (*n, o.series.cost.as_slice())).collect();
+    let cost: Vec<(&str, &[f64])> = outcomes
+        .iter()
+        .map(|(n, o)| (*n, o.series.cost.as_slice()))
+        .collect();
     body.push_str(&line_plot("cumulative cost", "dollars", &x, &cost, false)?);
     body.push_str("<h2>Failover mode timeline</h2><p>0 normal, 1 failed over, 2 failing back (the original design: 1 while its fallback is open).</p>");
-    let modes: Vec<(&str, &[f64])> = outcomes.iter().map(|(n, o)| (*n, o.series.mode.as_slice())).collect();
+    let modes: Vec<(&str, &[f64])> = outcomes
+        .iter()
+        .map(|(n, o)| (*n, o.series.mode.as_slice()))
+        .collect();
     body.push_str(&line_plot("mode", "mode", &x, &modes, true)?);
     Ok(format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>spotguard-sim: {}</title><style>body{{font-family:sans-serif;max-width:820px;margin:auto}}pre{{font-size:11px;overflow-x:auto}}svg{{display:block;margin:8px 0}}</style></head><body>{body}</body></html>\n",

@@ -22,13 +22,17 @@ use spotguard_agent::notify::Notifier;
 use spotguard_agent::runner::Runner;
 use spotguard_agent::status::Status;
 use spotguard_agent::watch::{Change, Detected, WatchEvent};
-use spotguard_agent::worker::{Ended, JobFiles, JobNotice, Outcome as JobOutcome, StopReason, Worker, CHECKPOINT_ATTR};
+use spotguard_agent::worker::{
+    Ended, JobFiles, JobNotice, Outcome as JobOutcome, StopReason, Worker, CHECKPOINT_ATTR,
+};
 use spotguard_common::clock::{Clock, TokioClock};
 use spotguard_controller::aws::{Cloud, MetricSpec, TargetTracking};
 use spotguard_controller::handler::Controller;
 
 use crate::scenario::Scenario;
-use crate::world::{lock, wall, Group, Instance, Kill, Rng, Shared, SimCloud, SimFleet, State, Tracking, World};
+use crate::world::{
+    lock, wall, Group, Instance, Kill, Rng, Shared, SimCloud, SimFleet, State, Tracking, World,
+};
 
 /// The failover policies compared side by side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -158,7 +162,10 @@ impl Worker for SimWorker {
         async move {
             if broken {
                 return Ended {
-                    outcome: JobOutcome::NotStarted("cannot start /opt/worker/run: No such file or directory (os error 2)".into()),
+                    outcome: JobOutcome::NotStarted(
+                        "cannot start /opt/worker/run: No such file or directory (os error 2)"
+                            .into(),
+                    ),
                     checkpoint: None,
                 };
             }
@@ -202,11 +209,18 @@ impl Worker for SimWorker {
                 }
             }
             if outcome == JobOutcome::Succeeded {
-                w.jobs.entry(job.name.clone()).or_default().done.push(Instant::now());
+                w.jobs
+                    .entry(job.name.clone())
+                    .or_default()
+                    .done
+                    .push(Instant::now());
             }
             let checkpoint = (matches!(outcome, JobOutcome::Stopped(_)) && saved > 0)
                 .then(|| format!("progress={saved}"));
-            Ended { outcome, checkpoint }
+            Ended {
+                outcome,
+                checkpoint,
+            }
         }
     }
 }
@@ -292,7 +306,12 @@ fn tracking(target: f64, region: &str, group: &str, metric: &str, enabled: bool)
     }
 }
 
-fn group_of(r: &crate::scenario::Region, name: &str, tracking: Option<Tracking>, max: i32) -> Group {
+fn group_of(
+    r: &crate::scenario::Region,
+    name: &str,
+    tracking: Option<Tracking>,
+    max: i32,
+) -> Group {
     Group {
         name: name.into(),
         region: r.region.clone(),
@@ -312,7 +331,12 @@ fn group_of(r: &crate::scenario::Region, name: &str, tracking: Option<Tracking>,
 pub const START: &str = "2026-11-28T00:00:00Z";
 
 /// Runs one policy over the scenario. `progress` gets the fraction done.
-pub fn run(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn FnMut(f64)) -> Result<Outcome, String> {
+pub fn run(
+    s: &Scenario,
+    seed: u64,
+    policy: Policy,
+    progress: &mut dyn FnMut(f64),
+) -> Result<Outcome, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -321,7 +345,12 @@ pub fn run(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn FnMut(f64
     rt.block_on(simulate(s, seed, policy, progress))
 }
 
-async fn simulate(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn FnMut(f64)) -> Result<Outcome, String> {
+async fn simulate(
+    s: &Scenario,
+    seed: u64,
+    policy: Policy,
+    progress: &mut dyn FnMut(f64),
+) -> Result<Outcome, String> {
     let start: DateTime<Utc> = DateTime::parse_from_rfc3339(START)
         .map_err(|e| e.to_string())?
         .with_timezone(&Utc);
@@ -366,7 +395,10 @@ async fn simulate(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn Fn
             let span = to.saturating_sub(from) as f64;
             let at = from + ((f64::from(k) + rng.unit()) / f64::from(a.count.max(1)) * span) as u64;
             let secs = (a.duration.0.as_secs_f64() * (0.5 + rng.unit())).max(1.0) as u64;
-            let body = format!("job=j{n} secs={secs} ckpt={}", a.checkpoint_every.0.as_secs());
+            let body = format!(
+                "job=j{n} secs={secs} ckpt={}",
+                a.checkpoint_every.0.as_secs()
+            );
             arrivals.push((at.min(to), body));
         }
     }
@@ -375,7 +407,10 @@ async fn simulate(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn Fn
     let mut arrivals = arrivals.into_iter().peekable();
 
     let mut changes: Vec<(u64, usize, i32)> = Vec::new();
-    for (g, r) in [(0usize, Some(&s.primary)), (1, s.fallback.as_ref().filter(|_| two))] {
+    for (g, r) in [
+        (0usize, Some(&s.primary)),
+        (1, s.fallback.as_ref().filter(|_| two)),
+    ] {
         if let Some(r) = r {
             if s.baseline_without_changes {
                 continue;
@@ -436,30 +471,44 @@ async fn simulate(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn Fn
             let wall_of = |t: Instant| wall(start, base, t);
             let ids: Vec<String> = w.instances.keys().cloned().collect();
             for id in ids {
-                let Some(i) = w.instances.get_mut(&id) else { continue };
-                if let (Some((reb, notice, reclaim)), true) = (i.interruption, matches!(i.state, State::InService | State::Pending { .. })) {
+                let Some(i) = w.instances.get_mut(&id) else {
+                    continue;
+                };
+                if let (Some((reb, notice, reclaim)), true) = (
+                    i.interruption,
+                    matches!(i.state, State::InService | State::Pending { .. }),
+                ) {
                     if let (Some(r), Some(tx)) = (reb, &i.notices) {
                         if r <= now {
-                            notices.push((tx.clone(), Detected {
-                                event: WatchEvent::RebalanceRecommendation { change: Change::New, notice_time: wall_of(r) },
-                                detected_at: wall_of(now),
-                            }));
+                            notices.push((
+                                tx.clone(),
+                                Detected {
+                                    event: WatchEvent::RebalanceRecommendation {
+                                        change: Change::New,
+                                        notice_time: wall_of(r),
+                                    },
+                                    detected_at: wall_of(now),
+                                },
+                            ));
                             i.interruption = Some((None, notice, reclaim));
                         }
                     }
                     if notice <= now && !i.noticed {
                         i.noticed = true;
                         if let Some(tx) = &i.notices {
-                            notices.push((tx.clone(), Detected {
-                                event: WatchEvent::SpotInterruption {
-                                    change: Change::New,
-                                    action: Some(SpotAction::Terminate),
-                                    time: wall_of(reclaim),
-                                    deadline_assumed: false,
-                                    raw: None,
+                            notices.push((
+                                tx.clone(),
+                                Detected {
+                                    event: WatchEvent::SpotInterruption {
+                                        change: Change::New,
+                                        action: Some(SpotAction::Terminate),
+                                        time: wall_of(reclaim),
+                                        deadline_assumed: false,
+                                        raw: None,
+                                    },
+                                    detected_at: wall_of(now),
                                 },
-                                detected_at: wall_of(now),
-                            }));
+                            ));
                         }
                     }
                     if reclaim <= now {
@@ -483,7 +532,12 @@ async fn simulate(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn Fn
                             let i = w.instances.get_mut(&id).expect("present");
                             i.state = State::Gone;
                             i.ended = Some(now);
-                            (std::mem::take(&mut i.running), i.why, i.task.take(), i.group)
+                            (
+                                std::mem::take(&mut i.running),
+                                i.why,
+                                i.task.take(),
+                                i.group,
+                            )
                         };
                         if let Some(t) = task {
                             t.abort();
@@ -492,9 +546,19 @@ async fn simulate(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn Fn
                         for job in &running {
                             w.jobs.entry(job.clone()).or_default().kills.push(why);
                         }
-                        if !running.is_empty() && policy == Policy::Spotguard && matches!(why, Kill::GroupScaleIn | Kill::AgentScaleIn) {
-                            let what = if group == 1 { "failback or scale-in of the fallback" } else { "scale-in of the primary" };
-                            w.violations.push(format!("{id}: {} job(s) killed by {what} ({why:?})", running.len()));
+                        if !running.is_empty()
+                            && policy == Policy::Spotguard
+                            && matches!(why, Kill::GroupScaleIn | Kill::AgentScaleIn)
+                        {
+                            let what = if group == 1 {
+                                "failback or scale-in of the fallback"
+                            } else {
+                                "scale-in of the primary"
+                            };
+                            w.violations.push(format!(
+                                "{id}: {} job(s) killed by {what} ({why:?})",
+                                running.len()
+                            ));
                         }
                     }
                     _ => {}
@@ -526,18 +590,27 @@ async fn simulate(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn Fn
                 for ev in &events {
                     let primary = ev["detail"]["AutoScalingGroupName"] == PRIMARY;
                     let failed = ev["detail-type"] == "EC2 Instance Launch Unsuccessful";
-                    let f = &s.fallback.as_ref().map_or(String::new(), |f| f.region.clone());
+                    let f = &s
+                        .fallback
+                        .as_ref()
+                        .map_or(String::new(), |f| f.region.clone());
                     if primary && failed && !seed_open {
                         seed_open = true;
-                        let _ = cloud.set_max_size(f, FALLBACK, s.fallback.as_ref().map_or(0, |f| f.max)).await;
-                        if let Some(Some((_, p))) = cloud.policy(f, FALLBACK, "spotguard-backlog").await.ok() {
+                        let _ = cloud
+                            .set_max_size(f, FALLBACK, s.fallback.as_ref().map_or(0, |f| f.max))
+                            .await;
+                        if let Ok(Some((_, p))) =
+                            cloud.policy(f, FALLBACK, "spotguard-backlog").await
+                        {
                             let _ = cloud.put_policy(f, FALLBACK, &p, true).await;
                         }
                     } else if primary && !failed && seed_open {
                         seed_open = false;
                         let _ = cloud.set_desired(f, FALLBACK, 0).await;
                         let _ = cloud.set_max_size(f, FALLBACK, 0).await;
-                        if let Some(Some((_, p))) = cloud.policy(f, FALLBACK, "spotguard-backlog").await.ok() {
+                        if let Ok(Some((_, p))) =
+                            cloud.policy(f, FALLBACK, "spotguard-backlog").await
+                        {
                             let _ = cloud.put_policy(f, FALLBACK, &p, false).await;
                         }
                     }
@@ -574,7 +647,12 @@ async fn simulate(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn Fn
             series.fallback_pending.push(count(&w, 1, true));
             series.cost.push(w.cost);
             let mode = match policy {
-                Policy::Spotguard => match w.groups.get(1).and_then(|g| g.tags.get("spotguard:mode")).map(String::as_str) {
+                Policy::Spotguard => match w
+                    .groups
+                    .get(1)
+                    .and_then(|g| g.tags.get("spotguard:mode"))
+                    .map(String::as_str)
+                {
                     Some("failed-over") => 1.0,
                     Some("failing-back") => 2.0,
                     _ => 0.0,
@@ -603,7 +681,16 @@ async fn simulate(s: &Scenario, seed: u64, policy: Policy, progress: &mut dyn Fn
             t.abort();
         }
     }
-    let summary = summarize(&mut w, &queue, s, seed, policy, total_jobs, mode_changes, &mut series);
+    let summary = summarize(
+        &mut w,
+        &queue,
+        s,
+        seed,
+        policy,
+        total_jobs,
+        mode_changes,
+        &mut series,
+    );
     Ok(Outcome { summary, series })
 }
 
@@ -633,10 +720,19 @@ async fn publish_simple(cloud: &SimCloud, s: &Scenario, queue: &MemQueue, fallba
     }
 }
 
-async fn start_agent(world: &Shared, id: &str, cfg: &Arc<AgentConfig>, queue: &Arc<MemQueue>, clock: &Arc<dyn Clock>) {
+async fn start_agent(
+    world: &Shared,
+    id: &str,
+    cfg: &Arc<AgentConfig>,
+    queue: &Arc<MemQueue>,
+    clock: &Arc<dyn Clock>,
+) {
     let (tx, rx) = mpsc::channel(16);
     let status = Arc::new(Status::new(id.to_string(), Arc::new(ImdsStats::default())));
-    let broken = lock(world).instances.get(id).is_some_and(|i: &Instance| i.broken);
+    let broken = lock(world)
+        .instances
+        .get(id)
+        .is_some_and(|i: &Instance| i.broken);
     let runner = Runner {
         cfg: cfg.clone(),
         queue: queue.clone(),
@@ -685,8 +781,10 @@ fn summarize(
 ) -> Summary {
     let st = queue.lock();
     let name_of = |body: &str| parse_job(body).name;
-    let queued: std::collections::BTreeSet<String> = st.messages.iter().map(|m| name_of(&m.body)).collect();
-    let dead: std::collections::BTreeSet<String> = st.dead.iter().map(|m| name_of(&m.body)).collect();
+    let queued: std::collections::BTreeSet<String> =
+        st.messages.iter().map(|m| name_of(&m.body)).collect();
+    let dead: std::collections::BTreeSet<String> =
+        st.dead.iter().map(|m| name_of(&m.body)).collect();
     drop(st);
     let mut waits = Vec::new();
     let mut killed: BTreeMap<String, usize> = BTreeMap::new();
@@ -702,7 +800,9 @@ fn summarize(
             done += 1;
         } else if !queued.contains(name) && !dead.contains(name) {
             lost += 1;
-            w.violations.push(format!("job {name} lost: not done, not queued, not dead-lettered"));
+            w.violations.push(format!(
+                "job {name} lost: not done, not queued, not dead-lettered"
+            ));
         }
         if j.done.len() > 1 {
             dups += j.done.len() - 1;
@@ -712,7 +812,8 @@ fn summarize(
             if !j.kills.is_empty() {
                 explained += j.done.len() - 1;
             } else {
-                w.violations.push(format!("job {name}: unexplained duplicate execution"));
+                w.violations
+                    .push(format!("job {name}: unexplained duplicate execution"));
             }
         }
     }

@@ -90,7 +90,7 @@ fn d_zero() -> Dur {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Agent {
     pub idle_timeout: Dur,
     pub visibility_timeout: Dur,
@@ -112,7 +112,7 @@ impl Default for Agent {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Controller {
     /// Backlog per instance both groups track.
     pub target: f64,
@@ -133,7 +133,7 @@ impl Default for Controller {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Launch {
     /// From the launch to the instance running.
     pub delay: Dur,
@@ -170,13 +170,22 @@ impl Scenario {
         }
         for (i, a) in s.jobs.arrivals.iter().enumerate() {
             if a.end.0 < a.start.0 {
-                return bad(&format!("jobs.arrivals[{i}].end"), "must not be before start");
+                return bad(
+                    &format!("jobs.arrivals[{i}].end"),
+                    "must not be before start",
+                );
             }
             if a.duration.0.is_zero() {
-                return bad(&format!("jobs.arrivals[{i}].duration"), "must be greater than zero");
+                return bad(
+                    &format!("jobs.arrivals[{i}].duration"),
+                    "must be greater than zero",
+                );
             }
         }
-        for (key, r) in [("primary", Some(&s.primary)), ("fallback", s.fallback.as_ref())] {
+        for (key, r) in [
+            ("primary", Some(&s.primary)),
+            ("fallback", s.fallback.as_ref()),
+        ] {
             if let Some(r) = r {
                 if r.max < 0 || r.min < 0 || r.min > r.max || r.initial > r.max {
                     return bad(&format!("{key}.max"), "needs 0 <= min <= initial <= max");
@@ -186,7 +195,7 @@ impl Scenario {
         if s.agent.concurrency == 0 {
             return bad("agent.concurrency", "must be at least 1");
         }
-        if !(s.controller.target > 0.0) {
+        if !s.controller.target.is_finite() || s.controller.target <= 0.0 {
             return bad("controller.target", "must be a positive number");
         }
         Ok(s)

@@ -51,10 +51,14 @@ impl Rng {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Launched; the agent starts at `ready`.
-    Pending { ready: Instant },
+    Pending {
+        ready: Instant,
+    },
     InService,
     /// Going away at `at` (its agent and jobs end then).
-    Terminating { at: Instant },
+    Terminating {
+        at: Instant,
+    },
     Gone,
 }
 
@@ -187,7 +191,14 @@ impl World {
         i.why = Some(why);
     }
 
-    fn activity(&mut self, g: usize, now: Instant, ok: bool, message: &str, base: (DateTime<Utc>, Instant)) -> Value {
+    fn activity(
+        &mut self,
+        g: usize,
+        now: Instant,
+        ok: bool,
+        message: &str,
+        base: (DateTime<Utc>, Instant),
+    ) -> Value {
         self.next_activity += 1;
         let id = format!("act-{:08}", self.next_activity);
         let t = wall(base.0, base.1, now);
@@ -220,7 +231,12 @@ impl World {
 
     /// Launches what the groups are short of, against spot capacity; ends
     /// what is above desired (unprotected first, newest first).
-    pub fn reconcile_groups(&mut self, now: Instant, launch: &crate::scenario::Launch, base: (DateTime<Utc>, Instant)) {
+    pub fn reconcile_groups(
+        &mut self,
+        now: Instant,
+        launch: &crate::scenario::Launch,
+        base: (DateTime<Utc>, Instant),
+    ) {
         for g in 0..self.groups.len() {
             let alive: Vec<String> = self.alive(g).map(|i| i.id.clone()).collect();
             let have = alive.len() as i32;
@@ -322,7 +338,11 @@ impl World {
         }
         for (id, with_rebalance) in picks {
             if let Some(i) = self.instances.get_mut(&id) {
-                let notice = if with_rebalance && !lead.is_zero() { now + lead } else { now };
+                let notice = if with_rebalance && !lead.is_zero() {
+                    now + lead
+                } else {
+                    now
+                };
                 let rebalance = (with_rebalance && !lead.is_zero()).then_some(now);
                 i.interruption = Some((rebalance, notice, notice + Duration::from_secs(120)));
             }
@@ -332,7 +352,8 @@ impl World {
     /// Target tracking, once a minute (REFERENCE.md): scale out after 3
     /// periods above the target, in after 15 below 90 % of it, to capacity
     /// in proportion to metric / target; no new scale-out within the
-    /// 300 s warm-up of the last one.
+    /// 300 s warm-up of the last one. Scale-in never goes below the
+    /// instances that are busy and protected (the group cannot pick them).
     pub fn track(&mut self, now: Instant) {
         for g in 0..self.groups.len() {
             let in_service = self.in_service(g);
@@ -346,9 +367,10 @@ impl World {
                 continue;
             }
             let metric = match &t.policy.spec {
-                spotguard_controller::aws::MetricSpec::Custom { name: m, .. } => {
-                    self.metrics.get(&(region.clone(), name.clone(), m.clone())).copied()
-                }
+                spotguard_controller::aws::MetricSpec::Custom { name: m, .. } => self
+                    .metrics
+                    .get(&(region.clone(), name.clone(), m.clone()))
+                    .copied(),
                 spotguard_controller::aws::MetricSpec::BacklogMath { .. } => None,
             };
             let Some(v) = metric else {
@@ -365,8 +387,13 @@ impl World {
             let warm = t
                 .last_scale_out
                 .is_some_and(|s| now.duration_since(s) < Duration::from_secs(300));
-            if above && !warm && cap > 0.0 {
-                let want = ((cap * v / target).ceil() as i32).max(group.desired + 1).min(group.max);
+            if above && !warm {
+                // From 0 the proportion is taken from one instance: a value
+                // above the target grows the group (REFERENCE.md); at or
+                // below it, an empty group stays empty.
+                let want = ((cap.max(1.0) * v / target).ceil() as i32)
+                    .max(group.desired + 1)
+                    .min(group.max);
                 if want > group.desired {
                     group.desired = want;
                     t.last_scale_out = Some(now);
@@ -385,7 +412,10 @@ impl World {
     pub fn bill(&mut self, dt: Duration) {
         let mut add = vec![0f64; self.groups.len()];
         for i in self.instances.values() {
-            if matches!(i.state, State::Pending { .. } | State::InService | State::Terminating { .. }) {
+            if matches!(
+                i.state,
+                State::Pending { .. } | State::InService | State::Terminating { .. }
+            ) {
                 add[i.group] += dt.as_secs_f64();
             }
         }
@@ -406,7 +436,10 @@ pub struct SimFleet {
 }
 
 impl Fleet for SimFleet {
-    fn group_of(&self, _instance: &str) -> impl Future<Output = Result<Option<String>, AwsError>> + Send {
+    fn group_of(
+        &self,
+        _instance: &str,
+    ) -> impl Future<Output = Result<Option<String>, AwsError>> + Send {
         let w = lock(&self.world);
         let r = w
             .instances
@@ -415,7 +448,10 @@ impl Fleet for SimFleet {
         std::future::ready(Ok(r))
     }
 
-    fn lifecycle_state(&self, _instance: &str) -> impl Future<Output = Result<Option<String>, AwsError>> + Send {
+    fn lifecycle_state(
+        &self,
+        _instance: &str,
+    ) -> impl Future<Output = Result<Option<String>, AwsError>> + Send {
         let w = lock(&self.world);
         let r = w.instances.get(&self.id).map(|i| {
             match i.state {
@@ -428,15 +464,23 @@ impl Fleet for SimFleet {
         std::future::ready(Ok(r))
     }
 
-    fn terminate_self(&self, _instance: &str) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send {
+    fn terminate_self(
+        &self,
+        _instance: &str,
+    ) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send {
         let mut w = lock(&self.world);
         let now = Instant::now();
         let r = match w.instances.get(&self.id).map(|i| (i.group, i.noticed)) {
-            None => Err(aws_error("TerminateInstanceInAutoScalingGroup", "ValidationError")),
+            None => Err(aws_error(
+                "TerminateInstanceInAutoScalingGroup",
+                "ValidationError",
+            )),
             Some((g, noticed)) => {
                 if noticed {
-                    w.violations
-                        .push(format!("{}: desired capacity decremented after a spot notice", self.id));
+                    w.violations.push(format!(
+                        "{}: desired capacity decremented after a spot notice",
+                        self.id
+                    ));
                 }
                 if w.groups[g].desired <= w.groups[g].min {
                     Ok(ScaleIn::Refused(MIN_SIZE_REFUSAL.to_string()))
@@ -448,8 +492,10 @@ impl Fleet for SimFleet {
                         .and_then(|i| i.status.as_ref())
                         .is_some_and(|s| s.json()["jobs_in_flight"].as_u64().unwrap_or(0) > 0);
                     if busy {
-                        w.violations
-                            .push(format!("{}: the agent's own scale-in with a job running", self.id));
+                        w.violations.push(format!(
+                            "{}: the agent's own scale-in with a job running",
+                            self.id
+                        ));
                     }
                     // The instance shuts down a little later (the agent has
                     // nothing left to do).
@@ -461,7 +507,12 @@ impl Fleet for SimFleet {
         std::future::ready(r)
     }
 
-    fn set_protection(&self, _group: &str, _instance: &str, protect: bool) -> impl Future<Output = Result<(), AwsError>> + Send {
+    fn set_protection(
+        &self,
+        _group: &str,
+        _instance: &str,
+        protect: bool,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send {
         if let Some(i) = lock(&self.world).instances.get_mut(&self.id) {
             i.protected = protect;
         }
@@ -475,11 +526,21 @@ impl Fleet for SimFleet {
         std::future::ready(Ok(()))
     }
 
-    fn lifecycle_heartbeat(&self, _g: &str, _h: &str, _i: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
+    fn lifecycle_heartbeat(
+        &self,
+        _g: &str,
+        _h: &str,
+        _i: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send {
         std::future::ready(Ok(()))
     }
 
-    fn complete_lifecycle(&self, _g: &str, _h: &str, _i: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
+    fn complete_lifecycle(
+        &self,
+        _g: &str,
+        _h: &str,
+        _i: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send {
         std::future::ready(Ok(()))
     }
 }
@@ -499,7 +560,11 @@ fn missing(op: &'static str, region: &str) -> CloudError {
 }
 
 impl Cloud for SimCloud {
-    fn group(&self, region: &str, name: &str) -> impl Future<Output = Result<GroupInfo, CloudError>> + Send {
+    fn group(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<GroupInfo, CloudError>> + Send {
         let w = lock(&self.world);
         let r = w.group_index(region, name).map(|g| {
             let gr = &w.groups[g];
@@ -523,12 +588,20 @@ impl Cloud for SimCloud {
         std::future::ready(r.ok_or_else(|| missing("DescribeAutoScalingGroups", region)))
     }
 
-    fn queue_depth(&self, _region: &str, _url: &str) -> impl Future<Output = Result<(i64, i64), CloudError>> + Send {
+    fn queue_depth(
+        &self,
+        _region: &str,
+        _url: &str,
+    ) -> impl Future<Output = Result<(i64, i64), CloudError>> + Send {
         let (v, f) = self.queue.depth();
         std::future::ready(Ok((v as i64, f as i64)))
     }
 
-    fn activities(&self, region: &str, group: &str) -> impl Future<Output = Result<Vec<Activity>, CloudError>> + Send {
+    fn activities(
+        &self,
+        region: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<Activity>, CloudError>> + Send {
         let w = lock(&self.world);
         let r = w
             .group_index(region, group)
@@ -537,7 +610,12 @@ impl Cloud for SimCloud {
         std::future::ready(Ok(r))
     }
 
-    fn set_max_size(&self, region: &str, group: &str, max: i32) -> impl Future<Output = Result<(), CloudError>> + Send {
+    fn set_max_size(
+        &self,
+        region: &str,
+        group: &str,
+        max: i32,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
         let mut w = lock(&self.world);
         let r = match w.group_index(region, group) {
             Some(g) => {
@@ -551,7 +629,11 @@ impl Cloud for SimCloud {
         std::future::ready(r)
     }
 
-    fn release_protection(&self, region: &str, group: &str) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send {
+    fn release_protection(
+        &self,
+        region: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send {
         let mut w = lock(&self.world);
         let g = w.group_index(region, group);
         let mut ids = Vec::new();
@@ -564,7 +646,12 @@ impl Cloud for SimCloud {
         std::future::ready(Ok(ids))
     }
 
-    fn set_desired(&self, region: &str, group: &str, desired: i32) -> impl Future<Output = Result<(), CloudError>> + Send {
+    fn set_desired(
+        &self,
+        region: &str,
+        group: &str,
+        desired: i32,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
         let mut w = lock(&self.world);
         let r = match w.group_index(region, group) {
             Some(g) => {
@@ -576,7 +663,12 @@ impl Cloud for SimCloud {
         std::future::ready(r)
     }
 
-    fn put_tags(&self, region: &str, group: &str, tags: &BTreeMap<String, String>) -> impl Future<Output = Result<(), CloudError>> + Send {
+    fn put_tags(
+        &self,
+        region: &str,
+        group: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
         let mut w = lock(&self.world);
         let r = match w.group_index(region, group) {
             Some(g) => {
@@ -588,7 +680,13 @@ impl Cloud for SimCloud {
         std::future::ready(r)
     }
 
-    fn policy(&self, region: &str, group: &str, name: &str) -> impl Future<Output = Result<Option<(Option<bool>, TargetTracking)>, CloudError>> + Send {
+    fn policy(
+        &self,
+        region: &str,
+        group: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<(Option<bool>, TargetTracking)>, CloudError>> + Send
+    {
         let w = lock(&self.world);
         let r = w.group_index(region, group).and_then(|g| {
             w.groups[g]
@@ -600,7 +698,13 @@ impl Cloud for SimCloud {
         std::future::ready(Ok(r))
     }
 
-    fn put_policy(&self, region: &str, group: &str, policy: &TargetTracking, enabled: bool) -> impl Future<Output = Result<(), CloudError>> + Send {
+    fn put_policy(
+        &self,
+        region: &str,
+        group: &str,
+        policy: &TargetTracking,
+        enabled: bool,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
         let mut w = lock(&self.world);
         if let Some(g) = w.group_index(region, group) {
             let keep = w.groups[g].tracking.take();
@@ -627,7 +731,12 @@ impl Cloud for SimCloud {
         std::future::ready(Ok(()))
     }
 
-    fn publish(&self, _topic: &str, subject: &str, message: &str) -> impl Future<Output = Result<(), CloudError>> + Send {
+    fn publish(
+        &self,
+        _topic: &str,
+        subject: &str,
+        message: &str,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
         lock(&self.world)
             .published
             .push((subject.to_string(), message.to_string()));
