@@ -278,7 +278,10 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
         "{}",
         fallback.body
     );
-    assert!(fallback.body.contains("Value=40"), "{}", fallback.body);
+    // The failover gave the fallback the primary's shortfall (desired 3,
+    // 1 InService: 2), which moto launches at once: 40 / 2.
+    assert_eq!(t.fallback().desired, 2);
+    assert!(fallback.body.contains("Value=20"), "{}", fallback.body);
     // `status` reports the same mode and plans nothing more.
     let (code, out) = t.binary(&["status"]);
     assert_eq!(code, 0);
@@ -798,4 +801,35 @@ fn a_scripted_day_gives_exactly_the_expected_mode_changes() {
     );
     assert_eq!(t.mode().as_deref(), Some("normal"));
     assert_eq!(t.fallback().max, 0);
+}
+
+#[test]
+fn an_empty_primary_with_work_waiting_is_raised_from_zero_on_moto() {
+    let t = setup("ctl-zero");
+    let asg = t.env.asg_in("us-east-1");
+    t.env.rt.block_on(async {
+        asg.set_desired_capacity()
+            .auto_scaling_group_name("gpu-primary")
+            .desired_capacity(0)
+            .send()
+            .await
+            .unwrap();
+    });
+    assert_eq!(t.env.group("gpu-primary").desired, 0);
+    let c = t.controller();
+    // 3 jobs wait (see `setup`), no instance: target tracking alone would
+    // never leave 0 below the target; the controller raises the group.
+    let r = t.tick(&c);
+    assert_eq!(r.raised_from_zero, vec!["gpu-primary"]);
+    assert_eq!(t.env.group("gpu-primary").desired, 1);
+    let calls = t.env.proxy.calls_of("UpdateAutoScalingGroup");
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.region == "us-east-1" && c.body.contains("DesiredCapacity=1")),
+        "{:?}",
+        calls.iter().map(|c| &c.body).collect::<Vec<_>>()
+    );
+    // Once it runs, nothing more is raised.
+    assert!(t.tick(&c).raised_from_zero.is_empty());
 }
