@@ -116,6 +116,21 @@ impl<C: Cloud> Controller<C> {
         let reconcile = self
             .reconcile(launches, true, depth.map(|(visible, _)| visible))
             .await?;
+        // For the "failed over too long" alarm: 1 while the fallback is in use.
+        let p = &self.cfg.primary;
+        let mode_point = metrics::group_point(
+            &self.cfg,
+            &p.region,
+            &p.asg,
+            metrics::FAILED_OVER,
+            f64::from(u8::from(reconcile.mode != reconcile::Mode::Normal.as_str())),
+        );
+        let mut metrics = metrics;
+        let mut errors = errors;
+        match self.cloud.put_metric(&mode_point).await {
+            Ok(()) => metrics.push(mode_point),
+            Err(e) => errors.push(e.to_string()),
+        }
         let raised_from_zero = match depth {
             Some((visible, _)) => self.scale_from_zero(visible, reconcile.mode).await,
             None => Vec::new(),

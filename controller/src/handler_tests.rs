@@ -323,6 +323,16 @@ async fn an_unneeded_failover_closes_and_does_not_flap() {
     tokio::time::advance(std::time::Duration::from_secs(61)).await;
     let r = c.tick(Vec::new()).await.unwrap();
     assert_eq!(r.reconcile.mode, "failing-back");
+    // The mode metric for the "failed over too long" alarm: 1 while in use.
+    let fo: Vec<f64> = c
+        .cloud
+        .lock()
+        .metrics
+        .iter()
+        .filter(|m| m.name == "FailedOver")
+        .map(|m| m.value)
+        .collect();
+    assert_eq!(fo.last(), Some(&1.0), "{fo:?}");
     // Capacity failures keep coming while nothing waits: no flap back.
     for m in 2..6 {
         tokio::time::advance(std::time::Duration::from_secs(60)).await;

@@ -17,6 +17,10 @@ pub struct MetricValue {
     pub value: f64,
 }
 
+/// 1 while the fallback is in use (failed over or failing back), 0 in
+/// normal; the template's "failed over too long" alarm watches it.
+pub const FAILED_OVER: &str = "FailedOver";
+
 /// Backlog per InService instance; with none InService, the backlog
 /// itself (a quotient has no value then; the controller also raises the
 /// desired capacity from 0, see [`crate::handler`]).

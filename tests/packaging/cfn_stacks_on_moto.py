@@ -71,6 +71,16 @@ try:
     rules = client("events").list_rules()["Rules"]
     check("four EventBridge rules (capacity failures, successes, spot warning, schedule)", len(rules) == 4, rules)
     check("a one-minute schedule", any(r.get("ScheduleExpression") == "rate(1 minute)" for r in rules))
+    alarms = client("cloudwatch").describe_alarms()["MetricAlarms"]
+    names = sorted(a["MetricName"] for a in alarms)
+    check("four alarms (backlog metric missing, failed over too long, DLQ not empty, controller errors)",
+          names == ["ApproximateNumberOfMessagesVisible", "BacklogPerInstance", "Errors", "FailedOver"], names)
+    check("the alarms notify the topic", all(out["TopicArn"] in a.get("AlarmActions", []) for a in alarms),
+          [a.get("AlarmActions") for a in alarms])
+    missing = [a for a in alarms if a["MetricName"] == "BacklogPerInstance"]
+    check("a missing backlog metric is breaching", bool(missing) and missing[0].get("TreatMissingData") == "breaching", missing)
+    check("one controller at a time (ReservedConcurrentExecutions 1)",
+          client("lambda").get_function_concurrency(FunctionName=out["ControllerFunction"]).get("ReservedConcurrentExecutions") == 1)
 
     for region, group, max_size in [("us-east-1", "spotguard-gpu-primary", "10"), ("us-east-2", "spotguard-gpu-fallback", "0")]:
         ec2 = client("ec2", region)
