@@ -64,6 +64,9 @@ pub struct QueueState {
     pub calls: Vec<(Instant, &'static str, String)>,
     /// Errors to answer, per operation, before answering normally.
     pub faults: BTreeMap<&'static str, VecDeque<AwsError>>,
+    /// Calls SQS itself rejected (stale handle, past the 12-hour cap...):
+    /// (operation, error code).
+    pub rejected: Vec<(&'static str, String)>,
     next: u64,
 }
 
@@ -282,7 +285,11 @@ impl Queue for MemQueue {
                 .iter()
                 .position(|m| m.receipt.as_deref() == Some(receipt.as_str()))
             else {
-                return Err(aws_error(OP, "ReceiptHandleIsInvalid"));
+                // AWS: with a receipt handle that is not the latest, the
+                // request succeeds but the message is not deleted.
+                st.rejected
+                    .push((OP, "stale receipt handle (answered OK)".into()));
+                return Ok(());
             };
             let m = st.messages.remove(pos);
             st.deleted.push(m.id);
@@ -304,15 +311,19 @@ impl Queue for MemQueue {
             self.begin(OP, format!("{receipt} {secs}"))?;
             let now = Instant::now();
             let mut st = self.lock();
+            let reject = |st: &mut QueueState, code: &str| {
+                st.rejected.push((OP, code.to_string()));
+                Err(aws_error(OP, code))
+            };
             let Some(m) = MemQueue::find(&mut st, &receipt) else {
-                return Err(aws_error(OP, "ReceiptHandleIsInvalid"));
+                return reject(&mut st, "ReceiptHandleIsInvalid");
             };
             if m.visible_at <= now {
-                return Err(aws_error(OP, "MessageNotInflight"));
+                return reject(&mut st, "MessageNotInflight");
             }
             let until = now + Duration::from_secs(secs.max(0) as u64);
             if m.received_at.is_some_and(|r| until > r + MAX_INVISIBLE) {
-                return Err(aws_error(OP, "InvalidParameterValue"));
+                return reject(&mut st, "InvalidParameterValue");
             }
             m.visible_at = until;
             if secs == 0 {
@@ -348,6 +359,11 @@ pub struct FleetState {
     pub lifecycle_completed: bool,
     /// `SetInstanceHealth Unhealthy` was called.
     pub unhealthy: bool,
+    /// What `DescribeAutoScalingInstances` says of the instance's state,
+    /// if not the default (InService, or Terminating:Wait once terminated).
+    pub state_override: Option<String>,
+    /// `CompleteLifecycleAction` fails with ValidationError (no action waits).
+    pub no_lifecycle_action: bool,
     pub calls: Vec<(Instant, &'static str, String)>,
     pub faults: BTreeMap<&'static str, VecDeque<AwsError>>,
 }
@@ -369,6 +385,8 @@ impl MemFleet {
                 terminated: false,
                 lifecycle_completed: false,
                 unhealthy: false,
+                state_override: None,
+                no_lifecycle_action: false,
                 calls: Vec::new(),
                 faults: BTreeMap::new(),
             }),
@@ -450,7 +468,9 @@ impl Fleet for MemFleet {
             .begin("DescribeAutoScalingInstances", instance.to_string())
             .map(|st| {
                 st.group.as_ref().map(|_| {
-                    if st.terminated {
+                    if let Some(s) = &st.state_override {
+                        s.clone()
+                    } else if st.terminated {
                         "Terminating:Wait".to_string()
                     } else {
                         "InService".to_string()
@@ -502,7 +522,13 @@ impl Fleet for MemFleet {
     ) -> impl Future<Output = Result<(), AwsError>> + Send {
         let r = self
             .begin("CompleteLifecycleAction", format!("{hook} {instance}"))
-            .map(|mut st| st.lifecycle_completed = true);
+            .and_then(|mut st| {
+                if st.no_lifecycle_action {
+                    return Err(aws_error("CompleteLifecycleAction", "ValidationError"));
+                }
+                st.lifecycle_completed = true;
+                Ok(())
+            });
         async move { r }
     }
 }

@@ -47,9 +47,15 @@ pub const MAX_RECEIVE_BACKOFF: Duration = Duration::from_secs(20);
 pub const START_FAILURE_PAUSE: Duration = Duration::from_secs(5);
 pub const MAX_START_FAILURE_PAUSE: Duration = Duration::from_secs(300);
 
-/// A lifecycle hook holds an instance at most 100 heartbeats (REFERENCE.md,
-/// Auto Scaling): more are refused, so none are sent.
-pub const MAX_HOOK_HEARTBEATS: u32 = 100;
+/// A busy instance re-asserts its scale-in protection this often: if the
+/// controller released it (a gate held too long by protected instances),
+/// a live agent takes it back.
+pub const PROTECTION_REFRESH: Duration = Duration::from_secs(600);
+
+/// The circuit breaker, once tripped, lets one job through after this long
+/// (half-open): a downstream outage that made jobs fail may be over. One
+/// more failure trips it again at once.
+pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(600);
 
 enum Effect {
     Received(Result<Vec<Message>, AwsError>),
@@ -135,16 +141,6 @@ pub fn start_failure_pause(failures: u32) -> Duration {
     (START_FAILURE_PAUSE * 2u32.pow(failures.clamp(1, 8) - 1)).min(MAX_START_FAILURE_PAUSE)
 }
 
-/// The first message of each FIFO group (to run), and the rest (to hand
-/// back unstarted), in receive order.
-pub fn split_fifo_groups(msgs: Vec<Message>) -> (Vec<Message>, Vec<Message>) {
-    let mut seen = std::collections::BTreeSet::new();
-    msgs.into_iter().partition(|m| match &m.group_id {
-        Some(g) => seen.insert(g.clone()),
-        None => true,
-    })
-}
-
 /// Everything the loop keeps besides its jobs and channels: plain data, so
 /// that [`due`] is a pure function of it.
 #[derive(Debug, Clone)]
@@ -183,6 +179,17 @@ pub struct Books {
     /// `health.command` has answered at least once (or there is none).
     pub check_known: bool,
     pub health_check: Pending,
+    /// The first IMDS poll has answered.
+    pub imds_ready: bool,
+    /// The breaker lets one job through again at this time.
+    pub broken_until: Option<Instant>,
+    /// `health.on_unhealthy = "replace"`: mark the instance unhealthy once
+    /// no job runs (not under a running job).
+    pub replace_pending: bool,
+    /// When protection was last set on (re-asserted while busy).
+    pub protected_at: Option<Instant>,
+    /// A resume after a pause is waiting for the jobs that ran across it.
+    pub resume_pending: bool,
 }
 
 impl Books {
@@ -213,12 +220,27 @@ impl Books {
             check_failing: None,
             check_known: true,
             health_check: Pending::new(now),
+            imds_ready: false,
+            broken_until: None,
+            replace_pending: false,
+            protected_at: None,
+            resume_pending: false,
         }
     }
 
-    /// Why intake is closed for health, if it is.
+    /// Why the instance is unhealthy, if it is.
     pub fn unhealthy(&self) -> Option<&str> {
         self.broken.as_deref().or(self.check_failing.as_deref())
+    }
+
+    /// As [`Books::unhealthy`], but a tripped breaker past its cool-down
+    /// lets a job through (half-open).
+    pub fn unhealthy_now(&self, now: Instant) -> Option<&str> {
+        let broken = self
+            .broken
+            .as_deref()
+            .filter(|_| self.broken_until.is_none_or(|t| now < t));
+        broken.or(self.check_failing.as_deref())
     }
 }
 
@@ -233,6 +255,8 @@ pub struct Settings {
     pub hook: bool,
     /// `health.command` is configured.
     pub health_check: bool,
+    /// A FIFO queue (its URL ends in `.fifo`).
+    pub fifo: bool,
 }
 
 impl Settings {
@@ -244,6 +268,7 @@ impl Settings {
             protect_busy: cfg.scale_in.protect_busy,
             hook: cfg.interruption.lifecycle_hook.is_some(),
             health_check: cfg.health.command.is_some(),
+            fifo: cfg.queue.url.trim_end_matches('/').ends_with(".fifo"),
         }
     }
 }
@@ -265,6 +290,8 @@ pub struct Due {
     pub complete_lifecycle: bool,
     /// Run `health.command`.
     pub health_check: bool,
+    /// `SetInstanceHealth Unhealthy` (no job runs).
+    pub mark_unhealthy: bool,
     pub exit: bool,
 }
 
@@ -290,9 +317,20 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
         && b.receive.ready(now)
         && now >= b.start_failures.not_before
         && b.check_known
-        && b.unhealthy().is_none()
+        && b.imds_ready
+        && b.unhealthy_now(now).is_none()
     {
-        d.receive = Some((s.concurrency - jobs).min(10) as i32);
+        // FIFO: one message per receive. A receive returns several messages
+        // of a group; running them in parallel breaks the order, and handing
+        // the later ones back would add a receive to each (towards the
+        // dead-letter queue) without running it. With one at a time SQS
+        // holds the group until its message is settled, and the next
+        // receive serves another group.
+        d.receive = Some(if s.fifo {
+            1
+        } else {
+            (s.concurrency - jobs).min(10) as i32
+        });
         receiving = true;
     }
 
@@ -315,7 +353,11 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
         } else {
             b.protected
         };
-        if want != b.protected {
+        let stale = want
+            && b.protected
+            && b.protected_at
+                .is_some_and(|t| now.duration_since(t) >= PROTECTION_REFRESH);
+        if want != b.protected || stale {
             d.protect = Some(want);
         }
     }
@@ -333,14 +375,13 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     if s.health_check && b.health_check.ready(now) && mode.drain().is_none() {
         d.health_check = true;
     }
+    if b.replace_pending && jobs == 0 {
+        d.mark_unhealthy = true;
+    }
 
     if let Some(drain) = mode.drain() {
         let hooked = s.hook && b.group.is_some() && drain.has(DrainReason::LifecycleTerminated);
-        if hooked
-            && jobs > 0
-            && b.hook_heartbeat.ready(now)
-            && b.hook_heartbeats_sent < MAX_HOOK_HEARTBEATS
-        {
+        if hooked && jobs > 0 && b.hook_heartbeat.ready(now) {
             d.hook_heartbeat = true;
         }
         if jobs == 0 {
@@ -464,7 +505,8 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         tracing::info!(instance_id = %self.instance_id, queue = %self.cfg.queue.url, "agent running");
         loop {
             self.check_resume(&mut st, &chans);
-            if is_ready && self.housekeeping(&mut st, &settings, &effects_tx) {
+            st.books.imds_ready = is_ready;
+            if self.housekeeping(&mut st, &settings, &effects_tx) {
                 tracing::info!("drain complete; exiting");
                 return;
             }
@@ -498,7 +540,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                     match r {
                         Ok(report) => {
                             st.job_starts.remove(&report.message_id);
-                            self.on_report(&mut st.books, &report, &effects_tx);
+                            self.on_report(&mut st.books, &report);
                         }
                         Err(e) => {
                             // A job task panicked: its message returns when its
@@ -535,8 +577,15 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         ] {
             consider(p.not_before);
         }
-        if let Some(d) = b.deadline {
-            consider(d);
+        for t in [
+            b.deadline,
+            b.broken_until,
+            b.protected_at.map(|t| t + PROTECTION_REFRESH),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            consider(t);
         }
         wake
     }
@@ -547,20 +596,30 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
     fn check_resume(&self, st: &mut Loop, chans: &Chans) {
         let now = (Instant::now(), self.clock.now());
         let before = std::mem::replace(&mut st.clocks, now);
-        if !paused_between(before, now) {
-            return;
+        if paused_between(before, now) {
+            let pausing = st.books.spot.as_ref().is_some_and(|(action, time)| {
+                matches!(action.as_deref(), Some("stop" | "hibernate")) && now.1 > *time
+            });
+            tracing::warn!(jumped = %(now.1 - before.1), pausing, "the wall clock jumped: the machine was paused");
+            if pausing {
+                st.books.spot = None;
+                st.books.resume_pending = true;
+                if !st.jobs.is_empty() {
+                    // A job that ran across the pause lost its lease (SQS's
+                    // clock ran on): stop it now and hand it back.
+                    tracing::warn!(
+                        jobs = st.jobs.len(),
+                        "jobs ran across the pause: stopping and handing them back"
+                    );
+                    st.books.deadline = Some(now.0);
+                    chans.deadline_tx.send_replace(Some(now.0));
+                }
+            }
         }
-        let pausing = st.books.spot.as_ref().is_some_and(|(action, time)| {
-            matches!(action.as_deref(), Some("stop" | "hibernate")) && now.1 > *time
-        });
-        tracing::warn!(jumped = %(now.1 - before.1), pausing, "the wall clock jumped: the machine was paused");
-        if pausing {
-            st.books.spot = None;
+        if st.books.resume_pending && st.jobs.is_empty() {
+            st.books.resume_pending = false;
             self.apply(st, Notice::Resumed, chans);
             if st.books.mode == Mode::Running {
-                st.books.deadline = None;
-                chans.deadline_tx.send_replace(None);
-                chans.notice_tx.send_replace(None);
                 tracing::info!("resumed after a spot stop/hibernate: intake reopens");
             }
         }
@@ -635,6 +694,14 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             to = b.mode.name(),
             "state change"
         );
+        if before.drain().is_some() && b.mode == Mode::Running {
+            // A drain that ended (warm pool back in service, a resume): the
+            // next one starts afresh.
+            b.lifecycle_completed = false;
+            b.lifecycle = Pending::new(Instant::now());
+            b.hook_heartbeat = Pending::new(Instant::now());
+            b.drain_complete_logged = false;
+        }
         if before.drain().is_none() && b.mode.drain().is_some() {
             inc(&self.status.counters.drains);
             tracing::info!(jobs = st.jobs.len(), deadline = ?b.mode.drain().and_then(|d| d.deadline), "drain started: intake stopped");
@@ -672,7 +739,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         }
     }
 
-    fn on_report(&self, b: &mut Books, r: &JobReport, tx: &mpsc::UnboundedSender<Effect>) {
+    fn on_report(&self, b: &mut Books, r: &JobReport) {
         let c = &self.status.counters;
         if r.lost_ownership {
             inc(&c.lost_ownership);
@@ -698,7 +765,14 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         });
         // The circuit breaker: jobs ending badly in a row on this instance.
         match r.settled {
-            Settled::Deleted => b.failures_in_a_row = 0,
+            Settled::Deleted => {
+                b.failures_in_a_row = 0;
+                if b.broken.take().is_some() {
+                    b.broken_until = None;
+                    tracing::info!("a job succeeded after the breaker's cool-down: healthy again");
+                    self.status.set_unhealthy(b.unhealthy().map(str::to_string));
+                }
+            }
             Settled::Failed | Settled::TimedOut | Settled::NotStarted => b.failures_in_a_row += 1,
             _ => {}
         }
@@ -717,22 +791,28 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         } else {
             None
         };
-        if let (Some(why), None) = (tripped, &b.broken) {
+        let Some(why) = tripped else {
+            return;
+        };
+        if b.broken.is_none() {
             tracing::error!(reason = %why, action = ?self.cfg.health.on_unhealthy, "this instance is unhealthy: intake closed");
             inc(&c.unhealthy_trips);
-            b.broken = Some(why.clone());
-            self.status.set_unhealthy(Some(why.clone()));
             self.notifier.notify(
                 "spotguard: instance unhealthy",
                 json!({"event": "unhealthy", "instance_id": self.instance_id, "reason": why}),
             );
             if self.cfg.health.on_unhealthy == OnUnhealthy::Replace {
-                let (fleet, id, tx) = (self.fleet.clone(), self.instance_id.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _ = tx.send(Effect::MarkedUnhealthy(fleet.mark_unhealthy(&id).await));
-                });
+                // Once no job runs (see `due`): a replacement must not kill one.
+                b.replace_pending = true;
             }
+        } else {
+            tracing::warn!(reason = %why, "the job let through after the cool-down failed too: intake closed again");
         }
+        // Tripped, or tripped again after the half-open try: closed for
+        // another cool-down.
+        b.broken = Some(why.clone());
+        b.broken_until = Some(Instant::now() + BREAKER_COOLDOWN);
+        self.status.set_unhealthy(Some(why));
     }
 
     fn on_effect(
@@ -766,33 +846,6 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                     b.mode = mode;
                 }
                 if run {
-                    // FIFO: one receive returns several messages of a group
-                    // (REFERENCE.md, SQS). Only the first of each group runs;
-                    // the rest go back unstarted and come again, in order,
-                    // once it is settled (SQS holds a group while one of its
-                    // messages is in flight). A failure thus never lets a
-                    // later message of its group run first.
-                    let (msgs, later) = if ctx.fifo {
-                        split_fifo_groups(msgs)
-                    } else {
-                        (msgs, Vec::new())
-                    };
-                    if !later.is_empty() {
-                        tracing::info!(
-                            count = later.len(),
-                            "FIFO: later messages of a running group handed back, to run in order"
-                        );
-                        b.handbacks_in_flight += 1;
-                        let queue = self.queue.clone();
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            let done = hand_back_unstarted(queue.as_ref(), &later).await;
-                            let _ = tx.send(Effect::HandedBack {
-                                asked: later.len(),
-                                done,
-                            });
-                        });
-                    }
                     for m in msgs {
                         st.job_starts.insert(m.id.clone(), now);
                         tracing::info!(message_id = %m.id, receive_count = m.receive_count, "job started");
@@ -866,9 +919,15 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 Ok(state) => {
                     b.confirm.succeeded();
                     b.confirm_needed = false;
-                    let in_service = state.as_deref() == Some("InService");
-                    tracing::info!(state = ?state, "instance state after an unclear scale-in answer");
-                    self.scale_in_result(b, !in_service, now);
+                    // Accepted only if the group is terminating it (or it
+                    // left the group); any other state (InService, Standby,
+                    // Pending...) means it stays: back to work.
+                    let leaving = match state.as_deref() {
+                        None => true,
+                        Some(s) => s.starts_with("Terminating") || s == "Terminated",
+                    };
+                    tracing::info!(state = ?state, leaving, "instance state after an unclear scale-in answer");
+                    self.scale_in_result(b, leaving, now);
                 }
                 Err(e) => {
                     inc(&c.aws_errors);
@@ -880,6 +939,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 Ok(()) => {
                     b.protection.succeeded();
                     b.protected = want;
+                    b.protected_at = want.then_some(now);
                     tracing::info!(protected = want, "scale-in protection set");
                 }
                 Err(e) => {
@@ -913,8 +973,21 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 }
                 Err(e) => {
                     inc(&c.aws_errors);
-                    b.lifecycle.failed(now, |_| CALL_RETRY);
-                    tracing::warn!(error = %e, "cannot complete the lifecycle action");
+                    let warm_only = b
+                        .mode
+                        .drain()
+                        .is_some_and(|d| !d.has(DrainReason::LifecycleTerminated));
+                    if warm_only {
+                        // A warm-pool transition may have no lifecycle action
+                        // waiting (the termination hook applies to
+                        // `Terminated`): one try, then no more.
+                        b.lifecycle.succeeded();
+                        b.lifecycle_completed = true;
+                        tracing::info!(error = %e, "no lifecycle action to complete for the warm-pool transition");
+                    } else {
+                        b.lifecycle.failed(now, |_| CALL_RETRY);
+                        tracing::warn!(error = %e, "cannot complete the lifecycle action");
+                    }
                 }
             },
             Effect::Health(r) => {
@@ -1061,6 +1134,13 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             let (fleet, id) = (fleet.clone(), id.clone());
             spawn(Box::pin(async move {
                 Effect::LifecycleCompleted(fleet.complete_lifecycle(&group, &hook, &id).await)
+            }));
+        }
+        if d.mark_unhealthy {
+            b.replace_pending = false;
+            let (fleet, id) = (fleet.clone(), id.clone());
+            spawn(Box::pin(async move {
+                Effect::MarkedUnhealthy(fleet.mark_unhealthy(&id).await)
             }));
         }
         if let (true, Some(check)) = (d.health_check, self.health.clone()) {

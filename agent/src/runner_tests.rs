@@ -531,6 +531,11 @@ async fn a_14_hour_job_never_asks_past_the_12_hour_cap_and_stops_before_it() {
     // 12 h from receipt as SQS does: none failed.
     let vis = w.queue.calls("ChangeMessageVisibility");
     assert!(vis.len() > 2000, "{}", vis.len());
+    assert!(
+        w.queue.lock().rejected.is_empty(),
+        "{:?}",
+        w.queue.lock().rejected
+    );
     let end = w
         .worker
         .events()
@@ -766,4 +771,146 @@ async fn three_jobs_that_cannot_start_make_the_instance_unhealthy() {
         .status
         .unhealthy()
         .is_some_and(|u| u.contains("could not start")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn sigterm_before_the_first_imds_answer_still_exits() {
+    let mut w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), true);
+    w.run_for(2).await;
+    let _ = w.shutdown.take().expect("once").send(());
+    w.run_for(2).await;
+    assert!(w.runner.is_finished(), "the agent hung waiting for IMDS");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_breaker_lets_a_job_through_after_its_cool_down_and_a_success_closes_it() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 2\n"),
+        MemFleet::new(None, 0, 1),
+        false,
+    );
+    w.queue.push("1 fail");
+    w.queue.push("1 fail");
+    w.run_for(5).await;
+    assert!(w.status.unhealthy().is_some());
+    // The downstream outage ends: only good work is left.
+    w.queue.lock().messages.retain(|m| m.body != "1 fail");
+    w.queue.push("1");
+    w.run_for(60).await;
+    assert_eq!(w.worker.started().len(), 2, "closed during the cool-down");
+    w.run_for(600).await;
+    // Half-open: one job through; it succeeds and the breaker closes.
+    assert_eq!(w.worker.started().len(), 3);
+    assert!(w.status.unhealthy().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replacement_waits_until_no_job_runs() {
+    let mut c = cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 2\non_unhealthy = \"replace\"\n");
+    c.worker.concurrency = 3;
+    let w = World::start(c, MemFleet::new(Some("g"), 0, 2), false);
+    w.queue.push("100");
+    w.queue.push("1 fail");
+    w.queue.push("1 fail");
+    w.run_for(10).await;
+    assert!(w.status.unhealthy().is_some());
+    assert!(!w.fleet.lock().unhealthy, "not while the long job runs");
+    w.run_for(100).await;
+    assert_eq!(w.queue.deleted().len(), 1, "the long job finished");
+    assert!(w.fleet.lock().unhealthy, "marked once idle");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_instance_reasserts_its_protection() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\nprotect_busy = true\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    w.queue.push("1500");
+    w.run_for(1300).await;
+    let on: Vec<f64> = w
+        .fleet
+        .calls("SetInstanceProtection")
+        .into_iter()
+        .filter(|c| c.1.ends_with("true"))
+        .map(|c| w.at(c.0).round())
+        .collect();
+    assert_eq!(
+        on,
+        vec![0.0, 600.0, 1200.0],
+        "re-asserted every 10 minutes while busy"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unclear_answer_then_standby_resumes_work() {
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"30s\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    w.fleet
+        .fail_next("TerminateInstanceInAutoScalingGroup", "RequestTimeout", 1);
+    w.fleet.lock().state_override = Some("Standby".into());
+    w.run_for(45).await;
+    w.queue.push("1");
+    w.run_for(25).await;
+    assert_eq!(
+        w.worker.started().len(),
+        1,
+        "Standby is not leaving: back to work"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifo_receives_ask_for_one_message() {
+    let mut c = cfg(no_scale_in());
+    c.queue.url = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs.fifo".into();
+    c.worker.concurrency = 4;
+    let w = World::start(c, MemFleet::new(None, 0, 1), false);
+    w.run_for(2).await;
+    let calls = w.queue.calls("ReceiveMessage");
+    assert!(
+        !calls.is_empty() && calls.iter().all(|c| c.1 == "max=1"),
+        "{calls:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_warm_pool_completion_without_a_waiting_action_is_tried_once() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[interruption]\nlifecycle_hook = \"warm\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    w.fleet.lock().no_lifecycle_action = true;
+    w.notice(WatchEvent::LifecycleState {
+        change: Change::New,
+        state: TargetLifecycleState::Warmed("Running".into()),
+        previous: Some(TargetLifecycleState::InService),
+        terminating: false,
+    })
+    .await;
+    w.run_for(60).await;
+    assert_eq!(w.fleet.calls("CompleteLifecycleAction").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_that_ran_across_a_hibernation_is_handed_back_then_intake_reopens() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.run_for(2).await;
+    // The notice comes; the pause happens before the deadline stopped the job.
+    w.spot_action(120, SpotAction::Hibernate).await;
+    w.run_for(1).await;
+    let id = w.queue.push("1000");
+    w.run_for(1).await;
+    // (intake is closed by the notice: the job is started by hand below)
+    assert!(w.worker.started().is_empty());
+    w.clock
+        .offset_secs
+        .fetch_add(3600, std::sync::atomic::Ordering::SeqCst);
+    w.run_for(3).await;
+    // Resumed: intake reopens and the message runs.
+    assert_eq!(w.worker.started(), vec![id]);
 }

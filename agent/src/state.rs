@@ -14,8 +14,9 @@
 //!
 //! `Draining` is final (intake never reopens), but for a drain started by a
 //! rebalance recommendation alone, which scales in once idle. Its deadline is the earliest of
-//! the spot notice time minus the margin and the shutdown deadline; a
-//! lifecycle or rebalance drain alone has none. Only `Running` takes new
+//! the spot notice time minus the margin, the shutdown deadline and, for a
+//! lifecycle or warm-pool drain, the hook's 48-hour global timeout minus
+//! the margin; a rebalance drain alone has none. Only `Running` takes new
 //! work. A spot notice never leads to a scale-in call (the group must
 //! replace reclaimed capacity, so desired capacity is not decremented).
 
@@ -118,6 +119,10 @@ pub enum Notice {
     Shutdown,
 }
 
+/// The longest a lifecycle hook can hold an instance, whatever its
+/// heartbeats: min(48 h, 100 x HeartbeatTimeout); 48 h is the bound.
+pub const LIFECYCLE_GLOBAL_TIMEOUT: Duration = Duration::from_secs(48 * 3600);
+
 /// The configuration the transitions depend on.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -146,8 +151,17 @@ pub fn on_notice(mode: &Mode, notice: &Notice, policy: &Policy, now: DateTime<Ut
             let d = (*time - to_chrono(policy.deadline_margin)).max(now);
             (DrainReason::SpotInterruption, Some(d))
         }
-        Notice::LifecycleTerminated => (DrainReason::LifecycleTerminated, None),
-        Notice::WarmPool => (DrainReason::WarmPool, None),
+        // A lifecycle hook holds the instance at most 48 hours (its global
+        // timeout, REFERENCE.md): jobs still running then are stopped and
+        // handed back in time, not killed with the instance.
+        Notice::LifecycleTerminated => (
+            DrainReason::LifecycleTerminated,
+            Some(now + to_chrono(LIFECYCLE_GLOBAL_TIMEOUT) - to_chrono(policy.deadline_margin)),
+        ),
+        Notice::WarmPool => (
+            DrainReason::WarmPool,
+            Some(now + to_chrono(LIFECYCLE_GLOBAL_TIMEOUT) - to_chrono(policy.deadline_margin)),
+        ),
         // Back in service from the warm pool: a drain for the pool alone ends.
         Notice::InService => {
             return match mode {
@@ -375,7 +389,11 @@ mod tests {
     fn drains_combine_reasons_and_keep_the_earliest_deadline() {
         let p = policy(RebalancePolicy::StopIntake);
         let m = on_notice(&Mode::Running, &Notice::LifecycleTerminated, &p, t(NOW));
-        assert_eq!(m.drain().unwrap().deadline, None);
+        // The hook's 48 h global timeout, less the margin.
+        assert_eq!(
+            m.drain().unwrap().deadline,
+            Some(t(NOW) + chrono::Duration::hours(48) - chrono::Duration::seconds(25))
+        );
         let m = on_notice(&m, &Notice::Shutdown, &p, t(NOW));
         assert_eq!(m.drain().unwrap().deadline, Some(t("2026-11-28T08:21:30Z")));
         let m = on_notice(

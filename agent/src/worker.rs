@@ -397,6 +397,9 @@ async fn exec(
                     if tokio::time::timeout(spec.term_grace, &mut run).await.is_err() {
                         signal_group(pgid, Signal::SIGKILL);
                         let _ = run.await;
+                    } else {
+                        // The leader went; helpers that ignore SIGTERM may not.
+                        end_group(pgid, spec.term_grace).await;
                     }
                 }
                 return ended(Outcome::Stopped(reason));

@@ -141,7 +141,12 @@ async fn controller(cfg: Config) -> Controller<SdkCloud> {
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .load()
         .await;
-    let mut regions = vec![cfg.primary.region.as_str(), cfg.fallback.region.as_str()];
+    let queue_region = cfg.queue_region();
+    let mut regions = vec![
+        cfg.primary.region.as_str(),
+        cfg.fallback.region.as_str(),
+        queue_region.as_str(),
+    ];
     // The SNS topic may live in a third region.
     let topic_region = cfg
         .notify
@@ -191,7 +196,10 @@ async fn dispatch(cmd: Command, cfg: Config) -> Result<(), BoxError> {
             let report = c.reconcile(Vec::new(), false, None).await?;
             let p = &c.cfg.primary;
             let primary = c.cloud.group(&p.region, &p.asg).await?;
-            let (visible, in_flight) = c.cloud.queue_depth(&p.region, &p.queue_url).await?;
+            let (visible, in_flight) = c
+                .cloud
+                .queue_depth(&c.cfg.queue_region(), &p.queue_url)
+                .await?;
             print(&json!({
                 "mode": report.mode_before,
                 "since": report.plan.memory.since,

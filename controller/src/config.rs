@@ -325,6 +325,13 @@ const SECTIONS: &[&str] = &[
 ];
 
 impl Config {
+    /// The queue's region: from its URL, else the primary's (the queue
+    /// lives where the control plane is; a local URL names no region).
+    pub fn queue_region(&self) -> String {
+        spotguard_common::region::queue_url_region(&self.primary.queue_url)
+            .unwrap_or_else(|| self.primary.region.clone())
+    }
+
     /// The codes that count toward a failover: the capacity codes, and the
     /// quota codes when `failover.on_quota`.
     pub fn failover_codes(&self) -> Vec<String> {

@@ -28,6 +28,9 @@ pub struct CloudState {
     /// A concurrent writer: after the n-th read of a group (counted per
     /// group), its `spotguard:version` tag becomes this value.
     pub race: Option<(usize, (String, String), String)>,
+    /// With `race`: from the n-th read on, every read moves the version on
+    /// (a writer that never stops).
+    pub race_always: bool,
     reads: BTreeMap<(String, String), usize>,
 }
 
@@ -130,7 +133,13 @@ impl Cloud for FakeCloud {
                 *r
             };
             if let Some((at, group, version)) = st.race.clone() {
-                if at == n && group == key {
+                let hit = if st.race_always { n >= at } else { n == at };
+                if hit && group == key {
+                    let version = if st.race_always {
+                        (1000 + n).to_string()
+                    } else {
+                        version
+                    };
                     if let Some(g) = st.groups.get_mut(&key) {
                         g.tags.insert("spotguard:version".into(), version);
                     }
@@ -214,6 +223,13 @@ impl Cloud for FakeCloud {
                 .groups
                 .get_mut(&(region.to_string(), group.to_string()))
                 .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
+            if desired > g.max || desired < g.min {
+                return Err(CloudError {
+                    op: OP,
+                    region: region.to_string(),
+                    message: format!("ValidationError: Desired capacity:{desired} must be between the specified min size and max size"),
+                });
+            }
             g.desired = desired;
             Ok(())
         }))

@@ -71,18 +71,18 @@ impl<C: Cloud> Controller<C> {
             Ok(Event::Launch { group, launch }) if group == self.cfg.primary.asg => {
                 tracing::info!(?launch, "launch outcome in the primary group");
                 // The backlog decides whether the fallback is needed at all.
-                let visible = match self
+                let depth = match self
                     .cloud
-                    .queue_depth(&self.cfg.primary.region, &self.cfg.primary.queue_url)
+                    .queue_depth(&self.cfg.queue_region(), &self.cfg.primary.queue_url)
                     .await
                 {
-                    Ok((v, _)) => Some(v),
+                    Ok(d) => Some(d),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot read the queue depth");
                         None
                     }
                 };
-                let reconcile = self.reconcile(vec![launch], true, visible).await?;
+                let reconcile = self.reconcile(vec![launch], true, depth).await?;
                 Ok(Some(TickReport {
                     metrics: Vec::new(),
                     metrics_error: None,
@@ -113,9 +113,7 @@ impl<C: Cloud> Controller<C> {
         for e in &errors {
             tracing::warn!(error = %e, "cannot publish a backlog metric");
         }
-        let reconcile = self
-            .reconcile(launches, true, depth.map(|(visible, _)| visible))
-            .await?;
+        let reconcile = self.reconcile(launches, true, depth).await?;
         // For the "failed over too long" alarm: 1 while the fallback is in use.
         let p = &self.cfg.primary;
         let mode_point = metrics::group_point(
@@ -187,7 +185,11 @@ impl<C: Cloud> Controller<C> {
     /// and the queue depth (visible, in flight) if it could be read.
     pub async fn publish_metrics(&self) -> (Vec<MetricValue>, Vec<String>, Option<(i64, i64)>) {
         let (p, f) = (&self.cfg.primary, &self.cfg.fallback);
-        let (visible, in_flight) = match self.cloud.queue_depth(&p.region, &p.queue_url).await {
+        let (visible, in_flight) = match self
+            .cloud
+            .queue_depth(&self.cfg.queue_region(), &p.queue_url)
+            .await
+        {
             Ok(d) => d,
             Err(e) => return (Vec::new(), vec![e.to_string()], None),
         };
@@ -227,11 +229,12 @@ impl<C: Cloud> Controller<C> {
 
     /// Observes, decides and (with `execute`) acts. `launches` are outcomes
     /// learnt from events; the primary's recent scaling activities are added.
+    /// `depth` is the queue's (visible, in flight), if read.
     pub async fn reconcile(
         &self,
         mut launches: Vec<Launch>,
         execute: bool,
-        visible: Option<i64>,
+        depth: Option<(i64, i64)>,
     ) -> Result<Report, CloudError> {
         let (p, f) = (&self.cfg.primary, &self.cfg.fallback);
         let now = self.clock.now();
@@ -247,18 +250,25 @@ impl<C: Cloud> Controller<C> {
             // Events still count; the next tick polls again.
             Err(e) => tracing::warn!(error = %e, "cannot read the primary's scaling activities"),
         }
-        // No decision without seeing the primary: the failover needs it short.
-        let pg = self.cloud.group(&p.region, &p.asg).await?;
-        let primary = reconcile::PrimaryGroup {
-            desired: pg.desired,
-            in_service: pg.in_service,
-            pending: pg.pending,
+        // The primary, for the shortage rule; unreadable (throttled, its
+        // region impaired), the rule is not applied rather than every
+        // decision blocked.
+        let primary = match self.cloud.group(&p.region, &p.asg).await {
+            Ok(pg) => Some(reconcile::PrimaryGroup {
+                desired: pg.desired,
+                in_service: pg.in_service,
+                pending: pg.pending,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the primary group; deciding without the shortage rule");
+                None
+            }
         };
-        let g: GroupInfo = self.cloud.group(&f.region, &f.asg).await?;
-        let (memory, warnings) = Memory::from_tags(&g.tags);
-        for w in warnings {
-            tracing::warn!("{w}");
-        }
+        let seen = reconcile::Seen {
+            primary,
+            visible: depth.map(|d| d.0),
+            in_flight: depth.map(|d| d.1),
+        };
         let policy_enabled = match self.cloud.policy(&f.region, &f.asg, &f.policy_name).await {
             Ok(p) => p.and_then(|(enabled, _)| enabled),
             Err(e) => {
@@ -266,46 +276,68 @@ impl<C: Cloud> Controller<C> {
                 None
             }
         };
-        let fallback = FallbackGroup {
-            desired: g.desired,
-            max: g.max,
-            in_service: g.in_service,
-            busy: g.busy,
-            policy_enabled,
-        };
-        let seen = reconcile::Seen {
-            primary: Some(primary),
-            visible,
-        };
-        let plan =
-            reconcile::reconcile_seen(&memory, &fallback, &seen, &launches, now, &self.settings());
-        let report = Report {
-            mode_before: memory.mode.as_str(),
-            mode: plan.memory.mode.as_str(),
-            fallback,
-            launches_seen: launches.len(),
-            plan: plan.clone(),
-            executed: execute,
-        };
-        if execute && !plan.actions.is_empty() {
-            // A decision made on an older memory must not undo a newer one:
-            // re-read the version just before acting.
+        // Decide on the memory as read; if another invocation wrote a newer
+        // one meanwhile, decide again on it (the launches still count), so a
+        // stale decision is never carried out and no event is lost.
+        const ATTEMPTS: u32 = 3;
+        let mut attempt = 1;
+        loop {
+            let g: GroupInfo = self.cloud.group(&f.region, &f.asg).await?;
+            let (memory, warnings) = Memory::from_tags(&g.tags);
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            let fallback = FallbackGroup {
+                desired: g.desired,
+                max: g.max,
+                in_service: g.in_service,
+                busy: g.busy,
+                policy_enabled,
+            };
+            let plan = reconcile::reconcile_seen(
+                &memory,
+                &fallback,
+                &seen,
+                &launches,
+                now,
+                &self.settings(),
+            );
+            let report = Report {
+                mode_before: memory.mode.as_str(),
+                mode: plan.memory.mode.as_str(),
+                fallback,
+                launches_seen: launches.len(),
+                plan: plan.clone(),
+                executed: execute,
+            };
+            if !execute || plan.actions.is_empty() {
+                return Ok(report);
+            }
             let current = self.cloud.group(&f.region, &f.asg).await?;
             let (now_memory, _) = Memory::from_tags(&current.tags);
-            if now_memory.version != memory.version {
-                tracing::warn!(
-                    read = memory.version,
-                    now = now_memory.version,
-                    "another invocation changed the memory meanwhile; this decision is dropped"
-                );
-                return Ok(Report {
-                    executed: false,
-                    ..report
+            if now_memory.version == memory.version {
+                self.execute(&plan).await?;
+                return Ok(report);
+            }
+            tracing::warn!(
+                read = memory.version,
+                now = now_memory.version,
+                attempt,
+                "another invocation changed the memory meanwhile; deciding again"
+            );
+            if attempt >= ATTEMPTS {
+                // Still racing: nothing is carried out; the caller keeps the
+                // event for a retry (and the next tick re-reads activities).
+                return Err(CloudError {
+                    op: "CreateOrUpdateTags",
+                    region: f.region.clone(),
+                    message: format!(
+                        "the memory kept changing under {ATTEMPTS} decisions; none carried out"
+                    ),
                 });
             }
-            self.execute(&plan).await?;
+            attempt += 1;
         }
-        Ok(report)
     }
 
     /// Gate first, then the memory, then the notification: a failed gate

@@ -403,23 +403,11 @@ async fn a_gate_held_by_stale_protection_is_released_with_an_alarm() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_decision_made_on_a_stale_memory_is_dropped() {
+async fn a_decision_made_on_a_stale_memory_is_made_again_and_never_carried_out_stale() {
     let c = controller();
-    // Another invocation writes a newer memory right after our first read.
+    // Another invocation writes a newer memory right after our first read:
+    // the decision is made again on it, and carried out once.
     c.cloud.lock().race = Some((1, ("us-east-2".into(), "gpu-east-2".into()), "7".into()));
-    let r = c
-        .handle_event(&launch(
-            "EC2 Instance Launch Unsuccessful",
-            ICE,
-            "2026-11-28T08:00:00Z",
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!r.reconcile.executed, "a stale decision is not carried out");
-    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 0);
-    assert!(c.cloud.calls("CreateOrUpdateTags").is_empty());
-    // The next invocation reads the new memory and acts.
     let r = c
         .handle_event(&launch(
             "EC2 Instance Launch Unsuccessful",
@@ -431,8 +419,77 @@ async fn a_decision_made_on_a_stale_memory_is_dropped() {
         .unwrap();
     assert!(r.reconcile.executed);
     assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 10);
+    assert_eq!(c.cloud.calls("CreateOrUpdateTags").len(), 1);
     assert_eq!(
         c.cloud.group_of("us-east-2", "gpu-east-2").tags["spotguard:version"],
-        "8"
+        "8",
+        "written on top of the newer memory"
+    );
+
+    // A writer that never stops: nothing is carried out, and the event is
+    // not acknowledged as handled (an error: the events queue keeps it).
+    let c = controller();
+    {
+        let mut st = c.cloud.lock();
+        st.race = Some((1, ("us-east-2".into(), "gpu-east-2".into()), String::new()));
+        st.race_always = true;
+    }
+    let e = c
+        .handle_event(&launch(
+            "EC2 Instance Launch Unsuccessful",
+            ICE,
+            "2026-11-28T08:00:00Z",
+        ))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("kept changing"), "{e}");
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 0);
+    assert!(c.cloud.calls("CreateOrUpdateTags").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn running_fallback_jobs_keep_the_failover_open() {
+    let c = controller();
+    c.handle_event(&launch(
+        "EC2 Instance Launch Unsuccessful",
+        ICE,
+        "2026-11-28T08:00:00Z",
+    ))
+    .await
+    .unwrap();
+    // Nothing visible, but 4 jobs in flight on unprotected fallback instances.
+    c.cloud.set_depth("us-east-1", QUEUE, 0, 4);
+    tokio::time::advance(std::time::Duration::from_secs(600)).await;
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(
+        r.reconcile.mode, "failed-over",
+        "jobs still run: the fallback is needed"
+    );
+    c.cloud.set_depth("us-east-1", QUEUE, 0, 0);
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(r.reconcile.mode, "failing-back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_primary_does_not_block_the_decision() {
+    let c = controller();
+    c.cloud.fail_next(
+        "DescribeAutoScalingGroups",
+        "us-east-1",
+        "Throttling: Rate exceeded",
+        5,
+    );
+    let r = c
+        .handle_event(&launch(
+            "EC2 Instance Launch Unsuccessful",
+            ICE,
+            "2026-11-28T08:00:00Z",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        r.reconcile.mode, "failed-over",
+        "capacity failures alone decide then"
     );
 }

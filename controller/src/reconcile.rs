@@ -316,6 +316,8 @@ pub struct Seen {
     pub primary: Option<PrimaryGroup>,
     /// Visible messages in the queue, if read.
     pub visible: Option<i64>,
+    /// In-flight messages (received, not yet deleted), if read.
+    pub in_flight: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -471,8 +473,10 @@ pub fn reconcile_seen(
     let short_long_enough = seen.primary.is_none()
         || m.primary_short_since
             .is_some_and(|t| now - t >= dur(s.shortage_for));
-    // Nobody needs the fallback: no backlog, no busy fallback instance.
-    let unneeded = seen.visible == Some(0) && fallback.busy == 0;
+    // Nobody needs the fallback: nothing waiting, nothing running (in-flight
+    // messages count: busy fallback instances need not be protected), no
+    // busy fallback instance.
+    let unneeded = seen.visible == Some(0) && seen.in_flight == Some(0) && fallback.busy == 0;
     let capacity_unavailable = m
         .last_capacity_failure
         .is_some_and(|t| now - t < dur(s.capacity_ttl));

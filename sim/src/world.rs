@@ -654,8 +654,16 @@ impl Cloud for SimCloud {
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         let mut w = lock(&self.world);
         let r = match w.group_index(region, group) {
+            // AWS refuses a desired capacity above MaxSize (ValidationError).
+            Some(g) if desired > w.groups[g].max => Err(CloudError {
+                op: "UpdateAutoScalingGroup",
+                region: region.to_string(),
+                message: format!(
+                    "ValidationError: Desired capacity:{desired} must be between the specified min size and max size"
+                ),
+            }),
             Some(g) => {
-                w.groups[g].desired = desired.min(w.groups[g].max);
+                w.groups[g].desired = desired;
                 Ok(())
             }
             None => Err(missing("UpdateAutoScalingGroup", region)),
