@@ -695,4 +695,134 @@ mod tests {
         assert_eq!(again.checkpoint(16), Ok(None));
         let _ = std::fs::remove_dir_all(base);
     }
+
+    /// An sqsd-style app on loopback that never answers the job request and
+    /// records every request line and body it gets.
+    async fn silent_app() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let mut got = Vec::new();
+                    while let Ok(n) = sock.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&got).to_string();
+                        if text.starts_with("POST /notice") && text.contains("}") {
+                            log.lock().unwrap().push(text);
+                            let _ = tokio::io::AsyncWriteExt::write_all(
+                                &mut sock,
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                            )
+                            .await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn http_mode_tells_the_app_to_stop_a_job_it_abandons() {
+        let (url, seen) = silent_app().await;
+        let spec = WorkerSpec {
+            mode: WorkerMode::Http(format!("{url}/job")),
+            queue_url: "https://sqs.us-east-1.amazonaws.com/1/jobs".into(),
+            queue_name: "jobs".into(),
+            term_grace: Duration::from_secs(1),
+            content_type: "application/json".into(),
+            env: Vec::new(),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            notice_signal: None,
+            notice_url: Some(format!("{url}/notice")),
+            state_dir: std::env::temp_dir(),
+        };
+        let msg = Message {
+            id: "m-stop".into(),
+            receipt: "r".into(),
+            body: "{}".into(),
+            receive_count: 1,
+            first_received_ms: None,
+            attributes: Default::default(),
+            group_id: None,
+        };
+        let (_tx, rx) = watch::channel(None);
+        let stop = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            StopReason::Deadline
+        };
+        let ended = execute(&spec, &msg, None, rx, stop).await;
+        assert_eq!(ended.outcome, Outcome::Stopped(StopReason::Deadline));
+        for _ in 0..100 {
+            if !seen.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].contains("\"kind\":\"stop\"") && got[0].contains("\"reason\":\"deadline\""),
+            "{}",
+            got[0]
+        );
+        assert!(got[0].contains("m-stop"), "{}", got[0]);
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_leaves_stdin_unread_and_a_child_behind_settles_on_its_exit() {
+        // The worker reads nothing, starts a helper that inherits stdin and
+        // sleeps, and exits 0; the body is bigger than a pipe holds.
+        let dir = std::env::temp_dir().join(format!("sg-stdin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = WorkerSpec {
+            mode: WorkerMode::Exec(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "sleep 30 & exit 0".into(),
+            ]),
+            queue_url: "https://sqs.us-east-1.amazonaws.com/1/jobs".into(),
+            queue_name: "jobs".into(),
+            term_grace: Duration::from_millis(300),
+            content_type: "application/json".into(),
+            env: Vec::new(),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            notice_signal: None,
+            notice_url: None,
+            state_dir: dir.clone(),
+        };
+        let msg = Message {
+            id: "m-big".into(),
+            receipt: "r".into(),
+            body: "x".repeat(300_000),
+            receive_count: 1,
+            first_received_ms: None,
+            attributes: Default::default(),
+            group_id: None,
+        };
+        let (_tx, rx) = watch::channel(None);
+        let started = std::time::Instant::now();
+        let ended = tokio::time::timeout(
+            Duration::from_secs(10),
+            execute(&spec, &msg, None, rx, std::future::pending()),
+        )
+        .await
+        .expect("the job settled on the worker's exit, not on its helper");
+        assert_eq!(ended.outcome, Outcome::Succeeded);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

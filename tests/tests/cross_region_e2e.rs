@@ -79,6 +79,13 @@ fn a_fallback_region_agent_runs_primary_jobs_notifies_the_primary_topic_and_scal
         );
     }
     assert!(p.calls_of("ReceiveMessage").iter().all(|c| c.status == 200));
+    // Its log (stderr, not a terminal, as under systemd) has no colour codes.
+    let log = std::fs::read_to_string(s.dir.path().join("agent.log")).expect("agent log");
+    assert!(log.contains("starting"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "ANSI escape codes in a non-terminal log"
+    );
 }
 
 #[test]
