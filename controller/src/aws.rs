@@ -36,12 +36,38 @@ pub struct GroupInfo {
     pub tags: BTreeMap<String, String>,
 }
 
-/// A target-tracking policy as the controller writes it.
+/// A target-tracking policy as the controller writes it, with the fields
+/// it keeps as they were when it re-enables an existing one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TargetTracking {
     pub name: String,
     pub target: f64,
     pub spec: MetricSpec,
+    pub disable_scale_in: Option<bool>,
+    /// The customized metric's statistic (`Average` when unset).
+    pub statistic: Option<String>,
+    pub unit: Option<String>,
+    pub estimated_warmup: Option<i32>,
+}
+
+impl TargetTracking {
+    pub fn new(name: impl Into<String>, target: f64, spec: MetricSpec) -> TargetTracking {
+        TargetTracking {
+            name: name.into(),
+            target,
+            spec,
+            disable_scale_in: None,
+            statistic: None,
+            unit: None,
+            estimated_warmup: None,
+        }
+    }
+
+    /// The same policy as far as `setup` is concerned: target and metric
+    /// (a user's DisableScaleIn or warm-up is theirs to keep).
+    pub fn same_as(&self, other: &TargetTracking) -> bool {
+        self.target == other.target && self.spec == other.spec
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -443,21 +469,28 @@ impl Cloud for SdkCloud {
         const OP: &str = "DescribePolicies";
         let c = self.clients(OP, region)?;
         bounded(OP, region, async {
+            // All of the group's policies: the one named, else the one
+            // target-tracking policy a template created (CloudFormation
+            // names it `<stack>-<resource>-<suffix>`).
             let out = c
                 .asg
                 .describe_policies()
                 .auto_scaling_group_name(group)
-                .policy_names(name)
+                .policy_types("TargetTrackingScaling")
                 .send()
                 .await
                 .map_err(|e| err(OP, region, e))?;
-            let Some(p) = out
-                .scaling_policies()
+            let all = out.scaling_policies();
+            let tracking: Vec<_> = all
                 .iter()
-                .find(|p| p.policy_name() == Some(name))
-            else {
-                return Ok(None);
+                .filter(|p| p.target_tracking_configuration().is_some())
+                .collect();
+            let p = match all.iter().find(|p| p.policy_name() == Some(name)) {
+                Some(p) => p,
+                None if tracking.len() == 1 => tracking[0],
+                None => return Ok(None),
             };
+            let name = p.policy_name().unwrap_or(name);
             let Some(tt) = p.target_tracking_configuration() else {
                 return Ok(None);
             };
@@ -504,12 +537,19 @@ impl Cloud for SdkCloud {
                 },
                 None => return Ok(None),
             };
+            let custom = tt.customized_metric_specification();
             Ok(Some((
                 p.enabled(),
                 TargetTracking {
                     name: name.to_string(),
                     target: tt.target_value().unwrap_or_default(),
                     spec,
+                    disable_scale_in: tt.disable_scale_in(),
+                    statistic: custom
+                        .and_then(|c| c.statistic())
+                        .map(|s| s.as_str().to_string()),
+                    unit: custom.and_then(|c| c.unit()).map(str::to_string),
+                    estimated_warmup: p.estimated_instance_warmup(),
                 },
             )))
         })
@@ -533,10 +573,16 @@ impl Cloud for SdkCloud {
                     name,
                     dimensions,
                 } => {
+                    let stat = policy
+                        .statistic
+                        .as_deref()
+                        .map(t::MetricStatistic::from)
+                        .unwrap_or(t::MetricStatistic::Average);
                     let mut b = t::CustomizedMetricSpecification::builder()
                         .namespace(namespace)
                         .metric_name(name)
-                        .statistic(t::MetricStatistic::Average);
+                        .statistic(stat)
+                        .set_unit(policy.unit.clone());
                     for (k, v) in dimensions {
                         b = b.dimensions(t::MetricDimension::builder().name(k).value(v).build());
                     }
@@ -598,6 +644,7 @@ impl Cloud for SdkCloud {
             let conf = t::TargetTrackingConfiguration::builder()
                 .customized_metric_specification(spec)
                 .target_value(policy.target)
+                .set_disable_scale_in(policy.disable_scale_in)
                 .build();
             c.asg
                 .put_scaling_policy()
@@ -605,6 +652,7 @@ impl Cloud for SdkCloud {
                 .policy_name(&policy.name)
                 .policy_type("TargetTrackingScaling")
                 .target_tracking_configuration(conf)
+                .set_estimated_instance_warmup(policy.estimated_warmup)
                 .enabled(enabled)
                 .send()
                 .await

@@ -69,24 +69,24 @@ pub fn desired(cfg: &Config) -> Vec<(String, String, TargetTracking)> {
         (
             p.region.clone(),
             p.asg.clone(),
-            TargetTracking {
-                name: cfg.policy.primary_policy_name.clone(),
-                target: cfg.policy.primary_target,
-                spec: primary_spec,
-            },
+            TargetTracking::new(
+                cfg.policy.primary_policy_name.clone(),
+                cfg.policy.primary_target,
+                primary_spec,
+            ),
         ),
         (
             f.region.clone(),
             f.asg.clone(),
-            TargetTracking {
-                name: f.policy_name.clone(),
-                target: cfg.policy.fallback_target,
-                spec: MetricSpec::Custom {
+            TargetTracking::new(
+                f.policy_name.clone(),
+                cfg.policy.fallback_target,
+                MetricSpec::Custom {
                     namespace: cfg.metric.namespace.clone(),
                     name: cfg.metric.fallback_name.clone(),
                     dimensions: vec![("AutoScalingGroupName".into(), f.asg.clone())],
                 },
-            },
+            ),
         ),
     ]
 }
@@ -101,10 +101,19 @@ pub async fn setup<C: Cloud>(
         let existing = cloud.policy(&region, &group, &policy.name).await?;
         let change = match &existing {
             None => "create",
-            Some((enabled, p)) if *p == policy && *enabled != Some(false) => "unchanged",
+            Some((enabled, p)) if p.same_as(&policy) && *enabled != Some(false) => "unchanged",
             Some(_) => "update",
         };
         if change != "unchanged" && !dry_run {
+            // An existing policy keeps its name (a template's) and the
+            // fields setup does not manage (DisableScaleIn, warm-up, ...).
+            let mut policy = policy.clone();
+            if let Some((_, old)) = &existing {
+                policy.name = old.name.clone();
+                policy.disable_scale_in = old.disable_scale_in;
+                policy.estimated_warmup = old.estimated_warmup;
+                policy.unit = old.unit.clone();
+            }
             cloud.put_policy(&region, &group, &policy, true).await?;
         }
         out.push(PolicyChange {

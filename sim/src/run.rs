@@ -291,15 +291,15 @@ fallback_target = {t}
 
 fn tracking(target: f64, region: &str, group: &str, metric: &str, enabled: bool) -> Tracking {
     Tracking {
-        policy: TargetTracking {
-            name: "spotguard-backlog".into(),
+        policy: TargetTracking::new(
+            "spotguard-backlog",
             target,
-            spec: MetricSpec::Custom {
+            MetricSpec::Custom {
                 namespace: "spotguard".into(),
                 name: metric.into(),
                 dimensions: vec![("AutoScalingGroupName".into(), group.into())],
             },
-        },
+        ),
         enabled: enabled && !region.is_empty(),
         history: Default::default(),
         last_scale_out: None,

@@ -92,6 +92,11 @@ try:
             "TopicArn": out["TopicArn"], "ImageId": ami, "Subnets": subnet,
             "AgentPackageUrl": "https://example.invalid/spotguard-agent.rpm",
         })
+        pols = client("autoscaling", region).describe_policies(AutoScalingGroupName=group)["ScalingPolicies"]
+        tt = [p for p in pols if p.get("PolicyType") == "TargetTrackingScaling"]
+        check(f"{group}: a target-tracking policy on BacklogPerInstance, target 20 (no setup needed)",
+              len(tt) == 1 and tt[0]["TargetTrackingConfiguration"]["TargetValue"] == 20
+              and tt[0]["TargetTrackingConfiguration"]["CustomizedMetricSpecification"]["MetricName"] == "BacklogPerInstance", pols)
         g = client("autoscaling", region).describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"]
         check(f"{group}: exists", len(g) == 1)
         if g:

@@ -835,3 +835,69 @@ fn an_empty_primary_with_work_waiting_is_raised_from_zero_on_moto() {
     // Once it runs, nothing more is raised.
     assert!(t.tick(&c).raised_from_zero.is_empty());
 }
+
+#[test]
+fn failover_re_enables_a_template_made_policy_keeping_every_field() {
+    let t = setup("ctl-policy");
+    // A policy as CloudFormation names it, with fields setup does not manage.
+    let asg = t.env.asg_in("us-east-2");
+    let name = "spotguard-gpu-fallback-BacklogPolicy-1A2B3C4D5E6F";
+    t.env.rt.block_on(async {
+        use aws_sdk_autoscaling::types as ty;
+        asg.put_scaling_policy()
+            .auto_scaling_group_name("gpu-fallback")
+            .policy_name(name)
+            .policy_type("TargetTrackingScaling")
+            .estimated_instance_warmup(120)
+            .target_tracking_configuration(
+                ty::TargetTrackingConfiguration::builder()
+                    .target_value(20.0)
+                    .disable_scale_in(true)
+                    .customized_metric_specification(
+                        ty::CustomizedMetricSpecification::builder()
+                            .namespace("spotguard")
+                            .metric_name("BacklogPerInstance")
+                            .statistic(ty::MetricStatistic::Maximum)
+                            .unit("Count")
+                            .dimensions(
+                                ty::MetricDimension::builder()
+                                    .name("AutoScalingGroupName")
+                                    .value("gpu-fallback")
+                                    .build(),
+                            )
+                            .build(),
+                    )
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("policy");
+    });
+    let c = t.controller();
+    t.handle(&c, &capacity_failure("act-p")).unwrap();
+    assert_eq!(t.mode().as_deref(), Some("failed-over"));
+    let puts = t.env.proxy.calls_of("PutScalingPolicy");
+    assert_eq!(puts.len(), 1, "re-put once");
+    let body = &puts[0].body;
+    for field in [
+        &format!("PolicyName={name}"),
+        "DisableScaleIn=true",
+        "EstimatedInstanceWarmup=120",
+        "Statistic=Maximum",
+        "Unit=Count",
+        "Enabled=true",
+    ] {
+        assert!(body.contains(field), "{field} missing from {body}");
+    }
+    // No second policy was made beside the template's.
+    let n = t.env.rt.block_on(async {
+        asg.describe_policies()
+            .auto_scaling_group_name("gpu-fallback")
+            .send()
+            .await
+            .unwrap()
+            .scaling_policies()
+            .len()
+    });
+    assert_eq!(n, 1);
+}
