@@ -39,6 +39,41 @@ pub fn aws_error(op: &'static str, code: &str) -> AwsError {
     }
 }
 
+/// What a fake edge was asked, and the errors it is scripted to answer.
+#[derive(Debug, Default)]
+pub struct CallLog {
+    /// Every call: (when, operation, detail).
+    pub calls: Vec<(Instant, &'static str, String)>,
+    /// Errors to answer, per operation, before answering normally.
+    pub faults: BTreeMap<&'static str, VecDeque<AwsError>>,
+}
+
+impl CallLog {
+    /// Records a call; the scripted error for it, if one is due.
+    fn record(&mut self, op: &'static str, detail: String) -> Result<(), AwsError> {
+        self.calls.push((Instant::now(), op, detail));
+        match self.faults.get_mut(op).and_then(VecDeque::pop_front) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn fail_next(&mut self, op: &'static str, code: &str, n: usize) {
+        let q = self.faults.entry(op).or_default();
+        for _ in 0..n {
+            q.push_back(aws_error(op, code));
+        }
+    }
+
+    fn of(&self, op: &str) -> Vec<(Instant, String)> {
+        self.calls
+            .iter()
+            .filter(|c| c.1 == op)
+            .map(|c| (c.0, c.2.clone()))
+            .collect()
+    }
+}
+
 /// One message of the in-memory queue.
 #[derive(Debug, Clone)]
 pub struct Stored {
@@ -60,10 +95,7 @@ pub struct QueueState {
     pub dead: Vec<Stored>,
     /// Ids of deleted messages, in order.
     pub deleted: Vec<String>,
-    /// Every call: (when, operation, detail).
-    pub calls: Vec<(Instant, &'static str, String)>,
-    /// Errors to answer, per operation, before answering normally.
-    pub faults: BTreeMap<&'static str, VecDeque<AwsError>>,
+    pub log: CallLog,
     /// Calls SQS itself rejected (stale handle, past the 12-hour cap...):
     /// (operation, error code).
     pub rejected: Vec<(&'static str, String)>,
@@ -134,21 +166,12 @@ impl MemQueue {
 
     /// The next `n` calls of `op` fail with `code`.
     pub fn fail_next(&self, op: &'static str, code: &str, n: usize) {
-        let mut st = self.lock();
-        let q = st.faults.entry(op).or_default();
-        for _ in 0..n {
-            q.push_back(aws_error(op, code));
-        }
+        self.lock().log.fail_next(op, code, n);
     }
 
     /// Calls of `op`, with their times.
     pub fn calls(&self, op: &str) -> Vec<(Instant, String)> {
-        self.lock()
-            .calls
-            .iter()
-            .filter(|c| c.1 == op)
-            .map(|c| (c.0, c.2.clone()))
-            .collect()
+        self.lock().log.of(op)
     }
 
     /// (visible, in flight) now.
@@ -164,12 +187,7 @@ impl MemQueue {
     }
 
     fn begin(&self, op: &'static str, detail: String) -> Result<(), AwsError> {
-        let mut st = self.lock();
-        st.calls.push((Instant::now(), op, detail));
-        match st.faults.get_mut(op).and_then(VecDeque::pop_front) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.lock().log.record(op, detail)
     }
 
     fn take_visible(&self, max: usize, visibility: Duration) -> Vec<Message> {
@@ -364,8 +382,7 @@ pub struct FleetState {
     pub state_override: Option<String>,
     /// `CompleteLifecycleAction` fails with ValidationError (no action waits).
     pub no_lifecycle_action: bool,
-    pub calls: Vec<(Instant, &'static str, String)>,
-    pub faults: BTreeMap<&'static str, VecDeque<AwsError>>,
+    pub log: CallLog,
 }
 
 /// One instance's view of its Auto Scaling group.
@@ -387,8 +404,7 @@ impl MemFleet {
                 unhealthy: false,
                 state_override: None,
                 no_lifecycle_action: false,
-                calls: Vec::new(),
-                faults: BTreeMap::new(),
+                log: CallLog::default(),
             }),
         })
     }
@@ -398,20 +414,11 @@ impl MemFleet {
     }
 
     pub fn fail_next(&self, op: &'static str, code: &str, n: usize) {
-        let mut st = self.lock();
-        let q = st.faults.entry(op).or_default();
-        for _ in 0..n {
-            q.push_back(aws_error(op, code));
-        }
+        self.lock().log.fail_next(op, code, n);
     }
 
     pub fn calls(&self, op: &str) -> Vec<(Instant, String)> {
-        self.lock()
-            .calls
-            .iter()
-            .filter(|c| c.1 == op)
-            .map(|c| (c.0, c.2.clone()))
-            .collect()
+        self.lock().log.of(op)
     }
 
     fn begin(
@@ -420,11 +427,8 @@ impl MemFleet {
         detail: String,
     ) -> Result<MutexGuard<'_, FleetState>, AwsError> {
         let mut st = self.lock();
-        st.calls.push((Instant::now(), op, detail));
-        match st.faults.get_mut(op).and_then(VecDeque::pop_front) {
-            Some(e) => Err(e),
-            None => Ok(st),
-        }
+        st.log.record(op, detail)?;
+        Ok(st)
     }
 }
 

@@ -505,6 +505,36 @@ fn signal_group(pgid: Pid, sig: Signal) {
 /// How long a notice POST may take; the worker only has to accept it.
 const NOTICE_POST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// POSTs `body` (a notice, or a stop) to the app's `worker.notice_url`, if
+/// set, off the job's path: a slow endpoint must not delay the job's end.
+fn post_to_app(spec: &WorkerSpec, message_id: &str, body: String, what: &'static str) {
+    let Some(url) = spec.notice_url.clone() else {
+        return;
+    };
+    let (client, id) = (spec.http.clone(), message_id.to_string());
+    tokio::spawn(async move {
+        let r = client
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("X-Aws-Sqsd-Msgid", &id)
+            .timeout(NOTICE_POST_TIMEOUT)
+            .body(body)
+            .send()
+            .await;
+        match r {
+            Ok(resp) if resp.status().is_success() => {
+                tracing::info!(message_id = %id, what, "worker told")
+            }
+            Ok(resp) => {
+                tracing::warn!(message_id = %id, what, status = %resp.status(), "POST to the notice URL refused")
+            }
+            Err(e) => {
+                tracing::warn!(message_id = %id, what, error = %crate::error_chain(&e), "POST to the notice URL failed")
+            }
+        }
+    });
+}
+
 async fn http(
     spec: &WorkerSpec,
     url: &str,
@@ -583,59 +613,22 @@ async fn http(
             }
             n = next_notice(&mut notices) => {
                 noticed = true;
-                if let Some(nurl) = spec.notice_url.clone() {
-                    let body = notice_json(msg, &n);
-                    let client = spec.http.clone();
-                    let id = msg.id.clone();
-                    // Off the job's path: a slow notice endpoint must not delay the job's end.
-                    tokio::spawn(async move {
-                        let r = client
-                            .post(&nurl)
-                            .header(reqwest::header::CONTENT_TYPE, "application/json")
-                            .header("X-Aws-Sqsd-Msgid", &id)
-                            .timeout(NOTICE_POST_TIMEOUT)
-                            .body(body)
-                            .send()
-                            .await;
-                        match r {
-                            Ok(resp) if resp.status().is_success() => tracing::info!(message_id = %id, "worker told of the notice"),
-                            Ok(resp) => tracing::warn!(message_id = %id, status = %resp.status(), "notice POST refused"),
-                            Err(e) => tracing::warn!(message_id = %id, error = %crate::error_chain(&e), "notice POST failed"),
-                        }
-                    });
-                }
+                post_to_app(spec, &msg.id, notice_json(msg, &n), "notice");
             }
             // Dropping the request abandons it (the connection is closed),
             // which does not stop the app's work: the app is told on its
             // notice URL to stop this message's job now.
             reason = &mut stop => {
-                if let Some(nurl) = spec.notice_url.clone() {
-                    let body = serde_json::json!({
-                        "kind": "stop",
-                        "reason": match reason {
-                            StopReason::Deadline => "deadline",
-                            StopReason::Timeout => "timeout",
-                            StopReason::LeaseLimit => "lease_limit",
-                        },
-                        "message_id": msg.id,
-                    })
-                    .to_string();
-                    let client = spec.http.clone();
-                    let id = msg.id.clone();
-                    tokio::spawn(async move {
-                        let r = client
-                            .post(&nurl)
-                            .header(reqwest::header::CONTENT_TYPE, "application/json")
-                            .header("X-Aws-Sqsd-Msgid", &id)
-                            .timeout(NOTICE_POST_TIMEOUT)
-                            .body(body)
-                            .send()
-                            .await;
-                        if let Err(e) = r {
-                            tracing::warn!(message_id = %id, error = %crate::error_chain(&e), "stop POST failed");
-                        }
-                    });
-                }
+                let body = serde_json::json!({
+                    "kind": "stop",
+                    "reason": match reason {
+                        StopReason::Deadline => "deadline",
+                        StopReason::Timeout => "timeout",
+                        StopReason::LeaseLimit => "lease_limit",
+                    },
+                    "message_id": msg.id,
+                });
+                post_to_app(spec, &msg.id, body.to_string(), "stop");
                 return Ended { outcome: Outcome::Stopped(reason), checkpoint: None };
             }
         }
