@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use spotguard_common::config::error_chain;
 
-use crate::aws::{Cloud, SdkCloud, SqsEvents};
+use crate::aws::{SdkCloud, SqsEvents};
 use crate::config::Config;
 use crate::handler::Controller;
 
@@ -142,11 +142,8 @@ async fn controller(cfg: Config) -> Controller<SdkCloud> {
         .load()
         .await;
     let queue_region = cfg.queue_region();
-    let mut regions = vec![
-        cfg.primary.region.as_str(),
-        cfg.fallback.region.as_str(),
-        queue_region.as_str(),
-    ];
+    let mut regions: Vec<&str> = cfg.groups().map(|(r, _)| r).collect();
+    regions.push(queue_region.as_str());
     // The SNS topic may live in a third region.
     let topic_region = cfg
         .notify
@@ -193,22 +190,7 @@ async fn dispatch(cmd: Command, cfg: Config) -> Result<(), BoxError> {
         }
         Command::Status(_) => {
             let c = controller(cfg).await;
-            let report = c.reconcile(Vec::new(), false, None).await?;
-            let p = &c.cfg.primary;
-            let primary = c.cloud.group(&p.region, &p.asg).await?;
-            let (visible, in_flight) = c
-                .cloud
-                .queue_depth(&c.cfg.queue_region(), &p.queue_url)
-                .await?;
-            print(&json!({
-                "mode": report.mode_before,
-                "since": report.plan.memory.since,
-                "primary": {"region": p.region, "asg": p.asg, "desired": primary.desired, "max": primary.max, "in_service": primary.in_service},
-                "fallback": {"region": c.cfg.fallback.region, "asg": c.cfg.fallback.asg, "desired": report.fallback.desired, "max": report.fallback.max, "in_service": report.fallback.in_service, "busy": report.fallback.busy},
-                "queue": {"visible": visible, "in_flight": in_flight},
-                "capacity_unavailable": report.plan.capacity_unavailable,
-                "plan": report.plan,
-            }))
+            print(&crate::handler::status(&c).await?)
         }
         Command::Setup { dry_run, .. } => {
             let c = controller(cfg).await;
@@ -290,7 +272,12 @@ async fn run_loop(c: Controller<SdkCloud>) -> Result<(), BoxError> {
         match c.tick(Vec::new()).await {
             Ok(r) => tracing::info!(
                 mode = r.reconcile.mode,
-                actions = r.reconcile.plan.actions.len(),
+                actions = r
+                    .reconcile
+                    .links
+                    .iter()
+                    .map(|l| l.plan.actions.len())
+                    .sum::<usize>(),
                 "tick"
             ),
             Err(e) => tracing::warn!(error = %e, "tick failed; retrying next interval"),

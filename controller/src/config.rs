@@ -30,7 +30,17 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub primary: Primary,
-    pub fallback: Fallback,
+    /// The two-region form (`[fallback]`, `SPOTGUARD_FALLBACK_*`): read as
+    /// a one-entry `fallbacks`, so configurations written before the
+    /// cascade keep working unchanged. Empty after [`Config::parse`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+    /// The cascade, in the order its groups open (`[[fallbacks]]`,
+    /// `SPOTGUARD_FALLBACKS` as a TOML array of inline tables). When the
+    /// primary is short for capacity the first opens; when that one is
+    /// short too, the next; they close in reverse.
+    #[serde(default)]
+    pub fallbacks: Vec<Fallback>,
     #[serde(default)]
     pub failover: Failover,
     #[serde(default)]
@@ -68,6 +78,18 @@ pub struct Fallback {
     /// Name of the fallback group's target-tracking policy (enabled on failover).
     #[serde(default = "d_policy_name")]
     pub policy_name: String,
+    /// Acceptable backlog per instance of this group (its policy's target);
+    /// absent: `policy.fallback_target`. An on-demand group may take more
+    /// per instance than a spot one, to keep its bill down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<f64>,
+}
+
+impl Fallback {
+    /// This group's policy target.
+    pub fn target_or(&self, policy: &Policy) -> f64 {
+        self.target.unwrap_or(policy.fallback_target)
+    }
 }
 
 fn d_fallback_region() -> String {
@@ -321,7 +343,14 @@ fn d_interval() -> Dur {
 }
 
 const SECTIONS: &[&str] = &[
-    "primary", "fallback", "failover", "metric", "policy", "notify", "run",
+    "primary",
+    "fallback",
+    "fallbacks",
+    "failover",
+    "metric",
+    "policy",
+    "notify",
+    "run",
 ];
 
 impl Config {
@@ -330,6 +359,16 @@ impl Config {
     pub fn queue_region(&self) -> String {
         spotguard_common::region::queue_url_region(&self.primary.queue_url)
             .unwrap_or_else(|| self.primary.region.clone())
+    }
+
+    /// Every group as (region, name): the primary, then the fallbacks in
+    /// cascade order.
+    pub fn groups(&self) -> impl Iterator<Item = (&str, &str)> {
+        std::iter::once((self.primary.region.as_str(), self.primary.asg.as_str())).chain(
+            self.fallbacks
+                .iter()
+                .map(|f| (f.region.as_str(), f.asg.as_str())),
+        )
     }
 
     /// The codes that count toward a failover: the capacity codes, and the
@@ -351,11 +390,24 @@ impl Config {
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             origin: origin.to_string(),
             message: e.to_string().trim_end().replace('\n', " "),
         })?;
-        cfg.validate(origin)?;
+        let single = cfg.fallback.is_some();
+        if let Some(f) = cfg.fallback.take() {
+            if !cfg.fallbacks.is_empty() {
+                return Err(ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    key: "fallback".into(),
+                    message:
+                        "give either `fallback` (one group) or `fallbacks` (the cascade), not both"
+                            .into(),
+                });
+            }
+            cfg.fallbacks.push(f);
+        }
+        cfg.validate(origin, single)?;
         Ok(cfg)
     }
 
@@ -372,6 +424,20 @@ impl Config {
                 continue;
             };
             let rest = rest.to_ascii_lowercase();
+            if rest == "fallbacks" {
+                // The cascade: a TOML array of inline tables.
+                let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+                    .ok()
+                    .and_then(|mut t| t.remove("v"))
+                    .filter(toml::Value::is_array)
+                    .ok_or_else(|| ConfigError::Invalid {
+                        origin: "environment".into(),
+                        key: k.clone(),
+                        message: "expected a TOML array of inline tables, e.g. [{ region = \"us-west-2\", asg = \"gpu-west-2\" }]".into(),
+                    })?;
+                root.insert("fallbacks".into(), value);
+                continue;
+            }
             let Some((section, key)) = rest.split_once('_') else {
                 continue;
             };
@@ -403,7 +469,9 @@ impl Config {
         Config::parse(&text, "environment (SPOTGUARD_*)")
     }
 
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    /// `single`: the fallback was given as `[fallback]`; errors name its
+    /// keys as written.
+    fn validate(&self, origin: &str, single: bool) -> Result<(), ConfigError> {
         let bad = |key: &str, message: String| {
             Err(ConfigError::Invalid {
                 origin: origin.to_string(),
@@ -414,11 +482,46 @@ impl Config {
         for (key, v) in [
             ("primary.region", &self.primary.region),
             ("primary.asg", &self.primary.asg),
-            ("fallback.region", &self.fallback.region),
-            ("fallback.asg", &self.fallback.asg),
         ] {
             if v.trim().is_empty() {
                 return bad(key, "must not be empty".into());
+            }
+        }
+        if self.fallbacks.is_empty() {
+            return bad(
+                "fallbacks",
+                "give at least one fallback group (`[fallback]` or `[[fallbacks]]`)".into(),
+            );
+        }
+        let mut seen = vec![(&self.primary.region, &self.primary.asg)];
+        for (i, f) in self.fallbacks.iter().enumerate() {
+            let key = |field: &str| {
+                if single {
+                    format!("fallback.{field}")
+                } else {
+                    format!("fallbacks[{i}].{field}")
+                }
+            };
+            for (field, v) in [("region", &f.region), ("asg", &f.asg)] {
+                if v.trim().is_empty() {
+                    return bad(&key(field), "must not be empty".into());
+                }
+            }
+            if seen.contains(&(&f.region, &f.asg)) {
+                return bad(
+                    &key("asg"),
+                    format!(
+                        "group {} in {} is already in the cascade (each group once)",
+                        f.asg, f.region
+                    ),
+                );
+            }
+            seen.push((&f.region, &f.asg));
+            if !(1..=10_000).contains(&f.max_size) {
+                return bad(&key("max_size"), "must be within 1..=10000".into());
+            }
+            if f.target.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
+                return bad(&key("target"), "must be a positive number".into());
             }
         }
         if !(self.primary.queue_url.starts_with("https://")
@@ -428,12 +531,6 @@ impl Config {
                 "primary.queue_url",
                 format!("{:?} is not an SQS queue URL", self.primary.queue_url),
             );
-        }
-        if self.primary.region == self.fallback.region && self.primary.asg == self.fallback.asg {
-            return bad("fallback.asg", "must differ from the primary group".into());
-        }
-        if !(1..=10_000).contains(&self.fallback.max_size) {
-            return bad("fallback.max_size", "must be within 1..=10000".into());
         }
         if self.failover.capacity_codes.is_empty() {
             return bad(
@@ -494,7 +591,9 @@ asg = "gpu-east-2"
     fn defaults() {
         let c = Config::parse(MIN, "t").unwrap();
         assert_eq!(c.primary.region, "us-east-1");
-        assert_eq!(c.fallback.region, "us-east-2");
+        assert_eq!(c.fallbacks.len(), 1);
+        assert_eq!(c.fallbacks[0].region, "us-east-2");
+        assert!(c.fallback.is_none());
         assert_eq!(c.failover.failures, 1);
         assert_eq!(c.failover.capacity_ttl.0, Duration::from_secs(180));
         assert_eq!(c.failover.cooldown.0, Duration::from_secs(600));
@@ -540,6 +639,87 @@ asg = "gpu-east-2"
         );
         let e = Config::from_env([("SPOTGUARD_BOGUS_X".to_string(), "1".to_string())]).unwrap_err();
         assert!(e.to_string().contains("SPOTGUARD_BOGUS_X"), "{e}");
+    }
+
+    const CASCADE: &str = r#"
+[primary]
+asg = "gpu-east-1"
+queue_url = "https://sqs.us-east-1.amazonaws.com/1/jobs"
+[[fallbacks]]
+region = "us-east-1"
+asg = "gpu-east-1-on-demand"
+max_size = 4
+target = 40.0
+[[fallbacks]]
+region = "us-west-2"
+asg = "gpu-west-2"
+"#;
+
+    #[test]
+    fn the_cascade_in_order_with_its_own_caps_and_targets() {
+        let c = Config::parse(CASCADE, "t").unwrap();
+        let names: Vec<_> = c.fallbacks.iter().map(|f| f.asg.as_str()).collect();
+        assert_eq!(names, ["gpu-east-1-on-demand", "gpu-west-2"]);
+        assert_eq!(c.fallbacks[0].max_size, 4);
+        assert_eq!(c.fallbacks[0].target_or(&c.policy), 40.0);
+        assert_eq!(c.fallbacks[1].max_size, 10);
+        assert_eq!(c.fallbacks[1].target_or(&c.policy), 20.0);
+    }
+
+    #[test]
+    fn cascade_errors_name_the_entry() {
+        for (text, key) in [
+            (format!("{CASCADE}[fallback]\nasg = \"x\"\n"), "fallback"),
+            (
+                CASCADE
+                    .replace("gpu-west-2", "gpu-east-1-on-demand")
+                    .replace("us-west-2", "us-east-1"),
+                "fallbacks[1].asg",
+            ),
+            (
+                CASCADE.replace("gpu-east-1-on-demand", "gpu-east-1"),
+                "fallbacks[0].asg",
+            ),
+            (
+                CASCADE.replace("max_size = 4", "max_size = 0"),
+                "fallbacks[0].max_size",
+            ),
+            (
+                CASCADE.replace("target = 40.0", "target = -1.0"),
+                "fallbacks[0].target",
+            ),
+            (
+                MIN.replace("[fallback]\nasg = \"gpu-east-2\"", ""),
+                "fallbacks",
+            ),
+            (format!("{MIN}max_size = 0\n"), "fallback.max_size"),
+        ] {
+            let e = Config::parse(&text, "c.toml").unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{key} -> {e}");
+        }
+    }
+
+    #[test]
+    fn the_cascade_from_the_environment() {
+        let vars = [
+            ("SPOTGUARD_PRIMARY_ASG", "a"),
+            (
+                "SPOTGUARD_PRIMARY_QUEUE_URL",
+                "https://sqs.us-east-1.amazonaws.com/1/jobs",
+            ),
+            (
+                "SPOTGUARD_FALLBACKS",
+                r#"[{ region = "us-east-2", asg = "b" }, { region = "us-west-2", asg = "c", max_size = 3 }]"#,
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::from_env(vars).unwrap();
+        assert_eq!(c.fallbacks.len(), 2);
+        assert_eq!(c.fallbacks[1].region, "us-west-2");
+        assert_eq!(c.fallbacks[1].max_size, 3);
+        let e =
+            Config::from_env([("SPOTGUARD_FALLBACKS".to_string(), "b".to_string())]).unwrap_err();
+        assert!(e.to_string().contains("SPOTGUARD_FALLBACKS"), "{e}");
     }
 
     #[test]

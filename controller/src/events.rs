@@ -9,8 +9,14 @@ use crate::reconcile::{capacity_code, Launch, LaunchKind};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A launch outcome of some group (the caller keeps the primary's).
-    Launch { group: String, launch: Launch },
+    /// A launch outcome of some group, and the envelope's region (group
+    /// names repeat across regions; the caller keeps those of the groups
+    /// that open a fallback).
+    Launch {
+        group: String,
+        region: Option<String>,
+        launch: Launch,
+    },
     /// `EC2 Spot Instance Interruption Warning`: logged, not a failover reason.
     SpotInterruption { instance_id: String, action: String },
     /// A scheduled rule: publish the metrics and reconcile.
@@ -96,6 +102,7 @@ pub fn parse(v: &Value, codes: &[String]) -> Result<Event, EventError> {
             };
             Ok(Event::Launch {
                 group,
+                region: v.get("region").and_then(Value::as_str).map(str::to_string),
                 launch: Launch {
                     at,
                     activity_id,
@@ -212,7 +219,7 @@ mod tests {
         )
         .unwrap();
         match e {
-            Event::Launch { group, launch } => {
+            Event::Launch { group, launch, .. } => {
                 assert_eq!(group, "gpu-east-1");
                 assert_eq!(
                     launch.kind,
@@ -382,7 +389,7 @@ mod tests {
     fn the_aws_sample_event_parses() {
         let v: Value = serde_json::from_str(AWS_SAMPLE).unwrap();
         match parse(&v, &codes()).unwrap() {
-            Event::Launch { group, launch } => {
+            Event::Launch { group, launch, .. } => {
                 assert_eq!(group, "my-asg");
                 assert_eq!(launch.kind, LaunchKind::OtherFailure);
                 assert_eq!(launch.activity_id, "87654321-4321-4321-4321-210987654321");

@@ -12,7 +12,7 @@ use crate::aws::{Cloud, CloudError, GroupInfo};
 use crate::config::Config;
 use crate::events::{self, Event};
 use crate::metrics::{self, MetricValue};
-use crate::reconcile::{self, Action, FallbackGroup, Launch, Memory, Plan, Settings};
+use crate::reconcile::{self, Action, FallbackGroup, Launch, Link, Memory, Mode, Plan, Settings};
 
 pub struct Controller<C> {
     pub cfg: Config,
@@ -22,16 +22,29 @@ pub struct Controller<C> {
     pub clock: Arc<dyn Clock>,
 }
 
-/// What one reconcile saw, decided and did.
+/// What one reconcile saw, decided and did, over the whole cascade.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The cascade's mode: the first fallback's (it is `normal` only when
+    /// no fallback is in use).
     pub mode_before: &'static str,
     pub mode: &'static str,
-    pub fallback: FallbackGroup,
+    /// One per fallback group, in cascade order.
+    pub links: Vec<LinkReport>,
     pub launches_seen: usize,
-    pub plan: Plan,
     /// False for `status` (planned only).
     pub executed: bool,
+}
+
+/// One fallback group of the cascade: what was seen and decided.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkReport {
+    pub region: String,
+    pub asg: String,
+    pub mode_before: &'static str,
+    pub mode: &'static str,
+    pub group: FallbackGroup,
+    pub plan: Plan,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +57,8 @@ pub struct TickReport {
 }
 
 impl<C: Cloud> Controller<C> {
-    pub fn settings(&self) -> Settings {
+    /// The decision's settings for fallback `i` (its own cap).
+    pub fn settings(&self, i: usize) -> Settings {
         let f = &self.cfg.failover;
         Settings {
             failures: f.failures,
@@ -53,10 +67,21 @@ impl<C: Cloud> Controller<C> {
             cooldown: f.cooldown.0,
             min_dwell: f.min_dwell.0,
             step: f.failback_step,
-            cap: self.cfg.fallback.max_size,
+            cap: self.cfg.fallbacks.get(i).map_or(0, |g| g.max_size),
             shortage_for: f.shortage_for.0,
             max_busy_age: Some(f.max_busy_age.0),
         }
+    }
+
+    /// The index (0: the primary) of the group whose launch outcomes open
+    /// the next link, if `group` in `region` is one: every group but the
+    /// last. Without a region (not in the envelope), the first group of
+    /// that name.
+    fn upstream_index(&self, region: Option<&str>, group: &str) -> Option<usize> {
+        self.cfg
+            .groups()
+            .take(self.cfg.fallbacks.len())
+            .position(|(r, g)| g == group && region.is_none_or(|x| x == r))
     }
 
     /// Handles one EventBridge event. Unknown or malformed events are logged
@@ -68,9 +93,17 @@ impl<C: Cloud> Controller<C> {
                 Ok(None)
             }
             Ok(Event::Tick) => self.tick(Vec::new()).await.map(Some),
-            Ok(Event::Launch { group, launch }) if group == self.cfg.primary.asg => {
-                tracing::info!(?launch, "launch outcome in the primary group");
-                // The backlog decides whether the fallback is needed at all.
+            Ok(Event::Launch {
+                group,
+                region,
+                launch,
+            }) => {
+                let Some(i) = self.upstream_index(region.as_deref(), &group) else {
+                    tracing::info!(%group, ?region, "launch event of a group that opens no fallback; ignored");
+                    return Ok(None);
+                };
+                tracing::info!(%group, ?launch, "launch outcome");
+                // The backlog decides whether a fallback is needed at all.
                 let depth = match self
                     .cloud
                     .queue_depth(&self.cfg.queue_region(), &self.cfg.primary.queue_url)
@@ -82,17 +115,13 @@ impl<C: Cloud> Controller<C> {
                         None
                     }
                 };
-                let reconcile = self.reconcile(vec![launch], true, depth).await?;
+                let reconcile = self.reconcile_at(vec![(i, launch)], true, depth).await?;
                 Ok(Some(TickReport {
                     metrics: Vec::new(),
                     metrics_error: None,
                     reconcile,
                     raised_from_zero: Vec::new(),
                 }))
-            }
-            Ok(Event::Launch { group, .. }) => {
-                tracing::info!(%group, "launch event of another group ignored");
-                Ok(None)
             }
             Ok(Event::SpotInterruption {
                 instance_id,
@@ -107,21 +136,21 @@ impl<C: Cloud> Controller<C> {
 
     /// The scheduled work: publish the metrics, reconcile, then raise a
     /// group that may run from 0 to 1 if work waits. A metrics failure does
-    /// not stop the reconcile.
+    /// not stop the reconcile. `launches` are the primary's.
     pub async fn tick(&self, launches: Vec<Launch>) -> Result<TickReport, CloudError> {
         let (metrics, errors, depth) = self.publish_metrics().await;
         for e in &errors {
             tracing::warn!(error = %e, "cannot publish a backlog metric");
         }
         let reconcile = self.reconcile(launches, true, depth).await?;
-        // For the "failed over too long" alarm: 1 while the fallback is in use.
+        // For the "failed over too long" alarm: 1 while a fallback is in use.
         let p = &self.cfg.primary;
         let mode_point = metrics::group_point(
             &self.cfg,
             &p.region,
             &p.asg,
             metrics::FAILED_OVER,
-            f64::from(u8::from(reconcile.mode != reconcile::Mode::Normal.as_str())),
+            f64::from(u8::from(reconcile.mode != Mode::Normal.as_str())),
         );
         let mut metrics = metrics;
         let mut errors = errors;
@@ -130,7 +159,7 @@ impl<C: Cloud> Controller<C> {
             Err(e) => errors.push(e.to_string()),
         }
         let raised_from_zero = match depth {
-            Some((visible, _)) => self.scale_from_zero(visible, reconcile.mode).await,
+            Some((visible, _)) => self.scale_from_zero(visible, &reconcile).await,
             None => Vec::new(),
         };
         Ok(TickReport {
@@ -144,18 +173,20 @@ impl<C: Cloud> Controller<C> {
     /// Target tracking cannot grow a group from 0: its new capacity is in
     /// proportion to the current one, and the metric-math form has no value
     /// with no instance (REFERENCE.md). So with work waiting and a group at
-    /// 0 that may run (the primary always; the fallback while failed over),
+    /// 0 that may run (the primary always; a fallback while failed over),
     /// the controller sets its desired capacity to 1, and target tracking
     /// takes it from there. With the one-minute schedule, a job waits about
     /// a minute plus the launch for its first instance.
-    async fn scale_from_zero(&self, visible: i64, mode: &str) -> Vec<String> {
+    async fn scale_from_zero(&self, visible: i64, report: &Report) -> Vec<String> {
         if visible < 1 {
             return Vec::new();
         }
-        let (p, f) = (&self.cfg.primary, &self.cfg.fallback);
+        let p = &self.cfg.primary;
         let mut groups = vec![(p.region.as_str(), p.asg.as_str())];
-        if mode == reconcile::Mode::FailedOver.as_str() {
-            groups.push((f.region.as_str(), f.asg.as_str()));
+        for l in &report.links {
+            if l.mode == Mode::FailedOver.as_str() {
+                groups.push((l.region.as_str(), l.asg.as_str()));
+            }
         }
         let mut raised = Vec::new();
         for (region, name) in groups {
@@ -180,14 +211,14 @@ impl<C: Cloud> Controller<C> {
         raised
     }
 
-    /// Publishes each group's data point on its own: an error in one region
-    /// does not stop the other's. Returns what was published, the errors,
-    /// and the queue depth (visible, in flight) if it could be read.
+    /// Publishes each group's data point on its own, in its own region: an
+    /// error in one region does not stop the others'. Returns what was
+    /// published, the errors, and the queue depth (visible, in flight) if
+    /// it could be read.
     pub async fn publish_metrics(&self) -> (Vec<MetricValue>, Vec<String>, Option<(i64, i64)>) {
-        let (p, f) = (&self.cfg.primary, &self.cfg.fallback);
         let (visible, in_flight) = match self
             .cloud
-            .queue_depth(&self.cfg.queue_region(), &p.queue_url)
+            .queue_depth(&self.cfg.queue_region(), &self.cfg.primary.queue_url)
             .await
         {
             Ok(d) => d,
@@ -196,10 +227,12 @@ impl<C: Cloud> Controller<C> {
         let backlog = metrics::backlog_of(&self.cfg, visible, in_flight);
         let mut published = Vec::new();
         let mut errors = Vec::new();
-        for (region, group, name) in [
-            (&p.region, &p.asg, &self.cfg.metric.primary_name),
-            (&f.region, &f.asg, &self.cfg.metric.fallback_name),
-        ] {
+        for (i, (region, group)) in self.cfg.groups().enumerate() {
+            let name = if i == 0 {
+                &self.cfg.metric.primary_name
+            } else {
+                &self.cfg.metric.fallback_name
+            };
             let point = match self.cloud.group(region, group).await {
                 Ok(g) => metrics::group_point(
                     &self.cfg,
@@ -227,32 +260,67 @@ impl<C: Cloud> Controller<C> {
         (published, errors, Some((visible, in_flight)))
     }
 
-    /// Observes, decides and (with `execute`) acts. `launches` are outcomes
-    /// learnt from events; the primary's recent scaling activities are added.
-    /// `depth` is the queue's (visible, in flight), if read.
+    /// Observes, decides and (with `execute`) acts. `launches` are the
+    /// primary's outcomes learnt from events.
     pub async fn reconcile(
         &self,
-        mut launches: Vec<Launch>,
+        launches: Vec<Launch>,
         execute: bool,
         depth: Option<(i64, i64)>,
     ) -> Result<Report, CloudError> {
-        let (p, f) = (&self.cfg.primary, &self.cfg.fallback);
+        self.reconcile_at(
+            launches.into_iter().map(|l| (0, l)).collect(),
+            execute,
+            depth,
+        )
+        .await
+    }
+
+    /// [`Controller::reconcile`] with launch outcomes of any group: `(i,
+    /// launch)`, `i` the group's index (0: the primary, `k`: fallback `k`).
+    /// Each group's recent scaling activities are added, but the last's
+    /// (no group after it to open). `depth` is the queue's (visible, in
+    /// flight), if read.
+    pub async fn reconcile_at(
+        &self,
+        launches: Vec<(usize, Launch)>,
+        execute: bool,
+        depth: Option<(i64, i64)>,
+    ) -> Result<Report, CloudError> {
+        let n = self.cfg.fallbacks.len();
         let now = self.clock.now();
-        match self.cloud.activities(&p.region, &p.asg).await {
-            Ok(acts) => {
-                launches.extend(events::launches_of(&acts, &self.cfg.failover_codes()));
-                launches.extend(events::stuck_spot_requests(
-                    &acts,
-                    now,
-                    self.cfg.failover.spot_wait.0,
-                ));
+        let groups: Vec<(String, String)> = self
+            .cfg
+            .groups()
+            .map(|(r, g)| (r.to_string(), g.to_string()))
+            .collect();
+        // Launch outcomes of each group that opens a link: groups 0..n.
+        let mut by_group: Vec<Vec<Launch>> = vec![Vec::new(); n];
+        for (i, l) in launches {
+            if let Some(v) = by_group.get_mut(i) {
+                v.push(l);
             }
-            // Events still count; the next tick polls again.
-            Err(e) => tracing::warn!(error = %e, "cannot read the primary's scaling activities"),
         }
-        // The primary, for the shortage rule; unreadable (throttled, its
-        // region impaired), the rule is not applied rather than every
-        // decision blocked.
+        let codes = self.cfg.failover_codes();
+        for (i, (region, asg)) in groups.iter().take(n).enumerate() {
+            match self.cloud.activities(region, asg).await {
+                Ok(acts) => {
+                    by_group[i].extend(events::launches_of(&acts, &codes));
+                    by_group[i].extend(events::stuck_spot_requests(
+                        &acts,
+                        now,
+                        self.cfg.failover.spot_wait.0,
+                    ));
+                }
+                // Events still count; the next tick polls again.
+                Err(e) => tracing::warn!(error = %e, "cannot read the scaling activities"),
+            }
+        }
+        let launches_seen = by_group.iter().map(Vec::len).sum();
+        // The primary, for the first link's shortage rule; unreadable
+        // (throttled, its region impaired), the rule is not applied rather
+        // than every decision blocked.
+        let p = &self.cfg.primary;
         let primary = match self.cloud.group(&p.region, &p.asg).await {
             Ok(pg) => Some(reconcile::PrimaryGroup {
                 desired: pg.desired,
@@ -264,64 +332,109 @@ impl<C: Cloud> Controller<C> {
                 None
             }
         };
-        let seen = reconcile::Seen {
-            primary,
-            visible: depth.map(|d| d.0),
-            in_flight: depth.map(|d| d.1),
-        };
-        let policy_enabled = match self.cloud.policy(&f.region, &f.asg, &f.policy_name).await {
-            Ok(p) => p.and_then(|(enabled, _)| enabled),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the fallback policy");
-                None
-            }
-        };
-        // Decide on the memory as read; if another invocation wrote a newer
-        // one meanwhile, decide again on it (the launches still count), so a
-        // stale decision is never carried out and no event is lost.
+        let mut policy_enabled = Vec::with_capacity(n);
+        for f in &self.cfg.fallbacks {
+            policy_enabled.push(
+                match self.cloud.policy(&f.region, &f.asg, &f.policy_name).await {
+                    Ok(p) => p.and_then(|(enabled, _)| enabled),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read a fallback policy");
+                        None
+                    }
+                },
+            );
+        }
+        let settings: Vec<Settings> = (0..n).map(|i| self.settings(i)).collect();
+        // Decide on the memories as read; if another invocation wrote a
+        // newer one meanwhile, decide again on it (the launches still
+        // count), so a stale decision is never carried out and no event is
+        // lost.
         const ATTEMPTS: u32 = 3;
         let mut attempt = 1;
         loop {
-            let g: GroupInfo = self.cloud.group(&f.region, &f.asg).await?;
-            let (memory, warnings) = Memory::from_tags(&g.tags);
-            for w in warnings {
-                tracing::warn!("{w}");
+            let mut infos: Vec<GroupInfo> = Vec::with_capacity(n);
+            for f in &self.cfg.fallbacks {
+                infos.push(self.cloud.group(&f.region, &f.asg).await?);
             }
-            let fallback = FallbackGroup {
-                desired: g.desired,
-                max: g.max,
-                in_service: g.in_service,
-                busy: g.busy,
-                policy_enabled,
-            };
-            let plan = reconcile::reconcile_seen(
-                &memory,
-                &fallback,
-                &seen,
-                &launches,
-                now,
-                &self.settings(),
-            );
+            let memories: Vec<Memory> = infos
+                .iter()
+                .map(|g| {
+                    let (m, warnings) = Memory::from_tags(&g.tags);
+                    for w in warnings {
+                        tracing::warn!(group = ?g, "{w}");
+                    }
+                    m
+                })
+                .collect();
+            let fallbacks: Vec<FallbackGroup> = infos
+                .iter()
+                .zip(&policy_enabled)
+                .map(|(g, enabled)| FallbackGroup {
+                    desired: g.desired,
+                    max: g.max,
+                    in_service: g.in_service,
+                    busy: g.busy,
+                    policy_enabled: *enabled,
+                })
+                .collect();
+            let links: Vec<Link<'_>> = (0..n)
+                .map(|i| Link {
+                    memory: &memories[i],
+                    group: fallbacks[i],
+                    // The group before: the primary, or the previous fallback as just read.
+                    upstream: match i {
+                        0 => primary,
+                        _ => Some(reconcile::PrimaryGroup {
+                            desired: infos[i - 1].desired,
+                            in_service: infos[i - 1].in_service,
+                            pending: infos[i - 1].pending,
+                        }),
+                    },
+                    launches: &by_group[i],
+                    settings: &settings[i],
+                })
+                .collect();
+            let plans = reconcile::cascade(&links, depth.map(|d| d.0), depth.map(|d| d.1), now);
             let report = Report {
-                mode_before: memory.mode.as_str(),
-                mode: plan.memory.mode.as_str(),
-                fallback,
-                launches_seen: launches.len(),
-                plan: plan.clone(),
+                mode_before: memories[0].mode.as_str(),
+                mode: plans[0].memory.mode.as_str(),
+                links: plans
+                    .iter()
+                    .enumerate()
+                    .map(|(i, plan)| LinkReport {
+                        region: groups[i + 1].0.clone(),
+                        asg: groups[i + 1].1.clone(),
+                        mode_before: memories[i].mode.as_str(),
+                        mode: plan.memory.mode.as_str(),
+                        group: fallbacks[i],
+                        plan: plan.clone(),
+                    })
+                    .collect(),
+                launches_seen,
                 executed: execute,
             };
-            if !execute || plan.actions.is_empty() {
+            if !execute || plans.iter().all(|p| p.actions.is_empty()) {
                 return Ok(report);
             }
-            let current = self.cloud.group(&f.region, &f.asg).await?;
-            let (now_memory, _) = Memory::from_tags(&current.tags);
-            if now_memory.version == memory.version {
-                self.execute(&plan).await?;
-                return Ok(report);
+            let mut moved = None;
+            for (i, f) in self.cfg.fallbacks.iter().enumerate() {
+                let current = self.cloud.group(&f.region, &f.asg).await?;
+                let (now_memory, _) = Memory::from_tags(&current.tags);
+                if now_memory.version != memories[i].version {
+                    moved = Some((i, now_memory.version));
+                    break;
+                }
             }
+            let Some((i, version)) = moved else {
+                for (i, plan) in plans.iter().enumerate() {
+                    self.execute(i, plan).await?;
+                }
+                return Ok(report);
+            };
             tracing::warn!(
-                read = memory.version,
-                now = now_memory.version,
+                group = %self.cfg.fallbacks[i].asg,
+                read = memories[i].version,
+                now = version,
                 attempt,
                 "another invocation changed the memory meanwhile; deciding again"
             );
@@ -330,7 +443,7 @@ impl<C: Cloud> Controller<C> {
                 // event for a retry (and the next tick re-reads activities).
                 return Err(CloudError {
                     op: "CreateOrUpdateTags",
-                    region: f.region.clone(),
+                    region: self.cfg.fallbacks[i].region.clone(),
                     message: format!(
                         "the memory kept changing under {ATTEMPTS} decisions; none carried out"
                     ),
@@ -340,11 +453,13 @@ impl<C: Cloud> Controller<C> {
         }
     }
 
-    /// Gate first, then the memory, then the notification: a failed gate
-    /// call leaves the memory unchanged, so the next invocation redoes the
-    /// whole decision; a mode change is announced only once it is recorded.
-    async fn execute(&self, plan: &Plan) -> Result<(), CloudError> {
-        let f = &self.cfg.fallback;
+    /// Carries out fallback `i`'s plan. Gate first, then the memory, then
+    /// the notification: a failed gate call leaves the memory unchanged, so
+    /// the next invocation redoes the whole decision; a mode change is
+    /// announced only once it is recorded.
+    async fn execute(&self, i: usize, plan: &Plan) -> Result<(), CloudError> {
+        let f = &self.cfg.fallbacks[i];
+        let (before_region, before_asg) = self.cfg.groups().nth(i).unwrap_or_default();
         for a in &plan.actions {
             match a {
                 Action::SetFallbackMaxSize { from, to } => {
@@ -352,18 +467,19 @@ impl<C: Cloud> Controller<C> {
                     self.cloud.set_max_size(&f.region, &f.asg, *to).await?;
                 }
                 Action::SetFallbackDesired { from, to } => {
-                    tracing::info!(group = %f.asg, from, to, "failover: the fallback takes over the primary's shortfall");
+                    tracing::info!(group = %f.asg, from, to, "failover: the fallback takes over the shortfall of the group before it");
                     self.cloud.set_desired(&f.region, &f.asg, *to).await?;
                 }
                 Action::EnableFallbackPolicy => {
                     match self.cloud.policy(&f.region, &f.asg, &f.policy_name).await? {
                         Some((_, policy)) => {
-                            tracing::info!(policy = %f.policy_name, "enabling the fallback scaling policy");
+                            tracing::info!(group = %f.asg, policy = %f.policy_name, "enabling the fallback scaling policy");
                             self.cloud
                                 .put_policy(&f.region, &f.asg, &policy, true)
                                 .await?;
                         }
                         None => tracing::warn!(
+                            group = %f.asg,
                             policy = %f.policy_name,
                             "the fallback group has no such target-tracking policy; run `spotguard-controller setup`"
                         ),
@@ -413,6 +529,10 @@ impl<C: Cloud> Controller<C> {
                         "reason": reason,
                         "primary": {"region": self.cfg.primary.region, "asg": self.cfg.primary.asg},
                         "fallback": {"region": f.region, "asg": f.asg},
+                        // The cascade: this group's place (1: first
+                        // fallback), and the group whose shortage opens it.
+                        "position": i + 1,
+                        "after": {"region": before_region, "asg": before_asg},
                         "at": plan.memory.since.to_rfc3339(),
                     });
                     if let Err(e) = self
@@ -431,6 +551,72 @@ impl<C: Cloud> Controller<C> {
         }
         Ok(())
     }
+}
+
+/// `controller status`: the whole cascade as it is and what the next
+/// reconcile would do (nothing is changed). For each group: its mode
+/// (fallbacks), gate (MaxSize), desired, InService and busy instances, and
+/// its last capacity failure as remembered (by the link it opens) or, for
+/// the last group, as its recent scaling activities show.
+pub async fn status<C: Cloud>(c: &Controller<C>) -> Result<Value, CloudError> {
+    let report = c.reconcile(Vec::new(), false, None).await?;
+    let (visible, in_flight) = c
+        .cloud
+        .queue_depth(&c.cfg.queue_region(), &c.cfg.primary.queue_url)
+        .await?;
+    let codes = c.cfg.failover_codes();
+    let mut groups = Vec::new();
+    for (i, (region, asg)) in c.cfg.groups().enumerate() {
+        let g = c.cloud.group(region, asg).await?;
+        // The failures of group i are remembered by link i (the one it opens).
+        let last_failure = match report.links.get(i) {
+            Some(l) => l.plan.memory.last_capacity_failure,
+            None => c
+                .cloud
+                .activities(region, asg)
+                .await
+                .map(|acts| {
+                    events::launches_of(&acts, &codes)
+                        .into_iter()
+                        .filter(|l| matches!(l.kind, reconcile::LaunchKind::CapacityFailure(_)))
+                        .map(|l| l.at)
+                        .max()
+                })
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read the last group's activities");
+                    None
+                }),
+        };
+        let mut entry = json!({
+            "position": i,
+            "role": if i == 0 { "primary" } else { "fallback" },
+            "region": region,
+            "asg": asg,
+            "gate_max": g.max,
+            "desired": g.desired,
+            "in_service": g.in_service,
+            "pending": g.pending,
+            "busy": g.busy,
+            "last_capacity_failure": last_failure,
+        });
+        if let (Some(l), Some(o)) = (
+            i.checked_sub(1).and_then(|k| report.links.get(k)),
+            entry.as_object_mut(),
+        ) {
+            o.insert("mode".into(), json!(l.mode_before));
+            o.insert("since".into(), json!(l.plan.memory.since));
+            o.insert(
+                "next".into(),
+                json!({"mode": l.mode, "reason": l.plan.reason, "actions": l.plan.actions}),
+            );
+        }
+        groups.push(entry);
+    }
+    Ok(json!({
+        "mode": report.mode_before,
+        "queue": {"visible": visible, "in_flight": in_flight},
+        "cascade": groups,
+    }))
 }
 
 /// Where `run` reads EventBridge events from (an SQS queue when deployed):

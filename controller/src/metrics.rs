@@ -57,30 +57,22 @@ pub fn group_point(cfg: &Config, region: &str, group: &str, name: &str, value: f
 
 /// The two data points of one publication: backlog per InService instance
 /// of each group, each in its own region.
-pub fn backlog(
-    cfg: &Config,
-    visible: i64,
-    in_flight: i64,
-    primary_in_service: i32,
-    fallback_in_service: i32,
-) -> Vec<MetricValue> {
+/// Each group's data point: `in_service` lists the primary's InService
+/// count, then each fallback's, in cascade order.
+pub fn backlog(cfg: &Config, visible: i64, in_flight: i64, in_service: &[i32]) -> Vec<MetricValue> {
     let b = backlog_of(cfg, visible, in_flight);
-    vec![
-        group_point(
-            cfg,
-            &cfg.primary.region,
-            &cfg.primary.asg,
-            &cfg.metric.primary_name,
-            per_instance(b, primary_in_service),
-        ),
-        group_point(
-            cfg,
-            &cfg.fallback.region,
-            &cfg.fallback.asg,
-            &cfg.metric.fallback_name,
-            per_instance(b, fallback_in_service),
-        ),
-    ]
+    cfg.groups()
+        .zip(in_service)
+        .enumerate()
+        .map(|(i, ((region, asg), n))| {
+            let name = if i == 0 {
+                &cfg.metric.primary_name
+            } else {
+                &cfg.metric.fallback_name
+            };
+            group_point(cfg, region, asg, name, per_instance(b, *n))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -99,7 +91,7 @@ mod tests {
 
     #[test]
     fn backlog_per_instance_of_each_group_and_from_zero() {
-        let m = backlog(&cfg(false), 100, 30, 4, 5);
+        let m = backlog(&cfg(false), 100, 30, &[4, 5]);
         assert_eq!(m[0].value, 25.0);
         assert_eq!(m[0].region, "us-east-1");
         assert_eq!(
@@ -110,12 +102,12 @@ mod tests {
         assert_eq!(m[1].value, 20.0);
         assert_eq!(m[1].region, "us-east-2");
         assert_eq!(m[1].name, "BacklogPerInstance");
-        assert_eq!(backlog(&cfg(false), 100, 30, 4, 10)[1].value, 10.0);
+        assert_eq!(backlog(&cfg(false), 100, 30, &[4, 10])[1].value, 10.0);
         // No InService instance: the backlog itself.
-        assert_eq!(backlog(&cfg(false), 100, 0, 0, 0)[0].value, 100.0);
-        assert_eq!(backlog(&cfg(false), 100, 0, 0, 0)[1].value, 100.0);
+        assert_eq!(backlog(&cfg(false), 100, 0, &[0, 0])[0].value, 100.0);
+        assert_eq!(backlog(&cfg(false), 100, 0, &[0, 0])[1].value, 100.0);
         // In-flight counted when asked.
-        assert_eq!(backlog(&cfg(true), 100, 20, 4, 4)[0].value, 30.0);
-        assert_eq!(backlog(&cfg(false), -5, 0, 1, 1)[0].value, 0.0);
+        assert_eq!(backlog(&cfg(true), 100, 20, &[4, 4])[0].value, 30.0);
+        assert_eq!(backlog(&cfg(false), -5, 0, &[1, 1])[0].value, 0.0);
     }
 }

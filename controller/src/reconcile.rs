@@ -318,6 +318,13 @@ pub struct Seen {
     pub visible: Option<i64>,
     /// In-flight messages (received, not yet deleted), if read.
     pub in_flight: Option<i64>,
+    /// In a cascade: the group before this one is closing or closed (its
+    /// capacity, or capacity further up, is back). This group then closes
+    /// too and does not open. Always false for the first fallback.
+    pub earlier_closing: bool,
+    /// In a cascade: a group after this one is still failed over. This
+    /// one's failback waits for it (the last opened closes first).
+    pub later_open: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -387,6 +394,9 @@ pub struct Plan {
     pub memory: Memory,
     /// The primary had a capacity failure within the TTL.
     pub capacity_unavailable: bool,
+    /// Failed over only because a later group of the cascade is still
+    /// open: this group would fail back otherwise.
+    pub holding_for_later: bool,
     pub reason: String,
     pub actions: Vec<Action>,
 }
@@ -487,12 +497,24 @@ pub fn reconcile_seen(
     let failures_in_window = fresh.len() as u32;
     let fresh_unavailable = fresh.iter().any(|f| now - f.at < dur(s.capacity_ttl));
 
+    // The group before launched after its last capacity failure, and saw
+    // none for the cool-down.
+    let recovered = match (m.last_success, m.last_capacity_failure) {
+        (Some(ok), Some(bad)) => ok > bad && now - bad >= dur(s.cooldown),
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    let holding_for_later = m.mode == Mode::FailedOver
+        && seen.later_open
+        && dwelled
+        && (recovered || unneeded || seen.earlier_closing);
     let (next, reason) = match m.mode {
         Mode::Normal
             if failures_in_window >= s.failures
                 && fresh_unavailable
                 && short_long_enough
-                && !unneeded =>
+                && !unneeded
+                && !seen.earlier_closing =>
         {
             (
                 Mode::FailedOver,
@@ -503,15 +525,20 @@ pub fn reconcile_seen(
         }
         Mode::Normal => (Mode::Normal, "primary healthy".to_string()),
         Mode::FailedOver => {
-            let recovered = match (m.last_success, m.last_capacity_failure) {
-                (Some(ok), Some(bad)) => ok > bad && now - bad >= dur(s.cooldown),
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
-            if recovered && dwelled {
+            if holding_for_later {
+                (
+                    Mode::FailedOver,
+                    "waiting for the later groups of the cascade to close first".to_string(),
+                )
+            } else if recovered && dwelled {
                 (
                     Mode::FailingBack,
                     "primary launched and saw no capacity failure for the cool-down".to_string(),
+                )
+            } else if seen.earlier_closing && dwelled {
+                (
+                    Mode::FailingBack,
+                    "capacity is back earlier in the cascade".to_string(),
                 )
             } else if unneeded && dwelled {
                 (
@@ -535,7 +562,10 @@ pub fn reconcile_seen(
             // failover is at least a cool-down older than `since`.
             // Back to failed-over only if work waits: with nothing to do,
             // capacity failures must not flap the modes.
-            if m.last_capacity_failure.is_some_and(|t| t >= m.since) && !unneeded {
+            if m.last_capacity_failure.is_some_and(|t| t >= m.since)
+                && !unneeded
+                && !seen.earlier_closing
+            {
                 (
                     Mode::FailedOver,
                     "capacity failure in the primary while failing back".to_string(),
@@ -617,9 +647,62 @@ pub fn reconcile_seen(
     Plan {
         memory: m,
         capacity_unavailable,
+        holding_for_later,
         reason,
         actions,
     }
+}
+
+/// One link of the cascade: a fallback group, and what is seen of the
+/// group before it (the primary for the first link), whose shortage opens
+/// it. Its memory is in its own tags.
+#[derive(Debug, Clone)]
+pub struct Link<'a> {
+    pub memory: &'a Memory,
+    pub group: FallbackGroup,
+    /// The group before, if read (`None`: the shortage rule is not applied).
+    pub upstream: Option<PrimaryGroup>,
+    /// Launch outcomes of the group before.
+    pub launches: &'a [Launch],
+    /// Its cap differs per group; the rest is shared.
+    pub settings: &'a Settings,
+}
+
+/// The decision over a cascade of fallback groups, first to last: one plan
+/// per link. Each link is the two-group decision ([`reconcile_seen`])
+/// between a group and the one before it, with two couplings:
+/// - a link opens only while the one before is open and not closing (a
+///   group that is not in use cannot be short for capacity), and closes
+///   when the one before closes (capacity came back earlier in the list);
+/// - a link's failback waits while the next link is still failed over, so
+///   the last opened starts closing first, one decision ahead of the one
+///   before it. That next link is told to close meanwhile.
+///
+/// With one link this is exactly [`reconcile_seen`].
+pub fn cascade(
+    links: &[Link<'_>],
+    visible: Option<i64>,
+    in_flight: Option<i64>,
+    now: DateTime<Utc>,
+) -> Vec<Plan> {
+    let mut plans: Vec<Plan> = Vec::with_capacity(links.len());
+    for (i, l) in links.iter().enumerate() {
+        let seen = Seen {
+            primary: l.upstream,
+            visible,
+            in_flight,
+            earlier_closing: plans
+                .last()
+                .is_some_and(|p| p.memory.mode != Mode::FailedOver || p.holding_for_later),
+            later_open: links
+                .get(i + 1)
+                .is_some_and(|next| next.memory.mode == Mode::FailedOver),
+        };
+        plans.push(reconcile_seen(
+            l.memory, &l.group, &seen, l.launches, now, l.settings,
+        ));
+    }
+    plans
 }
 
 #[cfg(test)]
@@ -998,6 +1081,278 @@ mod tests {
         assert_eq!(
             capacity_code(worded, &["SpotMaxPriceTooLow".to_string()]),
             None
+        );
+    }
+
+    /// A three-group cascade carried through its tags, as AWS would.
+    struct Cascade {
+        memories: Vec<Memory>,
+    }
+
+    fn up(desired: i32, in_service: i32) -> PrimaryGroup {
+        PrimaryGroup {
+            desired,
+            in_service,
+            pending: 0,
+        }
+    }
+
+    impl Cascade {
+        fn new(n: usize) -> Cascade {
+            Cascade {
+                memories: vec![Memory::initial(); n],
+            }
+        }
+        fn modes(&self) -> Vec<Mode> {
+            self.memories.iter().map(|m| m.mode).collect()
+        }
+        /// One decision: `groups[i]` is fallback i, `upstream[i]` the
+        /// group before it, `launches[i]` that group's outcomes.
+        fn step(
+            &mut self,
+            groups: &[FallbackGroup],
+            upstream: &[PrimaryGroup],
+            launches: &[Vec<Launch>],
+            visible: i64,
+            now: i64,
+        ) -> Vec<Plan> {
+            let s = settings();
+            let links: Vec<Link<'_>> = (0..self.memories.len())
+                .map(|i| Link {
+                    memory: &self.memories[i],
+                    group: groups[i],
+                    upstream: Some(upstream[i]),
+                    launches: &launches[i],
+                    settings: &s,
+                })
+                .collect();
+            let plans = cascade(&links, Some(visible), Some(0), t(now));
+            for (m, p) in self.memories.iter_mut().zip(&plans) {
+                if let Some(tags) = p.actions.iter().find_map(|a| match a {
+                    Action::SaveMemory { tags } => Some(tags.clone()),
+                    _ => None,
+                }) {
+                    *m = Memory::from_tags(&tags).0;
+                }
+            }
+            plans
+        }
+    }
+
+    #[test]
+    fn the_cascade_opens_in_order() {
+        let mut c = Cascade::new(2);
+        let closed = [group(0, 0, 0, 0), group(0, 0, 0, 0)];
+        // The first fallback's group fails and stays short while it is not
+        // in use: that opens nothing (no work of ours is short there).
+        for now in [5, 130] {
+            let plans = c.step(
+                &closed,
+                &[up(4, 4), up(2, 0)],
+                &[vec![], vec![fail(now - 5, &format!("g1-early-{now}"))]],
+                50,
+                now,
+            );
+            assert_eq!(c.modes(), [Mode::Normal, Mode::Normal]);
+            assert_eq!(max_to(&plans[1]), None);
+        }
+        // The primary is short for capacity: the first opens, not the second.
+        c.step(
+            &closed,
+            &[up(4, 1), up(0, 0)],
+            &[vec![fail(100, "p1")], vec![]],
+            50,
+            100,
+        );
+        let plans = c.step(&closed, &[up(4, 1), up(0, 0)], &[vec![], vec![]], 50, 230);
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::Normal]);
+        assert_eq!(max_to(&plans[0]), Some(10));
+        assert_eq!(max_to(&plans[1]), None);
+        // Now the first fallback is short for capacity too: the second opens
+        // once its shortage has lasted `shortage_for`, with the shortfall.
+        let open1 = [group(5, 10, 2, 2), group(0, 0, 0, 0)];
+        c.step(
+            &open1,
+            &[up(4, 1), up(5, 2)],
+            &[vec![], vec![fail(300, "g1")]],
+            50,
+            300,
+        );
+        assert_eq!(
+            c.modes(),
+            [Mode::FailedOver, Mode::Normal],
+            "short for 0 s only"
+        );
+        let plans = c.step(&open1, &[up(4, 1), up(5, 2)], &[vec![], vec![]], 50, 430);
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
+        assert_eq!(max_to(&plans[1]), Some(10));
+        assert!(plans[1]
+            .actions
+            .contains(&Action::SetFallbackDesired { from: 0, to: 3 }));
+        assert!(plans[1].actions.contains(&Action::EnableFallbackPolicy));
+    }
+
+    /// Both fallbacks open; returns the cascade at time 430.
+    fn both_open() -> Cascade {
+        let mut c = Cascade::new(2);
+        let closed = [group(0, 0, 0, 0), group(0, 0, 0, 0)];
+        c.step(
+            &closed,
+            &[up(4, 1), up(0, 0)],
+            &[vec![fail(100, "p1")], vec![]],
+            50,
+            100,
+        );
+        c.step(&closed, &[up(4, 1), up(0, 0)], &[vec![], vec![]], 50, 230);
+        let open1 = [group(5, 10, 2, 2), group(0, 0, 0, 0)];
+        c.step(
+            &open1,
+            &[up(4, 1), up(5, 2)],
+            &[vec![], vec![fail(300, "g1")]],
+            50,
+            300,
+        );
+        c.step(&open1, &[up(4, 1), up(5, 2)], &[vec![], vec![]], 50, 430);
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
+        c
+    }
+
+    #[test]
+    fn the_cascade_closes_in_reverse_and_never_below_busy() {
+        let mut c = both_open();
+        let open = [group(5, 10, 5, 2), group(3, 10, 3, 1)];
+        let ups = [up(4, 4), up(5, 5)];
+        // The primary launches again, and its cool-down (10 min after its
+        // last failure at 100 s) passes. The first fallback's own group
+        // never recovers (its region is still dry): capacity back at the
+        // primary closes both all the same, the last opened first.
+        c.step(&open, &ups, &[vec![ok(400, "p-ok")], vec![]], 50, 650);
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver], "cool-down");
+        let plans = c.step(&open, &ups, &[vec![], vec![]], 50, 760);
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailingBack]);
+        assert!(plans[0].holding_for_later);
+        assert_eq!(
+            max_to(&plans[0]),
+            None,
+            "the first keeps its gate meanwhile"
+        );
+        assert_eq!(max_to(&plans[1]), Some(2));
+        let plans = c.step(
+            &[group(5, 10, 5, 2), group(2, 2, 2, 1)],
+            &ups,
+            &[vec![], vec![]],
+            50,
+            820,
+        );
+        assert_eq!(c.modes(), [Mode::FailingBack, Mode::FailingBack]);
+        assert_eq!(max_to(&plans[0]), Some(4));
+        assert_eq!(max_to(&plans[1]), Some(1), "never below its busy instance");
+        let plans = c.step(
+            &[group(4, 4, 4, 2), group(1, 1, 1, 1)],
+            &ups,
+            &[vec![], vec![]],
+            50,
+            880,
+        );
+        assert_eq!(max_to(&plans[0]), Some(3));
+        assert_eq!(max_to(&plans[1]), None);
+        // Both drain; each goes back to normal once empty.
+        c.step(
+            &[group(0, 0, 0, 0), group(0, 0, 0, 0)],
+            &ups,
+            &[vec![], vec![]],
+            0,
+            1200,
+        );
+        assert_eq!(c.modes(), [Mode::Normal, Mode::Normal]);
+    }
+
+    #[test]
+    fn capacity_back_at_the_first_fallback_closes_only_the_second() {
+        let mut c = both_open();
+        let open = [group(5, 10, 5, 0), group(3, 10, 3, 0)];
+        // The primary stays dry; the first fallback's group launches again.
+        let ups = [up(4, 1), up(5, 5)];
+        c.step(&open, &ups, &[vec![], vec![ok(500, "g1-ok")]], 50, 950);
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailingBack]);
+        c.step(&open, &ups, &[vec![], vec![]], 50, 1010);
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailingBack]);
+    }
+
+    #[test]
+    fn the_cascade_does_not_flap_on_alternating_outcomes() {
+        // For two hours the primary and the first fallback alternate a
+        // success and a capacity failure every 30 s; the groups stay short.
+        let mut c = both_open();
+        let open = [group(5, 10, 3, 1), group(3, 10, 3, 1)];
+        let ups = [up(4, 2), up(5, 3)];
+        let mut changes = 0;
+        let mut last = c.modes();
+        for k in 0..240 {
+            let at = 440 + k * 30;
+            let l = if k % 2 == 0 {
+                fail(at, &format!("f{k}"))
+            } else {
+                ok(at, &format!("s{k}"))
+            };
+            c.step(&open, &ups, &[vec![l.clone()], vec![l]], 50, at);
+            if c.modes() != last {
+                changes += 1;
+                last = c.modes();
+            }
+        }
+        assert_eq!(changes, 0, "{:?}", c.modes());
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
+    }
+
+    #[test]
+    fn duplicate_and_reordered_events_decide_the_same() {
+        let launches = vec![
+            fail(100, "a"),
+            ok(110, "b"),
+            fail(120, "c"),
+            other(125, "d"),
+        ];
+        let mut shuffled: Vec<Launch> = launches.iter().rev().cloned().collect();
+        shuffled.extend(launches.iter().cloned());
+        let run = |l: &[Launch]| {
+            let mut c = Cascade::new(2);
+            let closed = [group(0, 0, 0, 0), group(0, 0, 0, 0)];
+            let mut out = Vec::new();
+            for now in [130, 260, 400] {
+                let plans = c.step(
+                    &closed,
+                    &[up(4, 1), up(3, 0)],
+                    &[l.to_vec(), l.to_vec()],
+                    50,
+                    now,
+                );
+                out.push((
+                    c.modes(),
+                    plans.iter().map(|p| p.actions.clone()).collect::<Vec<_>>(),
+                ));
+            }
+            out
+        };
+        assert_eq!(run(&launches), run(&shuffled));
+    }
+
+    #[test]
+    fn one_link_is_the_two_group_decision() {
+        let m = failed_over_at(0);
+        let g = group(3, 10, 3, 1);
+        let s = settings();
+        let l = [ok(30, "s")];
+        let link = Link {
+            memory: &m,
+            group: g,
+            upstream: None,
+            launches: &l,
+            settings: &s,
+        };
+        assert_eq!(
+            cascade(&[link], None, None, t(700)),
+            vec![reconcile(&m, &g, &l, t(700), &s)]
         );
     }
 

@@ -1,5 +1,6 @@
 //! `spotguard-controller setup`: creates or updates, idempotently, the
-//! target-tracking policies of both groups.
+//! target-tracking policies of every group: the primary and each fallback
+//! of the cascade, each in its own region.
 //!
 //! The primary uses the published backlog-per-instance metric
 //! (`custom-metric`) or metric math over AWS/SQS and AWS/AutoScaling
@@ -64,31 +65,31 @@ pub fn desired(cfg: &Config) -> Vec<(String, String, TargetTracking)> {
             group: p.asg.clone(),
         },
     };
-    let f = &cfg.fallback;
-    vec![
-        (
-            p.region.clone(),
-            p.asg.clone(),
-            TargetTracking::new(
-                cfg.policy.primary_policy_name.clone(),
-                cfg.policy.primary_target,
-                primary_spec,
-            ),
+    let mut out = vec![(
+        p.region.clone(),
+        p.asg.clone(),
+        TargetTracking::new(
+            cfg.policy.primary_policy_name.clone(),
+            cfg.policy.primary_target,
+            primary_spec,
         ),
-        (
+    )];
+    for f in &cfg.fallbacks {
+        out.push((
             f.region.clone(),
             f.asg.clone(),
             TargetTracking::new(
                 f.policy_name.clone(),
-                cfg.policy.fallback_target,
+                f.target_or(&cfg.policy),
                 MetricSpec::Custom {
                     namespace: cfg.metric.namespace.clone(),
                     name: cfg.metric.fallback_name.clone(),
                     dimensions: vec![("AutoScalingGroupName".into(), f.asg.clone())],
                 },
             ),
-        ),
-    ]
+        ));
+    }
+    out
 }
 
 pub async fn setup<C: Cloud>(
