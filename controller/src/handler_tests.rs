@@ -493,3 +493,155 @@ async fn an_unreadable_primary_does_not_block_the_decision() {
         "capacity failures alone decide then"
     );
 }
+
+/// Three groups of the same name in three regions: spot in us-east-1, then
+/// us-east-2, then us-west-2.
+fn cascade_controller() -> Controller<FakeCloud> {
+    let cfg = Config::parse(
+        &format!(
+            r#"
+[primary]
+asg = "gpu"
+queue_url = "{QUEUE}"
+[[fallbacks]]
+region = "us-east-2"
+asg = "gpu"
+max_size = 6
+[[fallbacks]]
+region = "us-west-2"
+asg = "gpu"
+max_size = 8
+[failover]
+shortage_for = "0s"
+min_dwell = "60s"
+"#
+        ),
+        "test",
+    )
+    .unwrap();
+    let cloud = FakeCloud::default();
+    cloud.add_group(
+        "us-east-1",
+        "gpu",
+        GroupInfo {
+            desired: 4,
+            max: 10,
+            in_service: 1,
+            ..Default::default()
+        },
+    );
+    cloud.add_group("us-east-2", "gpu", GroupInfo::default());
+    cloud.add_group("us-west-2", "gpu", GroupInfo::default());
+    cloud.set_depth("us-east-1", QUEUE, 40, 2);
+    Controller {
+        cfg,
+        cloud,
+        clock: Arc::new(TokioClock::new(start())),
+    }
+}
+
+fn launch_in(region: &str, detail_type: &str, msg: &str, at: &str) -> Value {
+    let mut v = launch(detail_type, msg, at);
+    v["region"] = json!(region);
+    v["detail"]["AutoScalingGroupName"] = json!("gpu");
+    v["detail"]["ActivityId"] = json!(format!("{region}-{}", at[11..19].replace(':', "")));
+    v
+}
+
+fn mode_of(c: &Controller<FakeCloud>, region: &str) -> Option<String> {
+    c.cloud
+        .group_of(region, "gpu")
+        .tags
+        .get("spotguard:mode")
+        .cloned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_three_region_cascade_opens_by_region_and_closes_last_first() {
+    let c = cascade_controller();
+    // A capacity failure in us-east-2 while it is not in use opens nothing.
+    c.handle_event(&launch_in(
+        "us-east-2",
+        "EC2 Instance Launch Unsuccessful",
+        ICE,
+        "2026-11-28T08:00:00Z",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("normal"));
+    assert_eq!(mode_of(&c, "us-west-2").as_deref(), Some("normal"));
+    assert_eq!(c.cloud.group_of("us-west-2", "gpu").max, 0);
+    // The primary's failure (same group name, its own region) opens us-east-2.
+    c.handle_event(&launch_in(
+        "us-east-1",
+        "EC2 Instance Launch Unsuccessful",
+        ICE,
+        "2026-11-28T08:00:00Z",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failed-over"));
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu").max, 6);
+    assert_eq!(c.cloud.group_of("us-west-2", "gpu").max, 0);
+    // us-east-2 runs dry too: short (desired 3, none in service) with a failure.
+    {
+        let mut st = c.cloud.lock();
+        let g = st
+            .groups
+            .get_mut(&("us-east-2".into(), "gpu".into()))
+            .unwrap();
+        g.desired = 3;
+    }
+    tokio::time::advance(std::time::Duration::from_secs(30)).await;
+    c.handle_event(&launch_in(
+        "us-east-2",
+        "EC2 Instance Launch Unsuccessful",
+        ICE,
+        "2026-11-28T08:00:30Z",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(mode_of(&c, "us-west-2").as_deref(), Some("failed-over"));
+    let west = c.cloud.group_of("us-west-2", "gpu");
+    assert_eq!(west.max, 8, "its own cap");
+    assert_eq!(west.desired, 3, "us-east-2's shortfall");
+    // Each group gets its backlog data point in its own region.
+    let r = c.tick(Vec::new()).await.unwrap();
+    let regions: Vec<&str> = r
+        .metrics
+        .iter()
+        .filter(|m| m.name == "BacklogPerInstance")
+        .map(|m| m.region.as_str())
+        .collect();
+    assert_eq!(regions, ["us-east-1", "us-east-2", "us-west-2"]);
+    // The status shows the whole cascade.
+    let st = status(&c).await.unwrap();
+    let modes: Vec<&str> = st["cascade"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["mode"].as_str().unwrap_or("-"))
+        .collect();
+    assert_eq!(modes, ["-", "failed-over", "failed-over"]);
+    assert!(
+        st["cascade"][1]["last_capacity_failure"].is_string(),
+        "{st}"
+    );
+    // The primary launches again, and stays clear past the cool-down: the
+    // last opened closes first, the one before a tick later.
+    c.handle_event(&launch_in(
+        "us-east-1",
+        "EC2 Instance Launch Successful",
+        "",
+        "2026-11-28T08:01:00Z",
+    ))
+    .await
+    .unwrap();
+    tokio::time::advance(std::time::Duration::from_secs(660)).await;
+    c.tick(Vec::new()).await.unwrap();
+    assert_eq!(mode_of(&c, "us-west-2").as_deref(), Some("failing-back"));
+    assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failed-over"));
+    tokio::time::advance(std::time::Duration::from_secs(60)).await;
+    c.tick(Vec::new()).await.unwrap();
+    assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failing-back"));
+}
