@@ -372,6 +372,7 @@ impl Cloud for SdkCloud {
                     status_message: a.status_message().unwrap_or_default().to_string(),
                     start: a.start_time().and_then(chrono_of),
                     end: a.end_time().and_then(chrono_of),
+                    details: a.details().unwrap_or_default().to_string(),
                 })
                 .collect())
         })

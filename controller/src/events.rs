@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::reconcile::{capacity_code, Launch, LaunchKind};
+use crate::reconcile::{capacity_code, Launch, LaunchKind, Offering};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -88,17 +88,26 @@ pub fn parse(v: &Value, codes: &[String]) -> Result<Event, EventError> {
                 Some(t) => t,
                 None => time(field(v, &["time"], "time")?, "time")?,
             };
+            let msg = v["detail"]
+                .get("StatusMessage")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             let kind = if detail_type == "EC2 Instance Launch Successful" {
                 LaunchKind::Success
             } else {
-                let msg = v["detail"]
-                    .get("StatusMessage")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
                 match capacity_code(msg, codes) {
                     Some(code) => LaunchKind::CapacityFailure(code),
                     None => LaunchKind::OtherFailure,
                 }
+            };
+            let offering = match kind {
+                LaunchKind::CapacityFailure(_) => Offering::of(
+                    msg,
+                    v["detail"]["Details"]
+                        .get("Availability Zone")
+                        .and_then(Value::as_str),
+                ),
+                _ => Offering::default(),
             };
             Ok(Event::Launch {
                 group,
@@ -107,6 +116,7 @@ pub fn parse(v: &Value, codes: &[String]) -> Result<Event, EventError> {
                     at,
                     activity_id,
                     kind,
+                    offering,
                 },
             })
         }
@@ -130,6 +140,16 @@ pub struct Activity {
     pub status_message: String,
     pub start: Option<DateTime<Utc>>,
     pub end: Option<DateTime<Utc>>,
+    /// The activity's `Details`, a JSON object as a string (its
+    /// "Availability Zone", "Subnet ID").
+    pub details: String,
+}
+
+impl Activity {
+    fn zone(&self) -> Option<String> {
+        let v: Value = serde_json::from_str(&self.details).ok()?;
+        v.get("Availability Zone")?.as_str().map(str::to_string)
+    }
 }
 
 /// Launch outcomes among activities; terminations and unfinished launches are skipped.
@@ -147,10 +167,17 @@ pub fn launches_of(activities: &[Activity], codes: &[String]) -> Vec<Launch> {
                 },
                 _ => return None,
             };
+            let offering = match kind {
+                LaunchKind::CapacityFailure(_) => {
+                    Offering::of(&a.status_message, a.zone().as_deref())
+                }
+                _ => Offering::default(),
+            };
             Some(Launch {
                 at,
                 activity_id: a.id.clone(),
                 kind,
+                offering,
             })
         })
         .collect()
@@ -178,6 +205,7 @@ pub fn stuck_spot_requests(
                 at: since + wait,
                 activity_id: a.id.clone(),
                 kind: LaunchKind::CapacityFailure(a.status_code.clone()),
+                offering: Offering::of("", a.zone().as_deref()),
             })
         })
         .collect()
@@ -421,6 +449,7 @@ mod tests {
             status_message: msg.into(),
             start: DateTime::from_timestamp(1_800_000_000, 0),
             end: None,
+            details: r#"{"Subnet ID":"subnet-1","Availability Zone":"us-east-1c"}"#.into(),
         };
         let l = launches_of(
             &[

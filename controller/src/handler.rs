@@ -533,6 +533,8 @@ impl<C: Cloud> Controller<C> {
                         // fallback), and the group whose shortage opens it.
                         "position": i + 1,
                         "after": {"region": before_region, "asg": before_asg},
+                        // Where the group before is short (zone x type), if named.
+                        "unavailable_offerings": plan.memory.unavailable,
                         "at": plan.memory.since.to_rfc3339(),
                     });
                     if let Err(e) = self
@@ -569,6 +571,11 @@ pub async fn status<C: Cloud>(c: &Controller<C>) -> Result<Value, CloudError> {
     for (i, (region, asg)) in c.cfg.groups().enumerate() {
         let g = c.cloud.group(region, asg).await?;
         // The failures of group i are remembered by link i (the one it opens).
+        let unavailable = report
+            .links
+            .get(i)
+            .map(|l| l.plan.memory.unavailable.clone())
+            .unwrap_or_default();
         let last_failure = match report.links.get(i) {
             Some(l) => l.plan.memory.last_capacity_failure,
             None => c
@@ -598,6 +605,7 @@ pub async fn status<C: Cloud>(c: &Controller<C>) -> Result<Value, CloudError> {
             "pending": g.pending,
             "busy": g.busy,
             "last_capacity_failure": last_failure,
+            "unavailable_offerings": unavailable,
         });
         if let (Some(l), Some(o)) = (
             i.checked_sub(1).and_then(|k| report.links.get(k)),

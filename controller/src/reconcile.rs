@@ -68,6 +68,7 @@ pub const TAG_LAST_SUCCESS: &str = "spotguard:last-launch-success";
 pub const TAG_SHORT_SINCE: &str = "spotguard:primary-short-since";
 pub const TAG_HELD_SINCE: &str = "spotguard:gate-held-since";
 pub const TAG_VERSION: &str = "spotguard:version";
+pub const TAG_OFFERINGS: &str = "spotguard:unavailable-offerings";
 
 /// How many capacity failures the memory keeps: a tag value holds at most
 /// 256 characters, and each entry takes at most 24.
@@ -75,6 +76,66 @@ const MAX_FAILURES: usize = 10;
 /// Activity ids are shortened to this many characters in the tag; UUIDs
 /// differ in their first characters.
 const ID_CHARS: usize = 12;
+
+/// Where a capacity failure happened, as far as its message and details
+/// name it (`None`: not named).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Offering {
+    pub zone: Option<String>,
+    pub instance_type: Option<String>,
+}
+
+impl Offering {
+    /// From a launch failure's StatusMessage ("... sufficient g4dn.xlarge
+    /// capacity in the Availability Zone you requested (us-east-1a) ...")
+    /// and the zone of its details, if given.
+    pub fn of(status_message: &str, zone: Option<&str>) -> Offering {
+        let clean = tag_safe;
+        let instance_type = status_message
+            .split_once("sufficient ")
+            .and_then(|(_, rest)| rest.split_once(" capacity"))
+            .map(|(t, _)| t)
+            .filter(|t| t.contains('.') && !t.contains(' '))
+            .and_then(clean);
+        let zone = zone.and_then(clean).or_else(|| {
+            status_message
+                .split('(')
+                .skip(1)
+                .filter_map(|p| p.split_once(')').map(|(z, _)| z))
+                .find(|z| {
+                    z.ends_with(|c: char| c.is_ascii_lowercase())
+                        && spotguard_common::region::is_region(&z[..z.len() - 1])
+                })
+                .and_then(clean)
+        });
+        Offering {
+            zone,
+            instance_type,
+        }
+    }
+}
+
+/// Only characters that survive the tag encoding (`secs/zone/type`,
+/// space-separated), at most 32: event input is outside input. `None` if
+/// nothing is left.
+fn tag_safe(w: &str) -> Option<String> {
+    let w: String = w
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+        .take(32)
+        .collect();
+    (!w.is_empty()).then_some(w)
+}
+
+/// An offering (zone x instance type) seen short of capacity: as
+/// Karpenter's unavailable-offerings cache, kept for the capacity TTL. It
+/// says where the shortage is (status, notifications); the group itself
+/// picks its offerings, so no decision rests on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mark {
+    pub at: DateTime<Utc>,
+    pub offering: Offering,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Failure {
@@ -99,6 +160,8 @@ pub struct Memory {
     /// Bumped by every write: a writer that read an older version must not
     /// write (a stale decision cannot undo a newer one).
     pub version: u64,
+    /// The group's offerings short of capacity within the TTL, newest last.
+    pub unavailable: Vec<Mark>,
 }
 
 impl Memory {
@@ -113,6 +176,7 @@ impl Memory {
             primary_short_since: None,
             held_since: None,
             version: 0,
+            unavailable: Vec::new(),
         }
     }
 
@@ -174,6 +238,30 @@ impl Memory {
                 }
             }
         }
+        if let Some(v) = tags.get(TAG_OFFERINGS) {
+            for entry in v.split_whitespace() {
+                let mut parts = entry.splitn(3, '/');
+                let parsed = (|| {
+                    let at = DateTime::<Utc>::from_timestamp(parts.next()?.parse().ok()?, 0)?;
+                    let known = |p: &str| (p != "*").then(|| p.to_string());
+                    let zone = known(parts.next()?);
+                    let instance_type = known(parts.next()?);
+                    Some(Mark {
+                        at,
+                        offering: Offering {
+                            zone,
+                            instance_type,
+                        },
+                    })
+                })();
+                match parsed {
+                    Some(mark) => m.unavailable.push(mark),
+                    None => warnings.push(format!(
+                        "tag {TAG_OFFERINGS}: entry {entry:?} unreadable; ignored"
+                    )),
+                }
+            }
+        }
         (m, warnings)
     }
 
@@ -205,6 +293,7 @@ impl Memory {
             self.held_since.map(rfc).unwrap_or_default(),
         );
         t.insert(TAG_VERSION.to_string(), self.version.to_string());
+        t.insert(TAG_OFFERINGS.to_string(), offerings_tag(&self.unavailable));
         t
     }
 
@@ -214,12 +303,36 @@ impl Memory {
     }
 }
 
+/// The marks as a tag value: the newest that fit in a tag's 256 characters.
+fn offerings_tag(marks: &[Mark]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut len = 0;
+    for mark in marks.iter().rev() {
+        let o = &mark.offering;
+        let e = format!(
+            "{}/{}/{}",
+            mark.at.timestamp(),
+            o.zone.as_deref().unwrap_or("*"),
+            o.instance_type.as_deref().unwrap_or("*")
+        );
+        if len + e.len() + 1 > 256 {
+            break;
+        }
+        len += e.len() + 1;
+        out.push(e);
+    }
+    out.reverse();
+    out.join(" ")
+}
+
 /// The outcome of one launch attempt in the primary group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launch {
     pub at: DateTime<Utc>,
     pub activity_id: String,
     pub kind: LaunchKind,
+    /// Where a capacity failure happened, if named.
+    pub offering: Offering,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -437,6 +550,16 @@ fn merge(m: &mut Memory, launches: &[Launch], now: DateTime<Utc>, s: &Settings) 
                 if !m.failures.iter().any(|f| f.id == id) {
                     m.failures.push(Failure { at, id });
                 }
+                let offering = Offering {
+                    zone: l.offering.zone.as_deref().and_then(tag_safe),
+                    instance_type: l.offering.instance_type.as_deref().and_then(tag_safe),
+                };
+                if offering.zone.is_some() || offering.instance_type.is_some() {
+                    match m.unavailable.iter_mut().find(|x| x.offering == offering) {
+                        Some(x) => x.at = x.at.max(at),
+                        None => m.unavailable.push(Mark { at, offering }),
+                    }
+                }
                 m.last_capacity_failure = later(m.last_capacity_failure, at);
             }
             LaunchKind::OtherFailure => {}
@@ -444,6 +567,15 @@ fn merge(m: &mut Memory, launches: &[Launch], now: DateTime<Utc>, s: &Settings) 
     }
     m.failures.retain(|f| f.at >= horizon);
     m.failures.sort_by_key(|f| f.at);
+    let ttl = now - dur(s.capacity_ttl);
+    m.unavailable.retain(|x| x.at > ttl);
+    m.unavailable.sort_by(|a, b| {
+        (a.at, &a.offering.zone, &a.offering.instance_type).cmp(&(
+            b.at,
+            &b.offering.zone,
+            &b.offering.instance_type,
+        ))
+    });
     let excess = m.failures.len().saturating_sub(MAX_FAILURES);
     m.failures.drain(..excess);
 }
@@ -729,6 +861,7 @@ mod tests {
             at: t(at),
             activity_id: id.into(),
             kind: LaunchKind::CapacityFailure("InsufficientInstanceCapacity".into()),
+            offering: Offering::default(),
         }
     }
     fn ok(at: i64, id: &str) -> Launch {
@@ -736,6 +869,7 @@ mod tests {
             at: t(at),
             activity_id: id.into(),
             kind: LaunchKind::Success,
+            offering: Offering::default(),
         }
     }
     fn other(at: i64, id: &str) -> Launch {
@@ -743,6 +877,7 @@ mod tests {
             at: t(at),
             activity_id: id.into(),
             kind: LaunchKind::OtherFailure,
+            offering: Offering::default(),
         }
     }
     fn group(desired: i32, max: i32, in_service: i32, busy: i32) -> FallbackGroup {
@@ -1354,6 +1489,49 @@ mod tests {
             cascade(&[link], None, None, t(700)),
             vec![reconcile(&m, &g, &l, t(700), &s)]
         );
+    }
+
+    #[test]
+    fn offerings_short_of_capacity_are_marked_for_the_ttl() {
+        let worded = "We currently do not have sufficient g4dn.xlarge capacity in the Availability Zone you requested (us-east-1a). Our system will be working on provisioning additional capacity.";
+        let o = Offering::of(worded, None);
+        assert_eq!(o.zone.as_deref(), Some("us-east-1a"));
+        assert_eq!(o.instance_type.as_deref(), Some("g4dn.xlarge"));
+        // The mixed-instances form names neither; the details give the zone.
+        let o = Offering::of(
+            "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed.",
+            Some("us-east-1b"),
+        );
+        assert_eq!(o.zone.as_deref(), Some("us-east-1b"));
+        assert_eq!(o.instance_type, None);
+        let mut l = fail(0, "a");
+        l.offering = Offering::of(worded, None);
+        let mut l2 = fail(20, "b");
+        l2.offering = Offering::of(worded, None);
+        let mut m = Memory::initial();
+        merge(&mut m, &[l.clone(), l2, l], t(30), &settings());
+        assert_eq!(m.unavailable.len(), 1, "one offering, its latest time");
+        assert_eq!(m.unavailable[0].at, t(20));
+        let (back, warnings) = Memory::from_tags(&m.to_tags());
+        assert_eq!(back.unavailable, m.unavailable, "{warnings:?}");
+        // Past the capacity TTL (180 s) the mark is gone.
+        merge(&mut m, &[], t(201), &settings());
+        assert!(m.unavailable.is_empty());
+        // Many offerings: the tag keeps the newest that fit.
+        let many: Vec<Launch> = (0..30)
+            .map(|i| {
+                let mut l = fail(i, &format!("x{i}"));
+                l.offering = Offering {
+                    zone: Some(format!("us-east-1{}", (b'a' + (i % 6) as u8) as char)),
+                    instance_type: Some(format!("g{i}dn.12xlarge")),
+                };
+                l
+            })
+            .collect();
+        let mut m = Memory::initial();
+        merge(&mut m, &many, t(40), &settings());
+        let tag = &m.to_tags()[TAG_OFFERINGS];
+        assert!(tag.len() <= 256 && tag.contains("g29dn"), "{tag}");
     }
 
     #[test]

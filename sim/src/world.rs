@@ -210,6 +210,7 @@ impl World {
             status_message: message.into(),
             start: Some(t),
             end: Some(t),
+            details: String::new(),
         });
         if group.activities.len() > 50 {
             group.activities.remove(0);

@@ -43,6 +43,7 @@ fn main() {
             } else {
                 LaunchKind::Success
             },
+            offering: Default::default(),
         })
         .collect();
     let g = FallbackGroup {

@@ -170,19 +170,31 @@ fn tag_memory_and_decisions_never_panic_and_respect_busy_instances() {
         ],
         0..6,
     );
-    let launch = (any::<i32>(), ".{0,20}", 0u8..3).prop_map(|(secs, id, k)| Launch {
-        at: chrono::DateTime::<chrono::Utc>::from_timestamp(
-            1_800_000_000 + i64::from(secs / 1000),
-            0,
-        )
-        .unwrap_or_default(),
-        activity_id: id,
-        kind: match k {
-            0 => LaunchKind::Success,
-            1 => LaunchKind::CapacityFailure("InsufficientInstanceCapacity".into()),
-            _ => LaunchKind::OtherFailure,
-        },
-    });
+    let launch = (
+        any::<i32>(),
+        ".{0,20}",
+        0u8..3,
+        proptest::option::of(".{0,14}"),
+        proptest::option::of(".{0,14}"),
+    )
+        .prop_map(|(secs, id, k, zone, instance_type)| Launch {
+            at: chrono::DateTime::<chrono::Utc>::from_timestamp(
+                1_800_000_000 + i64::from(secs / 1000),
+                0,
+            )
+            .unwrap_or_default(),
+            activity_id: id,
+            kind: match k {
+                0 => LaunchKind::Success,
+                1 => LaunchKind::CapacityFailure("InsufficientInstanceCapacity".into()),
+                _ => LaunchKind::OtherFailure,
+            },
+            // Outside input: anything, as an event could carry it.
+            offering: spotguard_controller::reconcile::Offering {
+                zone,
+                instance_type,
+            },
+        });
     let group = (-2i32..20, -2i32..20, -2i32..20, -2i32..20).prop_map(
         |(desired, max, in_service, busy)| FallbackGroup {
             desired,
