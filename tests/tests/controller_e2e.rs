@@ -287,7 +287,8 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
     assert_eq!(code, 0);
     let status: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["mode"], "failed-over");
-    assert_eq!(status["plan"]["actions"], json!([]));
+    assert_eq!(status["cascade"][1]["mode"], "failed-over");
+    assert_eq!(status["cascade"][1]["next"]["actions"], json!([]));
 }
 
 #[test]
@@ -900,4 +901,185 @@ fn failover_re_enables_a_template_made_policy_keeping_every_field() {
             .len()
     });
     assert_eq!(n, 1);
+}
+
+/// Three groups in three regions: spot in us-east-1, spot in us-east-2, spot
+/// in us-west-2. The first two run dry in turn; the cascade opens in order,
+/// each group's data point goes to its own region, `status` shows the whole
+/// cascade, and when the primary launches again the last opened closes first.
+#[test]
+fn a_three_region_cascade_opens_in_order_and_closes_in_reverse() {
+    let env = AwsEnv::start();
+    let queue = env.create_queue("jobs", 5);
+    for i in 0..6 {
+        env.send(&queue, &format!("waiting {i}"));
+    }
+    env.create_group_in("us-east-1", "gpu-primary", 0, 10, 1);
+    // Short: desired 3 with one instance (as in `setup`).
+    env.proxy.rewrite(
+        "DescribeAutoScalingGroups",
+        "us-east-1",
+        "<DesiredCapacity>1</DesiredCapacity>",
+        "<DesiredCapacity>3</DesiredCapacity>",
+    );
+    env.create_group_in("us-east-2", "gpu-east-2", 0, 0, 0);
+    env.create_group_in("us-west-2", "gpu-west-2", 0, 0, 0);
+    let text = format!(
+        r#"
+[primary]
+asg = "gpu-primary"
+queue_url = "{queue}"
+[[fallbacks]]
+region = "us-east-2"
+asg = "gpu-east-2"
+max_size = 5
+[[fallbacks]]
+region = "us-west-2"
+asg = "gpu-west-2"
+max_size = 4
+[failover]
+shortage_for = "0s"
+capacity_ttl = "60s"
+cooldown = "3s"
+min_dwell = "1s"
+"#
+    );
+    let dir = TempDir::new("ctl-cascade");
+    let cfg_path = dir.path().join("controller.toml");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let sdk = env.rt.block_on(
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(&env.proxy.url)
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .load(),
+    );
+    let c = Controller {
+        cfg: Config::parse(&text, "test").unwrap(),
+        cloud: SdkCloud::new(&sdk, &["us-east-1", "us-east-2", "us-west-2"]),
+        clock: std::sync::Arc::new(spotguard_common::clock::SystemClock),
+    };
+    let handle = |ev: &Value| env.rt.block_on(c.handle_event(ev)).expect("handled");
+    let tick = || env.rt.block_on(c.tick(Vec::new())).expect("tick");
+    let mode = |region: &str, asg: &str| {
+        env.group_in(region, asg)
+            .tags
+            .get("spotguard:mode")
+            .cloned()
+    };
+    let in_region = |mut ev: Value, region: &str, asg: &str| {
+        ev["region"] = json!(region);
+        ev["detail"]["AutoScalingGroupName"] = json!(asg);
+        ev
+    };
+
+    handle(&capacity_failure("p-1"));
+    assert_eq!(
+        mode("us-east-2", "gpu-east-2").as_deref(),
+        Some("failed-over")
+    );
+    assert_eq!(env.group_in("us-east-2", "gpu-east-2").max, 5);
+    assert_eq!(
+        env.group_in("us-east-2", "gpu-east-2").desired,
+        2,
+        "the primary's shortfall"
+    );
+    assert_eq!(env.group_in("us-west-2", "gpu-west-2").max, 0);
+
+    // us-east-2 runs dry too: desired 4 with its 2 instances, and a failure.
+    env.proxy.rewrite(
+        "DescribeAutoScalingGroups",
+        "us-east-2",
+        "<DesiredCapacity>2</DesiredCapacity>",
+        "<DesiredCapacity>4</DesiredCapacity>",
+    );
+    handle(&in_region(
+        capacity_failure("e2-1"),
+        "us-east-2",
+        "gpu-east-2",
+    ));
+    assert_eq!(
+        mode("us-west-2", "gpu-west-2").as_deref(),
+        Some("failed-over")
+    );
+    let west = env.group_in("us-west-2", "gpu-west-2");
+    assert_eq!(
+        (west.max, west.desired),
+        (4, 2),
+        "its cap, us-east-2's shortfall"
+    );
+
+    // Metrics: one data point per group, in its own region.
+    tick();
+    let regions: std::collections::BTreeSet<String> = env
+        .proxy
+        .calls_of("PutMetricData")
+        .into_iter()
+        .filter(|c| c.body.contains("MetricName=BacklogPerInstance"))
+        .map(|c| c.region)
+        .collect();
+    assert_eq!(
+        regions.into_iter().collect::<Vec<_>>(),
+        ["us-east-1", "us-east-2", "us-west-2"]
+    );
+
+    // `status` (the binary, as an operator runs it) shows the cascade.
+    let mut cmd = Command::new(bin("spotguard-controller"));
+    cmd.args(["status", "--config"]).arg(&cfg_path);
+    for (k, v) in env.agent_env() {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("spotguard-controller status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows: Vec<(String, String, i64)> = status["cascade"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["region"].as_str().unwrap().to_string(),
+                g["mode"].as_str().unwrap_or("primary").to_string(),
+                g["gate_max"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("us-east-1".to_string(), "primary".to_string(), 10),
+            ("us-east-2".to_string(), "failed-over".to_string(), 5),
+            ("us-west-2".to_string(), "failed-over".to_string(), 4),
+        ]
+    );
+    assert!(
+        status["cascade"][0]["unavailable_offerings"][0]["offering"]["zone"] == "us-east-1a",
+        "{status}"
+    );
+
+    // The primary launches again; after its cool-down the last opened
+    // closes first, the one before it a decision later.
+    std::thread::sleep(Duration::from_millis(1100));
+    handle(&success("p-ok"));
+    std::thread::sleep(Duration::from_millis(3200));
+    tick();
+    assert_eq!(
+        mode("us-west-2", "gpu-west-2").as_deref(),
+        Some("failing-back")
+    );
+    assert_eq!(
+        mode("us-east-2", "gpu-east-2").as_deref(),
+        Some("failed-over")
+    );
+    tick();
+    assert_eq!(
+        mode("us-east-2", "gpu-east-2").as_deref(),
+        Some("failing-back")
+    );
 }
