@@ -1,6 +1,7 @@
 """Creates the CloudFormation stacks on moto (the control plane in
-us-east-1, a fleet in us-east-1 and one in us-east-2) and checks the
-resources. Usage: cfn_stacks_on_moto.py MOTO_SERVER LAMBDA_ZIP.
+us-east-1, a fleet in us-east-1, one in us-east-2 and an on-demand one in
+us-west-2: a three-group cascade; then a control plane configured for that
+cascade) and checks the resources. Usage: cfn_stacks_on_moto.py MOTO_SERVER LAMBDA_ZIP.
 Prints "N passed, M failed"."""
 import base64
 import socket
@@ -93,7 +94,9 @@ try:
     check("one controller at a time (ReservedConcurrentExecutions 1)",
           client("lambda").get_function_concurrency(FunctionName=out["ControllerFunction"]).get("ReservedConcurrentExecutions") == 1)
 
-    for region, group, max_size in [("us-east-1", "spotguard-gpu-primary", "10"), ("us-east-2", "spotguard-gpu-fallback", "0")]:
+    for region, group, max_size, purchase in [("us-east-1", "spotguard-gpu-primary", "10", "spot"),
+                                              ("us-east-2", "spotguard-gpu-fallback", "0", "spot"),
+                                              ("us-west-2", "spotguard-gpu-west", "0", "on-demand")]:
         ec2 = client("ec2", region)
         vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
         subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24", AvailabilityZone=f"{region}a")["Subnet"]["SubnetId"]
@@ -101,7 +104,7 @@ try:
         create(region, group, "packaging/cloudformation/spotguard-region.yaml", {
             "GroupName": group, "MaxSize": max_size, "QueueUrl": out["QueueUrl"], "QueueArn": out["QueueArn"],
             "TopicArn": out["TopicArn"], "ImageId": ami, "Subnets": subnet,
-            "AgentPackageUrl": "https://example.invalid/spotguard-agent.rpm",
+            "AgentPackageUrl": "https://example.invalid/spotguard-agent.rpm", "Purchase": purchase,
         })
         fleet, _ = cfnlint.decode.decode("packaging/cloudformation/spotguard-region.yaml")
         pol = fleet["Resources"]["BacklogPolicy"]["Properties"]
@@ -118,12 +121,23 @@ try:
             check(f"{group}: MinSize 0, MaxSize {max_size}", g["MinSize"] == 0 and str(g["MaxSize"]) == max_size)
             check(f"{group}: tagged spotguard=true",
                   any(t["Key"] == "spotguard" and t["Value"] == "true" for t in g.get("Tags", [])), g.get("Tags"))
+            dist = g.get("MixedInstancesPolicy", {}).get("InstancesDistribution", {})
+            want = 100 if purchase == "on-demand" else 0
+            check(f"{group}: {purchase} (OnDemandPercentageAboveBaseCapacity {want})",
+                  dist.get("OnDemandPercentageAboveBaseCapacity") == want, dist)
         lts = ec2.describe_launch_templates()["LaunchTemplates"]
         data = ec2.describe_launch_template_versions(LaunchTemplateId=lts[0]["LaunchTemplateId"])["LaunchTemplateVersions"][0]["LaunchTemplateData"]
         user_data = base64.b64decode(data.get("UserData", "")).decode()
         check(f"{group}: user-data writes the queue URL and enables the agent",
               out["QueueUrl"] in user_data and "systemctl enable --now spotguard-agent" in user_data)
         check(f"{group}: IMDSv2 required", data.get("MetadataOptions", {}).get("HttpTokens") == "required")
+    cascade = '[{ region = "us-east-2", asg = "spotguard-gpu-fallback" }, { region = "us-west-2", asg = "spotguard-gpu-west", max_size = 4 }]'
+    out = create("us-east-1", "spotguard-control-cascade", "packaging/cloudformation/spotguard-control.yaml",
+                 {"ControllerCodeBucket": "code", "Fallbacks": cascade})
+    fns = [f for f in client("lambda").list_functions()["Functions"] if f["FunctionName"] == out.get("ControllerFunction")]
+    env = fns[0]["Environment"]["Variables"] if fns else {}
+    check("a cascade's control plane passes SPOTGUARD_FALLBACKS and not the one-group variables",
+          env.get("SPOTGUARD_FALLBACKS") == cascade and "SPOTGUARD_FALLBACK_ASG" not in env, env)
 finally:
     proc.terminate()
 print(f"{passed} passed, {failed} failed")
