@@ -25,8 +25,12 @@ struct Cli {
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Which {
     Spotguard,
+    /// spotguard with the first fallback only.
+    #[value(name = "spotguard-2-regions")]
+    TwoRegions,
     Seed,
     SingleRegion,
+    /// Every policy (spotguard-2-regions only for a scenario with a cascade).
     All,
 }
 
@@ -54,9 +58,15 @@ enum Command {
 fn policies(w: Which) -> Vec<Policy> {
     match w {
         Which::Spotguard => vec![Policy::Spotguard],
+        Which::TwoRegions => vec![Policy::TwoRegions],
         Which::Seed => vec![Policy::Seed],
         Which::SingleRegion => vec![Policy::SingleRegion],
-        Which::All => vec![Policy::Spotguard, Policy::Seed, Policy::SingleRegion],
+        Which::All => vec![
+            Policy::Spotguard,
+            Policy::TwoRegions,
+            Policy::Seed,
+            Policy::SingleRegion,
+        ],
     }
 }
 
@@ -144,6 +154,9 @@ pub fn run_command(
     let s = Scenario::load(path)?;
     let mut outcomes: Vec<(Policy, Outcome)> = Vec::new();
     for p in policies(which) {
+        if matches!(which, Which::All) && p == Policy::TwoRegions && s.cascade().len() < 2 {
+            continue;
+        }
         let o = run(&s, seed, p, &mut progress_bar(p.name()))?;
         outcomes.push((p, o));
     }
@@ -155,7 +168,11 @@ pub fn run_command(
             .primary
             .capacity_changes
             .iter()
-            .chain(s.fallback.iter().flat_map(|f| f.capacity_changes.iter()))
+            .chain(
+                s.cascade()
+                    .into_iter()
+                    .flat_map(|f| f.capacity_changes.iter()),
+            )
             .next()
             .is_some();
         if any_change {
@@ -196,9 +213,13 @@ pub fn run_command(
     );
     let mut ok = true;
     for (p, o) in &outcomes {
-        if *p == Policy::Spotguard && !o.summary.violations.is_empty() {
+        if p.is_spotguard() && !o.summary.violations.is_empty() {
             ok = false;
-            eprintln!("INVARIANT VIOLATED (replay: spotguard-sim run {} --seed {seed} --policy spotguard):", path.display());
+            eprintln!(
+                "INVARIANT VIOLATED (replay: spotguard-sim run {} --seed {seed} --policy {}):",
+                path.display(),
+                p.name()
+            );
             for v in &o.summary.violations {
                 eprintln!("  {v}");
             }

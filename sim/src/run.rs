@@ -38,8 +38,12 @@ use crate::world::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
-    /// The real controller with the scenario's settings; agents protect busy instances.
+    /// The real controller with the scenario's settings over its whole
+    /// cascade; agents protect busy instances.
     Spotguard,
+    /// The same, with the primary and the first fallback only (for a
+    /// scenario with a cascade: what the extra regions bring).
+    TwoRegions,
     /// The original design: open the fallback on the first failed launch,
     /// set it to desired 0 on the first success (killing its jobs); the
     /// fallback tracks visible messages with target 200.
@@ -49,9 +53,25 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// Runs the real controller (and agents that protect busy instances).
+    pub fn is_spotguard(&self) -> bool {
+        matches!(self, Policy::Spotguard | Policy::TwoRegions)
+    }
+
+    /// How many of the scenario's fallback groups the policy uses.
+    pub fn fallbacks_used(&self, s: &Scenario) -> usize {
+        let n = s.cascade().len();
+        match self {
+            Policy::Spotguard => n,
+            Policy::TwoRegions | Policy::Seed => n.min(1),
+            Policy::SingleRegion => 0,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Policy::Spotguard => "spotguard",
+            Policy::TwoRegions => "spotguard-2-regions",
             Policy::Seed => "seed",
             Policy::SingleRegion => "single-region",
         }
@@ -60,6 +80,14 @@ impl Policy {
 
 const PRIMARY: &str = "gpu-primary";
 const FALLBACK: &str = "gpu-fallback";
+
+/// The group name of fallback `k` (0: the first).
+fn fallback_name(k: usize) -> String {
+    match k {
+        0 => FALLBACK.to_string(),
+        _ => format!("{FALLBACK}-{}", k + 1),
+    }
+}
 const METRIC: &str = "BacklogPerInstance";
 const SEED_METRIC: &str = "ApproximateNumberOfMessagesVisible";
 /// The original design's fallback target (visible messages).
@@ -81,6 +109,8 @@ pub struct Summary {
     pub duplicates_explained: usize,
     pub primary_instance_hours: f64,
     pub fallback_instance_hours: f64,
+    /// Instance-hours of each group: the primary, then each fallback used.
+    pub group_instance_hours: Vec<f64>,
     pub cost_usd: f64,
     pub mode_changes: usize,
     pub violations: Vec<String>,
@@ -246,7 +276,7 @@ listen = ""
         vis = humantime_of(s.agent.visibility_timeout.0),
         conc = s.agent.concurrency,
         idle = humantime_of(s.agent.idle_timeout.0),
-        protect = policy == Policy::Spotguard,
+        protect = policy.is_spotguard(),
     );
     match AgentConfig::parse(&text, "simulation agent config") {
         Ok(c) => c,
@@ -258,18 +288,16 @@ fn humantime_of(d: Duration) -> String {
     format!("{}s", d.as_secs().max(1))
 }
 
-fn controller_config(s: &Scenario) -> Option<spotguard_controller::config::Config> {
-    let f = s.fallback.as_ref()?;
-    let text = format!(
+fn controller_config(s: &Scenario, used: usize) -> Option<spotguard_controller::config::Config> {
+    if used == 0 {
+        return None;
+    }
+    let mut text = format!(
         r#"
 [primary]
 region = "{pr}"
 asg = "{PRIMARY}"
 queue_url = "https://sqs.{pr}.amazonaws.com/123456789012/jobs"
-[fallback]
-region = "{fr}"
-asg = "{FALLBACK}"
-max_size = {max}
 [failover]
 cooldown = "{cool}"
 min_dwell = "{dwell}"
@@ -279,13 +307,19 @@ primary_target = {t}
 fallback_target = {t}
 "#,
         pr = s.primary.region,
-        fr = f.region,
-        max = f.max.max(1),
         cool = humantime_of(s.controller.cooldown.0),
         dwell = humantime_of(s.controller.min_dwell.0),
         short = humantime_of(s.controller.shortage_for.0),
         t = s.controller.target,
     );
+    for (k, f) in s.cascade().into_iter().take(used).enumerate() {
+        text.push_str(&format!(
+            "[[fallbacks]]\nregion = \"{}\"\nasg = \"{}\"\nmax_size = {}\n",
+            f.region,
+            fallback_name(k),
+            f.max.max(1)
+        ));
+    }
     spotguard_controller::config::Config::parse(&text, "simulation controller config").ok()
 }
 
@@ -358,7 +392,8 @@ async fn simulate(
     let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(start));
     let queue = MemQueue::with_redrive(s.jobs.max_receives);
     let t = s.controller.target;
-    let two = s.fallback.is_some() && policy != Policy::SingleRegion;
+    let used = policy.fallbacks_used(s);
+    let two = used > 0;
 
     let mut w = World {
         rng: Some(Rng::new(seed)),
@@ -371,13 +406,14 @@ async fn simulate(
         Some(tracking(t, &s.primary.region, PRIMARY, METRIC, true)),
         s.primary.max,
     ));
-    if let (true, Some(f)) = (two, &s.fallback) {
+    for (k, f) in s.cascade().into_iter().take(used).enumerate() {
+        let name = fallback_name(k);
         let tr = match policy {
-            Policy::Seed => tracking(SEED_TARGET, &f.region, FALLBACK, SEED_METRIC, false),
-            _ => tracking(t, &f.region, FALLBACK, METRIC, false),
+            Policy::Seed => tracking(SEED_TARGET, &f.region, &name, SEED_METRIC, false),
+            _ => tracking(t, &f.region, &name, METRIC, false),
         };
         // The gate starts closed: MaxSize 0.
-        let mut g = group_of(f, FALLBACK, Some(tr), 0);
+        let mut g = group_of(f, &name, Some(tr), 0);
         g.desired = 0;
         w.groups.push(g);
     }
@@ -407,24 +443,20 @@ async fn simulate(
     let mut arrivals = arrivals.into_iter().peekable();
 
     let mut changes: Vec<(u64, usize, i32)> = Vec::new();
-    for (g, r) in [
-        (0usize, Some(&s.primary)),
-        (1, s.fallback.as_ref().filter(|_| two)),
-    ] {
-        if let Some(r) = r {
-            if s.baseline_without_changes {
-                continue;
-            }
-            for c in &r.capacity_changes {
-                changes.push((c.at.0.as_secs(), g, c.capacity));
-            }
+    let regions = std::iter::once(&s.primary).chain(s.cascade().into_iter().take(used));
+    for (g, r) in regions.enumerate() {
+        if s.baseline_without_changes {
+            continue;
+        }
+        for c in &r.capacity_changes {
+            changes.push((c.at.0.as_secs(), g, c.capacity));
         }
     }
     changes.sort();
 
     let agent_cfg = Arc::new(agent_config(s, policy));
-    let controller = match (policy, controller_config(s)) {
-        (Policy::Spotguard, Some(cfg)) if two => Some(Controller {
+    let controller = match controller_config(s, used) {
+        Some(cfg) if policy.is_spotguard() => Some(Controller {
             cfg,
             cloud: SimCloud {
                 world: world.clone(),
@@ -547,10 +579,10 @@ async fn simulate(
                             w.jobs.entry(job.clone()).or_default().kills.push(why);
                         }
                         if !running.is_empty()
-                            && policy == Policy::Spotguard
+                            && policy.is_spotguard()
                             && matches!(why, Kill::GroupScaleIn | Kill::AgentScaleIn)
                         {
-                            let what = if group == 1 {
+                            let what = if group >= 1 {
                                 "failback or scale-in of the fallback"
                             } else {
                                 "scale-in of the primary"
@@ -578,7 +610,7 @@ async fn simulate(
         let events: Vec<serde_json::Value> = std::mem::take(&mut lock(&world).events);
         let minute = sec % 60 == 0;
         match (policy, &controller) {
-            (Policy::Spotguard, Some(c)) => {
+            (Policy::Spotguard | Policy::TwoRegions, Some(c)) => {
                 for ev in &events {
                     let _ = c.handle_event(ev).await;
                 }
@@ -590,14 +622,12 @@ async fn simulate(
                 for ev in &events {
                     let primary = ev["detail"]["AutoScalingGroupName"] == PRIMARY;
                     let failed = ev["detail-type"] == "EC2 Instance Launch Unsuccessful";
-                    let f = &s
-                        .fallback
-                        .as_ref()
-                        .map_or(String::new(), |f| f.region.clone());
+                    let first = s.cascade().first().copied();
+                    let f = &first.map_or(String::new(), |f| f.region.clone());
                     if primary && failed && !seed_open {
                         seed_open = true;
                         let _ = cloud
-                            .set_max_size(f, FALLBACK, s.fallback.as_ref().map_or(0, |f| f.max))
+                            .set_max_size(f, FALLBACK, first.map_or(0, |f| f.max))
                             .await;
                         if let Ok(Some((_, p))) =
                             cloud.policy(f, FALLBACK, "spotguard-backlog").await
@@ -630,24 +660,29 @@ async fn simulate(
             let mut w = lock(&world);
             w.track(now);
             let (vis, fl) = queue.depth();
-            let count = |w: &World, g: usize, pending: bool| -> f64 {
-                if g >= w.groups.len() {
-                    return 0.0;
-                }
-                w.alive(g)
-                    .filter(|i| matches!(i.state, State::Pending { .. }) == pending)
-                    .count() as f64
+            let count = |w: &World, g: std::ops::Range<usize>, pending: bool| -> f64 {
+                g.filter(|g| *g < w.groups.len())
+                    .map(|g| {
+                        w.alive(g)
+                            .filter(|i| matches!(i.state, State::Pending { .. }) == pending)
+                            .count()
+                    })
+                    .sum::<usize>() as f64
             };
+            // Every fallback of the cascade together.
+            let fallbacks = 1..w.groups.len();
             series.minutes.push(sec as f64 / 60.0);
             series.visible.push(vis as f64);
             series.in_flight.push(fl as f64);
-            series.primary_in_service.push(count(&w, 0, false));
-            series.primary_pending.push(count(&w, 0, true));
-            series.fallback_in_service.push(count(&w, 1, false));
-            series.fallback_pending.push(count(&w, 1, true));
+            series.primary_in_service.push(count(&w, 0..1, false));
+            series.primary_pending.push(count(&w, 0..1, true));
+            series
+                .fallback_in_service
+                .push(count(&w, fallbacks.clone(), false));
+            series.fallback_pending.push(count(&w, fallbacks, true));
             series.cost.push(w.cost);
             let mode = match policy {
-                Policy::Spotguard => match w
+                Policy::Spotguard | Policy::TwoRegions => match w
                     .groups
                     .get(1)
                     .and_then(|g| g.tags.get("spotguard:mode"))
@@ -708,7 +743,7 @@ async fn publish_simple(cloud: &SimCloud, s: &Scenario, queue: &MemQueue, fallba
         };
         let _ = cloud.put_metric(&m).await;
     }
-    if let (true, Some(f)) = (fallback_visible, &s.fallback) {
+    if let (true, Some(f)) = (fallback_visible, s.cascade().first()) {
         let m = spotguard_controller::metrics::MetricValue {
             region: f.region.clone(),
             namespace: "spotguard".into(),
@@ -834,7 +869,10 @@ fn summarize(
         duplicates: dups,
         duplicates_explained: explained,
         primary_instance_hours: hours(0),
-        fallback_instance_hours: hours(1),
+        fallback_instance_hours: (1..w.instance_secs.len())
+            .map(hours)
+            .fold(0.0, |a, b| a + b),
+        group_instance_hours: (0..w.instance_secs.len()).map(hours).collect(),
         cost_usd: w.cost,
         mode_changes,
         violations: w.violations.clone(),

@@ -12,8 +12,11 @@ pub struct Scenario {
     /// Simulated time in all.
     pub duration: Dur,
     pub primary: Region,
-    /// The fallback group; absent: one region only.
+    /// The fallback group; absent (and no `fallbacks`): one region only.
     pub fallback: Option<Region>,
+    /// A cascade of fallback groups, in order (instead of `fallback`).
+    #[serde(default)]
+    pub fallbacks: Vec<Region>,
     pub jobs: Jobs,
     #[serde(default)]
     pub agent: Agent,
@@ -182,14 +185,23 @@ impl Scenario {
                 );
             }
         }
-        for (key, r) in [
-            ("primary", Some(&s.primary)),
-            ("fallback", s.fallback.as_ref()),
-        ] {
-            if let Some(r) = r {
-                if r.max < 0 || r.min < 0 || r.min > r.max || r.initial > r.max {
-                    return bad(&format!("{key}.max"), "needs 0 <= min <= initial <= max");
-                }
+        if s.fallback.is_some() && !s.fallbacks.is_empty() {
+            return bad(
+                "fallback",
+                "give either `fallback` or `fallbacks`, not both",
+            );
+        }
+        let mut groups = vec![("primary".to_string(), &s.primary)];
+        groups.extend(s.fallback.iter().map(|r| ("fallback".to_string(), r)));
+        groups.extend(
+            s.fallbacks
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("fallbacks[{i}]"), r)),
+        );
+        for (key, r) in groups {
+            if r.max < 0 || r.min < 0 || r.min > r.max || r.initial > r.max {
+                return bad(&format!("{key}.max"), "needs 0 <= min <= initial <= max");
             }
         }
         if s.agent.concurrency == 0 {
@@ -199,6 +211,11 @@ impl Scenario {
             return bad("controller.target", "must be a positive number");
         }
         Ok(s)
+    }
+
+    /// The fallback groups in cascade order (`fallback`, or `fallbacks`).
+    pub fn cascade(&self) -> Vec<&Region> {
+        self.fallback.iter().chain(&self.fallbacks).collect()
     }
 
     pub fn load(path: &std::path::Path) -> Result<Scenario, String> {

@@ -93,6 +93,62 @@ fn through_an_outage_spotguard_loses_nothing_and_kills_nothing() {
     );
 }
 
+/// Three regions; the primary runs dry at 10 min, the first fallback at
+/// 15 min; both come back (at 40 and 35 min).
+const CASCADE: &str = r#"
+name = "short cascade"
+duration = "75m"
+[primary]
+region = "us-east-1"
+max = 6
+initial = 2
+spot_price = 0.25
+capacity = 20
+capacity_changes = [{ at = "10m", capacity = 0 }, { at = "40m", capacity = 20 }]
+[[fallbacks]]
+region = "us-east-2"
+max = 6
+spot_price = 0.30
+capacity = 20
+capacity_changes = [{ at = "15m", capacity = 0 }, { at = "35m", capacity = 20 }]
+[[fallbacks]]
+region = "us-west-2"
+max = 6
+spot_price = 0.32
+capacity = 20
+[jobs]
+arrivals = [{ start = "0s", end = "45m", count = 150, duration = "2m" }]
+[controller]
+target = 2.0
+cooldown = "3m"
+min_dwell = "2m"
+shortage_for = "1m"
+"#;
+
+#[test]
+fn the_third_region_carries_the_work_when_the_first_two_run_dry() {
+    let s = Scenario::parse(CASCADE, "cascade.toml").unwrap();
+    let three = run(&s, 1, Policy::Spotguard, &mut |_| {}).unwrap();
+    let m = &three.summary;
+    assert!(m.violations.is_empty(), "{:?}", m.violations);
+    assert_eq!((m.done, m.lost), (m.jobs, 0), "{m:?}");
+    assert_eq!(m.group_instance_hours.len(), 3);
+    assert!(
+        m.group_instance_hours[2] > 0.0,
+        "the third region ran: {m:?}"
+    );
+    assert!(!m.killed.contains_key("GroupScaleIn"), "{m:?}");
+    assert_eq!(three.series.mode.last(), Some(&0.0), "back to normal");
+    let two = run(&s, 1, Policy::TwoRegions, &mut |_| {}).unwrap().summary;
+    assert_eq!(two.group_instance_hours.len(), 2, "{two:?}");
+    assert!(
+        m.wait_p95_s < two.wait_p95_s,
+        "three regions {} s vs two {} s",
+        m.wait_p95_s,
+        two.wait_p95_s
+    );
+}
+
 #[test]
 fn five_jobs_on_an_empty_fleet_run_only_with_scale_out_from_zero() {
     let s = scenario("scale-from-zero.toml");
