@@ -10,29 +10,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-pub use spotguard_common::config::Dur;
+use spotguard_common::config::{invalid, Invalid, Validate};
+pub use spotguard_common::config::{ConfigError, Dur};
 
 use crate::imds::DEFAULT_ENDPOINT;
 
 pub const DEFAULT_PATH: &str = "/etc/spotguard/agent.toml";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: String, message: String },
-    #[error("{path}: `{key}`: {message}")]
-    Invalid {
-        path: String,
-        key: &'static str,
-        message: String,
-    },
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -407,21 +390,12 @@ pub enum WorkerMode {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Config::parse(&text, &path.display().to_string())
+        spotguard_common::config::load(path)
     }
 
     /// Parses and validates; `origin` names the source in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
-        cfg.validate(origin)?;
-        Ok(cfg)
+        spotguard_common::config::parse(text, origin)
     }
 
     pub fn worker_mode(&self) -> WorkerMode {
@@ -434,286 +408,16 @@ impl Config {
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
-        self.queue
-            .heartbeat_interval
-            .map_or(self.queue.visibility_timeout.0 / 3, |d| d.0)
+        self.queue.heartbeat_interval()
     }
 
     pub fn status_addr(&self) -> Option<SocketAddr> {
         self.status.listen.parse().ok()
     }
 
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let bad = |key: &'static str, message: String| {
-            Err(ConfigError::Invalid {
-                path: origin.to_string(),
-                key,
-                message,
-            })
-        };
-        let url = self.queue.url.trim();
-        if !(url.starts_with("https://") || url.starts_with("http://"))
-            || url
-                .trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .unwrap_or("")
-                .is_empty()
-        {
-            return bad("queue.url", format!("{url:?} is not an SQS queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"));
-        }
-        let from_url = spotguard_common::region::queue_url_region(url);
-        match (&self.queue.region, &from_url) {
-            (None, None) => {
-                return bad(
-                    "queue.region",
-                    format!("{url:?} names no region (not https://sqs.REGION.amazonaws.com/...): set queue.region to the queue's region"),
-                )
-            }
-            (Some(r), _) if !spotguard_common::region::is_region(r) => {
-                return bad("queue.region", format!("{r:?} is not a region like us-east-1"))
-            }
-            (Some(r), Some(u)) if r != u => {
-                return bad(
-                    "queue.region",
-                    format!("{r:?} contradicts the queue URL, which is in {u}"),
-                )
-            }
-            _ => {}
-        }
-        if self
-            .worker
-            .timeout
-            .is_some_and(|t| t.0 > Duration::from_secs(43_200))
-        {
-            return bad(
-                "worker.timeout",
-                "must be at most 12h: SQS keeps a message invisible at most 12 hours from its receipt".into(),
-            );
-        }
-        let wait = self.queue.wait_time.0;
-        if wait > Duration::from_secs(20) {
-            return bad("queue.wait_time", "SQS long polls last at most 20s".into());
-        }
-        let vis = self.queue.visibility_timeout.0;
-        if vis < Duration::from_secs(2) || vis > Duration::from_secs(43_200) {
-            return bad(
-                "queue.visibility_timeout",
-                "must be within 2s..12h (SQS allows 0..43200 s)".into(),
-            );
-        }
-        if self.heartbeat_interval().is_zero() || self.heartbeat_interval() >= vis {
-            return bad(
-                "queue.heartbeat_interval",
-                "must be greater than zero and shorter than queue.visibility_timeout".into(),
-            );
-        }
-        if self.queue.error_visibility_timeout.0 > Duration::from_secs(43_200) {
-            return bad(
-                "queue.error_visibility_timeout",
-                "SQS allows at most 12h".into(),
-            );
-        }
-        if let Some(c) = &self.health.command {
-            if c.is_empty() || c[0].is_empty() {
-                return bad(
-                    "health.command",
-                    "must name a program: [\"nvidia-smi\"]".into(),
-                );
-            }
-        }
-        if self.health.interval.0.is_zero() {
-            return bad("health.interval", "must be greater than zero".into());
-        }
-        if let Some(c) = &self.health.command {
-            if c.is_empty() || c[0].is_empty() {
-                return bad(
-                    "health.command",
-                    "must name a program: [\"nvidia-smi\"]".into(),
-                );
-            }
-        }
-        if self.health.interval.0.is_zero() {
-            return bad("health.interval", "must be greater than zero".into());
-        }
-        match (&self.worker.command, &self.worker.url) {
-            (Some(_), Some(_)) | (None, None) => {
-                return bad(
-                    "worker.command",
-                    "set exactly one of worker.command or worker.url".into(),
-                )
-            }
-            (Some(c), None) if c.is_empty() || c[0].is_empty() => {
-                return bad(
-                    "worker.command",
-                    "must name a program: [\"/path/to/program\", \"arg\", ...]".into(),
-                )
-            }
-            (None, Some(u)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
-                return bad(
-                    "worker.url",
-                    format!("{u:?} is not an http:// or https:// URL"),
-                )
-            }
-            _ => {}
-        }
-        if self
-            .worker
-            .url
-            .as_deref()
-            .is_some_and(|u| reqwest::Url::parse(u).is_err())
-        {
-            return bad("worker.url", "not a valid URL".into());
-        }
-        if !(1..=256).contains(&self.worker.concurrency) {
-            return bad("worker.concurrency", "must be within 1..=256".into());
-        }
-        if self.worker.timeout.is_some_and(|t| t.0.is_zero()) {
-            return bad(
-                "worker.timeout",
-                "must be greater than zero (leave it unset for no limit)".into(),
-            );
-        }
-        if self.notice_signal().is_err() {
-            return bad(
-                "worker.notice_signal",
-                format!(
-                    "{:?} is not a signal name like \"SIGUSR1\" (or \"none\")",
-                    self.worker.notice_signal
-                ),
-            );
-        }
-        if let Some(u) = &self.worker.notice_url {
-            if reqwest::Url::parse(u).is_err()
-                || !(u.starts_with("http://") || u.starts_with("https://"))
-            {
-                return bad(
-                    "worker.notice_url",
-                    format!("{u:?} is not an http:// or https:// URL"),
-                );
-            }
-        }
-        if self.worker.state_dir.is_empty() {
-            return bad("worker.state_dir", "must not be empty".into());
-        }
-        if !(1..=65_536).contains(&self.worker.checkpoint_max_bytes) {
-            return bad(
-                "worker.checkpoint_max_bytes",
-                "must be within 1..=65536".into(),
-            );
-        }
-        if reqwest::header::HeaderValue::from_str(&self.worker.content_type).is_err() {
-            return bad("worker.content_type", "not a valid header value".into());
-        }
-        for k in self.worker.env.keys() {
-            if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return bad(
-                    "worker.env",
-                    format!("{k:?} is not an environment variable name"),
-                );
-            }
-        }
-        for (key, d) in [
-            (
-                "interruption.poll_interval",
-                self.interruption.poll_interval,
-            ),
-            (
-                "interruption.rebalance_poll_interval",
-                self.interruption.rebalance_poll_interval,
-            ),
-            (
-                "interruption.lifecycle_heartbeat_interval",
-                self.interruption.lifecycle_heartbeat_interval,
-            ),
-            (
-                "interruption.shutdown_deadline",
-                self.interruption.shutdown_deadline,
-            ),
-            ("scale_in.idle_timeout", self.scale_in.idle_timeout),
-            ("scale_in.retry_interval", self.scale_in.retry_interval),
-        ] {
-            if d.0.is_zero() {
-                return bad(key, "must be greater than zero".into());
-            }
-        }
-        let margin = self.interruption.deadline_margin.0;
-        if margin <= self.worker.term_grace.0 {
-            return bad(
-                "interruption.deadline_margin",
-                format!(
-                    "must be longer than worker.term_grace ({}), or hand-backs would finish after the notice time",
-                    humantime::format_duration(self.worker.term_grace.0)
-                ),
-            );
-        }
-        if margin >= Duration::from_secs(120) {
-            return bad(
-                "interruption.deadline_margin",
-                "must be shorter than the 2-minute spot notice".into(),
-            );
-        }
-        if self
-            .interruption
-            .lifecycle_hook
-            .as_deref()
-            .is_some_and(str::is_empty)
-        {
-            return bad(
-                "interruption.lifecycle_hook",
-                "must not be empty (leave it unset)".into(),
-            );
-        }
-        if let Some(h) = &self.notify.hook_command {
-            if h.is_empty() || h[0].is_empty() {
-                return bad("notify.hook_command", "must name a program".into());
-            }
-        }
-        if self
-            .notify
-            .sns_topic_arn
-            .as_deref()
-            .is_some_and(|a| !a.starts_with("arn:"))
-        {
-            return bad(
-                "notify.sns_topic_arn",
-                "must be an SNS topic ARN (arn:aws:sns:...)".into(),
-            );
-        }
-        if !self.status.listen.is_empty() && self.status_addr().is_none() {
-            return bad(
-                "status.listen",
-                format!("{:?} is not an IP:PORT address", self.status.listen),
-            );
-        }
-        if crate::imds::ImdsClient::new(crate::imds::ImdsConfig {
-            endpoint: self.imds.endpoint.clone(),
-            ..Default::default()
-        })
-        .is_err()
-        {
-            return bad(
-                "imds.endpoint",
-                format!("{:?} is not an http://HOST[:PORT] URI", self.imds.endpoint),
-            );
-        }
-        Ok(())
-    }
-
     /// The notice signal; `None` for `none`.
     pub fn notice_signal(&self) -> Result<Option<nix::sys::signal::Signal>, String> {
-        let s = self.worker.notice_signal.trim();
-        if s.eq_ignore_ascii_case("none") {
-            return Ok(None);
-        }
-        let name = if s.starts_with("SIG") {
-            s.to_string()
-        } else {
-            format!("SIG{s}")
-        };
-        name.parse::<nix::sys::signal::Signal>()
-            .map(Some)
-            .map_err(|e| e.to_string())
+        self.worker.notice_signal()
     }
 
     /// The queue's name: the last segment of its URL.
@@ -732,6 +436,310 @@ impl Config {
             .rsplit('/')
             .next()
             .unwrap_or("")
+    }
+}
+
+/// Each section checks its own keys; `Config` runs them in order (the
+/// first problem is reported) and those that span sections.
+impl Validate for Config {
+    fn validate(self) -> Result<Self, Invalid> {
+        self.queue.check()?;
+        self.worker.check()?;
+        self.health.check()?;
+        self.interruption.check(&self.worker)?;
+        self.scale_in.check()?;
+        self.notify.check()?;
+        self.status.check()?;
+        self.imds.check()?;
+        Ok(self)
+    }
+}
+
+/// Longest a message can stay invisible (SQS: 12 hours from its receipt).
+const SQS_MAX_INVISIBLE: Duration = Duration::from_secs(43_200);
+
+fn http_url(u: &str) -> bool {
+    (u.starts_with("http://") || u.starts_with("https://")) && reqwest::Url::parse(u).is_ok()
+}
+
+fn names_a_program(argv: &[String]) -> bool {
+    argv.first().is_some_and(|p| !p.is_empty())
+}
+
+impl QueueConfig {
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
+            .map_or(self.visibility_timeout.0 / 3, |d| d.0)
+    }
+
+    fn check(&self) -> Result<(), Invalid> {
+        let url = self.url.trim();
+        if !(url.starts_with("https://") || url.starts_with("http://"))
+            || url
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .is_empty()
+        {
+            return invalid("queue.url", format!("{url:?} is not an SQS queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"));
+        }
+        let from_url = spotguard_common::region::queue_url_region(url);
+        match (&self.region, &from_url) {
+            (None, None) => {
+                return invalid(
+                    "queue.region",
+                    format!("{url:?} names no region (not https://sqs.REGION.amazonaws.com/...): set queue.region to the queue's region"),
+                )
+            }
+            (Some(r), _) if !spotguard_common::region::is_region(r) => {
+                return invalid("queue.region", format!("{r:?} is not a region like us-east-1"))
+            }
+            (Some(r), Some(u)) if r != u => {
+                return invalid(
+                    "queue.region",
+                    format!("{r:?} contradicts the queue URL, which is in {u}"),
+                )
+            }
+            _ => {}
+        }
+        if self.wait_time.0 > Duration::from_secs(20) {
+            return invalid("queue.wait_time", "SQS long polls last at most 20s");
+        }
+        let vis = self.visibility_timeout.0;
+        if vis < Duration::from_secs(2) || vis > SQS_MAX_INVISIBLE {
+            return invalid(
+                "queue.visibility_timeout",
+                "must be within 2s..12h (SQS allows 0..43200 s)",
+            );
+        }
+        if self.heartbeat_interval().is_zero() || self.heartbeat_interval() >= vis {
+            return invalid(
+                "queue.heartbeat_interval",
+                "must be greater than zero and shorter than queue.visibility_timeout",
+            );
+        }
+        if self.error_visibility_timeout.0 > SQS_MAX_INVISIBLE {
+            return invalid("queue.error_visibility_timeout", "SQS allows at most 12h");
+        }
+        Ok(())
+    }
+}
+
+impl WorkerConfig {
+    /// The notice signal; `None` for `none`.
+    pub fn notice_signal(&self) -> Result<Option<nix::sys::signal::Signal>, String> {
+        let s = self.notice_signal.trim();
+        if s.eq_ignore_ascii_case("none") {
+            return Ok(None);
+        }
+        let name = if s.starts_with("SIG") {
+            s.to_string()
+        } else {
+            format!("SIG{s}")
+        };
+        name.parse::<nix::sys::signal::Signal>()
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    fn check(&self) -> Result<(), Invalid> {
+        if self.timeout.is_some_and(|t| t.0 > SQS_MAX_INVISIBLE) {
+            return invalid(
+                "worker.timeout",
+                "must be at most 12h: SQS keeps a message invisible at most 12 hours from its receipt",
+            );
+        }
+        match (&self.command, &self.url) {
+            (Some(_), Some(_)) | (None, None) => {
+                return invalid(
+                    "worker.command",
+                    "set exactly one of worker.command or worker.url",
+                )
+            }
+            (Some(c), None) if !names_a_program(c) => {
+                return invalid(
+                    "worker.command",
+                    "must name a program: [\"/path/to/program\", \"arg\", ...]",
+                )
+            }
+            (None, Some(u)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                return invalid(
+                    "worker.url",
+                    format!("{u:?} is not an http:// or https:// URL"),
+                )
+            }
+            (None, Some(u)) if !http_url(u) => return invalid("worker.url", "not a valid URL"),
+            _ => {}
+        }
+        if !(1..=256).contains(&self.concurrency) {
+            return invalid("worker.concurrency", "must be within 1..=256");
+        }
+        if self.timeout.is_some_and(|t| t.0.is_zero()) {
+            return invalid(
+                "worker.timeout",
+                "must be greater than zero (leave it unset for no limit)",
+            );
+        }
+        if self.notice_signal().is_err() {
+            return invalid(
+                "worker.notice_signal",
+                format!(
+                    "{:?} is not a signal name like \"SIGUSR1\" (or \"none\")",
+                    self.notice_signal
+                ),
+            );
+        }
+        if let Some(u) = self.notice_url.as_deref().filter(|u| !http_url(u)) {
+            return invalid(
+                "worker.notice_url",
+                format!("{u:?} is not an http:// or https:// URL"),
+            );
+        }
+        if self.state_dir.is_empty() {
+            return invalid("worker.state_dir", "must not be empty");
+        }
+        if !(1..=65_536).contains(&self.checkpoint_max_bytes) {
+            return invalid("worker.checkpoint_max_bytes", "must be within 1..=65536");
+        }
+        if reqwest::header::HeaderValue::from_str(&self.content_type).is_err() {
+            return invalid("worker.content_type", "not a valid header value");
+        }
+        if let Some(k) = self
+            .env
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return invalid(
+                "worker.env",
+                format!("{k:?} is not an environment variable name"),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl HealthConfig {
+    fn check(&self) -> Result<(), Invalid> {
+        if self.command.as_deref().is_some_and(|c| !names_a_program(c)) {
+            return invalid("health.command", "must name a program: [\"nvidia-smi\"]");
+        }
+        if self.interval.0.is_zero() {
+            return invalid("health.interval", "must be greater than zero");
+        }
+        Ok(())
+    }
+}
+
+impl InterruptionConfig {
+    /// The margin is checked against the worker's grace (they span sections).
+    fn check(&self, worker: &WorkerConfig) -> Result<(), Invalid> {
+        for (key, d) in [
+            ("interruption.poll_interval", self.poll_interval),
+            (
+                "interruption.rebalance_poll_interval",
+                self.rebalance_poll_interval,
+            ),
+            (
+                "interruption.lifecycle_heartbeat_interval",
+                self.lifecycle_heartbeat_interval,
+            ),
+            ("interruption.shutdown_deadline", self.shutdown_deadline),
+        ] {
+            if d.0.is_zero() {
+                return invalid(key, "must be greater than zero");
+            }
+        }
+        let margin = self.deadline_margin.0;
+        if margin <= worker.term_grace.0 {
+            return invalid(
+                "interruption.deadline_margin",
+                format!(
+                    "must be longer than worker.term_grace ({}), or hand-backs would finish after the notice time",
+                    humantime::format_duration(worker.term_grace.0)
+                ),
+            );
+        }
+        // The spot notice comes two minutes before the reclaim.
+        if margin >= Duration::from_secs(120) {
+            return invalid(
+                "interruption.deadline_margin",
+                "must be shorter than the 2-minute spot notice",
+            );
+        }
+        if self.lifecycle_hook.as_deref().is_some_and(str::is_empty) {
+            return invalid(
+                "interruption.lifecycle_hook",
+                "must not be empty (leave it unset)",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl ScaleInConfig {
+    fn check(&self) -> Result<(), Invalid> {
+        for (key, d) in [
+            ("scale_in.idle_timeout", self.idle_timeout),
+            ("scale_in.retry_interval", self.retry_interval),
+        ] {
+            if d.0.is_zero() {
+                return invalid(key, "must be greater than zero");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl NotifyConfig {
+    fn check(&self) -> Result<(), Invalid> {
+        if self
+            .hook_command
+            .as_deref()
+            .is_some_and(|h| !names_a_program(h))
+        {
+            return invalid("notify.hook_command", "must name a program");
+        }
+        if self
+            .sns_topic_arn
+            .as_deref()
+            .is_some_and(|a| !a.starts_with("arn:"))
+        {
+            return invalid(
+                "notify.sns_topic_arn",
+                "must be an SNS topic ARN (arn:aws:sns:...)",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl StatusConfig {
+    fn check(&self) -> Result<(), Invalid> {
+        if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
+            return invalid(
+                "status.listen",
+                format!("{:?} is not an IP:PORT address", self.listen),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl ImdsSection {
+    fn check(&self) -> Result<(), Invalid> {
+        if crate::imds::ImdsClient::new(crate::imds::ImdsConfig {
+            endpoint: self.endpoint.clone(),
+            ..Default::default()
+        })
+        .is_err()
+        {
+            return invalid(
+                "imds.endpoint",
+                format!("{:?} is not an http://HOST[:PORT] URI", self.endpoint),
+            );
+        }
+        Ok(())
     }
 }
 

@@ -1,8 +1,85 @@
-//! Pieces of configuration handling both binaries use.
+//! Configuration handling both binaries use: one loader for a TOML file
+//! (or text) into a configuration type that validates itself, the errors
+//! it gives (each names where the configuration came from and the key),
+//! and durations written like `30s`.
 
+use std::path::Path;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not TOML, or not the configuration's shape (an unknown key, a wrong type).
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    /// A value the configuration does not accept.
+    #[error("{origin}: `{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// A value the configuration does not accept: its key and why. A section's
+/// check gives it; the loader adds where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub key: String,
+    pub message: String,
+}
+
+/// `Err(Invalid)` for `key`, in the form section checks return.
+pub fn invalid<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, Invalid> {
+    Err(Invalid {
+        key: key.into(),
+        message: message.into(),
+    })
+}
+
+impl Invalid {
+    pub fn at(self, origin: &str) -> ConfigError {
+        ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: self.key,
+            message: self.message,
+        }
+    }
+}
+
+/// A configuration that checks itself once parsed. It takes itself by value
+/// so that forms meaning the same (an old single-entry section and its list
+/// form) can be settled into one.
+pub trait Validate: Sized {
+    fn validate(self) -> Result<Self, Invalid>;
+}
+
+/// Parses and validates TOML `text`; `origin` (a path, "environment") names
+/// the source in errors, which are one line.
+pub fn parse<T: DeserializeOwned + Validate>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    let cfg: T = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        origin: origin.to_string(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })?;
+    cfg.validate().map_err(|e| e.at(origin))
+}
+
+/// Reads, parses and validates the file at `path`.
+pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
 
 /// A duration written as `30s`, `5m`, `250ms` in a configuration file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -62,6 +139,46 @@ mod tests {
 
     fn toml_like<T: for<'de> Deserialize<'de>>(s: &str) -> Result<T, String> {
         serde_json::from_str(s).map_err(|e| e.to_string())
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Small {
+        n: u32,
+        #[serde(default)]
+        alias: Option<u32>,
+    }
+
+    impl Validate for Small {
+        fn validate(mut self) -> Result<Self, Invalid> {
+            if let Some(a) = self.alias.take() {
+                self.n = a;
+            }
+            if self.n == 0 {
+                return invalid("n", "must be at least 1");
+            }
+            Ok(self)
+        }
+    }
+
+    #[test]
+    fn the_loader_names_the_origin_and_the_key_on_one_line() {
+        assert_eq!(parse::<Small>("alias = 3\nn = 1", "t").unwrap().n, 3);
+        let e = parse::<Small>("n = 0", "c.toml").unwrap_err().to_string();
+        assert_eq!(e, "c.toml: `n`: must be at least 1");
+        let e = parse::<Small>("n = 1\nm = 2", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("c.toml: ") && e.contains('m') && !e.contains('\n'),
+            "{e}"
+        );
+        let e = load::<Small>(Path::new("/nonexistent/c.toml")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot read /nonexistent/c.toml: "),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,25 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-pub use spotguard_common::config::Dur;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{origin}: {message}")]
-    Parse { origin: String, message: String },
-    #[error("{origin}: `{key}`: {message}")]
-    Invalid {
-        origin: String,
-        key: String,
-        message: String,
-    },
-}
+use spotguard_common::config::{invalid, Invalid, Validate};
+pub use spotguard_common::config::{ConfigError, Dur};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -382,33 +365,11 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Config::parse(&text, &path.display().to_string())
+        spotguard_common::config::load(path)
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_string(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
-        let single = cfg.fallback.is_some();
-        if let Some(f) = cfg.fallback.take() {
-            if !cfg.fallbacks.is_empty() {
-                return Err(ConfigError::Invalid {
-                    origin: origin.to_string(),
-                    key: "fallback".into(),
-                    message:
-                        "give either `fallback` (one group) or `fallbacks` (the cascade), not both"
-                            .into(),
-                });
-            }
-            cfg.fallbacks.push(f);
-        }
-        cfg.validate(origin, single)?;
-        Ok(cfg)
+        spotguard_common::config::parse(text, origin)
     }
 
     /// From `SPOTGUARD_<SECTION>_<KEY>` variables, e.g. `SPOTGUARD_PRIMARY_ASG`,
@@ -468,17 +429,23 @@ impl Config {
         })?;
         Config::parse(&text, "environment (SPOTGUARD_*)")
     }
+}
 
-    /// `single`: the fallback was given as `[fallback]`; errors name its
-    /// keys as written.
-    fn validate(&self, origin: &str, single: bool) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: String| {
-            Err(ConfigError::Invalid {
-                origin: origin.to_string(),
-                key: key.to_string(),
-                message,
-            })
-        };
+impl Validate for Config {
+    /// The fallback given as `[fallback]` becomes the one entry of
+    /// `fallbacks`; errors name its keys as written.
+    fn validate(mut self) -> Result<Self, Invalid> {
+        let single = self.fallback.is_some();
+        if let Some(f) = self.fallback.take() {
+            if !self.fallbacks.is_empty() {
+                return invalid(
+                    "fallback",
+                    "give either `fallback` (one group) or `fallbacks` (the cascade), not both",
+                );
+            }
+            self.fallbacks.push(f);
+        }
+        let bad = |key: &str, message: String| invalid(key, message);
         for (key, v) in [
             ("primary.region", &self.primary.region),
             ("primary.asg", &self.primary.asg),
@@ -571,7 +538,7 @@ impl Config {
         {
             return bad("notify.sns_topic_arn", "must be an SNS topic ARN".into());
         }
-        Ok(())
+        Ok(self)
     }
 }
 
