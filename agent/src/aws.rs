@@ -543,14 +543,8 @@ pub async fn sns_publish(
         region: region.as_deref(),
     };
     t.bounded(OP, CALL_TIMEOUT, async {
-        client
-            .publish()
-            .topic_arn(topic)
-            .subject(subject)
-            .message(message)
-            .send()
+        spotguard_common::sns::publish(client, topic, subject, message)
             .await
-            .map(|_| ())
             .map_err(|e| t.sdk(OP, e))
     })
     .await

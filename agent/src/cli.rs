@@ -67,7 +67,7 @@ pub struct WatchArgs {
     pub log_format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -83,25 +83,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Logs on stderr: colour only on a terminal (under systemd they land in
-/// the journal, where escape codes are noise); JSON when asked, by the
+/// Logs as `spotguard_common::rt` does: JSON when asked, by the
 /// configuration or `SPOTGUARD_LOG_FORMAT=json` (which wins).
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let format = match std::env::var("SPOTGUARD_LOG_FORMAT").as_deref() {
         Ok("json") => LogFormat::Json,
         Ok("text") => LogFormat::Text,
         _ => format,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    spotguard_common::rt::init_logging(format == LogFormat::Json);
 }
 
 pub fn main() -> ExitCode {
@@ -136,33 +126,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn run_async<F: std::future::Future<Output = Result<(), BoxError>>>(f: F) -> Result<(), BoxError> {
-    // One thread: the agent is I/O-bound and its idle footprint matters on
-    // every worker (BUILD-NOTES.md: single-threaded runtime, lowest RSS).
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?
-        .block_on(f)
-}
-
-/// Installs SIGINT and SIGTERM handlers; the returned future completes on
-/// the first of them. Installing first means a failure is reported at start.
-pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, BoxError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    })
-}
+use spotguard_common::rt::{block_on as run_async, shutdown_signal, BoxError};
 
 async fn watch_command(args: WatchArgs) -> Result<(), BoxError> {
     let client = Arc::new(ImdsClient::new(ImdsConfig {

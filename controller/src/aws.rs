@@ -236,10 +236,6 @@ fn chrono_of(t: &aws_sdk_autoscaling::primitives::DateTime) -> Option<DateTime<U
 }
 
 /// The region of an SNS topic ARN (`arn:aws:sns:REGION:ACCOUNT:NAME`).
-fn topic_region(topic: &str) -> Option<&str> {
-    topic.split(':').nth(3)
-}
-
 impl SdkCloud {
     /// The group's instances that are protected from scale-in.
     async fn protected_ids(&self, region: &str, group: &str) -> Result<Vec<String>, CloudError> {
@@ -687,18 +683,12 @@ impl Cloud for SdkCloud {
 
     async fn publish(&self, topic: &str, subject: &str, message: &str) -> Result<(), CloudError> {
         const OP: &str = "Publish";
-        let region = topic_region(topic).unwrap_or_default();
-        let c = self.clients(OP, region)?;
-        bounded(OP, region, async {
-            c.sns
-                .publish()
-                .topic_arn(topic)
-                .subject(subject)
-                .message(message)
-                .send()
+        let region = spotguard_common::region::arn_region(topic).unwrap_or_default();
+        let c = self.clients(OP, &region)?;
+        bounded(OP, &region, async {
+            spotguard_common::sns::publish(&c.sns, topic, subject, message)
                 .await
-                .map(|_| ())
-                .map_err(|e| err(OP, region, e))
+                .map_err(|e| err(OP, &region, e))
         })
         .await
     }
@@ -750,17 +740,5 @@ impl crate::handler::EventSource for SqsEvents {
                 .map_err(|e| err(OP, &self.region, e))
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn topic_region() {
-        assert_eq!(
-            super::topic_region("arn:aws:sns:us-east-2:123456789012:t"),
-            Some("us-east-2")
-        );
-        assert_eq!(super::topic_region("nonsense"), None);
     }
 }

@@ -57,7 +57,7 @@ enum Command {
     },
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use spotguard_common::rt::BoxError;
 
 fn load(arg: &ConfigArg) -> Result<Config, crate::config::ConfigError> {
     match &arg.config {
@@ -66,19 +66,9 @@ fn load(arg: &ConfigArg) -> Result<Config, crate::config::ConfigError> {
     }
 }
 
+/// Lambda ships logs to CloudWatch: JSON there, text elsewhere.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // Lambda ships logs to CloudWatch: JSON there, text elsewhere.
-    if std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some() {
-        b.json().init();
-    } else {
-        b.init();
-    }
+    spotguard_common::rt::init_logging(std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some());
 }
 
 /// Lambda's provided.al2023 runtime executes `./bootstrap` without
@@ -118,17 +108,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("spotguard-controller: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(dispatch(cli.command, cfg)) {
+    match spotguard_common::rt::block_on(dispatch(cli.command, cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spotguard-controller: {}", error_chain(e.as_ref()));
@@ -149,8 +129,7 @@ async fn controller(cfg: Config) -> Controller<SdkCloud> {
         .notify
         .sns_topic_arn
         .as_deref()
-        .and_then(|t| t.split(':').nth(3))
-        .map(str::to_string);
+        .and_then(spotguard_common::region::arn_region);
     if let Some(r) = topic_region.as_deref() {
         regions.push(r);
     }
@@ -238,9 +217,8 @@ async fn lambda(c: Controller<SdkCloud>) -> Result<(), BoxError> {
 }
 
 async fn run_loop(c: Controller<SdkCloud>) -> Result<(), BoxError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = spotguard_common::rt::shutdown_signal()?;
+    tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(c.cfg.run.interval.0);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let events = match &c.cfg.run.events_queue_url {
@@ -262,8 +240,7 @@ async fn run_loop(c: Controller<SdkCloud>) -> Result<(), BoxError> {
     };
     loop {
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
+            _ = &mut shutdown => return Ok(()),
             _ = tick.tick() => {}
         }
         if let Some(src) = &events {

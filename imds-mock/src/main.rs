@@ -38,14 +38,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    spotguard_common::rt::init_logging(false);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -55,7 +48,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args) -> Result<(), spotguard_common::rt::BoxError> {
     let cfg = MockConfig {
         instance_id: args.instance_id,
         region: args.region,
@@ -65,11 +58,7 @@ fn run(args: Args) -> Result<(), String> {
         require_token: !args.allow_imdsv1,
         json_style: args.json_style,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    rt.block_on(async {
+    spotguard_common::rt::block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -81,19 +70,9 @@ fn run(args: Args) -> Result<(), String> {
         writeln!(out, "listening on http://{addr}")
             .and_then(|_| out.flush())
             .map_err(|e| format!("cannot write to stdout: {e}"))?;
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term =
-            signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
-        let mut int =
-            signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        };
+        let shutdown = spotguard_common::rt::shutdown_signal()?;
         serve(listener, cfg, shutdown)
             .await
-            .map_err(|e| format!("serving on {addr}: {e}"))
+            .map_err(|e| format!("serving on {addr}: {e}").into())
     })
 }
