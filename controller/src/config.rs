@@ -326,14 +326,7 @@ fn d_interval() -> Dur {
 }
 
 const SECTIONS: &[&str] = &[
-    "primary",
-    "fallback",
-    "fallbacks",
-    "failover",
-    "metric",
-    "policy",
-    "notify",
-    "run",
+    "primary", "fallback", "failover", "metric", "policy", "notify", "run",
 ];
 
 impl Config {

@@ -25,12 +25,18 @@ pub struct Controller<C> {
 /// What one reconcile saw, decided and did, over the whole cascade.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// The cascade's mode: the first fallback's (it is `normal` only when
-    /// no fallback is in use).
+    /// The cascade's mode ([`reconcile::cascade_mode`]): failed over while
+    /// any fallback is, else failing back while any is, else normal.
     pub mode_before: &'static str,
     pub mode: &'static str,
-    /// One per fallback group, in cascade order.
+    /// The first fallback's group and plan, as in the reports from before
+    /// the cascade (for their readers).
+    pub fallback: FallbackGroup,
+    pub plan: Plan,
+    /// One per fallback group decided, in cascade order.
     pub links: Vec<LinkReport>,
+    /// Errors reading the groups after those decided (they kept their state).
+    pub unreadable: Vec<String>,
     pub launches_seen: usize,
     /// False for `status` (planned only).
     pub executed: bool,
@@ -143,7 +149,8 @@ impl<C: Cloud> Controller<C> {
             tracing::warn!(error = %e, "cannot publish a backlog metric");
         }
         let reconcile = self.reconcile(launches, true, depth).await?;
-        // For the "failed over too long" alarm: 1 while a fallback is in use.
+        // For the "failed over too long" alarm: 1 while any fallback is in
+        // use (failed over or failing back).
         let p = &self.cfg.primary;
         let mode_point = metrics::group_point(
             &self.cfg,
@@ -352,16 +359,29 @@ impl<C: Cloud> Controller<C> {
         const ATTEMPTS: u32 = 3;
         let mut attempt = 1;
         loop {
+            // Each group on its own: one that cannot be read (its region
+            // impaired) must not stop the decisions before it. The links
+            // up to it are decided; it and those after it keep their state.
             let mut infos: Vec<GroupInfo> = Vec::with_capacity(n);
+            let mut unreadable = Vec::new();
             for f in &self.cfg.fallbacks {
-                infos.push(self.cloud.group(&f.region, &f.asg).await?);
+                match self.cloud.group(&f.region, &f.asg).await {
+                    Ok(g) => infos.push(g),
+                    Err(e) if !infos.is_empty() => {
+                        tracing::warn!(error = %e, "cannot read a fallback group; it and the groups after it keep their state this time");
+                        unreadable.push(e.to_string());
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
+            let decided = infos.len();
             let memories: Vec<Memory> = infos
                 .iter()
                 .map(|g| {
                     let (m, warnings) = Memory::from_tags(&g.tags);
                     for w in warnings {
-                        tracing::warn!(group = ?g, "{w}");
+                        tracing::warn!("{w}");
                     }
                     m
                 })
@@ -377,7 +397,7 @@ impl<C: Cloud> Controller<C> {
                     policy_enabled: *enabled,
                 })
                 .collect();
-            let links: Vec<Link<'_>> = (0..n)
+            let links: Vec<Link<'_>> = (0..decided)
                 .map(|i| Link {
                     memory: &memories[i],
                     group: fallbacks[i],
@@ -394,10 +414,18 @@ impl<C: Cloud> Controller<C> {
                     settings: &settings[i],
                 })
                 .collect();
-            let plans = reconcile::cascade(&links, depth.map(|d| d.0), depth.map(|d| d.1), now);
+            let plans = reconcile::cascade_prefix(
+                &links,
+                decided < n,
+                depth.map(|d| d.0),
+                depth.map(|d| d.1),
+                now,
+            );
             let report = Report {
-                mode_before: memories[0].mode.as_str(),
-                mode: plans[0].memory.mode.as_str(),
+                mode_before: reconcile::cascade_mode(memories.iter().map(|m| m.mode)).as_str(),
+                mode: reconcile::cascade_mode(plans.iter().map(|p| p.memory.mode)).as_str(),
+                fallback: fallbacks[0],
+                plan: plans[0].clone(),
                 links: plans
                     .iter()
                     .enumerate()
@@ -410,6 +438,7 @@ impl<C: Cloud> Controller<C> {
                         plan: plan.clone(),
                     })
                     .collect(),
+                unreadable,
                 launches_seen,
                 executed: execute,
             };
@@ -417,7 +446,7 @@ impl<C: Cloud> Controller<C> {
                 return Ok(report);
             }
             let mut moved = None;
-            for (i, f) in self.cfg.fallbacks.iter().enumerate() {
+            for (i, f) in self.cfg.fallbacks.iter().take(decided).enumerate() {
                 let current = self.cloud.group(&f.region, &f.asg).await?;
                 let (now_memory, _) = Memory::from_tags(&current.tags);
                 if now_memory.version != memories[i].version {
@@ -426,10 +455,20 @@ impl<C: Cloud> Controller<C> {
                 }
             }
             let Some((i, version)) = moved else {
+                // Each link's plan on its own: one region's failure does not
+                // keep the others from acting; the failed one is decided
+                // again next time (its memory unchanged).
+                let mut first_error = None;
                 for (i, plan) in plans.iter().enumerate() {
-                    self.execute(i, plan).await?;
+                    if let Err(e) = self.execute(i, plan).await {
+                        tracing::warn!(error = %e, group = %self.cfg.fallbacks[i].asg, "a fallback's plan was not carried out");
+                        first_error.get_or_insert(e);
+                    }
                 }
-                return Ok(report);
+                return match first_error {
+                    Some(e) => Err(e),
+                    None => Ok(report),
+                };
             };
             tracing::warn!(
                 group = %self.cfg.fallbacks[i].asg,
@@ -569,48 +608,60 @@ pub async fn status<C: Cloud>(c: &Controller<C>) -> Result<Value, CloudError> {
     let codes = c.cfg.failover_codes();
     let mut groups = Vec::new();
     for (i, (region, asg)) in c.cfg.groups().enumerate() {
-        let g = c.cloud.group(region, asg).await?;
-        // The failures of group i are remembered by link i (the one it opens).
-        let unavailable = report
-            .links
-            .get(i)
-            .map(|l| l.plan.memory.unavailable.clone())
-            .unwrap_or_default();
-        let last_failure = match report.links.get(i) {
-            Some(l) => l.plan.memory.last_capacity_failure,
-            None => c
-                .cloud
-                .activities(region, asg)
-                .await
-                .map(|acts| {
-                    events::launches_of(&acts, &codes)
-                        .into_iter()
-                        .filter(|l| matches!(l.kind, reconcile::LaunchKind::CapacityFailure(_)))
-                        .map(|l| l.at)
-                        .max()
-                })
-                .unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "cannot read the last group's activities");
-                    None
-                }),
-        };
         let mut entry = json!({
             "position": i,
             "role": if i == 0 { "primary" } else { "fallback" },
             "region": region,
             "asg": asg,
-            "gate_max": g.max,
-            "desired": g.desired,
-            "in_service": g.in_service,
-            "pending": g.pending,
-            "busy": g.busy,
-            "last_capacity_failure": last_failure,
-            "unavailable_offerings": unavailable,
         });
-        if let (Some(l), Some(o)) = (
-            i.checked_sub(1).and_then(|k| report.links.get(k)),
-            entry.as_object_mut(),
-        ) {
+        let Some(o) = entry.as_object_mut() else {
+            continue;
+        };
+        match c.cloud.group(region, asg).await {
+            Ok(g) => {
+                for (k, v) in [
+                    ("gate_max", g.max),
+                    ("desired", g.desired),
+                    ("in_service", g.in_service),
+                    ("pending", g.pending),
+                    ("busy", g.busy),
+                ] {
+                    o.insert(k.into(), json!(v));
+                }
+            }
+            Err(e) => {
+                o.insert("error".into(), json!(e.to_string()));
+            }
+        }
+        // Group i's failures are remembered by link i (the one it opens);
+        // the last group's are read from its recent activities.
+        let (last_failure, unavailable) = match report.links.get(i) {
+            Some(l) => (
+                l.plan.memory.last_capacity_failure,
+                l.plan.memory.unavailable.clone(),
+            ),
+            None => {
+                let last = c
+                    .cloud
+                    .activities(region, asg)
+                    .await
+                    .map(|acts| {
+                        events::launches_of(&acts, &codes)
+                            .into_iter()
+                            .filter(|l| matches!(l.kind, reconcile::LaunchKind::CapacityFailure(_)))
+                            .map(|l| l.at)
+                            .max()
+                    })
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "cannot read the last group's activities");
+                        None
+                    });
+                (last, Vec::new())
+            }
+        };
+        o.insert("last_capacity_failure".into(), json!(last_failure));
+        o.insert("unavailable_offerings".into(), json!(unavailable));
+        if let Some(l) = i.checked_sub(1).and_then(|k| report.links.get(k)) {
             o.insert("mode".into(), json!(l.mode_before));
             o.insert("since".into(), json!(l.plan.memory.since));
             o.insert(
@@ -620,10 +671,21 @@ pub async fn status<C: Cloud>(c: &Controller<C>) -> Result<Value, CloudError> {
         }
         groups.push(entry);
     }
+    let first = &report.plan;
+    let f = report.fallback;
     Ok(json!({
         "mode": report.mode_before,
         "queue": {"visible": visible, "in_flight": in_flight},
         "cascade": groups,
+        "unreadable": report.unreadable,
+        // The keys of the two-region status, for its readers: the first
+        // fallback's.
+        "since": first.memory.since,
+        "primary": groups.first(),
+        "fallback": {"region": c.cfg.fallbacks.first().map(|f| &f.region), "asg": c.cfg.fallbacks.first().map(|f| &f.asg),
+                     "desired": f.desired, "max": f.max, "in_service": f.in_service, "busy": f.busy},
+        "capacity_unavailable": first.capacity_unavailable,
+        "plan": first,
     }))
 }
 

@@ -645,3 +645,68 @@ async fn a_three_region_cascade_opens_by_region_and_closes_last_first() {
     c.tick(Vec::new()).await.unwrap();
     assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failing-back"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_last_region_does_not_stop_the_failover_before_it() {
+    let c = cascade_controller();
+    c.cloud.fail_next(
+        "DescribeAutoScalingGroups",
+        "us-west-2",
+        "ServiceUnavailable",
+        100,
+    );
+    let r = c
+        .handle_event(&launch_in(
+            "us-east-1",
+            "EC2 Instance Launch Unsuccessful",
+            ICE,
+            "2026-11-28T08:00:00Z",
+        ))
+        .await
+        .unwrap()
+        .expect("handled");
+    assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failed-over"));
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu").max, 6);
+    assert_eq!(r.reconcile.links.len(), 1);
+    assert!(
+        r.reconcile.unreadable[0].contains("ServiceUnavailable"),
+        "{:?}",
+        r.reconcile.unreadable
+    );
+    // `status` still answers, and says which group it could not read.
+    let st = status(&c).await.unwrap();
+    assert!(st["cascade"][2]["error"].is_string(), "{st}");
+    assert_eq!(st["cascade"][1]["mode"], "failed-over");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cascade_counts_as_failed_over_while_any_fallback_is_in_use() {
+    let c = cascade_controller();
+    // The first fallback is back to normal; the second still drains a busy
+    // instance (failing back): the alarm metric must say "in use".
+    let mut tags = Memory::initial().to_tags();
+    tags.insert("spotguard:mode".into(), "failing-back".into());
+    {
+        let mut st = c.cloud.lock();
+        let g = st
+            .groups
+            .get_mut(&("us-west-2".into(), "gpu".into()))
+            .unwrap();
+        g.tags = tags;
+        g.desired = 1;
+        g.max = 1;
+        g.in_service = 1;
+        g.busy = 1;
+    }
+    c.cloud.set_depth("us-east-1", QUEUE, 0, 1);
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(r.reconcile.mode, "failing-back");
+    let failed_over: Vec<f64> = r
+        .metrics
+        .iter()
+        .filter(|m| m.name == crate::metrics::FAILED_OVER)
+        .map(|m| m.value)
+        .collect();
+    assert_eq!(failed_over, [1.0]);
+    assert_eq!(status(&c).await.unwrap()["mode"], "failing-back");
+}

@@ -518,6 +518,13 @@ fn dur(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
+/// `d` before `now`, or the earliest time there is (a configured duration
+/// may be absurdly long; it must not panic).
+fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    now.checked_sub_signed(dur(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 fn later(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>> {
     Some(a.map_or(b, |a| a.max(b)))
 }
@@ -526,7 +533,7 @@ fn later(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>> {
 fn merge(m: &mut Memory, launches: &[Launch], now: DateTime<Utc>, s: &Settings) {
     // Expired entries go first, so that one cannot hide a new failure that
     // reuses its id (found by the property test: merging twice differed).
-    let horizon = now - dur(s.window);
+    let horizon = before(now, s.window);
     m.failures.retain(|f| f.at >= horizon);
     for l in launches {
         // An event from the future (clock skew) counts as now.
@@ -567,7 +574,7 @@ fn merge(m: &mut Memory, launches: &[Launch], now: DateTime<Utc>, s: &Settings) 
     }
     m.failures.retain(|f| f.at >= horizon);
     m.failures.sort_by_key(|f| f.at);
-    let ttl = now - dur(s.capacity_ttl);
+    let ttl = before(now, s.capacity_ttl);
     m.unavailable.retain(|x| x.at > ttl);
     m.unavailable.sort_by(|a, b| {
         (a.at, &a.offering.zone, &a.offering.instance_type).cmp(&(
@@ -604,7 +611,12 @@ pub fn reconcile_seen(
     let stored = memory.normalized();
     let mut m = stored.clone();
     merge(&mut m, launches, now, s);
-    if let Some(p) = seen.primary {
+    if seen.earlier_closing {
+        // The group before is not in use (or closing): its shortage is not
+        // ours. Once it is open again, its shortage must last
+        // `shortage_for` anew before this group opens.
+        m.primary_short_since = None;
+    } else if let Some(p) = seen.primary {
         m.primary_short_since = if p.short() {
             Some(m.primary_short_since.map_or(now, |t| t.min(now)))
         } else {
@@ -785,6 +797,18 @@ pub fn reconcile_seen(
     }
 }
 
+/// The cascade's mode, for the alarm and `status`: failed over while any
+/// fallback is, else failing back while any is, else normal.
+pub fn cascade_mode(modes: impl IntoIterator<Item = Mode>) -> Mode {
+    modes
+        .into_iter()
+        .fold(Mode::Normal, |acc, m| match (acc, m) {
+            (Mode::FailedOver, _) | (_, Mode::FailedOver) => Mode::FailedOver,
+            (Mode::FailingBack, _) | (_, Mode::FailingBack) => Mode::FailingBack,
+            _ => Mode::Normal,
+        })
+}
+
 /// One link of the cascade: a fallback group, and what is seen of the
 /// group before it (the primary for the first link), whose shortage opens
 /// it. Its memory is in its own tags.
@@ -817,6 +841,20 @@ pub fn cascade(
     in_flight: Option<i64>,
     now: DateTime<Utc>,
 ) -> Vec<Plan> {
+    cascade_prefix(links, false, visible, in_flight, now)
+}
+
+/// [`cascade`] over the first links only, when the one after them could
+/// not be read (its region impaired): the links before it are decided
+/// (a failover still happens), and that one is taken as failed over, so
+/// the last given link holds its gate rather than close under it.
+pub fn cascade_prefix(
+    links: &[Link<'_>],
+    next_unread: bool,
+    visible: Option<i64>,
+    in_flight: Option<i64>,
+    now: DateTime<Utc>,
+) -> Vec<Plan> {
     let mut plans: Vec<Plan> = Vec::with_capacity(links.len());
     for (i, l) in links.iter().enumerate() {
         let seen = Seen {
@@ -826,9 +864,10 @@ pub fn cascade(
             earlier_closing: plans
                 .last()
                 .is_some_and(|p| p.memory.mode != Mode::FailedOver || p.holding_for_later),
-            later_open: links
-                .get(i + 1)
-                .is_some_and(|next| next.memory.mode == Mode::FailedOver),
+            later_open: match links.get(i + 1) {
+                Some(next) => next.memory.mode == Mode::FailedOver,
+                None => next_unread,
+            },
         };
         plans.push(reconcile_seen(
             l.memory, &l.group, &seen, l.launches, now, l.settings,
@@ -1295,11 +1334,11 @@ mod tests {
         c.step(
             &closed,
             &[up(4, 1), up(0, 0)],
-            &[vec![fail(100, "p1")], vec![]],
+            &[vec![fail(200, "p1")], vec![]],
             50,
-            100,
+            200,
         );
-        let plans = c.step(&closed, &[up(4, 1), up(0, 0)], &[vec![], vec![]], 50, 230);
+        let plans = c.step(&closed, &[up(4, 1), up(0, 0)], &[vec![], vec![]], 50, 330);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::Normal]);
         assert_eq!(max_to(&plans[0]), Some(10));
         assert_eq!(max_to(&plans[1]), None);
@@ -1309,22 +1348,64 @@ mod tests {
         c.step(
             &open1,
             &[up(4, 1), up(5, 2)],
-            &[vec![], vec![fail(300, "g1")]],
+            &[vec![], vec![fail(400, "g1")]],
             50,
-            300,
+            400,
         );
         assert_eq!(
             c.modes(),
             [Mode::FailedOver, Mode::Normal],
             "short for 0 s only"
         );
-        let plans = c.step(&open1, &[up(4, 1), up(5, 2)], &[vec![], vec![]], 50, 430);
+        let plans = c.step(&open1, &[up(4, 1), up(5, 2)], &[vec![], vec![]], 50, 530);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
         assert_eq!(max_to(&plans[1]), Some(10));
         assert!(plans[1]
             .actions
             .contains(&Action::SetFallbackDesired { from: 0, to: 3 }));
         assert!(plans[1].actions.contains(&Action::EnableFallbackPolicy));
+    }
+
+    #[test]
+    fn a_shortage_while_the_group_before_is_closed_does_not_count() {
+        // The first fallback fails back while its region is still dry: it
+        // stays short and keeps failing. When it reopens, the second waits
+        // for a fresh `shortage_for` of it.
+        let mut c = both_open();
+        let ups = [up(4, 4), up(5, 2)];
+        let open = [group(5, 10, 2, 0), group(3, 10, 3, 0)];
+        c.step(&open, &ups, &[vec![ok(440, "p-ok")], vec![]], 50, 1100);
+        c.step(&open, &ups, &[vec![], vec![]], 50, 1160);
+        c.step(&open, &ups, &[vec![], vec![]], 50, 1220);
+        assert_eq!(c.modes(), [Mode::FailingBack, Mode::FailingBack]);
+        let empty = [group(5, 4, 2, 0), group(0, 0, 0, 0)];
+        for (k, now) in [1300, 1400, 1500, 1600].into_iter().enumerate() {
+            c.step(
+                &empty,
+                &ups,
+                &[vec![], vec![fail(now, &format!("g1-{k}"))]],
+                50,
+                now,
+            );
+        }
+        assert_eq!(c.modes(), [Mode::FailingBack, Mode::Normal]);
+        // The primary fails again: the first reopens, the second does not yet.
+        let plans = c.step(
+            &empty,
+            &[up(4, 1), up(5, 2)],
+            &[vec![fail(1650, "p2")], vec![fail(1650, "g1-x")]],
+            50,
+            1650,
+        );
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::Normal], "{plans:?}");
+        c.step(
+            &empty,
+            &[up(4, 1), up(5, 2)],
+            &[vec![], vec![fail(1700, "g1-y")]],
+            50,
+            1780,
+        );
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
     }
 
     /// Both fallbacks open; returns the cascade at time 430.
@@ -1416,28 +1497,50 @@ mod tests {
 
     #[test]
     fn the_cascade_does_not_flap_on_alternating_outcomes() {
-        // For two hours the primary and the first fallback alternate a
-        // success and a capacity failure every 30 s; the groups stay short.
+        // For four hours: the primary and the first fallback alternate a
+        // success and a capacity failure every 11 minutes (just past the
+        // 10-minute cool-down, so each success is a recovery), and the
+        // queue alternates between empty and 50 waiting every 7 minutes.
+        // The groups stay short. Each link may close and reopen, but never
+        // more often than its dwell allows, and never out of order.
         let mut c = both_open();
         let open = [group(5, 10, 3, 1), group(3, 10, 3, 1)];
         let ups = [up(4, 2), up(5, 3)];
-        let mut changes = 0;
+        let mut changes = vec![0; 2];
         let mut last = c.modes();
-        for k in 0..240 {
-            let at = 440 + k * 30;
-            let l = if k % 2 == 0 {
-                fail(at, &format!("f{k}"))
+        let mut last_change = [430i64; 2];
+        for minute in 8..240 {
+            let at = minute * 60;
+            let launches = if minute % 11 == 0 {
+                let l = if (minute / 11) % 2 == 0 {
+                    fail(at, &format!("f{minute}"))
+                } else {
+                    ok(at, &format!("s{minute}"))
+                };
+                vec![l]
             } else {
-                ok(at, &format!("s{k}"))
+                vec![]
             };
-            c.step(&open, &ups, &[vec![l.clone()], vec![l]], 50, at);
-            if c.modes() != last {
-                changes += 1;
-                last = c.modes();
+            let visible = if (minute / 7) % 2 == 0 { 50 } else { 0 };
+            c.step(&open, &ups, &[launches.clone(), launches], visible, at);
+            let now = c.modes();
+            for k in 0..2 {
+                if now[k] != last[k] {
+                    changes[k] += 1;
+                    assert!(
+                        at - last_change[k] >= 120,
+                        "link {k} changed twice within the dwell at {at}"
+                    );
+                    last_change[k] = at;
+                }
             }
+            if now[1] == Mode::FailedOver {
+                assert_eq!(now[0], Mode::FailedOver, "out of order at {at}");
+            }
+            last = now;
         }
-        assert_eq!(changes, 0, "{:?}", c.modes());
-        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
+        // A mode change at most every dwell (2 min here) would allow 116.
+        assert!(changes.iter().all(|n| *n <= 40), "{changes:?}");
     }
 
     #[test]

@@ -682,16 +682,20 @@ async fn simulate(
             series.fallback_pending.push(count(&w, fallbacks, true));
             series.cost.push(w.cost);
             let mode = match policy {
-                Policy::Spotguard | Policy::TwoRegions => match w
-                    .groups
-                    .get(1)
-                    .and_then(|g| g.tags.get("spotguard:mode"))
-                    .map(String::as_str)
-                {
-                    Some("failed-over") => 1.0,
-                    Some("failing-back") => 2.0,
-                    _ => 0.0,
-                },
+                Policy::Spotguard | Policy::TwoRegions => {
+                    use spotguard_controller::reconcile::{cascade_mode, Memory, Mode};
+                    // The cascade's mode over every fallback group's tags.
+                    let modes = w
+                        .groups
+                        .iter()
+                        .skip(1)
+                        .map(|g| Memory::from_tags(&g.tags).0.mode);
+                    match cascade_mode(modes) {
+                        Mode::FailedOver => 1.0,
+                        Mode::FailingBack => 2.0,
+                        Mode::Normal => 0.0,
+                    }
+                }
                 Policy::Seed => f64::from(u8::from(seed_open)),
                 Policy::SingleRegion => 0.0,
             };

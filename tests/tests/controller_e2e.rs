@@ -289,6 +289,9 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
     assert_eq!(status["mode"], "failed-over");
     assert_eq!(status["cascade"][1]["mode"], "failed-over");
     assert_eq!(status["cascade"][1]["next"]["actions"], json!([]));
+    // The two-region keys are still there.
+    assert_eq!(status["plan"]["actions"], json!([]));
+    assert_eq!(status["fallback"]["max"], 5);
 }
 
 #[test]

@@ -246,6 +246,125 @@ fn tag_memory_and_decisions_never_panic_and_respect_busy_instances() {
     );
 }
 
+/// The cascade over random histories (three fallbacks, memories carried
+/// through their tags): a fallback is failed over only while the one before
+/// it is, no gate goes below its busy instances, every tag fits.
+#[test]
+fn the_cascade_stays_in_order_over_random_histories() {
+    use spotguard_controller::reconcile::*;
+    // One step: seconds since the last, an outcome (0 none, 1 success, 2
+    // capacity failure) for the primary and the first two fallbacks, each
+    // group's (desired, in service, busy), and whether work waits.
+    let step = (
+        1i64..400,
+        prop::collection::vec(0u8..3, 3),
+        prop::collection::vec((0i32..12, 0i32..12, 0i32..4), 4),
+        any::<bool>(),
+    );
+    let settings = Settings {
+        cap: 8,
+        shortage_for: std::time::Duration::from_secs(60),
+        min_dwell: std::time::Duration::from_secs(120),
+        cooldown: std::time::Duration::from_secs(300),
+        ..Settings::default()
+    };
+    run(
+        "cascade order",
+        prop::collection::vec(step, 1..40),
+        |steps| {
+            let mut memories = vec![Memory::initial(); 3];
+            let mut maxes = [0i32; 3];
+            let mut now = chrono::DateTime::<chrono::Utc>::from_timestamp(1_800_000_000, 0)
+                .unwrap_or_default();
+            for (i, (dt, outcomes, groups, waiting)) in steps.iter().enumerate() {
+                now += chrono::Duration::seconds(*dt);
+                let launches: Vec<Vec<Launch>> = outcomes
+                    .iter()
+                    .enumerate()
+                    .map(|(g, o)| {
+                        let kind = match o {
+                            1 => LaunchKind::Success,
+                            2 => LaunchKind::CapacityFailure("InsufficientInstanceCapacity".into()),
+                            _ => return vec![],
+                        };
+                        vec![Launch {
+                            at: now,
+                            activity_id: format!("a{i}-{g}"),
+                            kind,
+                            offering: Offering::default(),
+                        }]
+                    })
+                    .collect();
+                let observed: Vec<PrimaryGroup> = groups
+                    .iter()
+                    .map(|(desired, in_service, _)| PrimaryGroup {
+                        desired: *desired,
+                        in_service: (*in_service).min(*desired),
+                        pending: 0,
+                    })
+                    .collect();
+                let fallbacks: Vec<FallbackGroup> = (0..3)
+                    .map(|k| {
+                        let (desired, in_service, busy) = groups[k + 1];
+                        let in_service = in_service.min(desired);
+                        FallbackGroup {
+                            desired,
+                            max: maxes[k],
+                            in_service,
+                            busy: busy.min(in_service),
+                            policy_enabled: None,
+                        }
+                    })
+                    .collect();
+                let links: Vec<Link<'_>> = (0..3)
+                    .map(|k| Link {
+                        memory: &memories[k],
+                        group: fallbacks[k],
+                        upstream: Some(observed[k]),
+                        launches: &launches[k.min(2)],
+                        settings: &settings,
+                    })
+                    .collect();
+                let visible = if *waiting { 50 } else { 0 };
+                let plans = cascade(&links, Some(visible), Some(0), now);
+                for (k, p) in plans.iter().enumerate() {
+                    for a in &p.actions {
+                        match a {
+                            Action::SetFallbackMaxSize { to, .. } => {
+                                prop_assert!(
+                                    *to >= fallbacks[k].busy,
+                                    "gate {} below {} busy",
+                                    to,
+                                    fallbacks[k].busy
+                                );
+                                maxes[k] = *to;
+                            }
+                            Action::SaveMemory { tags } => {
+                                prop_assert!(tags.values().all(|v| v.len() <= 256));
+                                memories[k] = Memory::from_tags(tags).0;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                for k in 0..2 {
+                    if memories[k + 1].mode == Mode::FailedOver {
+                        prop_assert_eq!(
+                            memories[k].mode,
+                            Mode::FailedOver,
+                            "step {}: fallback {} open after {} closed",
+                            i,
+                            k + 2,
+                            k + 1
+                        );
+                    }
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
 #[test]
 fn message_attributes_and_checkpoints_never_panic() {
     use spotguard_agent::aws::{Attr, Message};
