@@ -226,17 +226,25 @@ async fn run_command(cfg: Config) -> Result<(), BoxError> {
     };
     tracing::info!(%instance_id, region = %own_region, %queue_region, "starting");
     let status = Arc::new(Status::new(instance_id.clone(), imds.stats()));
-    if let Some(addr) = cfg.status_addr() {
-        let listener_status = status.clone();
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("status.listen {addr}: {e}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = crate::status::serve_on(listener, listener_status).await {
-                tracing::error!(error = %e, "status endpoint stopped");
-            }
-        });
-    }
+    // The endpoint answers through the drain, and stops once the work has.
+    let (status_stop, status_stopped) = tokio::sync::oneshot::channel::<()>();
+    let status_task = match cfg.status_addr() {
+        Some(addr) => {
+            let listener_status = status.clone();
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("status.listen {addr}: {e}"))?;
+            Some(tokio::spawn(async move {
+                let stopped = async {
+                    let _ = status_stopped.await;
+                };
+                if let Err(e) = crate::status::serve_on(listener, listener_status, stopped).await {
+                    tracing::error!(error = %e, "status endpoint stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let sns = match &cfg.notify.sns_topic_arn {
         Some(topic) => {
             let region = spotguard_common::region::arn_region(topic).ok_or_else(|| {
@@ -322,6 +330,10 @@ async fn run_command(cfg: Config) -> Result<(), BoxError> {
     )
     .await;
     watcher.abort();
+    let _ = status_stop.send(());
+    if let Some(t) = status_task {
+        let _ = t.await;
+    }
     Ok(())
 }
 

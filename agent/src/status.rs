@@ -5,12 +5,11 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper::Request;
 use serde::Serialize;
 use serde_json::json;
+use spotguard_common::http::reply;
 
 use crate::imds::ImdsStats;
 use crate::state::Mode;
@@ -250,54 +249,29 @@ impl Status {
     }
 }
 
-fn respond(status: u16, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
-    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
-}
-
-/// Serves the endpoint until the task is dropped.
+/// Serves the endpoint until `shutdown` completes.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     status: Arc<Status>,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "status endpoint listening");
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "status endpoint: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    spotguard_common::http::serve(listener, shutdown, move |req: Request<Incoming>| {
         let status = status.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let status = status.clone();
-                async move {
-                    let r = match req.uri().path() {
-                        "/healthz" => {
-                            let (code, text) = status.healthz();
-                            respond(code, "text/plain", text)
-                        }
-                        "/status" => respond(200, "application/json", status.json().to_string()),
-                        "/metrics" => {
-                            respond(200, "text/plain; version=0.0.4", status.prometheus())
-                        }
-                        _ => respond(404, "text/plain", "not found\n".into()),
-                    };
-                    Ok::<_, std::convert::Infallible>(r)
+        async move {
+            let r = match req.uri().path() {
+                "/healthz" => {
+                    let (code, text) = status.healthz();
+                    reply(code, "text/plain", text)
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+                "/status" => reply(200, "application/json", status.json().to_string()),
+                "/metrics" => reply(200, "text/plain; version=0.0.4", status.prometheus()),
+                _ => reply(404, "text/plain", "not found\n"),
+            };
+            Ok::<_, std::convert::Infallible>(r)
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -20,7 +20,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use spotguard_common::imds::{format_imds_time, paths};
@@ -166,31 +165,7 @@ pub async fn serve(
         cfg,
         state: Mutex::new(State::default()),
     });
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // E.g. EMFILE: log and keep serving rather than die.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "connection ended");
-            }
-        });
-    }
+    spotguard_common::http::serve(listener, shutdown, move |req| handle(shared.clone(), req)).await
 }
 
 /// Serves on an ephemeral loopback port in the background; for tests.

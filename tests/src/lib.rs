@@ -18,6 +18,7 @@ pub mod agent_setup;
 pub mod aws_env;
 pub mod http;
 pub mod proxy;
+pub mod serve;
 
 /// Directory holding the workspace binaries: `SPOTGUARD_BIN_DIR`, else the
 /// profile directory this executable was built into (`target/debug` for a
@@ -417,68 +418,31 @@ pub mod http_worker {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
-    use hyper_util::rt::TokioIo;
+    use crate::serve::{body_bytes, reply, Incoming, Request};
 
     pub type Seen = Arc<Mutex<Vec<(BTreeMap<String, String>, String)>>>;
 
     pub fn start(rt: &tokio::runtime::Runtime) -> (String, Seen) {
         let seen: Seen = Arc::default();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let url = format!("http://{}/work", listener.local_addr().expect("addr"));
         let s = seen.clone();
-        rt.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: hyper::Request<hyper::body::Incoming>| {
-                            let s = s.clone();
-                            async move {
-                                let headers = req
-                                    .headers()
-                                    .iter()
-                                    .map(|(k, v)| {
-                                        (
-                                            k.as_str().to_string(),
-                                            v.to_str().unwrap_or("").to_string(),
-                                        )
-                                    })
-                                    .collect();
-                                let body = req
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                let body = String::from_utf8_lossy(&body).into_owned();
-                                s.lock().unwrap().push((headers, body.clone()));
-                                if body.contains("slow") {
-                                    tokio::time::sleep(Duration::from_secs(60)).await;
-                                }
-                                let status = if body.contains("fail") { 500 } else { 200 };
-                                Ok::<_, std::convert::Infallible>(
-                                    hyper::Response::builder()
-                                        .status(status)
-                                        .body(Full::new(Bytes::from_static(b"ok")))
-                                        .expect("response"),
-                                )
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+        let addr = crate::serve::spawn(rt, move |req: Request<Incoming>| {
+            let s = s.clone();
+            async move {
+                let headers = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                    .collect();
+                let body = String::from_utf8_lossy(&body_bytes(req.into_body()).await).into_owned();
+                s.lock().unwrap().push((headers, body.clone()));
+                if body.contains("slow") {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                let status = if body.contains("fail") { 500 } else { 200 };
+                Ok::<_, std::convert::Infallible>(reply(status, "text/plain", "ok"))
             }
         });
-        (url, seen)
+        (format!("http://{addr}/work"), seen)
     }
 }
 

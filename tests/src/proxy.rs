@@ -15,7 +15,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 
 #[derive(Debug, Clone)]
 pub enum Fault {
@@ -77,30 +76,13 @@ impl FaultProxy {
     /// Starts on a free loopback port, forwarding to `upstream`, on `rt`.
     pub fn start(rt: &tokio::runtime::Runtime, upstream: String) -> FaultProxy {
         let state = Arc::new(Mutex::new(State::default()));
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind proxy");
-        let addr: SocketAddr = listener.local_addr().expect("proxy addr");
         let http = reqwest::Client::builder()
             .no_proxy()
             .build()
             .expect("client");
         let st = state.clone();
-        rt.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (st, http, upstream) = (st.clone(), http.clone(), upstream.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        handle(st.clone(), http.clone(), upstream.clone(), req)
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let addr: SocketAddr = crate::serve::spawn(rt, move |req| {
+            handle(st.clone(), http.clone(), upstream.clone(), req)
         });
         FaultProxy {
             url: format!("http://{addr}"),

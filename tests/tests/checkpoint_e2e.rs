@@ -169,73 +169,46 @@ fn fifo_queues_keep_the_group_and_deduplicate_the_re_send() {
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>, String)>>>;
 
 fn checkpointing_http_worker(rt: &tokio::runtime::Runtime) -> (String, Seen) {
-    use http_body_util::{BodyExt, Full};
+    use spotguard_tests::serve::{body_bytes, reply, Incoming, Request};
     use std::sync::Arc;
     let seen: Seen = Arc::default();
     let noticed = Arc::new(tokio::sync::Notify::new());
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
     let s = seen.clone();
-    rt.spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+    let addr = spotguard_tests::serve::spawn(rt, move |req: Request<Incoming>| {
+        let (s, noticed) = (s.clone(), noticed.clone());
+        async move {
+            let path = req.uri().path().to_string();
+            let ckpt = req
+                .headers()
+                .get("x-spotguard-checkpoint")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = body_bytes(req.into_body()).await;
+            s.lock().unwrap().push((
+                path.clone(),
+                ckpt.clone(),
+                String::from_utf8_lossy(&body).into_owned(),
+            ));
+            let resp = |status: u16, ckpt: Option<&str>| {
+                let mut r = reply(status, "text/plain", "");
+                if let Some(c) = ckpt {
+                    r.headers_mut()
+                        .insert("X-Spotguard-Checkpoint", c.parse().unwrap());
+                }
+                Ok::<_, std::convert::Infallible>(r)
             };
-            let (s, noticed) = (s.clone(), noticed.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (s, noticed) = (s.clone(), noticed.clone());
-                        async move {
-                            let path = req.uri().path().to_string();
-                            let ckpt = req
-                                .headers()
-                                .get("x-spotguard-checkpoint")
-                                .and_then(|v| v.to_str().ok())
-                                .map(str::to_string);
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            s.lock().unwrap().push((
-                                path.clone(),
-                                ckpt.clone(),
-                                String::from_utf8_lossy(&body).into_owned(),
-                            ));
-                            let resp = |status: u16, ckpt: Option<&str>| {
-                                let mut b = hyper::Response::builder().status(status);
-                                if let Some(c) = ckpt {
-                                    b = b.header("X-Spotguard-Checkpoint", c);
-                                }
-                                Ok::<_, std::convert::Infallible>(
-                                    b.body(Full::new(bytes::Bytes::new())).unwrap(),
-                                )
-                            };
-                            if path == "/notice" {
-                                noticed.notify_one();
-                                return resp(200, None);
-                            }
-                            if ckpt.is_some() {
-                                return resp(200, None);
-                            }
-                            let _ =
-                                tokio::time::timeout(Duration::from_secs(60), noticed.notified())
-                                    .await;
-                            resp(503, Some("s3://bucket/ckpt-42"))
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
+            if path == "/notice" {
+                noticed.notify_one();
+                return resp(200, None);
+            }
+            if ckpt.is_some() {
+                return resp(200, None);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(60), noticed.notified()).await;
+            resp(503, Some("s3://bucket/ckpt-42"))
         }
     });
-    (base, seen)
+    (format!("http://{addr}"), seen)
 }
 
 #[test]

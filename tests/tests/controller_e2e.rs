@@ -564,7 +564,7 @@ fn fake_runtime(
     rt: &tokio::runtime::Runtime,
     events: Vec<Value>,
 ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
-    use http_body_util::{BodyExt, Full};
+    use spotguard_tests::serve::{body_bytes, reply, Incoming, Request};
     use std::sync::{Arc, Mutex};
     let responses: Arc<Mutex<Vec<Value>>> = Arc::default();
     let queue = Arc::new(Mutex::new(
@@ -573,67 +573,41 @@ fn fake_runtime(
             .enumerate()
             .collect::<std::collections::VecDeque<_>>(),
     ));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
     let out = responses.clone();
-    rt.spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (queue, out) = (queue.clone(), out.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (queue, out) = (queue.clone(), out.clone());
-                        async move {
-                            let path = req.uri().path().to_string();
-                            if path.ends_with("/invocation/next") {
-                                let next = queue.lock().unwrap().pop_front();
-                                let Some((i, ev)) = next else {
-                                    // No more events: hold the poll, as Lambda does.
-                                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                                    return Ok::<_, std::convert::Infallible>(
-                                        hyper::Response::new(Full::new(bytes::Bytes::new())),
-                                    );
-                                };
-                                let deadline = chrono::Utc::now().timestamp_millis() + 60_000;
-                                return Ok(hyper::Response::builder()
-                                    .header("Lambda-Runtime-Aws-Request-Id", format!("req-{i}"))
-                                    .header("Lambda-Runtime-Deadline-Ms", deadline.to_string())
-                                    .header(
-                                        "Lambda-Runtime-Invoked-Function-Arn",
-                                        "arn:aws:lambda:us-east-1:123456789012:function:spotguard",
-                                    )
-                                    .header("Lambda-Runtime-Trace-Id", "Root=1-0-0")
-                                    .body(Full::new(bytes::Bytes::from(ev.to_string())))
-                                    .unwrap());
-                            }
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let v: Value = serde_json::from_slice(&body)
-                                .unwrap_or(json!({"raw": String::from_utf8_lossy(&body)}));
-                            out.lock().unwrap().push(json!({"path": path, "body": v}));
-                            Ok(hyper::Response::builder()
-                                .status(202)
-                                .body(Full::new(bytes::Bytes::new()))
-                                .unwrap())
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
+    let addr = spotguard_tests::serve::spawn(rt, move |req: Request<Incoming>| {
+        let (queue, out) = (queue.clone(), out.clone());
+        async move {
+            let path = req.uri().path().to_string();
+            if path.ends_with("/invocation/next") {
+                let next = queue.lock().unwrap().pop_front();
+                let Some((i, ev)) = next else {
+                    // No more events: hold the poll, as Lambda does.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return Ok::<_, std::convert::Infallible>(reply(200, "text/plain", ""));
+                };
+                let deadline = chrono::Utc::now().timestamp_millis() + 60_000;
+                let mut r = reply(200, "application/json", ev.to_string());
+                for (k, v) in [
+                    ("Lambda-Runtime-Aws-Request-Id", format!("req-{i}")),
+                    ("Lambda-Runtime-Deadline-Ms", deadline.to_string()),
+                    (
+                        "Lambda-Runtime-Invoked-Function-Arn",
+                        "arn:aws:lambda:us-east-1:123456789012:function:spotguard".to_string(),
+                    ),
+                    ("Lambda-Runtime-Trace-Id", "Root=1-0-0".to_string()),
+                ] {
+                    r.headers_mut().insert(k, v.parse().unwrap());
+                }
+                return Ok(r);
+            }
+            let body = body_bytes(req.into_body()).await;
+            let v: Value = serde_json::from_slice(&body)
+                .unwrap_or(json!({"raw": String::from_utf8_lossy(&body)}));
+            out.lock().unwrap().push(json!({"path": path, "body": v}));
+            Ok(reply(202, "text/plain", ""))
         }
     });
-    (addr, responses)
+    (addr.to_string(), responses)
 }
 
 #[test]

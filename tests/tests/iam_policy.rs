@@ -102,7 +102,8 @@ fn the_controller_policy_allows_exactly_the_controllers_calls() {
 fn every_sdk_call_names_its_operation() {
     for f in ["agent/src/aws.rs", "controller/src/aws.rs"] {
         let text = read(f);
-        let sends = text.matches(".send()").count();
+        // The SNS publish's own `.send()` is in common/src/sns.rs.
+        let sends = text.matches(".send()").count() + text.matches("common::sns::publish(").count();
         let ops = text.matches("const OP: &str = ").count();
         assert_eq!(
             sends, ops,
