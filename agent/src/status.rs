@@ -191,14 +191,7 @@ impl Status {
             "# HELP spotguard_agent_imds_errors_total IMDS request failures by kind."
         );
         let _ = writeln!(out, "# TYPE spotguard_agent_imds_errors_total counter");
-        for (kind, n) in [
-            ("timeout", imds.timeouts),
-            ("transport", imds.transport_errors),
-            ("server", imds.server_errors),
-            ("unauthorized", imds.unauthorized),
-            ("other", imds.other_errors),
-            ("parse", imds.parse_errors),
-        ] {
+        for (kind, n) in imds.errors() {
             let _ = writeln!(
                 out,
                 "spotguard_agent_imds_errors_total{{kind=\"{kind}\"}} {n}"

@@ -110,50 +110,56 @@ impl ImdsError {
     }
 }
 
-/// Counters a status endpoint can export. Each failed attempt counts once.
-#[derive(Debug, Default)]
-pub struct ImdsStats {
-    pub requests: AtomicU64,
-    pub token_fetches: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub transport_errors: AtomicU64,
-    pub server_errors: AtomicU64,
-    /// 401 answers to metadata requests.
-    pub unauthorized: AtomicU64,
-    pub other_errors: AtomicU64,
-    /// Bodies the watcher could not parse (counted by the watcher).
-    pub parse_errors: AtomicU64,
-    /// When a poll last answered (ms since the epoch; 0: never), set by the
-    /// watcher, for `/healthz`.
-    pub last_answer_ms: AtomicU64,
-}
-
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct ImdsStatsSnapshot {
-    pub requests: u64,
-    pub token_fetches: u64,
-    pub timeouts: u64,
-    pub transport_errors: u64,
-    pub server_errors: u64,
-    pub unauthorized: u64,
-    pub other_errors: u64,
-    pub parse_errors: u64,
-}
-
-impl ImdsStats {
-    pub fn snapshot(&self) -> ImdsStatsSnapshot {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        ImdsStatsSnapshot {
-            requests: g(&self.requests),
-            token_fetches: g(&self.token_fetches),
-            timeouts: g(&self.timeouts),
-            transport_errors: g(&self.transport_errors),
-            server_errors: g(&self.server_errors),
-            unauthorized: g(&self.unauthorized),
-            other_errors: g(&self.other_errors),
-            parse_errors: g(&self.parse_errors),
+/// The IMDS counters, named once: the live atomics ([`ImdsStats`]), their
+/// snapshot (in `/status`), and each error counter's `kind` label in
+/// `/metrics` (`""`: not an error).
+macro_rules! imds_counters {
+    ($($(#[$doc:meta])* $name:ident => $kind:literal,)*) => {
+        /// Counters a status endpoint can export. Each failed attempt counts once.
+        #[derive(Debug, Default)]
+        pub struct ImdsStats {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+            /// When a poll last answered (ms since the epoch; 0: never), set
+            /// by the watcher, for `/healthz`.
+            pub last_answer_ms: AtomicU64,
         }
-    }
+
+        #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+        pub struct ImdsStatsSnapshot {
+            $(pub $name: u64,)*
+        }
+
+        impl ImdsStats {
+            pub fn snapshot(&self) -> ImdsStatsSnapshot {
+                ImdsStatsSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+
+        impl ImdsStatsSnapshot {
+            /// The error counters as (`kind` label, count), in order.
+            pub fn errors(&self) -> Vec<(&'static str, u64)> {
+                [$(($kind, self.$name),)*]
+                    .into_iter()
+                    .filter(|(kind, _)| !kind.is_empty())
+                    .collect()
+            }
+        }
+    };
+}
+
+imds_counters! {
+    requests => "",
+    token_fetches => "",
+    timeouts => "timeout",
+    transport_errors => "transport",
+    server_errors => "server",
+    /// 401 answers to metadata requests.
+    unauthorized => "unauthorized",
+    other_errors => "other",
+    /// Bodies the watcher could not parse (counted by the watcher).
+    parse_errors => "parse",
 }
 
 struct CachedToken {
