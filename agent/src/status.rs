@@ -269,7 +269,32 @@ pub async fn serve_on(
 
 #[cfg(test)]
 mod tests {
-    use super::healthz;
+    use super::*;
+
+    #[test]
+    fn metrics_export_each_imds_error_kind_once() {
+        let imds = Arc::new(ImdsStats::default());
+        imds.timeouts.store(2, Ordering::Relaxed);
+        imds.parse_errors.store(1, Ordering::Relaxed);
+        imds.requests.store(40, Ordering::Relaxed);
+        let text = Status::new("i-1".into(), imds.clone()).prometheus();
+        let kinds: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("spotguard_agent_imds_errors_total{"))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "spotguard_agent_imds_errors_total{kind=\"timeout\"} 2",
+                "spotguard_agent_imds_errors_total{kind=\"transport\"} 0",
+                "spotguard_agent_imds_errors_total{kind=\"server\"} 0",
+                "spotguard_agent_imds_errors_total{kind=\"unauthorized\"} 0",
+                "spotguard_agent_imds_errors_total{kind=\"other\"} 0",
+                "spotguard_agent_imds_errors_total{kind=\"parse\"} 1",
+            ]
+        );
+        assert_eq!(imds.snapshot().requests, 40);
+    }
 
     #[test]
     fn healthz_answers_503_when_unhealthy_or_imds_silent() {
