@@ -9,11 +9,14 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use spotguard_agent::imds::{paths, ImdsClient, ImdsConfig, ImdsError};
 use spotguard_agent::watch::{self, Change, WatchConfig, WatchEvent};
+use spotguard_imds_mock::control::Control;
 use spotguard_imds_mock::{JsonStyle, MockConfig};
 use tokio::sync::mpsc;
 
 struct Mock {
     addr: SocketAddr,
+    ctl: Control,
+    /// For metadata requests with their own headers (the token rules).
     http: reqwest::Client,
 }
 
@@ -22,6 +25,7 @@ impl Mock {
         let (addr, _handle) = spotguard_imds_mock::spawn(cfg).await.unwrap();
         Mock {
             addr,
+            ctl: Control::new(format!("http://{addr}")),
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
         }
     }
@@ -30,34 +34,23 @@ impl Mock {
         format!("http://{}", self.addr)
     }
 
+    /// The control client blocks: off this runtime, which serves the mock.
     async fn post(&self, path: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.url()))
-            .body(body.to_string())
-            .send()
+        let (ctl, path) = (self.ctl.clone(), path.to_string());
+        tokio::task::spawn_blocking(move || ctl.post(&path, &body))
             .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{path}");
-        serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// How many requests (method, path) got each status.
     async fn count(&self, method: &str, path: &str, status: Value) -> u64 {
-        let r = self
-            .http
-            .get(format!("{}/mock/requests", self.url()))
-            .send()
+        let ctl = self.ctl.clone();
+        let counts = tokio::task::spawn_blocking(move || ctl.requests())
             .await
-            .unwrap();
-        let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-        v["requests"]
-            .as_array()
             .unwrap()
-            .iter()
-            .filter(|e| e["method"] == method && e["path"] == path && e["status"] == status)
-            .map(|e| e["count"].as_u64().unwrap())
-            .sum()
+            .unwrap_or_else(|e| panic!("{e}"));
+        counts.count(method, path, status)
     }
 
     fn client(&self, f: impl FnOnce(&mut ImdsConfig)) -> ImdsClient {

@@ -8,6 +8,8 @@
 //! requests, and count what was asked. The control API needs no token and is
 //! never subject to faults.
 
+pub mod control;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;

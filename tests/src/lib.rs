@@ -16,7 +16,6 @@ use serde_json::Value;
 
 pub mod agent_setup;
 pub mod aws_env;
-pub mod http;
 pub mod proxy;
 pub mod serve;
 
@@ -161,11 +160,12 @@ impl Drop for Proc {
     }
 }
 
-/// `spotguard-imds-mock` on a free loopback port.
+/// `spotguard-imds-mock` on a free loopback port, with its typed control
+/// client.
 pub struct MockImds {
     pub proc: Proc,
     pub url: String,
-    http: http::Client,
+    pub ctl: spotguard_imds_mock::control::Control,
 }
 
 impl MockImds {
@@ -182,33 +182,25 @@ impl MockImds {
             .to_string();
         MockImds {
             proc,
+            ctl: spotguard_imds_mock::control::Control::new(url.clone()),
             url,
-            http: Default::default(),
         }
     }
 
     /// POSTs to the control API and returns the JSON answer; panics unless 200.
     pub fn control(&self, path: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .request("POST", &format!("{}{path}", self.url), &body.to_string());
-        assert_eq!(r.status, 200, "{path}: {}", r.body);
-        serde_json::from_str(&r.body).expect("control answer is JSON")
+        self.ctl.post(path, &body).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn raw(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let r = self
-            .http
-            .request(method, &format!("{}{path}", self.url), body);
-        (r.status, r.body)
+        self.ctl
+            .raw(method, path, body)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The mock's request counts.
-    pub fn requests(&self) -> Value {
-        let r = self
-            .http
-            .request("GET", &format!("{}/mock/requests", self.url), "");
-        serde_json::from_str(&r.body).expect("requests JSON")
+    pub fn requests(&self) -> spotguard_imds_mock::control::Requests {
+        self.ctl.requests().unwrap_or_else(|e| panic!("{e}"))
     }
 }
 

@@ -35,17 +35,17 @@ fn jobs_are_run_once_and_deleted_after_success() {
     }
     assert_eq!(s.env.proxy.calls_of("DeleteMessage").len(), 8);
     // The status endpoint tells the same story.
-    let http = spotguard_tests::http::Client;
-    let base = format!("http://127.0.0.1:{port}");
-    let health = http.request("GET", &format!("{base}/healthz"), "");
-    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
-    let status: serde_json::Value =
-        serde_json::from_str(&http.request("GET", &format!("{base}/status"), "").body).unwrap();
+    let get = |path: &str| {
+        spotguard_imds_mock::control::request("GET", &format!("http://127.0.0.1:{port}{path}"), "")
+            .unwrap()
+    };
+    assert_eq!(get("/healthz"), (200, "ok\n".to_string()));
+    let status: serde_json::Value = serde_json::from_str(&get("/status").1).unwrap();
     assert_eq!(status["state"]["mode"], "running");
     assert_eq!(status["jobs_in_flight"], 0);
     assert_eq!(status["counters"]["jobs_succeeded"], 8);
     assert_eq!(status["instance_id"], ids[0]);
-    let metrics = http.request("GET", &format!("{base}/metrics"), "").body;
+    let metrics = get("/metrics").1;
     assert!(
         metrics.contains("spotguard_agent_jobs_succeeded_total 8\n"),
         "{metrics}"

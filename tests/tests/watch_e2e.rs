@@ -132,16 +132,15 @@ fn watch_survives_a_storm_of_faults_without_a_false_notice() {
     );
     let counts = mock.requests();
     let served = |s: Value| {
-        counts["requests"]
-            .as_array()
-            .unwrap()
+        counts
+            .requests
             .iter()
-            .filter(|e| e["status"] == s)
-            .map(|e| e["count"].as_u64().unwrap())
+            .filter(|e| e.status == s)
+            .map(|e| e.count)
             .sum::<u64>()
     };
-    assert_eq!(served(json!(500)), 20, "{counts}");
-    assert_eq!(served(json!("reset")), 20, "{counts}");
+    assert_eq!(served(json!(500)), 20, "{counts:?}");
+    assert_eq!(served(json!("reset")), 20, "{counts:?}");
     // And once IMDS is healthy again, a notice gets through.
     mock.control(
         "/mock/spot-interruption",
@@ -191,7 +190,7 @@ fn mock_cli_options_shape_the_answers() {
         "",
     );
     assert_eq!(status, 404);
-    assert_eq!(mock.requests()["total"], 1);
+    assert_eq!(mock.requests().total, 1);
 }
 
 #[test]
