@@ -10,7 +10,7 @@ use aws_sdk_autoscaling::types::Instance;
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName};
 
 use crate::proxy::FaultProxy;
-use crate::{free_port, Proc};
+use crate::Proc;
 
 /// The moto server: `$MOTO_SERVER`, else the workspace's `.venv` (which
 /// `scripts/test` creates).
@@ -64,14 +64,15 @@ impl AwsEnv {
             .enable_all()
             .build()
             .expect("runtime");
-        let port = free_port();
+        // Port 0: moto binds a free port itself and reports it (no
+        // bind-then-release race with other tests).
         let mut cmd = Command::new(moto_server_bin());
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
-        let (moto, _) = Proc::spawn(cmd, "moto_server");
-        let moto_url = format!("http://127.0.0.1:{port}");
+        cmd.args(["-H", "127.0.0.1", "-p", "0"]);
+        let (moto, moto_url) = Proc::spawn_reporting(cmd, "moto_server", " * Running on ");
         let end = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < end, "moto did not start on port {port}");
+        let addr = moto_url.trim_start_matches("http://").to_string();
+        while std::net::TcpStream::connect(addr.as_str()).is_err() {
+            assert!(Instant::now() < end, "moto did not start at {moto_url}");
             std::thread::sleep(Duration::from_millis(100));
         }
         let proxy = FaultProxy::start(&rt, moto_url.clone());

@@ -108,6 +108,48 @@ impl Proc {
         )
     }
 
+    /// Spawns a server that reports where it listens on stderr (a line
+    /// containing `marker` followed by its URL, as moto's werkzeug prints
+    /// ` * Running on http://127.0.0.1:PORT`); returns it and that URL.
+    /// stderr keeps being read (and dropped, or echoed with
+    /// `SPOTGUARD_TEST_VERBOSE`), so the child never blocks on it.
+    pub fn spawn_reporting(mut cmd: Command, name: &str, marker: &str) -> (Proc, String) {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let err = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        let marker = marker.to_string();
+        let verbose = std::env::var_os("SPOTGUARD_TEST_VERBOSE").is_some();
+        thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if verbose {
+                    eprintln!("{line}");
+                }
+                if let Some((_, url)) = line.split_once(marker.as_str()) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(url.trim().to_string());
+                    }
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{name} did not report its address"));
+        (
+            Proc {
+                child,
+                name: name.to_string(),
+            },
+            url,
+        )
+    }
+
     /// Spawns with stdout and stderr appended to `log` (no line reader).
     pub fn spawn_logged(mut cmd: Command, name: &str, log: &std::path::Path) -> Proc {
         let f = std::fs::OpenOptions::new()
@@ -130,14 +172,14 @@ impl Proc {
         self.child.id()
     }
 
-    /// Sends a signal with kill(1); no libc binding needed in the harness.
+    /// Sends a signal by name (`TERM`, `INT`, `USR1`, `KILL`).
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "kill -{sig} {} failed", self.name);
+        use nix::sys::signal::{kill, Signal};
+        let signal: Signal = format!("SIG{sig}")
+            .parse()
+            .unwrap_or_else(|e| panic!("signal {sig}: {e}"));
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).expect("pid"));
+        kill(pid, signal).unwrap_or_else(|e| panic!("kill -{sig} {}: {e}", self.name));
     }
 
     /// Waits for the exit status up to `timeout`.
@@ -245,12 +287,11 @@ pub fn proc_usage(pid: u32) -> Option<(u64, Duration)> {
 }
 
 fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    use nix::unistd::{sysconf, SysconfVar};
+    match sysconf(SysconfVar::CLK_TCK) {
+        Ok(Some(hz)) if hz > 0 => hz as f64,
+        _ => 100.0,
+    }
 }
 
 /// Median and max of a sample, in the sample's unit.
@@ -269,40 +310,32 @@ pub fn median_max(xs: &[f64]) -> (f64, f64) {
     (med, v[n - 1])
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// A fresh directory under the system temp dir, removed on drop unless
-/// `SPOTGUARD_KEEP_TMP` is set (then its path is printed).
-pub struct TempDir(pub PathBuf);
+/// A fresh directory under the system temp dir (tempfile's), removed on
+/// drop unless `SPOTGUARD_KEEP_TMP` is set (then its path is printed).
+pub struct TempDir(Option<tempfile::TempDir>);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let p =
-            std::env::temp_dir().join(format!("spotguard-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
+        let d = tempfile::Builder::new()
+            .prefix(&format!("spotguard-{tag}-"))
+            .tempdir()
+            .expect("temp dir");
+        TempDir(Some(d))
     }
     pub fn path(&self) -> &std::path::Path {
-        &self.0
+        self.0
+            .as_ref()
+            .map_or(std::path::Path::new("/nonexistent"), |d| d.path())
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if std::env::var_os("SPOTGUARD_KEEP_TMP").is_some() {
-            eprintln!("kept {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
+        if let (Some(d), true) = (
+            self.0.take(),
+            std::env::var_os("SPOTGUARD_KEEP_TMP").is_some(),
+        ) {
+            eprintln!("kept {}", d.keep().display());
         }
     }
 }

@@ -14,10 +14,20 @@ fn jobs_are_run_once_and_deleted_after_success() {
     let s = setup("normal", 5);
     let ids = s.env.create_group("workers", 0, 3, 1);
     let mock = mock_for(&ids[0]);
-    let port = spotguard_tests::free_port();
+    // Port 0: the agent binds a free port and logs it.
     let cfg = config(&s.queue, &mock, "a", "concurrency = 3", NO_SCALE_IN)
-        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+        .replace("listen = \"\"", "listen = \"127.0.0.1:0\"");
     let _agent = start_agent(&s.env, s.dir.path(), "agent", &cfg);
+    let mut port = String::new();
+    wait(&s, 20, "the status endpoint's address in the log", || {
+        let log = std::fs::read_to_string(s.dir.path().join("agent.log")).unwrap_or_default();
+        port = log
+            .split_once("status endpoint listening addr=127.0.0.1:")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("")
+            .to_string();
+        !port.is_empty()
+    });
     for i in 0..8 {
         s.env.send(
             &s.queue,
