@@ -36,6 +36,44 @@ pub struct GroupInfo {
     pub tags: BTreeMap<String, String>,
 }
 
+/// What one `UpdateAutoScalingGroup` call changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupUpdate {
+    pub max: Option<i32>,
+    pub desired: Option<i32>,
+}
+
+impl GroupUpdate {
+    pub fn max(max: i32) -> GroupUpdate {
+        GroupUpdate {
+            max: Some(max),
+            desired: None,
+        }
+    }
+
+    pub fn desired(desired: i32) -> GroupUpdate {
+        GroupUpdate {
+            max: None,
+            desired: Some(desired),
+        }
+    }
+
+    /// The group's (MaxSize, desired) after the update, as AWS applies it
+    /// (for the in-memory fakes): a desired capacity outside [MinSize,
+    /// MaxSize] is refused (`ValidationError`), and a MaxSize below the
+    /// desired capacity lowers it.
+    pub fn apply(&self, min: i32, max: i32, desired: i32) -> Result<(i32, i32), String> {
+        let max = self.max.unwrap_or(max);
+        match self.desired {
+            Some(d) if d > max || d < min => Err(format!(
+                "ValidationError: Desired capacity:{d} must be between the specified min size and max size"
+            )),
+            Some(d) => Ok((max, d)),
+            None => Ok((max, desired.min(max))),
+        }
+    }
+}
+
 /// A target-tracking policy as the controller writes it, with the fields
 /// it keeps as they were when it re-enables an existing one.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,11 +137,13 @@ pub trait Cloud: Send + Sync {
         region: &str,
         group: &str,
     ) -> impl Future<Output = Result<Vec<Activity>, CloudError>> + Send;
-    fn set_max_size(
+    /// `UpdateAutoScalingGroup`: MaxSize (the fallback's gate) and/or the
+    /// desired capacity ([`GroupUpdate::apply`] says what AWS accepts).
+    fn update_group(
         &self,
         region: &str,
         group: &str,
-        max: i32,
+        update: GroupUpdate,
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
     /// Releases the scale-in protection of the group's protected
     /// instances; returns their ids.
@@ -112,13 +152,6 @@ pub trait Cloud: Send + Sync {
         region: &str,
         group: &str,
     ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send;
-    /// `UpdateAutoScalingGroup` with a new desired capacity.
-    fn set_desired(
-        &self,
-        region: &str,
-        group: &str,
-        desired: i32,
-    ) -> impl Future<Output = Result<(), CloudError>> + Send;
     fn put_tags(
         &self,
         region: &str,
@@ -375,14 +408,20 @@ impl Cloud for SdkCloud {
         .await
     }
 
-    async fn set_max_size(&self, region: &str, group: &str, max: i32) -> Result<(), CloudError> {
+    async fn update_group(
+        &self,
+        region: &str,
+        group: &str,
+        update: GroupUpdate,
+    ) -> Result<(), CloudError> {
         const OP: &str = "UpdateAutoScalingGroup";
         let c = self.clients(OP, region)?;
         bounded(OP, region, async {
             c.asg
                 .update_auto_scaling_group()
                 .auto_scaling_group_name(group)
-                .max_size(max)
+                .set_max_size(update.max)
+                .set_desired_capacity(update.desired)
                 .send()
                 .await
                 .map(|_| ())
@@ -411,22 +450,6 @@ impl Cloud for SdkCloud {
                     .map_err(|e| err(OP, region, e))?;
             }
             Ok(ids)
-        })
-        .await
-    }
-
-    async fn set_desired(&self, region: &str, group: &str, desired: i32) -> Result<(), CloudError> {
-        const OP: &str = "UpdateAutoScalingGroup";
-        let c = self.clients(OP, region)?;
-        bounded(OP, region, async {
-            c.asg
-                .update_auto_scaling_group()
-                .auto_scaling_group_name(group)
-                .desired_capacity(desired)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| err(OP, region, e))
         })
         .await
     }
@@ -740,5 +763,26 @@ impl crate::handler::EventSource for SqsEvents {
                 .map_err(|e| err(OP, &self.region, e))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GroupUpdate;
+
+    #[test]
+    fn group_updates_apply_as_aws_does() {
+        // MaxSize below the desired capacity lowers it.
+        assert_eq!(GroupUpdate::max(2).apply(0, 10, 5), Ok((2, 2)));
+        assert_eq!(GroupUpdate::max(10).apply(0, 0, 0), Ok((10, 0)));
+        assert_eq!(GroupUpdate::desired(3).apply(0, 10, 0), Ok((10, 3)));
+        // Outside [MinSize, MaxSize]: refused, nothing changes.
+        assert!(GroupUpdate::desired(11).apply(0, 10, 0).is_err());
+        assert!(GroupUpdate::desired(0).apply(1, 10, 1).is_err());
+        let both = GroupUpdate {
+            max: Some(0),
+            desired: Some(0),
+        };
+        assert_eq!(both.apply(0, 5, 3), Ok((0, 0)));
     }
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::aws::{Cloud, CloudError, GroupInfo, TargetTracking};
+use crate::aws::{Cloud, CloudError, GroupInfo, GroupUpdate, TargetTracking};
 use crate::events::Activity;
 use crate::metrics::MetricValue;
 
@@ -176,11 +176,11 @@ impl Cloud for FakeCloud {
         }))
     }
 
-    fn set_max_size(
+    fn update_group(
         &self,
         region: &str,
         group: &str,
-        max: i32,
+        update: GroupUpdate,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         const OP: &str = "UpdateAutoScalingGroup";
         ready(self.begin(OP, region).and_then(|mut st| {
@@ -188,8 +188,14 @@ impl Cloud for FakeCloud {
                 .groups
                 .get_mut(&(region.to_string(), group.to_string()))
                 .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
-            g.max = max;
-            g.desired = g.desired.min(max);
+            (g.max, g.desired) =
+                update
+                    .apply(g.min, g.max, g.desired)
+                    .map_err(|message| CloudError {
+                        op: OP,
+                        region: region.to_string(),
+                        message,
+                    })?;
             Ok(())
         }))
     }
@@ -208,30 +214,6 @@ impl Cloud for FakeCloud {
             let ids = (0..g.busy).map(|i| format!("i-busy{i}")).collect();
             g.busy = 0;
             Ok(ids)
-        }))
-    }
-
-    fn set_desired(
-        &self,
-        region: &str,
-        group: &str,
-        desired: i32,
-    ) -> impl Future<Output = Result<(), CloudError>> + Send {
-        const OP: &str = "UpdateAutoScalingGroup";
-        ready(self.begin(OP, region).and_then(|mut st| {
-            let g = st
-                .groups
-                .get_mut(&(region.to_string(), group.to_string()))
-                .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
-            if desired > g.max || desired < g.min {
-                return Err(CloudError {
-                    op: OP,
-                    region: region.to_string(),
-                    message: format!("ValidationError: Desired capacity:{desired} must be between the specified min size and max size"),
-                });
-            }
-            g.desired = desired;
-            Ok(())
         }))
     }
 

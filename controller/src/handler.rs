@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use spotguard_common::clock::Clock;
 
-use crate::aws::{Cloud, CloudError, GroupInfo};
+use crate::aws::{Cloud, CloudError, GroupInfo, GroupUpdate};
 use crate::config::Config;
 use crate::events::{self, Event};
 use crate::metrics::{self, MetricValue};
@@ -199,7 +199,11 @@ impl<C: Cloud> Controller<C> {
         for (region, name) in groups {
             match self.cloud.group(region, name).await {
                 Ok(g) if g.desired == 0 && g.in_service == 0 && g.max >= 1 => {
-                    match self.cloud.set_desired(region, name, 1).await {
+                    match self
+                        .cloud
+                        .update_group(region, name, GroupUpdate::desired(1))
+                        .await
+                    {
                         Ok(()) => {
                             tracing::info!(%region, group = %name, visible, "work waits and the group is empty: desired capacity 0 -> 1");
                             raised.push(name.to_string());
@@ -503,11 +507,15 @@ impl<C: Cloud> Controller<C> {
             match a {
                 Action::SetFallbackMaxSize { from, to } => {
                     tracing::info!(group = %f.asg, from, to, "setting the fallback MaxSize");
-                    self.cloud.set_max_size(&f.region, &f.asg, *to).await?;
+                    self.cloud
+                        .update_group(&f.region, &f.asg, GroupUpdate::max(*to))
+                        .await?;
                 }
                 Action::SetFallbackDesired { from, to } => {
                     tracing::info!(group = %f.asg, from, to, "failover: the fallback takes over the shortfall of the group before it");
-                    self.cloud.set_desired(&f.region, &f.asg, *to).await?;
+                    self.cloud
+                        .update_group(&f.region, &f.asg, GroupUpdate::desired(*to))
+                        .await?;
                 }
                 Action::EnableFallbackPolicy => {
                     match self.cloud.policy(&f.region, &f.asg, &f.policy_name).await? {

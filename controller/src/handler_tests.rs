@@ -199,7 +199,11 @@ async fn work_waiting_raises_an_empty_group_from_zero_to_one() {
     assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").desired, 1);
     // Later its agents scaled it in to 0 while work waits again: raised.
     c.cloud
-        .set_desired("us-east-2", "gpu-east-2", 0)
+        .update_group(
+            "us-east-2",
+            "gpu-east-2",
+            crate::aws::GroupUpdate::desired(0),
+        )
         .await
         .unwrap();
     let r = c.tick(Vec::new()).await.unwrap();

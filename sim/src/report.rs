@@ -58,16 +58,76 @@ fn line_plot(
     lines: &[Line<'_>],
     step: bool,
 ) -> Result<String, String> {
+    let x_max = x.last().copied().unwrap_or(1.0).max(1.0) / 60.0;
+    let y_max = lines
+        .iter()
+        .flat_map(|l| l.1.iter().copied())
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let series = lines
+        .iter()
+        .map(|(name, ys)| {
+            let mut pts: Vec<(f64, f64)> = Vec::new();
+            for (i, (xv, yv)) in x.iter().zip(ys.iter()).enumerate() {
+                if step && i > 0 {
+                    pts.push((xv / 60.0, ys[i - 1]));
+                }
+                pts.push((xv / 60.0, *yv));
+            }
+            (*name, pts)
+        })
+        .collect();
+    plot(
+        title,
+        ("simulated hours", y_desc),
+        (x_max, y_max),
+        series,
+        SeriesLabelPosition::MiddleRight,
+    )
+}
+
+/// Cumulative distribution of job waits, one line per policy.
+fn wait_plot(outcomes: &[(&str, &Outcome)]) -> Result<String, String> {
+    let x_max = outcomes
+        .iter()
+        .flat_map(|o| o.1.series.waits_s.last().copied())
+        .fold(60.0f64, f64::max)
+        / 60.0;
+    let series = outcomes
+        .iter()
+        .map(|(name, o)| {
+            let n = o.series.waits_s.len().max(1) as f64;
+            let pts = o
+                .series
+                .waits_s
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (w / 60.0, (i + 1) as f64 / n))
+                .collect();
+            (*name, pts)
+        })
+        .collect();
+    plot(
+        "job wait: share of jobs started within x minutes",
+        ("wait (minutes)", "share of jobs"),
+        (x_max, 1.0),
+        series,
+        SeriesLabelPosition::LowerRight,
+    )
+}
+
+/// One SVG chart: named lines of points, over [0, x_max] x [0, y_max].
+fn plot(
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    (x_max, y_max): (f64, f64),
+    series: Vec<(&str, Vec<(f64, f64)>)>,
+    legend: SeriesLabelPosition,
+) -> Result<String, String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (760, 300)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let x_max = x.last().copied().unwrap_or(1.0).max(1.0) / 60.0;
-        let y_max = lines
-            .iter()
-            .flat_map(|l| l.1.iter().copied())
-            .fold(1.0f64, f64::max)
-            * 1.1;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 18))
             .margin(10)
@@ -77,23 +137,16 @@ fn line_plot(
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
-            .x_desc("simulated hours")
+            .x_desc(x_desc)
             .y_desc(y_desc)
             .draw()
             .map_err(|e| e.to_string())?;
-        for (k, (name, ys)) in lines.iter().enumerate() {
+        for (k, (name, pts)) in series.into_iter().enumerate() {
             let color = COLORS[k % COLORS.len()];
-            let mut pts: Vec<(f64, f64)> = Vec::new();
-            for (i, (xv, yv)) in x.iter().zip(ys.iter()).enumerate() {
-                if step && i > 0 {
-                    pts.push((xv / 60.0, ys[i - 1]));
-                }
-                pts.push((xv / 60.0, *yv));
-            }
             chart
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))
                 .map_err(|e| e.to_string())?
-                .label(*name)
+                .label(name)
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
                 });
@@ -102,63 +155,7 @@ fn line_plot(
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
-            .draw()
-            .map_err(|e| e.to_string())?;
-        root.present().map_err(|e| e.to_string())?;
-    }
-    Ok(svg)
-}
-
-/// Cumulative distribution of job waits, one line per policy.
-fn wait_plot(outcomes: &[(&str, &Outcome)]) -> Result<String, String> {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (760, 300)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let x_max = outcomes
-            .iter()
-            .flat_map(|o| o.1.series.waits_s.last().copied())
-            .fold(60.0f64, f64::max)
-            / 60.0;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                "job wait: share of jobs started within x minutes",
-                ("sans-serif", 18),
-            )
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0f64..x_max, 0f64..1.0f64)
-            .map_err(|e| e.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc("wait (minutes)")
-            .y_desc("share of jobs")
-            .draw()
-            .map_err(|e| e.to_string())?;
-        for (k, (name, o)) in outcomes.iter().enumerate() {
-            let color = COLORS[k % COLORS.len()];
-            let n = o.series.waits_s.len().max(1) as f64;
-            let pts: Vec<(f64, f64)> = o
-                .series
-                .waits_s
-                .iter()
-                .enumerate()
-                .map(|(i, w)| (w / 60.0, (i + 1) as f64 / n))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(pts, color.stroke_width(2)))
-                .map_err(|e| e.to_string())?
-                .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
+            .position(legend)
             .draw()
             .map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())?;

@@ -26,7 +26,7 @@ use spotguard_agent::worker::{
     Ended, JobFiles, JobNotice, Outcome as JobOutcome, StopReason, Worker, CHECKPOINT_ATTR,
 };
 use spotguard_common::clock::{Clock, TokioClock};
-use spotguard_controller::aws::{Cloud, MetricSpec, TargetTracking};
+use spotguard_controller::aws::{Cloud, GroupUpdate, MetricSpec, TargetTracking};
 use spotguard_controller::handler::Controller;
 
 use crate::scenario::Scenario;
@@ -627,7 +627,7 @@ async fn simulate(
                     if primary && failed && !seed_open {
                         seed_open = true;
                         let _ = cloud
-                            .set_max_size(f, FALLBACK, first.map_or(0, |f| f.max))
+                            .update_group(f, FALLBACK, GroupUpdate::max(first.map_or(0, |f| f.max)))
                             .await;
                         if let Ok(Some((_, p))) =
                             cloud.policy(f, FALLBACK, "spotguard-backlog").await
@@ -636,8 +636,16 @@ async fn simulate(
                         }
                     } else if primary && !failed && seed_open {
                         seed_open = false;
-                        let _ = cloud.set_desired(f, FALLBACK, 0).await;
-                        let _ = cloud.set_max_size(f, FALLBACK, 0).await;
+                        let _ = cloud
+                            .update_group(
+                                f,
+                                FALLBACK,
+                                GroupUpdate {
+                                    max: Some(0),
+                                    desired: Some(0),
+                                },
+                            )
+                            .await;
                         if let Ok(Some((_, p))) =
                             cloud.policy(f, FALLBACK, "spotguard-backlog").await
                         {

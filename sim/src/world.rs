@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use spotguard_agent::aws::{AwsError, Fleet, ScaleIn};
 use spotguard_agent::fakes::{aws_error, MemQueue, MIN_SIZE_REFUSAL};
 use spotguard_agent::watch::Detected;
-use spotguard_controller::aws::{Cloud, CloudError, GroupInfo, TargetTracking};
+use spotguard_controller::aws::{Cloud, CloudError, GroupInfo, GroupUpdate, TargetTracking};
 use spotguard_controller::events::Activity;
 use spotguard_controller::metrics::MetricValue;
 
@@ -611,21 +611,30 @@ impl Cloud for SimCloud {
         std::future::ready(Ok(r))
     }
 
-    fn set_max_size(
+    fn update_group(
         &self,
         region: &str,
         group: &str,
-        max: i32,
+        update: GroupUpdate,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        const OP: &str = "UpdateAutoScalingGroup";
         let mut w = lock(&self.world);
         let r = match w.group_index(region, group) {
             Some(g) => {
                 let gr = &mut w.groups[g];
-                gr.max = max;
-                gr.desired = gr.desired.min(max);
-                Ok(())
+                update
+                    .apply(gr.min, gr.max, gr.desired)
+                    .map(|(max, desired)| {
+                        gr.max = max;
+                        gr.desired = desired;
+                    })
+                    .map_err(|message| CloudError {
+                        op: OP,
+                        region: region.to_string(),
+                        message,
+                    })
             }
-            None => Err(missing("UpdateAutoScalingGroup", region)),
+            None => Err(missing(OP, region)),
         };
         std::future::ready(r)
     }
@@ -645,31 +654,6 @@ impl Cloud for SimCloud {
             }
         }
         std::future::ready(Ok(ids))
-    }
-
-    fn set_desired(
-        &self,
-        region: &str,
-        group: &str,
-        desired: i32,
-    ) -> impl Future<Output = Result<(), CloudError>> + Send {
-        let mut w = lock(&self.world);
-        let r = match w.group_index(region, group) {
-            // AWS refuses a desired capacity above MaxSize (ValidationError).
-            Some(g) if desired > w.groups[g].max => Err(CloudError {
-                op: "UpdateAutoScalingGroup",
-                region: region.to_string(),
-                message: format!(
-                    "ValidationError: Desired capacity:{desired} must be between the specified min size and max size"
-                ),
-            }),
-            Some(g) => {
-                w.groups[g].desired = desired;
-                Ok(())
-            }
-            None => Err(missing("UpdateAutoScalingGroup", region)),
-        };
-        std::future::ready(r)
     }
 
     fn put_tags(
