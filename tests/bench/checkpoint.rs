@@ -17,8 +17,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use spotguard_tests::agent_setup::{config, mock_for, setup, NO_SCALE_IN};
-use spotguard_tests::aws_env::start_agent;
+use spotguard_tests::agent_setup::{fleet, millis, secs};
 use spotguard_tests::{arg_u64, median_max, Record, Rng};
 
 const WORK: u64 = 600;
@@ -27,20 +26,17 @@ const STEP_MS: u64 = 20;
 
 /// One interrupted run; returns the job seconds lost.
 fn run(variant: &str, job: serde_json::Value, notice_after_steps: u64) -> u64 {
-    let s = setup(&format!("bench-ckpt-{variant}"), 10);
-    let ids = s.env.create_group("workers", 0, 3, 2);
-    let (ma, mb) = (mock_for(&ids[0]), mock_for(&ids[1]));
-    let cfg = |m: &spotguard_tests::MockImds, agent: &str| {
-        config(
-            &s.queue,
-            m,
-            agent,
-            "",
-            &format!("{NO_SCALE_IN}[interruption]\npoll_interval = \"100ms\"\ndeadline_margin = \"5s\"\n"),
-        )
+    let s = fleet(&format!("bench-ckpt-{variant}"), 10, 0, 2);
+    let cfg = |i: usize, agent: &str| {
+        s.agent_config(i, agent, |c| {
+            c.scale_in.enabled = false;
+            c.interruption.poll_interval = millis(100);
+            c.interruption.deadline_margin = secs(5);
+        })
     };
+    let ma = &s.mocks[0];
     s.env.send(&s.queue, &job.to_string());
-    let _a = start_agent(&s.env, s.dir.path(), "agent-a", &cfg(&ma, "a"));
+    let _a = s.start("agent-a", &cfg(0, "a"));
     assert!(s
         .env
         .wait_for(Duration::from_secs(30), || Record::read(s.dir.path())
@@ -54,7 +50,7 @@ fn run(variant: &str, job: serde_json::Value, notice_after_steps: u64) -> u64 {
         r.count("yield", "job") + r.count("term", "job") >= 1
     }));
     std::thread::sleep(Duration::from_millis(300));
-    let _b = start_agent(&s.env, s.dir.path(), "agent-b", &cfg(&mb, "b"));
+    let _b = s.start("agent-b", &cfg(1, "b"));
     assert!(
         s.env
             .wait_for(Duration::from_secs(120), || Record::read(s.dir.path())

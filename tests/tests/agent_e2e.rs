@@ -4,20 +4,27 @@
 use std::time::Duration;
 
 use serde_json::json;
-use spotguard_tests::agent_setup::{config, fail, mock_for, setup, wait, NO_SCALE_IN};
-use spotguard_tests::aws_env::start_agent;
+use spotguard_tests::agent_setup::{fail, fleet, millis, secs, wait};
 use spotguard_tests::proxy::Fault;
 use spotguard_tests::{bin, now_ms, Record, TempDir};
 
+fn no_scale_in(c: &mut spotguard_agent::config::Config) {
+    c.scale_in.enabled = false;
+}
+
 #[test]
 fn jobs_are_run_once_and_deleted_after_success() {
-    let s = setup("normal", 5);
-    let ids = s.env.create_group("workers", 0, 3, 1);
-    let mock = mock_for(&ids[0]);
+    let s = fleet("normal", 5, 0, 1);
+    let ids = &s.ids;
     // Port 0: the agent binds a free port and logs it.
-    let cfg = config(&s.queue, &mock, "a", "concurrency = 3", NO_SCALE_IN)
-        .replace("listen = \"\"", "listen = \"127.0.0.1:0\"");
-    let _agent = start_agent(&s.env, s.dir.path(), "agent", &cfg);
+    let _agent = s.start(
+        "agent",
+        &s.agent_config(0, "a", |c| {
+            c.worker.concurrency = 3;
+            c.scale_in.enabled = false;
+            c.status.listen = "127.0.0.1:0".into();
+        }),
+    );
     let mut port = String::new();
     wait(&s, 20, "the status endpoint's address in the log", || {
         let log = std::fs::read_to_string(s.dir.path().join("agent.log")).unwrap_or_default();
@@ -74,17 +81,16 @@ fn jobs_are_run_once_and_deleted_after_success() {
 
 #[test]
 fn a_spot_notice_stops_intake_and_hands_the_long_job_to_another_agent() {
-    let s = setup("notice", 5);
-    let ids = s.env.create_group("workers", 0, 3, 2);
-    let (mock_a, mock_b) = (mock_for(&ids[0]), mock_for(&ids[1]));
-    let extra = format!(
-        "{NO_SCALE_IN}[interruption]\npoll_interval = \"200ms\"\ndeadline_margin = \"5s\"\n"
-    );
-    let mut agent_a = start_agent(
-        &s.env,
-        s.dir.path(),
+    let s = fleet("notice", 5, 0, 2);
+    let mock_a = &s.mocks[0];
+    let mut agent_a = s.start(
         "agent-a",
-        &config(&s.queue, &mock_a, "a", "concurrency = 2", &extra),
+        &s.agent_config(0, "a", |c| {
+            c.worker.concurrency = 2;
+            c.scale_in.enabled = false;
+            c.interruption.poll_interval = millis(200);
+            c.interruption.deadline_margin = secs(5);
+        }),
     );
     // A long job (60 s on its first run, 0.2 s after) and short ones.
     s.env.send(
@@ -138,11 +144,12 @@ fn a_spot_notice_stops_intake_and_hands_the_long_job_to_another_agent() {
         }
     }
     // The message is back at once (visibility 0), not after 30 s.
-    let _agent_b = start_agent(
-        &s.env,
-        s.dir.path(),
+    let _agent_b = s.start(
         "agent-b",
-        &config(&s.queue, &mock_b, "b", "concurrency = 2", NO_SCALE_IN),
+        &s.agent_config(1, "b", |c| {
+            c.worker.concurrency = 2;
+            c.scale_in.enabled = false;
+        }),
     );
     wait(
         &s,
@@ -184,20 +191,11 @@ fn a_spot_notice_stops_intake_and_hands_the_long_job_to_another_agent() {
 
 #[test]
 fn idle_instance_scales_itself_in_with_the_desired_capacity_decremented() {
-    let s = setup("idle", 5);
-    let ids = s.env.create_group("workers", 0, 3, 2);
-    let mock = mock_for(&ids[0]);
-    let _agent = start_agent(
-        &s.env,
-        s.dir.path(),
+    let s = fleet("idle", 5, 0, 2);
+    let ids = &s.ids;
+    let _agent = s.start(
         "agent",
-        &config(
-            &s.queue,
-            &mock,
-            "a",
-            "",
-            "[scale_in]\nidle_timeout = \"2s\"\n",
-        ),
+        &s.agent_config(0, "a", |c| c.scale_in.idle_timeout = secs(2)),
     );
     // One job first: the idle clock starts after it.
     s.env
@@ -228,9 +226,7 @@ fn idle_instance_scales_itself_in_with_the_desired_capacity_decremented() {
 
 #[test]
 fn a_group_at_min_size_refuses_and_the_agent_resumes_without_a_hot_loop() {
-    let s = setup("minsize", 5);
-    let ids = s.env.create_group("workers", 1, 3, 1);
-    let mock = mock_for(&ids[0]);
+    let s = fleet("minsize", 5, 1, 1);
     // moto does not enforce MinSize on this call; AWS answers ValidationError
     // ("Currently, desiredSize equals minSize"), which the proxy stands in for.
     s.env.proxy.inject(
@@ -241,17 +237,12 @@ fn a_group_at_min_size_refuses_and_the_agent_resumes_without_a_hot_loop() {
         },
         100,
     );
-    let _agent = start_agent(
-        &s.env,
-        s.dir.path(),
+    let _agent = s.start(
         "agent",
-        &config(
-            &s.queue,
-            &mock,
-            "a",
-            "",
-            "[scale_in]\nidle_timeout = \"1s\"\nretry_interval = \"2s\"\n",
-        ),
+        &s.agent_config(0, "a", |c| {
+            c.scale_in.idle_timeout = secs(1);
+            c.scale_in.retry_interval = secs(2);
+        }),
     );
     wait(&s, 30, "a first refused scale-in", || {
         !s.env
@@ -283,22 +274,16 @@ fn a_group_at_min_size_refuses_and_the_agent_resumes_without_a_hot_loop() {
 
 #[test]
 fn lifecycle_terminated_drains_then_completes_the_hook() {
-    let s = setup("lifecycle", 5);
-    let ids = s.env.create_group("workers", 0, 3, 1);
-    let mock = mock_for(&ids[0]);
-    let _agent = start_agent(
-        &s.env,
-        s.dir.path(),
+    let s = fleet("lifecycle", 5, 0, 1);
+    let (ids, mock) = (&s.ids, &s.mocks[0]);
+    let _agent = s.start(
         "agent",
-        &config(
-            &s.queue,
-            &mock,
-            "a",
-            "",
-            &format!(
-                "{NO_SCALE_IN}[interruption]\npoll_interval = \"200ms\"\nlifecycle_hook = \"drain-hook\"\nlifecycle_heartbeat_interval = \"1s\"\n"
-            ),
-        ),
+        &s.agent_config(0, "a", |c| {
+            c.scale_in.enabled = false;
+            c.interruption.poll_interval = millis(200);
+            c.interruption.lifecycle_hook = Some("drain-hook".into());
+            c.interruption.lifecycle_heartbeat_interval = secs(1);
+        }),
     );
     s.env
         .send(&s.queue, &json!({"id": "j", "sleep_ms": 3500}).to_string());
@@ -343,20 +328,14 @@ fn lifecycle_terminated_drains_then_completes_the_hook() {
 
 #[test]
 fn sigterm_drains_then_exits_zero() {
-    let s = setup("sigterm", 5);
-    let ids = s.env.create_group("workers", 0, 3, 1);
-    let mock = mock_for(&ids[0]);
-    let mut agent = start_agent(
-        &s.env,
-        s.dir.path(),
+    let s = fleet("sigterm", 5, 0, 1);
+    let mut agent = s.start(
         "agent",
-        &config(
-            &s.queue,
-            &mock,
-            "a",
-            "concurrency = 2",
-            &format!("{NO_SCALE_IN}[interruption]\nshutdown_deadline = \"4s\"\n"),
-        ),
+        &s.agent_config(0, "a", |c| {
+            c.worker.concurrency = 2;
+            c.scale_in.enabled = false;
+            c.interruption.shutdown_deadline = secs(4);
+        }),
     );
     s.env.send(
         &s.queue,
@@ -396,15 +375,8 @@ fn sigterm_drains_then_exits_zero() {
 
 #[test]
 fn a_crashing_worker_retries_then_dead_letters() {
-    let s = setup("crash", 2);
-    let ids = s.env.create_group("workers", 0, 3, 1);
-    let mock = mock_for(&ids[0]);
-    let _agent = start_agent(
-        &s.env,
-        s.dir.path(),
-        "agent",
-        &config(&s.queue, &mock, "a", "", NO_SCALE_IN),
-    );
+    let s = fleet("crash", 2, 0, 1);
+    let _agent = s.start("agent", &s.agent_config(0, "a", no_scale_in));
     s.env
         .send(&s.queue, &json!({"id": "crash", "crash": true}).to_string());
     s.env
@@ -425,19 +397,18 @@ fn a_crashing_worker_retries_then_dead_letters() {
 
 #[test]
 fn a_body_of_shell_metacharacters_reaches_the_worker_byte_for_byte() {
-    let s = setup("shell", 5);
-    let ids = s.env.create_group("workers", 0, 3, 1);
-    let mock = mock_for(&ids[0]);
+    let s = fleet("shell", 5, 0, 1);
     let raw = TempDir::new("raw");
-    let extra = NO_SCALE_IN;
-    let cfg = config(&s.queue, &mock, "a", "", extra).replace(
-        "[worker.env]\n",
-        &format!(
-            "[worker.env]\nSPOTGUARD_TEST_RAW_DIR = \"{}\"\n",
-            raw.path().display()
-        ),
+    let _agent = s.start(
+        "agent",
+        &s.agent_config(0, "a", |c| {
+            c.scale_in.enabled = false;
+            c.worker.env.insert(
+                "SPOTGUARD_TEST_RAW_DIR".into(),
+                raw.path().display().to_string(),
+            );
+        }),
     );
-    let _agent = start_agent(&s.env, s.dir.path(), "agent", &cfg);
     let body = "$(touch /tmp/spotguard-pwned); `id` && echo \"$HOME\" | cat > /dev/null; 'q' \\n %s {} * ? [a] ~ # ! ; < > ' \" \t é ✓\n second line";
     let id = s
         .env
@@ -503,15 +474,16 @@ fn check_config_prints_defaults_and_names_bad_keys() {
 
 #[test]
 fn http_mode_posts_with_the_sqsd_headers() {
-    let s = setup("http", 2);
-    let ids = s.env.create_group("workers", 0, 3, 1);
-    let mock = mock_for(&ids[0]);
+    let s = fleet("http", 2, 0, 1);
     let (url, seen) = spotguard_tests::http_worker::start(&s.env.rt);
-    let cfg = config(&s.queue, &mock, "a", "", NO_SCALE_IN).replace(
-        &format!("command = [\"{}\"]", bin("spotguard-test-worker").display()),
-        &format!("url = \"{url}\""),
+    let _agent = s.start(
+        "agent",
+        &s.agent_config(0, "a", |c| {
+            c.scale_in.enabled = false;
+            c.worker.command = None;
+            c.worker.url = Some(url.clone());
+        }),
     );
-    let _agent = start_agent(&s.env, s.dir.path(), "agent", &cfg);
     let ok_id = s
         .env
         .send_with_attrs(&s.queue, r#"{"task":"render"}"#, &[("customer", "acme")]);
@@ -558,14 +530,13 @@ fn http_mode_posts_with_the_sqsd_headers() {
 
 #[test]
 fn a_job_over_worker_timeout_is_stopped_and_handed_back() {
-    let s = setup("timeout", 5);
-    let ids = s.env.create_group("workers", 0, 3, 1);
-    let mock = mock_for(&ids[0]);
-    let _agent = start_agent(
-        &s.env,
-        s.dir.path(),
+    let s = fleet("timeout", 5, 0, 1);
+    let _agent = s.start(
         "agent",
-        &config(&s.queue, &mock, "a", "timeout = \"1s\"", NO_SCALE_IN),
+        &s.agent_config(0, "a", |c| {
+            c.scale_in.enabled = false;
+            c.worker.timeout = Some(secs(1));
+        }),
     );
     s.env.send(
         &s.queue,
@@ -584,20 +555,16 @@ fn a_job_over_worker_timeout_is_stopped_and_handed_back() {
 
 #[test]
 fn busy_instances_are_protected_from_scale_in_and_released_when_idle() {
-    let s = setup("protect", 5);
-    let ids = s.env.create_group("workers", 0, 3, 1);
-    let mock = mock_for(&ids[0]);
-    let _agent = start_agent(
-        &s.env,
-        s.dir.path(),
+    let s = fleet("protect", 5, 0, 1);
+    let ids = &s.ids;
+    let _agent = s.start(
         "agent",
-        &config(
-            &s.queue,
-            &mock,
-            "a",
-            "concurrency = 2",
-            "[scale_in]\nenabled = false\nprotect_busy = true\nidle_timeout = \"2s\"\n",
-        ),
+        &s.agent_config(0, "a", |c| {
+            c.worker.concurrency = 2;
+            c.scale_in.enabled = false;
+            c.scale_in.protect_busy = true;
+            c.scale_in.idle_timeout = secs(2);
+        }),
     );
     let protected = || {
         s.env
@@ -624,9 +591,8 @@ fn busy_instances_are_protected_from_scale_in_and_released_when_idle() {
 
 #[test]
 fn a_long_poll_in_flight_at_a_notice_is_abandoned_and_its_messages_handed_back_unstarted() {
-    let s = setup("longpoll", 5);
-    let ids = s.env.create_group("workers", 0, 3, 1);
-    let mock = mock_for(&ids[0]);
+    let s = fleet("longpoll", 5, 0, 1);
+    let (ids, mock) = (&s.ids, &s.mocks[0]);
     let hook_out = s.dir.path().join("hook.json");
     let hook = s.dir.path().join("hook.sh");
     std::fs::write(
@@ -635,18 +601,15 @@ fn a_long_poll_in_flight_at_a_notice_is_abandoned_and_its_messages_handed_back_u
     )
     .unwrap();
     std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let cfg = config(
-        &s.queue,
-        &mock,
-        "a",
-        "",
-        &format!(
-            "{NO_SCALE_IN}[interruption]\npoll_interval = \"200ms\"\n[notify]\nhook_command = [\"{}\"]\n",
-            hook.display()
-        ),
-    )
-    .replace("wait_time = \"1s\"", "wait_time = \"20s\"");
-    let _agent = start_agent(&s.env, s.dir.path(), "agent", &cfg);
+    let _agent = s.start(
+        "agent",
+        &s.agent_config(0, "a", |c| {
+            c.scale_in.enabled = false;
+            c.interruption.poll_interval = millis(200);
+            c.notify.hook_command = Some(vec![hook.display().to_string()]);
+            c.queue.wait_time = secs(20);
+        }),
+    );
     // Let the agent start its 20 s long poll on the empty queue.
     wait(&s, 30, "a receive in flight", || {
         !s.env.proxy.calls_of("ReceiveMessage").is_empty()
@@ -679,21 +642,16 @@ fn a_long_poll_in_flight_at_a_notice_is_abandoned_and_its_messages_handed_back_u
 
 #[test]
 fn notices_are_published_to_sns() {
-    let s = setup("sns", 5);
-    let ids = s.env.create_group("workers", 0, 3, 1);
-    let mock = mock_for(&ids[0]);
+    let s = fleet("sns", 5, 0, 1);
+    let (ids, mock) = (&s.ids, &s.mocks[0]);
     let (topic, sub) = s.env.topic_to_queue("spotguard-notices");
-    let _agent = start_agent(
-        &s.env,
-        s.dir.path(),
+    let _agent = s.start(
         "agent",
-        &config(
-            &s.queue,
-            &mock,
-            "a",
-            "",
-            &format!("{NO_SCALE_IN}[interruption]\npoll_interval = \"200ms\"\n[notify]\nsns_topic_arn = \"{topic}\"\n"),
-        ),
+        &s.agent_config(0, "a", |c| {
+            c.scale_in.enabled = false;
+            c.interruption.poll_interval = millis(200);
+            c.notify.sns_topic_arn = Some(topic.clone());
+        }),
     );
     std::thread::sleep(Duration::from_secs(1));
     mock.control(

@@ -5,29 +5,22 @@
 use std::time::Duration;
 
 use serde_json::json;
-use spotguard_tests::agent_setup::{config, mock_for, setup, wait, Setup, NO_SCALE_IN};
-use spotguard_tests::aws_env::start_agent;
+use spotguard_agent::config::Config;
+use spotguard_tests::agent_setup::{base_config, millis, mock_for, secs, setup, wait, Setup};
 use spotguard_tests::proxy::Fault;
-use spotguard_tests::{Proc, Record};
+use spotguard_tests::{MockImds, Proc, Record};
 
 const N: u64 = 60;
 const EVERY: u64 = 10;
 
-fn agent_cfg(queue: &str, mock: &spotguard_tests::MockImds, agent: &str) -> String {
-    config(
-        queue,
-        mock,
-        agent,
-        // FIFO: the re-send with the checkpoint is opt-in (it reorders the group).
-        if queue.ends_with(".fifo") {
-            "fifo_resend_checkpoint = true"
-        } else {
-            ""
-        },
-        &format!(
-            "{NO_SCALE_IN}[interruption]\npoll_interval = \"200ms\"\ndeadline_margin = \"5s\"\n"
-        ),
-    )
+fn agent_cfg(queue: &str, mock: &MockImds, agent: &str) -> Config {
+    let mut c = base_config(queue, mock, agent);
+    // FIFO: the re-send with the checkpoint is opt-in (it reorders the group).
+    c.worker.fifo_resend_checkpoint = queue.ends_with(".fifo");
+    c.scale_in.enabled = false;
+    c.interruption.poll_interval = millis(200);
+    c.interruption.deadline_margin = secs(5);
+    c
 }
 
 /// Agent a runs the counting job; a spot notice comes when it has counted
@@ -35,7 +28,7 @@ fn agent_cfg(queue: &str, mock: &spotguard_tests::MockImds, agent: &str) -> Stri
 fn interrupt_then_resume(s: &Setup, queue: &str, at_least: u64, in_seconds: u64) -> (Proc, Proc) {
     let ids = s.env.create_group("workers", 0, 3, 2);
     let (ma, mb) = (mock_for(&ids[0]), mock_for(&ids[1]));
-    let a = start_agent(&s.env, s.dir.path(), "agent-a", &agent_cfg(queue, &ma, "a"));
+    let a = s.start("agent-a", &agent_cfg(queue, &ma, "a"));
     wait(s, 30, "the job to start on agent a", || {
         Record::read(s.dir.path()).count("start", "count") == 1
     });
@@ -47,7 +40,7 @@ fn interrupt_then_resume(s: &Setup, queue: &str, at_least: u64, in_seconds: u64)
     });
     // Let the hand-over finish before b polls.
     std::thread::sleep(Duration::from_millis(500));
-    let b = start_agent(&s.env, s.dir.path(), "agent-b", &agent_cfg(queue, &mb, "b"));
+    let b = s.start("agent-b", &agent_cfg(queue, &mb, "b"));
     wait(s, 60, "agent b to finish the job", || {
         Record::read(s.dir.path()).count("done", "count") == 1
     });
@@ -217,20 +210,15 @@ fn http_mode_gets_the_notice_and_carries_the_checkpoint_header() {
     let ids = s.env.create_group("workers", 0, 3, 2);
     let (ma, mb) = (mock_for(&ids[0]), mock_for(&ids[1]));
     let (base, seen) = checkpointing_http_worker(&s.env.rt);
-    let http_cfg = |mock: &spotguard_tests::MockImds, agent: &str| {
-        let cfg = agent_cfg(&s.queue, mock, agent);
-        let line = cfg
-            .lines()
-            .find(|l| l.starts_with("command = "))
-            .unwrap()
-            .to_string();
-        cfg.replace(
-            &line,
-            &format!("url = \"{base}/work\"\nnotice_url = \"{base}/notice\""),
-        )
+    let http_cfg = |mock: &MockImds, agent: &str| {
+        let mut c = agent_cfg(&s.queue, mock, agent);
+        c.worker.command = None;
+        c.worker.url = Some(format!("{base}/work"));
+        c.worker.notice_url = Some(format!("{base}/notice"));
+        c
     };
     let id = s.env.send(&s.queue, r#"{"render": "frame-7"}"#);
-    let _a = start_agent(&s.env, s.dir.path(), "agent-a", &http_cfg(&ma, "a"));
+    let _a = s.start("agent-a", &http_cfg(&ma, "a"));
     wait(&s, 30, "the job posted", || {
         seen.lock().unwrap().iter().any(|e| e.0 == "/work")
     });
@@ -238,7 +226,7 @@ fn http_mode_gets_the_notice_and_carries_the_checkpoint_header() {
     wait(&s, 30, "the re-send", || {
         !s.env.proxy.calls_of("SendMessage").is_empty()
     });
-    let _b = start_agent(&s.env, s.dir.path(), "agent-b", &http_cfg(&mb, "b"));
+    let _b = s.start("agent-b", &http_cfg(&mb, "b"));
     wait(&s, 30, "the job resumed with its checkpoint", || {
         seen.lock()
             .unwrap()

@@ -6,8 +6,7 @@
 //! got `QueueDoesNotExist` on every receive (0 of 6 jobs ran).
 
 use serde_json::json;
-use spotguard_tests::agent_setup::{config, setup, wait};
-use spotguard_tests::aws_env::start_agent;
+use spotguard_tests::agent_setup::{base_config, millis, secs, setup, to_toml, wait};
 use spotguard_tests::{MockImds, Record};
 
 #[test]
@@ -22,20 +21,13 @@ fn a_fallback_region_agent_runs_primary_jobs_notifies_the_primary_topic_and_scal
     let mock = MockImds::start(&["--instance-id", &ids[0], "--region", "us-east-2"]);
     let (topic, sub) = s.env.topic_to_queue("spotguard-notices");
     assert!(topic.starts_with("arn:aws:sns:us-east-1:"), "{topic}");
-    let _agent = start_agent(
-        &s.env,
-        s.dir.path(),
-        "agent",
-        &config(
-            &s.queue,
-            &mock,
-            "a",
-            "concurrency = 2",
-            &format!(
-                "[scale_in]\nidle_timeout = \"3s\"\n[interruption]\npoll_interval = \"200ms\"\nrebalance_poll_interval = \"200ms\"\n[notify]\nsns_topic_arn = \"{topic}\"\n"
-            ),
-        ),
-    );
+    let mut cfg = base_config(&s.queue, &mock, "a");
+    cfg.worker.concurrency = 2;
+    cfg.scale_in.idle_timeout = secs(3);
+    cfg.interruption.poll_interval = millis(200);
+    cfg.interruption.rebalance_poll_interval = millis(200);
+    cfg.notify.sns_topic_arn = Some(topic.clone());
+    let _agent = s.start("agent", &cfg);
     for i in 0..6 {
         s.env.send(
             &s.queue,
@@ -92,15 +84,13 @@ fn a_fallback_region_agent_runs_primary_jobs_notifies_the_primary_topic_and_scal
 fn a_queue_url_without_a_region_is_refused_at_start_naming_queue_region() {
     let dir = spotguard_tests::TempDir::new("noregion");
     let mock = MockImds::start(&[]);
-    let cfg = config(
+    let mut cfg = base_config(
         "https://vpce-0abc.sqs.us-east-1.vpce.amazonaws.com/1/jobs",
         &mock,
         "a",
-        "",
-        "",
     );
     let path = dir.path().join("agent.toml");
-    std::fs::write(&path, cfg).expect("write");
+    std::fs::write(&path, to_toml(&cfg)).expect("write");
     let out = std::process::Command::new(spotguard_tests::bin("spotguard-agent"))
         .args(["check-config", "--config"])
         .arg(&path)
@@ -111,10 +101,8 @@ fn a_queue_url_without_a_region_is_refused_at_start_naming_queue_region() {
     assert!(err.contains("queue.region"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     // Naming the region makes it valid.
-    let fixed = std::fs::read_to_string(&path)
-        .expect("read")
-        .replace("[queue]\n", "[queue]\nregion = \"us-east-1\"\n");
-    std::fs::write(&path, fixed).expect("write");
+    cfg.queue.region = Some("us-east-1".into());
+    std::fs::write(&path, to_toml(&cfg)).expect("write");
     let out = std::process::Command::new(spotguard_tests::bin("spotguard-agent"))
         .args(["check-config", "--config"])
         .arg(&path)
