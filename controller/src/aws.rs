@@ -137,6 +137,16 @@ pub trait Cloud: Send + Sync {
         region: &str,
         group: &str,
     ) -> impl Future<Output = Result<Vec<Activity>, CloudError>> + Send;
+    /// `SendMessage` with String attributes; on a FIFO queue with
+    /// `fifo = (group id, deduplication id)`.
+    fn send_message(
+        &self,
+        region: &str,
+        url: &str,
+        body: &str,
+        attributes: &BTreeMap<String, String>,
+        fifo: Option<(&str, &str)>,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
     /// `UpdateAutoScalingGroup`: MaxSize (the fallback's gate) and/or the
     /// desired capacity ([`GroupUpdate::apply`] says what AWS accepts).
     fn update_group(
@@ -372,6 +382,39 @@ impl Cloud for SdkCloud {
                 get(A::ApproximateNumberOfMessages),
                 get(A::ApproximateNumberOfMessagesNotVisible),
             ))
+        })
+        .await
+    }
+
+    async fn send_message(
+        &self,
+        region: &str,
+        url: &str,
+        body: &str,
+        attributes: &BTreeMap<String, String>,
+        fifo: Option<(&str, &str)>,
+    ) -> Result<(), CloudError> {
+        use aws_sdk_sqs::types::MessageAttributeValue;
+        const OP: &str = "SendMessage";
+        let c = self.clients(OP, region)?;
+        bounded(OP, region, async {
+            let mut req = c.sqs.send_message().queue_url(url).message_body(body);
+            for (k, v) in attributes {
+                let value = MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value(v)
+                    .build()
+                    .map_err(|e| CloudError {
+                        op: OP,
+                        region: region.to_string(),
+                        message: format!("message attribute {k}: {e}"),
+                    })?;
+                req = req.message_attributes(k, value);
+            }
+            if let Some((group, dedup)) = fifo {
+                req = req.message_group_id(group).message_deduplication_id(dedup);
+            }
+            req.send().await.map(|_| ()).map_err(|e| err(OP, region, e))
         })
         .await
     }

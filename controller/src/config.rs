@@ -34,6 +34,20 @@ pub struct Config {
     pub notify: Notify,
     #[serde(default)]
     pub run: Run,
+    #[serde(default)]
+    pub cron: Cron,
+}
+
+/// Periodic tasks: Elastic Beanstalk's `cron.yaml`, from a file or (for
+/// the Lambda, `SPOTGUARD_CRON_YAML`) its text.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cron {
+    pub file: Option<String>,
+    pub yaml: Option<String>,
+    /// The tasks, read when the configuration is validated.
+    #[serde(skip)]
+    pub tasks: Vec<crate::cron::Task>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -531,6 +545,26 @@ impl Validate for Config {
         {
             return bad("notify.sns_topic_arn", "must be an SNS topic ARN".into());
         }
+        self.cron.tasks = match (&self.cron.file, &self.cron.yaml) {
+            (Some(_), Some(_)) => {
+                return bad("cron.file", "give either `file` or `yaml`, not both".into())
+            }
+            (Some(path), None) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Invalid {
+                    key: "cron.file".into(),
+                    message: format!("cannot read {path}: {e}"),
+                })?;
+                crate::cron::parse(&text).map_err(|m| Invalid {
+                    key: "cron.file".into(),
+                    message: format!("{path}: {m}"),
+                })?
+            }
+            (None, Some(text)) => crate::cron::parse(text).map_err(|m| Invalid {
+                key: "cron.yaml".into(),
+                message: m,
+            })?,
+            (None, None) => Vec::new(),
+        };
         Ok(self)
     }
 }
@@ -680,6 +714,43 @@ asg = "gpu-west-2"
         let e =
             Config::from_env([("SPOTGUARD_FALLBACKS".to_string(), "b".to_string())]).unwrap_err();
         assert!(e.to_string().contains("SPOTGUARD_FALLBACKS"), "{e}");
+    }
+
+    #[test]
+    fn cron_yaml_inline_or_from_a_file_errors_naming_the_entry() {
+        let c = Config::parse(
+            &format!("{MIN}[cron]\nyaml = \"version: 1\\ncron:\\n - name: r\\n   url: /r\\n   schedule: '0 3 * * *'\\n\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.cron.tasks.len(), 1);
+        assert_eq!(c.cron.tasks[0].path, "/r");
+        let dir = std::env::temp_dir().join(format!("sg-cron-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("cron.yaml");
+        std::fs::write(
+            &f,
+            "version: 1\ncron:\n - name: r\n   url: /r\n   schedule: '0 3 * * X'\n",
+        )
+        .unwrap();
+        let e = Config::parse(
+            &format!("{MIN}[cron]\nfile = {:?}\n", f.display().to_string()),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`cron.file`") && e.contains("cron[0] (\"r\"): `schedule`"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &format!("{MIN}[cron]\nfile = \"/nonexistent/cron.yaml\"\n"),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot read /nonexistent/cron.yaml"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -19,6 +19,16 @@ pub struct CloudState {
     pub activities: BTreeMap<(String, String), Vec<Activity>>,
     pub policies: BTreeMap<(String, String, String), (Option<bool>, TargetTracking)>,
     pub metrics: Vec<MetricValue>,
+    /// (region, queue URL, body, attributes, FIFO group and deduplication id)
+    /// of every message sent.
+    #[allow(clippy::type_complexity)]
+    pub sent: Vec<(
+        String,
+        String,
+        String,
+        BTreeMap<String, String>,
+        Option<(String, String)>,
+    )>,
     /// (topic, subject, message)
     pub published: Vec<(String, String, String)>,
     /// (operation, region) of every call.
@@ -173,6 +183,26 @@ impl Cloud for FakeCloud {
                 .get(&(region.to_string(), group.to_string()))
                 .cloned()
                 .unwrap_or_default()
+        }))
+    }
+
+    fn send_message(
+        &self,
+        region: &str,
+        url: &str,
+        body: &str,
+        attributes: &BTreeMap<String, String>,
+        fifo: Option<(&str, &str)>,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        const OP: &str = "SendMessage";
+        ready(self.begin(OP, region).map(|mut st| {
+            st.sent.push((
+                region.to_string(),
+                url.to_string(),
+                body.to_string(),
+                attributes.clone(),
+                fifo.map(|(g, d)| (g.to_string(), d.to_string())),
+            ));
         }))
     }
 

@@ -60,6 +60,8 @@ pub struct TickReport {
     pub reconcile: Report,
     /// Groups whose desired capacity was raised from 0 to 1 (scale-out from zero).
     pub raised_from_zero: Vec<String>,
+    /// Periodic tasks enqueued: (name, scheduled time).
+    pub cron: Vec<(String, String)>,
 }
 
 impl<C: Cloud> Controller<C> {
@@ -127,6 +129,7 @@ impl<C: Cloud> Controller<C> {
                     metrics_error: None,
                     reconcile,
                     raised_from_zero: Vec::new(),
+                    cron: Vec::new(),
                 }))
             }
             Ok(Event::SpotInterruption {
@@ -169,12 +172,69 @@ impl<C: Cloud> Controller<C> {
             Some((visible, _)) => self.scale_from_zero(visible, &reconcile).await,
             None => Vec::new(),
         };
+        let cron = self.run_cron().await;
         Ok(TickReport {
             metrics,
             metrics_error: (!errors.is_empty()).then(|| errors.join("; ")),
             reconcile,
             raised_from_zero,
+            cron,
         })
+    }
+
+    /// Enqueues the periodic tasks that are due ([`crate::cron::due`]),
+    /// then remembers them in tags on the primary group. A send that fails
+    /// is not remembered, so the next tick tries that slot again; a memory
+    /// write that fails makes the next tick send the slot again with the
+    /// same deduplication id (dropped by a FIFO queue; on a standard queue
+    /// an agent that already ran it skips it). Errors are logged: the
+    /// scheduling of tasks never stops the failover work.
+    async fn run_cron(&self) -> Vec<(String, String)> {
+        let tasks = &self.cfg.cron.tasks;
+        if tasks.is_empty() {
+            return Vec::new();
+        }
+        let p = &self.cfg.primary;
+        let tags = match self.cloud.group(&p.region, &p.asg).await {
+            Ok(g) => g.tags,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the periodic tasks' memory; none enqueued");
+                return Vec::new();
+            }
+        };
+        let (due, mut memory) = crate::cron::due(tasks, &tags, self.clock.now());
+        let fifo = p.queue_url.ends_with(".fifo");
+        let mut sent = Vec::new();
+        for d in &due {
+            let (dedup, attrs) = crate::cron::message_of(d);
+            let r = self
+                .cloud
+                .send_message(
+                    &self.cfg.queue_region(),
+                    &p.queue_url,
+                    crate::cron::BODY,
+                    &attrs,
+                    fifo.then_some((d.name.as_str(), dedup.as_str())),
+                )
+                .await;
+            let at = d.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            match r {
+                Ok(()) => {
+                    tracing::info!(task = %d.name, scheduled_at = %at, "periodic task enqueued");
+                    sent.push((d.name.clone(), at));
+                }
+                Err(e) => {
+                    tracing::warn!(task = %d.name, scheduled_at = %at, error = %e, "cannot enqueue a periodic task; tried again next tick");
+                    memory.remove(&crate::cron::tag_of(&d.name));
+                }
+            }
+        }
+        if !memory.is_empty() {
+            if let Err(e) = self.cloud.put_tags(&p.region, &p.asg, &memory).await {
+                tracing::warn!(error = %e, "cannot remember the periodic tasks enqueued; the next tick sends them again (deduplicated)");
+            }
+        }
+        sent
     }
 
     /// Target tracking cannot grow a group from 0: its new capacity is in

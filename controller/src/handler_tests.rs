@@ -714,3 +714,55 @@ async fn the_cascade_counts_as_failed_over_while_any_fallback_is_in_use() {
     assert_eq!(failed_over, [1.0]);
     assert_eq!(status(&c).await.unwrap()["mode"], "failing-back");
 }
+
+#[tokio::test(start_paused = true)]
+async fn periodic_tasks_are_enqueued_once_per_slot_and_retried_when_sending_fails() {
+    let mut c = controller();
+    c.cfg.cron.tasks = crate::cron::parse(
+        "version: 1\ncron:\n - name: report\n   url: /tasks/report\n   schedule: \"*/5 * * * *\"\n",
+    )
+    .unwrap();
+    let sent = |c: &Controller<FakeCloud>| c.cloud.lock().sent.clone();
+    let step = |secs: u64| tokio::time::advance(std::time::Duration::from_secs(secs));
+    // 08:00:00, first sight: the 08:00 slot is recorded, not fired.
+    assert!(c.tick(Vec::new()).await.unwrap().cron.is_empty());
+    step(310).await; // 08:05:10
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(
+        r.cron,
+        [("report".to_string(), "2026-11-28T08:05:00Z".to_string())]
+    );
+    let (region, url, body, attrs, fifo) = sent(&c)[0].clone();
+    assert_eq!(
+        (region.as_str(), url.as_str(), fifo),
+        ("us-east-1", QUEUE, None)
+    );
+    assert_eq!(body, crate::cron::BODY);
+    assert_eq!(attrs["beanstalk.sqsd.task_name"], "report");
+    assert_eq!(
+        attrs["beanstalk.sqsd.scheduled_time"],
+        "2026-11-28T08:05:00Z"
+    );
+    assert_eq!(attrs["beanstalk.sqsd.path"], "/tasks/report");
+    step(30).await;
+    assert!(
+        c.tick(Vec::new()).await.unwrap().cron.is_empty(),
+        "same slot"
+    );
+    // 08:10: SQS refuses; the slot is not remembered and goes next tick.
+    step(300).await;
+    c.cloud
+        .fail_next("SendMessage", "us-east-1", "ServiceUnavailable", 1);
+    assert!(c.tick(Vec::new()).await.unwrap().cron.is_empty());
+    step(20).await;
+    assert_eq!(c.tick(Vec::new()).await.unwrap().cron.len(), 1);
+    assert_eq!(sent(&c).len(), 2);
+    // Down from 08:11 to 09:02: one message, for 09:00.
+    step(51 * 60).await;
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(
+        r.cron,
+        [("report".to_string(), "2026-11-28T09:00:00Z".to_string())]
+    );
+    assert_eq!(sent(&c).len(), 3);
+}

@@ -13,6 +13,7 @@
 pub mod aws;
 pub mod cli;
 pub mod config;
+pub mod cron;
 pub mod events;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fakes;

@@ -598,6 +598,20 @@ impl Cloud for SimCloud {
         std::future::ready(Ok((v as i64, f as i64)))
     }
 
+    /// Periodic tasks are not simulated: a message sent lands in the queue
+    /// with its body only.
+    fn send_message(
+        &self,
+        _region: &str,
+        _url: &str,
+        body: &str,
+        _attributes: &BTreeMap<String, String>,
+        _fifo: Option<(&str, &str)>,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        self.queue.push(body);
+        std::future::ready(Ok(()))
+    }
+
     fn activities(
         &self,
         region: &str,

@@ -1,0 +1,472 @@
+//! Periodic tasks in Elastic Beanstalk's `cron.yaml` format, scheduled by
+//! the controller (which runs one at a time, so no leader election is
+//! needed), without I/O.
+//!
+//! ```yaml
+//! version: 1
+//! cron:
+//!   - name: "nightly-report"       # the task's name (X-Aws-Sqsd-Taskname)
+//!     url: "/tasks/report"         # the path the agent POSTs to
+//!     schedule: "0 3 * * *"        # five fields, UTC
+//! ```
+//!
+//! Each due slot becomes one message on the job queue with the attributes
+//! Elastic Beanstalk's own scheduler writes (`beanstalk.sqsd.task_name`,
+//! `beanstalk.sqsd.scheduled_time`, `beanstalk.sqsd.path`), so the agent
+//! (or sqsd) dispatches it as a periodic task. What was last enqueued per
+//! task is remembered in tags on the primary group; a slot is enqueued
+//! only when it is later than that, so a controller that was down fires
+//! each task once when it comes back (its latest slot), not once per
+//! missed slot.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike, Duration, Timelike, Utc};
+use serde::Deserialize;
+
+/// Message attributes of a periodic task, as Elastic Beanstalk names them.
+pub const ATTR_TASK_NAME: &str = "beanstalk.sqsd.task_name";
+pub const ATTR_SCHEDULED_AT: &str = "beanstalk.sqsd.scheduled_time";
+pub const ATTR_PATH: &str = "beanstalk.sqsd.path";
+/// The body Elastic Beanstalk's scheduler sends (the app gets no body).
+pub const BODY: &str = "elasticbeanstalk scheduled job";
+/// Tag prefix of the memory: `spotguard:cron:<name>` = last slot enqueued.
+pub const TAG_PREFIX: &str = "spotguard:cron:";
+/// How far back a slot is looked for: a schedule with no slot in a year
+/// (say `0 0 30 2 *`) never fires.
+const LOOKBACK_MINUTES: i64 = 366 * 24 * 60;
+
+/// One task of `cron.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub name: String,
+    pub path: String,
+    pub schedule: Schedule,
+}
+
+/// A five-field cron expression: minute, hour, day of month, month, day of
+/// week (0 or 7 = Sunday), each `*`, a number, a name (`JAN`, `MON`), a
+/// range `a-b`, a step `*/n` or `a-b/n`, or a comma list of these. As in
+/// Vixie cron, when both the day of month and the day of week are
+/// restricted, a day matching either is a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    text: String,
+    minutes: u64,
+    hours: u64,
+    days: u64,
+    months: u64,
+    weekdays: u64,
+    days_any: bool,
+    weekdays_any: bool,
+}
+
+const MONTHS: [&str; 12] = [
+    "JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC",
+];
+const WEEKDAYS: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+
+fn field(text: &str, what: &str, lo: u32, hi: u32, names: &[&str]) -> Result<u64, String> {
+    let value = |s: &str| -> Result<u32, String> {
+        if let Some(i) = names.iter().position(|n| n.eq_ignore_ascii_case(s)) {
+            // Names count from the field's low end (JAN = 1, SUN = 0).
+            return Ok(lo + i as u32);
+        }
+        s.parse::<u32>().map_err(|_| {
+            format!(
+                "{what}: {s:?} is not a number{}",
+                if names.is_empty() { "" } else { " or a name" }
+            )
+        })
+    };
+    let mut bits = 0u64;
+    for part in text.split(',') {
+        let (range, step) = match part.split_once('/') {
+            Some((r, s)) => {
+                let step: u32 = s
+                    .parse()
+                    .map_err(|_| format!("{what}: step {s:?} is not a number"))?;
+                if step == 0 {
+                    return Err(format!("{what}: step must be at least 1"));
+                }
+                (r, step)
+            }
+            None => (part, 1),
+        };
+        let (a, b) = match range {
+            "*" => (lo, hi),
+            r => match r.split_once('-') {
+                Some((a, b)) => (value(a)?, value(b)?),
+                None if part.contains('/') => (value(r)?, hi),
+                None => {
+                    let v = value(r)?;
+                    (v, v)
+                }
+            },
+        };
+        // Day of week 7 is Sunday too.
+        let top = if what == "day of week" { 7 } else { hi };
+        if a < lo || b > top || a > b {
+            return Err(format!("{what}: {part:?} is outside {lo}-{hi}"));
+        }
+        let mut v = a;
+        while v <= b {
+            let bit = if what == "day of week" && v == 7 {
+                0
+            } else {
+                v
+            };
+            bits |= 1 << bit;
+            v += step;
+        }
+    }
+    Ok(bits)
+}
+
+impl Schedule {
+    pub fn parse(text: &str) -> Result<Schedule, String> {
+        let f: Vec<&str> = text.split_whitespace().collect();
+        if f.len() != 5 {
+            return Err(format!(
+                "{text:?} has {} fields; expected five (minute hour day-of-month month day-of-week)",
+                f.len()
+            ));
+        }
+        Ok(Schedule {
+            text: text.to_string(),
+            minutes: field(f[0], "minute", 0, 59, &[])?,
+            hours: field(f[1], "hour", 0, 23, &[])?,
+            days: field(f[2], "day of month", 1, 31, &[])?,
+            months: field(f[3], "month", 1, 12, &MONTHS)?,
+            weekdays: field(f[4], "day of week", 0, 6, &WEEKDAYS)?,
+            days_any: f[2] == "*",
+            weekdays_any: f[4] == "*",
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether the minute starting at `t` is a slot.
+    pub fn matches(&self, t: DateTime<Utc>) -> bool {
+        let has = |bits: u64, v: u32| bits & (1 << v) != 0;
+        let day = has(self.days, t.day());
+        let weekday = has(self.weekdays, t.weekday().num_days_from_sunday());
+        let day_ok = match (self.days_any, self.weekdays_any) {
+            (false, false) => day || weekday,
+            _ => day && weekday,
+        };
+        has(self.minutes, t.minute())
+            && has(self.hours, t.hour())
+            && has(self.months, t.month())
+            && day_ok
+    }
+
+    /// The latest slot at or before `now` (whole minutes), if one is within
+    /// the look-back.
+    pub fn latest(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let mut t = now.with_second(0)?.with_nanosecond(0)?;
+        for _ in 0..LOOKBACK_MINUTES {
+            if self.matches(t) {
+                return Some(t);
+            }
+            t -= Duration::minutes(1);
+        }
+        None
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    version: Option<u32>,
+    #[serde(default)]
+    cron: Vec<Entry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    name: Option<String>,
+    url: Option<String>,
+    schedule: Option<String>,
+}
+
+/// Reads `cron.yaml` text; an error names the entry and the field.
+pub fn parse(text: &str) -> Result<Vec<Task>, String> {
+    let file: File = serde_norway::from_str(text).map_err(|e| format!("not a cron.yaml: {e}"))?;
+    if file.version != Some(1) {
+        return Err(format!(
+            "`version`: expected 1, got {}",
+            file.version
+                .map_or("nothing".to_string(), |v| v.to_string())
+        ));
+    }
+    let mut tasks: Vec<Task> = Vec::new();
+    for (i, e) in file.cron.into_iter().enumerate() {
+        let at = |field: &str, name: &Option<String>| match name {
+            Some(n) => format!("cron[{i}] ({n:?}): `{field}`"),
+            None => format!("cron[{i}]: `{field}`"),
+        };
+        let name = match &e.name {
+            Some(n) if !n.trim().is_empty() && n.len() <= 80 && !n.contains(char::is_control) => {
+                n.clone()
+            }
+            _ => {
+                return Err(format!(
+                    "{}: a non-empty name of at most 80 characters is required",
+                    at("name", &e.name)
+                ))
+            }
+        };
+        if tasks.iter().any(|t| t.name == name) {
+            return Err(format!("{}: the name is used twice", at("name", &e.name)));
+        }
+        let path = match &e.url {
+            Some(u) if u.starts_with('/') && !u.contains(char::is_whitespace) => u.clone(),
+            Some(u) => {
+                return Err(format!(
+                    "{}: {u:?} is not a path starting with /",
+                    at("url", &e.name)
+                ))
+            }
+            None => return Err(format!("{}: required", at("url", &e.name))),
+        };
+        let schedule = match &e.schedule {
+            Some(s) => {
+                Schedule::parse(s).map_err(|m| format!("{}: {m}", at("schedule", &e.name)))?
+            }
+            None => return Err(format!("{}: required", at("schedule", &e.name))),
+        };
+        tasks.push(Task {
+            name,
+            path,
+            schedule,
+        });
+    }
+    Ok(tasks)
+}
+
+/// A slot to enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub name: String,
+    pub path: String,
+    pub at: DateTime<Utc>,
+}
+
+/// The memory tag of a task.
+pub fn tag_of(name: &str) -> String {
+    format!("{TAG_PREFIX}{name}")
+}
+
+/// What is due at `now`, and the memory to write once it is enqueued.
+/// A task never seen before starts from its latest slot without firing it
+/// (a schedule added at 15:00 does not run its 03:00 slot); a task whose
+/// latest slot is later than the one remembered fires that slot, once.
+pub fn due(
+    tasks: &[Task],
+    tags: &BTreeMap<String, String>,
+    now: DateTime<Utc>,
+) -> (Vec<Due>, BTreeMap<String, String>) {
+    let mut out = Vec::new();
+    let mut memory = BTreeMap::new();
+    for t in tasks {
+        let Some(slot) = t.schedule.latest(now) else {
+            continue;
+        };
+        let last = tags
+            .get(&tag_of(&t.name))
+            .and_then(|v| DateTime::parse_from_rfc3339(v).ok())
+            .map(|d| d.with_timezone(&Utc));
+        match last {
+            Some(last) if slot <= last => continue,
+            Some(_) => out.push(Due {
+                name: t.name.clone(),
+                path: t.path.clone(),
+                at: slot,
+            }),
+            None => {}
+        }
+        memory.insert(
+            tag_of(&t.name),
+            slot.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        );
+    }
+    (out, memory)
+}
+
+/// A slot's message: its deduplication id (the same for every try of the
+/// same slot) and attributes.
+pub fn message_of(d: &Due) -> (String, BTreeMap<String, String>) {
+    let at = d.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut attrs = BTreeMap::new();
+    attrs.insert(ATTR_TASK_NAME.to_string(), d.name.clone());
+    attrs.insert(ATTR_SCHEDULED_AT.to_string(), at.clone());
+    attrs.insert(ATTR_PATH.to_string(), d.path.clone());
+    // SQS deduplication ids: at most 128 of [A-Za-z0-9!-~]; names are free text.
+    let mut id: String = format!("cron-{}-{}", d.at.timestamp(), d.name)
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .collect();
+    id.truncate(128);
+    (id, attrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn expressions() {
+        let s = Schedule::parse("*/15 9-17 * * MON-FRI").unwrap();
+        assert!(s.matches(t("2026-11-30T09:45:00Z")), "Monday 09:45");
+        assert!(!s.matches(t("2026-11-29T09:45:00Z")), "Sunday");
+        assert!(!s.matches(t("2026-11-30T18:00:00Z")));
+        assert!(!s.matches(t("2026-11-30T09:50:00Z")));
+        // Day of month or day of week when both are restricted (Vixie cron).
+        let s = Schedule::parse("0 0 1 * 0").unwrap();
+        assert!(s.matches(t("2026-12-01T00:00:00Z")), "the 1st, a Tuesday");
+        assert!(s.matches(t("2026-11-29T00:00:00Z")), "a Sunday");
+        assert!(!s.matches(t("2026-11-30T00:00:00Z")));
+        // 7 is Sunday; names are case-insensitive.
+        assert!(Schedule::parse("0 0 * jan 7")
+            .unwrap()
+            .matches(t("2026-01-04T00:00:00Z")));
+        for (bad, says) in [
+            ("* * * *", "five"),
+            ("60 * * * *", "minute"),
+            ("* 24 * * *", "hour"),
+            ("* * 0 * *", "day of month"),
+            ("* * * 13 *", "month"),
+            ("*/0 * * * *", "step"),
+            ("* * * * FUNDAY", "day of week"),
+            ("5-1 * * * *", "outside"),
+        ] {
+            let e = Schedule::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        assert_eq!(
+            Schedule::parse("30 2 * * *")
+                .unwrap()
+                .latest(t("2026-11-29T08:15:42Z")),
+            Some(t("2026-11-29T02:30:00Z"))
+        );
+        assert_eq!(
+            Schedule::parse("0 0 30 2 *")
+                .unwrap()
+                .latest(t("2026-11-29T08:15:42Z")),
+            None
+        );
+    }
+
+    #[test]
+    fn cron_yaml_errors_name_the_entry_and_the_field() {
+        let ok = "version: 1\ncron:\n - name: \"backup\"\n   url: \"/backup\"\n   schedule: \"0 */12 * * *\"\n";
+        let tasks = parse(ok).unwrap();
+        assert_eq!(tasks[0].name, "backup");
+        assert_eq!(tasks[0].path, "/backup");
+        for (text, says) in [
+            ("version: 2\ncron: []\n", "`version`"),
+            ("cron: []\n", "`version`"),
+            ("version: 1\ncron:\n - name: a\n   url: /a\n   schedule: \"61 * * * *\"\n", "cron[0] (\"a\"): `schedule`: minute"),
+            ("version: 1\ncron:\n - name: a\n   url: a\n   schedule: \"* * * * *\"\n", "cron[0] (\"a\"): `url`"),
+            ("version: 1\ncron:\n - url: /a\n   schedule: \"* * * * *\"\n", "cron[0]: `name`"),
+            ("version: 1\ncron:\n - name: a\n   url: /a\n   schedule: \"* * * * *\"\n - name: a\n   url: /b\n   schedule: \"* * * * *\"\n", "cron[1] (\"a\"): `name`: the name is used twice"),
+            ("version: 1\ncron:\n - name: a\n   url: /a\n", "cron[0] (\"a\"): `schedule`: required"),
+            ("version: 1\ncron:\n - name: a\n   url: /a\n   schedule: \"* * * * *\"\n   method: GET\n", "method"),
+            ("{{{", "not a cron.yaml"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.contains(says), "{text:?}: {e}");
+        }
+    }
+
+    fn minute_by_minute(tasks: &[Task], from: &str, minutes: i64) -> Vec<Due> {
+        let mut tags = BTreeMap::new();
+        let mut fired = Vec::new();
+        let start = t(from);
+        for m in 0..minutes {
+            // A tick somewhere within each minute, as the schedule rule sends.
+            let now = start + Duration::minutes(m) + Duration::seconds(17);
+            let (due, memory) = due(tasks, &tags, now);
+            fired.extend(due);
+            tags.extend(memory);
+        }
+        fired
+    }
+
+    #[test]
+    fn each_slot_gives_one_message_in_virtual_time() {
+        let tasks = parse("version: 1\ncron:\n - name: five\n   url: /five\n   schedule: \"*/5 * * * *\"\n - name: hourly\n   url: /hourly\n   schedule: \"0 * * * *\"\n").unwrap();
+        // Three hours from 10:02: the first look records 10:00 without firing.
+        let fired = minute_by_minute(&tasks, "2026-11-29T10:02:00Z", 180);
+        let five: Vec<_> = fired
+            .iter()
+            .filter(|d| d.name == "five")
+            .map(|d| d.at)
+            .collect();
+        let hourly: Vec<_> = fired
+            .iter()
+            .filter(|d| d.name == "hourly")
+            .map(|d| d.at)
+            .collect();
+        assert_eq!(five.len(), 36, "10:05 .. 13:00 every 5 minutes");
+        assert_eq!(five[0], t("2026-11-29T10:05:00Z"));
+        assert_eq!(*five.last().unwrap(), t("2026-11-29T13:00:00Z"));
+        assert!(five.windows(2).all(|w| w[1] - w[0] == Duration::minutes(5)));
+        assert_eq!(
+            hourly,
+            [
+                t("2026-11-29T11:00:00Z"),
+                t("2026-11-29T12:00:00Z"),
+                t("2026-11-29T13:00:00Z")
+            ]
+        );
+        // Ticks twice a minute: still one message per slot.
+        let mut tags = BTreeMap::new();
+        let mut n = 0;
+        for s in 0..(60 * 60 / 30) {
+            let (d, m) = due(
+                &tasks[..1],
+                &tags,
+                t("2026-11-29T10:02:00Z") + Duration::seconds(30 * s),
+            );
+            n += d.len();
+            tags.extend(m);
+        }
+        assert_eq!(n, 12);
+    }
+
+    #[test]
+    fn a_controller_that_was_down_fires_once_when_back() {
+        let tasks = parse(
+            "version: 1\ncron:\n - name: five\n   url: /five\n   schedule: \"*/5 * * * *\"\n",
+        )
+        .unwrap();
+        let mut tags = BTreeMap::new();
+        tags.insert(tag_of("five"), "2026-11-29T10:05:00Z".to_string());
+        // Down from 10:06 to 12:31: 28 slots missed, one message.
+        let (d, m) = due(&tasks, &tags, t("2026-11-29T12:31:05Z"));
+        assert_eq!(
+            d,
+            [Due {
+                name: "five".into(),
+                path: "/five".into(),
+                at: t("2026-11-29T12:30:00Z")
+            }]
+        );
+        assert_eq!(m[&tag_of("five")], "2026-11-29T12:30:00Z");
+        // A retried invocation with the memory not yet written sends the same
+        // slot again, with the same deduplication id.
+        let (again, _) = due(&tasks, &tags, t("2026-11-29T12:31:40Z"));
+        assert_eq!(message_of(&again[0]).0, message_of(&d[0]).0);
+        tags.extend(m);
+        assert!(due(&tasks, &tags, t("2026-11-29T12:32:00Z")).0.is_empty());
+    }
+}
