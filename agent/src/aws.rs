@@ -95,6 +95,11 @@ pub struct Message {
     pub attributes: BTreeMap<String, Attr>,
     /// `MessageGroupId` of a FIFO queue's message.
     pub group_id: Option<String>,
+    /// `SenderId`: who sent it (an IAM user or role id), for sqsd's
+    /// `X-Aws-Sqsd-Sender-Id`.
+    pub sender_id: Option<String>,
+    /// `SentTimestamp`, ms since the epoch.
+    pub sent_ms: Option<i64>,
 }
 
 /// A message attribute: its SQS data type (`String`, `Number`, `Binary`,
@@ -359,6 +364,8 @@ fn convert_message(m: &aws_sdk_sqs::types::Message) -> Option<Message> {
             .and_then(|v| v.parse().ok()),
         attributes,
         group_id: sys_attr(MessageSystemAttributeName::MessageGroupId).cloned(),
+        sender_id: sys_attr(MessageSystemAttributeName::SenderId).cloned(),
+        sent_ms: sys_attr(MessageSystemAttributeName::SentTimestamp).and_then(|v| v.parse().ok()),
     })
 }
 

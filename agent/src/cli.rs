@@ -280,6 +280,7 @@ async fn run_command(cfg: Config) -> Result<(), BoxError> {
             .map_err(|e| format!("worker.notice_signal: {e}"))?,
         notice_url: cfg.worker.notice_url.clone(),
         state_dir: std::path::PathBuf::from(&cfg.worker.state_dir),
+        periodic_seen: Default::default(),
     };
     if let WorkerMode::Exec(argv) = &spec.mode {
         std::fs::create_dir_all(spec.state_dir.join("jobs"))

@@ -244,6 +244,8 @@ impl MemQueue {
                 first_received_ms: None,
                 attributes: m.attributes.clone(),
                 group_id: m.group_id.clone(),
+                sender_id: None,
+                sent_ms: None,
             });
         }
         st.next = next;

@@ -479,6 +479,8 @@ mod tests {
                 .into_iter()
                 .collect(),
             group_id: fifo_group.map(str::to_string),
+            sender_id: None,
+            sent_ms: None,
         }
     }
 

@@ -17,6 +17,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -98,6 +99,54 @@ pub struct WorkerSpec {
     pub notice_url: Option<String>,
     /// Exec mode: per-job directories for the notice and checkpoint files.
     pub state_dir: PathBuf,
+    /// Periodic tasks this instance has run or is running (their
+    /// `name@time`), newest last, at most [`PERIODIC_REMEMBERED`]: a slot
+    /// sent twice (a retried controller invocation on a standard queue)
+    /// that comes back here is deleted without running again.
+    pub periodic_seen: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+}
+
+/// How many periodic slots an instance remembers: a day of a task every
+/// few minutes; a duplicate comes within a tick or two of the original.
+pub const PERIODIC_REMEMBERED: usize = 512;
+
+/// A periodic task's message: the attributes Elastic Beanstalk's scheduler
+/// writes, and the controller too (`controller/src/cron.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Periodic {
+    pub name: String,
+    /// ISO 8601, UTC.
+    pub scheduled_at: String,
+    pub path: String,
+}
+
+impl Periodic {
+    pub fn of(msg: &Message) -> Option<Periodic> {
+        let get = |k: &str| {
+            msg.attributes
+                .get(k)
+                .filter(|a| a.binary.is_none())
+                .map(|a| a.value.clone())
+        };
+        let scheduled_at = get("beanstalk.sqsd.scheduled_time")?;
+        // sqsd normalises the time to ISO 8601 UTC; an unreadable one is
+        // passed as written.
+        let scheduled_at = chrono::DateTime::parse_from_rfc3339(&scheduled_at)
+            .map(|t| {
+                t.with_timezone(&Utc)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            })
+            .unwrap_or(scheduled_at);
+        Some(Periodic {
+            name: get("beanstalk.sqsd.task_name").unwrap_or_default(),
+            scheduled_at,
+            path: get("beanstalk.sqsd.path").unwrap_or_else(|| "/".into()),
+        })
+    }
+
+    fn key(&self) -> String {
+        format!("{}@{}", self.name, self.scheduled_at)
+    }
 }
 
 /// A job's notice and checkpoint files (exec mode).
@@ -232,9 +281,41 @@ pub async fn execute(
     notices: watch::Receiver<Option<JobNotice>>,
     stop: impl Future<Output = StopReason>,
 ) -> Ended {
+    let periodic = Periodic::of(msg);
+    if let Some(p) = &periodic {
+        let mut seen = spec.periodic_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&p.key()) {
+            tracing::info!(message_id = %msg.id, task = %p.name, scheduled_at = %p.scheduled_at, "periodic task already run on this instance (sent twice); deleted without running");
+            return Ended {
+                outcome: Outcome::Succeeded,
+                checkpoint: None,
+            };
+        }
+        seen.push_back(p.key());
+        while seen.len() > PERIODIC_REMEMBERED {
+            seen.pop_front();
+        }
+    }
+    let ended = dispatch(spec, msg, periodic.as_ref(), files, notices, stop).await;
+    if let (Some(p), false) = (&periodic, ended.outcome == Outcome::Succeeded) {
+        // Not run to its end here: another try (here or elsewhere) may run it.
+        let mut seen = spec.periodic_seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|k| *k != p.key());
+    }
+    ended
+}
+
+async fn dispatch(
+    spec: &WorkerSpec,
+    msg: &Message,
+    periodic: Option<&Periodic>,
+    files: Option<&JobFiles>,
+    notices: watch::Receiver<Option<JobNotice>>,
+    stop: impl Future<Output = StopReason>,
+) -> Ended {
     match &spec.mode {
-        WorkerMode::Exec(argv) => exec(spec, argv, msg, files, notices, stop).await,
-        WorkerMode::Http(url) => http(spec, url, msg, notices, stop).await,
+        WorkerMode::Exec(argv) => exec(spec, argv, msg, periodic, files, notices, stop).await,
+        WorkerMode::Http(url) => http(spec, url, msg, periodic, notices, stop).await,
     }
 }
 
@@ -281,6 +362,7 @@ async fn exec(
     spec: &WorkerSpec,
     argv: &[String],
     msg: &Message,
+    periodic: Option<&Periodic>,
     files: Option<&JobFiles>,
     mut notices: watch::Receiver<Option<JobNotice>>,
     stop: impl Future<Output = StopReason>,
@@ -307,6 +389,14 @@ async fn exec(
         .env("SPOTGUARD_QUEUE_NAME", &spec.queue_name);
     if let Some(t) = first_received_iso(msg) {
         cmd.env("SPOTGUARD_FIRST_RECEIVED_AT", t);
+    }
+    if let Some(id) = &msg.sender_id {
+        cmd.env("SPOTGUARD_SENDER_ID", id);
+    }
+    if let Some(p) = periodic {
+        cmd.env("SPOTGUARD_TASK_NAME", &p.name)
+            .env("SPOTGUARD_SCHEDULED_AT", &p.scheduled_at)
+            .env("SPOTGUARD_TASK_PATH", &p.path);
     }
     if let Some(f) = files {
         cmd.env("SPOTGUARD_NOTICE_FILE", &f.notice)
@@ -539,9 +629,27 @@ async fn http(
     spec: &WorkerSpec,
     url: &str,
     msg: &Message,
+    periodic: Option<&Periodic>,
     mut notices: watch::Receiver<Option<JobNotice>>,
     stop: impl Future<Output = StopReason>,
 ) -> Ended {
+    // A periodic task goes to its own path on the app (as sqsd sends it).
+    let target = match periodic {
+        Some(p) => match reqwest::Url::parse(url).and_then(|u| u.join(&p.path)) {
+            Ok(u) => u.to_string(),
+            Err(e) => {
+                return Ended {
+                    outcome: Outcome::Failed(format!(
+                        "periodic task {:?}: path {:?} does not make a URL with {url}: {e}",
+                        p.name, p.path
+                    )),
+                    checkpoint: None,
+                }
+            }
+        },
+        None => url.to_string(),
+    };
+    let url = target.as_str();
     let mut req = spec
         .http
         .post(url)
@@ -553,7 +661,43 @@ async fn http(
     if let Some(t) = first_received_iso(msg) {
         req = req.header("X-Aws-Sqsd-First-Received-At", t);
     }
-    for (k, a) in msg.attributes.iter().filter(|(_, a)| a.binary.is_none()) {
+    if let Some(t) = msg
+        .sent_ms
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+    {
+        req = req.header(
+            "X-Aws-Sqsd-Sent-At",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        );
+    }
+    if let Some(id) = msg
+        .sender_id
+        .as_deref()
+        .and_then(|v| reqwest::header::HeaderValue::from_str(v).ok())
+    {
+        req = req.header("X-Aws-Sqsd-Sender-Id", id);
+    }
+    if let Some(p) = periodic {
+        for (k, v) in [
+            ("X-Aws-Sqsd-Taskname", &p.name),
+            ("X-Aws-Sqsd-Scheduled-At", &p.scheduled_at),
+            ("X-Aws-Sqsd-Path", &p.path),
+        ] {
+            match reqwest::header::HeaderValue::from_str(v) {
+                Ok(v) => req = req.header(k, v),
+                Err(_) => {
+                    tracing::warn!(message_id = %msg.id, header = k, "periodic task value cannot be an HTTP header; not passed")
+                }
+            }
+        }
+    }
+    // sqsd passes its own attributes (beanstalk.sqsd.*) as the headers
+    // above, not as attribute headers.
+    for (k, a) in msg
+        .attributes
+        .iter()
+        .filter(|(k, a)| a.binary.is_none() && !k.starts_with("beanstalk.sqsd."))
+    {
         let name = format!("X-Aws-Sqsd-Attr-{k}");
         match (
             reqwest::header::HeaderName::from_bytes(name.as_bytes()),
@@ -570,7 +714,13 @@ async fn http(
             }
         }
     }
-    let send = req.body(msg.body.clone()).send();
+    // A periodic task has no body for the app (sqsd sends none).
+    let body = if periodic.is_some() {
+        String::new()
+    } else {
+        msg.body.clone()
+    };
+    let send = req.body(body).send();
     tokio::pin!(send);
     tokio::pin!(stop);
     let mut noticed = false;
@@ -742,6 +892,7 @@ mod tests {
             notice_signal: None,
             notice_url: Some(format!("{url}/notice")),
             state_dir: std::env::temp_dir(),
+            periodic_seen: Default::default(),
         };
         let msg = Message {
             id: "m-stop".into(),
@@ -751,6 +902,8 @@ mod tests {
             first_received_ms: None,
             attributes: Default::default(),
             group_id: None,
+            sender_id: None,
+            sent_ms: None,
         };
         let (_tx, rx) = watch::channel(None);
         let stop = async {
@@ -796,6 +949,7 @@ mod tests {
             notice_signal: None,
             notice_url: None,
             state_dir: dir.clone(),
+            periodic_seen: Default::default(),
         };
         let msg = Message {
             id: "m-big".into(),
@@ -805,6 +959,8 @@ mod tests {
             first_received_ms: None,
             attributes: Default::default(),
             group_id: None,
+            sender_id: None,
+            sent_ms: None,
         };
         let (_tx, rx) = watch::channel(None);
         let started = std::time::Instant::now();
@@ -817,5 +973,106 @@ mod tests {
         assert_eq!(ended.outcome, Outcome::Succeeded);
         assert!(started.elapsed() < Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn periodic_msg(id: &str) -> Message {
+        Message {
+            id: id.into(),
+            receipt: "r".into(),
+            body: "elasticbeanstalk scheduled job".into(),
+            receive_count: 1,
+            first_received_ms: None,
+            attributes: [
+                ("beanstalk.sqsd.task_name", "report"),
+                ("beanstalk.sqsd.scheduled_time", "2026-11-29T03:00:00+00:00"),
+                ("beanstalk.sqsd.path", "/tasks/report"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), crate::aws::Attr::string(v)))
+            .collect(),
+            group_id: None,
+            sender_id: Some("AROAEXAMPLE:spotguard-controller".into()),
+            sent_ms: Some(1_795_000_000_000),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_periodic_task_is_posted_to_its_path_with_the_sqsd_headers_once_per_instance() {
+        use spotguard_common::http::{body_bytes, reply, serve};
+        type Seen =
+            Arc<std::sync::Mutex<Vec<(String, std::collections::BTreeMap<String, String>, usize)>>>;
+        let seen: Seen = Arc::default();
+        let answer = Arc::new(std::sync::atomic::AtomicU16::new(500));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (s, a) = (seen.clone(), answer.clone());
+        tokio::spawn(serve(
+            listener,
+            std::future::pending(),
+            move |req: hyper::Request<hyper::body::Incoming>| {
+                let (s, a) = (s.clone(), a.clone());
+                async move {
+                    let path = req.uri().path().to_string();
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| {
+                            (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())
+                        })
+                        .collect();
+                    let n = body_bytes(req.into_body()).await.len();
+                    s.lock().unwrap().push((path, headers, n));
+                    let status = a.load(std::sync::atomic::Ordering::Relaxed);
+                    Ok::<_, std::convert::Infallible>(reply(status, "text/plain", ""))
+                }
+            },
+        ));
+        let spec = WorkerSpec {
+            mode: WorkerMode::Http(format!("http://{addr}/work")),
+            queue_url: "https://sqs.us-east-1.amazonaws.com/1/jobs".into(),
+            queue_name: "jobs".into(),
+            term_grace: Duration::from_millis(300),
+            content_type: "application/json".into(),
+            env: Vec::new(),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            notice_signal: None,
+            notice_url: None,
+            state_dir: std::env::temp_dir(),
+            periodic_seen: Default::default(),
+        };
+        let run = |m: Message| {
+            let spec = spec.clone();
+            async move {
+                let (_tx, rx) = watch::channel(None);
+                execute(&spec, &m, None, rx, std::future::pending())
+                    .await
+                    .outcome
+            }
+        };
+        // The app fails the first try: not remembered, so the retry runs.
+        assert!(matches!(run(periodic_msg("m1")).await, Outcome::Failed(_)));
+        answer.store(200, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(run(periodic_msg("m1")).await, Outcome::Succeeded);
+        // The same slot sent twice: deleted here without running again.
+        assert_eq!(run(periodic_msg("m2")).await, Outcome::Succeeded);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        let (path, h, body_len) = &seen[1];
+        assert_eq!(path, "/tasks/report");
+        assert_eq!(*body_len, 0, "sqsd posts a periodic task without a body");
+        assert_eq!(h["x-aws-sqsd-taskname"], "report");
+        assert_eq!(h["x-aws-sqsd-scheduled-at"], "2026-11-29T03:00:00Z");
+        assert_eq!(h["x-aws-sqsd-path"], "/tasks/report");
+        assert_eq!(
+            h["x-aws-sqsd-sender-id"],
+            "AROAEXAMPLE:spotguard-controller"
+        );
+        assert_eq!(h["x-aws-sqsd-msgid"], "m1");
+        assert!(h.contains_key("x-aws-sqsd-sent-at"));
+        assert!(
+            h.keys()
+                .all(|k| !k.starts_with("x-aws-sqsd-attr-beanstalk")),
+            "{h:?}"
+        );
     }
 }

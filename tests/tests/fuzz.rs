@@ -397,6 +397,8 @@ fn message_attributes_and_checkpoints_never_panic() {
                     .map(|(k, v)| (k, Attr::string(v)))
                     .collect::<BTreeMap<_, _>>(),
                 group_id: fifo.then(|| "g".to_string()),
+                sender_id: None,
+                sent_ms: None,
             };
             if let Ok(out) = hand_over_message(&msg, &ckpt, fifo) {
                 prop_assert!(out.attributes.len() <= 10);
