@@ -693,6 +693,19 @@ asg = "gpu-west-2"
         }
     }
 
+    fn vars_base() -> Vec<(String, String)> {
+        [
+            ("SPOTGUARD_PRIMARY_ASG", "a"),
+            (
+                "SPOTGUARD_PRIMARY_QUEUE_URL",
+                "https://sqs.us-east-1.amazonaws.com/1/jobs",
+            ),
+            ("SPOTGUARD_FALLBACK_ASG", "b"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .to_vec()
+    }
+
     #[test]
     fn the_cascade_from_the_environment() {
         let vars = [

@@ -69,6 +69,7 @@ try:
     check("controller config in SPOTGUARD_* variables",
           env.get("SPOTGUARD_PRIMARY_QUEUE_URL") == out["QueueUrl"] and str(env.get("SPOTGUARD_FALLBACK_MAX_SIZE")) == "7"
           and env.get("SPOTGUARD_NOTIFY_SNS_TOPIC_ARN") == out["TopicArn"], env)
+    check("no periodic tasks unless given (no SPOTGUARD_CRON_YAML)", "SPOTGUARD_CRON_YAML" not in env, env)
     rules = client("events").list_rules()["Rules"]
     check("four EventBridge rules (capacity failures, successes, spot warning, schedule)", len(rules) == 4, rules)
     check("a one-minute schedule", any(r.get("ScheduleExpression") == "rate(1 minute)" for r in rules))
@@ -132,12 +133,14 @@ try:
               out["QueueUrl"] in user_data and "systemctl enable --now spotguard-agent" in user_data)
         check(f"{group}: IMDSv2 required", data.get("MetadataOptions", {}).get("HttpTokens") == "required")
     cascade = '[{ region = "us-east-2", asg = "spotguard-gpu-fallback" }, { region = "us-west-2", asg = "spotguard-gpu-west", max_size = 4 }]'
+    cron = 'version: 1\ncron:\n - name: "cleanup"\n   url: "/periodic/"\n   schedule: "0 3 * * *"\n'
     out = create("us-east-1", "spotguard-control-cascade", "packaging/cloudformation/spotguard-control.yaml",
-                 {"ControllerCodeBucket": "code", "Fallbacks": cascade})
+                 {"ControllerCodeBucket": "code", "Fallbacks": cascade, "CronYaml": cron})
     fns = [f for f in client("lambda").list_functions()["Functions"] if f["FunctionName"] == out.get("ControllerFunction")]
     env = fns[0]["Environment"]["Variables"] if fns else {}
     check("a cascade's control plane passes SPOTGUARD_FALLBACKS and not the one-group variables",
           env.get("SPOTGUARD_FALLBACKS") == cascade and "SPOTGUARD_FALLBACK_ASG" not in env, env)
+    check("the control plane passes cron.yaml as SPOTGUARD_CRON_YAML", env.get("SPOTGUARD_CRON_YAML") == cron, env)
 finally:
     proc.terminate()
 print(f"{passed} passed, {failed} failed")
