@@ -95,6 +95,20 @@ impl AwsEnv {
         }
     }
 
+    /// An SDK configuration that reaches moto through the fault proxy (for
+    /// a controller in process); clients are made per region from it.
+    pub fn sdk_through_proxy(&self) -> aws_config::SdkConfig {
+        self.rt.block_on(
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new("us-east-1"))
+                .endpoint_url(&self.proxy.url)
+                .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                    "test", "test", None, None, "test",
+                ))
+                .load(),
+        )
+    }
+
     /// The environment an agent needs to reach moto through the proxy. No
     /// `AWS_REGION`: as on an instance, the agent takes its region from its
     /// own (mock) IMDS and each client the region of its resource.

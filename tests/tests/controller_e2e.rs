@@ -79,15 +79,7 @@ sns_topic_arn = "{topic}"
 impl Ctl {
     /// The controller in process, talking to moto through the proxy.
     fn controller(&self) -> Controller<SdkCloud> {
-        let sdk = self.env.rt.block_on(
-            aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .region(aws_config::Region::new("us-east-1"))
-                .endpoint_url(&self.env.proxy.url)
-                .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-                    "test", "test", None, None, "test",
-                ))
-                .load(),
-        );
+        let sdk = self.env.sdk_through_proxy();
         Controller {
             cfg: self.cfg.clone(),
             cloud: SdkCloud::new(&sdk, &["us-east-1", "us-east-2"]),
@@ -924,15 +916,7 @@ min_dwell = "1s"
     let dir = TempDir::new("ctl-cascade");
     let cfg_path = dir.path().join("controller.toml");
     std::fs::write(&cfg_path, &text).unwrap();
-    let sdk = env.rt.block_on(
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(&env.proxy.url)
-            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-                "test", "test", None, None, "test",
-            ))
-            .load(),
-    );
+    let sdk = env.sdk_through_proxy();
     let c = Controller {
         cfg: Config::parse(&text, "test").unwrap(),
         cloud: SdkCloud::new(&sdk, &["us-east-1", "us-east-2", "us-west-2"]),

@@ -89,15 +89,7 @@ fn controller(env: &AwsEnv, queue: &str, primary: &str, clock: &Manual) -> Contr
     let text = format!(
         "[primary]\nasg = \"{primary}\"\nqueue_url = \"{queue}\"\n[fallback]\nasg = \"gpu-fallback\"\n[cron]\nyaml = {CRON_YAML:?}\n"
     );
-    let sdk = env.rt.block_on(
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(&env.proxy.url)
-            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-                "test", "test", None, None, "test",
-            ))
-            .load(),
-    );
+    let sdk = env.sdk_through_proxy();
     Controller {
         cfg: Config::parse(&text, "test").unwrap(),
         cloud: SdkCloud::new(&sdk, &["us-east-1", "us-east-2"]),
