@@ -724,6 +724,12 @@ asg = "gpu-west-2"
         assert_eq!(c.fallbacks.len(), 2);
         assert_eq!(c.fallbacks[1].region, "us-west-2");
         assert_eq!(c.fallbacks[1].max_size, 3);
+        let mut with_cron = vars_base();
+        with_cron.push((
+            "SPOTGUARD_CRON_YAML".to_string(),
+            "version: 1\ncron:\n - name: r\n   url: /r\n   schedule: \"*/5 * * * *\"\n".to_string(),
+        ));
+        assert_eq!(Config::from_env(with_cron).unwrap().cron.tasks.len(), 1);
         let e =
             Config::from_env([("SPOTGUARD_FALLBACKS".to_string(), "b".to_string())]).unwrap_err();
         assert!(e.to_string().contains("SPOTGUARD_FALLBACKS"), "{e}");
