@@ -340,7 +340,7 @@ fn d_interval() -> Dur {
 }
 
 const SECTIONS: &[&str] = &[
-    "primary", "fallback", "failover", "metric", "policy", "notify", "run",
+    "primary", "fallback", "failover", "metric", "policy", "notify", "run", "cron",
 ];
 
 impl Config {
