@@ -120,6 +120,34 @@ pub struct Periodic {
     pub path: String,
 }
 
+/// The app's URL with its path (and query) replaced by a periodic task's
+/// `path`. The path is queue input: one that is not a plain absolute path
+/// (`//host`, `/\\host`, a full URL) is refused, and the result must keep
+/// the app's origin, so a message cannot send the POST to another host.
+pub fn task_url(app: &str, path: &str) -> Result<String, String> {
+    if !path.starts_with('/')
+        || path.starts_with("//")
+        || path.contains('\\')
+        || path.contains("://")
+        || path.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err("not a plain absolute path".into());
+    }
+    let base = reqwest::Url::parse(app).map_err(|e| format!("worker.url: {e}"))?;
+    let (p, q) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let mut u = base.clone();
+    u.set_path(p);
+    u.set_query(q);
+    u.set_fragment(None);
+    if u.origin() != base.origin() {
+        return Err("it would leave the app's host".into());
+    }
+    Ok(u.to_string())
+}
+
 impl Periodic {
     pub fn of(msg: &Message) -> Option<Periodic> {
         let get = |k: &str| {
@@ -634,13 +662,15 @@ async fn http(
     stop: impl Future<Output = StopReason>,
 ) -> Ended {
     // A periodic task goes to its own path on the app (as sqsd sends it).
+    // The path comes from the message: it may change only the path and
+    // query, never the app's scheme, host or port.
     let target = match periodic {
-        Some(p) => match reqwest::Url::parse(url).and_then(|u| u.join(&p.path)) {
-            Ok(u) => u.to_string(),
-            Err(e) => {
+        Some(p) => match task_url(url, &p.path) {
+            Ok(u) => u,
+            Err(why) => {
                 return Ended {
                     outcome: Outcome::Failed(format!(
-                        "periodic task {:?}: path {:?} does not make a URL with {url}: {e}",
+                        "periodic task {:?}: path {:?} refused: {why}",
                         p.name, p.path
                     )),
                     checkpoint: None,
@@ -1074,5 +1104,30 @@ mod tests {
                 .all(|k| !k.starts_with("x-aws-sqsd-attr-beanstalk")),
             "{h:?}"
         );
+    }
+
+    #[test]
+    fn a_task_path_cannot_take_the_post_to_another_host() {
+        let app = "http://127.0.0.1:8080/work";
+        assert_eq!(
+            task_url(app, "/tasks/report").unwrap(),
+            "http://127.0.0.1:8080/tasks/report"
+        );
+        assert_eq!(
+            task_url(app, "/t?x=1").unwrap(),
+            "http://127.0.0.1:8080/t?x=1"
+        );
+        assert_eq!(task_url(app, "/a/../b").unwrap(), "http://127.0.0.1:8080/b");
+        for evil in [
+            "http://169.254.169.254/latest",
+            "//evil.example/x",
+            "/\\evil.example/x",
+            "evil",
+            "/x y",
+            "/x\nHost: evil",
+            "https://127.0.0.1:8080/x",
+        ] {
+            assert!(task_url(app, evil).is_err(), "{evil:?}");
+        }
     }
 }

@@ -278,7 +278,6 @@ fn chrono_of(t: &aws_sdk_autoscaling::primitives::DateTime) -> Option<DateTime<U
     DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos())
 }
 
-/// The region of an SNS topic ARN (`arn:aws:sns:REGION:ACCOUNT:NAME`).
 impl SdkCloud {
     /// The group's instances that are protected from scale-in.
     async fn protected_ids(&self, region: &str, group: &str) -> Result<Vec<String>, CloudError> {

@@ -35,6 +35,10 @@ pub const TAG_PREFIX: &str = "spotguard:cron:";
 /// How far back a slot is looked for: a schedule with no slot in a year
 /// (say `0 0 30 2 *`) never fires.
 const LOOKBACK_MINUTES: i64 = 366 * 24 * 60;
+/// At most this many tasks: each keeps one tag on the primary group, and a
+/// group holds at most 50 tags (Auto Scaling's quota), some of them the
+/// user's.
+pub const MAX_TASKS: usize = 20;
 
 /// One task of `cron.yaml`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +111,7 @@ fn field(text: &str, what: &str, lo: u32, hi: u32, names: &[&str]) -> Result<u64
         // Day of week 7 is Sunday too.
         let top = if what == "day of week" { 7 } else { hi };
         if a < lo || b > top || a > b {
-            return Err(format!("{what}: {part:?} is outside {lo}-{hi}"));
+            return Err(format!("{what}: {part:?} is outside {lo}-{top}"));
         }
         let mut v = a;
         while v <= b {
@@ -117,7 +121,10 @@ fn field(text: &str, what: &str, lo: u32, hi: u32, names: &[&str]) -> Result<u64
                 v
             };
             bits |= 1 << bit;
-            v += step;
+            let Some(next) = v.checked_add(step) else {
+                break;
+            };
+            v = next;
         }
     }
     Ok(bits)
@@ -139,8 +146,10 @@ impl Schedule {
             days: field(f[2], "day of month", 1, 31, &[])?,
             months: field(f[3], "month", 1, 12, &MONTHS)?,
             weekdays: field(f[4], "day of week", 0, 6, &WEEKDAYS)?,
-            days_any: f[2] == "*",
-            weekdays_any: f[4] == "*",
+            // As Vixie cron: a field starting with `*` (`*/2` too) does
+            // not restrict the day.
+            days_any: f[2].starts_with('*'),
+            weekdays_any: f[4].starts_with('*'),
         })
     }
 
@@ -151,27 +160,39 @@ impl Schedule {
     /// Whether the minute starting at `t` is a slot.
     pub fn matches(&self, t: DateTime<Utc>) -> bool {
         let has = |bits: u64, v: u32| bits & (1 << v) != 0;
-        let day = has(self.days, t.day());
-        let weekday = has(self.weekdays, t.weekday().num_days_from_sunday());
-        let day_ok = match (self.days_any, self.weekdays_any) {
-            (false, false) => day || weekday,
-            _ => day && weekday,
-        };
         has(self.minutes, t.minute())
             && has(self.hours, t.hour())
             && has(self.months, t.month())
-            && day_ok
+            && self.matches_day(t)
+    }
+
+    fn matches_day(&self, t: DateTime<Utc>) -> bool {
+        let has = |bits: u64, v: u32| bits & (1 << v) != 0;
+        let day = has(self.days, t.day());
+        let weekday = has(self.weekdays, t.weekday().num_days_from_sunday());
+        match (self.days_any, self.weekdays_any) {
+            (false, false) => day || weekday,
+            _ => day && weekday,
+        }
     }
 
     /// The latest slot at or before `now` (whole minutes), if one is within
-    /// the look-back.
+    /// the look-back. Whole days and hours that cannot match are skipped, so
+    /// a yearly schedule costs a few hundred steps, not half a million.
     pub fn latest(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let has = |bits: u64, v: u32| bits & (1 << v) != 0;
         let mut t = now.with_second(0)?.with_nanosecond(0)?;
-        for _ in 0..LOOKBACK_MINUTES {
-            if self.matches(t) {
+        let floor = t - Duration::minutes(LOOKBACK_MINUTES);
+        while t >= floor {
+            if !has(self.months, t.month()) || !self.matches_day(t) {
+                t = t.with_hour(0)?.with_minute(0)? - Duration::minutes(1);
+            } else if !has(self.hours, t.hour()) {
+                t = t.with_minute(0)? - Duration::minutes(1);
+            } else if has(self.minutes, t.minute()) {
                 return Some(t);
+            } else {
+                t -= Duration::minutes(1);
             }
-            t -= Duration::minutes(1);
         }
         None
     }
@@ -203,6 +224,12 @@ pub fn parse(text: &str) -> Result<Vec<Task>, String> {
                 .map_or("nothing".to_string(), |v| v.to_string())
         ));
     }
+    if file.cron.len() > MAX_TASKS {
+        return Err(format!(
+            "`cron`: {} tasks; at most {MAX_TASKS} (each is remembered in a tag of the primary group, which holds 50)",
+            file.cron.len()
+        ));
+    }
     let mut tasks: Vec<Task> = Vec::new();
     for (i, e) in file.cron.into_iter().enumerate() {
         let at = |field: &str, name: &Option<String>| match name {
@@ -224,7 +251,15 @@ pub fn parse(text: &str) -> Result<Vec<Task>, String> {
             return Err(format!("{}: the name is used twice", at("name", &e.name)));
         }
         let path = match &e.url {
-            Some(u) if u.starts_with('/') && !u.contains(char::is_whitespace) => u.clone(),
+            Some(u)
+                if u.starts_with('/')
+                    && !u.starts_with("//")
+                    && !u.contains('\\')
+                    && !u.contains("://")
+                    && !u.contains(|c: char| c.is_whitespace() || c.is_control()) =>
+            {
+                u.clone()
+            }
             Some(u) => {
                 return Err(format!(
                     "{}: {u:?} is not a path starting with /",
@@ -272,14 +307,21 @@ pub fn due(
 ) -> (Vec<Due>, BTreeMap<String, String>) {
     let mut out = Vec::new();
     let mut memory = BTreeMap::new();
+    let minute = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     for t in tasks {
-        let Some(slot) = t.schedule.latest(now) else {
-            continue;
-        };
         let last = tags
             .get(&tag_of(&t.name))
             .and_then(|v| DateTime::parse_from_rfc3339(v).ok())
             .map(|d| d.with_timezone(&Utc));
+        let Some(slot) = t.schedule.latest(now) else {
+            // No slot within the look-back (a 29 February task): seen now,
+            // so that its first slot fires rather than counting as a
+            // first sight.
+            if last.is_none() {
+                memory.insert(tag_of(&t.name), minute(now));
+            }
+            continue;
+        };
         match last {
             Some(last) if slot <= last => continue,
             Some(_) => out.push(Due {
@@ -289,29 +331,43 @@ pub fn due(
             }),
             None => {}
         }
-        memory.insert(
-            tag_of(&t.name),
-            slot.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        );
+        memory.insert(tag_of(&t.name), minute(slot));
     }
     (out, memory)
 }
 
-/// A slot's message: its deduplication id (the same for every try of the
-/// same slot) and attributes.
-pub fn message_of(d: &Due) -> (String, BTreeMap<String, String>) {
-    let at = d.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+/// FNV-1a, 64 bits: a stable id for a task name in SQS's character set.
+fn name_hash(name: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// A slot's message on a FIFO queue: (group id, deduplication id), both
+/// from a hash of the name (names are free text; SQS takes only
+/// alphanumerics and punctuation there), the deduplication id the same for
+/// every try of the same slot.
+pub fn fifo_ids(d: &Due) -> (String, String) {
+    let h = name_hash(&d.name);
+    (
+        format!("cron-{h}"),
+        format!("cron-{h}-{}", d.at.timestamp()),
+    )
+}
+
+/// A slot's message attributes.
+pub fn message_of(d: &Due) -> BTreeMap<String, String> {
     let mut attrs = BTreeMap::new();
     attrs.insert(ATTR_TASK_NAME.to_string(), d.name.clone());
-    attrs.insert(ATTR_SCHEDULED_AT.to_string(), at.clone());
+    attrs.insert(
+        ATTR_SCHEDULED_AT.to_string(),
+        d.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    );
     attrs.insert(ATTR_PATH.to_string(), d.path.clone());
-    // SQS deduplication ids: at most 128 of [A-Za-z0-9!-~]; names are free text.
-    let mut id: String = format!("cron-{}-{}", d.at.timestamp(), d.name)
-        .chars()
-        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
-        .collect();
-    id.truncate(128);
-    (id, attrs)
+    attrs
 }
 
 #[cfg(test)]
@@ -363,6 +419,61 @@ mod tests {
                 .latest(t("2026-11-29T08:15:42Z")),
             None
         );
+        // A yearly slot is found across the year (the scan skips days).
+        assert_eq!(
+            Schedule::parse("15 4 2 1 *")
+                .unwrap()
+                .latest(t("2026-11-29T08:15:42Z")),
+            Some(t("2026-01-02T04:15:00Z"))
+        );
+        // `*/2` in a day field does not restrict it (Vixie cron): odd days
+        // that are Mondays, not odd days or Mondays.
+        let s = Schedule::parse("0 0 */2 * MON").unwrap();
+        assert!(s.matches(t("2026-11-23T00:00:00Z")), "the 23rd, a Monday");
+        assert!(!s.matches(t("2026-11-30T00:00:00Z")), "a Monday, even day");
+        assert!(
+            !s.matches(t("2026-11-25T00:00:00Z")),
+            "odd day, a Wednesday"
+        );
+        // A huge step cannot overflow.
+        assert!(Schedule::parse("0/4294967295 * * * *")
+            .unwrap()
+            .matches(t("2026-11-29T08:00:00Z")));
+    }
+
+    #[test]
+    fn a_task_with_no_slot_yet_fires_at_its_first_one() {
+        let tasks =
+            parse("version: 1\ncron:\n - name: leap\n   url: /leap\n   schedule: \"0 0 29 2 *\"\n")
+                .unwrap();
+        let (d, m) = due(&tasks, &BTreeMap::new(), t("2026-11-29T08:00:00Z"));
+        assert!(d.is_empty());
+        let (d, _) = due(&tasks, &m, t("2028-02-29T00:00:30Z"));
+        assert_eq!(d.len(), 1, "fired in 2028, not skipped as a first sight");
+    }
+
+    #[test]
+    fn fifo_ids_are_valid_and_distinct_for_any_name() {
+        let at = t("2026-11-29T10:05:00Z");
+        let d = |name: &str| Due {
+            name: name.into(),
+            path: "/x".into(),
+            at,
+        };
+        let ids: Vec<(String, String)> = ["nightly report", "nightly_report", "rapport été", "a"]
+            .iter()
+            .map(|n| fifo_ids(&d(n)))
+            .collect();
+        for (g, dd) in &ids {
+            for id in [g, dd] {
+                assert!(
+                    id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+                    "{id}"
+                );
+            }
+        }
+        let groups: std::collections::BTreeSet<_> = ids.iter().map(|i| &i.0).collect();
+        assert_eq!(groups.len(), 4, "{ids:?}");
     }
 
     #[test]
@@ -376,6 +487,7 @@ mod tests {
             ("cron: []\n", "`version`"),
             ("version: 1\ncron:\n - name: a\n   url: /a\n   schedule: \"61 * * * *\"\n", "cron[0] (\"a\"): `schedule`: minute"),
             ("version: 1\ncron:\n - name: a\n   url: a\n   schedule: \"* * * * *\"\n", "cron[0] (\"a\"): `url`"),
+            ("version: 1\ncron:\n - name: a\n   url: //evil/x\n   schedule: \"* * * * *\"\n", "cron[0] (\"a\"): `url`"),
             ("version: 1\ncron:\n - url: /a\n   schedule: \"* * * * *\"\n", "cron[0]: `name`"),
             ("version: 1\ncron:\n - name: a\n   url: /a\n   schedule: \"* * * * *\"\n - name: a\n   url: /b\n   schedule: \"* * * * *\"\n", "cron[1] (\"a\"): `name`: the name is used twice"),
             ("version: 1\ncron:\n - name: a\n   url: /a\n", "cron[0] (\"a\"): `schedule`: required"),
@@ -465,7 +577,7 @@ mod tests {
         // A retried invocation with the memory not yet written sends the same
         // slot again, with the same deduplication id.
         let (again, _) = due(&tasks, &tags, t("2026-11-29T12:31:40Z"));
-        assert_eq!(message_of(&again[0]).0, message_of(&d[0]).0);
+        assert_eq!(fifo_ids(&again[0]), fifo_ids(&d[0]));
         tags.extend(m);
         assert!(due(&tasks, &tags, t("2026-11-29T12:32:00Z")).0.is_empty());
     }

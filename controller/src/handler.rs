@@ -151,6 +151,9 @@ impl<C: Cloud> Controller<C> {
         for e in &errors {
             tracing::warn!(error = %e, "cannot publish a backlog metric");
         }
+        // Periodic tasks need only the primary group: a failover decision
+        // that cannot be made this tick does not hold them back.
+        let cron = self.run_cron().await;
         let reconcile = self.reconcile(launches, true, depth).await?;
         // For the "failed over too long" alarm: 1 while any fallback is in
         // use (failed over or failing back).
@@ -172,7 +175,6 @@ impl<C: Cloud> Controller<C> {
             Some((visible, _)) => self.scale_from_zero(visible, &reconcile).await,
             None => Vec::new(),
         };
-        let cron = self.run_cron().await;
         Ok(TickReport {
             metrics,
             metrics_error: (!errors.is_empty()).then(|| errors.join("; ")),
@@ -182,14 +184,15 @@ impl<C: Cloud> Controller<C> {
         })
     }
 
-    /// Enqueues the periodic tasks that are due ([`crate::cron::due`]),
-    /// then remembers them in tags on the primary group. A send that fails
-    /// is not remembered, so the next tick tries that slot again; a memory
-    /// write that fails makes the next tick send the slot again with the
-    /// same deduplication id (dropped by a FIFO queue; on a standard queue
-    /// an agent that already ran it skips it). Errors are logged: the
-    /// scheduling of tasks never stops the failover work.
+    /// Enqueues the periodic tasks that are due ([`crate::cron::due`]).
+    /// The slot is remembered (tags on the primary group) before it is
+    /// sent: a memory that cannot be written sends nothing (tried again next
+    /// tick), and a retried invocation finds the slot taken and sends
+    /// nothing, on any queue. A send that fails puts the memory back, so
+    /// the next tick sends it; if that too fails, the slot is missed, and
+    /// said so. Never stops the failover work.
     async fn run_cron(&self) -> Vec<(String, String)> {
+        use crate::cron;
         let tasks = &self.cfg.cron.tasks;
         if tasks.is_empty() {
             return Vec::new();
@@ -202,19 +205,27 @@ impl<C: Cloud> Controller<C> {
                 return Vec::new();
             }
         };
-        let (due, mut memory) = crate::cron::due(tasks, &tags, self.clock.now());
+        let (due, memory) = cron::due(tasks, &tags, self.clock.now());
+        if memory.is_empty() {
+            return Vec::new();
+        }
+        if let Err(e) = self.cloud.put_tags(&p.region, &p.asg, &memory).await {
+            tracing::warn!(error = %e, "cannot remember the periodic tasks due; none enqueued, tried again next tick");
+            return Vec::new();
+        }
         let fifo = p.queue_url.ends_with(".fifo");
         let mut sent = Vec::new();
+        let mut restore = std::collections::BTreeMap::new();
         for d in &due {
-            let (dedup, attrs) = crate::cron::message_of(d);
+            let ids = cron::fifo_ids(d);
             let r = self
                 .cloud
                 .send_message(
                     &self.cfg.queue_region(),
                     &p.queue_url,
-                    crate::cron::BODY,
-                    &attrs,
-                    fifo.then_some((d.name.as_str(), dedup.as_str())),
+                    cron::BODY,
+                    &cron::message_of(d),
+                    fifo.then_some((ids.0.as_str(), ids.1.as_str())),
                 )
                 .await;
             let at = d.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -225,13 +236,16 @@ impl<C: Cloud> Controller<C> {
                 }
                 Err(e) => {
                     tracing::warn!(task = %d.name, scheduled_at = %at, error = %e, "cannot enqueue a periodic task; tried again next tick");
-                    memory.remove(&crate::cron::tag_of(&d.name));
+                    let key = cron::tag_of(&d.name);
+                    if let Some(old) = tags.get(&key) {
+                        restore.insert(key, old.clone());
+                    }
                 }
             }
         }
-        if !memory.is_empty() {
-            if let Err(e) = self.cloud.put_tags(&p.region, &p.asg, &memory).await {
-                tracing::warn!(error = %e, "cannot remember the periodic tasks enqueued; the next tick sends them again (deduplicated)");
+        if !restore.is_empty() {
+            if let Err(e) = self.cloud.put_tags(&p.region, &p.asg, &restore).await {
+                tracing::error!(error = %e, tasks = ?restore.keys().collect::<Vec<_>>(), "a periodic task could be neither enqueued nor un-remembered: this slot is missed");
             }
         }
         sent

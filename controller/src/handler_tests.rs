@@ -766,3 +766,32 @@ async fn periodic_tasks_are_enqueued_once_per_slot_and_retried_when_sending_fail
     );
     assert_eq!(sent(&c).len(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_periodic_slot_is_remembered_before_it_is_sent() {
+    let mut c = controller();
+    c.cfg.cron.tasks = crate::cron::parse(
+        "version: 1\ncron:\n - name: report\n   url: /r\n   schedule: \"*/5 * * * *\"\n",
+    )
+    .unwrap();
+    c.tick(Vec::new()).await.unwrap();
+    tokio::time::advance(std::time::Duration::from_secs(310)).await;
+    // The memory cannot be written: nothing is sent.
+    c.cloud
+        .fail_next("CreateOrUpdateTags", "us-east-1", "Throttling", 1);
+    assert!(c.tick(Vec::new()).await.unwrap().cron.is_empty());
+    assert!(c.cloud.lock().sent.is_empty());
+    // A failover decision that cannot be made does not hold the task back.
+    c.cloud.fail_next(
+        "DescribeAutoScalingGroups",
+        "us-east-2",
+        "ServiceUnavailable",
+        10,
+    );
+    assert!(c.tick(Vec::new()).await.is_err());
+    assert_eq!(c.cloud.lock().sent.len(), 1);
+    // Ticks again at the same slot (a retried invocation): nothing more.
+    c.cloud.lock().faults.clear();
+    assert!(c.tick(Vec::new()).await.unwrap().cron.is_empty());
+    assert_eq!(c.cloud.lock().sent.len(), 1);
+}

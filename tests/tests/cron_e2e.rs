@@ -158,22 +158,32 @@ fn a_django_eb_sqs_worker_periodic_task_runs_once_per_schedule_under_two_agents(
 }
 
 #[test]
-fn a_retried_invocation_enqueues_a_slot_once_on_a_fifo_queue() {
+fn on_a_fifo_queue_a_slot_goes_once_even_when_its_memory_cannot_be_written_at_first() {
     let env = AwsEnv::start();
     let queue = env.create_fifo_queue("jobs");
     env.create_group_in("us-east-1", "workers", 0, 3, 0);
     let clock = Manual::at("2026-11-29T10:02:00Z");
-    let c = controller(&env, &queue, "workers", &clock);
+    let mut c = controller(&env, &queue, "workers", &clock);
+    // A name SQS would refuse as a FIFO group id ("nightly report").
+    c.cfg.cron.tasks = spotguard_controller::cron::parse(
+        "version: 1\ncron:\n - name: \"nightly report\"\n   url: \"/periodic/\"\n   schedule: \"*/5 * * * *\"\n",
+    )
+    .unwrap();
     let tick = |at: &str| {
         clock.set(at);
         env.rt.block_on(c.tick(Vec::new())).expect("tick").cron
     };
     tick("2026-11-29T10:02:00Z");
-    // The send works, the memory write does not: the next tick sends the
-    // slot again, with the same deduplication id.
+    // The memory cannot be written (all the SDK's tries fail): nothing is sent.
     env.proxy
         .inject("CreateOrUpdateTags", Fault::server_error(), 3);
-    assert_eq!(tick("2026-11-29T10:05:10Z").len(), 1);
-    assert_eq!(tick("2026-11-29T10:05:30Z").len(), 1, "sent again");
-    assert_eq!(env.depth(&queue), (1, 0), "SQS kept one");
+    assert!(tick("2026-11-29T10:05:10Z").is_empty());
+    assert_eq!(env.depth(&queue), (0, 0));
+    // Then it can: the slot goes, once; a retried tick sends nothing more.
+    assert_eq!(tick("2026-11-29T10:05:30Z").len(), 1);
+    assert!(
+        tick("2026-11-29T10:05:30Z").is_empty(),
+        "a retried invocation"
+    );
+    assert_eq!(env.depth(&queue), (1, 0));
 }
