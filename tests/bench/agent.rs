@@ -13,35 +13,27 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use spotguard_tests::agent_setup::{base_config, secs, to_toml};
 use spotguard_tests::aws_env::{start_agent, AwsEnv};
 use spotguard_tests::{
     arg_u64, bin, median_max, now_ms, proc_usage, MockImds, Proc, Record, TempDir,
 };
 
 fn config(queue: &str, imds: &str, worker: &str, concurrency: u32) -> String {
-    let state = std::env::temp_dir().join("spotguard-bench-state");
-    let state = state.display();
-    format!(
-        r#"
-[queue]
-url = "{queue}"
-wait_time = "1s"
-[worker]
-command = ["{worker}"]
-state_dir = "{state}"
-concurrency = {concurrency}
-term_grace = "2s"
-[imds]
-endpoint = "{imds}"
-[interruption]
-poll_interval = "1s"
-deadline_margin = "5s"
-[scale_in]
-enabled = false
-[status]
-listen = ""
-"#
-    )
+    let mut c = base_config(queue, imds, "bench");
+    c.worker.command = Some(vec![worker.to_string()]);
+    c.worker.concurrency = concurrency;
+    c.worker.state_dir = std::env::temp_dir()
+        .join("spotguard-bench-state")
+        .display()
+        .to_string();
+    c.worker.env.clear();
+    c.queue.visibility_timeout = secs(60);
+    c.queue.error_visibility_timeout = secs(30);
+    c.interruption.poll_interval = secs(1);
+    c.interruption.deadline_margin = secs(5);
+    c.scale_in.enabled = false;
+    to_toml(&c)
 }
 
 fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {

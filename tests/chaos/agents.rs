@@ -14,9 +14,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use spotguard_tests::agent_setup::{base_config, millis, secs, to_toml};
 use spotguard_tests::aws_env::{start_agent, AwsEnv};
 use spotguard_tests::proxy::Fault;
-use spotguard_tests::{arg_u64, bin, now_ms, MockImds, Proc, Record, Rng, TempDir};
+use spotguard_tests::{arg_u64, now_ms, MockImds, Proc, Record, Rng, TempDir};
 
 struct Slot {
     tag: String,
@@ -39,41 +40,20 @@ fn config(
     state: &std::path::Path,
     broken: bool,
 ) -> String {
-    let worker = if broken {
+    let mut c = base_config(queue, &mock.url, tag);
+    if broken {
         // A broken install: the worker program is missing on this agent.
-        PathBuf::from("/nonexistent/spotguard-test-worker")
-    } else {
-        bin("spotguard-test-worker")
-    };
-    format!(
-        r#"
-[queue]
-url = "{queue}"
-wait_time = "1s"
-visibility_timeout = "10s"
-heartbeat_interval = "3s"
-error_visibility_timeout = "1s"
-[worker]
-command = ["{worker}"]
-concurrency = 2
-term_grace = "1s"
-state_dir = "{state}"
-[worker.env]
-TEST_AGENT = "{tag}"
-[imds]
-endpoint = "{imds}"
-[interruption]
-poll_interval = "200ms"
-deadline_margin = "3s"
-[scale_in]
-enabled = false
-[status]
-listen = ""
-"#,
-        worker = worker.display(),
-        imds = mock.url,
-        state = state.display(),
-    )
+        c.worker.command = Some(vec!["/nonexistent/spotguard-test-worker".into()]);
+    }
+    c.queue.visibility_timeout = secs(10);
+    c.queue.heartbeat_interval = Some(secs(3));
+    c.worker.concurrency = 2;
+    c.worker.term_grace = secs(1);
+    c.worker.state_dir = state.display().to_string();
+    c.interruption.poll_interval = millis(200);
+    c.interruption.deadline_margin = secs(3);
+    c.scale_in.enabled = false;
+    to_toml(&c)
 }
 
 fn main() {

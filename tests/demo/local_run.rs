@@ -6,45 +6,28 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use spotguard_tests::agent_setup::{base_config, millis, secs, to_toml};
 use spotguard_tests::aws_env::{start_agent, AwsEnv};
-use spotguard_tests::{bin, now_ms, MockImds, Record, TempDir};
+use spotguard_tests::{now_ms, MockImds, Record, TempDir};
 
 const SHORT_JOBS: usize = 10;
 const LONG_JOBS: usize = 2;
 
+/// The demo's agents: the test worker, three jobs at a time, a 10 s idle
+/// scale-in (the agent's own config type, serialised).
 fn config(queue: &str, imds: &str, agent: &str) -> String {
-    format!(
-        r#"
-[queue]
-url = "{queue}"
-wait_time = "2s"
-visibility_timeout = "30s"
-
-[worker]
-command = ["{worker}"]
-state_dir = "{state}"
-concurrency = 3
-term_grace = "2s"
-
-[worker.env]
-TEST_AGENT = "{agent}"
-
-[imds]
-endpoint = "{imds}"
-
-[interruption]
-poll_interval = "500ms"
-deadline_margin = "5s"
-
-[scale_in]
-idle_timeout = "10s"
-
-[status]
-listen = ""
-"#,
-        worker = bin("spotguard-test-worker").display(),
-        state = std::env::temp_dir().join("spotguard-demo-state").display(),
-    )
+    let mut c = base_config(queue, imds, agent);
+    c.queue.wait_time = secs(2);
+    c.queue.error_visibility_timeout = secs(30);
+    c.worker.concurrency = 3;
+    c.worker.state_dir = std::env::temp_dir()
+        .join("spotguard-demo-state")
+        .display()
+        .to_string();
+    c.interruption.poll_interval = millis(500);
+    c.interruption.deadline_margin = secs(5);
+    c.scale_in.idle_timeout = secs(10);
+    to_toml(&c)
 }
 
 fn main() {

@@ -45,7 +45,7 @@ impl Setup {
     /// The configuration of agent `agent` on instance `i` ([`base_config`]),
     /// then `edit`.
     pub fn agent_config(&self, i: usize, agent: &str, edit: impl FnOnce(&mut Config)) -> Config {
-        let mut c = base_config(&self.queue, &self.mocks[i], agent);
+        let mut c = base_config(&self.queue, &self.mocks[i].url, agent);
         edit(&mut c);
         c
     }
@@ -64,7 +64,7 @@ pub fn to_toml(cfg: &Config) -> String {
 
 /// The agent config the tests start from: short long polls and timers so a
 /// test takes seconds, no status endpoint, scale-in on.
-pub fn base_config(queue: &str, mock: &MockImds, agent: &str) -> Config {
+pub fn base_config(queue: &str, imds: &str, agent: &str) -> Config {
     const MINIMAL: &str = "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/q\"\n[worker]\ncommand = [\"/bin/true\"]\n";
     let mut c = Config::parse(MINIMAL, "test base config").expect("valid");
     c.queue.url = queue.to_string();
@@ -78,7 +78,7 @@ pub fn base_config(queue: &str, mock: &MockImds, agent: &str) -> Config {
         .display()
         .to_string();
     c.worker.env.insert("TEST_AGENT".into(), agent.into());
-    c.imds.endpoint = mock.url.clone();
+    c.imds.endpoint = imds.to_string();
     c.status.listen = String::new();
     c
 }

@@ -14,7 +14,7 @@ const N: u64 = 60;
 const EVERY: u64 = 10;
 
 fn agent_cfg(queue: &str, mock: &MockImds, agent: &str) -> Config {
-    let mut c = base_config(queue, mock, agent);
+    let mut c = base_config(queue, &mock.url, agent);
     // FIFO: the re-send with the checkpoint is opt-in (it reorders the group).
     c.worker.fifo_resend_checkpoint = queue.ends_with(".fifo");
     c.scale_in.enabled = false;

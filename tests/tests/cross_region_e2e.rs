@@ -21,7 +21,7 @@ fn a_fallback_region_agent_runs_primary_jobs_notifies_the_primary_topic_and_scal
     let mock = MockImds::start(&["--instance-id", &ids[0], "--region", "us-east-2"]);
     let (topic, sub) = s.env.topic_to_queue("spotguard-notices");
     assert!(topic.starts_with("arn:aws:sns:us-east-1:"), "{topic}");
-    let mut cfg = base_config(&s.queue, &mock, "a");
+    let mut cfg = base_config(&s.queue, &mock.url, "a");
     cfg.worker.concurrency = 2;
     cfg.scale_in.idle_timeout = secs(3);
     cfg.interruption.poll_interval = millis(200);
@@ -86,7 +86,7 @@ fn a_queue_url_without_a_region_is_refused_at_start_naming_queue_region() {
     let mock = MockImds::start(&[]);
     let mut cfg = base_config(
         "https://vpce-0abc.sqs.us-east-1.vpce.amazonaws.com/1/jobs",
-        &mock,
+        &mock.url,
         "a",
     );
     let path = dir.path().join("agent.toml");
