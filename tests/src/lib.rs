@@ -16,6 +16,7 @@ use serde_json::Value;
 
 pub mod agent_setup;
 pub mod aws_env;
+pub mod controller_setup;
 pub mod proxy;
 pub mod serve;
 

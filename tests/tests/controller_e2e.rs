@@ -11,6 +11,7 @@ use spotguard_controller::aws::SdkCloud;
 use spotguard_controller::config::Config;
 use spotguard_controller::handler::Controller;
 use spotguard_tests::aws_env::AwsEnv;
+use spotguard_tests::controller_setup::{controller_config, controller_toml};
 use spotguard_tests::proxy::{activities_xml, Fault};
 use spotguard_tests::{bin, TempDir};
 
@@ -45,27 +46,11 @@ fn setup(tag: &str) -> Ctl {
     }
     env.create_group_in("us-east-2", "gpu-fallback", 0, 0, 0);
     let (topic, sub) = env.topic_to_queue("spotguard-modes");
-    let text = format!(
-        r#"
-[primary]
-asg = "gpu-primary"
-queue_url = "{queue}"
-[fallback]
-asg = "gpu-fallback"
-max_size = 5
-[failover]
-shortage_for = "0s"
-capacity_ttl = "60s"
-cooldown = "3s"
-min_dwell = "1s"
-[notify]
-sns_topic_arn = "{topic}"
-"#
-    );
+    let mut cfg = controller_config(&queue, "gpu-primary", &[("us-east-2", "gpu-fallback", 5)]);
+    cfg.notify.sns_topic_arn = Some(topic.clone());
     let dir = TempDir::new(tag);
     let cfg_path = dir.path().join("controller.toml");
-    std::fs::write(&cfg_path, &text).unwrap();
-    let cfg = Config::parse(&text, "test").unwrap();
+    std::fs::write(&cfg_path, controller_toml(&cfg)).unwrap();
     Ctl {
         env,
         dir,
@@ -660,9 +645,10 @@ fn run_reads_events_from_an_sqs_queue() {
     let events = t.env.create_queue("spotguard-events", 5);
     t.env.send(&events, &capacity_failure("act-q").to_string());
     t.env.send(&events, "not json");
-    let cfg = std::fs::read_to_string(&t.cfg_path).unwrap()
-        + &format!("[run]\ninterval = \"1s\"\nevents_queue_url = \"{events}\"\n");
-    std::fs::write(&t.cfg_path, cfg).unwrap();
+    let mut cfg = t.cfg.clone();
+    cfg.run.interval = spotguard_common::config::Dur(Duration::from_secs(1));
+    cfg.run.events_queue_url = Some(events.clone());
+    std::fs::write(&t.cfg_path, controller_toml(&cfg)).unwrap();
     let mut cmd = Command::new(bin("spotguard-controller"));
     cmd.arg("run").arg("--config").arg(&t.cfg_path);
     for (k, v) in t.env.agent_env() {
@@ -893,32 +879,20 @@ fn a_three_region_cascade_opens_in_order_and_closes_in_reverse() {
     );
     env.create_group_in("us-east-2", "gpu-east-2", 0, 0, 0);
     env.create_group_in("us-west-2", "gpu-west-2", 0, 0, 0);
-    let text = format!(
-        r#"
-[primary]
-asg = "gpu-primary"
-queue_url = "{queue}"
-[[fallbacks]]
-region = "us-east-2"
-asg = "gpu-east-2"
-max_size = 5
-[[fallbacks]]
-region = "us-west-2"
-asg = "gpu-west-2"
-max_size = 4
-[failover]
-shortage_for = "0s"
-capacity_ttl = "60s"
-cooldown = "3s"
-min_dwell = "1s"
-"#
+    let cfg = controller_config(
+        &queue,
+        "gpu-primary",
+        &[
+            ("us-east-2", "gpu-east-2", 5),
+            ("us-west-2", "gpu-west-2", 4),
+        ],
     );
     let dir = TempDir::new("ctl-cascade");
     let cfg_path = dir.path().join("controller.toml");
-    std::fs::write(&cfg_path, &text).unwrap();
+    std::fs::write(&cfg_path, controller_toml(&cfg)).unwrap();
     let sdk = env.sdk_through_proxy();
     let c = Controller {
-        cfg: Config::parse(&text, "test").unwrap(),
+        cfg,
         cloud: SdkCloud::new(&sdk, &["us-east-1", "us-east-2", "us-west-2"]),
         clock: std::sync::Arc::new(spotguard_common::clock::SystemClock),
     };

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use spotguard_common::clock::Clock;
 use spotguard_controller::aws::SdkCloud;
-use spotguard_controller::config::Config;
 use spotguard_controller::handler::Controller;
 use spotguard_tests::agent_setup::{fleet, wait};
 use spotguard_tests::aws_env::AwsEnv;
+use spotguard_tests::controller_setup::controller_config;
 use spotguard_tests::proxy::Fault;
 use spotguard_tests::serve::{body_bytes, reply, Incoming, Request};
 
@@ -86,12 +86,11 @@ const CRON_YAML: &str = "version: 1\ncron:\n - name: \"cleanup\"\n   url: \"/per
 
 fn controller(env: &AwsEnv, queue: &str, primary: &str, clock: &Manual) -> Controller<SdkCloud> {
     env.create_group_in("us-east-2", "gpu-fallback", 0, 0, 0);
-    let text = format!(
-        "[primary]\nasg = \"{primary}\"\nqueue_url = \"{queue}\"\n[fallback]\nasg = \"gpu-fallback\"\n[cron]\nyaml = {CRON_YAML:?}\n"
-    );
+    let mut cfg = controller_config(queue, primary, &[("us-east-2", "gpu-fallback", 10)]);
+    cfg.cron.tasks = spotguard_controller::cron::parse(CRON_YAML).unwrap();
     let sdk = env.sdk_through_proxy();
     Controller {
-        cfg: Config::parse(&text, "test").unwrap(),
+        cfg,
         cloud: SdkCloud::new(&sdk, &["us-east-1", "us-east-2"]),
         clock: Arc::new(clock.clone()),
     }
