@@ -279,32 +279,13 @@ fn chrono_of(t: &aws_sdk_autoscaling::primitives::DateTime) -> Option<DateTime<U
 }
 
 impl SdkCloud {
-    /// The group's instances that are protected from scale-in.
-    async fn protected_ids(&self, region: &str, group: &str) -> Result<Vec<String>, CloudError> {
-        const OP: &str = "DescribeAutoScalingGroups";
-        let c = self.clients(OP, region)?;
-        bounded(OP, region, async {
-            let out = c
-                .asg
-                .describe_auto_scaling_groups()
-                .auto_scaling_group_names(group)
-                .send()
-                .await
-                .map_err(|e| err(OP, region, e))?;
-            Ok(out
-                .auto_scaling_groups()
-                .iter()
-                .flat_map(|g| g.instances())
-                .filter(|i| i.protected_from_scale_in() == Some(true))
-                .filter_map(|i| i.instance_id().map(str::to_string))
-                .collect())
-        })
-        .await
-    }
-}
-
-impl Cloud for SdkCloud {
-    async fn group(&self, region: &str, name: &str) -> Result<GroupInfo, CloudError> {
+    /// `DescribeAutoScalingGroups` of one group; its absence is an error
+    /// naming it.
+    async fn describe(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> Result<aws_sdk_autoscaling::types::AutoScalingGroup, CloudError> {
         const OP: &str = "DescribeAutoScalingGroups";
         let c = self.clients(OP, region)?;
         bounded(OP, region, async {
@@ -315,46 +296,62 @@ impl Cloud for SdkCloud {
                 .send()
                 .await
                 .map_err(|e| err(OP, region, e))?;
-            let g = out
-                .auto_scaling_groups()
+            out.auto_scaling_groups()
                 .first()
+                .cloned()
                 .ok_or_else(|| CloudError {
                     op: OP,
                     region: region.to_string(),
                     message: format!("no Auto Scaling group named {name:?}"),
-                })?;
-            let in_service: Vec<_> = g
-                .instances()
-                .iter()
-                .filter(|i| i.lifecycle_state() == Some(&LifecycleState::InService))
-                .collect();
-            Ok(GroupInfo {
-                desired: g.desired_capacity().unwrap_or(0),
-                min: g.min_size().unwrap_or(0),
-                max: g.max_size().unwrap_or(0),
-                in_service: in_service.len() as i32,
-                busy: in_service
-                    .iter()
-                    .filter(|i| i.protected_from_scale_in() == Some(true))
-                    .count() as i32,
-                pending: g
-                    .instances()
-                    .iter()
-                    .filter(|i| {
-                        i.lifecycle_state()
-                            .is_some_and(|s| s.as_str().starts_with("Pending"))
-                    })
-                    .count() as i32,
-                tags: g
-                    .tags()
-                    .iter()
-                    .filter_map(|t| {
-                        Some((t.key()?.to_string(), t.value().unwrap_or("").to_string()))
-                    })
-                    .collect(),
-            })
+                })
         })
         .await
+    }
+
+    /// The group's instances that are protected from scale-in.
+    async fn protected_ids(&self, region: &str, group: &str) -> Result<Vec<String>, CloudError> {
+        Ok(self
+            .describe(region, group)
+            .await?
+            .instances()
+            .iter()
+            .filter(|i| i.protected_from_scale_in() == Some(true))
+            .filter_map(|i| i.instance_id().map(str::to_string))
+            .collect())
+    }
+}
+
+impl Cloud for SdkCloud {
+    async fn group(&self, region: &str, name: &str) -> Result<GroupInfo, CloudError> {
+        let g = self.describe(region, name).await?;
+        let in_service: Vec<_> = g
+            .instances()
+            .iter()
+            .filter(|i| i.lifecycle_state() == Some(&LifecycleState::InService))
+            .collect();
+        Ok(GroupInfo {
+            desired: g.desired_capacity().unwrap_or(0),
+            min: g.min_size().unwrap_or(0),
+            max: g.max_size().unwrap_or(0),
+            in_service: in_service.len() as i32,
+            busy: in_service
+                .iter()
+                .filter(|i| i.protected_from_scale_in() == Some(true))
+                .count() as i32,
+            pending: g
+                .instances()
+                .iter()
+                .filter(|i| {
+                    i.lifecycle_state()
+                        .is_some_and(|s| s.as_str().starts_with("Pending"))
+                })
+                .count() as i32,
+            tags: g
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string())))
+                .collect(),
+        })
     }
 
     async fn queue_depth(&self, region: &str, url: &str) -> Result<(i64, i64), CloudError> {
