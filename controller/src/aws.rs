@@ -168,6 +168,14 @@ pub trait Cloud: Send + Sync {
         group: &str,
         tags: &BTreeMap<String, String>,
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// `DeleteTags` of the given keys (those of periodic tasks no longer
+    /// configured: a group holds at most 50 tags).
+    fn delete_tags(
+        &self,
+        region: &str,
+        group: &str,
+        keys: &[String],
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
     /// The policy's `Enabled` flag, if AWS reports it (moto does not).
     fn policy(
         &self,
@@ -511,6 +519,30 @@ impl Cloud for SdkCloud {
                         .key(k)
                         .value(v)
                         .propagate_at_launch(false)
+                        .build(),
+                );
+            }
+            req.send().await.map(|_| ()).map_err(|e| err(OP, region, e))
+        })
+        .await
+    }
+
+    async fn delete_tags(
+        &self,
+        region: &str,
+        group: &str,
+        keys: &[String],
+    ) -> Result<(), CloudError> {
+        const OP: &str = "DeleteTags";
+        let c = self.clients(OP, region)?;
+        bounded(OP, region, async {
+            let mut req = c.asg.delete_tags();
+            for k in keys {
+                req = req.tags(
+                    Tag::builder()
+                        .resource_id(group)
+                        .resource_type("auto-scaling-group")
+                        .key(k)
                         .build(),
                 );
             }

@@ -237,12 +237,19 @@ pub fn parse(text: &str) -> Result<Vec<Task>, String> {
             None => format!("cron[{i}]: `{field}`"),
         };
         let name = match &e.name {
-            Some(n) if !n.trim().is_empty() && n.len() <= 80 && !n.contains(char::is_control) => {
+            // It travels as an HTTP header (X-Aws-Sqsd-Taskname): printable
+            // ASCII, no space at either end.
+            Some(n)
+                if !n.is_empty()
+                    && n.len() <= 80
+                    && n.trim() == n
+                    && n.bytes().all(|b| (0x20..0x7f).contains(&b)) =>
+            {
                 n.clone()
             }
             _ => {
                 return Err(format!(
-                    "{}: a non-empty name of at most 80 characters is required",
+                    "{}: a name of 1 to 80 printable ASCII characters, no space at either end, is required",
                     at("name", &e.name)
                 ))
             }
@@ -460,10 +467,11 @@ mod tests {
             path: "/x".into(),
             at,
         };
-        let ids: Vec<(String, String)> = ["nightly report", "nightly_report", "rapport été", "a"]
-            .iter()
-            .map(|n| fifo_ids(&d(n)))
-            .collect();
+        let ids: Vec<(String, String)> =
+            ["nightly report", "nightly_report", "nightly-report!", "a"]
+                .iter()
+                .map(|n| fifo_ids(&d(n)))
+                .collect();
         for (g, dd) in &ids {
             for id in [g, dd] {
                 assert!(
@@ -489,6 +497,8 @@ mod tests {
             ("version: 1\ncron:\n - name: a\n   url: a\n   schedule: \"* * * * *\"\n", "cron[0] (\"a\"): `url`"),
             ("version: 1\ncron:\n - name: a\n   url: //evil/x\n   schedule: \"* * * * *\"\n", "cron[0] (\"a\"): `url`"),
             ("version: 1\ncron:\n - url: /a\n   schedule: \"* * * * *\"\n", "cron[0]: `name`"),
+            ("version: 1\ncron:\n - name: \"rapport \u{e9}t\u{e9}\"\n   url: /a\n   schedule: \"* * * * *\"\n", "printable ASCII"),
+            ("version: 1\ncron:\n - name: \" padded\"\n   url: /a\n   schedule: \"* * * * *\"\n", "no space at either end"),
             ("version: 1\ncron:\n - name: a\n   url: /a\n   schedule: \"* * * * *\"\n - name: a\n   url: /b\n   schedule: \"* * * * *\"\n", "cron[1] (\"a\"): `name`: the name is used twice"),
             ("version: 1\ncron:\n - name: a\n   url: /a\n", "cron[0] (\"a\"): `schedule`: required"),
             ("version: 1\ncron:\n - name: a\n   url: /a\n   schedule: \"* * * * *\"\n   method: GET\n", "method"),

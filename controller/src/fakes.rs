@@ -264,6 +264,23 @@ impl Cloud for FakeCloud {
         }))
     }
 
+    fn delete_tags(
+        &self,
+        region: &str,
+        group: &str,
+        keys: &[String],
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        const OP: &str = "DeleteTags";
+        ready(self.begin(OP, region).and_then(|mut st| {
+            let g = st
+                .groups
+                .get_mut(&(region.to_string(), group.to_string()))
+                .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
+            g.tags.retain(|k, _| !keys.contains(k));
+            Ok(())
+        }))
+    }
+
     fn policy(
         &self,
         region: &str,

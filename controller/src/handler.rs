@@ -14,6 +14,10 @@ use crate::events::{self, Event};
 use crate::metrics::{self, MetricValue};
 use crate::reconcile::{self, Action, FallbackGroup, Launch, Link, Memory, Mode, Plan, Settings};
 
+/// How long a tick's periodic tasks may take: within the Lambda's 30 s
+/// (the template's `Timeout`), after the failover work.
+const CRON_BUDGET: std::time::Duration = std::time::Duration::from_secs(12);
+
 pub struct Controller<C> {
     pub cfg: Config,
     pub cloud: C,
@@ -151,10 +155,18 @@ impl<C: Cloud> Controller<C> {
         for e in &errors {
             tracing::warn!(error = %e, "cannot publish a backlog metric");
         }
-        // Periodic tasks need only the primary group: a failover decision
-        // that cannot be made this tick does not hold them back.
-        let cron = self.run_cron().await;
-        let reconcile = self.reconcile(launches, true, depth).await?;
+        // The failover decision first; periodic tasks need only the primary
+        // group, so a decision that cannot be made this tick does not hold
+        // them back, and their time (bounded) comes after it.
+        let reconcile = self.reconcile(launches, true, depth).await;
+        let cron = match tokio::time::timeout(CRON_BUDGET, self.run_cron()).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                tracing::error!(budget = ?CRON_BUDGET, "periodic tasks cut short: AWS too slow; a slot remembered but not sent is missed");
+                Vec::new()
+            }
+        };
+        let reconcile = reconcile?;
         // For the "failed over too long" alarm: 1 while any fallback is in
         // use (failed over or failing back).
         let p = &self.cfg.primary;
@@ -205,13 +217,39 @@ impl<C: Cloud> Controller<C> {
                 return Vec::new();
             }
         };
+        // Tags of tasks no longer configured go: a group holds 50.
+        let stale: Vec<String> = tags
+            .keys()
+            .filter(|k| k.starts_with(cron::TAG_PREFIX))
+            .filter(|k| !tasks.iter().any(|t| cron::tag_of(&t.name) == **k))
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
+            match self.cloud.delete_tags(&p.region, &p.asg, &stale).await {
+                Ok(()) => {
+                    tracing::info!(tags = ?stale, "tags of periodic tasks no longer configured removed")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot remove the tags of periodic tasks no longer configured")
+                }
+            }
+        }
         let (due, memory) = cron::due(tasks, &tags, self.clock.now());
         if memory.is_empty() {
             return Vec::new();
         }
         if let Err(e) = self.cloud.put_tags(&p.region, &p.asg, &memory).await {
-            tracing::warn!(error = %e, "cannot remember the periodic tasks due; none enqueued, tried again next tick");
-            return Vec::new();
+            // The write may have been applied all the same (a timeout):
+            // then the slots are taken, and must be sent now or never.
+            let written = match self.cloud.group(&p.region, &p.asg).await {
+                Ok(g) => memory.iter().all(|(k, v)| g.tags.get(k) == Some(v)),
+                Err(_) => false,
+            };
+            if !written {
+                tracing::error!(error = %e, "cannot remember the periodic tasks due (a group holds at most 50 tags); none enqueued, tried again next tick");
+                return Vec::new();
+            }
+            tracing::warn!(error = %e, "the memory write answered an error but was applied; sending");
         }
         let fifo = p.queue_url.ends_with(".fifo");
         let mut sent = Vec::new();

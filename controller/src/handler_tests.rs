@@ -795,3 +795,31 @@ async fn a_periodic_slot_is_remembered_before_it_is_sent() {
     assert!(c.tick(Vec::new()).await.unwrap().cron.is_empty());
     assert_eq!(c.cloud.lock().sent.len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn tags_of_periodic_tasks_no_longer_configured_are_removed() {
+    let mut c = controller();
+    c.cfg.cron.tasks = crate::cron::parse(
+        "version: 1\ncron:\n - name: kept\n   url: /k\n   schedule: \"*/5 * * * *\"\n",
+    )
+    .unwrap();
+    {
+        let mut st = c.cloud.lock();
+        let g = st
+            .groups
+            .get_mut(&("us-east-1".into(), "gpu-east-1".into()))
+            .unwrap();
+        g.tags
+            .insert("spotguard:cron:gone".into(), "2026-11-28T07:00:00Z".into());
+        g.tags.insert("team".into(), "render".into());
+    }
+    c.tick(Vec::new()).await.unwrap();
+    let tags = c.cloud.group_of("us-east-1", "gpu-east-1").tags;
+    assert!(!tags.contains_key("spotguard:cron:gone"), "{tags:?}");
+    assert!(tags.contains_key("spotguard:cron:kept"));
+    assert_eq!(
+        tags.get("team").map(String::as_str),
+        Some("render"),
+        "the user's tags stay"
+    );
+}

@@ -670,6 +670,23 @@ impl Cloud for SimCloud {
         std::future::ready(Ok(ids))
     }
 
+    fn delete_tags(
+        &self,
+        region: &str,
+        group: &str,
+        keys: &[String],
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        let mut w = lock(&self.world);
+        let r = match w.group_index(region, group) {
+            Some(g) => {
+                w.groups[g].tags.retain(|k, _| !keys.contains(k));
+                Ok(())
+            }
+            None => Err(missing("DeleteTags", region)),
+        };
+        std::future::ready(r)
+    }
+
     fn put_tags(
         &self,
         region: &str,

@@ -34,5 +34,11 @@ pub fn controller_config(queue: &str, primary: &str, fallbacks: &[(&str, &str, i
 
 /// The configuration as the binary reads it (`--config`).
 pub fn controller_toml(cfg: &Config) -> String {
+    // Tasks are read from `cron.yaml`/`cron.file`; set in place they would
+    // not reach the binary.
+    assert!(
+        cfg.cron.tasks.is_empty() || cfg.cron.yaml.is_some() || cfg.cron.file.is_some(),
+        "set cron.yaml, not cron.tasks, for a config the binary reads"
+    );
     toml::to_string(cfg).expect("the controller's config serialises to TOML")
 }

@@ -130,13 +130,14 @@ fn a_spot_notice_stops_intake_and_hands_the_long_job_to_another_agent() {
     let term_at = r.times("term", "long")[0];
     // Stopped at the deadline (notice time - 5 s margin), not before, not much after.
     assert!(
-        term_at + 50 >= deadline && term_at <= deadline + 2000,
+        // (3 s of slack: four tests share two cores.)
+        term_at + 50 >= deadline && term_at <= deadline + 3000,
         "long job stopped {} ms after the deadline",
         term_at as i128 - deadline as i128
     );
     // Intake stopped within one poll interval (+ the receive in flight).
     for (id, agent, at) in r.all_starts() {
-        if agent == "a" && at > noticed + 1500 {
+        if agent == "a" && at > noticed + 2500 {
             fail(
                 &s,
                 &format!("agent a started {id} {} ms after the notice", at - noticed),

@@ -87,6 +87,7 @@ const CRON_YAML: &str = "version: 1\ncron:\n - name: \"cleanup\"\n   url: \"/per
 fn controller(env: &AwsEnv, queue: &str, primary: &str, clock: &Manual) -> Controller<SdkCloud> {
     env.create_group_in("us-east-2", "gpu-fallback", 0, 0, 0);
     let mut cfg = controller_config(queue, primary, &[("us-east-2", "gpu-fallback", 10)]);
+    cfg.cron.yaml = Some(CRON_YAML.to_string());
     cfg.cron.tasks = spotguard_controller::cron::parse(CRON_YAML).unwrap();
     let sdk = env.sdk_through_proxy();
     Controller {
