@@ -908,21 +908,30 @@ mod tests {
         (url, seen)
     }
 
-    #[tokio::test]
-    async fn http_mode_tells_the_app_to_stop_a_job_it_abandons() {
-        let (url, seen) = silent_app().await;
-        let spec = WorkerSpec {
-            mode: WorkerMode::Http(format!("{url}/job")),
+    /// A worker of `mode` on queue `jobs`, 300 ms of grace, no notices.
+    fn test_spec(mode: WorkerMode) -> WorkerSpec {
+        WorkerSpec {
+            mode,
             queue_url: "https://sqs.us-east-1.amazonaws.com/1/jobs".into(),
             queue_name: "jobs".into(),
-            term_grace: Duration::from_secs(1),
+            term_grace: Duration::from_millis(300),
             content_type: "application/json".into(),
             env: Vec::new(),
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
             notice_signal: None,
-            notice_url: Some(format!("{url}/notice")),
+            notice_url: None,
             state_dir: std::env::temp_dir(),
             periodic_seen: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_mode_tells_the_app_to_stop_a_job_it_abandons() {
+        let (url, seen) = silent_app().await;
+        let spec = WorkerSpec {
+            term_grace: Duration::from_secs(1),
+            notice_url: Some(format!("{url}/notice")),
+            ..test_spec(WorkerMode::Http(format!("{url}/job")))
         };
         let msg = Message {
             id: "m-stop".into(),
@@ -965,21 +974,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sg-stdin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let spec = WorkerSpec {
-            mode: WorkerMode::Exec(vec![
+            state_dir: dir.clone(),
+            ..test_spec(WorkerMode::Exec(vec![
                 "/bin/sh".into(),
                 "-c".into(),
                 "sleep 30 & exit 0".into(),
-            ]),
-            queue_url: "https://sqs.us-east-1.amazonaws.com/1/jobs".into(),
-            queue_name: "jobs".into(),
-            term_grace: Duration::from_millis(300),
-            content_type: "application/json".into(),
-            env: Vec::new(),
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-            notice_signal: None,
-            notice_url: None,
-            state_dir: dir.clone(),
-            periodic_seen: Default::default(),
+            ]))
         };
         let msg = Message {
             id: "m-big".into(),
@@ -1057,19 +1057,7 @@ mod tests {
                 }
             },
         ));
-        let spec = WorkerSpec {
-            mode: WorkerMode::Http(format!("http://{addr}/work")),
-            queue_url: "https://sqs.us-east-1.amazonaws.com/1/jobs".into(),
-            queue_name: "jobs".into(),
-            term_grace: Duration::from_millis(300),
-            content_type: "application/json".into(),
-            env: Vec::new(),
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-            notice_signal: None,
-            notice_url: None,
-            state_dir: std::env::temp_dir(),
-            periodic_seen: Default::default(),
-        };
+        let spec = test_spec(WorkerMode::Http(format!("http://{addr}/work")));
         let run = |m: Message| {
             let spec = spec.clone();
             async move {

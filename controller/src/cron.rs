@@ -130,6 +130,11 @@ fn field(text: &str, what: &str, lo: u32, hi: u32, names: &[&str]) -> Result<u64
     Ok(bits)
 }
 
+/// Whether value `v` is in a field's bit set.
+fn has(bits: u64, v: u32) -> bool {
+    bits & (1 << v) != 0
+}
+
 impl Schedule {
     pub fn parse(text: &str) -> Result<Schedule, String> {
         let f: Vec<&str> = text.split_whitespace().collect();
@@ -159,7 +164,6 @@ impl Schedule {
 
     /// Whether the minute starting at `t` is a slot.
     pub fn matches(&self, t: DateTime<Utc>) -> bool {
-        let has = |bits: u64, v: u32| bits & (1 << v) != 0;
         has(self.minutes, t.minute())
             && has(self.hours, t.hour())
             && has(self.months, t.month())
@@ -167,7 +171,6 @@ impl Schedule {
     }
 
     fn matches_day(&self, t: DateTime<Utc>) -> bool {
-        let has = |bits: u64, v: u32| bits & (1 << v) != 0;
         let day = has(self.days, t.day());
         let weekday = has(self.weekdays, t.weekday().num_days_from_sunday());
         match (self.days_any, self.weekdays_any) {
@@ -180,7 +183,6 @@ impl Schedule {
     /// the look-back. Whole days and hours that cannot match are skipped, so
     /// a yearly schedule costs a few hundred steps, not half a million.
     pub fn latest(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let has = |bits: u64, v: u32| bits & (1 << v) != 0;
         let mut t = now.with_second(0)?.with_nanosecond(0)?;
         let floor = t - Duration::minutes(LOOKBACK_MINUTES);
         while t >= floor {

@@ -18,34 +18,46 @@ fn start() -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-/// The primary is short (desired 3, 2 InService); failover needs it short
-/// for `shortage`.
-fn controller_with(shortage: &str) -> Controller<FakeCloud> {
-    let cfg = Config::parse(
-        &format!(
-            "[primary]\nasg = \"gpu-east-1\"\nqueue_url = \"{QUEUE}\"\n[fallback]\nasg = \"gpu-east-2\"\n[failover]\nshortage_for = \"{shortage}\"\nmin_dwell = \"60s\"\n[notify]\nsns_topic_arn = \"arn:aws:sns:us-east-1:123456789012:spotguard\"\n"
-        ),
-        "test",
-    )
-    .unwrap();
+/// A controller over the in-memory cloud: `cfg` (TOML), the primary group
+/// (region, name, desired, InService), the fallback groups (region, name;
+/// empty), 40 messages visible and 2 in flight, time from tokio's clock.
+fn fake_controller(
+    cfg: &str,
+    (region, name, desired, in_service): (&str, &str, i32, i32),
+    fallbacks: &[(&str, &str)],
+) -> Controller<FakeCloud> {
     let cloud = FakeCloud::default();
     cloud.add_group(
-        "us-east-1",
-        "gpu-east-1",
+        region,
+        name,
         GroupInfo {
-            desired: 3,
+            desired,
             max: 10,
-            in_service: 2,
+            in_service,
             ..Default::default()
         },
     );
-    cloud.add_group("us-east-2", "gpu-east-2", GroupInfo::default());
+    for (region, name) in fallbacks {
+        cloud.add_group(region, name, GroupInfo::default());
+    }
     cloud.set_depth("us-east-1", QUEUE, 40, 2);
     Controller {
-        cfg,
+        cfg: Config::parse(cfg, "test").unwrap(),
         cloud,
         clock: Arc::new(TokioClock::new(start())),
     }
+}
+
+/// The primary is short (desired 3, 2 InService); failover needs it short
+/// for `shortage`.
+fn controller_with(shortage: &str) -> Controller<FakeCloud> {
+    fake_controller(
+        &format!(
+            "[primary]\nasg = \"gpu-east-1\"\nqueue_url = \"{QUEUE}\"\n[fallback]\nasg = \"gpu-east-2\"\n[failover]\nshortage_for = \"{shortage}\"\nmin_dwell = \"60s\"\n[notify]\nsns_topic_arn = \"arn:aws:sns:us-east-1:123456789012:spotguard\"\n"
+        ),
+        ("us-east-1", "gpu-east-1", 3, 2),
+        &[("us-east-2", "gpu-east-2")],
+    )
 }
 
 fn controller() -> Controller<FakeCloud> {
@@ -501,7 +513,7 @@ async fn an_unreadable_primary_does_not_block_the_decision() {
 /// Three groups of the same name in three regions: spot in us-east-1, then
 /// us-east-2, then us-west-2.
 fn cascade_controller() -> Controller<FakeCloud> {
-    let cfg = Config::parse(
+    fake_controller(
         &format!(
             r#"
 [primary]
@@ -520,28 +532,9 @@ shortage_for = "0s"
 min_dwell = "60s"
 "#
         ),
-        "test",
+        ("us-east-1", "gpu", 4, 1),
+        &[("us-east-2", "gpu"), ("us-west-2", "gpu")],
     )
-    .unwrap();
-    let cloud = FakeCloud::default();
-    cloud.add_group(
-        "us-east-1",
-        "gpu",
-        GroupInfo {
-            desired: 4,
-            max: 10,
-            in_service: 1,
-            ..Default::default()
-        },
-    );
-    cloud.add_group("us-east-2", "gpu", GroupInfo::default());
-    cloud.add_group("us-west-2", "gpu", GroupInfo::default());
-    cloud.set_depth("us-east-1", QUEUE, 40, 2);
-    Controller {
-        cfg,
-        cloud,
-        clock: Arc::new(TokioClock::new(start())),
-    }
 }
 
 fn launch_in(region: &str, detail_type: &str, msg: &str, at: &str) -> Value {

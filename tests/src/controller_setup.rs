@@ -1,10 +1,9 @@
 //! The controller configurations of the end-to-end tests: the controller's
 //! own `Config`, edited in place and serialised for the binary.
 
-use std::time::Duration;
-
-use spotguard_common::config::Dur;
 use spotguard_controller::config::{Config, Fallback};
+
+use crate::agent_setup::secs;
 
 /// The primary group `primary` on `queue` in us-east-1, and the fallbacks
 /// (region, group, MaxSize on failover), in cascade order; fast timers for
@@ -25,10 +24,10 @@ pub fn controller_config(queue: &str, primary: &str, fallbacks: &[(&str, &str, i
             ..template.clone()
         })
         .collect();
-    c.failover.shortage_for = Dur(Duration::ZERO);
-    c.failover.capacity_ttl = Dur(Duration::from_secs(60));
-    c.failover.cooldown = Dur(Duration::from_secs(3));
-    c.failover.min_dwell = Dur(Duration::from_secs(1));
+    c.failover.shortage_for = secs(0);
+    c.failover.capacity_ttl = secs(60);
+    c.failover.cooldown = secs(3);
+    c.failover.min_dwell = secs(1);
     c
 }
 

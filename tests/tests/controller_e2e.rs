@@ -27,19 +27,24 @@ struct Ctl {
     cfg: Config,
 }
 
-fn setup(tag: &str) -> Ctl {
-    let env = AwsEnv::start();
-    let queue = env.create_queue("jobs", 5);
+/// The primary group `gpu-primary` in us-east-1, short of capacity. moto
+/// launches every instance at once; a primary out of spot capacity is short
+/// of its desired capacity, so the proxy shows it as AWS would then:
+/// desired 3, one instance InService.
+fn short_primary(env: &AwsEnv) {
     env.create_group_in("us-east-1", "gpu-primary", 0, 10, 1);
-    // moto launches every instance at once; a primary out of spot capacity
-    // is short of its desired capacity. The proxy shows the primary as AWS
-    // would then: desired 3, one instance InService.
     env.proxy.rewrite(
         "DescribeAutoScalingGroups",
         "us-east-1",
         "<DesiredCapacity>1</DesiredCapacity>",
         "<DesiredCapacity>3</DesiredCapacity>",
     );
+}
+
+fn setup(tag: &str) -> Ctl {
+    let env = AwsEnv::start();
+    let queue = env.create_queue("jobs", 5);
+    short_primary(&env);
     // Work waits: a failover with nothing to do is not made.
     for i in 0..3 {
         env.send(&queue, &format!("waiting {i}"));
@@ -646,7 +651,7 @@ fn run_reads_events_from_an_sqs_queue() {
     t.env.send(&events, &capacity_failure("act-q").to_string());
     t.env.send(&events, "not json");
     let mut cfg = t.cfg.clone();
-    cfg.run.interval = spotguard_common::config::Dur(Duration::from_secs(1));
+    cfg.run.interval = spotguard_tests::agent_setup::secs(1);
     cfg.run.events_queue_url = Some(events.clone());
     std::fs::write(&t.cfg_path, controller_toml(&cfg)).unwrap();
     let mut cmd = Command::new(bin("spotguard-controller"));
@@ -869,14 +874,7 @@ fn a_three_region_cascade_opens_in_order_and_closes_in_reverse() {
     for i in 0..6 {
         env.send(&queue, &format!("waiting {i}"));
     }
-    env.create_group_in("us-east-1", "gpu-primary", 0, 10, 1);
-    // Short: desired 3 with one instance (as in `setup`).
-    env.proxy.rewrite(
-        "DescribeAutoScalingGroups",
-        "us-east-1",
-        "<DesiredCapacity>1</DesiredCapacity>",
-        "<DesiredCapacity>3</DesiredCapacity>",
-    );
+    short_primary(&env);
     env.create_group_in("us-east-2", "gpu-east-2", 0, 0, 0);
     env.create_group_in("us-west-2", "gpu-west-2", 0, 0, 0);
     let cfg = controller_config(
