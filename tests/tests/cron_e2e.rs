@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use spotguard_common::clock::Clock;
-use spotguard_controller::aws::SdkCloud;
+use spotguard_controller::aws::{Cloud, SdkCloud};
 use spotguard_controller::handler::Controller;
 use spotguard_tests::agent_setup::{fleet, wait};
 use spotguard_tests::aws_env::AwsEnv;
@@ -116,12 +116,31 @@ fn a_django_eb_sqs_worker_periodic_task_runs_once_per_schedule_under_two_agents(
         .collect();
     let clock = Manual::at("2026-11-29T10:02:00Z");
     let c = controller(&s.env, &s.queue, "workers", &clock);
+    // A task removed from cron.yaml left its tag: the first tick deletes it.
+    let stale = BTreeMap::from([(
+        "spotguard:cron:retired".to_string(),
+        "2026-11-28T00:00:00Z".to_string(),
+    )]);
+    s.env
+        .rt
+        .block_on(c.cloud.put_tags("us-east-1", "workers", &stale))
+        .unwrap();
+    assert!(s
+        .env
+        .group("workers")
+        .tags
+        .contains_key("spotguard:cron:retired"));
     let tick = |at: &str| {
         clock.set(at);
         s.env.rt.block_on(c.tick(Vec::new())).expect("tick").cron
     };
     // First sight at 10:02: the 10:00 slot is recorded, not run.
     assert!(tick("2026-11-29T10:02:00Z").is_empty());
+    assert!(!s
+        .env
+        .group("workers")
+        .tags
+        .contains_key("spotguard:cron:retired"));
     assert_eq!(tick("2026-11-29T10:05:10Z").len(), 1);
     assert!(tick("2026-11-29T10:05:40Z").is_empty(), "the same slot");
     assert_eq!(tick("2026-11-29T10:10:03Z").len(), 1);
