@@ -85,6 +85,16 @@ pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigErro
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
 
+impl std::str::FromStr for Dur {
+    type Err = String;
+    /// The same forms as in a configuration file, for command-line flags.
+    fn from_str(s: &str) -> Result<Dur, String> {
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| format!("{s:?} is not a duration like \"30s\" or \"5m\": {e}"))
+    }
+}
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;

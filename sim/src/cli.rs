@@ -45,6 +45,10 @@ enum Command {
         policy: Which,
         #[arg(long, default_value = "sim-out")]
         out: PathBuf,
+        /// Override the scenario's boot time (running to a working agent),
+        /// e.g. `2m` or `6m`: how much the figures depend on it.
+        #[arg(long)]
+        boot: Option<String>,
     },
     /// Run the spotguard policy over many seeds and check the invariants.
     Sweep {
@@ -125,7 +129,8 @@ pub fn main() -> ExitCode {
             seed,
             policy,
             out,
-        } => match run_command(&scenario, seed, policy, &out) {
+            boot,
+        } => match run_command(&scenario, seed, policy, &out, boot.as_deref()) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
@@ -150,8 +155,14 @@ pub fn run_command(
     seed: u64,
     which: Which,
     out: &std::path::Path,
+    boot: Option<&str>,
 ) -> Result<bool, String> {
-    let s = Scenario::load(path)?;
+    let mut s = Scenario::load(path)?;
+    if let Some(b) = boot {
+        s.launch.boot = b
+            .parse()
+            .map_err(|e: String| format!("--boot: {e}"))?;
+    }
     let mut outcomes: Vec<(Policy, Outcome)> = Vec::new();
     for p in policies(which) {
         if matches!(which, Which::All) && p == Policy::TwoRegions && s.cascade().len() < 2 {
@@ -164,17 +175,10 @@ pub fn run_command(
     let no_outage = {
         let mut calm = s.clone();
         calm.baseline_without_changes = true;
-        let any_change = s
-            .primary
-            .capacity_changes
-            .iter()
-            .chain(
-                s.cascade()
-                    .into_iter()
-                    .flat_map(|f| f.capacity_changes.iter()),
-            )
-            .next()
-            .is_some();
+        let any_change = std::iter::once(&s.primary)
+            .chain(s.cascade())
+            .flat_map(|r| r.pools())
+            .any(|z| !z.capacity_changes.is_empty());
         if any_change {
             Some(
                 run(
@@ -199,12 +203,14 @@ pub fn run_command(
         "seed": seed,
         "p95_wait_without_the_capacity_changes_s": no_outage,
         "policies": rows,
+        // What the report plots, one sample per simulated minute.
+        "series": outcomes.iter().map(|(p, o)| (p.name(), &o.series)).collect::<std::collections::BTreeMap<_, _>>(),
     });
     let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
     std::fs::write(out.join("summary.json"), text + "\n")
         .map_err(|e| format!("{}: {e}", out.display()))?;
     let named: Vec<(&str, &Outcome)> = outcomes.iter().map(|(p, o)| (p.name(), o)).collect();
-    let html = report::html(&s.name, seed, &named, &table)?;
+    let html = report::html(&s.name, seed, &named, no_outage)?;
     std::fs::write(out.join("report.html"), html).map_err(|e| format!("{}: {e}", out.display()))?;
     println!(
         "wrote {} and {}",

@@ -14,38 +14,69 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(148, 103, 189),
 ];
 
+/// The table's columns: header and the cell of one policy's summary.
+type Column = (&'static str, fn(&Summary, Option<f64>) -> String);
+
+fn kills(s: &Summary, cause: &str) -> usize {
+    s.killed.get(cause).copied().unwrap_or(0)
+}
+
+const COLUMNS: &[Column] = &[
+    ("policy", |s, _| s.policy.clone()),
+    ("jobs done", |s, _| format!("{}/{}", s.done, s.jobs)),
+    ("stranded", |s, _| s.stranded.to_string()),
+    ("p50 wait s", |s, _| format!("{:.0}", s.wait_p50_s)),
+    ("p95 wait s", |s, _| format!("{:.0}", s.wait_p95_s)),
+    ("p95 vs no outage", |s, b| {
+        b.filter(|b| *b > 0.0)
+            .map_or("-".to_string(), |b| format!("{:.2}x", s.wait_p95_s / b))
+    }),
+    ("p95 done s", |s, _| format!("{:.0}", s.completion_p95_s)),
+    ("killed: failback", |s, _| kills(s, "Failback").to_string()),
+    ("killed: scale-in", |s, _| {
+        (kills(s, "GroupScaleIn") + kills(s, "AgentScaleIn")).to_string()
+    }),
+    ("killed: reclaim", |s, _| kills(s, "Reclaimed").to_string()),
+    ("killed: replaced", |s, _| kills(s, "Replaced").to_string()),
+    ("lost", |s, _| s.lost.to_string()),
+    ("dead-lettered", |s, _| s.dead_lettered.to_string()),
+    ("fallback instance-h", |s, _| format!("{:.1}", s.fallback_instance_hours)),
+    ("utilization", |s, _| format!("{:.2}", s.utilization)),
+    ("total cost $", |s, _| format!("{:.2}", s.cost_usd)),
+    ("mode changes", |s, _| s.mode_changes.to_string()),
+    ("invariant violations", |s, _| s.violations.len().to_string()),
+];
+
 /// The comparison table, one row per policy (Markdown, so it pastes into
-/// the README).
+/// the README). `stranded`: messages left with no instance at the end (the
+/// baselines cannot start an empty group), apart from failover losses.
 pub fn table(rows: &[&Summary], no_outage_p95: Option<f64>) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| policy | jobs done | p50 wait s | p95 wait s | p95 vs no outage | jobs killed | lost | dead-lettered | fallback instance-h | total cost $ | mode changes | invariant violations |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let heads: Vec<&str> = COLUMNS.iter().map(|c| c.0).collect();
+    let _ = writeln!(out, "| {} |", heads.join(" | "));
+    let _ = writeln!(out, "|{}", "---|".repeat(COLUMNS.len()));
     for s in rows {
-        let killed: usize = s.killed.values().sum();
-        let ratio = no_outage_p95
-            .filter(|b| *b > 0.0)
-            .map_or("-".to_string(), |b| format!("{:.2}x", s.wait_p95_s / b));
-        let _ = writeln!(
-            out,
-            "| {} | {}/{} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} | {:.2} | {} | {} |",
-            s.policy,
-            s.done,
-            s.jobs,
-            s.wait_p50_s,
-            s.wait_p95_s,
-            ratio,
-            killed,
-            s.lost,
-            s.dead_lettered,
-            s.fallback_instance_hours,
-            s.cost_usd,
-            s.mode_changes,
-            s.violations.len()
-        );
+        let cells: Vec<String> = COLUMNS.iter().map(|c| (c.1)(s, no_outage_p95)).collect();
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
     }
+    out
+}
+
+/// The same table in HTML.
+pub fn html_table(rows: &[&Summary], no_outage_p95: Option<f64>) -> String {
+    let mut out = String::from("<table><tr>");
+    for c in COLUMNS {
+        let _ = write!(out, "<th>{}</th>", esc(c.0));
+    }
+    out.push_str("</tr>");
+    for s in rows {
+        out.push_str("<tr>");
+        for c in COLUMNS {
+            let _ = write!(out, "<td>{}</td>", esc(&(c.1)(s, no_outage_p95)));
+        }
+        out.push_str("</tr>");
+    }
+    out.push_str("</table>");
     out
 }
 
@@ -175,14 +206,15 @@ pub fn html(
     scenario: &str,
     seed: u64,
     outcomes: &[(&str, &Outcome)],
-    table_md: &str,
+    no_outage_p95: Option<f64>,
 ) -> Result<String, String> {
     let mut body = String::new();
+    let rows: Vec<&Summary> = outcomes.iter().map(|o| &o.1.summary).collect();
     let _ = write!(
         body,
-        "<h1>spotguard-sim: {}</h1><p>seed {seed}; every run is the real agent and controller code in virtual time.</p><pre>{}</pre>",
+        "<h1>spotguard-sim: {}</h1><p>seed {seed}; every run is the real agent and controller code in virtual time.</p>{}",
         esc(scenario),
-        esc(table_md)
+        html_table(&rows, no_outage_p95)
     );
     let x = outcomes
         .first()
@@ -231,7 +263,7 @@ pub fn html(
         .collect();
     body.push_str(&line_plot("mode", "mode", &x, &modes, true)?);
     Ok(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>spotguard-sim: {}</title><style>body{{font-family:sans-serif;max-width:820px;margin:auto}}pre{{font-size:11px;overflow-x:auto}}svg{{display:block;margin:8px 0}}</style></head><body>{body}</body></html>\n",
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>spotguard-sim: {}</title><style>body{{font-family:sans-serif;max-width:820px;margin:auto}}pre{{font-size:11px;overflow-x:auto}}table{{border-collapse:collapse;font-size:11px}}td,th{{border:1px solid #ccc;padding:2px 4px}}svg{{display:block;margin:8px 0}}</style></head><body>{body}</body></html>\n",
         esc(scenario)
     ))
 }

@@ -31,7 +31,8 @@ use spotguard_controller::handler::Controller;
 
 use crate::scenario::Scenario;
 use crate::world::{
-    lock, wall, Group, Instance, Kill, Rng, Shared, SimCloud, SimFleet, State, Tracking, World,
+    lock, wall, Group, Instance, Kill, Pool, Rng, Shared, SimCloud, SimFleet, State, Tracking,
+    World,
 };
 
 /// The failover policies compared side by side.
@@ -45,8 +46,11 @@ pub enum Policy {
     /// scenario with a cascade: what the extra regions bring).
     TwoRegions,
     /// The original design: open the fallback on the first failed launch,
-    /// set it to desired 0 on the first success (killing its jobs); the
-    /// fallback tracks visible messages with target 200.
+    /// set it to MaxSize and desired 0 on the first success; the fallback
+    /// tracks visible messages with the seed's target (10 x the
+    /// per-instance target unless the scenario says). As the seed
+    /// describes, its agents protect busy instances and idle ones scale
+    /// themselves in, so its kills measure the failback.
     Seed,
     /// One region, no failover.
     SingleRegion,
@@ -90,8 +94,6 @@ fn fallback_name(k: usize) -> String {
 }
 const METRIC: &str = "BacklogPerInstance";
 const SEED_METRIC: &str = "ApproximateNumberOfMessagesVisible";
-/// The original design's fallback target (visible messages).
-const SEED_TARGET: f64 = 200.0;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
@@ -102,8 +104,18 @@ pub struct Summary {
     pub dead_lettered: usize,
     pub still_queued: usize,
     pub lost: usize,
+    /// Messages still queued at the end with no instance left to take
+    /// them (the baselines cannot start an empty group): not a failover
+    /// loss, counted apart from `still_queued`'s others.
+    pub stranded: usize,
     pub wait_p50_s: f64,
     pub wait_p95_s: f64,
+    /// From enqueued to done, of the jobs done.
+    pub completion_p50_s: f64,
+    pub completion_p95_s: f64,
+    /// Executions killed, by cause: `Reclaimed` (spot), `GroupScaleIn`
+    /// (target tracking), `Failback` (a lowered gate), `AgentScaleIn`,
+    /// `Replaced`.
     pub killed: BTreeMap<String, usize>,
     pub duplicates: usize,
     pub duplicates_explained: usize,
@@ -112,6 +124,12 @@ pub struct Summary {
     /// Instance-hours of each group: the primary, then each fallback used.
     pub group_instance_hours: Vec<f64>,
     pub cost_usd: f64,
+    /// Inter-region data transfer in `cost_usd`.
+    pub transfer_usd: f64,
+    /// Busy instance-hours over running instance-hours (1.0 at most; EC2's
+    /// refund of spot instances it reclaims in their first hour aside).
+    pub utilization: f64,
+    /// Mode changes of the cascade, each counted when it happens.
     pub mode_changes: usize,
     pub violations: Vec<String>,
 }
@@ -202,9 +220,18 @@ impl Worker for SimWorker {
             {
                 let mut w = lock(&world);
                 let now = Instant::now();
+                let remote = w
+                    .instances
+                    .get(&instance)
+                    .is_some_and(|i| w.groups[i.group].region != w.groups[0].region);
                 let s = w.jobs.entry(job.name.clone()).or_default();
                 s.starts += 1;
                 s.first_start.get_or_insert(now);
+                if remote {
+                    s.remote_starts += 1;
+                    w.transfer_cost += w.transfer_per_job;
+                    w.cost += w.transfer_per_job;
+                }
                 if let Some(i) = w.instances.get_mut(&instance) {
                     i.running.push(job.name.clone());
                 }
@@ -255,7 +282,7 @@ impl Worker for SimWorker {
     }
 }
 
-fn agent_config(s: &Scenario, policy: Policy) -> AgentConfig {
+fn agent_config(s: &Scenario) -> AgentConfig {
     let text = format!(
         r#"
 [queue]
@@ -268,7 +295,7 @@ command = ["/opt/worker/run"]
 concurrency = {conc}
 [scale_in]
 idle_timeout = "{idle}"
-protect_busy = {protect}
+protect_busy = true
 [status]
 listen = ""
 "#,
@@ -276,7 +303,6 @@ listen = ""
         vis = humantime_of(s.agent.visibility_timeout.0),
         conc = s.agent.concurrency,
         idle = humantime_of(s.agent.idle_timeout.0),
-        protect = policy.is_spotguard(),
     );
     match AgentConfig::parse(&text, "simulation agent config") {
         Ok(c) => c,
@@ -353,7 +379,14 @@ fn group_of(
         max,
         desired: r.initial.min(max),
         price: r.spot_price,
-        capacity: r.capacity,
+        zones: r
+            .pools()
+            .into_iter()
+            .map(|z| Pool {
+                name: format!("{}{}", r.region, z.name),
+                capacity: z.capacity,
+            })
+            .collect(),
         tags: BTreeMap::new(),
         activities: Vec::new(),
         tracking,
@@ -398,6 +431,8 @@ async fn simulate(
     let mut w = World {
         rng: Some(Rng::new(seed)),
         broken_left: s.agent.broken_instances,
+        rebalance_probability: s.launch.rebalance_probability,
+        transfer_per_job: s.jobs.transfer_gb * s.jobs.transfer_usd_per_gb,
         ..World::default()
     };
     w.groups.push(group_of(
@@ -409,7 +444,13 @@ async fn simulate(
     for (k, f) in s.cascade().into_iter().take(used).enumerate() {
         let name = fallback_name(k);
         let tr = match policy {
-            Policy::Seed => tracking(SEED_TARGET, &f.region, &name, SEED_METRIC, false),
+            Policy::Seed => tracking(
+                s.controller.seed_target(),
+                &f.region,
+                &name,
+                SEED_METRIC,
+                false,
+            ),
             _ => tracking(t, &f.region, &name, METRIC, false),
         };
         // The gate starts closed: MaxSize 0.
@@ -442,19 +483,21 @@ async fn simulate(
     let total_jobs = arrivals.len();
     let mut arrivals = arrivals.into_iter().peekable();
 
-    let mut changes: Vec<(u64, usize, i32)> = Vec::new();
+    let mut changes: Vec<(u64, usize, usize, i32)> = Vec::new();
     let regions = std::iter::once(&s.primary).chain(s.cascade().into_iter().take(used));
     for (g, r) in regions.enumerate() {
         if s.baseline_without_changes {
             continue;
         }
-        for c in &r.capacity_changes {
-            changes.push((c.at.0.as_secs(), g, c.capacity));
+        for (z, pool) in r.pools().iter().enumerate() {
+            for c in &pool.capacity_changes {
+                changes.push((c.at.0.as_secs(), g, z, c.capacity));
+            }
         }
     }
     changes.sort();
 
-    let agent_cfg = Arc::new(agent_config(s, policy));
+    let agent_cfg = Arc::new(agent_config(s));
     let controller = match controller_config(s, used) {
         Some(cfg) if policy.is_spotguard() => Some(Controller {
             cfg,
@@ -493,11 +536,12 @@ async fn simulate(
         }
         let mut spawn: Vec<String> = Vec::new();
         let mut notices: Vec<(mpsc::Sender<Detected>, Detected)> = Vec::new();
+        let mut late: Vec<(String, Detected)> = Vec::new();
         {
             let mut w = lock(&world);
             while changes.first().is_some_and(|c| c.0 <= sec) {
-                let (_, g, cap) = changes.remove(0);
-                w.groups[g].capacity = cap;
+                let (_, g, z, cap) = changes.remove(0);
+                w.groups[g].zones[z].capacity = cap;
             }
             w.interrupt(now, step, s.launch.rebalance_lead.0);
             let wall_of = |t: Instant| wall(start, base, t);
@@ -556,6 +600,24 @@ async fn simulate(
                     State::Pending { ready } if ready <= now => {
                         if let Some(i) = w.instances.get_mut(&id) {
                             i.state = State::InService;
+                            // A notice given while it was pending: the real
+                            // agent reads `spot/instance-action` on its first
+                            // IMDS poll.
+                            if let (true, Some((_, _, reclaim))) = (i.noticed, i.interruption) {
+                                late.push((
+                                    id.clone(),
+                                    Detected {
+                                        event: WatchEvent::SpotInterruption {
+                                            change: Change::New,
+                                            action: Some(SpotAction::Terminate),
+                                            time: wall_of(reclaim),
+                                            deadline_assumed: false,
+                                            raw: None,
+                                        },
+                                        detected_at: wall_of(now),
+                                    },
+                                ));
+                            }
                         }
                         spawn.push(id);
                     }
@@ -574,13 +636,17 @@ async fn simulate(
                         if let Some(t) = task {
                             t.abort();
                         }
+                        w.settle(&id);
                         let why = why.unwrap_or(Kill::GroupScaleIn);
                         for job in &running {
                             w.jobs.entry(job.clone()).or_default().kills.push(why);
                         }
                         if !running.is_empty()
                             && policy.is_spotguard()
-                            && matches!(why, Kill::GroupScaleIn | Kill::AgentScaleIn)
+                            && matches!(
+                                why,
+                                Kill::GroupScaleIn | Kill::AgentScaleIn | Kill::Failback
+                            )
                         {
                             let what = if group >= 1 {
                                 "failback or scale-in of the fallback"
@@ -597,13 +663,19 @@ async fn simulate(
                 }
             }
             w.reconcile_groups(now, &s.launch, (start, base));
-            w.bill(step);
+            w.bill(now, step);
         }
         for (tx, d) in notices {
             let _ = tx.try_send(d);
         }
         for id in spawn {
             start_agent(&world, &id, &agent_cfg, &queue, &clock).await;
+        }
+        for (id, d) in late {
+            let tx = lock(&world).instances.get(&id).and_then(|i| i.notices.clone());
+            if let Some(tx) = tx {
+                let _ = tx.try_send(d);
+            }
         }
 
         // The control plane: events as they come, a tick every minute.
@@ -613,9 +685,11 @@ async fn simulate(
             (Policy::Spotguard | Policy::TwoRegions, Some(c)) => {
                 for ev in &events {
                     let _ = c.handle_event(ev).await;
+                    count_mode(&lock(&world), policy, seed_open, &mut last_mode, &mut mode_changes);
                 }
                 if minute {
                     let _ = c.tick(Vec::new()).await;
+                    count_mode(&lock(&world), policy, seed_open, &mut last_mode, &mut mode_changes);
                 }
             }
             (Policy::Seed, _) if two => {
@@ -634,7 +708,9 @@ async fn simulate(
                         {
                             let _ = cloud.put_policy(f, FALLBACK, &p, true).await;
                         }
+                        mode_changes += 1;
                     } else if primary && !failed && seed_open {
+                        mode_changes += 1;
                         seed_open = false;
                         let _ = cloud
                             .update_group(
@@ -689,28 +765,7 @@ async fn simulate(
                 .push(count(&w, fallbacks.clone(), false));
             series.fallback_pending.push(count(&w, fallbacks, true));
             series.cost.push(w.cost);
-            let mode = match policy {
-                Policy::Spotguard | Policy::TwoRegions => {
-                    use spotguard_controller::reconcile::{cascade_mode, Memory, Mode};
-                    // The cascade's mode over every fallback group's tags.
-                    let modes = w
-                        .groups
-                        .iter()
-                        .skip(1)
-                        .map(|g| Memory::from_tags(&g.tags).0.mode);
-                    match cascade_mode(modes) {
-                        Mode::FailedOver => 1.0,
-                        Mode::FailingBack => 2.0,
-                        Mode::Normal => 0.0,
-                    }
-                }
-                Policy::Seed => f64::from(u8::from(seed_open)),
-                Policy::SingleRegion => 0.0,
-            };
-            if mode != last_mode {
-                mode_changes += 1;
-                last_mode = mode;
-            }
+            let mode = mode_of(&w, policy, seed_open);
             series.mode.push(mode);
         }
         let frac = sec as f64 / total as f64;
@@ -739,6 +794,38 @@ async fn simulate(
         &mut series,
     );
     Ok(Outcome { summary, series })
+}
+
+/// The cascade's mode as the controller's memory (tags) holds it: 0
+/// normal, 1 failed over, 2 failing back.
+fn mode_of(w: &World, policy: Policy, seed_open: bool) -> f64 {
+    match policy {
+        Policy::Spotguard | Policy::TwoRegions => {
+            use spotguard_controller::reconcile::{cascade_mode, Memory, Mode};
+            let modes = w
+                .groups
+                .iter()
+                .skip(1)
+                .map(|g| Memory::from_tags(&g.tags).0.mode);
+            match cascade_mode(modes) {
+                Mode::FailedOver => 1.0,
+                Mode::FailingBack => 2.0,
+                Mode::Normal => 0.0,
+            }
+        }
+        Policy::Seed => f64::from(u8::from(seed_open)),
+        Policy::SingleRegion => 0.0,
+    }
+}
+
+/// Counts a mode change when it happens (after each controller call), not
+/// from a once-a-minute sample that would miss a change and its reversal.
+fn count_mode(w: &World, policy: Policy, seed_open: bool, last: &mut f64, changes: &mut usize) {
+    let m = mode_of(w, policy, seed_open);
+    if m != *last {
+        *changes += 1;
+        *last = m;
+    }
 }
 
 async fn publish_simple(cloud: &SimCloud, s: &Scenario, queue: &MemQueue, fallback_visible: bool) {
@@ -834,11 +921,15 @@ fn summarize(
         st.dead.iter().map(|m| name_of(&m.body)).collect();
     drop(st);
     let mut waits = Vec::new();
+    let mut completions = Vec::new();
     let mut killed: BTreeMap<String, usize> = BTreeMap::new();
     let (mut done, mut lost, mut dups, mut explained) = (0, 0, 0, 0);
     for (name, j) in &w.jobs {
         if let (Some(e), Some(f)) = (j.enqueued, j.first_start) {
             waits.push(f.duration_since(e).as_secs_f64());
+        }
+        if let (Some(e), Some(d)) = (j.enqueued, j.done.first()) {
+            completions.push(d.duration_since(e).as_secs_f64());
         }
         for k in &j.kills {
             *killed.entry(format!("{k:?}")).or_default() += 1;
@@ -865,8 +956,12 @@ fn summarize(
         }
     }
     waits.sort_by(f64::total_cmp);
+    completions.sort_by(f64::total_cmp);
     series.waits_s = waits.clone();
     let hours = |g: usize| w.instance_secs.get(g).copied().unwrap_or(0.0) / 3600.0;
+    let fleet_empty = (0..w.groups.len()).all(|g| w.alive(g).next().is_none());
+    let paid: f64 = w.up_secs.iter().sum();
+    let busy: f64 = w.busy_secs.iter().sum();
     Summary {
         policy: policy.name().into(),
         seed,
@@ -874,9 +969,12 @@ fn summarize(
         done,
         dead_lettered: dead.len(),
         still_queued: queued.len(),
+        stranded: if fleet_empty { queued.len() } else { 0 },
         lost,
         wait_p50_s: percentile(&waits, 0.5),
         wait_p95_s: percentile(&waits, 0.95),
+        completion_p50_s: percentile(&completions, 0.5),
+        completion_p95_s: percentile(&completions, 0.95),
         killed,
         duplicates: dups,
         duplicates_explained: explained,
@@ -886,6 +984,8 @@ fn summarize(
             .fold(0.0, |a, b| a + b),
         group_instance_hours: (0..w.instance_secs.len()).map(hours).collect(),
         cost_usd: w.cost,
+        transfer_usd: w.transfer_cost,
+        utilization: if paid > 0.0 { busy / paid } else { 0.0 },
         mode_changes,
         violations: w.violations.clone(),
     }

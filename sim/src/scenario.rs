@@ -42,14 +42,49 @@ pub struct Region {
     pub initial: i32,
     /// Spot price, dollars per instance-hour.
     pub spot_price: f64,
-    /// Spot instances the region's pools can hold at the start.
+    /// Spot instances the region's pools can hold at the start, when it
+    /// has one pool (no `zones`).
+    #[serde(default)]
     pub capacity: i32,
     /// Changes of that capacity over time.
     #[serde(default)]
     pub capacity_changes: Vec<CapacityChange>,
+    /// The region's spot pools, one per Availability Zone (instead of
+    /// `capacity`): a group launches in the zone with the fewest of its
+    /// instances first, and in another when that one is dry, as AWS's
+    /// "balanced best effort" does, logging a failed activity for the dry
+    /// zone each time.
+    #[serde(default)]
+    pub zones: Vec<Zone>,
     /// Spot interruptions per instance-hour (0.1 = 10 % of instances an hour).
     #[serde(default)]
     pub interruptions_per_hour: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Zone {
+    /// The zone's letter, appended to the region (`a` -> `us-east-1a`).
+    pub name: String,
+    pub capacity: i32,
+    #[serde(default)]
+    pub capacity_changes: Vec<CapacityChange>,
+}
+
+impl Region {
+    /// The region's pools: its zones, or one zone `a` with the region's
+    /// capacity.
+    pub fn pools(&self) -> Vec<Zone> {
+        if self.zones.is_empty() {
+            vec![Zone {
+                name: "a".into(),
+                capacity: self.capacity,
+                capacity_changes: self.capacity_changes.clone(),
+            }]
+        } else {
+            self.zones.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +102,20 @@ pub struct Jobs {
     /// to the dead-letter queue.
     #[serde(default = "d_max_receives")]
     pub max_receives: u32,
+    /// Data each job moves between the queue's region and the region it
+    /// runs in (inputs and results), GB: billed for a job run in another
+    /// region than the queue's.
+    #[serde(default)]
+    pub transfer_gb: f64,
+    /// Inter-region data transfer, dollars per GB. EC2's price between two
+    /// US regions is $0.02/GB (aws.amazon.com/ec2/pricing/on-demand, "Data
+    /// Transfer"); other pairs cost more.
+    #[serde(default = "d_transfer_price")]
+    pub transfer_usd_per_gb: f64,
+}
+
+fn d_transfer_price() -> f64 {
+    0.02
 }
 
 fn d_max_receives() -> u32 {
@@ -122,6 +171,10 @@ pub struct Controller {
     pub cooldown: Dur,
     pub min_dwell: Dur,
     pub shortage_for: Dur,
+    /// The original design's fallback target (visible messages the
+    /// fallback group tracks). Absent: 10 x `target`, the seed design's own
+    /// ratio (a fallback target of 200 beside a per-instance target of 20).
+    pub seed_fallback_target: Option<f64>,
 }
 
 impl Default for Controller {
@@ -131,7 +184,15 @@ impl Default for Controller {
             cooldown: Dur(std::time::Duration::from_secs(600)),
             min_dwell: Dur(std::time::Duration::from_secs(300)),
             shortage_for: Dur(std::time::Duration::from_secs(120)),
+            seed_fallback_target: None,
         }
+    }
+}
+
+impl Controller {
+    /// The seed policy's fallback target ([`Controller::seed_fallback_target`]).
+    pub fn seed_target(&self) -> f64 {
+        self.seed_fallback_target.unwrap_or(10.0 * self.target)
     }
 }
 
@@ -145,16 +206,27 @@ pub struct Launch {
     /// The rebalance recommendation comes this long before the spot notice
     /// (0: none).
     pub rebalance_lead: Dur,
+    /// The share of random interruptions that get a rebalance
+    /// recommendation first. AWS: it "might come along with or after the
+    /// interruption notice", or not at all (EC2 User Guide, "EC2 instance
+    /// rebalance recommendations"); no rate is published, so 0.5.
+    pub rebalance_probability: f64,
     /// A group short of instances tries to launch this often.
     pub retry: Dur,
 }
 
 impl Default for Launch {
+    /// GPU-like: about 90 s from the launch to `running` (EC2's spot
+    /// fulfilment plus the instance start), then 4 minutes to a working
+    /// agent (NVIDIA driver load, a container image pull and model weights
+    /// on a g4dn/g5 AMI take 3-5 minutes). `spotguard-sim run --boot`
+    /// shows the figures' sensitivity to it.
     fn default() -> Self {
         Launch {
-            delay: Dur(std::time::Duration::from_secs(60)),
-            boot: Dur(std::time::Duration::from_secs(60)),
+            delay: Dur(std::time::Duration::from_secs(90)),
+            boot: Dur(std::time::Duration::from_secs(240)),
             rebalance_lead: Dur(std::time::Duration::from_secs(300)),
+            rebalance_probability: 0.5,
             retry: Dur(std::time::Duration::from_secs(30)),
         }
     }
@@ -203,6 +275,24 @@ impl Scenario {
             if r.max < 0 || r.min < 0 || r.min > r.max || r.initial > r.max {
                 return bad(&format!("{key}.max"), "needs 0 <= min <= initial <= max");
             }
+            if !r.zones.is_empty() && (r.capacity != 0 || !r.capacity_changes.is_empty()) {
+                return bad(
+                    &format!("{key}.zones"),
+                    "give the capacity per zone or for the region, not both",
+                );
+            }
+            let mut names: Vec<&str> = r.zones.iter().map(|z| z.name.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            if names.len() != r.zones.len() {
+                return bad(&format!("{key}.zones"), "zone names must differ");
+            }
+        }
+        if !(0.0..=1.0).contains(&s.launch.rebalance_probability) {
+            return bad("launch.rebalance_probability", "must be between 0 and 1");
+        }
+        if !s.jobs.transfer_gb.is_finite() || s.jobs.transfer_gb < 0.0 {
+            return bad("jobs.transfer_gb", "must be 0 or more");
         }
         if s.agent.concurrency == 0 {
             return bad("agent.concurrency", "must be at least 1");

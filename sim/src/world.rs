@@ -65,6 +65,12 @@ pub enum State {
 pub struct Instance {
     pub id: String,
     pub group: usize,
+    /// Index of its zone in the group's pools.
+    pub zone: usize,
+    /// When it reached `running` (billing starts there): launch + delay.
+    pub running_at: Instant,
+    /// Seconds billed so far.
+    pub billed_secs: f64,
     pub state: State,
     pub protected: bool,
     pub launched: Instant,
@@ -83,6 +89,15 @@ pub struct Instance {
     pub running: Vec<String>,
 }
 
+/// One Availability Zone's spot pool.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    /// The zone's name (`us-east-1a`).
+    pub name: String,
+    /// Spot instances it can hold now.
+    pub capacity: i32,
+}
+
 /// A target-tracking policy as the group holds it.
 pub struct Tracking {
     pub policy: TargetTracking,
@@ -99,7 +114,8 @@ pub struct Group {
     pub max: i32,
     pub desired: i32,
     pub price: f64,
-    pub capacity: i32,
+    /// Spot pools, one per Availability Zone.
+    pub zones: Vec<Pool>,
     pub tags: BTreeMap<String, String>,
     pub activities: Vec<Activity>,
     pub tracking: Option<Tracking>,
@@ -112,8 +128,11 @@ pub struct Group {
 pub enum Kill {
     /// The spot instance was reclaimed.
     Reclaimed,
-    /// The group terminated the instance (scale-in, a lowered gate).
+    /// The group terminated the instance (target tracking's scale-in).
     GroupScaleIn,
+    /// A fallback group terminated it because its gate (MaxSize) was
+    /// lowered under it: a failback that did not wait for the job.
+    Failback,
     /// The agent asked for its own termination while a job ran.
     AgentScaleIn,
     /// The instance was replaced as unhealthy.
@@ -126,6 +145,8 @@ pub struct JobStats {
     pub first_start: Option<Instant>,
     pub done: Vec<Instant>,
     pub starts: u32,
+    /// Executions started in a group of another region than the queue's.
+    pub remote_starts: u32,
     pub kills: Vec<Kill>,
 }
 
@@ -141,8 +162,21 @@ pub struct World {
     pub violations: Vec<String>,
     pub published: Vec<(String, String)>,
     pub cost: f64,
-    /// Instance-seconds per group.
+    /// Paid instance-seconds per group (from `running`, 60 s minimum, none
+    /// for a spot instance EC2 reclaims in its first hour).
     pub instance_secs: Vec<f64>,
+    /// Instance-seconds with at least one job running, per group.
+    pub busy_secs: Vec<f64>,
+    /// Instance-seconds running (billable before EC2's first-hour refund of
+    /// reclaimed spot instances), per group: what utilization divides.
+    pub up_secs: Vec<f64>,
+    /// Inter-region data transfer, dollars (in `cost` too).
+    pub transfer_cost: f64,
+    /// The share of random interruptions with an early rebalance
+    /// recommendation (`launch.rebalance_probability`).
+    pub rebalance_probability: f64,
+    /// Dollars of inter-region transfer per job run away from the queue.
+    pub transfer_per_job: f64,
     pub next_instance: u64,
     pub next_activity: u64,
     pub broken_left: u32,
@@ -197,6 +231,7 @@ impl World {
         now: Instant,
         ok: bool,
         message: &str,
+        zone: Option<&str>,
         base: (DateTime<Utc>, Instant),
     ) -> Value {
         self.next_activity += 1;
@@ -210,7 +245,9 @@ impl World {
             status_message: message.into(),
             start: Some(t),
             end: Some(t),
-            details: String::new(),
+            details: zone.map_or(String::new(), |z| {
+                json!({"Subnet ID": "subnet-sim", "Availability Zone": z}).to_string()
+            }),
         });
         if group.activities.len() > 50 {
             group.activities.remove(0);
@@ -225,7 +262,7 @@ impl World {
                 "StatusMessage": message, "AutoScalingGroupName": group.name,
                 "ActivityId": id, "RequestId": id, "EC2InstanceId": "",
                 "StartTime": at, "EndTime": at, "Cause": "simulated",
-                "Details": {"Availability Zone": format!("{}a", group.region), "Subnet ID": "subnet-sim"}
+                "Details": {"Availability Zone": zone.unwrap_or_default(), "Subnet ID": "subnet-sim"}
             }
         })
     }
@@ -242,6 +279,13 @@ impl World {
             let alive: Vec<String> = self.alive(g).map(|i| i.id.clone()).collect();
             let have = alive.len() as i32;
             let desired = self.groups[g].desired.min(self.groups[g].max).max(0);
+            // Above a lowered gate of a fallback group, the ends are the
+            // failback's; otherwise target tracking's.
+            let why = if g >= 1 && self.groups[g].max < have {
+                Kill::Failback
+            } else {
+                Kill::GroupScaleIn
+            };
             if have > desired {
                 // Scale in: the group picks unprotected instances (pending
                 // first, then the newest); protected ones stay.
@@ -252,7 +296,7 @@ impl World {
                     .collect();
                 victims.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
                 for (_, _, id) in victims.into_iter().take((have - desired) as usize) {
-                    self.terminate(&id, now, Kill::GroupScaleIn);
+                    self.terminate(&id, now, why);
                 }
                 continue;
             }
@@ -266,11 +310,34 @@ impl World {
                 continue;
             }
             self.groups[g].last_launch_try = Some(now);
-            let spot_alive = self.alive(g).count() as i32;
-            let free = (self.groups[g].capacity - spot_alive).max(0);
-            let want = desired - have;
-            let launched = want.min(free);
-            for _ in 0..launched {
+            // Balanced best effort (AWS): each launch goes to the zone with
+            // the fewest of the group's instances; a dry zone logs a failed
+            // activity naming it and the launch moves to another zone, until
+            // one succeeds or every zone is dry.
+            let mut per_zone = vec![0i32; self.groups[g].zones.len()];
+            for i in self.alive(g) {
+                if let Some(n) = per_zone.get_mut(i.zone) {
+                    *n += 1;
+                }
+            }
+            let mut dry = vec![false; per_zone.len()];
+            let mut want = desired - have;
+            while want > 0 {
+                let Some(z) = (0..per_zone.len())
+                    .filter(|z| !dry[*z])
+                    .min_by_key(|z| (per_zone[*z], *z))
+                else {
+                    break;
+                };
+                if per_zone[z] >= self.groups[g].zones[z].capacity {
+                    dry[z] = true;
+                    let zone = self.groups[g].zones[z].name.clone();
+                    let ev = self.activity(g, now, false, CAPACITY_FAILURE, Some(&zone), base);
+                    self.events.push(ev);
+                    continue;
+                }
+                per_zone[z] += 1;
+                want -= 1;
                 self.next_instance += 1;
                 let id = format!("i-{:017x}", self.next_instance);
                 let broken = self.broken_left > 0;
@@ -282,6 +349,9 @@ impl World {
                     Instance {
                         id,
                         group: g,
+                        zone: z,
+                        running_at: now + launch.delay.0,
+                        billed_secs: 0.0,
                         state: State::Pending {
                             ready: now + launch.delay.0 + launch.boot.0,
                         },
@@ -298,53 +368,54 @@ impl World {
                         running: Vec::new(),
                     },
                 );
-                let ev = self.activity(g, now, true, "", base);
-                self.events.push(ev);
-            }
-            if launched < want {
-                let msg = "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed.";
-                let ev = self.activity(g, now, false, msg, base);
+                let zone = self.groups[g].zones[z].name.clone();
+                let ev = self.activity(g, now, true, "", Some(&zone), base);
                 self.events.push(ev);
             }
         }
     }
 
-    /// Interruptions: at the scenario's rate, and whenever a pool shrank
-    /// below what runs in it (newest first).
+    /// Interruptions: at the scenario's rate, and whenever a zone's pool
+    /// shrank below what runs in it (newest first). An instance already
+    /// given its notice is leaving: it is not counted against the pool
+    /// again (a drop from 88 to 20 reclaims 68, not all 88).
     pub fn interrupt(&mut self, now: Instant, dt: Duration, lead: Duration) {
-        let mut picks = Vec::new();
+        let mut picks: Vec<(String, bool)> = Vec::new();
         for g in 0..self.groups.len() {
             let rate = self.groups[g].interruptions_per_hour;
-            let cap = self.groups[g].capacity;
-            let mut running: Vec<(Instant, String)> = self
-                .alive(g)
-                .filter(|i| i.interruption.is_none())
-                .map(|i| (i.launched, i.id.clone()))
-                .collect();
-            running.sort();
-            let scheduled = self.alive(g).filter(|i| i.interruption.is_some()).count() as i32;
-            let excess = (running.len() as i32 + scheduled - cap).max(0) as usize;
-            for (_, id) in running.iter().rev().take(excess) {
-                picks.push((id.clone(), false));
+            for (z, pool) in self.groups[g].zones.iter().enumerate() {
+                let mut staying: Vec<(Instant, String)> = self
+                    .alive(g)
+                    .filter(|i| i.zone == z && i.interruption.is_none())
+                    .map(|i| (i.launched, i.id.clone()))
+                    .collect();
+                staying.sort();
+                let excess = (staying.len() as i32 - pool.capacity).max(0) as usize;
+                for (_, id) in staying.iter().rev().take(excess) {
+                    picks.push((id.clone(), false));
+                }
             }
             if rate > 0.0 {
                 let p = rate * dt.as_secs_f64() / 3600.0;
-                for (_, id) in running.iter() {
+                let running: Vec<String> = self
+                    .alive(g)
+                    .filter(|i| i.interruption.is_none())
+                    .map(|i| i.id.clone())
+                    .collect();
+                for id in running {
                     let roll = self.rng.as_mut().map_or(1.0, Rng::unit);
-                    if roll < p && !picks.iter().any(|(x, _)| x == id) {
-                        picks.push((id.clone(), true));
+                    if roll < p && !picks.iter().any(|(x, _)| *x == id) {
+                        let early = self.rng.as_mut().map_or(1.0, Rng::unit);
+                        picks.push((id, early < self.rebalance_probability));
                     }
                 }
             }
         }
         for (id, with_rebalance) in picks {
             if let Some(i) = self.instances.get_mut(&id) {
-                let notice = if with_rebalance && !lead.is_zero() {
-                    now + lead
-                } else {
-                    now
-                };
-                let rebalance = (with_rebalance && !lead.is_zero()).then_some(now);
+                let early = with_rebalance && !lead.is_zero();
+                let notice = if early { now + lead } else { now };
+                let rebalance = early.then_some(now);
                 i.interruption = Some((rebalance, notice, notice + Duration::from_secs(120)));
             }
         }
@@ -352,12 +423,20 @@ impl World {
 
     /// Target tracking, once a minute (REFERENCE.md): scale out after 3
     /// periods above the target, in after 15 below 90 % of it, to capacity
-    /// in proportion to metric / target; no new scale-out within the
-    /// 300 s warm-up of the last one. Scale-in never goes below the
-    /// instances that are busy and protected (the group cannot pick them).
+    /// in proportion to metric / target. During the 300 s warm-up of an
+    /// instance, AWS keeps scaling out, but counts warming instances as
+    /// part of the desired capacity of the next scale-out rather than of
+    /// the current capacity, and does not scale in ("Set the default
+    /// instance warmup", EC2 Auto Scaling User Guide). Scale-in never goes
+    /// below the instances that are busy and protected (the group cannot
+    /// pick them).
     pub fn track(&mut self, now: Instant) {
+        const WARMUP: Duration = Duration::from_secs(300);
         for g in 0..self.groups.len() {
-            let in_service = self.in_service(g);
+            let (warm, warming) = self.alive(g).fold((0i32, 0i32), |(w, n), i| match i.state {
+                State::InService if now.duration_since(i.running_at) >= WARMUP => (w + 1, n),
+                _ => (w, n + 1),
+            });
             let (region, name) = (self.groups[g].region.clone(), self.groups[g].name.clone());
             let group = &mut self.groups[g];
             let Some(t) = group.tracking.as_mut() else {
@@ -377,58 +456,107 @@ impl World {
             let Some(v) = metric else {
                 continue;
             };
-            t.history.push_back(v);
-            while t.history.len() > 15 {
-                t.history.pop_front();
+            let d = track_step(t, group.desired, group.min, group.max, warm, warming, v);
+            if d > group.desired {
+                t.last_scale_out = Some(now);
             }
-            let target = t.policy.target;
-            let cap = f64::from(in_service.max(group.desired));
-            let above = t.history.len() >= 3 && t.history.iter().rev().take(3).all(|x| *x > target);
-            let below = t.history.len() >= 15 && t.history.iter().all(|x| *x < 0.9 * target);
-            let warm = t
-                .last_scale_out
-                .is_some_and(|s| now.duration_since(s) < Duration::from_secs(300));
-            if above && !warm {
-                // From 0 the proportion is taken from one instance: a value
-                // above the target grows the group (REFERENCE.md); at or
-                // below it, an empty group stays empty.
-                let want = ((cap.max(1.0) * v / target).ceil() as i32)
-                    .max(group.desired + 1)
-                    .min(group.max);
-                if want > group.desired {
-                    group.desired = want;
-                    t.last_scale_out = Some(now);
-                }
-            } else if below && cap > 0.0 {
-                let want = ((cap * v / target).ceil() as i32).max(group.min);
-                if want < group.desired {
-                    group.desired = want;
-                    t.history.clear();
-                }
+            group.desired = d;
+        }
+    }
+
+    /// Adds the cost and instance time of `dt`, per second from `running`
+    /// (EC2: pending is not billed; Linux is billed per second).
+    pub fn bill(&mut self, now: Instant, dt: Duration) {
+        let n = self.groups.len();
+        self.instance_secs.resize(n.max(self.instance_secs.len()), 0.0);
+        self.busy_secs.resize(n.max(self.busy_secs.len()), 0.0);
+        self.up_secs.resize(n.max(self.up_secs.len()), 0.0);
+        let secs = dt.as_secs_f64();
+        for i in self.instances.values_mut() {
+            if now <= i.running_at
+                || !matches!(
+                    i.state,
+                    State::Pending { .. } | State::InService | State::Terminating { .. }
+                )
+            {
+                continue;
+            }
+            i.billed_secs += secs;
+            self.instance_secs[i.group] += secs;
+            self.up_secs[i.group] += secs;
+            self.cost += secs / 3600.0 * self.groups[i.group].price;
+            if !i.running.is_empty() {
+                self.busy_secs[i.group] += secs;
             }
         }
     }
 
-    /// Adds the cost and instance time of `dt`.
-    pub fn bill(&mut self, dt: Duration) {
-        let mut add = vec![0f64; self.groups.len()];
-        for i in self.instances.values() {
-            if matches!(
-                i.state,
-                State::Pending { .. } | State::InService | State::Terminating { .. }
-            ) {
-                add[i.group] += dt.as_secs_f64();
-            }
-        }
-        if self.instance_secs.len() < add.len() {
-            self.instance_secs.resize(add.len(), 0.0);
-        }
-        for (g, secs) in add.into_iter().enumerate() {
-            self.instance_secs[g] += secs;
-            self.cost += secs / 3600.0 * self.groups[g].price;
-        }
+    /// The bill of an instance that has just ended: EC2's 60-second
+    /// minimum, and no charge at all for a spot instance EC2 interrupted in
+    /// its first hour ("Billing for interrupted Spot Instances", EC2 User
+    /// Guide: Linux, "No charge" in the first hour).
+    pub fn settle(&mut self, id: &str) {
+        let Some(i) = self.instances.get_mut(id) else {
+            return;
+        };
+        let (g, billed, reclaimed) = (i.group, i.billed_secs, i.why == Some(Kill::Reclaimed));
+        let price = self.groups[g].price / 3600.0;
+        let adjust = if reclaimed && billed < 3600.0 {
+            -billed
+        } else if billed > 0.0 && billed < 60.0 {
+            60.0 - billed
+        } else {
+            0.0
+        };
+        i.billed_secs += adjust;
+        self.instance_secs[g] += adjust;
+        self.cost += adjust * price;
     }
 }
+
+/// One target-tracking evaluation of a group: its new desired capacity.
+/// `warm`: InService instances past their warm-up; `warming`: the others
+/// (pending or warming). Pure, for the unit tests of AWS's arithmetic.
+pub fn track_step(
+    t: &mut Tracking,
+    desired: i32,
+    min: i32,
+    max: i32,
+    warm: i32,
+    warming: i32,
+    v: f64,
+) -> i32 {
+    t.history.push_back(v);
+    while t.history.len() > 15 {
+        t.history.pop_front();
+    }
+    let target = t.policy.target;
+    let above = t.history.len() >= 3 && t.history.iter().rev().take(3).all(|x| *x > target);
+    let below = t.history.len() >= 15 && t.history.iter().all(|x| *x < 0.9 * target);
+    if above {
+        // Capacity in proportion to metric / target, from the warm
+        // instances (from 0, from one: a value above the target grows an
+        // empty group, REFERENCE.md); warming ones already count toward
+        // the desired capacity, so only what is needed beyond them is added.
+        let want = ((f64::from(warm.max(1)) * v / target).ceil() as i32 + warming)
+            .max(desired + 1)
+            .min(max);
+        if want > desired {
+            return want;
+        }
+    } else if below && warming == 0 && warm > 0 {
+        let want = ((f64::from(warm) * v / target).ceil() as i32).max(min);
+        if want < desired {
+            t.history.clear();
+            return want;
+        }
+    }
+    desired
+}
+
+/// AWS's StatusMessage of a spot launch that found no capacity in a zone
+/// (mixed-instances groups; REFERENCE.md).
+pub const CAPACITY_FAILURE: &str = "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed.";
 
 /// One instance's view of Auto Scaling, for its agent.
 pub struct SimFleet {
