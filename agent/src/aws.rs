@@ -196,6 +196,9 @@ pub trait Fleet: Send + Sync + 'static {
         instance: &str,
         protect: bool,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
+    /// Whether the controller has closed the group's intake (its
+    /// `spotguard:intake` tag reads `closed`: failing back).
+    fn intake_closed(&self, group: &str) -> impl Future<Output = Result<bool, AwsError>> + Send;
     /// `SetInstanceHealth Unhealthy`: the group replaces the instance.
     fn mark_unhealthy(&self, instance: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
     fn lifecycle_heartbeat(
@@ -393,9 +396,35 @@ pub fn is_min_size_refusal(code: Option<&str>, message: Option<&str>) -> bool {
         && message.is_some_and(|m| m.contains("desiredSize equals minSize"))
 }
 
+/// The group tag by which the controller closes a fallback group's
+/// intake while failing back (`closed` / `open`).
+pub const INTAKE_TAG: &str = "spotguard:intake";
+
 impl Fleet for AsgFleet {
     async fn group_of(&self, instance: &str) -> Result<Option<String>, AwsError> {
         Ok(self.describe(instance).await?.map(|(group, _)| group))
+    }
+
+    /// One `DescribeAutoScalingGroups` of the agent's own group.
+    async fn intake_closed(&self, group: &str) -> Result<bool, AwsError> {
+        const OP: &str = "DescribeAutoScalingGroups";
+        let t = self.target(group);
+        t.bounded(OP, CALL_TIMEOUT, async {
+            let out = self
+                .client
+                .describe_auto_scaling_groups()
+                .auto_scaling_group_names(group)
+                .send()
+                .await
+                .map_err(|e| t.sdk(OP, e))?;
+            Ok(out
+                .auto_scaling_groups()
+                .iter()
+                .filter(|g| g.auto_scaling_group_name() == Some(group))
+                .flat_map(|g| g.tags())
+                .any(|tag| tag.key() == Some(INTAKE_TAG) && tag.value() == Some("closed")))
+        })
+        .await
     }
 
     async fn lifecycle_state(&self, instance: &str) -> Result<Option<String>, AwsError> {

@@ -200,8 +200,7 @@ async fn imds_value(client: &ImdsClient, path: &str) -> Result<String, BoxError>
 
 /// Wiring: IMDS, the SDK clients (each in its resource's region), the
 /// status endpoint and the worker; then [`run_with`] does the work.
-async fn run_command(cfg: Config) -> Result<(), BoxError> {
-    let cfg = Arc::new(cfg);
+async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
     let imds = Arc::new(ImdsClient::new(ImdsConfig {
         endpoint: cfg.imds.endpoint.clone(),
         ..Default::default()
@@ -224,7 +223,14 @@ async fn run_command(cfg: Config) -> Result<(), BoxError> {
             .region(aws_config::Region::new(r.to_string()))
             .build()
     };
-    tracing::info!(%instance_id, region = %own_region, %queue_region, "starting");
+    // A group in another region than the queue's is a fallback: its agents
+    // follow the controller's intake tag unless told otherwise.
+    let follow = *cfg
+        .scale_in
+        .follow_intake
+        .get_or_insert(own_region != queue_region);
+    let cfg = Arc::new(cfg);
+    tracing::info!(%instance_id, region = %own_region, %queue_region, follow_intake = follow, "starting");
     let status = Arc::new(Status::new(instance_id.clone(), imds.stats()));
     // The endpoint answers through the drain, and stops once the work has.
     let (status_stop, status_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -325,6 +325,21 @@ pub struct ScaleInConfig {
     /// Protect the instance from the group's scale-in while a job runs.
     #[serde(default)]
     pub protect_busy: bool,
+    /// Follow the controller's `spotguard:intake` group tag: once it reads
+    /// `closed` (failing back, the primary holds the work), take no new
+    /// job and scale in when the running ones end. Unset: on when the
+    /// instance runs in another region than the queue's (a fallback group),
+    /// off in the queue's own region, so that a fleet of 1,000 primary
+    /// instances makes no call for it.
+    #[serde(default)]
+    pub follow_intake: Option<bool>,
+    /// How often a following agent reads the tag: one
+    /// `DescribeAutoScalingGroups` per fallback instance per minute (200
+    /// fallback instances: about 3 calls a second, well under the Auto
+    /// Scaling API's rate), and intake closes within a minute of the
+    /// controller's decision, which is small beside a job's length.
+    #[serde(default = "d_intake_check")]
+    pub intake_check: Dur,
 }
 
 impl Default for ScaleInConfig {
@@ -334,8 +349,14 @@ impl Default for ScaleInConfig {
             idle_timeout: d_idle(),
             retry_interval: d_retry(),
             protect_busy: false,
+            follow_intake: None,
+            intake_check: d_intake_check(),
         }
     }
+}
+
+fn d_intake_check() -> Dur {
+    Dur(Duration::from_secs(60))
 }
 
 fn d_true() -> bool {

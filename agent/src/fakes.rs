@@ -384,6 +384,8 @@ pub struct FleetState {
     pub state_override: Option<String>,
     /// `CompleteLifecycleAction` fails with ValidationError (no action waits).
     pub no_lifecycle_action: bool,
+    /// The group's `spotguard:intake` tag reads `closed`.
+    pub intake_closed: bool,
     pub log: CallLog,
 }
 
@@ -406,6 +408,7 @@ impl MemFleet {
                 unhealthy: false,
                 state_override: None,
                 no_lifecycle_action: false,
+                intake_closed: false,
                 log: CallLog::default(),
             }),
         })
@@ -438,6 +441,13 @@ impl MemFleet {
 pub const MIN_SIZE_REFUSAL: &str = "Currently, desiredSize equals minSize (1). Terminating instance without replacement will violate group's min size constraint. Either set shouldDecrementDesiredCapacity flag to false or lower group's min size.";
 
 impl Fleet for MemFleet {
+    fn intake_closed(&self, group: &str) -> impl Future<Output = Result<bool, AwsError>> + Send {
+        let r = self
+            .begin("DescribeAutoScalingGroups", group.to_string())
+            .map(|st| st.intake_closed);
+        async move { r }
+    }
+
     fn group_of(
         &self,
         instance: &str,

@@ -64,6 +64,7 @@ enum Effect {
     Confirmed(Result<Option<String>, AwsError>),
     Protection(bool, Result<(), AwsError>),
     Group(Result<Option<String>, AwsError>),
+    Intake(Result<bool, AwsError>),
     LifecycleCompleted(Result<(), AwsError>),
     HookHeartbeat(Result<(), AwsError>),
     Health(Result<(), String>),
@@ -148,6 +149,12 @@ pub struct Books {
     pub mode: Mode,
     pub receive: Pending,
     pub group_lookup: Pending,
+    /// Reading the group's `spotguard:intake` tag; `not_before` is the
+    /// next read.
+    pub intake: Pending,
+    /// The controller closed the group's intake (failing back): take no new
+    /// work, scale in once the running jobs end.
+    pub intake_closed: bool,
     pub protection: Pending,
     pub lifecycle: Pending,
     /// `not_before` after a refused scale-in; `failures` counts refusals.
@@ -198,6 +205,8 @@ impl Books {
             mode: Mode::Running,
             receive: Pending::new(now),
             group_lookup: Pending::new(now),
+            intake: Pending::new(now),
+            intake_closed: false,
             protection: Pending::new(now),
             lifecycle: Pending::new(now),
             scale_in: Pending::new(now),
@@ -257,6 +266,9 @@ pub struct Settings {
     pub health_check: bool,
     /// A FIFO queue (its URL ends in `.fifo`).
     pub fifo: bool,
+    /// Read the group's `spotguard:intake` tag this often (a fallback
+    /// group's agents; `None`: never).
+    pub follow_intake: Option<Duration>,
 }
 
 impl Settings {
@@ -269,6 +281,11 @@ impl Settings {
             hook: cfg.interruption.lifecycle_hook.is_some(),
             health_check: cfg.health.command.is_some(),
             fifo: cfg.queue.url.trim_end_matches('/').ends_with(".fifo"),
+            follow_intake: cfg
+                .scale_in
+                .follow_intake
+                .unwrap_or(false)
+                .then_some(cfg.scale_in.intake_check.0),
         }
     }
 }
@@ -281,6 +298,8 @@ pub struct Due {
     /// `ReceiveMessage` for at most this many messages.
     pub receive: Option<i32>,
     pub lookup_group: bool,
+    /// Read the group's intake tag.
+    pub read_intake: bool,
     /// `SetInstanceProtection` to this value.
     pub protect: Option<bool>,
     pub request_scale_in: bool,
@@ -300,7 +319,10 @@ pub struct Due {
 pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     let mut d = Due::default();
     let mut mode = b.mode.clone();
-    let idle = jobs == 0 && now.saturating_duration_since(b.last_activity) >= s.idle_timeout;
+    // With intake closed by the controller (failing back), an instance with
+    // no job is idle at once: nothing will come to it.
+    let idle = jobs == 0
+        && (now.saturating_duration_since(b.last_activity) >= s.idle_timeout || b.intake_closed);
 
     // Idle: stop intake and scale in (also after a rebalance drain).
     if s.scale_in && idle && b.scale_in.ready(now) {
@@ -312,6 +334,7 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     // Intake: one receive at a time, for the free slots, unless paused.
     let mut receiving = b.receive.in_flight;
     if mode.intake_open()
+        && !b.intake_closed
         && !receiving
         && jobs < s.concurrency
         && b.receive.ready(now)
@@ -341,6 +364,13 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
         && b.group_lookup.ready(now)
     {
         d.lookup_group = true;
+    }
+
+    // The controller's intake tag, while the instance may take work.
+    if let (Some(_), Some(_)) = (s.follow_intake, &b.group) {
+        if b.intake.ready(now) && matches!(mode, Mode::Running | Mode::ScalingIn { requested: false, .. }) {
+            d.read_intake = true;
+        }
     }
 
     // Protection: on when a job runs; off only once the instance is idle
@@ -570,6 +600,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             &b.hook_heartbeat,
             &b.start_failures,
             &b.group_lookup,
+            &b.intake,
             &b.protection,
             &b.lifecycle,
             &b.confirm,
@@ -965,6 +996,25 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                     tracing::warn!(error = %e, "cannot find this instance's Auto Scaling group");
                 }
             },
+            Effect::Intake(r) => {
+                let every = self.cfg.scale_in.intake_check.0;
+                match r {
+                    Ok(closed) => {
+                        b.intake.succeeded();
+                        b.intake.not_before = now + every;
+                        if closed != b.intake_closed {
+                            tracing::info!(closed, "the controller changed this group's intake (spotguard:intake)");
+                        }
+                        b.intake_closed = closed;
+                    }
+                    Err(e) => {
+                        // The last reading holds until one succeeds.
+                        inc(&c.aws_errors);
+                        b.intake.failed(now, |_| every);
+                        tracing::warn!(error = %e, "cannot read this group's intake tag");
+                    }
+                }
+            }
             Effect::LifecycleCompleted(r) => match r {
                 Ok(()) => {
                     b.lifecycle.succeeded();
@@ -1098,6 +1148,13 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             spawn(Box::pin(
                 async move { Effect::Group(fleet.group_of(&id).await) },
             ));
+        }
+        if let (true, Some(group)) = (d.read_intake, b.group.clone()) {
+            b.intake.start();
+            let fleet = fleet.clone();
+            spawn(Box::pin(async move {
+                Effect::Intake(fleet.intake_closed(&group).await)
+            }));
         }
         if let (Some(want), Some(group)) = (d.protect, b.group.clone()) {
             b.protection.start();

@@ -136,9 +136,12 @@ pub struct Failover {
     /// (3 min, as the best-known spot scheduler, Karpenter, does).
     #[serde(default = "d_ttl")]
     pub capacity_ttl: Dur,
-    /// Fail back only after a successful launch and no capacity failure for this long.
-    #[serde(default = "d_cooldown")]
-    pub cooldown: Dur,
+    /// Fail back once the primary has held its desired capacity (InService
+    /// plus pending, while the controller asks it to take the fallback's
+    /// work) this long, whatever per-zone capacity failures it logs. The
+    /// old name `cooldown` is read as this.
+    #[serde(default = "d_recovery_for", alias = "cooldown")]
+    pub recovery_for: Dur,
     /// Least time in `failed-over` before failing back, and in `failing-back`
     /// before `normal`, so the modes cannot flap.
     #[serde(default = "d_dwell")]
@@ -159,10 +162,10 @@ pub struct Failover {
     /// 3 minutes, Karpenter's unavailable-offering TTL.
     #[serde(default = "d_spot_wait")]
     pub spot_wait: Dur,
-    /// Failing back, a gate held up only by busy (protected) fallback
-    /// instances this long releases their protection and raises an alarm:
-    /// set it above your longest job (a busy spell of back-to-back jobs
-    /// counts as one).
+    /// Failing back, fallback instances still busy (protected) this long
+    /// after their intake closed have their protection released, with an
+    /// alarm (their agents may be dead): set it above your longest job. A
+    /// live agent takes no new job once intake is closed.
     #[serde(default = "d_max_busy_age")]
     pub max_busy_age: Dur,
 }
@@ -175,7 +178,7 @@ impl Default for Failover {
             failures: d_failures(),
             failure_window: d_window(),
             capacity_ttl: d_ttl(),
-            cooldown: d_cooldown(),
+            recovery_for: d_recovery_for(),
             min_dwell: d_dwell(),
             failback_step: d_step(),
             shortage_for: d_shortage_for(),
@@ -200,7 +203,7 @@ fn d_window() -> Dur {
 fn d_ttl() -> Dur {
     Dur(Duration::from_secs(180))
 }
-fn d_cooldown() -> Dur {
+fn d_recovery_for() -> Dur {
     Dur(Duration::from_secs(600))
 }
 fn d_dwell() -> Dur {
@@ -590,7 +593,7 @@ asg = "gpu-east-2"
         assert!(c.fallback.is_none());
         assert_eq!(c.failover.failures, 1);
         assert_eq!(c.failover.capacity_ttl.0, Duration::from_secs(180));
-        assert_eq!(c.failover.cooldown.0, Duration::from_secs(600));
+        assert_eq!(c.failover.recovery_for.0, Duration::from_secs(600));
         assert_eq!(c.policy.primary_target, 20.0);
         assert_eq!(c.policy.fallback_target, 20.0);
         assert_eq!(c.metric.fallback_name, "BacklogPerInstance");
@@ -619,7 +622,7 @@ asg = "gpu-east-2"
         .map(|(k, v)| (k.to_string(), v.to_string()));
         let c = Config::from_env(vars).unwrap();
         assert_eq!(c.primary.asg, "a");
-        assert_eq!(c.failover.cooldown.0, Duration::from_secs(900));
+        assert_eq!(c.failover.recovery_for.0, Duration::from_secs(900));
         assert_eq!(c.failover.failures, 3);
         assert_eq!(
             c.failover.capacity_codes,

@@ -76,7 +76,7 @@ impl<C: Cloud> Controller<C> {
             failures: f.failures,
             window: f.failure_window.0,
             capacity_ttl: f.capacity_ttl.0,
-            cooldown: f.cooldown.0,
+            recovery_for: f.recovery_for.0,
             min_dwell: f.min_dwell.0,
             step: f.failback_step,
             cap: self.cfg.fallbacks.get(i).map_or(0, |g| g.max_size),
@@ -350,25 +350,40 @@ impl<C: Cloud> Controller<C> {
         let backlog = metrics::backlog_of(&self.cfg, visible, in_flight);
         let mut published = Vec::new();
         let mut errors = Vec::new();
-        for (i, (region, group)) in self.cfg.groups().enumerate() {
+        // Every group is read first: the figure is the fleet's, backlog per
+        // InService instance of the open groups together.
+        let mut read = Vec::new();
+        for (region, group) in self.cfg.groups() {
+            match self.cloud.group(region, group).await {
+                Ok(g) => read.push((region, group, Some(g))),
+                Err(e) => {
+                    errors.push(e.to_string());
+                    read.push((region, group, None));
+                }
+            }
+        }
+        let open: Vec<metrics::Open> = read
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, _, g))| {
+                g.as_ref().map(|g| metrics::Open {
+                    index: i,
+                    in_service: g.in_service,
+                    gate: g.max,
+                })
+            })
+            .collect();
+        let value = metrics::fleet_per_instance(backlog, &open);
+        for (i, (region, group, g)) in read.into_iter().enumerate() {
+            if g.is_none() {
+                continue;
+            }
             let name = if i == 0 {
                 &self.cfg.metric.primary_name
             } else {
                 &self.cfg.metric.fallback_name
             };
-            let point = match self.cloud.group(region, group).await {
-                Ok(g) => metrics::group_point(
-                    &self.cfg,
-                    region,
-                    group,
-                    name,
-                    metrics::per_instance(backlog, g.in_service),
-                ),
-                Err(e) => {
-                    errors.push(e.to_string());
-                    continue;
-                }
-            };
+            let point = metrics::group_point(&self.cfg, region, group, name, value);
             match self.cloud.put_metric(&point).await {
                 Ok(()) => published.push(point),
                 Err(e) => errors.push(e.to_string()),
@@ -447,6 +462,7 @@ impl<C: Cloud> Controller<C> {
         let primary = match self.cloud.group(&p.region, &p.asg).await {
             Ok(pg) => Some(reconcile::PrimaryGroup {
                 desired: pg.desired,
+                max: pg.max,
                 in_service: pg.in_service,
                 pending: pg.pending,
             }),
@@ -522,6 +538,7 @@ impl<C: Cloud> Controller<C> {
                         0 => primary,
                         _ => Some(reconcile::PrimaryGroup {
                             desired: infos[i - 1].desired,
+                            max: infos[i - 1].max,
                             in_service: infos[i - 1].in_service,
                             pending: infos[i - 1].pending,
                         }),
@@ -627,6 +644,12 @@ impl<C: Cloud> Controller<C> {
                     tracing::info!(group = %f.asg, from, to, "failover: the fallback takes over the shortfall of the group before it");
                     self.cloud
                         .update_group(&f.region, &f.asg, GroupUpdate::desired(*to))
+                        .await?;
+                }
+                Action::SetPrimaryDesired { from, to } => {
+                    tracing::info!(group = %before_asg, from, to, "failing back: the group before takes over the fallback's work");
+                    self.cloud
+                        .update_group(before_region, before_asg, GroupUpdate::desired(*to))
                         .await?;
                 }
                 Action::EnableFallbackPolicy => {

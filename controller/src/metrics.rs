@@ -1,7 +1,13 @@
-//! The metrics target tracking scales on (REFERENCE.md): for each group,
-//! backlog per InService instance of that group, or the backlog itself when
-//! none is InService. Published in each group's own region, since a
-//! target-tracking policy reads metrics of its region only.
+//! The metrics target tracking scales on (REFERENCE.md): one figure for the
+//! whole fleet, the backlog per InService instance of the open groups
+//! together (the primary, and each fallback whose gate is open), published
+//! to every group in its own region (a target-tracking policy reads metrics
+//! of its region only). Target tracking sets new capacity = current x
+//! metric / target, so with one shared figure the groups' sum converges to
+//! backlog / target; a figure per group, each over its own instances,
+//! would size every group for the whole backlog (up to twice the capacity
+//! while failed over). A closed group (gate 0) cannot grow, whatever it is
+//! told.
 
 use serde::Serialize;
 
@@ -32,6 +38,28 @@ pub fn per_instance(backlog: f64, in_service: i32) -> f64 {
     }
 }
 
+/// A group as the fleet's figure sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Open {
+    /// 0: the primary; `k`: fallback `k`.
+    pub index: usize,
+    pub in_service: i32,
+    /// MaxSize: a fallback with gate 0 is closed.
+    pub gate: i32,
+}
+
+/// The fleet's backlog per InService instance: the primary's instances and
+/// those of every fallback whose gate is open (or that still runs
+/// instances), summed; with none, the backlog itself.
+pub fn fleet_per_instance(backlog: f64, groups: &[Open]) -> f64 {
+    let n: i32 = groups
+        .iter()
+        .filter(|g| g.index == 0 || g.gate > 0 || g.in_service > 0)
+        .map(|g| g.in_service.max(0))
+        .sum();
+    per_instance(backlog, n)
+}
+
 /// The backlog the metrics divide: visible messages, plus in-flight ones
 /// when `metric.include_in_flight`.
 pub fn backlog_of(cfg: &Config, visible: i64, in_flight: i64) -> f64 {
@@ -55,26 +83,6 @@ pub fn group_point(cfg: &Config, region: &str, group: &str, name: &str, value: f
     }
 }
 
-/// The two data points of one publication: backlog per InService instance
-/// of each group, each in its own region.
-/// Each group's data point: `in_service` lists the primary's InService
-/// count, then each fallback's, in cascade order.
-pub fn backlog(cfg: &Config, visible: i64, in_flight: i64, in_service: &[i32]) -> Vec<MetricValue> {
-    let b = backlog_of(cfg, visible, in_flight);
-    cfg.groups()
-        .zip(in_service)
-        .enumerate()
-        .map(|(i, ((region, asg), n))| {
-            let name = if i == 0 {
-                &cfg.metric.primary_name
-            } else {
-                &cfg.metric.fallback_name
-            };
-            group_point(cfg, region, asg, name, per_instance(b, *n))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,25 +97,58 @@ mod tests {
         c
     }
 
+    fn open(index: usize, in_service: i32, gate: i32) -> Open {
+        Open {
+            index,
+            in_service,
+            gate,
+        }
+    }
+
     #[test]
-    fn backlog_per_instance_of_each_group_and_from_zero() {
-        let m = backlog(&cfg(false), 100, 30, &[4, 5]);
-        assert_eq!(m[0].value, 25.0);
-        assert_eq!(m[0].region, "us-east-1");
-        assert_eq!(
-            m[0].dimensions,
-            vec![("AutoScalingGroupName".to_string(), "p".to_string())]
-        );
-        // The fallback's point falls as its instances are added.
-        assert_eq!(m[1].value, 20.0);
-        assert_eq!(m[1].region, "us-east-2");
-        assert_eq!(m[1].name, "BacklogPerInstance");
-        assert_eq!(backlog(&cfg(false), 100, 30, &[4, 10])[1].value, 10.0);
-        // No InService instance: the backlog itself.
-        assert_eq!(backlog(&cfg(false), 100, 0, &[0, 0])[0].value, 100.0);
-        assert_eq!(backlog(&cfg(false), 100, 0, &[0, 0])[1].value, 100.0);
-        // In-flight counted when asked.
-        assert_eq!(backlog(&cfg(true), 100, 20, &[4, 4])[0].value, 30.0);
-        assert_eq!(backlog(&cfg(false), -5, 0, &[1, 1])[0].value, 0.0);
+    fn one_figure_for_the_fleet_over_the_open_groups() {
+        // Failed over: 4 in the primary, 5 in the open fallback.
+        let v = fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 5, 10)]);
+        assert_eq!(v, 10.0);
+        // A closed fallback (gate 0, nothing running) does not count.
+        assert_eq!(fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 0, 0)]), 22.5);
+        // A gate lowered to 0 under instances still running: they count.
+        assert_eq!(fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 2, 0)]), 15.0);
+        // The primary counts even at MaxSize 0.
+        assert_eq!(fleet_per_instance(90.0, &[open(0, 3, 0)]), 30.0);
+        // None InService: the backlog itself.
+        assert_eq!(fleet_per_instance(90.0, &[open(0, 0, 20), open(1, 0, 10)]), 90.0);
+        assert_eq!(backlog_of(&cfg(true), 100, 20), 120.0);
+        assert_eq!(backlog_of(&cfg(false), 100, 20), 100.0);
+        assert_eq!(backlog_of(&cfg(false), -5, 0), 0.0);
+    }
+
+    /// Target tracking: new capacity = current x metric / target, each group
+    /// on its own. With one fleet figure, the groups' total converges to
+    /// backlog / target; with a figure per group over its own instances
+    /// (the old law), each group alone converged to it (twice the fleet).
+    #[test]
+    fn the_fleets_total_converges_to_backlog_over_target() {
+        let (backlog, target) = (120.0, 4.0);
+        let mut sizes = [3i32, 9i32];
+        for _ in 0..50 {
+            let v = fleet_per_instance(
+                backlog,
+                &[open(0, sizes[0], 40), open(1, sizes[1], 40)],
+            );
+            for n in sizes.iter_mut() {
+                *n = ((f64::from(*n) * v / target).round() as i32).max(1);
+            }
+        }
+        assert_eq!(sizes[0] + sizes[1], 30, "{sizes:?}");
+        // The old per-group figure: each group sized for the whole backlog.
+        let mut old = [3i32, 9i32];
+        for _ in 0..50 {
+            for n in old.iter_mut() {
+                let v = per_instance(backlog, *n);
+                *n = ((f64::from(*n) * v / target).round() as i32).max(1);
+            }
+        }
+        assert_eq!(old, [30, 30]);
     }
 }

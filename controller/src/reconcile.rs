@@ -2,13 +2,31 @@
 //!
 //! ```text
 //!  normal --N capacity failures in the window, primary short for
-//!            shortage_for--> failed-over
+//!            shortage_for, work waiting, min dwell--> failed-over
+//!  failed-over --primary not short for recovery_for, min dwell--> failing-back
 //!  failed-over --no backlog, no busy fallback instance, min dwell--> failing-back
-//!  failed-over --launch success, no capacity failure for the cool-down,
-//!                min dwell--> failing-back
-//!  failing-back --capacity failure while work waits--> failed-over
+//!  failing-back --the same as from normal: new capacity failures, primary
+//!                 short for shortage_for, work waiting, min dwell--> failed-over
 //!  failing-back --fallback group empty, min dwell--> normal
 //! ```
+//!
+//! Recovery is read from capacity, not from failure timestamps: a primary
+//! with one dry Availability Zone logs a capacity failure on every
+//! scale-out (AWS tries the zone with the fewest instances first), yet
+//! holds its desired capacity from the other zones; it is not short, so it
+//! neither fails over nor holds a failover open.
+//!
+//! The fallback carries what the primary cannot hold, nothing more: its
+//! gate (MaxSize) is the primary's desired capacity less its InService
+//! instances (pending ones excluded, so the fallback shrinks only as the
+//! primary's instances reach service: make before break), within the
+//! configured cap and never below its busy instances. While failing back
+//! the controller raises the primary's desired capacity by the fallback's
+//! instances (within its MaxSize), and once the primary holds all of it,
+//! closes the fallback's intake (the `spotguard:intake` tag, read by the
+//! fallback's agents): they finish their running job, take no new one, and
+//! scale themselves in. Without it, busy fallback agents under a load that
+//! never stops would keep taking work, and the failback would never end.
 //!
 //! The controller is stateless: what it must remember (the mode, when it
 //! began, recent capacity failures, the last successful launch) lives in
@@ -69,6 +87,10 @@ pub const TAG_SHORT_SINCE: &str = "spotguard:primary-short-since";
 pub const TAG_HELD_SINCE: &str = "spotguard:gate-held-since";
 pub const TAG_VERSION: &str = "spotguard:version";
 pub const TAG_OFFERINGS: &str = "spotguard:unavailable-offerings";
+pub const TAG_WHOLE_SINCE: &str = "spotguard:primary-whole-since";
+/// `closed`: the fallback's agents take no new work and scale in once
+/// idle (read by the agents of the group; `open` otherwise).
+pub const TAG_INTAKE: &str = "spotguard:intake";
 
 /// How many capacity failures the memory keeps: a tag value holds at most
 /// 256 characters, and each entry takes at most 24.
@@ -154,6 +176,11 @@ pub struct Memory {
     /// Since when the primary has been short of its desired capacity
     /// (desired > InService + pending), as last observed.
     pub primary_short_since: Option<DateTime<Utc>>,
+    /// Since when it has not been short, as last observed: recovery.
+    pub primary_whole_since: Option<DateTime<Utc>>,
+    /// The fallback's intake is closed (failing back, the primary holds
+    /// the work).
+    pub intake_closed: bool,
     /// Since when the failing-back gate has been held up only by busy
     /// (protected) fallback instances.
     pub held_since: Option<DateTime<Utc>>,
@@ -174,6 +201,8 @@ impl Memory {
             last_capacity_failure: None,
             last_success: None,
             primary_short_since: None,
+            primary_whole_since: None,
+            intake_closed: false,
             held_since: None,
             version: 0,
             unavailable: Vec::new(),
@@ -212,6 +241,8 @@ impl Memory {
         m.last_capacity_failure = time(TAG_LAST_FAILURE, &mut warnings);
         m.last_success = time(TAG_LAST_SUCCESS, &mut warnings);
         m.primary_short_since = time(TAG_SHORT_SINCE, &mut warnings);
+        m.primary_whole_since = time(TAG_WHOLE_SINCE, &mut warnings);
+        m.intake_closed = tags.get(TAG_INTAKE).is_some_and(|v| v == "closed");
         m.held_since = time(TAG_HELD_SINCE, &mut warnings);
         if let Some(v) = tags.get(TAG_VERSION) {
             match v.parse() {
@@ -287,6 +318,14 @@ impl Memory {
         t.insert(
             TAG_SHORT_SINCE.to_string(),
             self.primary_short_since.map(rfc).unwrap_or_default(),
+        );
+        t.insert(
+            TAG_WHOLE_SINCE.to_string(),
+            self.primary_whole_since.map(rfc).unwrap_or_default(),
+        );
+        t.insert(
+            TAG_INTAKE.to_string(),
+            if self.intake_closed { "closed" } else { "open" }.to_string(),
         );
         t.insert(
             TAG_HELD_SINCE.to_string(),
@@ -411,7 +450,7 @@ impl Default for Settings {
             failures: 1,
             window: Duration::from_secs(600),
             capacity_ttl: Duration::from_secs(180),
-            cooldown: Duration::from_secs(600),
+            recovery_for: Duration::from_secs(600),
             min_dwell: Duration::from_secs(300),
             step: 1,
             cap: 10,
@@ -443,6 +482,8 @@ pub struct Seen {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PrimaryGroup {
     pub desired: i32,
+    /// Its MaxSize: how far a failback may raise its desired capacity.
+    pub max: i32,
     pub in_service: i32,
     /// Instances on their way in (`Pending`, `Pending:Wait`, `Pending:Proceed`).
     pub pending: i32,
@@ -459,16 +500,20 @@ pub struct Settings {
     pub failures: u32,
     pub window: Duration,
     pub capacity_ttl: Duration,
-    pub cooldown: Duration,
+    /// The primary not short of its desired capacity this long: recovered.
+    pub recovery_for: Duration,
     pub min_dwell: Duration,
     pub step: i32,
     pub cap: i32,
     /// The primary must be short of its desired capacity this long (with
     /// capacity failures) before a failover.
     pub shortage_for: Duration,
-    /// Failing back, a gate held up only by busy instances this long
-    /// releases their protection and raises an alarm (a dead agent's
-    /// instance must not hold `failing-back` for ever). `None`: no limit.
+    /// Failing back, busy instances still protected this long after the
+    /// fallback's intake closed have their protection released, with an
+    /// alarm (a dead agent's instance must not hold `failing-back` for
+    /// ever). A live agent takes no job once intake is closed, so only one
+    /// whose job outlives this is released: set it above the longest job.
+    /// `None`: no limit.
     pub max_busy_age: Option<Duration>,
 }
 
@@ -482,6 +527,12 @@ pub enum Action {
     EnableFallbackPolicy,
     /// Raise the fallback's desired capacity (on failover: the primary's shortfall).
     SetFallbackDesired {
+        from: i32,
+        to: i32,
+    },
+    /// Failing back: raise the desired capacity of the group before (the
+    /// primary) by the work the fallback carries, within its MaxSize.
+    SetPrimaryDesired {
         from: i32,
         to: i32,
     },
@@ -616,14 +667,18 @@ pub fn reconcile_seen(
         // ours. Once it is open again, its shortage must last
         // `shortage_for` anew before this group opens.
         m.primary_short_since = None;
+        m.primary_whole_since = None;
     } else if let Some(p) = seen.primary {
-        m.primary_short_since = if p.short() {
-            Some(m.primary_short_since.map_or(now, |t| t.min(now)))
+        if p.short() {
+            m.primary_short_since = Some(m.primary_short_since.map_or(now, |t| t.min(now)));
+            m.primary_whole_since = None;
         } else {
-            None
-        };
+            m.primary_short_since = None;
+            m.primary_whole_since = Some(m.primary_whole_since.map_or(now, |t| t.min(now)));
+        }
     }
-    // Not observed: the rule does not hold the failover back.
+    // Not observed: the rule does not hold the failover back (the region
+    // may be impaired); the last readings are kept for recovery.
     let short_long_enough = seen.primary.is_none()
         || m.primary_short_since
             .is_some_and(|t| now - t >= dur(s.shortage_for));
@@ -636,37 +691,37 @@ pub fn reconcile_seen(
         .is_some_and(|t| now - t < dur(s.capacity_ttl));
     let dwelled = now - m.since >= dur(s.min_dwell);
     // Only failures since the mode began count for a new failover: those
-    // before it were already answered (by the failover that `normal` ended).
+    // before it were already answered (by the failover that `normal` or
+    // `failing-back` ended).
     let fresh: Vec<&Failure> = m.failures.iter().filter(|f| f.at >= m.since).collect();
     let failures_in_window = fresh.len() as u32;
     let fresh_unavailable = fresh.iter().any(|f| now - f.at < dur(s.capacity_ttl));
-
-    // The group before launched after its last capacity failure, and saw
-    // none for the cool-down.
-    let recovered = match (m.last_success, m.last_capacity_failure) {
-        (Some(ok), Some(bad)) => ok > bad && now - bad >= dur(s.cooldown),
-        (Some(_), None) => true,
-        (None, _) => false,
-    };
+    // Every way into `failed-over` (from normal or failing back): capacity
+    // failures, the group before short for `shortage_for`, work waiting,
+    // and the minimum dwell in the current mode.
+    let fail_over = failures_in_window >= s.failures
+        && fresh_unavailable
+        && short_long_enough
+        && !unneeded
+        && !seen.earlier_closing
+        && dwelled;
+    // Recovery by capacity: the group before has held its desired capacity
+    // (InService + pending) for `recovery_for`, whatever per-zone failures
+    // it logged meanwhile.
+    let recovered = m
+        .primary_whole_since
+        .is_some_and(|t| now - t >= dur(s.recovery_for));
     let holding_for_later = m.mode == Mode::FailedOver
         && seen.later_open
         && dwelled
         && (recovered || unneeded || seen.earlier_closing);
     let (next, reason) = match m.mode {
-        Mode::Normal
-            if failures_in_window >= s.failures
-                && fresh_unavailable
-                && short_long_enough
-                && !unneeded
-                && !seen.earlier_closing =>
-        {
-            (
-                Mode::FailedOver,
-                format!(
-                    "{failures_in_window} capacity failure(s) in the primary within the window, and the primary short of its desired capacity"
-                ),
-            )
-        }
+        Mode::Normal if fail_over => (
+            Mode::FailedOver,
+            format!(
+                "{failures_in_window} capacity failure(s) in the primary within the window, and the primary short of its desired capacity"
+            ),
+        ),
         Mode::Normal => (Mode::Normal, "primary healthy".to_string()),
         Mode::FailedOver => {
             if holding_for_later {
@@ -677,7 +732,8 @@ pub fn reconcile_seen(
             } else if recovered && dwelled {
                 (
                     Mode::FailingBack,
-                    "primary launched and saw no capacity failure for the cool-down".to_string(),
+                    "the primary has held its desired capacity for failover.recovery_for"
+                        .to_string(),
                 )
             } else if seen.earlier_closing && dwelled {
                 (
@@ -702,17 +758,10 @@ pub fn reconcile_seen(
             }
         }
         Mode::FailingBack => {
-            // `>=`: times are whole seconds, and the failure that caused the
-            // failover is at least a cool-down older than `since`.
-            // Back to failed-over only if work waits: with nothing to do,
-            // capacity failures must not flap the modes.
-            if m.last_capacity_failure.is_some_and(|t| t >= m.since)
-                && !unneeded
-                && !seen.earlier_closing
-            {
+            if fail_over {
                 (
                     Mode::FailedOver,
-                    "capacity failure in the primary while failing back".to_string(),
+                    "capacity failures in the primary while failing back, and the primary short of its desired capacity".to_string(),
                 )
             } else if fallback.desired == 0 && fallback.in_service == 0 && dwelled {
                 (Mode::Normal, "fallback group drained".to_string())
@@ -733,14 +782,30 @@ pub fn reconcile_seen(
         m.since = now;
     }
 
+    // What the group before cannot hold: its desired capacity less its
+    // InService instances. Pending ones are not counted as held, so the
+    // fallback shrinks only as the group before really takes the work.
+    let carried = seen
+        .primary
+        .filter(|_| !seen.earlier_closing)
+        .map(|p| (p.desired - p.in_service).max(0));
     // The gate. Never below the busy instances: lowering MaxSize under them
     // would have the group pick instances to terminate.
     let busy = fallback.busy.max(0);
     let target = match next {
-        Mode::FailedOver => s.cap.max(busy),
-        Mode::FailingBack => (fallback.max.min(fallback.desired) - s.step)
-            .max(busy)
-            .max(0),
+        // The primary's shortfall within the cap; the primary unread: the cap.
+        Mode::FailedOver => carried.map_or(s.cap, |c| c.min(s.cap)).max(busy),
+        // Only down while failing back: to what the primary still cannot
+        // hold; closing for another reason, or the primary unread, step by
+        // step or held.
+        Mode::FailingBack => match carried {
+            Some(c) => c.min(fallback.max),
+            None if seen.earlier_closing || unneeded => {
+                (fallback.max.min(fallback.desired) - s.step).max(0)
+            }
+            None => fallback.max,
+        }
+        .max(busy),
         Mode::Normal => busy,
     };
     if target != fallback.max {
@@ -749,9 +814,48 @@ pub fn reconcile_seen(
             to: target,
         });
     }
-    // A gate held up only by busy instances: how long, and past the limit
-    // release them (their agents may be dead) and say so.
-    let held = next == Mode::FailingBack && busy > 0 && target == busy;
+    // Make before break. Once the group before has capacity again (not
+    // short), it is asked to hold the fallback's instances too (its
+    // InService ones plus the fallback's, within its MaxSize; pending ones
+    // are not counted, or each raise would ask for the next). Once it holds
+    // all it is asked for, the fallback's intake closes: its agents finish
+    // their jobs and leave. Failed over, intake reopens as soon as the
+    // group before is short again; failing back, it stays closed.
+    let mut primary_holds = false;
+    if let (Mode::FailedOver | Mode::FailingBack, Some(p), false) =
+        (next, seen.primary, seen.earlier_closing)
+    {
+        let want = (p.in_service + fallback.in_service).min(p.max);
+        if !p.short() && want > p.desired && fallback.in_service > 0 {
+            actions.push(Action::SetPrimaryDesired {
+                from: p.desired,
+                to: want,
+            });
+        } else if p.desired > 0 {
+            // Failed over, the group before must hold everything with
+            // InService instances; failing back (it has held its desired
+            // capacity for `recovery_for`), its pending instances count:
+            // a group with routine churn (replacements, scale-outs) always
+            // has a few, and they arrive within a boot while the fallback's
+            // agents finish their running jobs.
+            primary_holds = match next {
+                Mode::FailedOver => p.in_service >= p.desired,
+                _ => !p.short(),
+            };
+        }
+    }
+    m.intake_closed = match next {
+        Mode::Normal => false,
+        Mode::FailedOver => primary_holds,
+        Mode::FailingBack => {
+            m.intake_closed || primary_holds || unneeded || seen.earlier_closing
+        }
+    };
+    // Busy instances still protected after intake closed: how long, and
+    // past the limit release them (their agents may be dead) and say so.
+    // A live agent takes no new job once intake is closed, so under a load
+    // that never stops it is not released for being busy.
+    let held = m.intake_closed && busy > 0;
     m.held_since = if held {
         Some(m.held_since.map_or(now, |t| t.min(now)))
     } else {
@@ -769,9 +873,10 @@ pub fn reconcile_seen(
     let entered_failover = next == Mode::FailedOver && memory.mode != Mode::FailedOver;
     // On failover the fallback takes over what the primary is short of at
     // once, rather than growing from one instance at target tracking's pace
-    // (3 minutes per step, with warm-up between).
+    // (3 minutes per step, with warm-up between). Nothing when it is short
+    // of nothing (its pending instances may yet arrive).
     if let (true, Some(p)) = (entered_failover, seen.primary) {
-        let shortfall = (p.desired - p.in_service - p.pending).max(1);
+        let shortfall = (p.desired - p.in_service - p.pending).max(0);
         let to = shortfall.min(target);
         if to > fallback.desired {
             actions.push(Action::SetFallbackDesired {
@@ -888,7 +993,7 @@ mod tests {
             failures: 1,
             window: Duration::from_secs(600),
             capacity_ttl: Duration::from_secs(180),
-            cooldown: Duration::from_secs(600),
+            recovery_for: Duration::from_secs(600),
             min_dwell: Duration::from_secs(300),
             step: 1,
             cap: 10,
@@ -1266,6 +1371,7 @@ mod tests {
     fn up(desired: i32, in_service: i32) -> PrimaryGroup {
         PrimaryGroup {
             desired,
+            max: 100,
             in_service,
             pending: 0,
         }

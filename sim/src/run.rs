@@ -144,6 +144,13 @@ pub struct Series {
     pub primary_pending: Vec<f64>,
     pub fallback_in_service: Vec<f64>,
     pub fallback_pending: Vec<f64>,
+    /// Desired capacity of the primary, and of the fallbacks together.
+    pub primary_desired: Vec<f64>,
+    pub fallback_desired: Vec<f64>,
+    /// Instances with a job running, all groups.
+    pub busy: Vec<f64>,
+    /// Spot capacity of the primary's pools together.
+    pub primary_capacity: Vec<f64>,
     pub cost: Vec<f64>,
     /// 0 normal, 1 failed over, 2 failing back.
     pub mode: Vec<f64>,
@@ -296,6 +303,7 @@ concurrency = {conc}
 [scale_in]
 idle_timeout = "{idle}"
 protect_busy = true
+follow_intake = true
 [status]
 listen = ""
 "#,
@@ -325,7 +333,7 @@ region = "{pr}"
 asg = "{PRIMARY}"
 queue_url = "https://sqs.{pr}.amazonaws.com/123456789012/jobs"
 [failover]
-cooldown = "{cool}"
+recovery_for = "{cool}"
 min_dwell = "{dwell}"
 shortage_for = "{short}"
 [policy]
@@ -600,6 +608,7 @@ async fn simulate(
                     State::Pending { ready } if ready <= now => {
                         if let Some(i) = w.instances.get_mut(&id) {
                             i.state = State::InService;
+                            i.in_service_at = Some(now);
                             // A notice given while it was pending: the real
                             // agent reads `spot/instance-action` on its first
                             // IMDS poll.
@@ -765,6 +774,19 @@ async fn simulate(
                 .push(count(&w, fallbacks.clone(), false));
             series.fallback_pending.push(count(&w, fallbacks, true));
             series.cost.push(w.cost);
+            series.primary_desired.push(f64::from(w.groups[0].desired));
+            series
+                .fallback_desired
+                .push(w.groups.iter().skip(1).map(|g| f64::from(g.desired)).sum());
+            series.busy.push(
+                w.instances
+                    .values()
+                    .filter(|i| !i.running.is_empty() && i.state != State::Gone)
+                    .count() as f64,
+            );
+            series
+                .primary_capacity
+                .push(w.groups[0].zones.iter().map(|z| f64::from(z.capacity)).sum());
             let mode = mode_of(&w, policy, seed_open);
             series.mode.push(mode);
         }

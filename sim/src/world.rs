@@ -69,6 +69,8 @@ pub struct Instance {
     pub zone: usize,
     /// When it reached `running` (billing starts there): launch + delay.
     pub running_at: Instant,
+    /// When it reached InService (its warm-up starts there).
+    pub in_service_at: Option<Instant>,
     /// Seconds billed so far.
     pub billed_secs: f64,
     pub state: State,
@@ -351,6 +353,7 @@ impl World {
                         group: g,
                         zone: z,
                         running_at: now + launch.delay.0,
+                        in_service_at: None,
                         billed_secs: 0.0,
                         state: State::Pending {
                             ready: now + launch.delay.0 + launch.boot.0,
@@ -434,7 +437,13 @@ impl World {
         const WARMUP: Duration = Duration::from_secs(300);
         for g in 0..self.groups.len() {
             let (warm, warming) = self.alive(g).fold((0i32, 0i32), |(w, n), i| match i.state {
-                State::InService if now.duration_since(i.running_at) >= WARMUP => (w + 1, n),
+                State::InService
+                    if i
+                        .in_service_at
+                        .is_some_and(|t| now.duration_since(t) >= WARMUP) =>
+                {
+                    (w + 1, n)
+                }
                 _ => (w, n + 1),
             });
             let (region, name) = (self.groups[g].region.clone(), self.groups[g].name.clone());
@@ -565,6 +574,17 @@ pub struct SimFleet {
 }
 
 impl Fleet for SimFleet {
+    fn intake_closed(&self, _group: &str) -> impl Future<Output = Result<bool, AwsError>> + Send {
+        let w = lock(&self.world);
+        let r = w.instances.get(&self.id).is_some_and(|i| {
+            w.groups[i.group]
+                .tags
+                .get(spotguard_agent::aws::INTAKE_TAG)
+                .is_some_and(|v| v == "closed")
+        });
+        std::future::ready(Ok(r))
+    }
+
     fn group_of(
         &self,
         _instance: &str,

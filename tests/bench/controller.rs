@@ -27,7 +27,7 @@ fn main() {
         failures: 1,
         window: Duration::from_secs(600),
         capacity_ttl: Duration::from_secs(180),
-        cooldown: Duration::from_secs(600),
+        recovery_for: Duration::from_secs(600),
         min_dwell: Duration::from_secs(300),
         step: 1,
         cap: 10,

@@ -26,7 +26,7 @@ pub fn controller_config(queue: &str, primary: &str, fallbacks: &[(&str, &str, i
         .collect();
     c.failover.shortage_for = secs(0);
     c.failover.capacity_ttl = secs(60);
-    c.failover.cooldown = secs(3);
+    c.failover.recovery_for = secs(3);
     c.failover.min_dwell = secs(1);
     c
 }

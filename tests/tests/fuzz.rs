@@ -208,7 +208,7 @@ fn tag_memory_and_decisions_never_panic_and_respect_busy_instances() {
         failures: 2,
         window: std::time::Duration::from_secs(600),
         capacity_ttl: std::time::Duration::from_secs(180),
-        cooldown: std::time::Duration::from_secs(600),
+        recovery_for: std::time::Duration::from_secs(600),
         min_dwell: std::time::Duration::from_secs(300),
         step: 1,
         cap: 10,
@@ -265,7 +265,7 @@ fn the_cascade_stays_in_order_over_random_histories() {
         cap: 8,
         shortage_for: std::time::Duration::from_secs(60),
         min_dwell: std::time::Duration::from_secs(120),
-        cooldown: std::time::Duration::from_secs(300),
+        recovery_for: std::time::Duration::from_secs(300),
         ..Settings::default()
     };
     run(
@@ -299,6 +299,7 @@ fn the_cascade_stays_in_order_over_random_histories() {
                     .iter()
                     .map(|(desired, in_service, _)| PrimaryGroup {
                         desired: *desired,
+                        max: 100,
                         in_service: (*in_service).min(*desired),
                         pending: 0,
                     })
