@@ -464,6 +464,7 @@ impl<C: Cloud> Controller<C> {
                 desired: pg.desired,
                 max: pg.max,
                 in_service: pg.in_service,
+                busy: pg.busy,
                 pending: pg.pending,
             }),
             Err(e) => {
@@ -540,6 +541,7 @@ impl<C: Cloud> Controller<C> {
                             desired: infos[i - 1].desired,
                             max: infos[i - 1].max,
                             in_service: infos[i - 1].in_service,
+                            busy: infos[i - 1].busy,
                             pending: infos[i - 1].pending,
                         }),
                     },

@@ -99,7 +99,7 @@ async fn a_capacity_failure_opens_the_fallback_and_announces_it() {
         .expect("handled");
     assert_eq!(r.reconcile.mode, "failed-over");
     let f = c.cloud.group_of("us-east-2", "gpu-east-2");
-    assert_eq!(f.max, 10, "the gate opens to the cap");
+    assert_eq!(f.max, 1, "the gate opens to the primary's shortfall, not the cap");
     // The primary is short by one (desired 3, 2 InService): the fallback takes it.
     assert_eq!(f.desired, 1);
     assert_eq!(
@@ -134,15 +134,18 @@ async fn a_bad_zone_or_price_never_fails_over() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn each_group_gets_its_backlog_per_instance_in_its_region_and_one_region_failing_spares_the_other(
+async fn every_group_gets_the_fleets_backlog_per_instance_in_its_region_and_one_region_failing_spares_the_other(
 ) {
     let c = controller();
-    c.cloud
-        .lock()
-        .groups
-        .get_mut(&("us-east-2".into(), "gpu-east-2".into()))
-        .unwrap()
-        .in_service = 4;
+    {
+        let mut st = c.cloud.lock();
+        let f = st
+            .groups
+            .get_mut(&("us-east-2".into(), "gpu-east-2".into()))
+            .unwrap();
+        f.in_service = 6;
+        f.max = 6;
+    }
     let (m, errors, depth) = c.publish_metrics().await;
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(depth, Some((40, 2)));
@@ -150,14 +153,18 @@ async fn each_group_gets_its_backlog_per_instance_in_its_region_and_one_region_f
         .iter()
         .map(|p| (p.region.clone(), p.dimensions[0].1.clone(), p.value))
         .collect();
+    // One figure: 40 visible over the 2 + 6 InService of the fleet. (Each
+    // over its own instances, 20 and 6.7, sized each group for the whole
+    // backlog.)
     assert_eq!(
         points,
         vec![
-            ("us-east-1".into(), "gpu-east-1".into(), 20.0),
-            ("us-east-2".into(), "gpu-east-2".into(), 10.0),
+            ("us-east-1".into(), "gpu-east-1".into(), 5.0),
+            ("us-east-2".into(), "gpu-east-2".into(), 5.0),
         ]
     );
-    // us-east-1's group cannot be read: us-east-2 is still published.
+    // us-east-1's group cannot be read (its region impaired): us-east-2 is
+    // still published, carrying the backlog over the instances it can see.
     c.cloud.fail_next(
         "DescribeAutoScalingGroups",
         "us-east-1",
@@ -166,7 +173,7 @@ async fn each_group_gets_its_backlog_per_instance_in_its_region_and_one_region_f
     );
     let (m, errors, _) = c.publish_metrics().await;
     assert_eq!(m.len(), 1);
-    assert_eq!(m[0].region, "us-east-2");
+    assert_eq!((m[0].region.as_str(), m[0].value), ("us-east-2", 40.0 / 6.0));
     assert_eq!(errors.len(), 1);
     assert!(
         errors[0].contains("us-east-1") && errors[0].contains("Throttling"),
@@ -288,7 +295,7 @@ async fn the_run_loop_handles_queued_events_and_deletes_them_malformed_ones_too(
         "the launch event and the unknown one (acknowledged)"
     );
     assert_eq!(*src.deleted.lock().unwrap(), vec!["r1", "r2", "r3"]);
-    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 10);
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -434,7 +441,7 @@ async fn a_decision_made_on_a_stale_memory_is_made_again_and_never_carried_out_s
         .unwrap()
         .unwrap();
     assert!(r.reconcile.executed);
-    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 10);
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").max, 1);
     assert_eq!(c.cloud.calls("CreateOrUpdateTags").len(), 1);
     assert_eq!(
         c.cloud.group_of("us-east-2", "gpu-east-2").tags["spotguard:version"],
@@ -578,7 +585,7 @@ async fn a_three_region_cascade_opens_by_region_and_closes_last_first() {
     .await
     .unwrap();
     assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failed-over"));
-    assert_eq!(c.cloud.group_of("us-east-2", "gpu").max, 6);
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu").max, 3, "the primary's shortfall (4 - 1)");
     assert_eq!(c.cloud.group_of("us-west-2", "gpu").max, 0);
     // us-east-2 runs dry too: short (desired 3, none in service) with a failure.
     {
@@ -600,7 +607,7 @@ async fn a_three_region_cascade_opens_by_region_and_closes_last_first() {
     .unwrap();
     assert_eq!(mode_of(&c, "us-west-2").as_deref(), Some("failed-over"));
     let west = c.cloud.group_of("us-west-2", "gpu");
-    assert_eq!(west.max, 8, "its own cap");
+    assert_eq!(west.max, 3, "us-east-2's shortfall, within its own cap of 8");
     assert_eq!(west.desired, 3, "us-east-2's shortfall");
     // Each group gets its backlog data point in its own region.
     let r = c.tick(Vec::new()).await.unwrap();
@@ -624,17 +631,20 @@ async fn a_three_region_cascade_opens_by_region_and_closes_last_first() {
         st["cascade"][1]["last_capacity_failure"].is_string(),
         "{st}"
     );
-    // The primary launches again, and stays clear past the cool-down: the
-    // last opened closes first, the one before a tick later.
-    c.handle_event(&launch_in(
-        "us-east-1",
-        "EC2 Instance Launch Successful",
-        "",
-        "2026-11-28T08:01:00Z",
-    ))
-    .await
-    .unwrap();
-    tokio::time::advance(std::time::Duration::from_secs(660)).await;
+    // The primary holds its desired capacity again, for
+    // failover.recovery_for: the last opened closes first, the one before
+    // a tick later.
+    {
+        let mut st = c.cloud.lock();
+        let g = st
+            .groups
+            .get_mut(&("us-east-1".into(), "gpu".into()))
+            .unwrap();
+        g.in_service = 4;
+    }
+    c.tick(Vec::new()).await.unwrap();
+    assert_eq!(mode_of(&c, "us-west-2").as_deref(), Some("failed-over"));
+    tokio::time::advance(std::time::Duration::from_secs(600)).await;
     c.tick(Vec::new()).await.unwrap();
     assert_eq!(mode_of(&c, "us-west-2").as_deref(), Some("failing-back"));
     assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failed-over"));
@@ -663,7 +673,7 @@ async fn an_unreadable_last_region_does_not_stop_the_failover_before_it() {
         .unwrap()
         .expect("handled");
     assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failed-over"));
-    assert_eq!(c.cloud.group_of("us-east-2", "gpu").max, 6);
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu").max, 3);
     assert_eq!(r.reconcile.links.len(), 1);
     assert!(
         r.reconcile.unreadable[0].contains("ServiceUnavailable"),
@@ -815,4 +825,47 @@ async fn tags_of_periodic_tasks_no_longer_configured_are_removed() {
         Some("render"),
         "the user's tags stay"
     );
+}
+
+/// One dry zone in a whole primary: AWS tries the zone with the fewest
+/// instances first, logs a failure there, and launches in another, so a
+/// Failed and a Successful activity come every few minutes for ever. The
+/// failover that a real outage opened must close, and a failure while
+/// failing back must not reopen the gate.
+#[tokio::test(start_paused = true)]
+async fn a_whole_primary_with_one_dry_zone_fails_back_and_stays_closed() {
+    let c = controller();
+    c.handle_event(&launch("EC2 Instance Launch Unsuccessful", ICE, "2026-11-28T08:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").tags["spotguard:mode"], "failed-over");
+    // The region is back but for zone a: the primary holds its 3.
+    set_primary(&c, 3, 3);
+    let mut modes = Vec::new();
+    let mut gates = Vec::new();
+    for k in 1..=30u32 {
+        tokio::time::advance(std::time::Duration::from_secs(60)).await;
+        if k % 3 == 0 {
+            let at = (start() + chrono::Duration::minutes(i64::from(k)))
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let mut ok = launch("EC2 Instance Launch Successful", "", &at);
+            ok["detail"]["StatusCode"] = json!("InProgress");
+            c.handle_event(&launch("EC2 Instance Launch Unsuccessful", ICE, &at))
+                .await
+                .unwrap();
+            c.handle_event(&ok).await.unwrap();
+        }
+        c.tick(Vec::new()).await.unwrap();
+        let f = c.cloud.group_of("us-east-2", "gpu-east-2");
+        modes.push(f.tags["spotguard:mode"].clone());
+        gates.push(f.max);
+    }
+    // Failing back once the primary has held its capacity for the 10-minute
+    // recovery_for, then normal once the (empty) fallback has dwelt: never
+    // back to failed-over, and the gate never reopened.
+    let first_back = modes.iter().position(|m| m == "failing-back").expect("failed back");
+    assert!((9..=11).contains(&first_back), "{modes:?}");
+    assert!(modes[first_back..].iter().all(|m| m != "failed-over"), "{modes:?}");
+    assert_eq!(modes.last().map(String::as_str), Some("normal"), "{modes:?}");
+    assert!(gates[first_back..].iter().all(|g| *g == 0), "{gates:?}");
 }

@@ -485,6 +485,8 @@ pub struct PrimaryGroup {
     /// Its MaxSize: how far a failback may raise its desired capacity.
     pub max: i32,
     pub in_service: i32,
+    /// InService instances protected from scale-in: running jobs.
+    pub busy: i32,
     /// Instances on their way in (`Pending`, `Pending:Wait`, `Pending:Proceed`).
     pub pending: i32,
 }
@@ -815,9 +817,11 @@ pub fn reconcile_seen(
         });
     }
     // Make before break. Once the group before has capacity again (not
-    // short), it is asked to hold the fallback's instances too (its
-    // InService ones plus the fallback's, within its MaxSize; pending ones
-    // are not counted, or each raise would ask for the next). Once it holds
+    // short), it is asked for at least the work in flight: its busy
+    // instances and the fallback's (within its MaxSize). Busy instances,
+    // not InService or pending ones: its new instances are idle until the
+    // fallback's intake closes, so the figure does not grow with the raise
+    // itself, and shrinks only as jobs end. Once it holds
     // all it is asked for, the fallback's intake closes: its agents finish
     // their jobs and leave. Failed over, intake reopens as soon as the
     // group before is short again; failing back, it stays closed.
@@ -825,8 +829,8 @@ pub fn reconcile_seen(
     if let (Mode::FailedOver | Mode::FailingBack, Some(p), false) =
         (next, seen.primary, seen.earlier_closing)
     {
-        let want = (p.in_service + fallback.in_service).min(p.max);
-        if !p.short() && want > p.desired && fallback.in_service > 0 {
+        let want = (p.busy.max(0) + fallback.busy.max(0)).min(p.max);
+        if !p.short() && want > p.desired {
             actions.push(Action::SetPrimaryDesired {
                 from: p.desired,
                 to: want,
@@ -1125,93 +1129,242 @@ mod tests {
         .0
     }
 
+    fn pg(desired: i32, in_service: i32, pending: i32) -> PrimaryGroup {
+        PrimaryGroup {
+            pending,
+            ..up(desired, in_service)
+        }
+    }
+
+    /// With `busy` of its InService instances running jobs.
+    fn busy(p: PrimaryGroup, busy: i32) -> PrimaryGroup {
+        PrimaryGroup { busy, ..p }
+    }
+
+    /// Reconciles with the primary and a backlog of 50 seen, and carries
+    /// the memory through its tags.
+    fn step_p(
+        m: &Memory,
+        g: &FallbackGroup,
+        p: PrimaryGroup,
+        l: &[Launch],
+        now: i64,
+    ) -> (Memory, Plan) {
+        let seen = Seen {
+            primary: Some(p),
+            visible: Some(50),
+            in_flight: Some(0),
+            ..Seen::default()
+        };
+        let plan = reconcile_seen(m, g, &seen, l, t(now), &settings());
+        let tags = plan
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                Action::SaveMemory { tags } => Some(tags.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| m.to_tags());
+        (Memory::from_tags(&tags).0, plan)
+    }
+
+    fn raise_to(p: &Plan) -> Option<i32> {
+        p.actions.iter().find_map(|a| match a {
+            Action::SetPrimaryDesired { to, .. } => Some(*to),
+            _ => None,
+        })
+    }
+
+    /// The primary holding 4 busy of its own and room for the fallback's
+    /// busy work.
+    fn whole(g: &FallbackGroup) -> PrimaryGroup {
+        busy(up(4 + g.busy, 4 + g.busy), 4)
+    }
+
+    /// Failed over at 0; the primary whole from 100; failing back at 700
+    /// (`recovery_for` 600 s), its intake closed.
+    fn failing_back(g: &FallbackGroup) -> Memory {
+        let p = whole(g);
+        let (m, _) = step_p(&failed_over_at(0), g, p, &[], 100);
+        assert_eq!(m.mode, Mode::FailedOver);
+        let (m, _) = step_p(&m, g, p, &[], 700);
+        assert_eq!(m.mode, Mode::FailingBack);
+        m
+    }
+
     #[test]
-    fn no_failback_before_the_cool_down_or_without_a_success() {
+    fn recovery_is_the_primary_holding_its_capacity_for_recovery_for() {
         let m = failed_over_at(0);
         let g = group(4, 10, 4, 2);
-        // No success at all, long after: stays.
-        let (m2, p) = step(&m, &g, &[], 5000);
-        assert_eq!(m2.mode, Mode::FailedOver);
-        assert_eq!(max_to(&p), None);
-        // A success 1 min after the failure: still inside the 10 min cool-down.
-        let (m3, _) = step(&m, &g, &[ok(60, "s1")], 300);
-        assert_eq!(m3.mode, Mode::FailedOver);
-        // Cool-down over (failure at 0, now 601) with the success: fail back.
-        let (m4, p) = step(&m3, &g, &[], 601);
-        assert_eq!(m4.mode, Mode::FailingBack);
+        // Short for a long time, with launches succeeding in other zones:
+        // no recovery.
+        let (m, _) = step_p(&m, &g, up(10, 4), &[ok(100, "s1"), ok(4900, "s2")], 5000);
+        assert_eq!(m.mode, Mode::FailedOver);
+        // Whole (InService + pending = desired) from 5060, while a dry zone
+        // logs a capacity failure every few minutes.
+        let (m, _) = step_p(&m, &g, pg(10, 8, 2), &[fail(5060, "z1")], 5060);
+        assert_eq!(m.primary_whole_since, Some(t(5060)));
+        let (m, _) = step_p(&m, &g, up(10, 10), &[fail(5400, "z2")], 5400);
+        assert_eq!(m.mode, Mode::FailedOver);
+        // Short once: the clock starts again.
+        let (m, _) = step_p(&m, &g, up(10, 9), &[], 5500);
+        assert_eq!(m.primary_whole_since, None);
+        let (m, _) = step_p(&m, &g, up(10, 10), &[fail(5600, "z3")], 5600);
+        let (m, _) = step_p(&m, &g, up(10, 10), &[], 6199);
+        assert_eq!(m.mode, Mode::FailedOver, "599 s whole");
+        let (m, p) = step_p(&m, &g, up(10, 10), &[fail(6200, "z4")], 6200);
+        assert_eq!(m.mode, Mode::FailingBack, "600 s whole, failures or not");
         assert_eq!(mode_change(&p), Some((Mode::FailedOver, Mode::FailingBack)));
     }
 
     #[test]
-    fn a_success_older_than_the_last_failure_is_not_a_recovery() {
+    fn launch_successes_are_not_a_recovery_while_the_primary_is_short() {
         let m = failed_over_at(100);
-        // Out of order: a success from before the failure arrives later.
-        let (m2, _) = step(&m, &group(2, 10, 2, 0), &[ok(50, "s-old")], 2000);
-        assert_eq!(m2.mode, Mode::FailedOver);
+        let (m, _) = step_p(&m, &group(2, 10, 2, 0), up(6, 2), &[ok(50, "s-old")], 200);
+        let (m, _) = step_p(&m, &group(2, 10, 2, 0), up(6, 3), &[ok(1500, "s")], 2000);
+        assert_eq!(m.mode, Mode::FailedOver);
     }
 
     #[test]
-    fn failback_lowers_max_size_step_by_step_never_below_busy() {
+    fn the_gate_is_what_the_primary_cannot_hold_and_failback_makes_before_it_breaks() {
         let m = failed_over_at(0);
-        let (m, _) = step(&m, &group(5, 10, 5, 3), &[ok(30, "s")], 700);
-        assert_eq!(m.mode, Mode::FailingBack);
-        // desired 5, busy 3: MaxSize 10 -> 4, then as idle agents leave, down to 3 and not below.
-        let (_, p) = step(&m, &group(5, 10, 5, 3), &[], 760);
-        assert_eq!(max_to(&p), Some(4));
-        let (_, p) = step(&m, &group(4, 4, 4, 3), &[], 820);
+        // The primary is short 6: the gate opens that far, not to the cap.
+        let (m, p) = step_p(&m, &group(5, 10, 5, 3), up(8, 2), &[], 60);
+        assert_eq!(max_to(&p), Some(6));
+        assert_eq!(raise_to(&p), None, "not while it is short");
+        // Back and whole at 100 with its 8, all busy (its desired shrank
+        // meanwhile): asked for the work in flight, its 8 and the
+        // fallback's 3 busy; the gate drops to what it cannot hold now (0),
+        // never below the busy 3; intake stays open meanwhile.
+        let (m, p) = step_p(&m, &group(5, 6, 5, 3), busy(up(8, 8), 8), &[], 100);
+        assert_eq!(m.mode, Mode::FailedOver);
+        assert_eq!(raise_to(&p), Some(11));
         assert_eq!(max_to(&p), Some(3));
-        let (m, p) = step(&m, &group(3, 3, 3, 3), &[], 880);
-        assert_eq!(max_to(&p), None, "never below the 3 busy instances");
+        assert!(!m.intake_closed);
+        // Its new instances pending: the gate holds (3 not yet held), no
+        // second raise, intake open.
+        let (m, p) = step_p(&m, &group(3, 3, 3, 3), busy(pg(11, 8, 3), 8), &[], 160);
+        assert_eq!((max_to(&p), raise_to(&p)), (None, None));
+        assert!(!m.intake_closed);
+        // All InService (the new three idle): it holds the work in flight;
+        // intake closes, and no further raise (its own InService are not
+        // counted).
+        let (m, p) = step_p(&m, &group(3, 3, 3, 3), busy(up(11, 11), 8), &[], 220);
+        assert_eq!(m.mode, Mode::FailedOver);
+        assert!(m.intake_closed);
+        assert_eq!(raise_to(&p), None);
+        // Short again (a reclaim) while still failed over: intake reopens
+        // and the gate follows the shortfall.
+        let (m, p) = step_p(&m, &group(3, 3, 3, 3), busy(up(11, 7), 7), &[], 280);
+        assert!(!m.intake_closed);
+        assert_eq!(max_to(&p), Some(4));
+        let (m, _) = step_p(&m, &group(3, 4, 3, 3), busy(up(11, 11), 8), &[], 340);
+        assert!(m.intake_closed);
+        // Recovered (whole since 340): failing back; intake stays closed
+        // while the busy agents finish; the gate never goes below them.
+        let (m, p) = step_p(&m, &group(3, 3, 3, 3), busy(up(11, 11), 8), &[], 940);
         assert_eq!(m.mode, Mode::FailingBack);
-        // Jobs finish, agents scale themselves in; the group empties.
-        let (_, p) = step(&m, &group(1, 3, 1, 0), &[], 940);
-        assert_eq!(max_to(&p), Some(0));
-        let (m, p) = step(&m, &group(0, 0, 0, 0), &[], 1000);
-        assert_eq!(m.mode, Mode::Normal);
-        assert_eq!(mode_change(&p), Some((Mode::FailingBack, Mode::Normal)));
+        assert!(m.intake_closed);
         assert_eq!(max_to(&p), None);
+        assert_eq!(m.held_since, Some(t(340)), "held since intake closed");
+        let (m, p) = step_p(&m, &group(1, 3, 1, 1), busy(up(11, 11), 10), &[], 1000);
+        assert_eq!(max_to(&p), Some(1));
+        assert!(m.intake_closed);
+        let (m, p) = step_p(&m, &group(0, 1, 0, 0), busy(up(11, 11), 11), &[], 1240);
+        assert_eq!(max_to(&p), Some(0));
+        assert_eq!(m.mode, Mode::Normal);
+        assert!(!m.intake_closed);
+        assert_eq!(m.held_since, None);
+    }
+
+    #[test]
+    fn failing_back_intake_closes_once_the_primary_is_not_short() {
+        // Routine churn: the primary always has a pending replacement. Failing
+        // back, its pending instances count as held.
+        let g = group(3, 3, 3, 3);
+        let (m, _) = step_p(&failed_over_at(0), &g, pg(10, 7, 3), &[], 100);
+        assert!(!m.intake_closed, "failed over: InService only");
+        let (m, _) = step_p(&m, &g, pg(10, 7, 3), &[], 700);
+        assert_eq!(m.mode, Mode::FailingBack);
+        assert!(m.intake_closed);
+        // It stays closed failing back, short or not.
+        let (m, _) = step_p(&m, &g, up(10, 6), &[], 760);
+        assert!(m.intake_closed);
+    }
+
+    #[test]
+    fn a_live_busy_fallback_under_a_load_that_never_stops_is_not_released() {
+        // Failed over for two days, the fallback's 3 instances always busy
+        // (back-to-back jobs), the primary short all along: protection is
+        // never released (intake was never closed).
+        let g = group(3, 3, 3, 3);
+        let mut m = failed_over_at(0);
+        for hour in 1..=48 {
+            let (next, p) = step_p(&m, &g, up(6, 3), &[fail(hour * 3600 - 60, &format!("f{hour}"))], hour * 3600);
+            assert!(
+                !p.actions.iter().any(|a| matches!(a, Action::ReleaseStaleProtection { .. })),
+                "released at hour {hour}"
+            );
+            m = next;
+        }
+        // Intake closed at 100 (the primary holds the work), an instance
+        // still protected past max_busy_age (24 h) after the closure: its
+        // agent is taken as dead.
+        let m = failing_back(&g);
+        assert!(m.intake_closed);
+        let (m, p) = step_p(&m, &g, whole(&g), &[], 100 + 24 * 3600 - 1);
+        assert!(!p.actions.iter().any(|a| matches!(a, Action::ReleaseStaleProtection { .. })));
+        let (_, p) = step_p(&m, &g, whole(&g), &[], 100 + 24 * 3600);
+        assert!(p
+            .actions
+            .contains(&Action::ReleaseStaleProtection { busy: 3, held_since: t(100) }));
     }
 
     #[test]
     fn failing_back_respects_the_min_dwell_before_normal() {
-        let m = failed_over_at(0);
-        let (m, _) = step(&m, &group(0, 10, 0, 0), &[ok(30, "s")], 700);
-        assert_eq!(m.mode, Mode::FailingBack);
+        let m = failing_back(&group(0, 10, 0, 0));
         // Empty at once, but only 60 s in failing-back (dwell 300 s).
-        let (m2, _) = step(&m, &group(0, 0, 0, 0), &[], 760);
+        let (m2, _) = step_p(&m, &group(0, 0, 0, 0), up(4, 4), &[], 760);
         assert_eq!(m2.mode, Mode::FailingBack);
-        let (m3, _) = step(&m, &group(0, 0, 0, 0), &[], 1001);
+        let (m3, _) = step_p(&m, &group(0, 0, 0, 0), up(4, 4), &[], 1000);
         assert_eq!(m3.mode, Mode::Normal);
     }
 
     #[test]
-    fn a_capacity_failure_while_failing_back_returns_to_failed_over() {
-        let m = failed_over_at(0);
-        let (m, _) = step(&m, &group(3, 10, 3, 1), &[ok(30, "s")], 700);
-        let (_, p) = step(&m, &group(3, 10, 3, 1), &[], 760);
-        assert_eq!(max_to(&p), Some(2));
-        let (m2, p) = step(&m, &group(3, 2, 3, 1), &[fail(770, "f1")], 771);
-        assert_eq!(m2.mode, Mode::FailedOver);
-        assert_eq!(max_to(&p), Some(10));
-        // And it does not fail back again before the cool-down and dwell.
-        let (m3, _) = step(&m2, &group(3, 10, 3, 1), &[ok(800, "s2")], 900);
-        assert_eq!(m3.mode, Mode::FailedOver);
+    fn failing_back_returns_to_failed_over_only_as_normal_would_fail_over() {
+        let g = group(3, 3, 3, 1);
+        let m = failing_back(&g);
+        // A capacity failure (one dry zone) while the primary is whole:
+        // the gate does not reopen.
+        let (m, p) = step_p(&m, &g, whole(&g), &[fail(770, "z1")], 771);
+        assert_eq!(m.mode, Mode::FailingBack);
+        assert!(!p.actions.iter().any(|a| matches!(a, Action::SetFallbackDesired { .. })));
+        assert_eq!(max_to(&p), Some(1), "down to its busy one, not reopened");
+        // Short with failures: not before `shortage_for` (120 s) ...
+        let (m, _) = step_p(&m, &g, up(6, 4), &[fail(800, "f1")], 800);
+        assert_eq!(m.mode, Mode::FailingBack);
+        // ... nor before the min dwell (300 s since 700) ...
+        let (m, _) = step_p(&m, &g, up(6, 4), &[fail(930, "f2")], 930);
+        assert_eq!(m.mode, Mode::FailingBack, "short 130 s, 230 s in the mode");
+        // ... then back to failed over, the gate at the shortfall.
+        let (m, p) = step_p(&m, &g, up(6, 4), &[fail(1000, "f3")], 1000);
+        assert_eq!(m.mode, Mode::FailedOver);
+        assert_eq!(max_to(&p), Some(2), "the gate at the shortfall");
+        assert!(!m.intake_closed);
     }
 
     #[test]
     fn the_failure_that_caused_failover_does_not_bounce_failing_back() {
         // The original failure is re-delivered (duplicate) after failing back.
-        let m = failed_over_at(0);
-        let (m, _) = step(&m, &group(2, 10, 2, 0), &[ok(30, "s")], 700);
-        let (m2, _) = step(&m, &group(2, 10, 2, 0), &[fail(0, "f0")], 710);
+        let m = failing_back(&group(2, 10, 2, 0));
+        let (m2, _) = step_p(&m, &group(2, 10, 2, 0), up(4, 3), &[fail(0, "f0")], 1200);
         assert_eq!(m2.mode, Mode::FailingBack);
     }
 
     #[test]
     fn back_in_normal_old_failures_do_not_fail_over_again() {
-        let m = failed_over_at(0);
-        let (m, _) = step(&m, &group(0, 10, 0, 0), &[ok(30, "s")], 700);
-        let (m, _) = step(&m, &group(0, 0, 0, 0), &[], 1001);
+        let m = failing_back(&group(0, 10, 0, 0));
+        let (m, _) = step_p(&m, &group(0, 0, 0, 0), up(4, 4), &[], 1001);
         assert_eq!(m.mode, Mode::Normal);
         // Short window and TTL would not matter: re-deliver the old failure too.
         let s = Settings {
@@ -1219,9 +1372,12 @@ mod tests {
             capacity_ttl: Duration::from_secs(3600),
             ..settings()
         };
-        let p = reconcile(&m, &group(0, 0, 0, 0), &[fail(0, "f0")], t(1002), &s);
+        let p = reconcile(&m, &group(0, 0, 0, 0), &[fail(0, "f0")], t(1400), &s);
         assert_eq!(p.memory.mode, Mode::Normal);
+        // A new one within the min dwell in normal: not yet.
         let p = reconcile(&m, &group(0, 0, 0, 0), &[fail(1005, "f9")], t(1006), &s);
+        assert_eq!(p.memory.mode, Mode::Normal);
+        let p = reconcile(&m, &group(0, 0, 0, 0), &[fail(1005, "f9")], t(1301), &s);
         assert_eq!(p.memory.mode, Mode::FailedOver);
     }
 
@@ -1368,11 +1524,13 @@ mod tests {
         memories: Vec<Memory>,
     }
 
+    /// The group before: `desired`, `in_service`, none of them busy.
     fn up(desired: i32, in_service: i32) -> PrimaryGroup {
         PrimaryGroup {
             desired,
             max: 100,
             in_service,
+            busy: 0,
             pending: 0,
         }
     }
@@ -1446,7 +1604,7 @@ mod tests {
         );
         let plans = c.step(&closed, &[up(4, 1), up(0, 0)], &[vec![], vec![]], 50, 330);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::Normal]);
-        assert_eq!(max_to(&plans[0]), Some(10));
+        assert_eq!(max_to(&plans[0]), Some(3), "the primary's shortfall, not the cap");
         assert_eq!(max_to(&plans[1]), None);
         // Now the first fallback is short for capacity too: the second opens
         // once its shortage has lasted `shortage_for`, with the shortfall.
@@ -1465,7 +1623,7 @@ mod tests {
         );
         let plans = c.step(&open1, &[up(4, 1), up(5, 2)], &[vec![], vec![]], 50, 530);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
-        assert_eq!(max_to(&plans[1]), Some(10));
+        assert_eq!(max_to(&plans[1]), Some(3));
         assert!(plans[1]
             .actions
             .contains(&Action::SetFallbackDesired { from: 0, to: 3 }));
@@ -1480,12 +1638,12 @@ mod tests {
         let mut c = both_open();
         let ups = [up(4, 4), up(5, 2)];
         let open = [group(5, 10, 2, 0), group(3, 10, 3, 0)];
-        c.step(&open, &ups, &[vec![ok(440, "p-ok")], vec![]], 50, 1100);
-        c.step(&open, &ups, &[vec![], vec![]], 50, 1160);
-        c.step(&open, &ups, &[vec![], vec![]], 50, 1220);
+        for now in [1100, 1700, 1760] {
+            c.step(&open, &ups, &[vec![], vec![]], 50, now);
+        }
         assert_eq!(c.modes(), [Mode::FailingBack, Mode::FailingBack]);
         let empty = [group(5, 4, 2, 0), group(0, 0, 0, 0)];
-        for (k, now) in [1300, 1400, 1500, 1600].into_iter().enumerate() {
+        for (k, now) in [1800, 1900, 2000, 2100].into_iter().enumerate() {
             c.step(
                 &empty,
                 &ups,
@@ -1495,22 +1653,14 @@ mod tests {
             );
         }
         assert_eq!(c.modes(), [Mode::FailingBack, Mode::Normal]);
-        // The primary fails again: the first reopens, the second does not yet.
-        let plans = c.step(
-            &empty,
-            &[up(4, 1), up(5, 2)],
-            &[vec![fail(1650, "p2")], vec![fail(1650, "g1-x")]],
-            50,
-            1650,
-        );
+        // The primary fails and is short again: the first reopens once the
+        // shortage has lasted `shortage_for`; the second does not yet.
+        let short = [up(4, 1), up(5, 2)];
+        c.step(&empty, &short, &[vec![fail(2150, "p2")], vec![fail(2150, "g1-x")]], 50, 2150);
+        assert_eq!(c.modes(), [Mode::FailingBack, Mode::Normal], "short 0 s");
+        let plans = c.step(&empty, &short, &[vec![], vec![fail(2270, "g1-y")]], 50, 2280);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::Normal], "{plans:?}");
-        c.step(
-            &empty,
-            &[up(4, 1), up(5, 2)],
-            &[vec![], vec![fail(1700, "g1-y")]],
-            50,
-            1780,
-        );
+        c.step(&empty, &short, &[vec![], vec![fail(2400, "g1-z")]], 50, 2420);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
     }
 
@@ -1542,49 +1692,45 @@ mod tests {
     #[test]
     fn the_cascade_closes_in_reverse_and_never_below_busy() {
         let mut c = both_open();
-        let open = [group(5, 10, 5, 2), group(3, 10, 3, 1)];
-        let ups = [up(4, 4), up(5, 5)];
-        // The primary launches again, and its cool-down (10 min after its
-        // last failure at 100 s) passes. The first fallback's own group
-        // never recovers (its region is still dry): capacity back at the
-        // primary closes both all the same, the last opened first.
-        c.step(&open, &ups, &[vec![ok(400, "p-ok")], vec![]], 50, 650);
-        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver], "cool-down");
-        let plans = c.step(&open, &ups, &[vec![], vec![]], 50, 760);
+        // The primary is back and whole; the first fallback's own region
+        // stays dry (its group short): capacity back at the primary closes
+        // both all the same, the last opened first.
+        let ups = [
+            busy(up(6, 6), 6),
+            PrimaryGroup {
+                max: 4,
+                ..up(5, 2)
+            },
+        ];
+        let open = [group(4, 4, 4, 2), group(3, 3, 3, 1)];
+        let plans = c.step(&open, &ups, &[vec![], vec![]], 50, 650);
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
+        assert_eq!(max_to(&plans[0]), Some(2), "what the primary cannot hold, not below busy");
+        assert_eq!(raise_to(&plans[0]), Some(8), "the primary asked for the busy two");
+        assert_eq!(max_to(&plans[1]), None, "its upstream is short 3: held");
+        let plans = c.step(&open, &ups, &[vec![], vec![]], 50, 1250);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailingBack]);
         assert!(plans[0].holding_for_later);
-        assert_eq!(
-            max_to(&plans[0]),
-            None,
-            "the first keeps its gate meanwhile"
-        );
-        assert_eq!(max_to(&plans[1]), Some(2));
-        let plans = c.step(
-            &[group(5, 10, 5, 2), group(2, 2, 2, 1)],
-            &ups,
-            &[vec![], vec![]],
-            50,
-            820,
-        );
+        let plans = c.step(&open, &ups, &[vec![], vec![]], 50, 1310);
         assert_eq!(c.modes(), [Mode::FailingBack, Mode::FailingBack]);
-        assert_eq!(max_to(&plans[0]), Some(4));
-        assert_eq!(max_to(&plans[1]), Some(1), "never below its busy instance");
+        assert_eq!(max_to(&plans[0]), Some(2));
+        assert_eq!(max_to(&plans[1]), Some(2), "step by step");
         let plans = c.step(
-            &[group(4, 4, 4, 2), group(1, 1, 1, 1)],
+            &[group(2, 2, 2, 2), group(2, 2, 2, 1)],
             &ups,
             &[vec![], vec![]],
             50,
-            880,
+            1370,
         );
-        assert_eq!(max_to(&plans[0]), Some(3));
-        assert_eq!(max_to(&plans[1]), None);
+        assert_eq!(max_to(&plans[0]), None, "never below its busy two");
+        assert_eq!(max_to(&plans[1]), Some(1), "never below its busy one");
         // Both drain; each goes back to normal once empty.
         c.step(
             &[group(0, 0, 0, 0), group(0, 0, 0, 0)],
             &ups,
             &[vec![], vec![]],
             0,
-            1200,
+            1700,
         );
         assert_eq!(c.modes(), [Mode::Normal, Mode::Normal]);
     }
@@ -1593,11 +1739,14 @@ mod tests {
     fn capacity_back_at_the_first_fallback_closes_only_the_second() {
         let mut c = both_open();
         let open = [group(5, 10, 5, 0), group(3, 10, 3, 0)];
-        // The primary stays dry; the first fallback's group launches again.
+        // The primary stays dry; the first fallback's group holds its
+        // desired capacity again.
         let ups = [up(4, 1), up(5, 5)];
         c.step(&open, &ups, &[vec![], vec![ok(500, "g1-ok")]], 50, 950);
+        assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
+        c.step(&open, &ups, &[vec![], vec![]], 50, 1550);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailingBack]);
-        c.step(&open, &ups, &[vec![], vec![]], 50, 1010);
+        c.step(&open, &ups, &[vec![], vec![]], 50, 1610);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailingBack]);
     }
 

@@ -301,6 +301,7 @@ fn the_cascade_stays_in_order_over_random_histories() {
                         desired: *desired,
                         max: 100,
                         in_service: (*in_service).min(*desired),
+                        busy: 0,
                         pending: 0,
                     })
                     .collect();
