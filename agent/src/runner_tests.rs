@@ -914,3 +914,68 @@ async fn a_job_that_ran_across_a_hibernation_is_handed_back_then_intake_reopens(
     // Resumed: intake reopens and the message runs.
     assert_eq!(w.worker.started(), vec![id]);
 }
+
+fn following(extra: &str) -> Config {
+    cfg(&format!(
+        "[scale_in]\nprotect_busy = true\nfollow_intake = true\nintake_check = \"60s\"\nidle_timeout = \"5m\"\n{extra}"
+    ))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_intake_lets_the_running_job_finish_then_scales_in_with_a_decrement() {
+    // A fallback agent under a load that never stops: a job always waits.
+    let w = World::start(following(""), MemFleet::new(Some("g"), 0, 3), false);
+    for _ in 0..20 {
+        w.queue.push("50");
+    }
+    w.run_for(70).await;
+    assert_eq!(w.worker.started().len(), 2);
+    // The controller closes the group's intake (failing back).
+    w.fleet.lock().intake_closed = true;
+    w.run_for(150).await;
+    // Read at 120 s: the job started at 100 s runs to its end, no new one
+    // starts, and the instance leaves at once (no idle timeout) with the
+    // group's desired capacity decremented (no replacement).
+    assert_eq!(w.worker.started().len(), 3);
+    assert_eq!(w.queue.deleted().len(), 3, "every job started finished");
+    let calls = w.fleet.calls("TerminateInstanceInAutoScalingGroup");
+    assert_eq!(w.call_times(calls), vec![150.0]);
+    let st = w.fleet.lock();
+    assert!(st.terminated);
+    assert_eq!(st.desired, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_intake_reopened_before_the_job_ends_takes_work_again() {
+    let w = World::start(following(""), MemFleet::new(Some("g"), 0, 3), false);
+    for _ in 0..20 {
+        w.queue.push("200");
+    }
+    w.run_for(10).await;
+    w.fleet.lock().intake_closed = true;
+    w.run_for(60).await;
+    // Failed over again (the primary short): the tag reads open.
+    w.fleet.lock().intake_closed = false;
+    w.run_for(180).await;
+    // Read open at 120 s, before the job's end at 200 s: the next starts.
+    assert!(w.fleet.calls("DescribeAutoScalingGroups").len() >= 3);
+    assert!(w.worker.started().len() >= 2, "{:?}", w.worker.started());
+    assert!(!w.fleet.lock().terminated);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_that_does_not_follow_the_intake_tag_never_reads_it() {
+    // In the queue's own region (the primary), unset follow_intake is off.
+    let w = World::start(
+        cfg("[scale_in]\nprotect_busy = true\n"),
+        MemFleet::new(Some("g"), 0, 3),
+        false,
+    );
+    w.fleet.lock().intake_closed = true;
+    for _ in 0..3 {
+        w.queue.push("20");
+    }
+    w.run_for(90).await;
+    assert_eq!(w.worker.started().len(), 3);
+    assert!(w.fleet.calls("DescribeAutoScalingGroups").is_empty());
+}

@@ -915,3 +915,164 @@ impl Cloud for SimCloud {
         std::future::ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Launch;
+
+    fn group(zones: &[(&str, i32)], desired: i32) -> Group {
+        Group {
+            name: "g".into(),
+            region: "us-east-1".into(),
+            min: 0,
+            max: 200,
+            desired,
+            price: 0.36,
+            zones: zones
+                .iter()
+                .map(|(n, c)| Pool {
+                    name: format!("us-east-1{n}"),
+                    capacity: *c,
+                })
+                .collect(),
+            tags: BTreeMap::new(),
+            activities: Vec::new(),
+            tracking: None,
+            last_launch_try: None,
+            interruptions_per_hour: 0.0,
+        }
+    }
+
+    fn world(g: Group) -> World {
+        let mut w = World {
+            rng: Some(Rng::new(1)),
+            ..World::default()
+        };
+        w.groups.push(g);
+        w.instance_secs = vec![0.0];
+        w
+    }
+
+    fn base(now: Instant) -> (DateTime<Utc>, Instant) {
+        (DateTime::<Utc>::UNIX_EPOCH, now)
+    }
+
+    fn zones_of(w: &World) -> Vec<usize> {
+        let mut n = vec![0; w.groups[0].zones.len()];
+        for i in w.alive(0) {
+            n[i.zone] += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn launches_go_to_the_zone_with_fewest_and_a_dry_zone_logs_a_failure_naming_it() {
+        let now = Instant::now();
+        let mut w = world(group(&[("a", 0), ("b", 10), ("c", 10)], 6));
+        w.reconcile_groups(now, &Launch::default(), base(now));
+        assert_eq!(zones_of(&w), [0, 3, 3], "balanced over the zones with room");
+        let failed: Vec<&Activity> = w.groups[0]
+            .activities
+            .iter()
+            .filter(|a| a.status_code == "Failed")
+            .collect();
+        assert_eq!(failed.len(), 1, "one failure per attempt for the dry zone");
+        assert!(failed[0].details.contains("us-east-1a"), "{}", failed[0].details);
+        assert_eq!(w.events.len(), 7, "six launches and one failure");
+        // Partial fulfilment: 10 more wanted, 14 places left, b full first.
+        w.groups[0].desired = 20;
+        w.groups[0].zones[1].capacity = 4;
+        w.reconcile_groups(now + Duration::from_secs(60), &Launch::default(), base(now));
+        assert_eq!(zones_of(&w), [0, 4, 10]);
+    }
+
+    #[test]
+    fn a_partial_drop_reclaims_only_the_excess_once() {
+        let now = Instant::now();
+        let mut w = world(group(&[("a", 200)], 88));
+        w.reconcile_groups(now, &Launch::default(), base(now));
+        assert_eq!(w.alive(0).count(), 88);
+        w.groups[0].zones[0].capacity = 20;
+        w.interrupt(now, Duration::from_secs(1), Duration::ZERO);
+        let noticed = |w: &World| w.alive(0).filter(|i| i.interruption.is_some()).count();
+        assert_eq!(noticed(&w), 68);
+        // A second later the noticed 68 are leaving, not counted again.
+        w.interrupt(now + Duration::from_secs(1), Duration::from_secs(1), Duration::ZERO);
+        assert_eq!(noticed(&w), 68);
+    }
+
+    fn policy() -> Tracking {
+        Tracking {
+            policy: TargetTracking::new(
+                "p",
+                3.0,
+                spotguard_controller::aws::MetricSpec::Custom {
+                    namespace: "n".into(),
+                    name: "m".into(),
+                    dimensions: Vec::new(),
+                },
+            ),
+            enabled: true,
+            history: VecDeque::new(),
+            last_scale_out: None,
+        }
+    }
+
+    #[test]
+    fn target_tracking_in_proportion_and_warming_instances_count_toward_desired() {
+        let mut t = policy();
+        // 4 warm instances at 6 per instance (target 3): after three periods
+        // above, 4 x 6 / 3 = 8.
+        assert_eq!(track_step(&mut t, 4, 0, 20, 4, 0, 6.0), 4);
+        assert_eq!(track_step(&mut t, 4, 0, 20, 4, 0, 6.0), 4);
+        assert_eq!(track_step(&mut t, 4, 0, 20, 4, 0, 6.0), 8);
+        // The 4 new ones warming: scale-out goes on, from the warm ones, the
+        // warming ones counting toward the new desired capacity.
+        assert_eq!(track_step(&mut t, 8, 0, 20, 4, 4, 9.0), 16);
+        // Within MaxSize.
+        assert_eq!(track_step(&mut t, 16, 0, 20, 4, 12, 30.0), 20);
+        // Below 90 % of the target for 15 periods: scale in, but not while
+        // any instance warms.
+        let mut t = policy();
+        for _ in 0..14 {
+            assert_eq!(track_step(&mut t, 10, 0, 20, 9, 1, 1.0), 10);
+        }
+        assert_eq!(track_step(&mut t, 10, 0, 20, 9, 1, 1.0), 10, "one warming");
+        assert_eq!(track_step(&mut t, 10, 0, 20, 10, 0, 1.5), 5);
+        // From an empty group: a value above the target grows it by one.
+        let mut t = policy();
+        for _ in 0..2 {
+            track_step(&mut t, 0, 0, 20, 0, 0, 4.0);
+        }
+        assert_eq!(track_step(&mut t, 0, 0, 20, 0, 0, 4.0), 2);
+    }
+
+    #[test]
+    fn billing_starts_at_running_has_a_minute_minimum_and_spares_first_hour_reclaims() {
+        let t0 = Instant::now();
+        let mut w = world(group(&[("a", 10)], 3));
+        let launch = Launch::default(); // 90 s to running
+        w.reconcile_groups(t0, &launch, base(t0));
+        let ids: Vec<String> = w.alive(0).map(|i| i.id.clone()).collect();
+        let mut now = t0;
+        let step = Duration::from_secs(1);
+        for _ in 0..120 {
+            now += step;
+            w.bill(now, step);
+        }
+        // 120 s after launch, 30 s of it running, for each of three.
+        assert!((w.instance_secs[0] - 90.0).abs() < 1.5, "{}", w.instance_secs[0]);
+        // One scaled in now: billed a full minute; one reclaimed in its
+        // first hour: not billed at all.
+        w.terminate(&ids[0], now, Kill::GroupScaleIn);
+        w.settle(&ids[0]);
+        w.terminate(&ids[1], now, Kill::Reclaimed);
+        w.settle(&ids[1]);
+        assert!((w.instances[&ids[0]].billed_secs - 60.0).abs() < 1e-9);
+        assert_eq!(w.instances[&ids[1]].billed_secs, 0.0);
+        assert!((w.instance_secs[0] - 90.0).abs() < 1.5, "{}", w.instance_secs[0]);
+        let expected = w.instance_secs[0] / 3600.0 * 0.36;
+        assert!((w.cost - expected).abs() < 1e-9);
+    }
+}

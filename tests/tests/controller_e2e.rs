@@ -33,6 +33,10 @@ struct Ctl {
 /// desired 3, one instance InService.
 fn short_primary(env: &AwsEnv) {
     env.create_group_in("us-east-1", "gpu-primary", 0, 10, 1);
+    show_primary_short(env);
+}
+
+fn show_primary_short(env: &AwsEnv) {
     env.proxy.rewrite(
         "DescribeAutoScalingGroups",
         "us-east-1",
@@ -148,6 +152,28 @@ impl Ctl {
         });
     }
 
+    /// The primary holds its desired capacity again (1 of 1, as moto has
+    /// it): the proxy stops showing it short.
+    fn primary_whole(&self) {
+        self.env.proxy.clear_rewrites();
+    }
+
+    /// Short again: its instances shown leaving (reclaimed), whatever its
+    /// desired capacity is by now.
+    fn primary_short(&self) {
+        self.env.proxy.rewrite(
+            "DescribeAutoScalingGroups",
+            "us-east-1",
+            "<LifecycleState>InService</LifecycleState>",
+            "<LifecycleState>Terminating</LifecycleState>",
+        );
+    }
+
+    /// The fallback's `spotguard:intake` tag, read by its agents.
+    fn intake(&self) -> Option<String> {
+        self.fallback().tags.get("spotguard:intake").cloned()
+    }
+
     fn mode(&self) -> Option<String> {
         self.fallback().tags.get("spotguard:mode").cloned()
     }
@@ -187,6 +213,16 @@ fn launch_event(
     })
 }
 
+/// The value of the first data point of a PutMetricData query body
+/// (`MetricData.member.1.Value=...`), parsed: a substring would take
+/// `Value=200` for `Value=20`.
+fn metric_value(body: &str) -> f64 {
+    body.split('&')
+        .find_map(|kv| kv.strip_prefix("MetricData.member.1.Value="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no data point value in {body}"))
+}
+
 fn now() -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now()
 }
@@ -216,7 +252,7 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["event"]["reconcile"]["mode"], "failed-over");
     let g = t.fallback();
-    assert_eq!(g.max, 5, "the gate opened to the configured cap");
+    assert_eq!(g.max, 2, "the gate opened to the primary's shortfall (3 - 1), within the cap of 5");
     assert_eq!(t.mode().as_deref(), Some("failed-over"));
     assert!(g.tags.contains_key("spotguard:since"));
     assert_eq!(t.announced(&mut Vec::new()), vec!["normal->failed-over"]);
@@ -245,7 +281,9 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
         "{}",
         primary.body
     );
-    assert!(primary.body.contains("Value=40"), "{}", primary.body);
+    // One figure for the fleet, after the failover: 40 over the primary's
+    // one and the fallback's two (moto launches the shortfall at once).
+    assert_eq!(metric_value(&primary.body), 40.0 / 3.0);
     assert!(
         primary.body.contains("Value=gpu-primary"),
         "{}",
@@ -261,9 +299,9 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
         fallback.body
     );
     // The failover gave the fallback the primary's shortfall (desired 3,
-    // 1 InService: 2), which moto launches at once: 40 / 2.
+    // 1 InService: 2); the same figure in its region.
     assert_eq!(t.fallback().desired, 2);
-    assert!(fallback.body.contains("Value=20"), "{}", fallback.body);
+    assert_eq!(metric_value(&fallback.body), 40.0 / 3.0);
     // `status` reports the same mode and plans nothing more.
     let (code, out) = t.binary(&["status"]);
     assert_eq!(code, 0);
@@ -273,7 +311,7 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
     assert_eq!(status["cascade"][1]["next"]["actions"], json!([]));
     // The two-region keys are still there.
     assert_eq!(status["plan"]["actions"], json!([]));
-    assert_eq!(status["fallback"]["max"], 5);
+    assert_eq!(status["fallback"]["max"], 2);
 }
 
 #[test]
@@ -308,28 +346,31 @@ fn gradual_failback_keeps_busy_instances_and_returns_to_normal() {
     let t = setup("ctl-failback");
     let c = t.controller();
     t.handle(&c, &capacity_failure("act-1")).unwrap();
-    assert_eq!(t.fallback().max, 5);
-    // The fallback group scaled out; two of its agents are busy (protected).
-    t.set_fallback_desired(3);
+    assert_eq!(t.fallback().max, 2, "the primary's shortfall");
+    // The fallback group scaled out; both its agents are busy (protected).
     let ids = t.fallback_ids();
-    assert_eq!(ids.len(), 3);
-    t.protect_fallback(&ids[..2], true);
+    assert_eq!(ids.len(), 2);
+    t.protect_fallback(&ids, true);
     std::thread::sleep(Duration::from_millis(1100));
-    // The primary launches again; before the cool-down nothing moves.
-    t.handle(&c, &success("ok-1")).unwrap();
+    // The primary holds its desired capacity again; before recovery_for
+    // (3 s here) nothing moves but the hand-over: the primary is asked for
+    // the work in flight (its 0 busy and the fallback's 2).
+    t.primary_whole();
     t.tick(&c);
     assert_eq!(t.mode().as_deref(), Some("failed-over"));
-    assert_eq!(t.fallback().max, 5);
+    assert_eq!(t.env.group("gpu-primary").desired, 2, "raised by the busy two");
+    assert_eq!(t.intake().as_deref(), Some("open"));
+    // moto launched it at once: the primary holds the work, the fallback's
+    // intake closes (its agents finish their jobs and take no new one).
+    t.tick(&c);
+    assert_eq!(t.intake().as_deref(), Some("closed"));
     std::thread::sleep(Duration::from_millis(3200));
     let r = t.tick(&c);
     assert_eq!(r.reconcile.mode, "failing-back");
-    // MaxSize: min(5, desired 3) - 1 = 2, and never below the 2 busy ones.
-    assert_eq!(t.fallback().max, 2);
-    t.tick(&c);
     t.tick(&c);
     let g = t.fallback();
     assert_eq!(g.max, 2, "not below the busy instances");
-    for id in &ids[..2] {
+    for id in &ids {
         assert!(
             g.instances
                 .iter()
@@ -338,7 +379,7 @@ fn gradual_failback_keeps_busy_instances_and_returns_to_normal() {
         );
     }
     // Their jobs end; the agents unprotect and scale themselves in.
-    t.protect_fallback(&ids[..2], false);
+    t.protect_fallback(&ids, false);
     t.set_fallback_desired(0);
     std::thread::sleep(Duration::from_millis(1100));
     t.tick(&c);
@@ -351,6 +392,7 @@ fn gradual_failback_keeps_busy_instances_and_returns_to_normal() {
         t.fallback()
     );
     assert_eq!(t.fallback().max, 0);
+    assert_eq!(t.intake().as_deref(), Some("open"));
     assert_eq!(
         t.announced(&mut Vec::new()),
         vec![
@@ -359,28 +401,58 @@ fn gradual_failback_keeps_busy_instances_and_returns_to_normal() {
             "failing-back->normal"
         ]
     );
-    // The controller never terminated an instance or set a desired capacity.
+    // The controller never terminated an instance; it set desired
+    // capacities twice, each through UpdateAutoScalingGroup: the fallback's
+    // on failover (the shortfall), the primary's on the hand-over.
     let counts = t.env.proxy.counts();
     assert!(
         !counts.contains_key("TerminateInstanceInAutoScalingGroup"),
         "{counts:?}"
     );
-    assert!(!counts.contains_key("SetDesiredCapacity"), "{counts:?}");
+    let desired: Vec<(String, String)> = t
+        .env
+        .proxy
+        .calls_of("UpdateAutoScalingGroup")
+        .into_iter()
+        .filter_map(|c| {
+            c.body
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("DesiredCapacity="))
+                .map(|d| (c.region.clone(), d.to_string()))
+        })
+        .collect();
+    assert_eq!(
+        desired,
+        [
+            ("us-east-2".to_string(), "2".to_string()),
+            ("us-east-1".to_string(), "2".to_string())
+        ]
+    );
 }
 
 #[test]
-fn a_capacity_failure_during_failback_fails_over_again() {
+fn a_capacity_failure_during_failback_fails_over_again_only_with_the_primary_short() {
     let t = setup("ctl-refail");
     let c = t.controller();
     t.handle(&c, &capacity_failure("act-1")).unwrap();
-    // Times are kept to the second: the success must come in a later one.
-    std::thread::sleep(Duration::from_millis(1100));
-    t.handle(&c, &success("ok-1")).unwrap();
+    // Its two instances are busy: failing back keeps them.
+    t.protect_fallback(&t.fallback_ids(), true);
+    t.primary_whole();
+    t.tick(&c);
     std::thread::sleep(Duration::from_millis(3200));
     assert_eq!(t.tick(&c).reconcile.mode, "failing-back");
+    // A failure (one dry zone) while the primary holds its capacity: the
+    // gate does not reopen.
+    std::thread::sleep(Duration::from_millis(1100));
     t.handle(&c, &capacity_failure("act-2")).unwrap();
+    assert_eq!(t.mode().as_deref(), Some("failing-back"));
+    assert_eq!(t.fallback().max, 2, "held by its busy two, not reopened");
+    assert_eq!(t.intake().as_deref(), Some("closed"));
+    // Short again, with a failure: failed over (shortage_for is 0 here).
+    t.primary_short();
+    t.handle(&c, &capacity_failure("act-3")).unwrap();
     assert_eq!(t.mode().as_deref(), Some("failed-over"));
-    assert_eq!(t.fallback().max, 5);
+    assert_eq!(t.fallback().max, 2);
     assert_eq!(
         t.announced(&mut Vec::new()),
         vec![
@@ -452,7 +524,7 @@ fn aws_errors_are_retried_without_a_wrong_mode_change() {
         .inject("DescribeAutoScalingGroups", Fault::server_error(), 2);
     t.tick(&c);
     assert_eq!(t.mode().as_deref(), Some("failed-over"));
-    assert_eq!(t.fallback().max, 5);
+    assert_eq!(t.fallback().max, 2);
     assert_eq!(t.announced(&mut Vec::new()), vec!["normal->failed-over"]);
 }
 
@@ -636,7 +708,7 @@ fn the_lambda_runtime_handles_events_and_acknowledges_garbage() {
     }
     assert_eq!(r[0]["body"]["handled"], false);
     assert_eq!(r[1]["body"]["mode"], "failed-over");
-    assert_eq!(t.fallback().max, 4);
+    assert_eq!(t.fallback().max, 2, "the shortfall, within the cap of 4");
     assert_eq!(r[2]["body"]["handled"], true);
     assert!(
         !t.env.proxy.calls_of("PutMetricData").is_empty(),
@@ -718,14 +790,19 @@ fn a_scripted_day_gives_exactly_the_expected_mode_changes() {
     // failing back cannot finish until its job ends.
     t.set_fallback_desired(1);
     t.protect_fallback(&t.fallback_ids(), true);
-    // Recovery: a success, the cool-down, then failing back.
+    // Recovery: a success, the primary whole for recovery_for, then
+    // failing back.
     std::thread::sleep(Duration::from_millis(1100));
     t.handle(&c, &success("r-1")).unwrap();
+    t.primary_whole();
     t.tick(&c);
     std::thread::sleep(Duration::from_millis(3200));
     t.tick(&c);
     assert_eq!(t.mode().as_deref(), Some("failing-back"));
-    // A new burst while failing back: failed over again, at once.
+    // A new burst while failing back with the primary short again (after
+    // the dwell): failed over again.
+    t.primary_short();
+    std::thread::sleep(Duration::from_millis(1100));
     t.handle(&c, &capacity_failure("b2-1")).unwrap();
     t.tick(&c);
     // The old burst re-delivered late: nothing new.
@@ -734,6 +811,8 @@ fn a_scripted_day_gives_exactly_the_expected_mode_changes() {
     // Second recovery; failing back waits for the busy instance.
     std::thread::sleep(Duration::from_millis(1100));
     t.handle(&c, &success("r-2")).unwrap();
+    t.primary_whole();
+    t.tick(&c);
     std::thread::sleep(Duration::from_millis(3200));
     t.tick(&c);
     std::thread::sleep(Duration::from_millis(1100));
@@ -913,7 +992,11 @@ fn a_three_region_cascade_opens_in_order_and_closes_in_reverse() {
         mode("us-east-2", "gpu-east-2").as_deref(),
         Some("failed-over")
     );
-    assert_eq!(env.group_in("us-east-2", "gpu-east-2").max, 5);
+    assert_eq!(
+        env.group_in("us-east-2", "gpu-east-2").max,
+        2,
+        "the primary's shortfall, within its cap of 5"
+    );
     assert_eq!(
         env.group_in("us-east-2", "gpu-east-2").desired,
         2,
@@ -921,12 +1004,13 @@ fn a_three_region_cascade_opens_in_order_and_closes_in_reverse() {
     );
     assert_eq!(env.group_in("us-west-2", "gpu-west-2").max, 0);
 
-    // us-east-2 runs dry too: desired 4 with its 2 instances, and a failure.
+    // us-east-2 runs dry too: its 2 instances reclaimed (shown leaving),
+    // desired 2, and a failure.
     env.proxy.rewrite(
         "DescribeAutoScalingGroups",
         "us-east-2",
-        "<DesiredCapacity>2</DesiredCapacity>",
-        "<DesiredCapacity>4</DesiredCapacity>",
+        "<LifecycleState>InService</LifecycleState>",
+        "<LifecycleState>Terminating</LifecycleState>",
     );
     handle(&in_region(
         capacity_failure("e2-1"),
@@ -940,8 +1024,8 @@ fn a_three_region_cascade_opens_in_order_and_closes_in_reverse() {
     let west = env.group_in("us-west-2", "gpu-west-2");
     assert_eq!(
         (west.max, west.desired),
-        (4, 2),
-        "its cap, us-east-2's shortfall"
+        (2, 2),
+        "us-east-2's shortfall, within its cap of 4"
     );
 
     // Metrics: one data point per group, in its own region.
@@ -987,8 +1071,8 @@ fn a_three_region_cascade_opens_in_order_and_closes_in_reverse() {
         rows,
         [
             ("us-east-1".to_string(), "primary".to_string(), 10),
-            ("us-east-2".to_string(), "failed-over".to_string(), 5),
-            ("us-west-2".to_string(), "failed-over".to_string(), 4),
+            ("us-east-2".to_string(), "failed-over".to_string(), 2),
+            ("us-west-2".to_string(), "failed-over".to_string(), 2),
         ]
     );
     assert!(
@@ -996,9 +1080,11 @@ fn a_three_region_cascade_opens_in_order_and_closes_in_reverse() {
         "{status}"
     );
 
-    // The primary launches again; after its cool-down the last opened
-    // closes first, the one before it a decision later.
+    // The primary holds its capacity again (and us-east-2 its own); after
+    // recovery_for the last opened closes first, the one before it a
+    // decision later.
     std::thread::sleep(Duration::from_millis(1100));
+    env.proxy.clear_rewrites();
     handle(&success("p-ok"));
     std::thread::sleep(Duration::from_millis(3200));
     tick();
