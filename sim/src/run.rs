@@ -441,6 +441,8 @@ async fn simulate(
         broken_left: s.agent.broken_instances,
         rebalance_probability: s.launch.rebalance_probability,
         transfer_per_job: s.jobs.transfer_gb * s.jobs.transfer_usd_per_gb,
+        faults: s.faults.clone(),
+        fault_rng: Some(Rng::new(seed.wrapping_mul(97).wrapping_add(13))),
         ..World::default()
     };
     w.groups.push(group_of(
@@ -522,6 +524,9 @@ async fn simulate(
         queue: queue.clone(),
     };
     let mut seed_open = false;
+    // Events on their way: (delivery second, order, event).
+    let mut in_transit: Vec<(u64, usize, serde_json::Value)> = Vec::new();
+    let mut event_rng = Rng::new(seed.wrapping_mul(131).wrapping_add(5));
     let mut series = Series::default();
     let mut last_mode = 0.0;
     let mut mode_changes = 0;
@@ -687,8 +692,26 @@ async fn simulate(
             }
         }
 
-        // The control plane: events as they come, a tick every minute.
-        let events: Vec<serde_json::Value> = std::mem::take(&mut lock(&world).events);
+        // The control plane: events as EventBridge delivers them (late,
+        // twice or never, as the scenario's faults say), a tick every
+        // minute.
+        let emitted: Vec<serde_json::Value> = std::mem::take(&mut lock(&world).events);
+        for ev in emitted {
+            let f = &s.faults;
+            let mut roll = || event_rng.unit();
+            if roll() < f.event_loss {
+                continue;
+            }
+            let copies = if roll() < f.event_duplicate { 2 } else { 1 };
+            for _ in 0..copies {
+                let delay = (roll() * f.event_delay_max.0.as_secs() as f64) as u64;
+                in_transit.push((sec + delay, in_transit.len(), ev.clone()));
+            }
+        }
+        in_transit.sort_by_key(|e| (e.0, e.1));
+        let due = in_transit.partition_point(|e| e.0 <= sec);
+        let events: Vec<serde_json::Value> =
+            in_transit.drain(..due).map(|e| e.2).collect();
         let minute = sec % 60 == 0;
         match (policy, &controller) {
             (Policy::Spotguard | Policy::TwoRegions, Some(c)) => {

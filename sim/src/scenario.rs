@@ -24,6 +24,8 @@ pub struct Scenario {
     pub controller: Controller,
     #[serde(default)]
     pub launch: Launch,
+    #[serde(default)]
+    pub faults: Faults,
     /// The scenario without its capacity changes, for the "p95 wait against
     /// no outage" figure.
     #[serde(default)]
@@ -232,6 +234,28 @@ impl Default for Launch {
     }
 }
 
+/// Where the simulated AWS is as unreliable as the real one: API calls
+/// that are slow or answer AWS's throttling error, and EventBridge events
+/// that come late (so out of order), twice, or not at all (AWS: "best
+/// effort delivery ... in some rare cases an event might not be delivered";
+/// a rule "can run more than once for a single event").
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    /// Share of the controller's AWS calls (groups, activities, updates,
+    /// tags, metrics, queue depth) answered with `Throttling: Rate
+    /// exceeded`, the call not applied.
+    pub api_error_rate: f64,
+    /// Each of those calls takes this long.
+    pub api_latency: Dur,
+    /// Share of events never delivered.
+    pub event_loss: f64,
+    /// Share of events delivered twice (each copy with its own delay).
+    pub event_duplicate: f64,
+    /// Each delivered event comes after a random delay up to this.
+    pub event_delay_max: Dur,
+}
+
 impl Scenario {
     pub fn parse(text: &str, origin: &str) -> Result<Scenario, String> {
         let s: Scenario = toml::from_str(text)
@@ -286,6 +310,15 @@ impl Scenario {
             names.dedup();
             if names.len() != r.zones.len() {
                 return bad(&format!("{key}.zones"), "zone names must differ");
+            }
+        }
+        for (key, p) in [
+            ("faults.api_error_rate", s.faults.api_error_rate),
+            ("faults.event_loss", s.faults.event_loss),
+            ("faults.event_duplicate", s.faults.event_duplicate),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(key, "must be between 0 and 1");
             }
         }
         if !(0.0..=1.0).contains(&s.launch.rebalance_probability) {

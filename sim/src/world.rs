@@ -179,6 +179,9 @@ pub struct World {
     pub rebalance_probability: f64,
     /// Dollars of inter-region transfer per job run away from the queue.
     pub transfer_per_job: f64,
+    pub faults: crate::scenario::Faults,
+    /// The faults' own generator, so that they do not shift the rest.
+    pub fault_rng: Option<Rng>,
     pub next_instance: u64,
     pub next_activity: u64,
     pub broken_left: u32,
@@ -700,6 +703,39 @@ pub struct SimCloud {
     pub queue: Arc<MemQueue>,
 }
 
+impl SimCloud {
+    /// The scenario's API faults: AWS's throttling answer at
+    /// `faults.api_error_rate` (the call is then not applied). Called
+    /// before the world is locked for the call itself.
+    fn fails(&self, op: &'static str, region: &str) -> Option<CloudError> {
+        let mut w = lock(&self.world);
+        let rate = w.faults.api_error_rate;
+        if rate <= 0.0 {
+            return None;
+        }
+        let roll = w.fault_rng.as_mut().map_or(1.0, Rng::unit);
+        (roll < rate).then(|| CloudError {
+            op,
+            region: region.to_string(),
+            message: "Throttling: Rate exceeded".into(),
+        })
+    }
+
+    /// The answer after `faults.api_latency` of virtual time.
+    fn answer<T: Send + 'static>(
+        &self,
+        r: Result<T, CloudError>,
+    ) -> impl Future<Output = Result<T, CloudError>> + Send + 'static {
+        let latency = lock(&self.world).faults.api_latency.0;
+        async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            r
+        }
+    }
+}
+
 fn missing(op: &'static str, region: &str) -> CloudError {
     CloudError {
         op,
@@ -714,6 +750,9 @@ impl Cloud for SimCloud {
         region: &str,
         name: &str,
     ) -> impl Future<Output = Result<GroupInfo, CloudError>> + Send {
+        if let Some(e) = self.fails("DescribeAutoScalingGroups", region) {
+            return self.answer(Err(e));
+        }
         let w = lock(&self.world);
         let r = w.group_index(region, name).map(|g| {
             let gr = &w.groups[g];
@@ -734,7 +773,9 @@ impl Cloud for SimCloud {
                 tags: gr.tags.clone(),
             }
         });
-        std::future::ready(r.ok_or_else(|| missing("DescribeAutoScalingGroups", region)))
+        let r = r.ok_or_else(|| missing("DescribeAutoScalingGroups", region));
+        drop(w);
+        self.answer(r)
     }
 
     fn queue_depth(
@@ -742,8 +783,11 @@ impl Cloud for SimCloud {
         _region: &str,
         _url: &str,
     ) -> impl Future<Output = Result<(i64, i64), CloudError>> + Send {
+        if let Some(e) = self.fails("GetQueueAttributes", _region) {
+            return self.answer(Err(e));
+        }
         let (v, f) = self.queue.depth();
-        std::future::ready(Ok((v as i64, f as i64)))
+        self.answer(Ok((v as i64, f as i64)))
     }
 
     /// Periodic tasks are not simulated: a message sent lands in the queue
@@ -765,12 +809,16 @@ impl Cloud for SimCloud {
         region: &str,
         group: &str,
     ) -> impl Future<Output = Result<Vec<Activity>, CloudError>> + Send {
+        if let Some(e) = self.fails("DescribeScalingActivities", region) {
+            return self.answer(Err(e));
+        }
         let w = lock(&self.world);
         let r = w
             .group_index(region, group)
             .map(|g| w.groups[g].activities.iter().rev().cloned().collect())
             .unwrap_or_default();
-        std::future::ready(Ok(r))
+        drop(w);
+        self.answer(Ok(r))
     }
 
     fn update_group(
@@ -780,6 +828,9 @@ impl Cloud for SimCloud {
         update: GroupUpdate,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         const OP: &str = "UpdateAutoScalingGroup";
+        if let Some(e) = self.fails(OP, region) {
+            return self.answer(Err(e));
+        }
         let mut w = lock(&self.world);
         let r = match w.group_index(region, group) {
             Some(g) => {
@@ -798,7 +849,8 @@ impl Cloud for SimCloud {
             }
             None => Err(missing(OP, region)),
         };
-        std::future::ready(r)
+        drop(w);
+        self.answer(r)
     }
 
     fn release_protection(
@@ -841,6 +893,9 @@ impl Cloud for SimCloud {
         group: &str,
         tags: &BTreeMap<String, String>,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        if let Some(e) = self.fails("CreateOrUpdateTags", region) {
+            return self.answer(Err(e));
+        }
         let mut w = lock(&self.world);
         let r = match w.group_index(region, group) {
             Some(g) => {
@@ -849,7 +904,8 @@ impl Cloud for SimCloud {
             }
             None => Err(missing("CreateOrUpdateTags", region)),
         };
-        std::future::ready(r)
+        drop(w);
+        self.answer(r)
     }
 
     fn policy(
@@ -891,6 +947,9 @@ impl Cloud for SimCloud {
     }
 
     fn put_metric(&self, m: &MetricValue) -> impl Future<Output = Result<(), CloudError>> + Send {
+        if let Some(e) = self.fails("PutMetricData", &m.region) {
+            return self.answer(Err(e));
+        }
         let group = m
             .dimensions
             .iter()
@@ -900,7 +959,7 @@ impl Cloud for SimCloud {
         lock(&self.world)
             .metrics
             .insert((m.region.clone(), group, m.name.clone()), m.value);
-        std::future::ready(Ok(()))
+        self.answer(Ok(()))
     }
 
     fn publish(
