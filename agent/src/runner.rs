@@ -368,7 +368,16 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
 
     // The controller's intake tag, while the instance may take work.
     if let (Some(_), Some(_)) = (s.follow_intake, &b.group) {
-        if b.intake.ready(now) && matches!(mode, Mode::Running | Mode::ScalingIn { requested: false, .. }) {
+        if b.intake.ready(now)
+            && matches!(
+                mode,
+                Mode::Running
+                    | Mode::ScalingIn {
+                        requested: false,
+                        ..
+                    }
+            )
+        {
             d.read_intake = true;
         }
     }
@@ -1003,7 +1012,10 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                         b.intake.succeeded();
                         b.intake.not_before = now + every;
                         if closed != b.intake_closed {
-                            tracing::info!(closed, "the controller changed this group's intake (spotguard:intake)");
+                            tracing::info!(
+                                closed,
+                                "the controller changed this group's intake (spotguard:intake)"
+                            );
                         }
                         b.intake_closed = closed;
                     }

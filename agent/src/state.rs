@@ -12,6 +12,10 @@
 //!   any state --spot / lifecycle Terminated / SIGTERM / rebalance (drain)--+--> Draining
 //! ```
 //!
+//! Beside the modes, the controller can close a fallback group's intake
+//! (its `spotguard:intake` tag, read by the runner): `Running` then takes
+//! no job, and an instance with no job counts as idle at once.
+//!
 //! `Draining` is final (intake never reopens), but for a drain started by a
 //! rebalance recommendation alone, which scales in once idle. Its deadline is the earliest of
 //! the spot notice time minus the margin, the shutdown deadline and, for a

@@ -185,7 +185,12 @@ impl Schedule {
     pub fn latest(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let mut t = now.with_second(0)?.with_nanosecond(0)?;
         let floor = t - Duration::minutes(LOOKBACK_MINUTES);
-        while t >= floor {
+        // Each step goes back at least a minute, so the window bounds the
+        // steps; the bound also turns a wrong step (forward) into `None`
+        // rather than a search that never ends.
+        let mut steps = 0i64;
+        while t >= floor && steps <= LOOKBACK_MINUTES {
+            steps += 1;
             if !has(self.months, t.month()) || !self.matches_day(t) {
                 t = t.with_hour(0)?.with_minute(0)? - Duration::minutes(1);
             } else if !has(self.hours, t.hour()) {

@@ -99,7 +99,10 @@ async fn a_capacity_failure_opens_the_fallback_and_announces_it() {
         .expect("handled");
     assert_eq!(r.reconcile.mode, "failed-over");
     let f = c.cloud.group_of("us-east-2", "gpu-east-2");
-    assert_eq!(f.max, 1, "the gate opens to the primary's shortfall, not the cap");
+    assert_eq!(
+        f.max, 1,
+        "the gate opens to the primary's shortfall, not the cap"
+    );
     // The primary is short by one (desired 3, 2 InService): the fallback takes it.
     assert_eq!(f.desired, 1);
     assert_eq!(
@@ -173,7 +176,10 @@ async fn every_group_gets_the_fleets_backlog_per_instance_in_its_region_and_one_
     );
     let (m, errors, _) = c.publish_metrics().await;
     assert_eq!(m.len(), 1);
-    assert_eq!((m[0].region.as_str(), m[0].value), ("us-east-2", 40.0 / 6.0));
+    assert_eq!(
+        (m[0].region.as_str(), m[0].value),
+        ("us-east-2", 40.0 / 6.0)
+    );
     assert_eq!(errors.len(), 1);
     assert!(
         errors[0].contains("us-east-1") && errors[0].contains("Throttling"),
@@ -585,7 +591,11 @@ async fn a_three_region_cascade_opens_by_region_and_closes_last_first() {
     .await
     .unwrap();
     assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failed-over"));
-    assert_eq!(c.cloud.group_of("us-east-2", "gpu").max, 3, "the primary's shortfall (4 - 1)");
+    assert_eq!(
+        c.cloud.group_of("us-east-2", "gpu").max,
+        3,
+        "the primary's shortfall (4 - 1)"
+    );
     assert_eq!(c.cloud.group_of("us-west-2", "gpu").max, 0);
     // us-east-2 runs dry too: short (desired 3, none in service) with a failure.
     {
@@ -607,7 +617,10 @@ async fn a_three_region_cascade_opens_by_region_and_closes_last_first() {
     .unwrap();
     assert_eq!(mode_of(&c, "us-west-2").as_deref(), Some("failed-over"));
     let west = c.cloud.group_of("us-west-2", "gpu");
-    assert_eq!(west.max, 3, "us-east-2's shortfall, within its own cap of 8");
+    assert_eq!(
+        west.max, 3,
+        "us-east-2's shortfall, within its own cap of 8"
+    );
     assert_eq!(west.desired, 3, "us-east-2's shortfall");
     // Each group gets its backlog data point in its own region.
     let r = c.tick(Vec::new()).await.unwrap();
@@ -835,10 +848,17 @@ async fn tags_of_periodic_tasks_no_longer_configured_are_removed() {
 #[tokio::test(start_paused = true)]
 async fn a_whole_primary_with_one_dry_zone_fails_back_and_stays_closed() {
     let c = controller();
-    c.handle_event(&launch("EC2 Instance Launch Unsuccessful", ICE, "2026-11-28T08:00:00Z"))
-        .await
-        .unwrap();
-    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").tags["spotguard:mode"], "failed-over");
+    c.handle_event(&launch(
+        "EC2 Instance Launch Unsuccessful",
+        ICE,
+        "2026-11-28T08:00:00Z",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        c.cloud.group_of("us-east-2", "gpu-east-2").tags["spotguard:mode"],
+        "failed-over"
+    );
     // The region is back but for zone a: the primary holds its 3.
     set_primary(&c, 3, 3);
     let mut modes = Vec::new();
@@ -863,9 +883,19 @@ async fn a_whole_primary_with_one_dry_zone_fails_back_and_stays_closed() {
     // Failing back once the primary has held its capacity for the 10-minute
     // recovery_for, then normal once the (empty) fallback has dwelt: never
     // back to failed-over, and the gate never reopened.
-    let first_back = modes.iter().position(|m| m == "failing-back").expect("failed back");
+    let first_back = modes
+        .iter()
+        .position(|m| m == "failing-back")
+        .expect("failed back");
     assert!((9..=11).contains(&first_back), "{modes:?}");
-    assert!(modes[first_back..].iter().all(|m| m != "failed-over"), "{modes:?}");
-    assert_eq!(modes.last().map(String::as_str), Some("normal"), "{modes:?}");
+    assert!(
+        modes[first_back..].iter().all(|m| m != "failed-over"),
+        "{modes:?}"
+    );
+    assert_eq!(
+        modes.last().map(String::as_str),
+        Some("normal"),
+        "{modes:?}"
+    );
     assert!(gates[first_back..].iter().all(|g| *g == 0), "{gates:?}");
 }

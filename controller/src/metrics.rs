@@ -111,13 +111,22 @@ mod tests {
         let v = fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 5, 10)]);
         assert_eq!(v, 10.0);
         // A closed fallback (gate 0, nothing running) does not count.
-        assert_eq!(fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 0, 0)]), 22.5);
+        assert_eq!(
+            fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 0, 0)]),
+            22.5
+        );
         // A gate lowered to 0 under instances still running: they count.
-        assert_eq!(fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 2, 0)]), 15.0);
+        assert_eq!(
+            fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 2, 0)]),
+            15.0
+        );
         // The primary counts even at MaxSize 0.
         assert_eq!(fleet_per_instance(90.0, &[open(0, 3, 0)]), 30.0);
         // None InService: the backlog itself.
-        assert_eq!(fleet_per_instance(90.0, &[open(0, 0, 20), open(1, 0, 10)]), 90.0);
+        assert_eq!(
+            fleet_per_instance(90.0, &[open(0, 0, 20), open(1, 0, 10)]),
+            90.0
+        );
         assert_eq!(backlog_of(&cfg(true), 100, 20), 120.0);
         assert_eq!(backlog_of(&cfg(false), 100, 20), 100.0);
         assert_eq!(backlog_of(&cfg(false), -5, 0), 0.0);
@@ -132,10 +141,7 @@ mod tests {
         let (backlog, target) = (120.0, 4.0);
         let mut sizes = [3i32, 9i32];
         for _ in 0..50 {
-            let v = fleet_per_instance(
-                backlog,
-                &[open(0, sizes[0], 40), open(1, sizes[1], 40)],
-            );
+            let v = fleet_per_instance(backlog, &[open(0, sizes[0], 40), open(1, sizes[1], 40)]);
             for n in sizes.iter_mut() {
                 *n = ((f64::from(*n) * v / target).round() as i32).max(1);
             }

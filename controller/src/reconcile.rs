@@ -851,9 +851,7 @@ pub fn reconcile_seen(
     m.intake_closed = match next {
         Mode::Normal => false,
         Mode::FailedOver => primary_holds,
-        Mode::FailingBack => {
-            m.intake_closed || primary_holds || unneeded || seen.earlier_closing
-        }
+        Mode::FailingBack => m.intake_closed || primary_holds || unneeded || seen.earlier_closing,
     };
     // Busy instances still protected after intake closed: how long, and
     // past the limit release them (their agents may be dead) and say so.
@@ -1300,9 +1298,17 @@ mod tests {
         let g = group(3, 3, 3, 3);
         let mut m = failed_over_at(0);
         for hour in 1..=48 {
-            let (next, p) = step_p(&m, &g, up(6, 3), &[fail(hour * 3600 - 60, &format!("f{hour}"))], hour * 3600);
+            let (next, p) = step_p(
+                &m,
+                &g,
+                up(6, 3),
+                &[fail(hour * 3600 - 60, &format!("f{hour}"))],
+                hour * 3600,
+            );
             assert!(
-                !p.actions.iter().any(|a| matches!(a, Action::ReleaseStaleProtection { .. })),
+                !p.actions
+                    .iter()
+                    .any(|a| matches!(a, Action::ReleaseStaleProtection { .. })),
                 "released at hour {hour}"
             );
             m = next;
@@ -1313,11 +1319,15 @@ mod tests {
         let m = failing_back(&g);
         assert!(m.intake_closed);
         let (m, p) = step_p(&m, &g, whole(&g), &[], 100 + 24 * 3600 - 1);
-        assert!(!p.actions.iter().any(|a| matches!(a, Action::ReleaseStaleProtection { .. })));
-        let (_, p) = step_p(&m, &g, whole(&g), &[], 100 + 24 * 3600);
-        assert!(p
+        assert!(!p
             .actions
-            .contains(&Action::ReleaseStaleProtection { busy: 3, held_since: t(100) }));
+            .iter()
+            .any(|a| matches!(a, Action::ReleaseStaleProtection { .. })));
+        let (_, p) = step_p(&m, &g, whole(&g), &[], 100 + 24 * 3600);
+        assert!(p.actions.contains(&Action::ReleaseStaleProtection {
+            busy: 3,
+            held_since: t(100)
+        }));
     }
 
     #[test]
@@ -1338,7 +1348,10 @@ mod tests {
         // the gate does not reopen.
         let (m, p) = step_p(&m, &g, whole(&g), &[fail(770, "z1")], 771);
         assert_eq!(m.mode, Mode::FailingBack);
-        assert!(!p.actions.iter().any(|a| matches!(a, Action::SetFallbackDesired { .. })));
+        assert!(!p
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::SetFallbackDesired { .. })));
         assert_eq!(max_to(&p), Some(1), "down to its busy one, not reopened");
         // Short with failures: not before `shortage_for` (120 s) ...
         let (m, _) = step_p(&m, &g, up(6, 4), &[fail(800, "f1")], 800);
@@ -1604,7 +1617,11 @@ mod tests {
         );
         let plans = c.step(&closed, &[up(4, 1), up(0, 0)], &[vec![], vec![]], 50, 330);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::Normal]);
-        assert_eq!(max_to(&plans[0]), Some(3), "the primary's shortfall, not the cap");
+        assert_eq!(
+            max_to(&plans[0]),
+            Some(3),
+            "the primary's shortfall, not the cap"
+        );
         assert_eq!(max_to(&plans[1]), None);
         // Now the first fallback is short for capacity too: the second opens
         // once its shortage has lasted `shortage_for`, with the shortfall.
@@ -1656,11 +1673,29 @@ mod tests {
         // The primary fails and is short again: the first reopens once the
         // shortage has lasted `shortage_for`; the second does not yet.
         let short = [up(4, 1), up(5, 2)];
-        c.step(&empty, &short, &[vec![fail(2150, "p2")], vec![fail(2150, "g1-x")]], 50, 2150);
+        c.step(
+            &empty,
+            &short,
+            &[vec![fail(2150, "p2")], vec![fail(2150, "g1-x")]],
+            50,
+            2150,
+        );
         assert_eq!(c.modes(), [Mode::FailingBack, Mode::Normal], "short 0 s");
-        let plans = c.step(&empty, &short, &[vec![], vec![fail(2270, "g1-y")]], 50, 2280);
+        let plans = c.step(
+            &empty,
+            &short,
+            &[vec![], vec![fail(2270, "g1-y")]],
+            50,
+            2280,
+        );
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::Normal], "{plans:?}");
-        c.step(&empty, &short, &[vec![], vec![fail(2400, "g1-z")]], 50, 2420);
+        c.step(
+            &empty,
+            &short,
+            &[vec![], vec![fail(2400, "g1-z")]],
+            50,
+            2420,
+        );
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
     }
 
@@ -1695,18 +1730,20 @@ mod tests {
         // The primary is back and whole; the first fallback's own region
         // stays dry (its group short): capacity back at the primary closes
         // both all the same, the last opened first.
-        let ups = [
-            busy(up(6, 6), 6),
-            PrimaryGroup {
-                max: 4,
-                ..up(5, 2)
-            },
-        ];
+        let ups = [busy(up(6, 6), 6), PrimaryGroup { max: 4, ..up(5, 2) }];
         let open = [group(4, 4, 4, 2), group(3, 3, 3, 1)];
         let plans = c.step(&open, &ups, &[vec![], vec![]], 50, 650);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailedOver]);
-        assert_eq!(max_to(&plans[0]), Some(2), "what the primary cannot hold, not below busy");
-        assert_eq!(raise_to(&plans[0]), Some(8), "the primary asked for the busy two");
+        assert_eq!(
+            max_to(&plans[0]),
+            Some(2),
+            "what the primary cannot hold, not below busy"
+        );
+        assert_eq!(
+            raise_to(&plans[0]),
+            Some(8),
+            "the primary asked for the busy two"
+        );
         assert_eq!(max_to(&plans[1]), None, "its upstream is short 3: held");
         let plans = c.step(&open, &ups, &[vec![], vec![]], 50, 1250);
         assert_eq!(c.modes(), [Mode::FailedOver, Mode::FailingBack]);

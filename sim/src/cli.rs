@@ -159,9 +159,7 @@ pub fn run_command(
 ) -> Result<bool, String> {
     let mut s = Scenario::load(path)?;
     if let Some(b) = boot {
-        s.launch.boot = b
-            .parse()
-            .map_err(|e: String| format!("--boot: {e}"))?;
+        s.launch.boot = b.parse().map_err(|e: String| format!("--boot: {e}"))?;
     }
     let mut outcomes: Vec<(Policy, Outcome)> = Vec::new();
     for p in policies(which) {

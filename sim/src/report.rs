@@ -40,11 +40,15 @@ const COLUMNS: &[Column] = &[
     ("killed: replaced", |s, _| kills(s, "Replaced").to_string()),
     ("lost", |s, _| s.lost.to_string()),
     ("dead-lettered", |s, _| s.dead_lettered.to_string()),
-    ("fallback instance-h", |s, _| format!("{:.1}", s.fallback_instance_hours)),
+    ("fallback instance-h", |s, _| {
+        format!("{:.1}", s.fallback_instance_hours)
+    }),
     ("utilization", |s, _| format!("{:.2}", s.utilization)),
     ("total cost $", |s, _| format!("{:.2}", s.cost_usd)),
     ("mode changes", |s, _| s.mode_changes.to_string()),
-    ("invariant violations", |s, _| s.violations.len().to_string()),
+    ("invariant violations", |s, _| {
+        s.violations.len().to_string()
+    }),
 ];
 
 /// The comparison table, one row per policy (Markdown, so it pastes into

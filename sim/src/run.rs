@@ -686,7 +686,10 @@ async fn simulate(
             start_agent(&world, &id, &agent_cfg, &queue, &clock).await;
         }
         for (id, d) in late {
-            let tx = lock(&world).instances.get(&id).and_then(|i| i.notices.clone());
+            let tx = lock(&world)
+                .instances
+                .get(&id)
+                .and_then(|i| i.notices.clone());
             if let Some(tx) = tx {
                 let _ = tx.try_send(d);
             }
@@ -710,18 +713,29 @@ async fn simulate(
         }
         in_transit.sort_by_key(|e| (e.0, e.1));
         let due = in_transit.partition_point(|e| e.0 <= sec);
-        let events: Vec<serde_json::Value> =
-            in_transit.drain(..due).map(|e| e.2).collect();
+        let events: Vec<serde_json::Value> = in_transit.drain(..due).map(|e| e.2).collect();
         let minute = sec % 60 == 0;
         match (policy, &controller) {
             (Policy::Spotguard | Policy::TwoRegions, Some(c)) => {
                 for ev in &events {
                     let _ = c.handle_event(ev).await;
-                    count_mode(&lock(&world), policy, seed_open, &mut last_mode, &mut mode_changes);
+                    count_mode(
+                        &lock(&world),
+                        policy,
+                        seed_open,
+                        &mut last_mode,
+                        &mut mode_changes,
+                    );
                 }
                 if minute {
                     let _ = c.tick(Vec::new()).await;
-                    count_mode(&lock(&world), policy, seed_open, &mut last_mode, &mut mode_changes);
+                    count_mode(
+                        &lock(&world),
+                        policy,
+                        seed_open,
+                        &mut last_mode,
+                        &mut mode_changes,
+                    );
                 }
             }
             (Policy::Seed, _) if two => {
@@ -807,9 +821,13 @@ async fn simulate(
                     .filter(|i| !i.running.is_empty() && i.state != State::Gone)
                     .count() as f64,
             );
-            series
-                .primary_capacity
-                .push(w.groups[0].zones.iter().map(|z| f64::from(z.capacity)).sum());
+            series.primary_capacity.push(
+                w.groups[0]
+                    .zones
+                    .iter()
+                    .map(|z| f64::from(z.capacity))
+                    .sum(),
+            );
             let mode = mode_of(&w, policy, seed_open);
             series.mode.push(mode);
         }

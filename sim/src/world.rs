@@ -441,8 +441,7 @@ impl World {
         for g in 0..self.groups.len() {
             let (warm, warming) = self.alive(g).fold((0i32, 0i32), |(w, n), i| match i.state {
                 State::InService
-                    if i
-                        .in_service_at
+                    if i.in_service_at
                         .is_some_and(|t| now.duration_since(t) >= WARMUP) =>
                 {
                     (w + 1, n)
@@ -480,7 +479,8 @@ impl World {
     /// (EC2: pending is not billed; Linux is billed per second).
     pub fn bill(&mut self, now: Instant, dt: Duration) {
         let n = self.groups.len();
-        self.instance_secs.resize(n.max(self.instance_secs.len()), 0.0);
+        self.instance_secs
+            .resize(n.max(self.instance_secs.len()), 0.0);
         self.busy_secs.resize(n.max(self.busy_secs.len()), 0.0);
         self.up_secs.resize(n.max(self.up_secs.len()), 0.0);
         let secs = dt.as_secs_f64();
@@ -1037,7 +1037,11 @@ mod tests {
             .filter(|a| a.status_code == "Failed")
             .collect();
         assert_eq!(failed.len(), 1, "one failure per attempt for the dry zone");
-        assert!(failed[0].details.contains("us-east-1a"), "{}", failed[0].details);
+        assert!(
+            failed[0].details.contains("us-east-1a"),
+            "{}",
+            failed[0].details
+        );
         assert_eq!(w.events.len(), 7, "six launches and one failure");
         // Partial fulfilment: 10 more wanted, 14 places left, b full first.
         w.groups[0].desired = 20;
@@ -1057,7 +1061,11 @@ mod tests {
         let noticed = |w: &World| w.alive(0).filter(|i| i.interruption.is_some()).count();
         assert_eq!(noticed(&w), 68);
         // A second later the noticed 68 are leaving, not counted again.
-        w.interrupt(now + Duration::from_secs(1), Duration::from_secs(1), Duration::ZERO);
+        w.interrupt(
+            now + Duration::from_secs(1),
+            Duration::from_secs(1),
+            Duration::ZERO,
+        );
         assert_eq!(noticed(&w), 68);
     }
 
@@ -1121,7 +1129,11 @@ mod tests {
             w.bill(now, step);
         }
         // 120 s after launch, 30 s of it running, for each of three.
-        assert!((w.instance_secs[0] - 90.0).abs() < 1.5, "{}", w.instance_secs[0]);
+        assert!(
+            (w.instance_secs[0] - 90.0).abs() < 1.5,
+            "{}",
+            w.instance_secs[0]
+        );
         // One scaled in now: billed a full minute; one reclaimed in its
         // first hour: not billed at all.
         w.terminate(&ids[0], now, Kill::GroupScaleIn);
@@ -1130,7 +1142,11 @@ mod tests {
         w.settle(&ids[1]);
         assert!((w.instances[&ids[0]].billed_secs - 60.0).abs() < 1e-9);
         assert_eq!(w.instances[&ids[1]].billed_secs, 0.0);
-        assert!((w.instance_secs[0] - 90.0).abs() < 1.5, "{}", w.instance_secs[0]);
+        assert!(
+            (w.instance_secs[0] - 90.0).abs() < 1.5,
+            "{}",
+            w.instance_secs[0]
+        );
         let expected = w.instance_secs[0] / 3600.0 * 0.36;
         assert!((w.cost - expected).abs() < 1e-9);
     }

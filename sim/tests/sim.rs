@@ -317,7 +317,10 @@ fn one_dry_zone_in_a_whole_primary_does_not_hold_the_failover_open() {
     // The fallback carried the outage hour's shortfall, about 20
     // instance-hours, nothing like the 5 hours to zone a's return.
     assert!(m.fallback_instance_hours < 30.0, "{m:?}");
-    assert_eq!(m.mode_changes, 3, "normal, failed over, failing back, normal");
+    assert_eq!(
+        m.mode_changes, 3,
+        "normal, failed over, failing back, normal"
+    );
 }
 
 /// The 2-hour outage of outage-2h.toml under a load that goes on for 12
@@ -346,9 +349,16 @@ fn under_a_load_that_never_stops_the_failback_completes_and_kills_nothing() {
     };
     // Capacity is back at 3 h; jobs run up to 6 min, boots 5.5 min.
     assert!(after(2.0) > 0.0, "it failed over");
-    assert_eq!(after(4.0), 0.0, "the fallback empty an hour after the return");
+    assert_eq!(
+        after(4.0),
+        0.0,
+        "the fallback empty an hour after the return"
+    );
     // The fallback ran about the outage's shortfall (2 h x 15-20), not
     // the whole load.
     assert!(m.fallback_instance_hours < 45.0, "{m:?}");
-    assert!(m.primary_instance_hours > 3.0 * m.fallback_instance_hours, "{m:?}");
+    assert!(
+        m.primary_instance_hours > 3.0 * m.fallback_instance_hours,
+        "{m:?}"
+    );
 }

@@ -252,7 +252,10 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["event"]["reconcile"]["mode"], "failed-over");
     let g = t.fallback();
-    assert_eq!(g.max, 2, "the gate opened to the primary's shortfall (3 - 1), within the cap of 5");
+    assert_eq!(
+        g.max, 2,
+        "the gate opened to the primary's shortfall (3 - 1), within the cap of 5"
+    );
     assert_eq!(t.mode().as_deref(), Some("failed-over"));
     assert!(g.tags.contains_key("spotguard:since"));
     assert_eq!(t.announced(&mut Vec::new()), vec!["normal->failed-over"]);
@@ -358,7 +361,11 @@ fn gradual_failback_keeps_busy_instances_and_returns_to_normal() {
     t.primary_whole();
     t.tick(&c);
     assert_eq!(t.mode().as_deref(), Some("failed-over"));
-    assert_eq!(t.env.group("gpu-primary").desired, 2, "raised by the busy two");
+    assert_eq!(
+        t.env.group("gpu-primary").desired,
+        2,
+        "raised by the busy two"
+    );
     assert_eq!(t.intake().as_deref(), Some("open"));
     // moto launched it at once: the primary holds the work, the fallback's
     // intake closes (its agents finish their jobs and take no new one).
