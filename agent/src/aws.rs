@@ -179,10 +179,13 @@ pub trait Fleet: Send + Sync + 'static {
         &self,
         instance: &str,
     ) -> impl Future<Output = Result<Option<String>, AwsError>> + Send;
-    /// `TerminateInstanceInAutoScalingGroup` with the desired capacity decremented.
+    /// `TerminateInstanceInAutoScalingGroup`, with the desired capacity
+    /// decremented unless `decrement` is false (the group already runs more
+    /// instances than its desired capacity, so none replaces this one).
     fn terminate_self(
         &self,
         instance: &str,
+        decrement: bool,
     ) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send;
     /// The instance's lifecycle state in its group (`InService`,
     /// `Terminating:Wait`, ...); `None` when it is in no group any more.
@@ -197,8 +200,9 @@ pub trait Fleet: Send + Sync + 'static {
         protect: bool,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
     /// Whether the controller has closed the group's intake (its
-    /// `spotguard:intake` tag reads `closed`: failing back).
-    fn intake_closed(&self, group: &str) -> impl Future<Output = Result<bool, AwsError>> + Send;
+    /// `spotguard:intake` tag reads `closed`: failing back), and whether
+    /// the group runs more InService instances than its desired capacity.
+    fn intake(&self, group: &str) -> impl Future<Output = Result<Intake, AwsError>> + Send;
     /// `SetInstanceHealth Unhealthy`: the group replaces the instance.
     fn mark_unhealthy(&self, instance: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
     fn lifecycle_heartbeat(
@@ -396,6 +400,19 @@ pub fn is_min_size_refusal(code: Option<&str>, message: Option<&str>) -> bool {
         && message.is_some_and(|m| m.contains("desiredSize equals minSize"))
 }
 
+/// What an agent following the controller's intake reads of its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Intake {
+    pub closed: bool,
+    /// InService instances above the desired capacity: target tracking (or
+    /// a lowered gate) has already taken them off, so an instance leaving
+    /// needs no decrement and gets no replacement. With desired at MinSize
+    /// (0 for a fallback) the decrement would be refused ("desiredSize
+    /// equals minSize"), and AWS may take long to terminate the surplus
+    /// itself.
+    pub surplus: bool,
+}
+
 /// The group tag by which the controller closes a fallback group's
 /// intake while failing back (`closed` / `open`).
 pub const INTAKE_TAG: &str = "spotguard:intake";
@@ -406,7 +423,7 @@ impl Fleet for AsgFleet {
     }
 
     /// One `DescribeAutoScalingGroups` of the agent's own group.
-    async fn intake_closed(&self, group: &str) -> Result<bool, AwsError> {
+    async fn intake(&self, group: &str) -> Result<Intake, AwsError> {
         const OP: &str = "DescribeAutoScalingGroups";
         let t = self.target(group);
         t.bounded(OP, CALL_TIMEOUT, async {
@@ -417,12 +434,28 @@ impl Fleet for AsgFleet {
                 .send()
                 .await
                 .map_err(|e| t.sdk(OP, e))?;
-            Ok(out
+            let Some(g) = out
                 .auto_scaling_groups()
                 .iter()
-                .filter(|g| g.auto_scaling_group_name() == Some(group))
-                .flat_map(|g| g.tags())
-                .any(|tag| tag.key() == Some(INTAKE_TAG) && tag.value() == Some("closed")))
+                .find(|g| g.auto_scaling_group_name() == Some(group))
+            else {
+                return Ok(Intake::default());
+            };
+            let in_service = g
+                .instances()
+                .iter()
+                .filter(|i| {
+                    i.lifecycle_state()
+                        == Some(&aws_sdk_autoscaling::types::LifecycleState::InService)
+                })
+                .count() as i32;
+            Ok(Intake {
+                closed: g
+                    .tags()
+                    .iter()
+                    .any(|tag| tag.key() == Some(INTAKE_TAG) && tag.value() == Some("closed")),
+                surplus: g.desired_capacity().is_some_and(|d| in_service > d),
+            })
         })
         .await
     }
@@ -431,7 +464,7 @@ impl Fleet for AsgFleet {
         Ok(self.describe(instance).await?.map(|(_, state)| state))
     }
 
-    async fn terminate_self(&self, instance: &str) -> Result<ScaleIn, AwsError> {
+    async fn terminate_self(&self, instance: &str, decrement: bool) -> Result<ScaleIn, AwsError> {
         const OP: &str = "TerminateInstanceInAutoScalingGroup";
         let t = self.target(instance);
         t.bounded(OP, CALL_TIMEOUT, async {
@@ -439,7 +472,7 @@ impl Fleet for AsgFleet {
                 .client
                 .terminate_instance_in_auto_scaling_group()
                 .instance_id(instance)
-                .should_decrement_desired_capacity(true)
+                .should_decrement_desired_capacity(decrement)
                 .send()
                 .await
             {

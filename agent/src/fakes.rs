@@ -386,6 +386,9 @@ pub struct FleetState {
     pub no_lifecycle_action: bool,
     /// The group's `spotguard:intake` tag reads `closed`.
     pub intake_closed: bool,
+    /// InService instances of the group beside this one (for the surplus
+    /// over desired that `intake` reports).
+    pub others_in_service: i32,
     pub log: CallLog,
 }
 
@@ -409,6 +412,7 @@ impl MemFleet {
                 state_override: None,
                 no_lifecycle_action: false,
                 intake_closed: false,
+                others_in_service: 0,
                 log: CallLog::default(),
             }),
         })
@@ -441,10 +445,16 @@ impl MemFleet {
 pub const MIN_SIZE_REFUSAL: &str = "Currently, desiredSize equals minSize (1). Terminating instance without replacement will violate group's min size constraint. Either set shouldDecrementDesiredCapacity flag to false or lower group's min size.";
 
 impl Fleet for MemFleet {
-    fn intake_closed(&self, group: &str) -> impl Future<Output = Result<bool, AwsError>> + Send {
+    fn intake(
+        &self,
+        group: &str,
+    ) -> impl Future<Output = Result<crate::aws::Intake, AwsError>> + Send {
         let r = self
             .begin("DescribeAutoScalingGroups", group.to_string())
-            .map(|st| st.intake_closed);
+            .map(|st| crate::aws::Intake {
+                closed: st.intake_closed,
+                surplus: st.others_in_service + i32::from(!st.terminated) > st.desired,
+            });
         async move { r }
     }
 
@@ -458,14 +468,23 @@ impl Fleet for MemFleet {
         async move { r }
     }
 
+    /// As AWS: with the decrement, refused at MinSize; without it, the
+    /// desired capacity is kept (the detail logged says which).
     fn terminate_self(
         &self,
         instance: &str,
+        decrement: bool,
     ) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send {
         let r = self
-            .begin("TerminateInstanceInAutoScalingGroup", instance.to_string())
+            .begin(
+                "TerminateInstanceInAutoScalingGroup",
+                format!("{instance} decrement={decrement}"),
+            )
             .map(|mut st| {
-                if st.desired <= st.min {
+                if !decrement {
+                    st.terminated = true;
+                    ScaleIn::Accepted
+                } else if st.desired <= st.min {
                     ScaleIn::Refused(MIN_SIZE_REFUSAL.to_string())
                 } else {
                     st.desired -= 1;

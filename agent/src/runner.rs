@@ -64,7 +64,7 @@ enum Effect {
     Confirmed(Result<Option<String>, AwsError>),
     Protection(bool, Result<(), AwsError>),
     Group(Result<Option<String>, AwsError>),
-    Intake(Result<bool, AwsError>),
+    Intake(Result<crate::aws::Intake, AwsError>),
     LifecycleCompleted(Result<(), AwsError>),
     HookHeartbeat(Result<(), AwsError>),
     Health(Result<(), String>),
@@ -155,6 +155,12 @@ pub struct Books {
     /// The controller closed the group's intake (failing back): take no new
     /// work, scale in once the running jobs end.
     pub intake_closed: bool,
+    /// The intake tag has been read once (or its read failed: an agent that
+    /// cannot read it works rather than idles).
+    pub intake_known: bool,
+    /// The group runs more InService instances than its desired capacity
+    /// (as last read with the intake tag): leave without the decrement.
+    pub group_surplus: bool,
     pub protection: Pending,
     pub lifecycle: Pending,
     /// `not_before` after a refused scale-in; `failures` counts refusals.
@@ -207,6 +213,8 @@ impl Books {
             group_lookup: Pending::new(now),
             intake: Pending::new(now),
             intake_closed: false,
+            intake_known: false,
+            group_surplus: false,
             protection: Pending::new(now),
             lifecycle: Pending::new(now),
             scale_in: Pending::new(now),
@@ -335,6 +343,10 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     let mut receiving = b.receive.in_flight;
     if mode.intake_open()
         && !b.intake_closed
+        && (s.follow_intake.is_none()
+            || b.intake_known
+            || b.not_in_group
+            || b.group_lookup.failures > 0)
         && !receiving
         && jobs < s.concurrency
         && b.receive.ready(now)
@@ -357,8 +369,8 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
         receiving = true;
     }
 
-    // The group, for protection and the lifecycle hook.
-    if (s.protect_busy || s.hook)
+    // The group, for protection, the lifecycle hook and the intake tag.
+    if (s.protect_busy || s.hook || s.follow_intake.is_some())
         && b.group.is_none()
         && !b.not_in_group
         && b.group_lookup.ready(now)
@@ -1008,7 +1020,10 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             Effect::Intake(r) => {
                 let every = self.cfg.scale_in.intake_check.0;
                 match r {
-                    Ok(closed) => {
+                    Ok(intake) => {
+                        let closed = intake.closed;
+                        b.group_surplus = intake.surplus;
+                        b.intake_known = true;
                         b.intake.succeeded();
                         b.intake.not_before = now + every;
                         if closed != b.intake_closed {
@@ -1021,6 +1036,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                     }
                     Err(e) => {
                         // The last reading holds until one succeeds.
+                        b.intake_known = true;
                         inc(&c.aws_errors);
                         b.intake.failed(now, |_| every);
                         tracing::warn!(error = %e, "cannot read this group's intake tag");
@@ -1165,7 +1181,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             b.intake.start();
             let fleet = fleet.clone();
             spawn(Box::pin(async move {
-                Effect::Intake(fleet.intake_closed(&group).await)
+                Effect::Intake(fleet.intake(&group).await)
             }));
         }
         if let (Some(want), Some(group)) = (d.protect, b.group.clone()) {
@@ -1179,8 +1195,12 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             b.scale_in.start();
             inc(&self.status.counters.scale_in_requests);
             let (fleet, id) = (fleet.clone(), id.clone());
+            // Handing back with the group already above its desired
+            // capacity: no decrement (it would be refused at MinSize 0, and
+            // no replacement comes for a surplus instance).
+            let decrement = !(b.intake_closed && b.group_surplus);
             spawn(Box::pin(async move {
-                Effect::ScaleIn(fleet.terminate_self(&id).await)
+                Effect::ScaleIn(fleet.terminate_self(&id, decrement).await)
             }));
         }
         if d.confirm_state {

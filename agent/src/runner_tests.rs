@@ -979,3 +979,47 @@ async fn an_agent_that_does_not_follow_the_intake_tag_never_reads_it() {
     assert_eq!(w.worker.started().len(), 3);
     assert!(w.fleet.calls("DescribeAutoScalingGroups").is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn handing_back_from_a_group_already_below_its_instances_leaves_without_a_decrement() {
+    // Target tracking took the fallback's desired capacity to 0 (its
+    // MinSize) while this busy instance was protected: a decrement would be
+    // refused ("desiredSize equals minSize") for ever. The agent leaves
+    // without it; as the group runs more than its desired, none replaces it.
+    let w = World::start(following(""), MemFleet::new(Some("g"), 0, 0), false);
+    w.fleet.lock().intake_closed = true;
+    w.queue.push("30");
+    w.run_for(5).await;
+    w.run_for(60).await;
+    let calls: Vec<String> = w
+        .fleet
+        .calls("TerminateInstanceInAutoScalingGroup")
+        .into_iter()
+        .map(|c| c.1)
+        .collect();
+    assert_eq!(calls, ["i-0test decrement=false"]);
+    let st = w.fleet.lock();
+    assert!(st.terminated);
+    assert_eq!(st.desired, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_that_follows_the_intake_tag_reads_it_without_protection_or_hook() {
+    // The packaged defaults: no protect_busy, no lifecycle hook.
+    let w = World::start(
+        cfg("[scale_in]\nfollow_intake = true\nidle_timeout = \"5m\"\n"),
+        MemFleet::new(Some("g"), 0, 3),
+        false,
+    );
+    w.fleet.lock().intake_closed = true;
+    for _ in 0..3 {
+        w.queue.push("20");
+    }
+    w.run_for(30).await;
+    assert!(!w.fleet.calls("DescribeAutoScalingGroups").is_empty());
+    assert!(w.worker.started().is_empty(), "{:?}", w.worker.started());
+    assert!(
+        w.fleet.lock().terminated,
+        "idle with intake closed: gone at once"
+    );
+}

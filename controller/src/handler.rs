@@ -370,6 +370,10 @@ impl<C: Cloud> Controller<C> {
                     index: i,
                     in_service: g.in_service,
                     gate: g.max,
+                    intake_closed: i > 0
+                        && g.tags
+                            .get(reconcile::TAG_INTAKE)
+                            .is_some_and(|v| v == "closed"),
                 })
             })
             .collect();

@@ -46,15 +46,20 @@ pub struct Open {
     pub in_service: i32,
     /// MaxSize: a fallback with gate 0 is closed.
     pub gate: i32,
+    /// Its intake is closed (`spotguard:intake`, failing back): its
+    /// instances finish their jobs and take no new one.
+    pub intake_closed: bool,
 }
 
 /// The fleet's backlog per InService instance: the primary's instances and
 /// those of every fallback whose gate is open (or that still runs
-/// instances), summed; with none, the backlog itself.
+/// instances) and whose intake is open, summed; with none, the backlog
+/// itself. Instances that take no new work do not lower the figure the
+/// primary grows by.
 pub fn fleet_per_instance(backlog: f64, groups: &[Open]) -> f64 {
     let n: i32 = groups
         .iter()
-        .filter(|g| g.index == 0 || g.gate > 0 || g.in_service > 0)
+        .filter(|g| g.index == 0 || (!g.intake_closed && (g.gate > 0 || g.in_service > 0)))
         .map(|g| g.in_service.max(0))
         .sum();
     per_instance(backlog, n)
@@ -102,6 +107,7 @@ mod tests {
             index,
             in_service,
             gate,
+            intake_closed: false,
         }
     }
 
@@ -120,6 +126,12 @@ mod tests {
             fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 2, 0)]),
             15.0
         );
+        // Failing back with its intake closed: its instances take no work.
+        let closed = Open {
+            intake_closed: true,
+            ..open(1, 5, 5)
+        };
+        assert_eq!(fleet_per_instance(90.0, &[open(0, 4, 20), closed]), 22.5);
         // The primary counts even at MaxSize 0.
         assert_eq!(fleet_per_instance(90.0, &[open(0, 3, 0)]), 30.0);
         // None InService: the backlog itself.

@@ -577,14 +577,25 @@ pub struct SimFleet {
 }
 
 impl Fleet for SimFleet {
-    fn intake_closed(&self, _group: &str) -> impl Future<Output = Result<bool, AwsError>> + Send {
+    fn intake(
+        &self,
+        _group: &str,
+    ) -> impl Future<Output = Result<spotguard_agent::aws::Intake, AwsError>> + Send {
         let w = lock(&self.world);
-        let r = w.instances.get(&self.id).is_some_and(|i| {
-            w.groups[i.group]
-                .tags
-                .get(spotguard_agent::aws::INTAKE_TAG)
-                .is_some_and(|v| v == "closed")
-        });
+        let r = w
+            .instances
+            .get(&self.id)
+            .map(|i| {
+                let g = &w.groups[i.group];
+                spotguard_agent::aws::Intake {
+                    closed: g
+                        .tags
+                        .get(spotguard_agent::aws::INTAKE_TAG)
+                        .is_some_and(|v| v == "closed"),
+                    surplus: w.in_service(i.group) > g.desired,
+                }
+            })
+            .unwrap_or_default();
         std::future::ready(Ok(r))
     }
 
@@ -619,6 +630,7 @@ impl Fleet for SimFleet {
     fn terminate_self(
         &self,
         _instance: &str,
+        decrement: bool,
     ) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send {
         let mut w = lock(&self.world);
         let now = Instant::now();
@@ -628,16 +640,18 @@ impl Fleet for SimFleet {
                 "ValidationError",
             )),
             Some((g, noticed)) => {
-                if noticed {
+                if noticed && decrement {
                     w.violations.push(format!(
                         "{}: desired capacity decremented after a spot notice",
                         self.id
                     ));
                 }
-                if w.groups[g].desired <= w.groups[g].min {
+                if decrement && w.groups[g].desired <= w.groups[g].min {
                     Ok(ScaleIn::Refused(MIN_SIZE_REFUSAL.to_string()))
                 } else {
-                    w.groups[g].desired -= 1;
+                    if decrement {
+                        w.groups[g].desired -= 1;
+                    }
                     let busy = w
                         .instances
                         .get(&self.id)

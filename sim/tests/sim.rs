@@ -98,7 +98,7 @@ fn through_an_outage_spotguard_loses_nothing_and_kills_nothing() {
 /// 15 min; both come back (at 40 and 35 min).
 const CASCADE: &str = r#"
 name = "short cascade"
-duration = "75m"
+duration = "100m"
 [primary]
 region = "us-east-1"
 max = 6
