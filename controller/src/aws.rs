@@ -282,6 +282,13 @@ async fn bounded<T>(
         })
 }
 
+/// `SetInstanceProtection` takes at most 50 instance ids a call
+/// (Amazon EC2 Auto Scaling API Reference, `InstanceIds`): the batches of
+/// one release.
+pub fn protection_batches(ids: &[String]) -> std::slice::Chunks<'_, String> {
+    ids.chunks(50)
+}
+
 fn chrono_of(t: &aws_sdk_autoscaling::primitives::DateTime) -> Option<DateTime<Utc>> {
     DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos())
 }
@@ -486,11 +493,11 @@ impl Cloud for SdkCloud {
         let ids = self.protected_ids(region, group).await?;
         let c = self.clients(OP, region)?;
         bounded(OP, region, async {
-            if !ids.is_empty() {
+            for batch in protection_batches(&ids) {
                 c.asg
                     .set_instance_protection()
                     .auto_scaling_group_name(group)
-                    .set_instance_ids(Some(ids.clone()))
+                    .set_instance_ids(Some(batch.to_vec()))
                     .protected_from_scale_in(false)
                     .send()
                     .await
@@ -839,7 +846,18 @@ impl crate::handler::EventSource for SqsEvents {
 
 #[cfg(test)]
 mod tests {
-    use super::GroupUpdate;
+
+    #[test]
+    fn protection_is_released_in_batches_of_at_most_50() {
+        let ids: Vec<String> = (0..120).map(|i| format!("i-{i:017}")).collect();
+        let sizes: Vec<usize> = protection_batches(&ids).map(<[String]>::len).collect();
+        assert_eq!(sizes, [50, 50, 20]);
+        let again: Vec<String> = protection_batches(&ids).flatten().cloned().collect();
+        assert_eq!(again, ids, "every id once, in order");
+        assert_eq!(protection_batches(&[]).count(), 0);
+    }
+
+    use super::{protection_batches, GroupUpdate};
 
     #[test]
     fn group_updates_apply_as_aws_does() {

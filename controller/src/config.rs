@@ -518,6 +518,17 @@ impl Validate for Config {
         if self.failover.failures == 0 {
             return bad("failover.failures", "must be at least 1".into());
         }
+        // The memory keeps the last 10 failures (a tag holds 256
+        // characters): a threshold above that could never be reached.
+        if self.failover.failures as usize > crate::reconcile::MAX_FAILURES {
+            return bad(
+                "failover.failures",
+                format!(
+                    "must be at most {} (the failures the controller remembers)",
+                    crate::reconcile::MAX_FAILURES
+                ),
+            );
+        }
         if self.failover.failback_step < 1 {
             return bad("failover.failback_step", "must be at least 1".into());
         }
@@ -778,6 +789,7 @@ asg = "gpu-west-2"
     #[test]
     fn errors_name_the_key() {
         for (extra, key) in [
+            ("[failover]\nfailures = 11\n", "at most 10"),
             ("[failover]\ncooldown = \"later\"\n", "cooldown"),
             ("[failover]\nfailures = 0\n", "failover.failures"),
             (

@@ -166,7 +166,20 @@ impl<C: Cloud> Controller<C> {
                 Vec::new()
             }
         };
-        let reconcile = reconcile?;
+        // A fallback that cannot be read or acted on (its region impaired,
+        // a group IAM denies) must not keep the primary at 0 with work
+        // queued: its scale-out from zero runs whatever the fallbacks do.
+        let reconcile = match reconcile {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some((visible, _)) = depth {
+                    let p = &self.cfg.primary;
+                    self.raise_from_zero(visible, &[(p.region.as_str(), p.asg.as_str())])
+                        .await;
+                }
+                return Err(e);
+            }
+        };
         // For the "failed over too long" alarm: 1 while any fallback is in
         // use (failed over or failing back).
         let p = &self.cfg.primary;
@@ -297,9 +310,6 @@ impl<C: Cloud> Controller<C> {
     /// takes it from there. With the one-minute schedule, a job waits about
     /// a minute plus the launch for its first instance.
     async fn scale_from_zero(&self, visible: i64, report: &Report) -> Vec<String> {
-        if visible < 1 {
-            return Vec::new();
-        }
         let p = &self.cfg.primary;
         let mut groups = vec![(p.region.as_str(), p.asg.as_str())];
         for l in &report.links {
@@ -307,8 +317,16 @@ impl<C: Cloud> Controller<C> {
                 groups.push((l.region.as_str(), l.asg.as_str()));
             }
         }
+        self.raise_from_zero(visible, &groups).await
+    }
+
+    /// Raises each empty group of `groups` (region, name) to 1 if work waits.
+    async fn raise_from_zero(&self, visible: i64, groups: &[(&str, &str)]) -> Vec<String> {
+        if visible < 1 {
+            return Vec::new();
+        }
         let mut raised = Vec::new();
-        for (region, name) in groups {
+        for &(region, name) in groups {
             match self.cloud.group(region, name).await {
                 Ok(g) if g.desired == 0 && g.in_service == 0 && g.max >= 1 => {
                     match self

@@ -899,3 +899,20 @@ async fn a_whole_primary_with_one_dry_zone_fails_back_and_stays_closed() {
     );
     assert!(gates[first_back..].iter().all(|g| *g == 0), "{gates:?}");
 }
+
+/// A fallback group that cannot be read (its region impaired, or a group
+/// IAM denies) fails the tick, but a primary at 0 with work queued is
+/// still raised: after a quiet night it would otherwise stay empty.
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_fallback_does_not_keep_an_empty_primary_at_zero() {
+    let c = controller();
+    set_primary(&c, 0, 0);
+    c.cloud.fail_next(
+        "DescribeAutoScalingGroups",
+        "us-east-2",
+        "AccessDenied: not authorized to perform autoscaling:DescribeAutoScalingGroups",
+        100,
+    );
+    assert!(c.tick(Vec::new()).await.is_err(), "the failure is reported");
+    assert_eq!(c.cloud.group_of("us-east-1", "gpu-east-1").desired, 1);
+}

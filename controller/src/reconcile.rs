@@ -97,7 +97,7 @@ pub const TAG_HANDOVER: &str = "spotguard:handover-to";
 
 /// How many capacity failures the memory keeps: a tag value holds at most
 /// 256 characters, and each entry takes at most 24.
-const MAX_FAILURES: usize = 10;
+pub const MAX_FAILURES: usize = 10;
 /// Activity ids are shortened to this many characters in the tag; UUIDs
 /// differ in their first characters.
 const ID_CHARS: usize = 12;

@@ -1087,22 +1087,30 @@ fn a_three_region_cascade_opens_in_order_and_closes_in_reverse() {
         "{status}"
     );
 
-    // The primary holds its capacity again (and us-east-2 its own); after
-    // recovery_for the last opened closes first, the one before it a
-    // decision later.
+    // The primary holds its capacity again (and us-east-2 its own): the
+    // primary holds the work in flight, so us-east-2's intake closes at
+    // once, and us-west-2, after the group handing back, fails back; after
+    // recovery_for us-east-2 fails back too.
     std::thread::sleep(Duration::from_millis(1100));
     env.proxy.clear_rewrites();
     handle(&success("p-ok"));
-    std::thread::sleep(Duration::from_millis(3200));
+    let intake = |region: &str, asg: &str| {
+        env.group_in(region, asg)
+            .tags
+            .get("spotguard:intake")
+            .cloned()
+    };
+    assert_eq!(intake("us-east-2", "gpu-east-2").as_deref(), Some("closed"));
+    assert_eq!(
+        mode("us-east-2", "gpu-east-2").as_deref(),
+        Some("failed-over")
+    );
     tick();
     assert_eq!(
         mode("us-west-2", "gpu-west-2").as_deref(),
         Some("failing-back")
     );
-    assert_eq!(
-        mode("us-east-2", "gpu-east-2").as_deref(),
-        Some("failed-over")
-    );
+    std::thread::sleep(Duration::from_millis(3200));
     tick();
     assert_eq!(
         mode("us-east-2", "gpu-east-2").as_deref(),
