@@ -198,6 +198,16 @@ fn plot(
     Ok(svg)
 }
 
+/// "primary", "fallback 1", ... for a run with `n` groups.
+fn group_names(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|g| match g {
+            0 => "primary".to_string(),
+            k => format!("fallback {k}"),
+        })
+        .collect()
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -236,22 +246,75 @@ pub fn html(
         &backlog,
         false,
     )?);
-    body.push_str("<h2>Instances per region and state</h2>");
+    // The outage windows: each region's spot capacity, from the run with
+    // the most groups (every policy sees the same capacity).
+    if let Some((_, o)) = outcomes
+        .iter()
+        .max_by_key(|o| o.1.series.group_capacity.len())
+    {
+        let names = group_names(o.series.group_capacity.len());
+        let lines: Vec<(&str, &[f64])> = names
+            .iter()
+            .zip(&o.series.group_capacity)
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        body.push_str("<h2>Spot capacity per region (the outages)</h2>");
+        body.push_str(&line_plot("spot capacity", "instances", &x, &lines, true)?);
+    }
+    body.push_str("<h2>Instances per group, pending, and work</h2>");
     for (name, o) in outcomes {
         let s = &o.series;
+        let names = group_names(s.group_in_service.len());
+        let mut lines: Vec<(&str, &[f64])> = names
+            .iter()
+            .zip(&s.group_in_service)
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        lines.push(("primary pending", &s.primary_pending));
+        lines.push(("fallbacks pending", &s.fallback_pending));
         body.push_str(&line_plot(
-            &format!("{name}: instances"),
+            &format!("{name}: instances in service per group"),
             "instances",
             &s.minutes,
+            &lines,
+            false,
+        )?);
+        body.push_str(&line_plot(
+            &format!("{name}: messages in flight and busy instances"),
+            "count",
+            &s.minutes,
             &[
-                ("primary in service", &s.primary_in_service),
-                ("primary pending", &s.primary_pending),
-                ("fallback in service", &s.fallback_in_service),
-                ("fallback pending", &s.fallback_pending),
+                ("visible", &s.visible),
+                ("in flight", &s.in_flight),
+                ("busy instances", &s.busy),
             ],
             false,
         )?);
     }
+    body.push_str("<h2>Jobs killed over time, by cause</h2>");
+    let kill_names: Vec<(String, &[f64])> = outcomes
+        .iter()
+        .flat_map(|(name, o)| {
+            o.series
+                .kills
+                .iter()
+                .map(move |(cause, v)| (format!("{name}: {cause}"), v.as_slice()))
+        })
+        .filter(|(_, v)| v.last().is_some_and(|k| *k > 0.0))
+        .collect();
+    let zeros = vec![0.0; x.len()];
+    let mut kill_lines: Vec<(&str, &[f64])> =
+        kill_names.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+    if kill_lines.is_empty() {
+        kill_lines.push(("none killed, any policy", &zeros));
+    }
+    body.push_str(&line_plot(
+        "executions killed (cumulative)",
+        "jobs",
+        &x,
+        &kill_lines,
+        true,
+    )?);
     body.push_str("<h2>Job wait-time distribution</h2>");
     body.push_str(&wait_plot(outcomes)?);
     body.push_str("<h2>Cumulative cost</h2>");

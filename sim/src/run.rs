@@ -151,6 +151,13 @@ pub struct Series {
     pub busy: Vec<f64>,
     /// Spot capacity of the primary's pools together.
     pub primary_capacity: Vec<f64>,
+    /// Per group (the primary, then each fallback used): its InService
+    /// instances, and its pools' spot capacity together.
+    pub group_in_service: Vec<Vec<f64>>,
+    pub group_capacity: Vec<Vec<f64>>,
+    /// Executions killed so far, by cause (`Failback`, `GroupScaleIn`,
+    /// `AgentScaleIn`, `Reclaimed`, `Replaced`).
+    pub kills: BTreeMap<String, Vec<f64>>,
     pub cost: Vec<f64>,
     /// 0 normal, 1 failed over, 2 failing back.
     pub mode: Vec<f64>,
@@ -655,6 +662,7 @@ async fn simulate(
                         for job in &running {
                             w.jobs.entry(job.clone()).or_default().kills.push(why);
                         }
+                        *w.kills_by_cause.entry(format!("{why:?}")).or_default() += running.len();
                         if !running.is_empty()
                             && policy.is_spotguard()
                             && matches!(
@@ -828,6 +836,33 @@ async fn simulate(
                     .map(|z| f64::from(z.capacity))
                     .sum(),
             );
+            let n = w.groups.len();
+            series.group_in_service.resize(n, Vec::new());
+            series.group_capacity.resize(n, Vec::new());
+            for g in 0..n {
+                let ins = f64::from(w.in_service(g));
+                series.group_in_service[g].push(ins);
+                let cap = w.groups[g]
+                    .zones
+                    .iter()
+                    .map(|z| f64::from(z.capacity))
+                    .sum();
+                series.group_capacity[g].push(cap);
+            }
+            for cause in [
+                "Failback",
+                "GroupScaleIn",
+                "AgentScaleIn",
+                "Reclaimed",
+                "Replaced",
+            ] {
+                let k = w.kills_by_cause.get(cause).copied().unwrap_or(0);
+                series
+                    .kills
+                    .entry(cause.to_string())
+                    .or_default()
+                    .push(k as f64);
+            }
             let mode = mode_of(&w, policy, seed_open);
             series.mode.push(mode);
         }

@@ -179,6 +179,8 @@ pub struct World {
     pub rebalance_probability: f64,
     /// Dollars of inter-region transfer per job run away from the queue.
     pub transfer_per_job: f64,
+    /// Executions killed so far, by cause (`Kill`'s name).
+    pub kills_by_cause: BTreeMap<String, usize>,
     pub faults: crate::scenario::Faults,
     /// The faults' own generator, so that they do not shift the rest.
     pub fault_rng: Option<Rng>,

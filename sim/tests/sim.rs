@@ -189,9 +189,10 @@ fn the_report_draws_every_plot_and_a_browser_renders_it() {
         outcomes.iter().map(|(p, o)| (p.name(), o)).collect();
     let html = spotguard_sim::report::html(&s.name, 1, &named, None).unwrap();
     assert!(html.contains("<table>") && table.contains("killed: failback"));
-    // Backlog, one instance plot per policy, waits, cost, mode: 6 here.
+    // Backlog, capacity, per policy instances and work, kills, waits,
+    // cost, mode: 10 here.
     let svgs: Vec<&str> = html.split("<svg").skip(1).collect();
-    assert_eq!(svgs.len(), 6);
+    assert_eq!(svgs.len(), 10);
     for body in &svgs {
         let svg = format!("<svg{}", &body[..body.find("</svg>").expect("closed") + 6]);
         let mut r = quick_xml::Reader::from_str(&svg);
@@ -277,7 +278,7 @@ fn the_report_draws_every_plot_and_a_browser_renders_it() {
     let dom = String::from_utf8_lossy(&dom.stdout);
     assert_eq!(
         dom.matches("<svg").count(),
-        6,
+        10,
         "the browser's DOM holds every plot"
     );
     let _ = std::fs::remove_dir_all(&dir);
