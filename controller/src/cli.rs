@@ -192,24 +192,35 @@ async fn dispatch(cmd: Command, cfg: Config) -> Result<(), BoxError> {
     }
 }
 
-/// Every event is acknowledged: AWS errors are logged and the next tick
-/// (one minute later, with the scaling activities polled again) recovers, so
-/// Lambda's retries never pile up.
+/// Launch events are acknowledged even when an AWS call fails: the next
+/// tick (one minute later, with the scaling activities polled again)
+/// recovers, so Lambda's retries never pile up. A scheduled tick that fails
+/// is a function error, so that Lambda's `Errors` metric, and the
+/// template's controller-errors alarm on it, see AWS and IAM failures (an
+/// unreadable group, a denied call, a region impaired) instead of a
+/// success; Lambda's own retry of it is one more idempotent tick.
 async fn lambda(c: Controller<SdkCloud>) -> Result<(), BoxError> {
     let c = Arc::new(c);
     lambda_runtime::run(lambda_runtime::service_fn(
         move |ev: lambda_runtime::LambdaEvent<Value>| {
             let c = c.clone();
             async move {
-                let out = match c.handle_event(&ev.payload).await {
-                    Ok(Some(r)) => json!({"handled": true, "mode": r.reconcile.mode}),
-                    Ok(None) => json!({"handled": false}),
+                let scheduled = matches!(
+                    crate::events::parse(&ev.payload, &c.cfg.failover_codes()),
+                    Ok(crate::events::Event::Tick)
+                );
+                match c.handle_event(&ev.payload).await {
+                    Ok(Some(r)) => Ok(json!({"handled": true, "mode": r.reconcile.mode})),
+                    Ok(None) => Ok(json!({"handled": false})),
+                    Err(e) if scheduled => {
+                        tracing::error!(error = %e, "the scheduled tick failed");
+                        Err(lambda_runtime::Error::from(format!("tick failed: {e}")))
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "AWS call failed; the next tick retries");
-                        json!({"handled": false, "error": e.to_string()})
+                        Ok(json!({"handled": false, "error": e.to_string()}))
                     }
-                };
-                Ok::<Value, lambda_runtime::Error>(out)
+                }
             }
         },
     ))

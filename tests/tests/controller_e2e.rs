@@ -723,6 +723,61 @@ fn the_lambda_runtime_handles_events_and_acknowledges_garbage() {
     );
 }
 
+/// A scheduled tick that fails on AWS (the fallback group denied, its
+/// region impaired) is a function error, not a success: Lambda's `Errors`
+/// metric and the controller-errors alarm must see it. A launch event that
+/// fails is still acknowledged (the next tick recovers).
+#[test]
+fn a_failed_scheduled_tick_is_a_function_error_in_lambda() {
+    let t = setup("ctl-lambda-err");
+    t.env.proxy.inject(
+        "DescribeAutoScalingGroups",
+        Fault::Respond {
+            status: 403,
+            body: "<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code><Message>User is not authorized to perform: autoscaling:DescribeAutoScalingGroups</Message></Error><RequestId>r</RequestId></ErrorResponse>".into(),
+        },
+        1000,
+    );
+    let (api, responses) = fake_runtime(
+        &t.env.rt,
+        vec![
+            capacity_failure("act-1"),
+            json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}}),
+        ],
+    );
+    let bootstrap = t.dir.path().join("bootstrap");
+    std::fs::copy(bin("spotguard-controller"), &bootstrap).unwrap();
+    let mut cmd = Command::new(&bootstrap);
+    spotguard_tests::lambda_env(&mut cmd, &api);
+    cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
+        .env("SPOTGUARD_PRIMARY_QUEUE_URL", &t.queue)
+        .env("SPOTGUARD_FALLBACK_ASG", "gpu-fallback");
+    for (k, v) in t.env.agent_env() {
+        cmd.env(k, v);
+    }
+    let (_lambda, _) = spotguard_tests::Proc::spawn(cmd, "spotguard-controller lambda");
+    assert!(
+        t.env
+            .wait_for(Duration::from_secs(60), || responses.lock().unwrap().len()
+                == 2),
+        "responses: {:?}",
+        responses.lock().unwrap()
+    );
+    let r = responses.lock().unwrap().clone();
+    assert_eq!(
+        r[0]["path"], "/2018-06-01/runtime/invocation/req-0/response",
+        "{r:?}"
+    );
+    assert_eq!(
+        r[1]["path"], "/2018-06-01/runtime/invocation/req-1/error",
+        "{r:?}"
+    );
+    assert!(
+        r[1]["body"].to_string().contains("AccessDenied"),
+        "the error names the failure: {r:?}"
+    );
+}
+
 #[test]
 fn run_reads_events_from_an_sqs_queue() {
     let t = setup("ctl-run");
