@@ -317,6 +317,43 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
     assert_eq!(status["fallback"]["max"], 2);
 }
 
+/// The shortage rule as deployed (not 0 s): on moto, with the primary
+/// made short through the fault proxy, capacity failures fail over only
+/// once the primary has been short for `shortage_for`; with the primary
+/// holding its capacity (one dry zone, failures logged on every scale-out)
+/// they never do.
+#[test]
+fn capacity_failures_fail_over_only_after_the_primary_is_short_for_shortage_for() {
+    // Times are kept to the second in the tags: 3 s here, checked at 1.1 s
+    // (at most 2.1 s counted) and 3.3 s.
+    let mut t = setup("ctl-shortage");
+    t.cfg.failover.shortage_for = spotguard_tests::agent_setup::secs(3);
+    let c = t.controller();
+    t.handle(&c, &capacity_failure("s-1")).unwrap();
+    assert_ne!(t.mode().as_deref(), Some("failed-over"), "short for 0 s");
+    std::thread::sleep(Duration::from_millis(1100));
+    t.handle(&c, &capacity_failure("s-2")).unwrap();
+    assert_ne!(t.mode().as_deref(), Some("failed-over"), "short for 1 s");
+    std::thread::sleep(Duration::from_millis(2200));
+    t.handle(&c, &capacity_failure("s-3")).unwrap();
+    assert_eq!(t.mode().as_deref(), Some("failed-over"), "short for 3 s");
+
+    // A primary that holds its capacity (the proxy stops showing it short)
+    // with failures every second: never.
+    let mut t = setup("ctl-whole");
+    t.cfg.failover.shortage_for = spotguard_tests::agent_setup::secs(3);
+    t.primary_whole();
+    let c = t.controller();
+    for k in 0..4 {
+        t.handle(&c, &capacity_failure(&format!("w-{k}"))).unwrap();
+        t.tick(&c);
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    assert_ne!(t.mode().as_deref(), Some("failed-over"));
+    assert_eq!(t.fallback().max, 0);
+    assert!(t.announced(&mut Vec::new()).is_empty());
+}
+
 #[test]
 fn a_bad_ami_failure_does_not_fail_over_and_garbage_is_acknowledged() {
     let t = setup("ctl-ami");
