@@ -671,3 +671,75 @@ fn notices_are_published_to_sns() {
     assert_eq!(v["agent_mode"], "draining");
     assert_eq!(s.env.proxy.calls_of("Publish").len(), 1);
 }
+
+/// The failback hand-over on moto: a fallback agent under a load that never
+/// stops (a job always waiting) sees the controller close its group's
+/// intake (the `spotguard:intake` tag), finishes its running job, takes no
+/// new one, and scales itself in with the decrement.
+#[test]
+fn a_closed_intake_tag_ends_the_fallback_agents_work_without_killing_its_job() {
+    let s = fleet("intake", 5, 0, 2);
+    let _agent = s.start(
+        "agent",
+        &s.agent_config(0, "a", |c| {
+            // In the queue's region here, so following is set, not derived.
+            c.scale_in.follow_intake = Some(true);
+            c.scale_in.intake_check = secs(1);
+            c.scale_in.protect_busy = true;
+            c.scale_in.idle_timeout = secs(300);
+        }),
+    );
+    for i in 0..20 {
+        s.env.send(
+            &s.queue,
+            &json!({"id": format!("j{i}"), "sleep_ms": 3000}).to_string(),
+        );
+    }
+    wait(&s, 30, "a first job done", || {
+        Record::read(s.dir.path()).total("done") >= 1
+    });
+    let asg = s.env.asg_in("us-east-1");
+    s.env.rt.block_on(async {
+        asg.create_or_update_tags()
+            .tags(
+                aws_sdk_autoscaling::types::Tag::builder()
+                    .resource_id("workers")
+                    .resource_type("auto-scaling-group")
+                    .key("spotguard:intake")
+                    .value("closed")
+                    .propagate_at_launch(false)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("tag");
+    });
+    let closed_at_done = Record::read(s.dir.path()).total("done");
+    wait(&s, 30, "the agent's own scale-in", || {
+        !s.env
+            .proxy
+            .calls_of("TerminateInstanceInAutoScalingGroup")
+            .is_empty()
+    });
+    let r = Record::read(s.dir.path());
+    // At most the job running at the closure and one started before the
+    // next read of the tag (1 s) ran after it; each of them finished.
+    let started = r.total("start");
+    assert!(
+        started <= closed_at_done + 2,
+        "{started} started, {closed_at_done} done at the closure"
+    );
+    assert_eq!(r.total("done"), started, "every job started finished");
+    let calls = s.env.proxy.calls_of("TerminateInstanceInAutoScalingGroup");
+    assert_eq!(calls.len(), 1);
+    assert!(
+        calls[0]
+            .body
+            .contains("ShouldDecrementDesiredCapacity=true"),
+        "{}",
+        calls[0].body
+    );
+    assert_eq!(s.env.group("workers").desired, 1);
+    // The rest of the work waits for the primary.
+    assert!(s.env.depth(&s.queue).0 >= 20 - started as i64 - 1);
+}
