@@ -407,6 +407,7 @@ fn group_of(
         tracking,
         last_launch_try: None,
         interruptions_per_hour: r.interruptions_per_hour,
+        spot_requests_wait: r.spot_requests_wait,
     }
 }
 

@@ -61,6 +61,12 @@ pub struct Region {
     /// Spot interruptions per instance-hour (0.1 = 10 % of instances an hour).
     #[serde(default)]
     pub interruptions_per_hour: f64,
+    /// A group without a mixed-instances policy: a spot request that finds
+    /// no capacity waits in `PendingSpotBidPlacement` (no `Failed`
+    /// activity, no EventBridge event) until capacity comes back; the
+    /// controller sees it only by polling the scaling activities.
+    #[serde(default)]
+    pub spot_requests_wait: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

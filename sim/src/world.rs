@@ -123,6 +123,9 @@ pub struct Group {
     pub tracking: Option<Tracking>,
     pub last_launch_try: Option<Instant>,
     pub interruptions_per_hour: f64,
+    /// Spot requests wait in `PendingSpotBidPlacement` instead of failing
+    /// (`spot_requests_wait` in the scenario).
+    pub spot_requests_wait: bool,
 }
 
 /// Why a job's execution ended without its own end.
@@ -337,11 +340,34 @@ impl World {
                     break;
                 };
                 if per_zone[z] >= self.groups[g].zones[z].capacity {
-                    dry[z] = true;
                     let zone = self.groups[g].zones[z].name.clone();
+                    if self.groups[g].spot_requests_wait {
+                        // The request waits in its zone, silently: one
+                        // pending activity until capacity comes back.
+                        let waiting = self.groups[g]
+                            .activities
+                            .iter()
+                            .any(|a| a.status_code == PENDING_SPOT);
+                        if !waiting {
+                            self.activity(g, now, false, "", Some(&zone), base);
+                            if let Some(a) = self.groups[g].activities.last_mut() {
+                                a.status_code = PENDING_SPOT.into();
+                                a.end = None;
+                            }
+                        }
+                        break;
+                    }
+                    dry[z] = true;
                     let ev = self.activity(g, now, false, CAPACITY_FAILURE, Some(&zone), base);
                     self.events.push(ev);
                     continue;
+                }
+                // A launch: a request that waited is fulfilled now.
+                for a in self.groups[g].activities.iter_mut() {
+                    if a.status_code == PENDING_SPOT {
+                        a.status_code = "Successful".into();
+                        a.end = Some(wall(base.0, base.1, now));
+                    }
                 }
                 per_zone[z] += 1;
                 want -= 1;
@@ -567,6 +593,10 @@ pub fn track_step(
     }
     desired
 }
+
+/// The status of a spot request waiting for capacity (a group without a
+/// mixed-instances policy).
+pub const PENDING_SPOT: &str = "PendingSpotBidPlacement";
 
 /// AWS's StatusMessage of a spot launch that found no capacity in a zone
 /// (mixed-instances groups; REFERENCE.md).
@@ -1016,6 +1046,7 @@ mod tests {
             tracking: None,
             last_launch_try: None,
             interruptions_per_hour: 0.0,
+            spot_requests_wait: false,
         }
     }
 
@@ -1064,6 +1095,37 @@ mod tests {
         w.groups[0].zones[1].capacity = 4;
         w.reconcile_groups(now + Duration::from_secs(60), &Launch::default(), base(now));
         assert_eq!(zones_of(&w), [0, 4, 10]);
+    }
+
+    #[test]
+    fn a_group_without_mixed_instances_waits_silently_for_spot_capacity() {
+        let now = Instant::now();
+        let mut g = group(&[("a", 0)], 2);
+        g.spot_requests_wait = true;
+        let mut w = world(g);
+        for k in 0..3 {
+            let t = now + Duration::from_secs(60 * k);
+            w.reconcile_groups(t, &Launch::default(), base(now));
+        }
+        let codes: Vec<&str> = w.groups[0]
+            .activities
+            .iter()
+            .map(|a| a.status_code.as_str())
+            .collect();
+        assert_eq!(codes, [PENDING_SPOT], "one waiting request");
+        assert!(
+            w.events.is_empty(),
+            "no event: AWS sends none while it waits"
+        );
+        // Capacity back: the request is fulfilled.
+        w.groups[0].zones[0].capacity = 5;
+        w.reconcile_groups(
+            now + Duration::from_secs(300),
+            &Launch::default(),
+            base(now),
+        );
+        assert_eq!(w.alive(0).count(), 2);
+        assert_eq!(w.groups[0].activities[0].status_code, "Successful");
     }
 
     #[test]
