@@ -387,7 +387,6 @@ impl<C: Cloud> Controller<C> {
                 g.as_ref().map(|g| metrics::Open {
                     index: i,
                     in_service: g.in_service,
-                    gate: g.max,
                     intake_closed: i > 0
                         && g.tags
                             .get(reconcile::TAG_INTAKE)

@@ -44,22 +44,19 @@ pub struct Open {
     /// 0: the primary; `k`: fallback `k`.
     pub index: usize,
     pub in_service: i32,
-    /// MaxSize: a fallback with gate 0 is closed.
-    pub gate: i32,
     /// Its intake is closed (`spotguard:intake`, failing back): its
     /// instances finish their jobs and take no new one.
     pub intake_closed: bool,
 }
 
 /// The fleet's backlog per InService instance: the primary's instances and
-/// those of every fallback whose gate is open (or that still runs
-/// instances) and whose intake is open, summed; with none, the backlog
-/// itself. Instances that take no new work do not lower the figure the
+/// those of every fallback whose intake is open, summed (a closed gate
+/// runs none, or busy ones still working); with none, the backlog itself. Instances that take no new work do not lower the figure the
 /// primary grows by.
 pub fn fleet_per_instance(backlog: f64, groups: &[Open]) -> f64 {
     let n: i32 = groups
         .iter()
-        .filter(|g| g.index == 0 || (!g.intake_closed && (g.gate > 0 || g.in_service > 0)))
+        .filter(|g| g.index == 0 || !g.intake_closed)
         .map(|g| g.in_service.max(0))
         .sum();
     per_instance(backlog, n)
@@ -102,11 +99,10 @@ mod tests {
         c
     }
 
-    fn open(index: usize, in_service: i32, gate: i32) -> Open {
+    fn open(index: usize, in_service: i32) -> Open {
         Open {
             index,
             in_service,
-            gate,
             intake_closed: false,
         }
     }
@@ -114,31 +110,22 @@ mod tests {
     #[test]
     fn one_figure_for_the_fleet_over_the_open_groups() {
         // Failed over: 4 in the primary, 5 in the open fallback.
-        let v = fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 5, 10)]);
+        let v = fleet_per_instance(90.0, &[open(0, 4), open(1, 5)]);
         assert_eq!(v, 10.0);
         // A closed fallback (gate 0, nothing running) does not count.
-        assert_eq!(
-            fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 0, 0)]),
-            22.5
-        );
+        assert_eq!(fleet_per_instance(90.0, &[open(0, 4), open(1, 0)]), 22.5);
         // A gate lowered to 0 under instances still running: they count.
-        assert_eq!(
-            fleet_per_instance(90.0, &[open(0, 4, 20), open(1, 2, 0)]),
-            15.0
-        );
+        assert_eq!(fleet_per_instance(90.0, &[open(0, 4), open(1, 2)]), 15.0);
         // Failing back with its intake closed: its instances take no work.
         let closed = Open {
             intake_closed: true,
-            ..open(1, 5, 5)
+            ..open(1, 5)
         };
-        assert_eq!(fleet_per_instance(90.0, &[open(0, 4, 20), closed]), 22.5);
+        assert_eq!(fleet_per_instance(90.0, &[open(0, 4), closed]), 22.5);
         // The primary counts even at MaxSize 0.
-        assert_eq!(fleet_per_instance(90.0, &[open(0, 3, 0)]), 30.0);
+        assert_eq!(fleet_per_instance(90.0, &[open(0, 3)]), 30.0);
         // None InService: the backlog itself.
-        assert_eq!(
-            fleet_per_instance(90.0, &[open(0, 0, 20), open(1, 0, 10)]),
-            90.0
-        );
+        assert_eq!(fleet_per_instance(90.0, &[open(0, 0), open(1, 0)]), 90.0);
         assert_eq!(backlog_of(&cfg(true), 100, 20), 120.0);
         assert_eq!(backlog_of(&cfg(false), 100, 20), 100.0);
         assert_eq!(backlog_of(&cfg(false), -5, 0), 0.0);
@@ -153,7 +140,7 @@ mod tests {
         let (backlog, target) = (120.0, 4.0);
         let mut sizes = [3i32, 9i32];
         for _ in 0..50 {
-            let v = fleet_per_instance(backlog, &[open(0, sizes[0], 40), open(1, sizes[1], 40)]);
+            let v = fleet_per_instance(backlog, &[open(0, sizes[0]), open(1, sizes[1])]);
             for n in sizes.iter_mut() {
                 *n = ((f64::from(*n) * v / target).round() as i32).max(1);
             }
