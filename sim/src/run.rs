@@ -555,6 +555,27 @@ async fn simulate(
                 lock(&world).jobs.entry(job).or_default().enqueued = Some(now);
             }
         }
+        // The agents' SQS calls fail now and then (`faults.agent_error_rate`).
+        for (op, rate) in [
+            ("ReceiveMessage", s.faults.agent_error_rate),
+            ("DeleteMessage", s.faults.agent_error_rate),
+            ("ChangeMessageVisibility", s.faults.visibility_error_rate),
+        ] {
+            if rate > 0.0 {
+                // One failure waiting at most: failures do not pile up
+                // while no agent calls (a boot, an outage) and then fail
+                // one call again and again.
+                let waiting = queue
+                    .lock()
+                    .log
+                    .faults
+                    .get(op)
+                    .is_some_and(|q| !q.is_empty());
+                if event_rng.unit() < rate && !waiting {
+                    queue.fail_next(op, "ServiceUnavailable", 1);
+                }
+            }
+        }
         let mut spawn: Vec<String> = Vec::new();
         let mut notices: Vec<(mpsc::Sender<Detected>, Detected)> = Vec::new();
         let mut late: Vec<(String, Detected)> = Vec::new();

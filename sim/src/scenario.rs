@@ -260,6 +260,16 @@ pub struct Faults {
     pub event_duplicate: f64,
     /// Each delivered event comes after a random delay up to this.
     pub event_delay_max: Dur,
+    /// The agents' side: the chance, each simulated second, that the next
+    /// SQS receive and the next delete by any agent fail
+    /// (`ServiceUnavailable`), and the chance that an agent's Auto Scaling
+    /// call (protection, its own scale-in) is throttled.
+    pub agent_error_rate: f64,
+    /// The same for the agents' `ChangeMessageVisibility` calls
+    /// (heartbeats, hand-backs). Apart, because with it the sweep of
+    /// `harsh.toml` finds unexplained duplicate executions (seed 1: 5): an
+    /// open finding, not yet explained, so not in CI's scenarios.
+    pub visibility_error_rate: f64,
 }
 
 impl Scenario {
@@ -322,6 +332,11 @@ impl Scenario {
             ("faults.api_error_rate", s.faults.api_error_rate),
             ("faults.event_loss", s.faults.event_loss),
             ("faults.event_duplicate", s.faults.event_duplicate),
+            ("faults.agent_error_rate", s.faults.agent_error_rate),
+            (
+                "faults.visibility_error_rate",
+                s.faults.visibility_error_rate,
+            ),
         ] {
             if !(0.0..=1.0).contains(&p) {
                 return bad(key, "must be between 0 and 1");

@@ -503,6 +503,12 @@ impl World {
         }
     }
 
+    /// An agent's Auto Scaling call throttled (`faults.agent_error_rate`).
+    pub fn agent_call_fails(&mut self) -> bool {
+        let rate = self.faults.agent_error_rate;
+        rate > 0.0 && self.fault_rng.as_mut().map_or(1.0, Rng::unit) < rate
+    }
+
     /// Adds the cost and instance time of `dt`, per second from `running`
     /// (EC2: pending is not billed; Linux is billed per second).
     pub fn bill(&mut self, now: Instant, dt: Duration) {
@@ -665,6 +671,12 @@ impl Fleet for SimFleet {
         decrement: bool,
     ) -> impl Future<Output = Result<ScaleIn, AwsError>> + Send {
         let mut w = lock(&self.world);
+        if w.agent_call_fails() {
+            return std::future::ready(Err(aws_error(
+                "TerminateInstanceInAutoScalingGroup",
+                "Throttling",
+            )));
+        }
         let now = Instant::now();
         let r = match w.instances.get(&self.id).map(|i| (i.group, i.noticed)) {
             None => Err(aws_error(
@@ -711,7 +723,11 @@ impl Fleet for SimFleet {
         _instance: &str,
         protect: bool,
     ) -> impl Future<Output = Result<(), AwsError>> + Send {
-        if let Some(i) = lock(&self.world).instances.get_mut(&self.id) {
+        let mut w = lock(&self.world);
+        if w.agent_call_fails() {
+            return std::future::ready(Err(aws_error("SetInstanceProtection", "Throttling")));
+        }
+        if let Some(i) = w.instances.get_mut(&self.id) {
             i.protected = protect;
         }
         std::future::ready(Ok(()))
