@@ -60,10 +60,17 @@ impl GroupUpdate {
 
     /// The group's (MaxSize, desired) after the update, as AWS applies it
     /// (for the in-memory fakes): a desired capacity outside [MinSize,
-    /// MaxSize] is refused (`ValidationError`), and a MaxSize below the
-    /// desired capacity lowers it.
+    /// MaxSize], or a MaxSize below MinSize, is refused (`ValidationError`),
+    /// and a MaxSize below the desired capacity lowers it.
     pub fn apply(&self, min: i32, max: i32, desired: i32) -> Result<(i32, i32), String> {
         let max = self.max.unwrap_or(max);
+        // AWS: "Max bound, 0, must be greater than or equal to min bound, 1"
+        // (the AWS CLI's ValidationError text for UpdateAutoScalingGroup).
+        if max < min {
+            return Err(format!(
+                "ValidationError: Max bound, {max}, must be greater than or equal to min bound, {min}"
+            ));
+        }
         match self.desired {
             Some(d) if d > max || d < min => Err(format!(
                 "ValidationError: Desired capacity:{d} must be between the specified min size and max size"
@@ -868,6 +875,15 @@ mod tests {
         // Outside [MinSize, MaxSize]: refused, nothing changes.
         assert!(GroupUpdate::desired(11).apply(0, 10, 0).is_err());
         assert!(GroupUpdate::desired(0).apply(1, 10, 1).is_err());
+        // A MaxSize below MinSize is refused, the group unchanged.
+        assert_eq!(
+            GroupUpdate::max(0).apply(1, 10, 1),
+            Err(
+                "ValidationError: Max bound, 0, must be greater than or equal to min bound, 1"
+                    .into()
+            )
+        );
+        assert_eq!(GroupUpdate::max(1).apply(1, 10, 4), Ok((1, 1)));
         let both = GroupUpdate {
             max: Some(0),
             desired: Some(0),

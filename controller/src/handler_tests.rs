@@ -236,15 +236,17 @@ async fn work_waiting_raises_an_empty_group_from_zero_to_one() {
     assert_eq!(r.raised_from_zero, vec!["gpu-east-2"]);
     assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").desired, 1);
 
-    // Nothing waiting: nothing raised.
+    // Nothing waiting (only in flight): an empty primary is not raised.
     let c = controller();
-    c.cloud.set_depth("us-east-1", QUEUE, 0, 0);
+    set_primary(&c, 0, 0);
+    c.cloud.set_depth("us-east-1", QUEUE, 0, 2);
     assert!(c
         .tick(Vec::new())
         .await
         .unwrap()
         .raised_from_zero
         .is_empty());
+    assert_eq!(c.cloud.group_of("us-east-1", "gpu-east-1").desired, 0);
 }
 
 /// An events queue in memory.
@@ -915,4 +917,40 @@ async fn an_unreadable_fallback_does_not_keep_an_empty_primary_at_zero() {
     );
     assert!(c.tick(Vec::new()).await.is_err(), "the failure is reported");
     assert_eq!(c.cloud.group_of("us-east-1", "gpu-east-1").desired, 1);
+}
+
+/// `failover.on_quota` through the configuration: the quota codes fail
+/// over by default (another region has its own quota), and not at all when
+/// it is switched off.
+#[tokio::test(start_paused = true)]
+async fn quota_failures_fail_over_only_with_on_quota() {
+    const QUOTA: &str = "Could not launch Spot Instances. MaxSpotInstanceCountExceeded - Max spot instance count exceeded. Launching EC2 instance failed.";
+    let on = controller();
+    let r = on
+        .handle_event(&launch(
+            "EC2 Instance Launch Unsuccessful",
+            QUOTA,
+            "2026-11-28T08:00:00Z",
+        ))
+        .await
+        .unwrap()
+        .expect("handled");
+    assert_eq!(r.reconcile.mode, "failed-over");
+    let off = fake_controller(
+        &format!(
+            "[primary]\nasg = \"gpu-east-1\"\nqueue_url = \"{QUEUE}\"\n[fallback]\nasg = \"gpu-east-2\"\n[failover]\nshortage_for = \"0s\"\non_quota = false\n"
+        ),
+        ("us-east-1", "gpu-east-1", 3, 2),
+        &[("us-east-2", "gpu-east-2")],
+    );
+    let r = off
+        .handle_event(&launch(
+            "EC2 Instance Launch Unsuccessful",
+            QUOTA,
+            "2026-11-28T08:00:00Z",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.map(|r| r.reconcile.mode), Some("normal"));
+    assert_eq!(off.cloud.group_of("us-east-2", "gpu-east-2").max, 0);
 }
