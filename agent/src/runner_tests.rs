@@ -1023,3 +1023,37 @@ async fn an_agent_that_follows_the_intake_tag_reads_it_without_protection_or_hoo
         "idle with intake closed: gone at once"
     );
 }
+
+/// A spot notice never leads to a decrement of the group, with scale-in on:
+/// the drained agent stays idle well past its idle timeout and asks
+/// nothing (the group must replace the reclaimed capacity).
+#[tokio::test(start_paused = true)]
+async fn a_spot_notice_never_decrements_the_group_even_with_scale_in_on() {
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"10s\"\n"),
+        MemFleet::new(Some("g"), 0, 3),
+        false,
+    );
+    w.queue.push("5");
+    w.run_for(8).await;
+    w.spot(600).await;
+    // Idle for ten times the idle timeout after the job, before the reclaim.
+    w.run_for(100).await;
+    assert_eq!(w.queue.deleted().len(), 1, "the job before the notice ran");
+    assert!(
+        w.fleet
+            .calls("TerminateInstanceInAutoScalingGroup")
+            .is_empty(),
+        "a spot-noticed instance asked to be terminated"
+    );
+    assert_eq!(w.fleet.lock().desired, 3);
+    // The control: without the notice the same agent scales in.
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"10s\"\n"),
+        MemFleet::new(Some("g"), 0, 3),
+        false,
+    );
+    w.queue.push("5");
+    w.run_for(40).await;
+    assert_eq!(w.fleet.calls("TerminateInstanceInAutoScalingGroup").len(), 1);
+}
