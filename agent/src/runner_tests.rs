@@ -1055,5 +1055,8 @@ async fn a_spot_notice_never_decrements_the_group_even_with_scale_in_on() {
     );
     w.queue.push("5");
     w.run_for(40).await;
-    assert_eq!(w.fleet.calls("TerminateInstanceInAutoScalingGroup").len(), 1);
+    assert_eq!(
+        w.fleet.calls("TerminateInstanceInAutoScalingGroup").len(),
+        1
+    );
 }

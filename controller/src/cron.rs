@@ -388,6 +388,34 @@ pub fn message_of(d: &Due) -> BTreeMap<String, String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_checks_that_mutants_found_untested() {
+        // `start/step` without a range runs from start to the field's end.
+        let s = Schedule::parse("5/20 * * * *").unwrap();
+        assert_eq!(s.minutes, (1 << 5) | (1 << 25) | (1 << 45));
+        assert_eq!(s.as_str(), "5/20 * * * *");
+        // At most 20 tasks: 20 pass, 21 are refused with the count.
+        let tasks = |n: usize| {
+            let mut y = "version: 1\ncron:\n".to_string();
+            for k in 0..n {
+                y.push_str(&format!(
+                    " - name: t{k}\n   url: /t\n   schedule: \"0 * * * *\"\n"
+                ));
+            }
+            parse(&y)
+        };
+        assert_eq!(tasks(20).map(|t| t.len()), Ok(20));
+        assert!(tasks(21).is_err_and(|e| e.contains("21 tasks")));
+        // A control character that is not whitespace is refused in a path.
+        let bell = parse(
+            "version: 1\ncron:\n - name: b\n   url: \"/a\\u0007b\"\n   schedule: \"0 * * * *\"\n",
+        );
+        assert!(bell.is_err(), "{bell:?}");
+        // FNV-1a, 64 bits, as published (the FIFO ids depend on it).
+        assert_eq!(name_hash(""), "cbf29ce484222325");
+        assert_eq!(name_hash("a"), "af63dc4c8601ec8c");
+    }
+
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
