@@ -169,20 +169,26 @@ pub async fn run_job<Q: Queue, W: Worker>(
             if secs == 0 || lost {
                 continue;
             }
-            match ctx.queue.set_visibility(&msg.receipt, secs).await {
+            // A transient failure is tried again within seconds, not at the
+            // next tick: two missed heartbeats in a row (80 s of SQS errors
+            // with the default timings) would let the lease lapse, and the
+            // job would run twice (found by the simulation's faults).
+            let mut attempt = 0u32;
+            let answer = loop {
+                match ctx.queue.set_visibility(&msg.receipt, secs).await {
+                    Err(e) if attempt < HEARTBEAT_RETRIES && !lease_gone(&e) => {
+                        attempt += 1;
+                        tracing::warn!(message_id = %msg.id, error = %e, attempt, "visibility heartbeat failed; trying again");
+                        tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+                    }
+                    r => break r,
+                }
+            };
+            match answer {
                 Ok(()) => {}
                 // The handle is stale or the lease lapsed: another consumer
                 // may hold the message now. Said once, loudly.
-                Err(e)
-                    if matches!(
-                        e.code.as_deref(),
-                        Some(
-                            "ReceiptHandleIsInvalid"
-                                | "MessageNotInflight"
-                                | "AWS.SimpleQueueService.MessageNotInflight"
-                        )
-                    ) =>
-                {
+                Err(e) if lease_gone(&e) => {
                     lost = true;
                     lost_flag.store(true, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(message_id = %msg.id, error = %e, "lost ownership of the message: its lease lapsed or its handle is stale; another worker may run it");
@@ -442,6 +448,23 @@ pub async fn hand_back_unstarted<Q: Queue>(queue: &Q, msgs: &[Message]) -> usize
         }
     }
     ok
+}
+
+/// Quick retries of a failed heartbeat (1, 2 and 4 s later): all within
+/// the margin a heartbeat leaves (two thirds of the visibility timeout).
+const HEARTBEAT_RETRIES: u32 = 3;
+
+/// The heartbeat's answer when the lease is gone: the handle is stale or the
+/// message no longer in flight (another consumer may hold it).
+fn lease_gone(e: &crate::aws::AwsError) -> bool {
+    matches!(
+        e.code.as_deref(),
+        Some(
+            "ReceiptHandleIsInvalid"
+                | "MessageNotInflight"
+                | "AWS.SimpleQueueService.MessageNotInflight"
+        )
+    )
 }
 
 async fn retry<F, Fut>(mut f: F) -> Result<(), crate::aws::AwsError>

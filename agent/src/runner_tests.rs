@@ -1060,3 +1060,20 @@ async fn a_spot_notice_never_decrements_the_group_even_with_scale_in_on() {
         1
     );
 }
+
+/// Two heartbeats failing in a row (an SQS blip) must not let the lease
+/// lapse: the job would run twice. The failed one is tried again within
+/// seconds.
+#[tokio::test(start_paused = true)]
+async fn a_failed_heartbeat_is_tried_again_before_the_lease_lapses() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.queue.push("150");
+    w.run_for(5).await;
+    // Visibility 60 s, heartbeats every 20 s: the next two calls fail.
+    w.queue
+        .fail_next("ChangeMessageVisibility", "ServiceUnavailable", 2);
+    w.run_for(160).await;
+    assert_eq!(w.queue.deleted().len(), 1, "{:?}", w.worker.events());
+    assert_eq!(w.counter(|c| &c.lost_ownership), 0);
+    assert_eq!(w.worker.started().len(), 1);
+}
