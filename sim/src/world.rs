@@ -582,10 +582,13 @@ pub fn track_step(
     if above {
         // Capacity in proportion to metric / target, from the warm
         // instances (from 0, from one: a value above the target grows an
-        // empty group, REFERENCE.md); warming ones already count toward
-        // the desired capacity, so only what is needed beyond them is added.
-        let want = ((f64::from(warm.max(1)) * v / target).ceil() as i32 + warming)
-            .max(desired + 1)
+        // empty group, REFERENCE.md). Warming ones count as part of the
+        // capacity when AWS decides how many to add ("multiple alarm
+        // breaches that require a similar amount of capacity to be added
+        // result in a single scaling activity"): the desired capacity,
+        // which holds them, only rises to what the warm ones call for.
+        let want = ((f64::from(warm.max(1)) * v / target).ceil() as i32)
+            .max(desired + i32::from(warming == 0))
             .min(max);
         if want > desired {
             return want;
@@ -1189,8 +1192,10 @@ mod tests {
         assert_eq!(track_step(&mut t, 4, 0, 20, 4, 0, 6.0), 4);
         assert_eq!(track_step(&mut t, 4, 0, 20, 4, 0, 6.0), 8);
         // The 4 new ones warming: scale-out goes on, from the warm ones, the
-        // warming ones counting toward the new desired capacity.
-        assert_eq!(track_step(&mut t, 8, 0, 20, 4, 4, 9.0), 16);
+        // warming ones counting as capacity already there: 4 x 9 / 3 = 12,
+        // not 12 more; the same call for capacity again adds nothing.
+        assert_eq!(track_step(&mut t, 8, 0, 20, 4, 4, 9.0), 12);
+        assert_eq!(track_step(&mut t, 12, 0, 20, 4, 8, 9.0), 12);
         // Within MaxSize.
         assert_eq!(track_step(&mut t, 16, 0, 20, 4, 12, 30.0), 20);
         // Below 90 % of the target for 15 periods: scale in, but not while
