@@ -1069,9 +1069,8 @@ mod tests {
             _ => None,
         })
     }
-    /// Reconciles and carries the memory through its tags, as AWS would.
-    fn step(m: &Memory, g: &FallbackGroup, l: &[Launch], now: i64) -> (Memory, Plan) {
-        let p = reconcile(m, g, l, t(now), &settings());
+    /// The memory after `p`, carried through its tags as AWS would.
+    fn carried(m: &Memory, p: &Plan) -> Memory {
         let tags = p
             .actions
             .iter()
@@ -1080,7 +1079,13 @@ mod tests {
                 _ => None,
             })
             .unwrap_or_else(|| m.to_tags());
-        (Memory::from_tags(&tags).0, p)
+        Memory::from_tags(&tags).0
+    }
+
+    /// Reconciles and carries the memory through its tags, as AWS would.
+    fn step(m: &Memory, g: &FallbackGroup, l: &[Launch], now: i64) -> (Memory, Plan) {
+        let p = reconcile(m, g, l, t(now), &settings());
+        (carried(m, &p), p)
     }
 
     #[test]
@@ -1177,15 +1182,7 @@ mod tests {
             ..Seen::default()
         };
         let plan = reconcile_seen(m, g, &seen, l, t(now), &settings());
-        let tags = plan
-            .actions
-            .iter()
-            .find_map(|a| match a {
-                Action::SaveMemory { tags } => Some(tags.clone()),
-                _ => None,
-            })
-            .unwrap_or_else(|| m.to_tags());
-        (Memory::from_tags(&tags).0, plan)
+        (carried(m, &plan), plan)
     }
 
     fn raise_to(p: &Plan) -> Option<i32> {

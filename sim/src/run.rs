@@ -149,8 +149,6 @@ pub struct Series {
     pub fallback_desired: Vec<f64>,
     /// Instances with a job running, all groups.
     pub busy: Vec<f64>,
-    /// Spot capacity of the primary's pools together.
-    pub primary_capacity: Vec<f64>,
     /// Per group (the primary, then each fallback used): its InService
     /// instances, and its pools' spot capacity together.
     pub group_in_service: Vec<Vec<f64>>,
@@ -614,19 +612,7 @@ async fn simulate(
                     if notice <= now && !i.noticed {
                         i.noticed = true;
                         if let Some(tx) = &i.notices {
-                            notices.push((
-                                tx.clone(),
-                                Detected {
-                                    event: WatchEvent::SpotInterruption {
-                                        change: Change::New,
-                                        action: Some(SpotAction::Terminate),
-                                        time: wall_of(reclaim),
-                                        deadline_assumed: false,
-                                        raw: None,
-                                    },
-                                    detected_at: wall_of(now),
-                                },
-                            ));
+                            notices.push((tx.clone(), spot_notice(wall_of(reclaim), wall_of(now))));
                         }
                     }
                     if reclaim <= now {
@@ -649,16 +635,7 @@ async fn simulate(
                             if let (true, Some((_, _, reclaim))) = (i.noticed, i.interruption) {
                                 late.push((
                                     id.clone(),
-                                    Detected {
-                                        event: WatchEvent::SpotInterruption {
-                                            change: Change::New,
-                                            action: Some(SpotAction::Terminate),
-                                            time: wall_of(reclaim),
-                                            deadline_assumed: false,
-                                            raw: None,
-                                        },
-                                        detected_at: wall_of(now),
-                                    },
+                                    spot_notice(wall_of(reclaim), wall_of(now)),
                                 ));
                             }
                         }
@@ -851,13 +828,7 @@ async fn simulate(
                     .filter(|i| !i.running.is_empty() && i.state != State::Gone)
                     .count() as f64,
             );
-            series.primary_capacity.push(
-                w.groups[0]
-                    .zones
-                    .iter()
-                    .map(|z| f64::from(z.capacity))
-                    .sum(),
-            );
+
             let n = w.groups.len();
             series.group_in_service.resize(n, Vec::new());
             series.group_capacity.resize(n, Vec::new());
@@ -914,6 +885,21 @@ async fn simulate(
         &mut series,
     );
     Ok(Outcome { summary, series })
+}
+
+/// A spot `terminate` notice for `time`, as the agent's IMDS watcher
+/// reports it when it sees it at `detected_at`.
+fn spot_notice(time: DateTime<Utc>, detected_at: DateTime<Utc>) -> Detected {
+    Detected {
+        event: WatchEvent::SpotInterruption {
+            change: Change::New,
+            action: Some(SpotAction::Terminate),
+            time,
+            deadline_assumed: false,
+            raw: None,
+        },
+        detected_at,
+    }
 }
 
 /// The cascade's mode as the controller's memory (tags) holds it: 0

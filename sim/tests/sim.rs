@@ -284,6 +284,17 @@ fn the_report_draws_every_plot_and_a_browser_renders_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The most fallback instances in service at any minute from `h` hours on.
+fn fallback_peak_after(o: &spotguard_sim::run::Outcome, h: f64) -> f64 {
+    o.series
+        .minutes
+        .iter()
+        .zip(&o.series.fallback_in_service)
+        .filter(|(t, _)| **t >= h * 60.0)
+        .map(|(_, n)| *n)
+        .fold(0.0, f64::max)
+}
+
 /// A primary whose whole region is dry for an hour, then two of three
 /// zones back while zone a stays dry (a capacity failure logged on every
 /// scale-out). Recovery by capacity closes the failover soon after the
@@ -297,16 +308,8 @@ fn one_dry_zone_in_a_whole_primary_does_not_hold_the_failover_open() {
     assert_eq!(m.done, m.jobs);
     // Failed over at about 1 h, back to normal before 3 h (zone a: 5 h).
     let minutes = &o.series.minutes;
-    let fallback_busy_after = |h: f64| {
-        minutes
-            .iter()
-            .zip(&o.series.fallback_in_service)
-            .filter(|(t, _)| **t >= h * 60.0)
-            .map(|(_, n)| *n)
-            .fold(0.0, f64::max)
-    };
-    assert!(fallback_busy_after(1.5) > 0.0, "it failed over");
-    assert_eq!(fallback_busy_after(3.0), 0.0, "fallback empty from 3 h");
+    assert!(fallback_peak_after(&o, 1.5) > 0.0, "it failed over");
+    assert_eq!(fallback_peak_after(&o, 3.0), 0.0, "fallback empty from 3 h");
     let normal_after = o
         .series
         .mode
@@ -339,15 +342,7 @@ fn under_a_load_that_never_stops_the_failback_completes_and_kills_nothing() {
     assert!(m.violations.is_empty(), "{:?}", m.violations);
     assert_eq!(m.killed.values().sum::<usize>(), 0, "{m:?}");
     assert_eq!(m.lost, 0);
-    let after = |h: f64| {
-        o.series
-            .minutes
-            .iter()
-            .zip(&o.series.fallback_in_service)
-            .filter(|(t, _)| **t >= h * 60.0)
-            .map(|(_, n)| *n)
-            .fold(0.0, f64::max)
-    };
+    let after = |h: f64| fallback_peak_after(&o, h);
     // Capacity is back at 3 h; jobs run up to 6 min, boots 5.5 min.
     assert!(after(2.0) > 0.0, "it failed over");
     assert_eq!(
