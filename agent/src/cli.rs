@@ -268,6 +268,24 @@ async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
         .no_proxy()
         .build()
         .map_err(|e| format!("cannot build the worker HTTP client: {e}"))?;
+    let job_user = match cfg.worker_mode() {
+        WorkerMode::Exec(_) => {
+            crate::jobuser::resolve(cfg.worker.user.as_deref(), &cfg.worker.groups)?
+        }
+        WorkerMode::Http(_) => None,
+    };
+    match &job_user {
+        Some(u) => tracing::info!(user = %u.name, uid = u.uid, gid = u.gid, "jobs run as"),
+        None if nix::unistd::geteuid().is_root()
+            && matches!(cfg.worker_mode(), WorkerMode::Exec(_)) =>
+        {
+            tracing::warn!(
+                "jobs run as root: create the user {} (the package does) or set worker.user",
+                crate::jobuser::DEFAULT_JOB_USER
+            )
+        }
+        None => {}
+    }
     let spec = WorkerSpec {
         mode: cfg.worker_mode(),
         queue_url: cfg.queue.url.clone(),
@@ -287,6 +305,8 @@ async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
         notice_url: cfg.worker.notice_url.clone(),
         state_dir: std::path::PathBuf::from(&cfg.worker.state_dir),
         periodic_seen: Default::default(),
+        job_user,
+        oom_score_adj: cfg.worker.oom_score_adj,
     };
     if let WorkerMode::Exec(argv) = &spec.mode {
         std::fs::create_dir_all(spec.state_dir.join("jobs"))

@@ -186,6 +186,23 @@ pub struct WorkerConfig {
     /// holds, but the job starts over.
     #[serde(default)]
     pub fifo_resend_checkpoint: bool,
+    /// Exec mode: the user jobs run as. Unset: `spotguard-job` (the
+    /// package creates it) when the agent may switch users, else the
+    /// agent's own user. Jobs hold only this user's group and
+    /// `worker.groups`, none of the agent's.
+    pub user: Option<String>,
+    /// Exec mode: more groups for jobs (e.g. `video` for a device node).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Exec mode: each job's OOM score adjustment (0..=1000), so the kernel
+    /// ends a job that exhausts memory, not the agent (whose unit sets
+    /// -500) and with it every other job's drain.
+    #[serde(default = "d_oom_score_adj")]
+    pub oom_score_adj: i16,
+}
+
+fn d_oom_score_adj() -> i16 {
+    500
 }
 
 fn d_notice_signal() -> String {
@@ -616,6 +633,15 @@ impl WorkerConfig {
                 "worker.notice_url",
                 format!("{u:?} is not an http:// or https:// URL"),
             );
+        }
+        if !(0..=1000).contains(&self.oom_score_adj) {
+            return invalid(
+                "worker.oom_score_adj",
+                "must be within 0..=1000 (a job never outranks the agent for the OOM killer)",
+            );
+        }
+        if self.user.as_deref().is_some_and(str::is_empty) {
+            return invalid("worker.user", "must not be empty (leave it unset)");
         }
         if self.state_dir.is_empty() {
             return invalid("worker.state_dir", "must not be empty");

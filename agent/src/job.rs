@@ -141,7 +141,7 @@ pub async fn run_job<Q: Queue, W: Worker>(
 ) -> JobReport {
     let started = Instant::now();
     let files = match ctx.worker.state_dir() {
-        Some(dir) => match JobFiles::create(dir, &msg.id) {
+        Some(dir) => match JobFiles::create(dir, &msg.id, ctx.worker.job_group()) {
             Ok(f) => Some(f),
             Err(e) => {
                 // The job still runs; it only cannot see notices or checkpoint.

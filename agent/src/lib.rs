@@ -19,6 +19,7 @@ pub mod fakes;
 pub mod health;
 pub mod imds;
 pub mod job;
+pub mod jobuser;
 pub mod notify;
 pub mod runner;
 pub mod state;

@@ -104,6 +104,10 @@ pub struct WorkerSpec {
     /// sent twice (a retried controller invocation on a standard queue)
     /// that comes back here is deleted without running again.
     pub periodic_seen: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    /// Exec mode: the user jobs are switched to (`None`: the agent's own).
+    pub job_user: Option<crate::jobuser::JobUser>,
+    /// Exec mode: each job's OOM score adjustment.
+    pub oom_score_adj: i16,
 }
 
 /// How many periodic slots an instance remembers: a day of a task every
@@ -188,7 +192,16 @@ pub struct JobFiles {
 impl JobFiles {
     /// `<state_dir>/jobs/<message id>`; message ids are UUIDs, but anything
     /// outside `[A-Za-z0-9-_]` is replaced so no id can leave the directory.
-    pub fn create(state_dir: &Path, message_id: &str) -> std::io::Result<JobFiles> {
+    ///
+    /// With `group` (jobs run as another user), the directory is the
+    /// agent's, in the job user's group, mode 2770: the job writes there, its
+    /// files stay in that group (the agent, a member, reads and removes
+    /// them), and nobody else reads them.
+    pub fn create(
+        state_dir: &Path,
+        message_id: &str,
+        group: Option<u32>,
+    ) -> std::io::Result<JobFiles> {
         let safe: String = message_id
             .chars()
             .map(|c| {
@@ -201,6 +214,11 @@ impl JobFiles {
             .collect();
         let dir = state_dir.join("jobs").join(safe);
         std::fs::create_dir_all(&dir)?;
+        if let Some(gid) = group {
+            use std::os::unix::fs::PermissionsExt;
+            std::os::unix::fs::chown(&dir, None, Some(gid))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2770))?;
+        }
         let files = JobFiles {
             notice: dir.join("notice.json"),
             checkpoint: dir.join("checkpoint"),
@@ -217,11 +235,24 @@ impl JobFiles {
     /// there costs the agent nothing (the excess is what tells it is too big).
     pub fn checkpoint(&self, max_bytes: usize) -> Result<Option<String>, String> {
         use std::io::Read;
-        let file = match std::fs::File::open(&self.checkpoint) {
+        use std::os::unix::fs::OpenOptionsExt;
+        // The job owns this path: a symlink it left there (to agent.toml,
+        // say) is not followed, and a FIFO does not block the open.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&self.checkpoint)
+        {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("cannot read {}: {e}", self.checkpoint.display())),
             Ok(f) => f,
         };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(format!(
+                "{} is not a regular file",
+                self.checkpoint.display()
+            ));
+        }
         let mut bytes = Vec::new();
         file.take(max_bytes as u64 + 1)
             .read_to_end(&mut bytes)
@@ -270,6 +301,11 @@ pub trait Worker: Send + Sync + 'static {
     /// Where per-job notice and checkpoint files live (exec mode); `None`
     /// when the worker takes no files.
     fn state_dir(&self) -> Option<&Path>;
+    /// The group of the user jobs run as, when it is not the agent's: their
+    /// directories are given to it (see [`JobFiles::create`]).
+    fn job_group(&self) -> Option<u32> {
+        None
+    }
     /// Runs a job until it ends or `stop` completes, whichever is first,
     /// telling it of every notice on `notices`.
     fn run(
@@ -287,6 +323,10 @@ impl Worker for WorkerSpec {
             WorkerMode::Exec(_) => Some(&self.state_dir),
             WorkerMode::Http(_) => None,
         }
+    }
+
+    fn job_group(&self) -> Option<u32> {
+        self.job_user.as_ref().map(|u| u.gid)
     }
 
     fn run(
@@ -379,9 +419,24 @@ fn notice_json(msg: &Message, n: &JobNotice) -> String {
 
 /// Writes the notice file atomically (temporary file, then rename), so a
 /// job polling for it never reads half a notice.
+///
+/// The job can write in its directory: whatever it left at the temporary
+/// name is removed, and the file is created anew (`O_EXCL`, no symlink
+/// followed), so the agent never writes through a link into another file.
 fn write_notice(files: &JobFiles, json: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = files.dir.join(".notice.json.tmp");
-    if let Err(e) = std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, &files.notice)) {
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o640)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(json.as_bytes()))
+        .and_then(|_| std::fs::rename(&tmp, &files.notice));
+    if let Err(e) = written {
         tracing::warn!(file = %files.notice.display(), error = %e, "cannot write the notice file");
     }
 }
@@ -448,6 +503,11 @@ async fn exec(
             }
             _ => {}
         }
+    }
+    crate::jobuser::prepare_child(&mut cmd, spec.job_user.as_ref(), spec.oom_score_adj);
+    if let (Some(_), Some(f)) = (&spec.job_user, files) {
+        // The agent's working directory is not the job's to write in.
+        cmd.current_dir(&f.dir);
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -829,7 +889,7 @@ mod tests {
     #[test]
     fn a_huge_checkpoint_file_is_refused_after_reading_only_the_limit() {
         let dir = std::env::temp_dir().join(format!("sg-ckpt-{}", std::process::id()));
-        let f = JobFiles::create(&dir, "m-1").unwrap();
+        let f = JobFiles::create(&dir, "m-1", None).unwrap();
         // A sparse 1 GiB file: reading it whole would take a gigabyte.
         let file = std::fs::File::create(&f.checkpoint).unwrap();
         file.set_len(1 << 30).unwrap();
@@ -858,14 +918,107 @@ mod tests {
     #[test]
     fn job_files_stay_inside_the_state_dir() {
         let base = std::env::temp_dir().join(format!("spotguard-jobfiles-{}", std::process::id()));
-        let f = JobFiles::create(&base, "../../etc/passwd").unwrap();
+        let f = JobFiles::create(&base, "../../etc/passwd", None).unwrap();
         assert!(f.dir.starts_with(base.join("jobs")));
         assert!(!f.dir.to_string_lossy().contains(".."));
         std::fs::write(&f.checkpoint, "42\n").unwrap();
         assert_eq!(f.checkpoint(16), Ok(Some("42".into())));
         // A new run of the same message starts without the old files.
-        let again = JobFiles::create(&base, "../../etc/passwd").unwrap();
+        let again = JobFiles::create(&base, "../../etc/passwd", None).unwrap();
         assert_eq!(again.checkpoint(16), Ok(None));
+        let _ = std::fs::remove_dir_all(base);
+    }
+
+    #[test]
+    fn links_and_fifos_the_job_leaves_in_its_directory_are_not_followed() {
+        use std::os::unix::ffi::OsStrExt;
+        let base = std::env::temp_dir().join(format!("sg-links-{}", std::process::id()));
+        let f = JobFiles::create(&base, "m-link", None).unwrap();
+        let secret = base.join("secret");
+        std::fs::write(&secret, "token").unwrap();
+        // A checkpoint that links to a file the job may not read: refused,
+        // not carried into the next message.
+        std::os::unix::fs::symlink(&secret, &f.checkpoint).unwrap();
+        let e = f.checkpoint(1024).unwrap_err();
+        assert!(e.starts_with("cannot read "), "{e}");
+        // A link at the notice's temporary name: the notice is written, the
+        // linked file untouched.
+        std::os::unix::fs::symlink(&secret, f.dir.join(".notice.json.tmp")).unwrap();
+        write_notice(&f, "{\"kind\":\"spot\"}");
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "token");
+        assert_eq!(
+            std::fs::read_to_string(&f.notice).unwrap(),
+            "{\"kind\":\"spot\"}"
+        );
+        // A FIFO with no writer would block a plain open for ever.
+        std::fs::remove_file(&f.checkpoint).unwrap();
+        let c = std::ffi::CString::new(f.checkpoint.as_os_str().as_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let g = f.clone();
+        std::thread::spawn(move || tx.send(g.checkpoint(1024)).unwrap());
+        let got = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("reading a FIFO checkpoint returned");
+        assert_eq!(
+            got,
+            Err(format!("{} is not a regular file", f.checkpoint.display()))
+        );
+        let _ = std::fs::remove_dir_all(base);
+    }
+
+    #[tokio::test]
+    async fn a_job_runs_as_the_job_user_with_its_group_only_no_capability_and_a_raised_oom_score() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: switching a job to another user needs root here");
+            return;
+        }
+        let user = crate::jobuser::resolve(Some("nobody"), &[])
+            .unwrap()
+            .expect("nobody is another user than root");
+        let base = std::env::temp_dir().join(format!("sg-jobuser-{}", std::process::id()));
+        let files = JobFiles::create(&base, "m-user", Some(user.gid)).unwrap();
+        let script = "{ id -u; id -G; grep -E '^Cap(Prm|Eff|Amb):' /proc/self/status; \
+                      cat /proc/self/oom_score_adj; pwd; } > out; \
+                      echo s3://bucket/ckpt > \"$SPOTGUARD_CHECKPOINT_FILE\"";
+        let spec = WorkerSpec {
+            state_dir: base.clone(),
+            job_user: Some(user.clone()),
+            ..test_spec(WorkerMode::Exec(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                script.into(),
+            ]))
+        };
+        let msg = Message {
+            attributes: Default::default(),
+            ..periodic_msg("m-user")
+        };
+        let (_tx, rx) = watch::channel(None);
+        let ended = execute(&spec, &msg, Some(&files), rx, std::future::pending()).await;
+        assert_eq!(ended.outcome, Outcome::Succeeded);
+        let out = std::fs::read_to_string(files.dir.join("out")).unwrap();
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        assert_eq!(lines[0], user.uid.to_string(), "{out}");
+        // Its own group only: none of the agent's (root's) groups.
+        assert_eq!(lines[1], user.gid.to_string(), "{out}");
+        for (line, cap) in lines[2..5].iter().zip(["CapPrm:", "CapEff:", "CapAmb:"]) {
+            assert_eq!(
+                line.split_whitespace().collect::<Vec<_>>(),
+                [cap, "0000000000000000"],
+                "{out}"
+            );
+        }
+        assert_eq!(lines[5], "500", "{out}");
+        assert_eq!(std::path::Path::new(lines[6]), files.dir.as_path(), "{out}");
+        // Its files are left to its group, which the agent reads them through.
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let m = std::fs::metadata(files.dir.join("out")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (user.uid, user.gid));
+        assert_eq!(m.permissions().mode() & 0o077, 0o060);
+        assert_eq!(files.checkpoint(1024), Ok(Some("s3://bucket/ckpt".into())));
+        files.remove();
+        assert!(!files.dir.exists());
         let _ = std::fs::remove_dir_all(base);
     }
 
@@ -922,6 +1075,8 @@ mod tests {
             notice_url: None,
             state_dir: std::env::temp_dir(),
             periodic_seen: Default::default(),
+            job_user: None,
+            oom_score_adj: 500,
         }
     }
 

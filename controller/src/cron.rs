@@ -327,6 +327,18 @@ pub fn due(
             .get(&tag_of(&t.name))
             .and_then(|v| DateTime::parse_from_rfc3339(v).ok())
             .map(|d| d.with_timezone(&Utc));
+        // A slot ahead of now was not written by a controller (it writes
+        // only slots it enqueued): it would silence the task until then.
+        let ahead = now
+            .checked_add_signed(crate::reconcile::CLOCK_SKEW)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let last = match last {
+            Some(l) if l > ahead => {
+                tracing::warn!(tag = %tag_of(&t.name), value = %l, "a remembered slot later than now; ignored");
+                None
+            }
+            l => l,
+        };
         let Some(slot) = t.schedule.latest(now) else {
             // No slot within the look-back (a 29 February task): seen now,
             // so that its first slot fires rather than counting as a
@@ -598,6 +610,26 @@ mod tests {
             tags.extend(m);
         }
         assert_eq!(n, 12);
+    }
+
+    #[test]
+    fn a_slot_remembered_ahead_of_now_does_not_silence_the_task() {
+        let tasks = parse(
+            "version: 1\ncron:\n - name: five\n   url: /five\n   schedule: \"*/5 * * * *\"\n",
+        )
+        .unwrap();
+        let mut tags = BTreeMap::new();
+        // Written by someone with tag rights: a slot a year ahead.
+        tags.insert(tag_of("five"), "2027-11-29T10:05:00Z".to_string());
+        let (d, m) = due(&tasks, &tags, t("2026-11-29T12:31:05Z"));
+        // Taken as a first sight: the memory is the latest slot again ...
+        assert!(d.is_empty());
+        assert_eq!(m[&tag_of("five")], "2026-11-29T12:30:00Z");
+        tags.extend(m);
+        // ... and the next slot fires.
+        let (d, _) = due(&tasks, &tags, t("2026-11-29T12:35:05Z"));
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].at, t("2026-11-29T12:35:00Z"));
     }
 
     #[test]

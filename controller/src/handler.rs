@@ -533,7 +533,7 @@ impl<C: Cloud> Controller<C> {
             let memories: Vec<Memory> = infos
                 .iter()
                 .map(|g| {
-                    let (m, warnings) = Memory::from_tags(&g.tags);
+                    let (m, warnings) = Memory::from_tags(&g.tags, now);
                     for w in warnings {
                         tracing::warn!("{w}");
                     }
@@ -604,7 +604,7 @@ impl<C: Cloud> Controller<C> {
             let mut moved = None;
             for (i, f) in self.cfg.fallbacks.iter().take(decided).enumerate() {
                 let current = self.cloud.group(&f.region, &f.asg).await?;
-                let (now_memory, _) = Memory::from_tags(&current.tags);
+                let (now_memory, _) = Memory::from_tags(&current.tags, now);
                 if now_memory.version != memories[i].version {
                     moved = Some((i, now_memory.version));
                     break;

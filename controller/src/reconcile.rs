@@ -86,6 +86,11 @@ pub const TAG_LAST_SUCCESS: &str = "spotguard:last-launch-success";
 pub const TAG_SHORT_SINCE: &str = "spotguard:primary-short-since";
 pub const TAG_HELD_SINCE: &str = "spotguard:gate-held-since";
 pub const TAG_VERSION: &str = "spotguard:version";
+/// How far a remembered time may lie ahead of the reader's clock: the
+/// controllers' clocks are NTP-synchronised (Lambda's and EC2's through
+/// the Amazon Time Sync Service, within milliseconds); a minute covers a
+/// container host that drifts.
+pub const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 pub const TAG_OFFERINGS: &str = "spotguard:unavailable-offerings";
 pub const TAG_WHOLE_SINCE: &str = "spotguard:primary-whole-since";
 /// `closed`: the fallback's agents take no new work and scale in once
@@ -217,15 +222,33 @@ impl Memory {
         }
     }
 
-    /// Reads the tags; unreadable values are reported and treated as absent.
-    pub fn from_tags(tags: &BTreeMap<String, String>) -> (Memory, Vec<String>) {
+    /// Reads the tags at `now`; unreadable values are reported and treated
+    /// as absent. So are times later than `now` (with [`CLOCK_SKEW`] of
+    /// slack): the controller writes only times it has seen, and anyone
+    /// with tag rights could otherwise disable failover for ever (a `since`
+    /// in the future) or pin the fleet in the fallback (a last failure in
+    /// the future). A time in the past cannot be told from a true one (a
+    /// `gate-held-since` a day ago releases busy instances' protection):
+    /// that is for IAM, which lets only the controller's role write
+    /// `spotguard:*` tags of its own groups.
+    pub fn from_tags(tags: &BTreeMap<String, String>, now: DateTime<Utc>) -> (Memory, Vec<String>) {
         let mut m = Memory::initial();
         let mut warnings = Vec::new();
+        let latest = now
+            .checked_add_signed(CLOCK_SKEW)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         let time = |key: &str, warnings: &mut Vec<String>| -> Option<DateTime<Utc>> {
             // An empty value is how an absent time is written (a tag cannot
             // be removed by CreateOrUpdateTags).
             let v = tags.get(key).filter(|v| !v.is_empty())?;
             match DateTime::parse_from_rfc3339(v) {
+                Ok(t) if t > latest => {
+                    warnings.push(format!(
+                        "tag {key}={v:?} is later than now ({}); ignored",
+                        now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ));
+                    None
+                }
                 Ok(t) => Some(t.with_timezone(&Utc)),
                 Err(e) => {
                     warnings.push(format!(
@@ -268,6 +291,9 @@ impl Memory {
                     .and_then(|(secs, id)| Some((secs.parse::<i64>().ok()?, id)))
                     .and_then(|(secs, id)| Some((DateTime::<Utc>::from_timestamp(secs, 0)?, id)));
                 match parsed {
+                    Some((at, _)) if at > latest => warnings.push(format!(
+                        "tag {TAG_FAILURES}: entry {entry:?} is later than now; ignored"
+                    )),
                     Some((at, id)) => m.failures.push(Failure {
                         at,
                         id: id.to_string(),
@@ -295,6 +321,9 @@ impl Memory {
                     })
                 })();
                 match parsed {
+                    Some(mark) if mark.at > latest => warnings.push(format!(
+                        "tag {TAG_OFFERINGS}: entry {entry:?} is later than now; ignored"
+                    )),
                     Some(mark) => m.unavailable.push(mark),
                     None => warnings.push(format!(
                         "tag {TAG_OFFERINGS}: entry {entry:?} unreadable; ignored"
@@ -351,7 +380,7 @@ impl Memory {
 
     /// Tags store whole seconds; compare memories at that precision.
     fn normalized(&self) -> Memory {
-        Memory::from_tags(&self.to_tags()).0
+        Memory::from_tags(&self.to_tags(), DateTime::<Utc>::MAX_UTC).0
     }
 }
 
@@ -912,7 +941,8 @@ pub fn reconcile_seen(
     }
     let mut m = m.normalized();
     if m != stored || memory.to_tags() != stored.to_tags() {
-        m.version = stored.version + 1;
+        // Saturating: a version tag written at u64::MAX must not overflow.
+        m.version = stored.version.saturating_add(1);
         actions.push(Action::SaveMemory { tags: m.to_tags() });
     }
     Plan {
@@ -1079,7 +1109,7 @@ mod tests {
                 _ => None,
             })
             .unwrap_or_else(|| m.to_tags());
-        Memory::from_tags(&tags).0
+        Memory::from_tags(&tags, DateTime::<Utc>::MAX_UTC).0
     }
 
     /// Reconciles and carries the memory through its tags, as AWS would.
@@ -1521,18 +1551,68 @@ mod tests {
     #[test]
     fn tags_round_trip_and_bad_tags_are_reported_not_fatal() {
         let m = failed_over_at(0);
-        let (back, warnings) = Memory::from_tags(&m.to_tags());
+        let (back, warnings) = Memory::from_tags(&m.to_tags(), DateTime::<Utc>::MAX_UTC);
         assert_eq!(back, m);
         assert!(warnings.is_empty());
         let mut tags = m.to_tags();
         tags.insert(TAG_MODE.into(), "sideways".into());
         tags.insert(TAG_SINCE.into(), "yesterday".into());
         tags.insert(TAG_FAILURES.into(), "12/a nonsense".into());
-        let (back, warnings) = Memory::from_tags(&tags);
+        let (back, warnings) = Memory::from_tags(&tags, DateTime::<Utc>::MAX_UTC);
         assert_eq!(back.mode, Mode::Normal);
         assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert_eq!(back.failures.len(), 1);
         assert!(m.to_tags().values().all(|v| v.len() <= 256));
+    }
+
+    #[test]
+    fn tampered_memory_with_times_ahead_cannot_disable_failover_or_pin_the_fallback() {
+        let s = Settings {
+            failures: 1,
+            ..settings()
+        };
+        let rfc = |x: i64| t(x).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        // Normal, with a `since` a year ahead: min_dwell would never pass.
+        let mut tags = Memory::initial().to_tags();
+        tags.insert(TAG_SINCE.into(), rfc(365 * 86_400));
+        let (m, warnings) = Memory::from_tags(&tags, t(1000));
+        assert_eq!(m.since, DateTime::<Utc>::UNIX_EPOCH, "{warnings:?}");
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].starts_with("tag spotguard:since="),
+            "{warnings:?}"
+        );
+        let p = reconcile(&m, &group(0, 0, 0, 0), &[fail(990, "a")], t(1000), &s);
+        assert_eq!(p.memory.mode, Mode::FailedOver, "{}", p.reason);
+        // Failed over, a failure and a last failure a day ahead: dropped.
+        let mut tags = failed_over_at(0).to_tags();
+        tags.insert(
+            TAG_FAILURES.into(),
+            format!("{}/f", t(86_400 + 1000).timestamp()),
+        );
+        tags.insert(TAG_LAST_FAILURE.into(), rfc(86_400 + 1000));
+        let (m, warnings) = Memory::from_tags(&tags, t(1000));
+        assert!(m.failures.is_empty(), "{:?}", m.failures);
+        assert_eq!(m.last_capacity_failure, None);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        // Within the clock skew, a time is kept.
+        tags.insert(TAG_LAST_FAILURE.into(), rfc(1030));
+        let (m, _) = Memory::from_tags(&tags, t(1000));
+        assert_eq!(m.last_capacity_failure, Some(t(1030)));
+        // A gate held since a time ahead would never release stale
+        // protection: ignored too.
+        tags.insert(TAG_HELD_SINCE.into(), rfc(5000));
+        let (m, _) = Memory::from_tags(&tags, t(1000));
+        assert_eq!(m.held_since, None);
+        // A version at the maximum saturates instead of overflowing.
+        let mut m = failed_over_at(0);
+        m.version = u64::MAX;
+        let p = reconcile(&m, &group(0, 10, 0, 0), &[fail(900, "z")], t(1000), &s);
+        assert!(p
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::SaveMemory { .. })));
+        assert_eq!(p.memory.version, u64::MAX);
     }
 
     #[test]
@@ -1559,7 +1639,7 @@ mod tests {
         // back from the tag as two failures.
         let mut m = Memory::initial();
         merge(&mut m, &[fail(0, "a 5/x")], t(1), &settings());
-        let (back, warnings) = Memory::from_tags(&m.to_tags());
+        let (back, warnings) = Memory::from_tags(&m.to_tags(), DateTime::<Utc>::MAX_UTC);
         assert_eq!(back.failures.len(), 1, "{warnings:?}");
         assert_eq!(back.failures[0].id, "a5x");
     }
@@ -1655,7 +1735,7 @@ mod tests {
                     Action::SaveMemory { tags } => Some(tags.clone()),
                     _ => None,
                 }) {
-                    *m = Memory::from_tags(&tags).0;
+                    *m = Memory::from_tags(&tags, DateTime::<Utc>::MAX_UTC).0;
                 }
             }
             plans
@@ -1985,7 +2065,7 @@ mod tests {
         merge(&mut m, &[l.clone(), l2, l], t(30), &settings());
         assert_eq!(m.unavailable.len(), 1, "one offering, its latest time");
         assert_eq!(m.unavailable[0].at, t(20));
-        let (back, warnings) = Memory::from_tags(&m.to_tags());
+        let (back, warnings) = Memory::from_tags(&m.to_tags(), DateTime::<Utc>::MAX_UTC);
         assert_eq!(back.unavailable, m.unavailable, "{warnings:?}");
         // Past the capacity TTL (180 s) the mark is gone.
         merge(&mut m, &[], t(201), &settings());

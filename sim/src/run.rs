@@ -908,11 +908,11 @@ fn mode_of(w: &World, policy: Policy, seed_open: bool) -> f64 {
     match policy {
         Policy::Spotguard | Policy::TwoRegions => {
             use spotguard_controller::reconcile::{cascade_mode, Memory, Mode};
-            let modes = w
-                .groups
-                .iter()
-                .skip(1)
-                .map(|g| Memory::from_tags(&g.tags).0.mode);
+            let modes = w.groups.iter().skip(1).map(|g| {
+                Memory::from_tags(&g.tags, chrono::DateTime::<chrono::Utc>::MAX_UTC)
+                    .0
+                    .mode
+            });
             match cascade_mode(modes) {
                 Mode::FailedOver => 1.0,
                 Mode::FailingBack => 2.0,
