@@ -160,7 +160,7 @@ async fn watch_command(args: WatchArgs) -> Result<(), BoxError> {
 
 fn check_config(args: &ConfigArgs) -> ExitCode {
     match Config::load(&args.config) {
-        Ok(cfg) => match toml::to_string_pretty(&cfg) {
+        Ok(cfg) => match effective_text(&cfg) {
             Ok(text) => {
                 println!(
                     "# {}: valid; effective configuration with defaults:\n{text}",
@@ -178,6 +178,17 @@ fn check_config(args: &ConfigArgs) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The effective configuration as `check-config` prints it (into
+/// cloud-init's log, on an instance): `worker.env` by its keys only, its
+/// values are secrets.
+fn effective_text(cfg: &Config) -> Result<String, toml::ser::Error> {
+    let mut shown = cfg.clone();
+    for v in shown.worker.env.values_mut() {
+        *v = "(set; not shown)".into();
+    }
+    toml::to_string_pretty(&shown)
 }
 
 /// How long start-up waits for IMDS to give the instance id: the agent
@@ -201,6 +212,9 @@ async fn imds_value(client: &ImdsClient, path: &str) -> Result<String, BoxError>
 /// Wiring: IMDS, the SDK clients (each in its resource's region), the
 /// status endpoint and the worker; then [`run_with`] does the work.
 async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
+    if !crate::config::is_imds_address(&cfg.imds.endpoint) {
+        tracing::warn!(endpoint = %cfg.imds.endpoint, "IMDS endpoint is not IMDS (imds.allow_other_endpoint): notices and the instance's identity come from there");
+    }
     let imds = Arc::new(ImdsClient::new(ImdsConfig {
         endpoint: cfg.imds.endpoint.clone(),
         ..Default::default()
@@ -264,9 +278,7 @@ async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
         sns,
         hook: cfg.notify.hook_command.clone(),
     };
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .build()
+    let http = crate::worker::http_client()
         .map_err(|e| format!("cannot build the worker HTTP client: {e}"))?;
     let job_user = match cfg.worker_mode() {
         WorkerMode::Exec(_) => {

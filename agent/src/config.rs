@@ -232,14 +232,29 @@ fn d_content_type() -> String {
 pub struct ImdsSection {
     #[serde(default = "d_imds_endpoint")]
     pub endpoint: String,
+    /// An endpoint other than IMDS's link-local addresses (a mock, in
+    /// tests and demos) must be allowed explicitly: the agent sends its
+    /// session token there and believes the notices it answers, and a job
+    /// could listen on a loopback port.
+    #[serde(default)]
+    pub allow_other_endpoint: bool,
 }
 
 impl Default for ImdsSection {
     fn default() -> Self {
         ImdsSection {
             endpoint: d_imds_endpoint(),
+            allow_other_endpoint: false,
         }
     }
+}
+
+/// IMDS's own addresses (EC2 User Guide, "Access instance metadata"):
+/// IPv4 link-local, and IPv6 on Nitro instances.
+pub fn is_imds_address(endpoint: &str) -> bool {
+    // The URL parser normalises hosts (`[FD00:0EC2::0254]` is `[fd00:ec2::254]`).
+    reqwest::Url::parse(endpoint)
+        .is_ok_and(|u| matches!(u.host_str(), Some("169.254.169.254" | "[fd00:ec2::254]")))
 }
 
 fn d_imds_endpoint() -> String {
@@ -601,10 +616,19 @@ impl WorkerConfig {
                     "must name a program: [\"/path/to/program\", \"arg\", ...]",
                 )
             }
-            (None, Some(u)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+            (None, Some(u)) if u.starts_with("https://") => {
                 return invalid(
                     "worker.url",
-                    format!("{u:?} is not an http:// or https:// URL"),
+                    "https:// cannot work: the agent is built without TLS (the app runs on this instance: use http:// on loopback)",
+                )
+            }
+            (None, Some(u)) if !u.starts_with("http://") => {
+                return invalid("worker.url", format!("{u:?} is not an http:// URL"))
+            }
+            (Some(c), None) if c.iter().any(|a| a.contains('\0')) => {
+                return invalid(
+                    "worker.command",
+                    "an argument holds a NUL byte, which no program can be given",
                 )
             }
             (None, Some(u)) if !http_url(u) => return invalid("worker.url", "not a valid URL"),
@@ -632,6 +656,27 @@ impl WorkerConfig {
             return invalid(
                 "worker.notice_url",
                 format!("{u:?} is not an http:// or https:// URL"),
+            );
+        }
+        if self
+            .notice_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://"))
+        {
+            return invalid(
+                "worker.notice_url",
+                "https:// cannot work: the agent is built without TLS (use http:// on loopback)",
+            );
+        }
+        if let Some(k) = self
+            .env
+            .iter()
+            .find(|(_, v)| v.contains('\0'))
+            .map(|(k, _)| k)
+        {
+            return invalid(
+                "worker.env",
+                format!("the value of {k:?} holds a NUL byte, which no environment can hold"),
             );
         }
         if !(0..=1000).contains(&self.oom_score_adj) {
@@ -786,6 +831,15 @@ impl ImdsSection {
                 format!("{:?} is not an http://HOST[:PORT] URI", self.endpoint),
             );
         }
+        if !self.allow_other_endpoint && !is_imds_address(&self.endpoint) {
+            return invalid(
+                "imds.endpoint",
+                format!(
+                    "{:?} is not IMDS (http://169.254.169.254 or http://[fd00:ec2::254]); set imds.allow_other_endpoint = true for a mock",
+                    self.endpoint
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -843,6 +897,10 @@ command = ["/bin/true"]
             ),
             ("[imds]\nendpoint = \"169.254.169.254\"\n", "imds.endpoint"),
             (
+                "[imds]\nendpoint = \"http://127.0.0.1:1338\"\n",
+                "imds.allow_other_endpoint",
+            ),
+            (
                 "[notify]\nsns_topic_arn = \"topic\"\n",
                 "notify.sns_topic_arn",
             ),
@@ -855,6 +913,23 @@ command = ["/bin/true"]
             let e = err(extra);
             assert!(e.contains(key), "{extra:?} -> {e}");
         }
+    }
+
+    #[test]
+    fn only_imds_own_addresses_pass_without_the_explicit_allowance() {
+        assert!(is_imds_address("http://169.254.169.254"));
+        assert!(is_imds_address("http://[FD00:0EC2::0254]:80"));
+        assert!(!is_imds_address("http://127.0.0.1:1338"));
+        assert!(!is_imds_address("http://169.254.169.254.example.com"));
+        let q = "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n[worker]\ncommand = [\"a\"]\n";
+        let c = Config::parse(
+            &format!(
+                "{q}[imds]\nendpoint = \"http://127.0.0.1:1338\"\nallow_other_endpoint = true\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.imds.endpoint, "http://127.0.0.1:1338");
     }
 
     #[test]

@@ -387,6 +387,16 @@ async fn dispatch(
     }
 }
 
+/// The client an sqsd-style app is reached with: no proxy (the app is on
+/// this instance), and no redirect followed: a 307 would replay the POST,
+/// body and all, to wherever the answer points.
+pub fn http_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
 /// Environment variable name for a message attribute: `SPOTGUARD_ATTR_` and
 /// the name with anything but ASCII letters, digits and `_` replaced by `_`.
 pub fn attr_env_name(name: &str) -> String {
@@ -485,9 +495,15 @@ async fn exec(
         cmd.env("SPOTGUARD_NOTICE_FILE", &f.notice)
             .env("SPOTGUARD_CHECKPOINT_FILE", &f.checkpoint);
     }
+    let mut named = std::collections::BTreeMap::new();
     for (k, a) in &msg.attributes {
         if a.binary.is_some() {
             continue; // not passed to the worker; carried over on a re-send
+        }
+        // `job.kind` and `job_kind` are both SPOTGUARD_ATTR_job_kind: the
+        // later one wins, and the log says which was lost.
+        if let Some(earlier) = named.insert(attr_env_name(k), k) {
+            tracing::warn!(message_id = %msg.id, attribute = ?k, replaces = ?earlier, variable = %attr_env_name(k), "two attributes map to one variable; the later is passed");
         }
         if a.value.contains('\0') {
             tracing::warn!(message_id = %msg.id, attribute = %k, "attribute holds a NUL byte; not passed");
@@ -1022,6 +1038,53 @@ mod tests {
         let _ = std::fs::remove_dir_all(base);
     }
 
+    #[tokio::test]
+    async fn http_mode_follows_no_redirect() {
+        // The app answers 307 to another server, which counts what reaches it.
+        let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other = format!("http://{}/steal", elsewhere.local_addr().unwrap());
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = hits.clone();
+        tokio::spawn(spotguard_common::http::serve(
+            elsewhere,
+            std::future::pending(),
+            move |_req| {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async {
+                    Ok::<_, std::convert::Infallible>(spotguard_common::http::reply(
+                        200,
+                        "text/plain",
+                        "",
+                    ))
+                }
+            },
+        ));
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/job", app.local_addr().unwrap());
+        tokio::spawn(spotguard_common::http::serve(
+            app,
+            std::future::pending(),
+            move |_req| {
+                let mut r = spotguard_common::http::reply(307, "text/plain", "");
+                r.headers_mut()
+                    .insert(hyper::header::LOCATION, other.parse().unwrap());
+                async move { Ok::<_, std::convert::Infallible>(r) }
+            },
+        ));
+        let spec = test_spec(WorkerMode::Http(url));
+        let msg = Message {
+            attributes: Default::default(),
+            ..periodic_msg("m-redirect")
+        };
+        let (_tx, rx) = watch::channel(None);
+        let ended = execute(&spec, &msg, None, rx, std::future::pending()).await;
+        assert_eq!(
+            ended.outcome,
+            Outcome::Failed("worker answered HTTP 307 Temporary Redirect".into())
+        );
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
     /// An sqsd-style app on loopback that never answers the job request and
     /// records every request line and body it gets.
     async fn silent_app() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
@@ -1070,7 +1133,7 @@ mod tests {
             term_grace: Duration::from_millis(300),
             content_type: "application/json".into(),
             env: Vec::new(),
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            http: http_client().unwrap(),
             notice_signal: None,
             notice_url: None,
             state_dir: std::env::temp_dir(),

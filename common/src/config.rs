@@ -67,9 +67,56 @@ pub trait Validate: Sized {
 pub fn parse<T: DeserializeOwned + Validate>(text: &str, origin: &str) -> Result<T, ConfigError> {
     let cfg: T = toml::from_str(text).map_err(|e| ConfigError::Parse {
         origin: origin.to_string(),
-        message: e.to_string().trim_end().replace('\n', " "),
+        message: parse_message(text, &e),
     })?;
     cfg.validate().map_err(|e| e.at(origin))
+}
+
+/// A parse error on one line: the key (`table.key`) and position, then the
+/// reason. Not toml's own text, which quotes the whole line: a line of an
+/// `env` table holds a secret that would reach cloud-init's log, so there
+/// the quoted values in the reason are elided too.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let reason = e.message().trim_end().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return reason;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.len() - line_start + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let l = l.trim();
+            l.strip_prefix('[')
+                .and_then(|l| l.strip_suffix(']'))
+                .map(|t| t.trim_matches(['[', ']']).trim().to_string())
+        })
+        .unwrap_or_default();
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let path = match (table.as_str(), key) {
+        ("", Some(k)) => format!("`{k}`: "),
+        (t, Some(k)) => format!("`{t}.{k}`: "),
+        _ => String::new(),
+    };
+    let secret = table == "env" || table.ends_with(".env") || key.is_some_and(|k| k == "env");
+    let reason = if secret {
+        reason
+            .split('"')
+            .enumerate()
+            .map(|(i, part)| if i % 2 == 1 { "…" } else { part })
+            .collect::<Vec<_>>()
+            .join("\"")
+    } else {
+        reason
+    };
+    format!("{path}line {line_no}, column {column}: {reason}")
 }
 
 /// Reads, parses and validates the file at `path`.
@@ -188,6 +235,39 @@ mod tests {
             e.to_string()
                 .starts_with("cannot read /nonexistent/c.toml: "),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_parse_error_names_its_place_without_quoting_the_line() {
+        let e = parse::<Small>("n = 1\nalias = \"hunter2-secret\"", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "c.toml: `alias`: line 2, column 9: invalid type: string \"hunter2-secret\", expected u32"
+        );
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct WithEnv {
+            worker: Env,
+        }
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Env {
+            env: std::collections::BTreeMap<String, u32>,
+        }
+        impl Validate for WithEnv {
+            fn validate(self) -> Result<Self, Invalid> {
+                Ok(self)
+            }
+        }
+        let e = parse::<WithEnv>("[worker.env]\nTOKEN = \"hunter2-secret\"\n", "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "c.toml: `worker.env.TOKEN`: line 2, column 9: invalid type: string \"…\", expected u32"
         );
     }
 

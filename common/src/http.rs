@@ -16,11 +16,37 @@ use tokio::net::TcpListener;
 /// A response with its whole body.
 pub type Reply = Response<Full<Bytes>>;
 
+/// Bounds on what peers can hold. Anyone on the instance, a job included,
+/// can connect to the status endpoint: without them, idle or half-sent
+/// connections each hold a task and a socket for ever, until the agent
+/// runs out of file descriptors (and so of SQS connections).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// A peer that has not sent a whole request head by then is dropped
+    /// (hyper's `header_read_timeout`; the status endpoint's scrapers send
+    /// theirs at once).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    /// 64 connections: a Prometheus scraper, a health check and a person
+    /// need a few; 10 s for a request head on loopback is generous.
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Serves each connection on its own task, `handle` for each request, until
 /// `shutdown` completes (connections already open finish on their own). A
 /// handler's `Err` drops the connection without an answer (fault
 /// injection). An accept error (EMFILE, say) is logged and serving goes
-/// on after a short pause, rather than the server dying.
+/// on after a short pause, rather than the server dying. Within the default
+/// [`Limits`].
 pub async fn serve<H, F, E>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
@@ -31,8 +57,31 @@ where
     F: Future<Output = Result<Reply, E>> + Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
 {
+    serve_within(listener, shutdown, handle, Limits::default()).await
+}
+
+/// [`serve`] within `limits`.
+pub async fn serve_within<H, F, E>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    handle: H,
+    limits: Limits,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Reply, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+{
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return Ok(()),
+            },
+        };
         let stream = tokio::select! {
             _ = &mut shutdown => return Ok(()),
             r = listener.accept() => match r {
@@ -46,8 +95,11 @@ where
         };
         let handle = handle.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(handle);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
@@ -79,6 +131,50 @@ pub async fn body_bytes(body: Incoming) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_silent_peer_is_dropped_and_connections_past_the_cap_wait() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 1,
+            header_read_timeout: Duration::from_millis(300),
+        };
+        tokio::spawn(serve_within(
+            listener,
+            std::future::pending(),
+            |_req: Request<Incoming>| async {
+                Ok::<_, std::io::Error>(reply(200, "text/plain", "ok"))
+            },
+            limits,
+        ));
+        // A peer that sends half a request head holds the one slot ...
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        silent.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut next = tokio::net::TcpStream::connect(addr).await.unwrap();
+        next.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let waited =
+            tokio::time::timeout(Duration::from_millis(150), next.read_to_string(&mut out)).await;
+        assert!(waited.is_err(), "served past the cap: {out:?}");
+        // ... until the head's timeout drops it; then the next is served.
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(3), silent.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the silent peer was never dropped");
+        tokio::time::timeout(Duration::from_secs(3), next.read_to_string(&mut out))
+            .await
+            .expect("served once the slot was free")
+            .unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 200") && out.ends_with("ok"),
+            "{out}"
+        );
+    }
 
     #[tokio::test]
     async fn serves_until_shutdown_and_a_handler_error_drops_the_connection() {

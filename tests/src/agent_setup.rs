@@ -79,6 +79,7 @@ pub fn base_config(queue: &str, imds: &str, agent: &str) -> Config {
         .to_string();
     c.worker.env.insert("TEST_AGENT".into(), agent.into());
     c.imds.endpoint = imds.to_string();
+    c.imds.allow_other_endpoint = true;
     c.status.listen = String::new();
     c
 }

@@ -439,7 +439,7 @@ fn check_config_prints_defaults_and_names_bad_keys() {
     let good = dir.path().join("good.toml");
     std::fs::write(
         &good,
-        "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n[worker]\ncommand = [\"/bin/true\"]\n",
+        "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n[worker]\ncommand = [\"/bin/true\"]\n[worker.env]\nAPI_TOKEN = \"s3cr3t-value\"\n",
     )
     .unwrap();
     let out = std::process::Command::new(bin("spotguard-agent"))
@@ -449,6 +449,9 @@ fn check_config_prints_defaults_and_names_bad_keys() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
+    // Printed into cloud-init's log: the key, never the secret.
+    assert!(text.contains("API_TOKEN = "), "{text}");
+    assert!(!text.contains("s3cr3t"), "{text}");
     assert!(text.contains("idle_timeout = \"30s\""), "{text}");
     assert!(text.contains("listen = \"127.0.0.1:9464\""), "{text}");
     let bad = dir.path().join("bad.toml");

@@ -74,6 +74,11 @@ fn agent_configuration_errors() {
             "[notify]\nsns_topic_arn = \"notices\"\n",
             &["notify.sns_topic_arn"],
         ),
+        (
+            "a NUL in an environment value",
+            "[worker.env]\nTOKEN = \"a\\u0000b\"\n",
+            &["worker.env", "\"TOKEN\"", "NUL"],
+        ),
     ];
     for (what, extra, fragments) in table {
         let msg = agent_err(&format!("{AGENT}{extra}"));
@@ -93,6 +98,9 @@ fn agent_configuration_errors() {
         ("negative concurrency", "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n[worker]\ncommand = [\"a\"]\nconcurrency = -1\n", &["concurrency"]),
         ("bad notice signal", "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n[worker]\ncommand = [\"a\"]\nnotice_signal = \"SIGWHAT\"\n", &["worker.notice_signal"]),
         ("not TOML", "[queue\nurl = ", &["agent.toml"]),
+        ("an https worker without TLS", "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n[worker]\nurl = \"https://127.0.0.1:8080/\"\n", &["worker.url", "without TLS"]),
+        ("an OOM score that outranks the agent", "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n[worker]\ncommand = [\"/bin/true\"]\noom_score_adj = -600\n", &["worker.oom_score_adj", "0..=1000"]),
+        ("a NUL in an argument", "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n[worker]\ncommand = [\"/bin/echo\", \"a\\u0000b\"]\n", &["worker.command", "NUL"]),
     ];
     for (what, text, fragments) in full {
         let msg = agent_err(text);

@@ -202,6 +202,8 @@ impl ImdsClient {
         let http = reqwest::Client::builder()
             // A proxy from the environment must never see metadata requests.
             .no_proxy()
+            // A redirect would carry the session token to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(cfg.request_timeout)
             .connect_timeout(cfg.request_timeout)
             .build()
