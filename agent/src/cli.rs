@@ -317,6 +317,7 @@ async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
         notice_url: cfg.worker.notice_url.clone(),
         state_dir: std::path::PathBuf::from(&cfg.worker.state_dir),
         periodic_seen: Default::default(),
+        periodic_senders: cfg.worker.periodic_sender_ids.clone(),
         job_user,
         oom_score_adj: cfg.worker.oom_score_adj,
     };

@@ -199,6 +199,12 @@ pub struct WorkerConfig {
     /// -500) and with it every other job's drain.
     #[serde(default = "d_oom_score_adj")]
     pub oom_score_adj: i16,
+    /// Who may send periodic tasks: IAM unique ids (`AROA…` of the
+    /// controller's role, `AIDA…` of a user), matched against the message's
+    /// `SenderId`. Empty: anyone who may send to the queue, which could
+    /// otherwise forge a task for any path of the app.
+    #[serde(default)]
+    pub periodic_sender_ids: Vec<String>,
 }
 
 fn d_oom_score_adj() -> i16 {

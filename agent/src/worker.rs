@@ -104,6 +104,9 @@ pub struct WorkerSpec {
     /// sent twice (a retried controller invocation on a standard queue)
     /// that comes back here is deleted without running again.
     pub periodic_seen: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    /// Who may send periodic tasks (`worker.periodic_sender_ids`; empty:
+    /// anyone who may send to the queue).
+    pub periodic_senders: Vec<String>,
     /// Exec mode: the user jobs are switched to (`None`: the agent's own).
     pub job_user: Option<crate::jobuser::JobUser>,
     /// Exec mode: each job's OOM score adjustment.
@@ -176,9 +179,42 @@ impl Periodic {
         })
     }
 
-    fn key(&self) -> String {
-        format!("{}@{}", self.name, self.scheduled_at)
+    /// What makes a slot one: its task, time and path, and who sent it, so
+    /// that a forged message (anyone who may send to the queue) cannot mark
+    /// the controller's real slot as already run.
+    fn key(&self, sender: Option<&str>) -> String {
+        format!(
+            "{}\u{0}{}\u{0}{}\u{0}{}",
+            self.name,
+            self.scheduled_at,
+            self.path,
+            sender.unwrap_or("")
+        )
     }
+}
+
+/// Whether `sender` (a message's `SenderId`) is one of `allowed`: an IAM
+/// user's or role's unique id, alone or with the session after `:`
+/// (SQS gives a role's sender as `AROA…:session`, the session differing per
+/// Lambda instance). An empty list allows everyone.
+pub fn sender_allowed(allowed: &[String], sender: Option<&str>) -> bool {
+    allowed.is_empty()
+        || sender.is_some_and(|s| {
+            let principal = s.split(':').next().unwrap_or(s);
+            allowed.iter().any(|a| a == s || a == principal)
+        })
+}
+
+/// Queue input as it may appear in a log line: control characters
+/// escaped (a newline in a task name would forge a journal line) and at
+/// most 200 characters.
+pub fn loggable(s: &str) -> String {
+    const MAX: usize = 200;
+    let mut out: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
+    if s.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
 }
 
 /// A job's notice and checkpoint files (exec mode).
@@ -350,16 +386,29 @@ pub async fn execute(
     stop: impl Future<Output = StopReason>,
 ) -> Ended {
     let periodic = Periodic::of(msg);
+    let sender = msg.sender_id.as_deref();
     if let Some(p) = &periodic {
+        if !sender_allowed(&spec.periodic_senders, sender) {
+            // The message's fault: it fails, and goes to the dead-letter
+            // queue after its receives, as any bad message does.
+            return Ended {
+                outcome: Outcome::Failed(format!(
+                    "periodic task {:?} sent by {:?}, not one of worker.periodic_sender_ids",
+                    loggable(&p.name),
+                    loggable(sender.unwrap_or("nobody"))
+                )),
+                checkpoint: None,
+            };
+        }
         let mut seen = spec.periodic_seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(&p.key()) {
-            tracing::info!(message_id = %msg.id, task = %p.name, scheduled_at = %p.scheduled_at, "periodic task already run on this instance (sent twice); deleted without running");
+        if seen.contains(&p.key(sender)) {
+            tracing::info!(message_id = %msg.id, task = %loggable(&p.name), scheduled_at = %loggable(&p.scheduled_at), "periodic task already run on this instance (sent twice); deleted without running");
             return Ended {
                 outcome: Outcome::Succeeded,
                 checkpoint: None,
             };
         }
-        seen.push_back(p.key());
+        seen.push_back(p.key(sender));
         while seen.len() > PERIODIC_REMEMBERED {
             seen.pop_front();
         }
@@ -368,7 +417,7 @@ pub async fn execute(
     if let (Some(p), false) = (&periodic, ended.outcome == Outcome::Succeeded) {
         // Not run to its end here: another try (here or elsewhere) may run it.
         let mut seen = spec.periodic_seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.retain(|k| *k != p.key());
+        seen.retain(|k| *k != p.key(sender));
     }
     ended
 }
@@ -503,10 +552,10 @@ async fn exec(
         // `job.kind` and `job_kind` are both SPOTGUARD_ATTR_job_kind: the
         // later one wins, and the log says which was lost.
         if let Some(earlier) = named.insert(attr_env_name(k), k) {
-            tracing::warn!(message_id = %msg.id, attribute = ?k, replaces = ?earlier, variable = %attr_env_name(k), "two attributes map to one variable; the later is passed");
+            tracing::warn!(message_id = %msg.id, attribute = %loggable(k), replaces = %loggable(earlier), variable = %loggable(&attr_env_name(k)), "two attributes map to one variable; the later is passed");
         }
         if a.value.contains('\0') {
-            tracing::warn!(message_id = %msg.id, attribute = %k, "attribute holds a NUL byte; not passed");
+            tracing::warn!(message_id = %msg.id, attribute = %loggable(k), "attribute holds a NUL byte; not passed");
             continue;
         }
         cmd.env(attr_env_name(k), &a.value);
@@ -816,7 +865,7 @@ async fn http(
                 req = req.header(n, v);
             }
             _ => {
-                tracing::warn!(message_id = %msg.id, attribute = %k, "attribute cannot be an HTTP header; not passed")
+                tracing::warn!(message_id = %msg.id, attribute = %loggable(k), "attribute cannot be an HTTP header; not passed")
             }
         }
     }
@@ -1138,6 +1187,7 @@ mod tests {
             notice_url: None,
             state_dir: std::env::temp_dir(),
             periodic_seen: Default::default(),
+            periodic_senders: Vec::new(),
             job_user: None,
             oom_score_adj: 500,
         }
@@ -1291,6 +1341,8 @@ mod tests {
         assert_eq!(run(periodic_msg("m1")).await, Outcome::Succeeded);
         // The same slot sent twice: deleted here without running again.
         assert_eq!(run(periodic_msg("m2")).await, Outcome::Succeeded);
+        let seen_ref = seen.clone();
+        let seen_len = |s: &Seen| s.lock().unwrap().len();
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen.len(), 2, "{seen:?}");
         let (path, h, body_len) = &seen[1];
@@ -1310,6 +1362,65 @@ mod tests {
                 .all(|k| !k.starts_with("x-aws-sqsd-attr-beanstalk")),
             "{h:?}"
         );
+        drop(seen);
+        // A forged copy of the slot from another sender is not "already
+        // run" here: the real one is not silenced by it, nor it by the real.
+        let forged = Message {
+            sender_id: Some("AIDAFORGER".into()),
+            ..periodic_msg("m3")
+        };
+        assert_eq!(run(forged.clone()).await, Outcome::Succeeded);
+        assert_eq!(
+            seen_len(&seen_ref),
+            3,
+            "the forged copy ran as its own slot"
+        );
+        // With the senders listed, the forged one fails (the message's fault)
+        // and never reaches the app; the controller's, session and all, runs.
+        let strict = WorkerSpec {
+            periodic_senders: vec!["AROAEXAMPLE".into()],
+            periodic_seen: Default::default(),
+            ..spec.clone()
+        };
+        let before = seen_len(&seen_ref);
+        let (_tx, rx) = watch::channel(None);
+        let ended = execute(&strict, &forged, None, rx, std::future::pending()).await;
+        assert_eq!(
+            ended.outcome,
+            Outcome::Failed(
+                "periodic task \"report\" sent by \"AIDAFORGER\", not one of worker.periodic_sender_ids".into()
+            )
+        );
+        assert_eq!(seen_len(&seen_ref), before);
+        let (_tx, rx) = watch::channel(None);
+        let ended = execute(
+            &strict,
+            &periodic_msg("m4"),
+            None,
+            rx,
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(ended.outcome, Outcome::Succeeded);
+        assert_eq!(seen_len(&seen_ref), before + 1);
+    }
+
+    #[test]
+    fn queue_input_in_a_log_line_is_escaped_and_capped() {
+        assert_eq!(
+            loggable("nightly\nFAKE: root login"),
+            "nightly\\nFAKE: root login"
+        );
+        let long = "x".repeat(500);
+        let shown = loggable(&long);
+        assert_eq!(shown.chars().count(), 201);
+        assert!(shown.ends_with('…'));
+        assert!(!sender_allowed(&["AROAEXAMPLE".into()], None));
+        assert!(sender_allowed(&[], None));
+        assert!(!sender_allowed(
+            &["AROAEXAMPLE".into()],
+            Some("AROAEXAMPLEX:s")
+        ));
     }
 
     #[test]
