@@ -556,6 +556,12 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         tracing::info!(instance_id = %self.instance_id, queue = %self.cfg.queue.url, "agent running");
         loop {
             self.check_resume(&mut st, &chans);
+            // A drain that ended (a refused scale-in, a warm-pool return, a
+            // resume) takes its notice back: jobs started from now on are
+            // told of nothing, and running ones skip the empty value.
+            if st.books.mode.drain().is_none() && chans.notice_tx.borrow().is_some() {
+                chans.notice_tx.send_replace(None);
+            }
             st.books.imds_ready = is_ready;
             if self.housekeeping(&mut st, &settings, &effects_tx) {
                 tracing::info!("drain complete; exiting");

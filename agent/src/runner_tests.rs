@@ -388,6 +388,28 @@ async fn a_refused_scale_in_resumes_work_even_after_stop_intake_and_backs_off() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_job_started_after_a_drain_ended_is_told_of_no_notice() {
+    // A rebalance drain at MinSize: the scale-in is refused, the agent
+    // works again, and the drain's notice must not reach its next job (a
+    // worker that checkpoints and exits on a notice would yield for ever).
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"30s\"\n[interruption]\nrebalance = \"drain\"\n"),
+        MemFleet::new(Some("g"), 1, 1),
+        false,
+    );
+    w.run_for(1).await;
+    w.rebalance().await;
+    w.run_for(35).await;
+    assert_eq!(w.counter(|c| &c.scale_in_refusals), 1);
+    w.queue.push("10");
+    w.run_for(15).await;
+    assert_eq!(w.worker.started().len(), 1);
+    assert_eq!(w.queue.deleted().len(), 1);
+    let told = w.worker.notices.lock().unwrap().clone();
+    assert!(told.is_empty(), "{told:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_rebalance_drain_scales_in_once_idle() {
     let w = World::start(
         cfg("[scale_in]\nidle_timeout = \"30s\"\n[interruption]\nrebalance = \"drain\"\n"),
