@@ -565,6 +565,11 @@ impl QueueConfig {
         if self.wait_time.0 > Duration::from_secs(20) {
             return invalid("queue.wait_time", "SQS long polls last at most 20s");
         }
+        if self.wait_time.0 < Duration::from_secs(1) {
+            // A short poll answers at once on an empty queue: the receive
+            // loop would spin, paying for each call.
+            return invalid("queue.wait_time", "must be at least 1s (a long poll)");
+        }
         let vis = self.visibility_timeout.0;
         if vis < Duration::from_secs(2) || vis > SQS_MAX_INVISIBLE {
             return invalid(
@@ -965,6 +970,10 @@ command = ["/bin/true"]
             "{q}wait_time = \"30s\"\n[worker]\ncommand = [\"a\"]\n"
         ))
         .contains("queue.wait_time"));
+        assert!(err_full(&format!(
+            "{q}wait_time = \"0s\"\n[worker]\ncommand = [\"a\"]\n"
+        ))
+        .contains("at least 1s"));
         assert!(err_full("not toml at all [").contains("agent.toml"));
     }
 }

@@ -932,6 +932,11 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 }
             }
             Effect::Received(Err(e)) => {
+                // Not idleness: an SQS outage, a denied receive or a subnet
+                // with no route to the queue's region says nothing about
+                // whether work waits. Were it idleness, every instance
+                // would end itself and its replacement do the same.
+                b.last_activity = now;
                 b.receive.failed(now, receive_backoff);
                 inc(&c.receive_errors);
                 let backoff = receive_backoff(b.receive.failures);

@@ -410,6 +410,31 @@ async fn a_job_started_after_a_drain_ended_is_told_of_no_notice() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn failing_receives_are_not_idleness() {
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"30s\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    // Two minutes of denied receives (backoff 1, 2, 4 ... 30 s between).
+    w.queue.fail_next("ReceiveMessage", "AccessDenied", 9);
+    w.run_for(120).await;
+    assert!(w.queue.calls("ReceiveMessage").len() >= 6);
+    assert!(
+        w.fleet
+            .calls("TerminateInstanceInAutoScalingGroup")
+            .is_empty(),
+        "scaled in while the queue could not be read"
+    );
+    // Once receives answer (empty), the idle timer runs from the last failure.
+    w.run_for(120).await;
+    assert_eq!(
+        w.fleet.calls("TerminateInstanceInAutoScalingGroup").len(),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_rebalance_drain_scales_in_once_idle() {
     let w = World::start(
         cfg("[scale_in]\nidle_timeout = \"30s\"\n[interruption]\nrebalance = \"drain\"\n"),
