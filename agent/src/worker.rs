@@ -220,6 +220,8 @@ pub fn loggable(s: &str) -> String {
 /// A job's notice and checkpoint files (exec mode).
 #[derive(Debug, Clone)]
 pub struct JobFiles {
+    /// The job user's group, when it is not the agent's.
+    pub group: Option<u32>,
     pub dir: PathBuf,
     pub notice: PathBuf,
     pub checkpoint: PathBuf,
@@ -230,9 +232,11 @@ impl JobFiles {
     /// outside `[A-Za-z0-9-_]` is replaced so no id can leave the directory.
     ///
     /// With `group` (jobs run as another user), the directory is the
-    /// agent's, in the job user's group, mode 2770: the job writes there, its
-    /// files stay in that group (the agent, a member, reads and removes
-    /// them), and nobody else reads them.
+    /// agent's, in the job user's group, mode 0770: the job writes there
+    /// (its files are in its own group, which the agent, a member, reads
+    /// and removes), the agent gives its notice file that group, and nobody
+    /// else reads either. No set-group-ID bit: the unit's
+    /// `RestrictSUIDSGID=yes` refuses it.
     pub fn create(
         state_dir: &Path,
         message_id: &str,
@@ -253,9 +257,10 @@ impl JobFiles {
         if let Some(gid) = group {
             use std::os::unix::fs::PermissionsExt;
             std::os::unix::fs::chown(&dir, None, Some(gid))?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2770))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770))?;
         }
         let files = JobFiles {
+            group,
             notice: dir.join("notice.json"),
             checkpoint: dir.join("checkpoint"),
             dir,
@@ -493,7 +498,12 @@ fn write_notice(files: &JobFiles, json: &str) {
         .custom_flags(libc::O_NOFOLLOW)
         .mode(0o640)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(json.as_bytes()))
+        .and_then(|mut f| {
+            if let Some(gid) = files.group {
+                std::os::unix::fs::fchown(&f, None, Some(gid))?;
+            }
+            f.write_all(json.as_bytes())
+        })
         .and_then(|_| std::fs::rename(&tmp, &files.notice));
     if let Err(e) = written {
         tracing::warn!(file = %files.notice.display(), error = %e, "cannot write the notice file");
@@ -1082,6 +1092,10 @@ mod tests {
         assert_eq!((m.uid(), m.gid()), (user.uid, user.gid));
         assert_eq!(m.permissions().mode() & 0o077, 0o060);
         assert_eq!(files.checkpoint(1024), Ok(Some("s3://bucket/ckpt".into())));
+        // The notice the agent writes is the job user's group's to read.
+        write_notice(&files, "{}");
+        let m = std::fs::metadata(&files.notice).unwrap();
+        assert_eq!((m.gid(), m.permissions().mode() & 0o070), (user.gid, 0o040));
         files.remove();
         assert!(!files.dir.exists());
         let _ = std::fs::remove_dir_all(base);

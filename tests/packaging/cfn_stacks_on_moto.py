@@ -12,6 +12,7 @@ import time
 import boto3
 
 moto_bin, lambda_zip = sys.argv[1], sys.argv[2]
+PACKAGE_SHA256 = "0123456789abcdef" * 4
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -105,7 +106,8 @@ try:
         create(region, group, "packaging/cloudformation/spotguard-region.yaml", {
             "GroupName": group, "MaxSize": max_size, "QueueUrl": out["QueueUrl"], "QueueArn": out["QueueArn"],
             "TopicArn": out["TopicArn"], "ImageId": ami, "Subnets": subnet,
-            "AgentPackageUrl": "https://example.invalid/spotguard-agent.rpm", "Purchase": purchase,
+            "AgentPackageUrl": "https://example.invalid/spotguard-agent.rpm", "AgentPackageSha256": PACKAGE_SHA256,
+            "Purchase": purchase,
         })
         fleet, _ = cfnlint.decode.decode("packaging/cloudformation/spotguard-region.yaml")
         pol = fleet["Resources"]["BacklogPolicy"]["Properties"]
@@ -132,10 +134,15 @@ try:
         check(f"{group}: user-data writes the queue URL and enables the agent",
               out["QueueUrl"] in user_data and "systemctl enable --now spotguard-agent" in user_data)
         check(f"{group}: IMDSv2 required", data.get("MetadataOptions", {}).get("HttpTokens") == "required")
+        check_sum, installs = user_data.find(f"echo \"{PACKAGE_SHA256}  $pkg\" | sha256sum -c -"), \
+            [user_data.find(s) for s in ('dnf install -y "$pkg"', 'dpkg -i --force-confold "$pkg"')]
+        check(f"{group}: user-data checks the package's SHA-256 before installing it",
+              check_sum > 0 and all(i > check_sum for i in installs), user_data)
     cascade = '[{ region = "us-east-2", asg = "spotguard-gpu-fallback" }, { region = "us-west-2", asg = "spotguard-gpu-west", max_size = 4 }]'
     cron = 'version: 1\ncron:\n - name: "cleanup"\n   url: "/periodic/"\n   schedule: "0 3 * * *"\n'
     out = create("us-east-1", "spotguard-control-cascade", "packaging/cloudformation/spotguard-control.yaml",
-                 {"ControllerCodeBucket": "code", "Fallbacks": cascade, "CronYaml": cron})
+                 {"ControllerCodeBucket": "code", "Fallbacks": cascade, "CronYaml": cron,
+                  "CascadeGroupNamePattern": "spotguard-gpu-*"})
     fns = [f for f in client("lambda").list_functions()["Functions"] if f["FunctionName"] == out.get("ControllerFunction")]
     env = fns[0]["Environment"]["Variables"] if fns else {}
     check("a cascade's control plane passes SPOTGUARD_FALLBACKS and not the one-group variables",

@@ -223,12 +223,12 @@ fn tag_memory_and_decisions_never_panic_and_respect_busy_instances() {
             any::<i32>(),
         ),
         |(tags, launches, g, now)| {
-            let (m, _) = Memory::from_tags(&tags);
             let now = chrono::DateTime::<chrono::Utc>::from_timestamp(
                 1_800_000_000 + i64::from(now / 100),
                 0,
             )
             .unwrap_or_default();
+            let (m, _) = Memory::from_tags(&tags, now);
             let p = reconcile(&m, &g, &launches, now, &settings);
             for a in &p.actions {
                 if let Action::SetFallbackMaxSize { to, .. } = a {
@@ -343,7 +343,11 @@ fn the_cascade_stays_in_order_over_random_histories() {
                             }
                             Action::SaveMemory { tags } => {
                                 prop_assert!(tags.values().all(|v| v.len() <= 256));
-                                memories[k] = Memory::from_tags(tags).0;
+                                memories[k] = Memory::from_tags(
+                                    tags,
+                                    chrono::DateTime::<chrono::Utc>::MAX_UTC,
+                                )
+                                .0;
                             }
                             _ => {}
                         }
