@@ -512,10 +512,7 @@ impl Fleet for AsgFleet {
         const OP: &str = "SetInstanceHealth";
         let t = self.target(instance);
         t.bounded(OP, CALL_TIMEOUT, async {
-            self.client
-                .set_instance_health()
-                .instance_id(instance)
-                .health_status("Unhealthy")
+            health_request(&self.client, instance)
                 .send()
                 .await
                 .map(|_| ())
@@ -619,9 +616,38 @@ pub async fn sns_publish(
     .await
 }
 
+/// `SetInstanceHealth Unhealthy` that does not respect the group's
+/// health-check grace period: by default the call honours it (Auto Scaling
+/// API reference, SetInstanceHealth, `ShouldRespectGracePeriod`), and a
+/// broken GPU is found right after boot, inside it.
+pub fn health_request(
+    client: &aws_sdk_autoscaling::Client,
+    instance: &str,
+) -> aws_sdk_autoscaling::operation::set_instance_health::builders::SetInstanceHealthFluentBuilder {
+    client
+        .set_instance_health()
+        .instance_id(instance)
+        .health_status("Unhealthy")
+        .should_respect_grace_period(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_unhealthy_mark_does_not_wait_for_the_grace_period() {
+        let conf = aws_sdk_autoscaling::Config::builder()
+            .behavior_version(aws_sdk_autoscaling::config::BehaviorVersion::latest())
+            .region(aws_sdk_autoscaling::config::Region::new("us-east-1"))
+            .build();
+        let client = aws_sdk_autoscaling::Client::from_conf(conf);
+        let req = health_request(&client, "i-1");
+        let input = req.as_input();
+        assert_eq!(input.get_should_respect_grace_period(), &Some(false));
+        assert_eq!(input.get_health_status().as_deref(), Some("Unhealthy"));
+        assert_eq!(input.get_instance_id().as_deref(), Some("i-1"));
+    }
 
     #[test]
     fn an_aws_error_is_one_readable_line() {

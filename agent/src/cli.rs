@@ -322,8 +322,19 @@ async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
         oom_score_adj: cfg.worker.oom_score_adj,
     };
     if let WorkerMode::Exec(argv) = &spec.mode {
-        std::fs::create_dir_all(spec.state_dir.join("jobs"))
+        let jobs = spec.state_dir.join("jobs");
+        std::fs::create_dir_all(&jobs)
             .map_err(|e| format!("worker.state_dir {}: {e}", spec.state_dir.display()))?;
+        if spec.job_user.is_some() {
+            // The job user traverses to its own directory (0770, its
+            // group) but lists no other: 0711 on the way, whatever the
+            // umask made of a state_dir of the operator's.
+            use std::os::unix::fs::PermissionsExt;
+            for dir in [spec.state_dir.as_path(), jobs.as_path()] {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+                    .map_err(|e| format!("worker.state_dir {}: {e}", dir.display()))?;
+            }
+        }
         tracing::info!(command = ?argv, concurrency = cfg.worker.concurrency, "exec mode");
     }
     let watch_cfg = WatchConfig {

@@ -51,9 +51,10 @@ pub enum OnUnhealthy {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
-    /// Jobs failing in a row (failed, timed out, or not started) that make
-    /// this instance unhealthy: a GPU that fell off the bus must not empty
-    /// the queue into the dead-letter queue. 0 disables the breaker.
+    /// Different messages failing in a row (failed, timed out, or not
+    /// started) that make this instance unhealthy: a GPU that fell off the
+    /// bus must not empty the queue into the dead-letter queue. 0 disables
+    /// the breaker.
     #[serde(default = "d_max_failures")]
     pub max_consecutive_failures: u32,
     /// Jobs that could not start in a row (a missing program, no app
@@ -90,8 +91,9 @@ impl Default for HealthConfig {
     }
 }
 
-/// Five in a row: one bad message (retried up to its redrive limit) does
-/// not trip it, a broken instance does, after five receives of the fleet's.
+/// Five different messages in a row: a broken instance trips it after
+/// five of the fleet's messages; one bad message, however often it comes
+/// back, counts once (`runner.rs`, `on_report`).
 fn d_max_failures() -> u32 {
     5
 }
@@ -134,6 +136,20 @@ pub struct QueueConfig {
     /// queue's redrive policy, not the agent, moves it to a dead-letter queue).
     #[serde(default = "d_error_visibility")]
     pub error_visibility_timeout: Dur,
+    /// A job interrupted (stopped at a drain's deadline, or yielding to a
+    /// notice) has its message re-sent with a counter instead of handed
+    /// back, so a spot storm spends none of its receives (maxReceiveCount);
+    /// past this many interruptions it is handed back as any message. 0:
+    /// never re-sent. FIFO queues re-send only with
+    /// `worker.fifo_resend_checkpoint` (a re-send reorders the group).
+    #[serde(default = "d_max_interruptions")]
+    pub max_interruptions: u32,
+}
+
+/// Ten: a job interrupted ten times in a row meets a storm that a
+/// dead-letter queue should see.
+fn d_max_interruptions() -> u32 {
+    10
 }
 
 fn d_wait_time() -> Dur {
@@ -259,8 +275,10 @@ impl Default for ImdsSection {
 /// IPv4 link-local, and IPv6 on Nitro instances.
 pub fn is_imds_address(endpoint: &str) -> bool {
     // The URL parser normalises hosts (`[FD00:0EC2::0254]` is `[fd00:ec2::254]`).
-    reqwest::Url::parse(endpoint)
-        .is_ok_and(|u| matches!(u.host_str(), Some("169.254.169.254" | "[fd00:ec2::254]")))
+    reqwest::Url::parse(endpoint).is_ok_and(|u| {
+        matches!(u.host_str(), Some("169.254.169.254" | "[fd00:ec2::254]"))
+            && u.port_or_known_default() == Some(80)
+    })
 }
 
 fn d_imds_endpoint() -> String {
@@ -300,6 +318,12 @@ pub struct InterruptionConfig {
     /// hook's HeartbeatTimeout (30 s minimum on AWS).
     #[serde(default = "d_hook_heartbeat")]
     pub lifecycle_heartbeat_interval: Dur,
+    /// The hook's HeartbeatTimeout (the template's 300 s). Its global
+    /// timeout, 100 times this or 48 hours whichever is smaller, is how long
+    /// the group waits whatever the heartbeats: jobs still running then are
+    /// handed back before it.
+    #[serde(default = "d_hook_timeout")]
+    pub lifecycle_heartbeat_timeout: Dur,
     /// Deadline of the drain on SIGTERM/SIGINT (systemd's TimeoutStopSec must
     /// be longer).
     #[serde(default = "d_shutdown")]
@@ -315,6 +339,7 @@ impl Default for InterruptionConfig {
             rebalance: d_rebalance(),
             lifecycle_hook: None,
             lifecycle_heartbeat_interval: d_hook_heartbeat(),
+            lifecycle_heartbeat_timeout: d_hook_timeout(),
             shutdown_deadline: d_shutdown(),
         }
     }
@@ -334,6 +359,10 @@ fn d_rebalance() -> RebalancePolicy {
 }
 fn d_hook_heartbeat() -> Dur {
     Dur(Duration::from_secs(20))
+}
+/// spotguard-region.yaml's HeartbeatTimeout.
+fn d_hook_timeout() -> Dur {
+    Dur(Duration::from_secs(300))
 }
 fn d_shutdown() -> Dur {
     Dur(Duration::from_secs(90))
@@ -776,6 +805,20 @@ impl InterruptionConfig {
                 "must not be empty (leave it unset)",
             );
         }
+        // AWS: HeartbeatTimeout is 30..=7200 s (PutLifecycleHook).
+        let timeout = self.lifecycle_heartbeat_timeout.0;
+        if !(Duration::from_secs(30)..=Duration::from_secs(7200)).contains(&timeout) {
+            return invalid(
+                "interruption.lifecycle_heartbeat_timeout",
+                "must be the hook's HeartbeatTimeout, 30s..=2h",
+            );
+        }
+        if self.lifecycle_heartbeat_interval.0 >= timeout {
+            return invalid(
+                "interruption.lifecycle_heartbeat_interval",
+                "must be shorter than interruption.lifecycle_heartbeat_timeout, or the hook times out between heartbeats",
+            );
+        }
         Ok(())
     }
 }
@@ -908,6 +951,14 @@ command = ["/bin/true"]
             ),
             ("[imds]\nendpoint = \"169.254.169.254\"\n", "imds.endpoint"),
             (
+                "[interruption]\nlifecycle_heartbeat_timeout = \"3h\"\n",
+                "interruption.lifecycle_heartbeat_timeout",
+            ),
+            (
+                "[interruption]\nlifecycle_heartbeat_timeout = \"30s\"\nlifecycle_heartbeat_interval = \"30s\"\n",
+                "interruption.lifecycle_heartbeat_interval",
+            ),
+            (
                 "[imds]\nendpoint = \"http://127.0.0.1:1338\"\n",
                 "imds.allow_other_endpoint",
             ),
@@ -931,6 +982,7 @@ command = ["/bin/true"]
         assert!(is_imds_address("http://169.254.169.254"));
         assert!(is_imds_address("http://[FD00:0EC2::0254]:80"));
         assert!(!is_imds_address("http://127.0.0.1:1338"));
+        assert!(!is_imds_address("http://169.254.169.254:1338"));
         assert!(!is_imds_address("http://169.254.169.254.example.com"));
         let q = "[queue]\nurl = \"https://sqs.us-east-1.amazonaws.com/1/jobs\"\n[worker]\ncommand = [\"a\"]\n";
         let c = Config::parse(

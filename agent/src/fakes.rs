@@ -480,8 +480,16 @@ impl Fleet for MemFleet {
                 "TerminateInstanceInAutoScalingGroup",
                 format!("{instance} decrement={decrement}"),
             )
-            .map(|mut st| {
-                if !decrement {
+            .and_then(|mut st| {
+                if st.group.is_none() {
+                    // As AWS answers for an instance in no group (text as
+                    // reported in public threads): not the MinSize refusal.
+                    return Err(AwsError {
+                        message: format!("Instance Id not found - No managed instance found for instance ID: {instance}"),
+                        ..aws_error("TerminateInstanceInAutoScalingGroup", "ValidationError")
+                    });
+                }
+                Ok(if !decrement {
                     st.terminated = true;
                     ScaleIn::Accepted
                 } else if st.desired <= st.min {
@@ -490,7 +498,7 @@ impl Fleet for MemFleet {
                     st.desired -= 1;
                     st.terminated = true;
                     ScaleIn::Accepted
-                }
+                })
             });
         async move { r }
     }
@@ -523,7 +531,20 @@ impl Fleet for MemFleet {
     ) -> impl Future<Output = Result<(), AwsError>> + Send {
         let r = self
             .begin("SetInstanceProtection", format!("{instance} {protect}"))
-            .map(|mut st| st.protected = protect);
+            .and_then(|mut st| {
+                // As AWS: only an instance in service (or standby) takes it.
+                let state = st.state_override.clone().unwrap_or_else(|| {
+                    if st.terminated { "Terminating:Wait" } else { "InService" }.to_string()
+                });
+                if !matches!(state.as_str(), "InService" | "EnteringStandby" | "Standby") {
+                    return Err(AwsError {
+                        message: format!("The instance {instance} is not in InService or EnteringStandby or Standby."),
+                        ..aws_error("SetInstanceProtection", "ValidationError")
+                    });
+                }
+                st.protected = protect;
+                Ok(())
+            });
         async move { r }
     }
 
@@ -588,6 +609,8 @@ pub struct ScriptedWorker {
     pub log: Mutex<Vec<(Instant, String, &'static str, String)>>,
     /// Notices seen by running jobs.
     pub notices: Mutex<Vec<(String, JobNotice)>>,
+    /// Why no job can run (a missing program), when set.
+    pub unready: Mutex<Option<String>>,
 }
 
 impl ScriptedWorker {
@@ -629,6 +652,13 @@ impl ScriptedWorker {
 impl Worker for ScriptedWorker {
     fn state_dir(&self) -> Option<&Path> {
         None
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        match lock(&self.unready).clone() {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
     }
 
     fn run(

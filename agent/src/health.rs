@@ -28,13 +28,14 @@ impl HealthCheck for CommandCheck {
             let Some((program, args)) = self.argv.split_first() else {
                 return Err("health.command is empty".into());
             };
-            let child = tokio::process::Command::new(program)
-                .args(args)
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .status();
+                .kill_on_drop(true);
+            crate::jobuser::without_capabilities(&mut cmd);
+            let child = cmd.status();
             match tokio::time::timeout(CHECK_TIMEOUT, child).await {
                 Ok(Ok(s)) if s.success() => Ok(()),
                 Ok(Ok(s)) => Err(format!("health.command {program} exited with {s}")),

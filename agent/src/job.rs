@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use crate::aws::{Attr, Message, Outgoing, Queue};
 use crate::worker::{
     Ended, JobFiles, JobNotice, Outcome, StopReason, Worker, CHECKPOINT_ATTR, FIRST_RECEIVED_ATTR,
-    ORIGINAL_ID_ATTR,
+    INTERRUPTIONS_ATTR, ORIGINAL_ID_ATTR,
 };
 
 /// How a message ended up.
@@ -71,6 +71,13 @@ pub struct JobCtx<Q, W> {
     /// A job still running this long before the 12-hour cap is stopped,
     /// leaving time for its SIGTERM grace and the settle.
     pub lease_margin: Duration,
+    /// The settle's budget after a stop at the drain deadline:
+    /// [`SETTLE_BUDGET`], or less when the deadline margin left after the
+    /// SIGTERM grace is shorter, so that the hand-back lands before the
+    /// instance goes.
+    pub deadline_settle_budget: Duration,
+    /// `queue.max_interruptions`.
+    pub max_interruptions: u32,
 }
 
 /// SQS keeps a message invisible at most 12 hours from its receipt
@@ -217,15 +224,16 @@ pub async fn run_job<Q: Queue, W: Worker>(
         (None, None) => None,
     };
     let outcome = ended.outcome;
-    let settled = match tokio::time::timeout(
-        SETTLE_BUDGET,
-        settle(&ctx, &msg, &outcome, checkpoint),
-    )
-    .await
+    let budget = if outcome == Outcome::Stopped(StopReason::Deadline) {
+        ctx.deadline_settle_budget
+    } else {
+        SETTLE_BUDGET
+    };
+    let settled = match tokio::time::timeout(budget, settle(&ctx, &msg, &outcome, checkpoint)).await
     {
         Ok(s) => s,
         Err(_) => {
-            tracing::error!(message_id = %msg.id, budget = ?SETTLE_BUDGET, "settling took too long; the message returns when its visibility lapses");
+            tracing::error!(message_id = %msg.id, budget = ?budget, "settling took too long; the message returns when its visibility lapses");
             Settled::SettleFailed
         }
     };
@@ -288,7 +296,7 @@ async fn settle<Q: Queue, W>(
         ),
         Outcome::Stopped(StopReason::LeaseLimit) => {
             if let Some(c) = checkpoint {
-                match hand_over(ctx, msg, &c).await {
+                match resend(ctx, msg, Some(&c), false).await {
                     Ok(()) => return Settled::HandedOver,
                     Err(e) => {
                         tracing::warn!(message_id = %msg.id, error = %e, "checkpoint not carried over")
@@ -309,13 +317,26 @@ async fn settle<Q: Queue, W>(
                 }
                 c => c,
             };
+            // Not the message's fault: re-sent with the interruption
+            // counted, so it keeps its receives, up to max_interruptions.
+            let n = interruptions(msg);
+            let count = n < ctx.max_interruptions && (!ctx.fifo || ctx.fifo_resend);
             if let Some(c) = checkpoint {
-                match hand_over(ctx, msg, &c).await {
+                match resend(ctx, msg, Some(&c), count).await {
                     Ok(()) => return Settled::HandedOver,
                     Err(e) => {
                         tracing::warn!(message_id = %msg.id, error = %e, "checkpoint not carried over; handing the message back as it was")
                     }
                 }
+            } else if count {
+                match resend(ctx, msg, None, true).await {
+                    Ok(()) => return Settled::HandedBack,
+                    Err(e) => {
+                        tracing::warn!(message_id = %msg.id, error = %e, "cannot re-send the interrupted job; handing the message back (one more receive)")
+                    }
+                }
+            } else if n >= ctx.max_interruptions && ctx.max_interruptions > 0 {
+                tracing::warn!(message_id = %msg.id, interruptions = n, "interrupted queue.max_interruptions times: handed back as any message, its receives count again");
             }
             (
                 retry(|| ctx.queue.set_visibility(&msg.receipt, 0)).await,
@@ -349,10 +370,35 @@ fn fnv1a(parts: &[&str]) -> u64 {
     h
 }
 
+/// The interruptions a message has been re-sent for (0 when not).
+pub fn interruptions(msg: &Message) -> u32 {
+    msg.attributes
+        .get(INTERRUPTIONS_ATTR)
+        .and_then(|a| a.value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The message that carries `checkpoint` to the next worker, or why it cannot be sent.
 pub fn hand_over_message(msg: &Message, checkpoint: &str, fifo: bool) -> Result<Outgoing, String> {
+    resend_message(msg, Some(checkpoint), fifo, false)
+}
+
+/// The copy of `msg` that goes back on the queue in its place: with
+/// `checkpoint`, and with one more interruption counted if `interrupted`.
+pub fn resend_message(
+    msg: &Message,
+    checkpoint: Option<&str>,
+    fifo: bool,
+    interrupted: bool,
+) -> Result<Outgoing, String> {
     let mut attributes: BTreeMap<String, Attr> = msg.attributes.clone();
-    attributes.insert(CHECKPOINT_ATTR.into(), Attr::string(checkpoint));
+    if let Some(c) = checkpoint {
+        attributes.insert(CHECKPOINT_ATTR.into(), Attr::string(c));
+    }
+    let count = interruptions(msg) + u32::from(interrupted);
+    if interrupted {
+        attributes.insert(INTERRUPTIONS_ATTR.into(), Attr::string(count.to_string()));
+    }
     attributes
         .entry(ORIGINAL_ID_ATTR.into())
         .or_insert_with(|| Attr::string(msg.id.clone()));
@@ -390,7 +436,10 @@ pub fn hand_over_message(msg: &Message, checkpoint: &str, fifo: bool) -> Result<
         // retried send inside SQS's 5-minute window makes no second copy.
         (
             Some(group),
-            Some(format!("sg-{:016x}", fnv1a(&[&msg.id, checkpoint]))),
+            Some(format!(
+                "sg-{:016x}",
+                fnv1a(&[&msg.id, checkpoint.unwrap_or(""), &count.to_string()])
+            )),
         )
     } else {
         (None, None)
@@ -403,15 +452,17 @@ pub fn hand_over_message(msg: &Message, checkpoint: &str, fifo: bool) -> Result<
     })
 }
 
-/// Re-sends the message with the checkpoint, then deletes the original.
-/// The original is deleted only after the send succeeded: if the send
-/// fails, the caller hands the original back as it was (at least once).
-async fn hand_over<Q: Queue, W>(
+/// Re-sends the message (with the checkpoint, with the interruption
+/// counted), then deletes the original. The original is deleted only after
+/// the send succeeded: if the send fails, the caller hands the original
+/// back as it was (at least once).
+async fn resend<Q: Queue, W>(
     ctx: &JobCtx<Q, W>,
     msg: &Message,
-    checkpoint: &str,
+    checkpoint: Option<&str>,
+    interrupted: bool,
 ) -> Result<(), String> {
-    let out = hand_over_message(msg, checkpoint, ctx.fifo)?;
+    let out = resend_message(msg, checkpoint, ctx.fifo, interrupted)?;
     let mut attempt = 1;
     let new_id = loop {
         match ctx.queue.send(&out).await {
@@ -427,7 +478,7 @@ async fn hand_over<Q: Queue, W>(
             Err(e) => return Err(e.to_string()),
         }
     };
-    tracing::info!(message_id = %msg.id, %new_id, "re-sent with the checkpoint");
+    tracing::info!(message_id = %msg.id, %new_id, checkpoint = checkpoint.is_some(), interrupted, "re-sent in place of the original");
     if let Err(e) = retry(|| ctx.queue.delete(&msg.receipt)).await {
         // Both copies exist now; the original returns after its visibility
         // timeout and runs again: a duplicate, never a loss.

@@ -70,6 +70,13 @@ pub fn resolve(user: Option<&str>, groups: &[String]) -> Result<Option<JobUser>,
     if uid == nix::unistd::geteuid().as_raw() {
         return Ok(None);
     }
+    if uid == 0 {
+        // The agent may switch users: a root job would keep what it holds,
+        // and the IMDS rule matches the job user only.
+        return Err(format!(
+            "worker.user: {name:?} is root; jobs run as an unprivileged user"
+        ));
+    }
     if !switch {
         return Err(format!(
             "worker.user: the agent (uid {}) may not switch jobs to {name:?}: run it as root or with CAP_SETUID and CAP_SETGID (the packaged unit does)",
@@ -84,6 +91,12 @@ pub fn resolve(user: Option<&str>, groups: &[String]) -> Result<Option<JobUser>,
             .ok_or_else(|| format!("worker.groups: no group named {g:?} on this host"))?
             .gid
             .as_raw();
+        // Root's group, or the agent's (it reads agent.toml): never a job's.
+        if gid == 0 || gid == nix::unistd::getegid().as_raw() {
+            return Err(format!(
+                "worker.groups: {g:?} is root's or the agent's own group; jobs may not hold it"
+            ));
+        }
         if !all.contains(&gid) {
             all.push(gid);
         }
@@ -100,10 +113,11 @@ pub fn resolve(user: Option<&str>, groups: &[String]) -> Result<Option<JobUser>,
 /// score raised (so the kernel's OOM killer takes a job before the agent:
 /// raising needs no privilege), then, if it switches, its groups, gid and
 /// uid, and a umask that leaves its files to its group (the agent, a member,
-/// reads the checkpoint and removes the job's directory); last, the ambient
-/// capabilities cleared, so none of the agent's reaches the job through
-/// exec (a switch between two non-root users keeps them otherwise:
-/// capabilities(7)). Only async-signal-safe calls: no allocation here.
+/// reads the checkpoint and removes the job's directory); last, every
+/// capability dropped (ambient, effective, permitted, inheritable), so none
+/// of the agent's reaches the job through exec (a switch between two
+/// non-root users keeps them otherwise: capabilities(7)). Only
+/// async-signal-safe calls: no allocation here.
 pub fn prepare_child(
     cmd: &mut tokio::process::Command,
     user: Option<&JobUser>,
@@ -111,6 +125,7 @@ pub fn prepare_child(
 ) {
     let oom = oom_text(oom_score_adj);
     let switch = user.map(|u| (u.uid, u.gid, u.groups.clone()));
+    let drop_caps = user.is_some() || !nix::unistd::geteuid().is_root();
     // SAFETY: the closure only makes system calls on data allocated before
     // the fork (async-signal-safe), as `pre_exec` requires.
     unsafe {
@@ -133,23 +148,84 @@ pub fn prepare_child(
                 }
                 libc::umask(0o007);
             }
-            // EINVAL: a kernel before 4.3 has no ambient set, so nothing to clear.
-            if libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-            ) != 0
-            {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EINVAL) {
-                    return Err(e);
-                }
+            if drop_caps {
+                drop_capabilities()
+            } else {
+                Ok(())
             }
-            Ok(())
         });
     }
+}
+
+/// Runs a helper (`health.command`, `notify.hook_command`) without the
+/// agent's capabilities: they would otherwise reach it through exec (the
+/// ambient set), and CAP_SETUID is root to whoever holds it. An agent that
+/// runs as root keeps its helpers root (its operator's choice).
+pub fn without_capabilities(cmd: &mut tokio::process::Command) {
+    if nix::unistd::geteuid().is_root() {
+        return;
+    }
+    // SAFETY: only system calls on stack data (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(drop_capabilities);
+    }
+}
+
+/// Empties the calling process's ambient, effective, permitted and
+/// inheritable capability sets. Clearing ambient alone is not enough: a
+/// switch between two non-root users keeps permitted and inheritable
+/// (capabilities(7)), and a program with file-inheritable capabilities
+/// would get them back through exec. Async-signal-safe (for `pre_exec`).
+fn drop_capabilities() -> io::Result<()> {
+    // SAFETY: prctl and capset with valid pointers to stack data.
+    unsafe {
+        // EINVAL: a kernel before 4.3 has no ambient set, so nothing to clear.
+        if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        ) != 0
+        {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: libc::c_int,
+        }
+        #[repr(C)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        // _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set.
+        let header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let none = [
+            Data {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            },
+            Data {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            },
+        ];
+        if libc::syscall(libc::SYS_capset, &header as *const Header, none.as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The decimal text of an OOM score adjustment, in a fixed buffer (the

@@ -49,12 +49,10 @@ async fn run_hook(argv: &[String], event: String) {
     let Some((program, args)) = argv.split_first() else {
         return;
     };
-    let mut child = match tokio::process::Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-    {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).stdin(Stdio::piped()).kill_on_drop(true);
+    crate::jobuser::without_capabilities(&mut cmd);
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(%program, error = %e, "cannot start notify.hook_command");

@@ -57,6 +57,20 @@ pub const PROTECTION_REFRESH: Duration = Duration::from_secs(600);
 /// more failure trips it again at once.
 pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(600);
 
+/// An instance that `DescribeAutoScalingInstances` places in no group is
+/// looked up again this often: a just-launched instance may not be listed
+/// yet (Auto Scaling's Describe calls are eventually consistent), and one
+/// empty answer must not turn off protection and the lifecycle hook for
+/// the life of the process. A minute costs a standalone instance one
+/// Describe call a minute.
+pub const GROUP_LOOK_AGAIN: Duration = Duration::from_secs(60);
+
+/// After an unclear scale-in answer, the instance's state is read this long
+/// later, and again as long after a reading that says it stays: Describe
+/// calls are eventually consistent, and a terminate that did apply can
+/// show InService for seconds.
+pub const CONFIRM_DELAY: Duration = Duration::from_secs(10);
+
 enum Effect {
     Received(Result<Vec<Message>, AwsError>),
     HandedBack { asked: usize, done: usize },
@@ -168,6 +182,9 @@ pub struct Books {
     /// Confirming the instance's state after an ambiguous scale-in answer.
     pub confirm: Pending,
     pub confirm_needed: bool,
+    /// Readings in a row that list the instance as staying, after an
+    /// unclear scale-in answer (two are needed).
+    pub confirm_in_service: u32,
     /// `not_before` is the next heartbeat's time.
     pub hook_heartbeat: Pending,
     pub hook_heartbeats_sent: u32,
@@ -185,10 +202,17 @@ pub struct Books {
     pub drain_complete_logged: bool,
     /// Jobs that ended badly in a row (failed, timed out, not started).
     pub failures_in_a_row: u32,
+    /// The messages that failed since the last success (at most the
+    /// breaker's count, as the breaker trips there).
+    pub failed_messages: Vec<String>,
     /// The circuit breaker tripped: why.
     pub broken: Option<String>,
     /// `health.command` fails: why. `None` also before its first answer.
     pub check_failing: Option<String>,
+    /// The worker cannot run any job (exec mode: its program is missing or
+    /// not executable): why. Checked before each receive, so no message's
+    /// receive is spent finding out.
+    pub worker_unready: Option<String>,
     /// `health.command` has answered at least once (or there is none).
     pub check_known: bool,
     pub health_check: Pending,
@@ -199,6 +223,8 @@ pub struct Books {
     /// `health.on_unhealthy = "replace"`: mark the instance unhealthy once
     /// no job runs (not under a running job).
     pub replace_pending: bool,
+    /// `SetInstanceHealth`: in flight, and its retries after a failure.
+    pub mark: Pending,
     /// When protection was last set on (re-asserted while busy).
     pub protected_at: Option<Instant>,
     /// A resume after a pause is waiting for the jobs that ran across it.
@@ -220,6 +246,7 @@ impl Books {
             scale_in: Pending::new(now),
             confirm: Pending::new(now),
             confirm_needed: false,
+            confirm_in_service: 0,
             hook_heartbeat: Pending::new(now),
             hook_heartbeats_sent: 0,
             start_failures: Pending::new(now),
@@ -233,13 +260,16 @@ impl Books {
             spot: None,
             drain_complete_logged: false,
             failures_in_a_row: 0,
+            failed_messages: Vec::new(),
             broken: None,
             check_failing: None,
+            worker_unready: None,
             check_known: true,
             health_check: Pending::new(now),
             imds_ready: false,
             broken_until: None,
             replace_pending: false,
+            mark: Pending::new(now),
             protected_at: None,
             resume_pending: false,
         }
@@ -247,7 +277,10 @@ impl Books {
 
     /// Why the instance is unhealthy, if it is.
     pub fn unhealthy(&self) -> Option<&str> {
-        self.broken.as_deref().or(self.check_failing.as_deref())
+        self.broken
+            .as_deref()
+            .or(self.check_failing.as_deref())
+            .or(self.worker_unready.as_deref())
     }
 
     /// As [`Books::unhealthy`], but a tripped breaker past its cool-down
@@ -257,7 +290,9 @@ impl Books {
             .broken
             .as_deref()
             .filter(|_| self.broken_until.is_none_or(|t| now < t));
-        broken.or(self.check_failing.as_deref())
+        broken
+            .or(self.check_failing.as_deref())
+            .or(self.worker_unready.as_deref())
     }
 }
 
@@ -333,7 +368,7 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
         && (now.saturating_duration_since(b.last_activity) >= s.idle_timeout || b.intake_closed);
 
     // Idle: stop intake and scale in (also after a rebalance drain).
-    if s.scale_in && idle && b.scale_in.ready(now) {
+    if s.scale_in && idle && !b.not_in_group && b.scale_in.ready(now) {
         if let Some(m) = state::on_idle(&mode) {
             mode = m;
         }
@@ -372,7 +407,6 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     // The group, for protection, the lifecycle hook and the intake tag.
     if (s.protect_busy || s.hook || s.follow_intake.is_some())
         && b.group.is_none()
-        && !b.not_in_group
         && b.group_lookup.ready(now)
     {
         d.lookup_group = true;
@@ -395,8 +429,16 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     }
 
     // Protection: on when a job runs; off only once the instance is idle
-    // (idle timeout, or scaling in), not between back-to-back jobs.
-    if s.protect_busy && b.group.is_some() && b.protection.ready(now) {
+    // (idle timeout, or scaling in), not between back-to-back jobs. Not
+    // while the group is taking the instance out (Terminating:Wait, or
+    // into the warm pool): AWS refuses protection then ("not in InService
+    // or EnteringStandby or Standby"), and a retry every 5 s for the whole
+    // drain would compete with the hook's heartbeats for the account's
+    // Auto Scaling rate; it protects nothing there anyway.
+    let leaving = mode
+        .drain()
+        .is_some_and(|d| d.has(DrainReason::LifecycleTerminated) || d.has(DrainReason::WarmPool));
+    if s.protect_busy && b.group.is_some() && !leaving && b.protection.ready(now) {
         let want = if jobs > 0 {
             true
         } else if idle || matches!(mode, Mode::ScalingIn { .. }) {
@@ -426,20 +468,30 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     if s.health_check && b.health_check.ready(now) && mode.drain().is_none() {
         d.health_check = true;
     }
-    if b.replace_pending && jobs == 0 {
+    if b.replace_pending && jobs == 0 && b.mark.ready(now) {
         d.mark_unhealthy = true;
     }
 
     if let Some(drain) = mode.drain() {
-        let hooked = s.hook && b.group.is_some() && drain.has(DrainReason::LifecycleTerminated);
+        // The terminating hook holds a warm-pool transition too (AWS
+        // applies it at Warmed:Pending:Wait): heartbeats for both, or a job
+        // longer than the HeartbeatTimeout is stopped or hibernated mid-run.
+        let hooked = s.hook
+            && b.group.is_some()
+            && (drain.has(DrainReason::LifecycleTerminated) || drain.has(DrainReason::WarmPool));
         if hooked && jobs > 0 && b.hook_heartbeat.ready(now) {
             d.hook_heartbeat = true;
         }
         if jobs == 0 {
             let after = state::after_drain(drain, s.hook && !b.not_in_group);
+            // As the exit path: not while a long poll is out or messages
+            // are being handed back, or the instance may go (CONTINUE
+            // terminates it) before they are back on the queue.
             if after.complete_lifecycle
                 && !b.lifecycle_completed
                 && b.group.is_some()
+                && !receiving
+                && b.handbacks_in_flight == 0
                 && b.lifecycle.ready(now)
             {
                 d.complete_lifecycle = true;
@@ -489,6 +541,10 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
     fn policy(&self) -> Policy {
         Policy {
             deadline_margin: self.cfg.interruption.deadline_margin.0,
+            lifecycle_global: state::lifecycle_global_timeout(
+                self.cfg.interruption.lifecycle_heartbeat_timeout.0,
+            ),
+            scale_in: self.cfg.scale_in.enabled,
             rebalance: self.cfg.interruption.rebalance,
             shutdown_deadline: self.cfg.interruption.shutdown_deadline.0,
         }
@@ -541,6 +597,17 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             lease_margin: self.cfg.worker.term_grace.0
                 + crate::job::SETTLE_BUDGET
                 + Duration::from_secs(30),
+            // The stop takes at most the grace; the settle gets what is left
+            // of the margin (SETTLE_BUDGET at most): the whole deadline
+            // path ends by the notice time.
+            max_interruptions: self.cfg.queue.max_interruptions,
+            deadline_settle_budget: crate::job::SETTLE_BUDGET.min(
+                self.cfg
+                    .interruption
+                    .deadline_margin
+                    .0
+                    .saturating_sub(self.cfg.worker.term_grace.0),
+            ),
         });
         let chans = Chans {
             deadline_tx,
@@ -556,6 +623,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         tracing::info!(instance_id = %self.instance_id, queue = %self.cfg.queue.url, "agent running");
         loop {
             self.check_resume(&mut st, &chans);
+            self.check_worker(&mut st.books);
             // A drain that ended (a refused scale-in, a warm-pool return, a
             // resume) takes its notice back: jobs started from now on are
             // told of nothing, and running ones skip the empty value.
@@ -606,6 +674,12 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                             tracing::error!(error = %e, "job task failed");
                         }
                     }
+                    if st.jobs.is_empty() {
+                        // No job runs: whatever the job user still runs (a
+                        // `setsid` escapee of a process group) would reach
+                        // the next message's files and processes.
+                        self.worker.all_done();
+                    }
                 }
                 _ = tokio::time::sleep_until(wake) => {}
             }
@@ -632,6 +706,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             &b.lifecycle,
             &b.confirm,
             &b.health_check,
+            &b.mark,
         ] {
             consider(p.not_before);
         }
@@ -646,6 +721,25 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             consider(t);
         }
         wake
+    }
+
+    /// Whether the worker can run a job at all (a stat of its program):
+    /// every turn of the loop, so before each receive. A change is logged
+    /// once and shown on `/healthz`.
+    fn check_worker(&self, b: &mut Books) {
+        let now = self.worker.ready().err();
+        if now == b.worker_unready {
+            return;
+        }
+        match &now {
+            Some(why) => {
+                inc(&self.status.counters.unhealthy_trips);
+                tracing::error!(reason = %why, "the worker cannot run jobs: intake closed");
+            }
+            None => tracing::info!("the worker can run jobs again: intake reopens"),
+        }
+        b.worker_unready = now;
+        self.status.set_unhealthy(b.unhealthy().map(str::to_string));
     }
 
     /// After a spot `stop`/`hibernate` notice the process may come back
@@ -825,13 +919,22 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         match r.settled {
             Settled::Deleted => {
                 b.failures_in_a_row = 0;
+                b.failed_messages.clear();
                 if b.broken.take().is_some() {
                     b.broken_until = None;
                     tracing::info!("a job succeeded after the breaker's cool-down: healthy again");
                     self.status.set_unhealthy(b.unhealthy().map(str::to_string));
                 }
             }
-            Settled::Failed | Settled::TimedOut | Settled::NotStarted => b.failures_in_a_row += 1,
+            // A message that fails again is one failure, however often it
+            // comes back: a poison message received maxReceiveCount times
+            // on a quiet instance is the message's fault, not the
+            // instance's. Not starting is the instance's each time.
+            Settled::Failed | Settled::TimedOut if !b.failed_messages.contains(&r.message_id) => {
+                b.failed_messages.push(r.message_id.clone());
+                b.failures_in_a_row += 1;
+            }
+            Settled::NotStarted => b.failures_in_a_row += 1,
             _ => {}
         }
         let limit = self.cfg.health.max_consecutive_failures;
@@ -859,12 +962,14 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 "spotguard: instance unhealthy",
                 json!({"event": "unhealthy", "instance_id": self.instance_id, "reason": why}),
             );
-            if self.cfg.health.on_unhealthy == OnUnhealthy::Replace {
-                // Once no job runs (see `due`): a replacement must not kill one.
-                b.replace_pending = true;
-            }
         } else {
             tracing::warn!(reason = %why, "the job let through after the cool-down failed too: intake closed again");
+        }
+        if self.cfg.health.on_unhealthy == OnUnhealthy::Replace {
+            // On every trip, the half-open one's too (a call before may
+            // have been lost), once no job runs (see `due`): a replacement
+            // must not kill one.
+            b.replace_pending = true;
         }
         // Tripped, or tripped again after the half-open try: closed for
         // another cool-down.
@@ -972,7 +1077,8 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                         inc(&c.aws_errors);
                         tracing::warn!(error = %e, "scale-in answer unclear; intake stays closed until the instance's state is confirmed");
                         b.confirm_needed = true;
-                        b.confirm = Pending::new(now);
+                        b.confirm = Pending::new(now + CONFIRM_DELAY);
+                        b.confirm_in_service = 0;
                         return;
                     }
                 };
@@ -981,14 +1087,32 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             Effect::Confirmed(r) => match r {
                 Ok(state) => {
                     b.confirm.succeeded();
-                    b.confirm_needed = false;
                     // Accepted only if the group is terminating it (or it
                     // left the group); any other state (InService, Standby,
                     // Pending...) means it stays: back to work.
                     let leaving = match state.as_deref() {
-                        None => true,
+                        // Listed in no group: it left the one it was known
+                        // in, or (never known in one: a standalone or
+                        // detached instance) there is nothing to scale in.
+                        None => {
+                            if b.group.is_none() {
+                                b.not_in_group = true;
+                            }
+                            b.group.is_some()
+                        }
                         Some(s) => s.starts_with("Terminating") || s == "Terminated",
                     };
+                    if !leaving && b.confirm_in_service == 0 {
+                        // Auto Scaling may list a terminating instance as
+                        // InService for a while: one more look before
+                        // intake reopens on a dying instance.
+                        b.confirm_in_service = 1;
+                        b.confirm.not_before = now + CONFIRM_DELAY;
+                        tracing::info!(state = ?state, "still listed as staying after an unclear scale-in answer; looking again");
+                        return;
+                    }
+                    b.confirm_needed = false;
+                    b.confirm_in_service = 0;
                     tracing::info!(state = ?state, leaving, "instance state after an unclear scale-in answer");
                     self.scale_in_result(b, leaving, now);
                 }
@@ -1016,11 +1140,15 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                     b.group_lookup.succeeded();
                     tracing::info!(group = %g, "Auto Scaling group found");
                     b.group = Some(g);
+                    b.not_in_group = false;
                 }
                 Ok(None) => {
                     b.group_lookup.succeeded();
+                    b.group_lookup.not_before = now + GROUP_LOOK_AGAIN;
+                    if !b.not_in_group {
+                        tracing::warn!(again_in = ?GROUP_LOOK_AGAIN, "this instance is in no Auto Scaling group: no protection, no lifecycle hook until it is");
+                    }
                     b.not_in_group = true;
-                    tracing::warn!("this instance is in no Auto Scaling group: no protection, no lifecycle hook");
                 }
                 Err(e) => {
                     inc(&c.aws_errors);
@@ -1100,10 +1228,17 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 self.status.set_unhealthy(b.unhealthy().map(str::to_string));
             }
             Effect::MarkedUnhealthy(r) => match r {
-                Ok(()) => tracing::warn!("instance marked Unhealthy: the group replaces it"),
+                Ok(()) => {
+                    b.mark.succeeded();
+                    tracing::warn!("instance marked Unhealthy: the group replaces it");
+                }
                 Err(e) => {
+                    // Tried again (1, 2, 4 ... s): a throttled call must not
+                    // leave a broken instance eating the queue.
                     inc(&c.aws_errors);
-                    tracing::warn!(error = %e, "cannot mark the instance unhealthy");
+                    b.mark.failed(now, receive_backoff);
+                    b.replace_pending = true;
+                    tracing::warn!(error = %e, retry_in = ?receive_backoff(b.mark.failures), "cannot mark the instance unhealthy");
                 }
             },
             Effect::HookHeartbeat(r) => match r {
@@ -1238,6 +1373,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         }
         if d.mark_unhealthy {
             b.replace_pending = false;
+            b.mark.start();
             let (fleet, id) = (fleet.clone(), id.clone());
             spawn(Box::pin(async move {
                 Effect::MarkedUnhealthy(fleet.mark_unhealthy(&id).await)

@@ -313,7 +313,8 @@ async fn a_drain_stops_running_jobs_at_the_deadline_and_hands_them_back() {
         .expect("job ended");
     assert_eq!(w.at(end.0).round(), 100.0);
     assert!(end.3.contains("Deadline"), "{end:?}");
-    assert!(w.queue.deleted().is_empty());
+    // Re-sent in its place at once (an interruption spends no receive).
+    assert_eq!(w.queue.deleted(), vec![id.clone()]);
     assert_eq!(w.queue.depth(), (1, 0), "{id} handed back at once");
     assert_eq!(w.counter(|c| &c.jobs_handed_back), 1);
 }
@@ -435,6 +436,57 @@ async fn failing_receives_are_not_idleness() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_instance_not_yet_listed_in_its_group_is_looked_up_again() {
+    let fleet = MemFleet::new(None, 0, 2);
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\nprotect_busy = true\n"),
+        fleet,
+        false,
+    );
+    w.run_for(5).await;
+    assert_eq!(w.fleet.calls("DescribeAutoScalingInstances").len(), 1);
+    // Listed a little later (Describe calls are eventually consistent).
+    w.fleet.lock().group = Some("g".into());
+    w.run_for(60).await;
+    assert_eq!(w.fleet.calls("DescribeAutoScalingInstances").len(), 2);
+    w.queue.push("30");
+    w.run_for(5).await;
+    assert!(
+        w.fleet.lock().protected,
+        "a busy instance is protected once its group is known"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_standalone_instance_keeps_working_after_its_scale_in_finds_no_group() {
+    // The default configuration on an instance in no group: the idle
+    // scale-in is answered with a ValidationError that is not the MinSize
+    // refusal (unclear), and the confirmation lists it in no group.
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"30s\"\n"),
+        MemFleet::new(None, 0, 1),
+        false,
+    );
+    w.run_for(45).await;
+    assert_eq!(
+        w.fleet.calls("TerminateInstanceInAutoScalingGroup").len(),
+        1
+    );
+    w.queue.push("1");
+    w.run_for(30).await;
+    assert_eq!(w.worker.started().len(), 1, "parked as terminating");
+    // Nothing to scale in: not tried again.
+    w.run_for(600).await;
+    assert_eq!(
+        w.fleet.calls("TerminateInstanceInAutoScalingGroup").len(),
+        1
+    );
+    w.queue.push("1");
+    w.run_for(30).await;
+    assert_eq!(w.worker.started().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_rebalance_drain_scales_in_once_idle() {
     let w = World::start(
         cfg("[scale_in]\nidle_timeout = \"30s\"\n[interruption]\nrebalance = \"drain\"\n"),
@@ -470,16 +522,42 @@ async fn an_unclear_scale_in_answer_keeps_intake_closed_until_the_state_is_confi
     let asked = w.call_times(w.fleet.calls("TerminateInstanceInAutoScalingGroup"));
     assert_eq!(asked, vec![40.0]);
     w.queue.push("1");
-    w.run_for(8).await;
+    w.run_for(25).await;
     assert!(
         w.worker.started().is_empty(),
         "intake stayed closed while unconfirmed"
     );
     w.run_for(10).await;
-    // Confirmed InService (the fake never terminated): back to work.
+    // Read 10 s after the answer (two throttled tries 5 s apart), then
+    // InService twice, 10 s apart (the fake never terminated): back to work.
     let confirms = w.call_times(w.fleet.calls("DescribeAutoScalingInstances"));
-    assert_eq!(confirms, vec![40.0, 45.0, 50.0]);
+    assert_eq!(confirms, vec![50.0, 55.0, 60.0, 70.0]);
     assert_eq!(w.worker.started().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unclear_scale_in_that_did_apply_is_not_reopened_on_one_stale_reading() {
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"30s\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    // The terminate applied but its answer was lost; the first reading
+    // still lists the instance InService.
+    w.fleet
+        .fail_next("TerminateInstanceInAutoScalingGroup", "ValidationError", 1);
+    w.fleet.lock().state_override = Some("InService".into());
+    w.run_for(41).await;
+    w.queue.push("1");
+    w.run_for(12).await;
+    assert_eq!(w.fleet.calls("DescribeAutoScalingInstances").len(), 1);
+    w.fleet.lock().state_override = Some("Terminating:Wait".into());
+    w.run_for(30).await;
+    assert_eq!(w.fleet.calls("DescribeAutoScalingInstances").len(), 2);
+    assert!(
+        w.worker.started().is_empty(),
+        "work taken on a dying instance"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -506,6 +584,46 @@ async fn lifecycle_terminated_heartbeats_retry_soon_and_completion_waits_for_job
     let completes = w.call_times(w.fleet.calls("CompleteLifecycleAction"));
     assert_eq!(completes, vec![100.0, 105.0]);
     assert!(w.fleet.lock().lifecycle_completed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hook_is_completed_only_once_the_long_poll_is_back() {
+    let mut c = cfg("[scale_in]\nenabled = false\n[interruption]\nlifecycle_hook = \"drain\"\n");
+    c.worker.concurrency = 2;
+    let w = World::start(c, MemFleet::new(Some("g"), 0, 2), false);
+    // One job of 10 s; the free slot's long poll is out until 20 s.
+    w.queue.push("10");
+    w.run_for(2).await;
+    w.lifecycle_terminated().await;
+    w.run_for(30).await;
+    assert_eq!(w.queue.deleted().len(), 1);
+    assert_eq!(
+        w.call_times(w.fleet.calls("CompleteLifecycleAction")),
+        vec![20.0]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn protection_is_not_refreshed_while_the_group_takes_the_instance_out() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\nprotect_busy = true\n[interruption]\nlifecycle_hook = \"drain\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    // A 40-minute job; the group starts terminating the instance at 1 min.
+    w.queue.push("2400");
+    w.run_for(60).await;
+    assert_eq!(w.fleet.calls("SetInstanceProtection").len(), 1);
+    w.fleet.lock().state_override = Some("Terminating:Wait".into());
+    w.lifecycle_terminated().await;
+    // Past the 10-minute refresh, several times over: no call AWS refuses.
+    w.run_for(1800).await;
+    assert_eq!(
+        w.fleet.calls("SetInstanceProtection").len(),
+        1,
+        "{:?}",
+        w.fleet.calls("SetInstanceProtection")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -710,6 +828,12 @@ async fn a_warm_pool_transition_drains_completes_the_hook_and_inservice_reopens(
         w.call_times(w.fleet.calls("CompleteLifecycleAction")),
         vec![10.0]
     );
+    // The hook held the transition while the job ran: heartbeats for it
+    // (the default 20 s interval, the first at once).
+    assert_eq!(
+        w.call_times(w.fleet.calls("RecordLifecycleActionHeartbeat")),
+        vec![2.0]
+    );
     // Back in service from the pool: work again.
     w.notice(WatchEvent::LifecycleState {
         change: Change::New,
@@ -741,6 +865,43 @@ async fn on_fifo_a_checkpoint_is_re_sent_only_when_opted_in() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_interrupted_job_comes_back_without_spending_a_receive_up_to_its_cap() {
+    for (before, resent) in [(None, true), (Some("9"), true), (Some("10"), false)] {
+        let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+        let id = w.queue.push("1000");
+        if let Some(n) = before {
+            let mut st = w.queue.lock();
+            st.messages[0].attributes.insert(
+                "spotguard.interruptions".into(),
+                crate::aws::Attr::string(n),
+            );
+        }
+        w.run_for(2).await;
+        w.spot(120).await;
+        w.run_for(110).await;
+        let st = w.queue.lock();
+        assert_eq!(st.messages.len(), 1, "{before:?}");
+        let m = &st.messages[0];
+        if resent {
+            // A new message in its place: no receive spent, one
+            // interruption more, the original deleted.
+            assert_ne!(m.id, id, "{before:?}");
+            assert_eq!(m.receive_count, 0, "{before:?}");
+            let want = before
+                .map_or(1, |n| n.parse::<u32>().unwrap() + 1)
+                .to_string();
+            assert_eq!(m.attributes["spotguard.interruptions"].value, want);
+            assert_eq!(st.deleted, vec![id.clone()]);
+        } else {
+            // Past queue.max_interruptions (10): handed back, its receive counts.
+            assert_eq!(m.id, id);
+            assert_eq!(m.receive_count, 1);
+            assert!(st.deleted.is_empty());
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn failures_in_a_row_trip_the_breaker_close_intake_and_replace_the_instance() {
     let w = World::start(
         cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 3\non_unhealthy = \"replace\"\n"),
@@ -761,6 +922,53 @@ async fn failures_in_a_row_trip_the_breaker_close_intake_and_replace_the_instanc
     assert!(w.fleet.lock().unhealthy, "SetInstanceHealth Unhealthy");
     w.run_for(60).await;
     assert_eq!(w.worker.started().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_poison_message_failing_again_and_again_does_not_trip_the_breaker() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 3\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    w.queue.push("1 fail");
+    // Back every 30 s (error_visibility_timeout): five failures of one message.
+    w.run_for(150).await;
+    assert_eq!(w.counter(|c| &c.jobs_failed), 5);
+    assert_eq!(w.counter(|c| &c.unhealthy_trips), 0);
+    assert!(w.status.unhealthy().is_none());
+    // Three different messages failing in a row still do.
+    w.queue.lock().messages.clear();
+    for _ in 0..3 {
+        w.queue.push("1 fail");
+    }
+    w.run_for(10).await;
+    assert_eq!(w.counter(|c| &c.unhealthy_trips), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_unhealthy_mark_is_retried_and_sent_again_on_every_trip() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 2\non_unhealthy = \"replace\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    // Throttled twice: tried again 1 s and 2 s later, then marked.
+    w.fleet.fail_next("SetInstanceHealth", "Throttling", 2);
+    w.queue.push("1 fail");
+    w.queue.push("1 fail");
+    w.run_for(10).await;
+    let times = w.call_times(w.fleet.calls("SetInstanceHealth"));
+    assert_eq!(times.len(), 3, "{times:?}");
+    assert!(w.fleet.lock().unhealthy);
+    // Half-open after the cool-down: the job let through fails, and the
+    // mark goes out again (the group may not have acted on the first).
+    w.fleet.lock().unhealthy = false;
+    w.queue.push("1 fail");
+    w.run_for(620).await;
+    assert_eq!(w.worker.started().len(), 3);
+    assert_eq!(w.fleet.calls("SetInstanceHealth").len(), 4);
+    assert!(w.fleet.lock().unhealthy);
 }
 
 #[tokio::test(start_paused = true)]
@@ -798,6 +1006,28 @@ async fn a_failing_health_command_gates_intake_until_it_passes() {
     assert_eq!(w.status.healthz().0, 503);
     check.0.store(true, std::sync::atomic::Ordering::SeqCst);
     w.run_for(30).await;
+    assert_eq!(w.worker.started().len(), 1);
+    assert!(w.status.unhealthy().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_program_closes_intake_before_any_receive() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    *w.worker.unready.lock().unwrap() = Some("worker.command /opt/run-job: not found".into());
+    w.queue.push("1");
+    w.run_for(30).await;
+    assert!(
+        w.queue.calls("ReceiveMessage").is_empty(),
+        "a receive was spent"
+    );
+    assert_eq!(w.status.healthz().0, 503);
+    assert_eq!(
+        w.status.unhealthy().as_deref(),
+        Some("worker.command /opt/run-job: not found")
+    );
+    // Installed: intake opens at the next turn, no restart needed.
+    *w.worker.unready.lock().unwrap() = None;
+    w.run_for(5).await;
     assert_eq!(w.worker.started().len(), 1);
     assert!(w.status.unhealthy().is_none());
 }

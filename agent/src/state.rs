@@ -19,7 +19,7 @@
 //! `Draining` is final (intake never reopens), but for a drain started by a
 //! rebalance recommendation alone, which scales in once idle. Its deadline is the earliest of
 //! the spot notice time minus the margin, the shutdown deadline and, for a
-//! lifecycle or warm-pool drain, the hook's 48-hour global timeout minus
+//! lifecycle or warm-pool drain, the hook's global timeout minus
 //! the margin; a rebalance drain alone has none. Only `Running` takes new
 //! work. A spot notice never leads to a scale-in call (the group must
 //! replace reclaimed capacity, so desired capacity is not decremented).
@@ -124,13 +124,21 @@ pub enum Notice {
 }
 
 /// The longest a lifecycle hook can hold an instance, whatever its
-/// heartbeats: min(48 h, 100 x HeartbeatTimeout); 48 h is the bound.
-pub const LIFECYCLE_GLOBAL_TIMEOUT: Duration = Duration::from_secs(48 * 3600);
+/// heartbeats (Auto Scaling user guide, lifecycle hooks: the global timeout
+/// is 100 x HeartbeatTimeout or 48 hours, whichever is smaller). The
+/// template's 300 s gives 8 h 20 min, not 48 h.
+pub fn lifecycle_global_timeout(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout * 100).min(Duration::from_secs(48 * 3600))
+}
 
 /// The configuration the transitions depend on.
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub deadline_margin: Duration,
+    /// The termination hook's global timeout ([`lifecycle_global_timeout`]).
+    pub lifecycle_global: Duration,
+    /// `scale_in.enabled`: the instance can leave by itself.
+    pub scale_in: bool,
     pub rebalance: RebalancePolicy,
     pub shutdown_deadline: Duration,
 }
@@ -155,36 +163,31 @@ pub fn on_notice(mode: &Mode, notice: &Notice, policy: &Policy, now: DateTime<Ut
             let d = (*time - to_chrono(policy.deadline_margin)).max(now);
             (DrainReason::SpotInterruption, Some(d))
         }
-        // A lifecycle hook holds the instance at most 48 hours (its global
-        // timeout, REFERENCE.md): jobs still running then are stopped and
-        // handed back in time, not killed with the instance.
+        // A lifecycle hook holds the instance at most its global timeout
+        // (REFERENCE.md): jobs still running then are stopped and handed
+        // back in time, not killed with the instance.
         Notice::LifecycleTerminated => (
             DrainReason::LifecycleTerminated,
-            Some(now + to_chrono(LIFECYCLE_GLOBAL_TIMEOUT) - to_chrono(policy.deadline_margin)),
+            Some(now + to_chrono(policy.lifecycle_global) - to_chrono(policy.deadline_margin)),
         ),
         Notice::WarmPool => (
             DrainReason::WarmPool,
-            Some(now + to_chrono(LIFECYCLE_GLOBAL_TIMEOUT) - to_chrono(policy.deadline_margin)),
+            Some(now + to_chrono(policy.lifecycle_global) - to_chrono(policy.deadline_margin)),
         ),
-        // Back in service from the warm pool: a drain for the pool alone ends.
-        Notice::InService => {
-            return match mode {
-                Mode::Draining(d) if d.reasons == [DrainReason::WarmPool] => Mode::Running,
-                other => other.clone(),
-            }
-        }
-        // Back from a spot stop/hibernate: that drain ends (the jobs were
+        // Back in service from the warm pool: the pool's reason ends; the
+        // others hold (a rebalance drain then scales in once idle).
+        Notice::InService => return without(mode, DrainReason::WarmPool),
+        // Back from a spot stop/hibernate: that reason ends (the jobs were
         // handed back before the pause); other reasons still hold.
-        Notice::Resumed => {
-            return match mode {
-                Mode::Draining(d) if d.reasons == [DrainReason::SpotInterruption] => Mode::Running,
-                other => other.clone(),
-            }
-        }
+        Notice::Resumed => return without(mode, DrainReason::SpotInterruption),
         Notice::Shutdown => (
             DrainReason::Shutdown,
             Some(now + to_chrono(policy.shutdown_deadline)),
         ),
+        // With scale-in off the instance cannot leave by itself: closing
+        // intake on advice would idle it, paid for, until a reclaim that may
+        // never come. A real reclaim sends its spot notice.
+        Notice::Rebalance if !policy.scale_in => return mode.clone(),
         Notice::Rebalance => match policy.rebalance {
             RebalancePolicy::Ignore => return mode.clone(),
             RebalancePolicy::StopIntake => {
@@ -220,6 +223,26 @@ pub fn on_notice(mode: &Mode, notice: &Notice, policy: &Policy, now: DateTime<Ut
             deadline,
             reasons: vec![reason],
         }),
+    }
+}
+
+/// `mode` without the drain reason `r`, which has ended: running again if
+/// it was the only one. A drain left to a rebalance alone has no deadline.
+fn without(mode: &Mode, r: DrainReason) -> Mode {
+    match mode {
+        Mode::Draining(d) if d.has(r) => {
+            let reasons: Vec<DrainReason> = d.reasons.iter().copied().filter(|x| *x != r).collect();
+            if reasons.is_empty() {
+                return Mode::Running;
+            }
+            let deadline = if reasons == [DrainReason::Rebalance] {
+                None
+            } else {
+                d.deadline
+            };
+            Mode::Draining(Drain { deadline, reasons })
+        }
+        other => other.clone(),
     }
 }
 
@@ -327,6 +350,8 @@ mod tests {
     fn policy(rebalance: RebalancePolicy) -> Policy {
         Policy {
             deadline_margin: Duration::from_secs(25),
+            lifecycle_global: lifecycle_global_timeout(Duration::from_secs(300)),
+            scale_in: true,
             rebalance,
             shutdown_deadline: Duration::from_secs(90),
         }
@@ -393,10 +418,14 @@ mod tests {
     fn drains_combine_reasons_and_keep_the_earliest_deadline() {
         let p = policy(RebalancePolicy::StopIntake);
         let m = on_notice(&Mode::Running, &Notice::LifecycleTerminated, &p, t(NOW));
-        // The hook's 48 h global timeout, less the margin.
+        // The hook's global timeout (100 x 300 s: 8 h 20 min), less the margin.
         assert_eq!(
             m.drain().unwrap().deadline,
-            Some(t(NOW) + chrono::Duration::hours(48) - chrono::Duration::seconds(25))
+            Some(t(NOW) + chrono::Duration::seconds(30_000) - chrono::Duration::seconds(25))
+        );
+        assert_eq!(
+            lifecycle_global_timeout(Duration::from_secs(7200)),
+            Duration::from_secs(48 * 3600)
         );
         let m = on_notice(&m, &Notice::Shutdown, &p, t(NOW));
         assert_eq!(m.drain().unwrap().deadline, Some(t("2026-11-28T08:21:30Z")));
@@ -595,6 +624,59 @@ mod tests {
             t(NOW),
         );
         assert!(!on_late_messages(&drain).1);
+    }
+
+    #[test]
+    fn an_ended_reason_leaves_the_others_and_no_advice_idles_an_instance_that_cannot_leave() {
+        let p = policy(RebalancePolicy::Drain);
+        // Rebalance drain, then a spot hibernate, then the resume: the
+        // rebalance drain holds (it scales in once idle), not the spot one.
+        let m = on_notice(&Mode::Running, &Notice::Rebalance, &p, t(NOW));
+        let m = on_notice(
+            &m,
+            &Notice::Spot {
+                time: t("2026-11-28T08:22:00Z"),
+            },
+            &p,
+            t(NOW),
+        );
+        let m = on_notice(&m, &Notice::Resumed, &p, t("2026-11-28T09:00:00Z"));
+        assert_eq!(
+            m,
+            Mode::Draining(Drain {
+                deadline: None,
+                reasons: vec![DrainReason::Rebalance]
+            })
+        );
+        // Warm pool and a rebalance, then InService: the rebalance drain.
+        let m = on_notice(&Mode::Running, &Notice::WarmPool, &p, t(NOW));
+        let m = on_notice(&m, &Notice::Rebalance, &p, t(NOW));
+        let m = on_notice(&m, &Notice::InService, &p, t(NOW));
+        assert_eq!(
+            m.drain().map(|d| d.reasons.clone()),
+            Some(vec![DrainReason::Rebalance])
+        );
+        // Scale-in off: a recommendation changes nothing, in either policy.
+        for rebalance in [RebalancePolicy::Drain, RebalancePolicy::StopIntake] {
+            let off = Policy {
+                scale_in: false,
+                ..policy(rebalance)
+            };
+            assert_eq!(
+                on_notice(&Mode::Running, &Notice::Rebalance, &off, t(NOW)),
+                Mode::Running
+            );
+        }
+        // A spot resume alone still returns to work.
+        let m = on_notice(
+            &Mode::Running,
+            &Notice::Spot {
+                time: t("2026-11-28T08:22:00Z"),
+            },
+            &p,
+            t(NOW),
+        );
+        assert_eq!(on_notice(&m, &Notice::Resumed, &p, t(NOW)), Mode::Running);
     }
 
     #[test]

@@ -249,21 +249,27 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "status endpoint listening");
-    spotguard_common::http::serve(listener, shutdown, move |req: Request<Incoming>| {
-        let status = status.clone();
-        async move {
-            let r = match req.uri().path() {
-                "/healthz" => {
-                    let (code, text) = status.healthz();
-                    reply(code, "text/plain", text)
-                }
-                "/status" => reply(200, "application/json", status.json().to_string()),
-                "/metrics" => reply(200, "text/plain; version=0.0.4", status.prometheus()),
-                _ => reply(404, "text/plain", "not found\n"),
-            };
-            Ok::<_, std::convert::Infallible>(r)
-        }
-    })
+    let limits = spotguard_common::http::Limits::exposed();
+    spotguard_common::http::serve_within(
+        listener,
+        shutdown,
+        move |req: Request<Incoming>| {
+            let status = status.clone();
+            async move {
+                let r = match req.uri().path() {
+                    "/healthz" => {
+                        let (code, text) = status.healthz();
+                        reply(code, "text/plain", text)
+                    }
+                    "/status" => reply(200, "application/json", status.json().to_string()),
+                    "/metrics" => reply(200, "text/plain; version=0.0.4", status.prometheus()),
+                    _ => reply(404, "text/plain", "not found\n"),
+                };
+                Ok::<_, std::convert::Infallible>(r)
+            }
+        },
+        limits,
+    )
     .await
 }
 

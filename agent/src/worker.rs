@@ -37,6 +37,11 @@ pub const CHECKPOINT_ATTR: &str = "spotguard.checkpoint";
 pub const ORIGINAL_ID_ATTR: &str = "spotguard.original-message-id";
 /// The first message's first receive time (RFC 3339), kept across hand-overs.
 pub const FIRST_RECEIVED_ATTR: &str = "spotguard.first-received-at";
+/// How many times the job was interrupted (a drain's deadline, or a notice
+/// it yielded to) and its message re-sent rather than handed back: a
+/// hand-back would spend one of the message's receives towards the
+/// dead-letter queue for what is not the message's fault.
+pub const INTERRUPTIONS_ATTR: &str = "spotguard.interruptions";
 /// Http mode: the header a worker answers with its checkpoint reference, and
 /// the header the next worker gets it in.
 pub const CHECKPOINT_HEADER: &str = "X-Spotguard-Checkpoint";
@@ -188,7 +193,9 @@ impl Periodic {
             self.name,
             self.scheduled_at,
             self.path,
-            sender.unwrap_or("")
+            // The principal, not the session: a retried controller
+            // invocation may come from another Lambda instance's session.
+            sender.map_or("", |s| s.split(':').next().unwrap_or(s))
         )
     }
 }
@@ -347,6 +354,13 @@ pub trait Worker: Send + Sync + 'static {
     fn job_group(&self) -> Option<u32> {
         None
     }
+    /// Whether any job can run: `Err` names why not (an instance fault that
+    /// needs no message to find). Cheap: called before each receive.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// No job runs any more: what jobs left behind is ended.
+    fn all_done(&self) {}
     /// Runs a job until it ends or `stop` completes, whichever is first,
     /// telling it of every notice on `notices`.
     fn run(
@@ -368,6 +382,25 @@ impl Worker for WorkerSpec {
 
     fn job_group(&self) -> Option<u32> {
         self.job_user.as_ref().map(|u| u.gid)
+    }
+
+    fn all_done(&self) {
+        if let Some(u) = &self.job_user {
+            let n = end_processes_of(u.uid);
+            if n > 0 {
+                tracing::warn!(user = %u.name, processes = n, "processes of the job user outlived their jobs; killed");
+            }
+        }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        match &self.mode {
+            WorkerMode::Exec(argv) => match argv.first() {
+                Some(program) => program_ready(program, std::env::var_os("PATH").as_deref()),
+                None => Err("worker.command is empty".into()),
+            },
+            WorkerMode::Http(_) => Ok(()),
+        }
     }
 
     fn run(
@@ -440,6 +473,69 @@ async fn dispatch(
         WorkerMode::Http(url) => http(spec, url, msg, periodic, notices, stop).await,
     }
 }
+
+/// Whether `program` (a path, or a name looked up in `path` as exec does)
+/// is an executable file: what a start would find, without a message.
+pub fn program_ready(program: &str, path: Option<&std::ffi::OsStr>) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = Path::new(program);
+        return match std::fs::metadata(p) {
+            Err(e) => Err(format!("worker.command {program}: {e}")),
+            Ok(_) if !executable(p) => {
+                Err(format!("worker.command {program}: not an executable file"))
+            }
+            Ok(_) => Ok(()),
+        };
+    }
+    let found = path
+        .map(std::env::split_paths)
+        .into_iter()
+        .flatten()
+        .any(|dir| executable(&dir.join(program)));
+    if found {
+        Ok(())
+    } else {
+        Err(format!("worker.command {program}: not found on PATH"))
+    }
+}
+
+/// SIGKILLs every process whose real uid is `uid` (the job user's, never
+/// the agent's): called when no job runs, so all of them are strays.
+/// Returns how many were signalled. Linux: `/proc/<pid>/status`.
+pub fn end_processes_of(uid: u32) -> usize {
+    if uid == 0 || uid == nix::unistd::getuid().as_raw() {
+        return 0;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let real = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok());
+        if real == Some(uid) && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// What a job run as another user keeps of the agent's environment.
+pub const JOB_ENV_KEPT: [&str; 5] = ["PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ"];
 
 /// The client an sqsd-style app is reached with: no proxy (the app is on
 /// this instance), and no redirect followed: a 307 would replay the POST,
@@ -527,6 +623,19 @@ async fn exec(
         return ended(Outcome::Failed("worker.command is empty".into()));
     };
     let mut cmd = Command::new(program);
+    if spec.job_user.is_some() {
+        // Another user's job gets none of the agent's environment (an
+        // operator's Environment= may hold credentials; systemd's
+        // variables name the agent's state): the locale, the time zone and
+        // PATH, then worker.env and the job's own variables below.
+        cmd.env_clear();
+        for k in JOB_ENV_KEPT {
+            if let Some(v) = std::env::var_os(k) {
+                cmd.env(k, v);
+            }
+        }
+        cmd.env("HOME", files.map_or(Path::new("/"), |f| f.dir.as_path()));
+    }
     cmd.args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::inherit())
@@ -646,13 +755,17 @@ async fn exec(
             }
             reason = &mut stop => {
                 if let Some(pgid) = pgid {
+                    // One grace for the whole group: the stop must fit in
+                    // the deadline margin with the hand-back after it.
+                    let started = tokio::time::Instant::now();
                     signal_group(pgid, Signal::SIGTERM);
                     if tokio::time::timeout(spec.term_grace, &mut run).await.is_err() {
                         signal_group(pgid, Signal::SIGKILL);
                         let _ = run.await;
                     } else {
-                        // The leader went; helpers that ignore SIGTERM may not.
-                        end_group(pgid, spec.term_grace).await;
+                        // The leader went; helpers that ignore SIGTERM may
+                        // not: the rest of the same grace, then SIGKILL.
+                        end_group(pgid, spec.term_grace.saturating_sub(started.elapsed())).await;
                     }
                 }
                 return ended(Outcome::Stopped(reason));
@@ -1053,8 +1166,12 @@ mod tests {
             .expect("nobody is another user than root");
         let base = std::env::temp_dir().join(format!("sg-jobuser-{}", std::process::id()));
         let files = JobFiles::create(&base, "m-user", Some(user.gid)).unwrap();
-        let script = "{ id -u; id -G; grep -E '^Cap(Prm|Eff|Amb):' /proc/self/status; \
-                      cat /proc/self/oom_score_adj; pwd; } > out; \
+        // The agent's own environment (here cargo's, set for every test
+        // run) does not reach the job.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        let script = "{ id -u; id -G; grep -E '^Cap(Prm|Eff|Amb|Inh):' /proc/self/status; \
+                      cat /proc/self/oom_score_adj; pwd; \
+                      echo \"secret=${CARGO_MANIFEST_DIR:-}\"; } > out; \
                       echo s3://bucket/ckpt > \"$SPOTGUARD_CHECKPOINT_FILE\"";
         let spec = WorkerSpec {
             state_dir: base.clone(),
@@ -1077,15 +1194,19 @@ mod tests {
         assert_eq!(lines[0], user.uid.to_string(), "{out}");
         // Its own group only: none of the agent's (root's) groups.
         assert_eq!(lines[1], user.gid.to_string(), "{out}");
-        for (line, cap) in lines[2..5].iter().zip(["CapPrm:", "CapEff:", "CapAmb:"]) {
+        for (line, cap) in lines[2..6]
+            .iter()
+            .zip(["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"])
+        {
             assert_eq!(
                 line.split_whitespace().collect::<Vec<_>>(),
                 [cap, "0000000000000000"],
                 "{out}"
             );
         }
-        assert_eq!(lines[5], "500", "{out}");
-        assert_eq!(std::path::Path::new(lines[6]), files.dir.as_path(), "{out}");
+        assert_eq!(lines[6], "500", "{out}");
+        assert_eq!(std::path::Path::new(lines[7]), files.dir.as_path(), "{out}");
+        assert_eq!(lines[8], "secret=", "{out}");
         // Its files are left to its group, which the agent reads them through.
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let m = std::fs::metadata(files.dir.join("out")).unwrap();
@@ -1417,6 +1538,110 @@ mod tests {
         .await;
         assert_eq!(ended.outcome, Outcome::Succeeded);
         assert_eq!(seen_len(&seen_ref), before + 1);
+    }
+
+    #[test]
+    fn a_missing_or_unexecutable_program_is_found_without_a_message() {
+        let dir = std::env::temp_dir().join(format!("sg-prog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("run-job");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        let p = script.to_str().unwrap();
+        assert_eq!(
+            program_ready(p, None),
+            Err(format!("worker.command {p}: not an executable file"))
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(program_ready(p, None), Ok(()));
+        assert!(program_ready("/nonexistent/run-job", None)
+            .unwrap_err()
+            .starts_with("worker.command /nonexistent/run-job: "));
+        // A bare name is looked up on PATH, as exec does.
+        let path = std::ffi::OsString::from(format!("/nonexistent:{}", dir.display()));
+        assert_eq!(program_ready("run-job", Some(&path)), Ok(()));
+        assert_eq!(
+            program_ready("no-such-job", Some(&path)),
+            Err("worker.command no-such-job: not found on PATH".into())
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_job_and_its_helpers_are_gone_within_one_grace() {
+        // The leader leaves 1.2 s after SIGTERM; its helper ignores SIGTERM.
+        let script = "(trap '' TERM; exec sleep 30) & \
+                      trap 'sleep 1.2; exit 0' TERM; \
+                      while :; do sleep 0.1; done";
+        let spec = WorkerSpec {
+            term_grace: Duration::from_secs(2),
+            ..test_spec(WorkerMode::Exec(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                script.into(),
+            ]))
+        };
+        let msg = Message {
+            attributes: Default::default(),
+            ..periodic_msg("m-grace")
+        };
+        let (_tx, rx) = watch::channel(None);
+        let stop = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            StopReason::Deadline
+        };
+        let t0 = std::time::Instant::now();
+        let ended = execute(&spec, &msg, None, rx, stop).await;
+        let took = t0.elapsed() - Duration::from_millis(300);
+        assert_eq!(ended.outcome, Outcome::Stopped(StopReason::Deadline));
+        // One grace (2 s), not the leader's 1.2 s and then a second grace.
+        assert!(took < Duration::from_millis(2700), "{took:?}");
+        assert!(took >= Duration::from_millis(1900), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_process_that_escaped_its_job_is_ended_when_no_job_runs() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: switching a job to another user needs root here");
+            return;
+        }
+        // A uid no one else uses here, so the sweep touches nothing else.
+        let uid = 64_321;
+        let user = crate::jobuser::JobUser {
+            name: "sg-test-stray".into(),
+            uid,
+            gid: uid,
+            groups: vec![uid],
+        };
+        let spec = WorkerSpec {
+            job_user: Some(user),
+            ..test_spec(WorkerMode::Exec(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                // Its own session: out of the job's process group.
+                "setsid sleep 300 </dev/null >/dev/null 2>&1 & sleep 0.5; exit 0".into(),
+            ]))
+        };
+        let msg = Message {
+            attributes: Default::default(),
+            ..periodic_msg("m-stray")
+        };
+        let (_tx, rx) = watch::channel(None);
+        let ended = execute(&spec, &msg, None, rx, std::future::pending()).await;
+        assert_eq!(ended.outcome, Outcome::Succeeded);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let strays = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+                .filter(|s| s.contains(&format!("Uid:\t{uid}\t")) && !s.contains("State:\tZ"))
+                .count()
+        };
+        assert_eq!(strays(), 1, "the escapee outlived its job");
+        spec.all_done();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(strays(), 0);
     }
 
     #[test]

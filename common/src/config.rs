@@ -86,33 +86,59 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let column = before.len() - line_start + 1;
     let line = text[line_start..].lines().next().unwrap_or("");
+    // `[worker.env]`, `[ worker . "env" ] # note`: the dotted name, bare.
+    let bare = |t: &str| -> String {
+        t.split('.')
+            .map(|p| p.trim().trim_matches(['"', '\'']))
+            .collect::<Vec<_>>()
+            .join(".")
+    };
     let table = before[..line_start]
         .lines()
         .rev()
         .find_map(|l| {
-            let l = l.trim();
+            let l = l.split('#').next().unwrap_or("").trim();
             l.strip_prefix('[')
                 .and_then(|l| l.strip_suffix(']'))
-                .map(|t| t.trim_matches(['[', ']']).trim().to_string())
+                .map(|t| bare(t.trim_matches(['[', ']'])))
         })
         .unwrap_or_default();
     let key = line
         .split_once('=')
-        .map(|(k, _)| k.trim())
+        .map(|(k, _)| bare(k))
         .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let key = key.as_deref();
     let path = match (table.as_str(), key) {
         ("", Some(k)) => format!("`{k}`: "),
         (t, Some(k)) => format!("`{t}.{k}`: "),
         _ => String::new(),
     };
-    let secret = table == "env" || table.ends_with(".env") || key.is_some_and(|k| k == "env");
+    let full = match key {
+        Some(k) if table.is_empty() => k.to_string(),
+        Some(k) => format!("{table}.{k}"),
+        None => table.clone(),
+    };
+    let secret = full.split('.').any(|p| p == "env");
+    // Values appear quoted ("...") or in backticks (`12345`): elided both.
     let reason = if secret {
-        reason
-            .split('"')
-            .enumerate()
-            .map(|(i, part)| if i % 2 == 1 { "…" } else { part })
-            .collect::<Vec<_>>()
-            .join("\"")
+        let mut out = String::new();
+        let mut quote = None;
+        for c in reason.chars() {
+            match quote {
+                None if c == '"' || c == '`' => {
+                    quote = Some(c);
+                    out.push(c);
+                    out.push('…');
+                }
+                None => out.push(c),
+                Some(q) if c == q => {
+                    quote = None;
+                    out.push(c);
+                }
+                Some(_) => {}
+            }
+        }
+        out
     } else {
         reason
     };
@@ -255,20 +281,24 @@ mod tests {
         #[derive(Debug, Deserialize)]
         #[allow(dead_code)]
         struct Env {
-            env: std::collections::BTreeMap<String, u32>,
+            env: std::collections::BTreeMap<String, String>,
         }
         impl Validate for WithEnv {
             fn validate(self) -> Result<Self, Invalid> {
                 Ok(self)
             }
         }
-        let e = parse::<WithEnv>("[worker.env]\nTOKEN = \"hunter2-secret\"\n", "c.toml")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            e,
-            "c.toml: `worker.env.TOKEN`: line 2, column 9: invalid type: string \"…\", expected u32"
-        );
+        // As the real `worker.env`: strings; a number is the only mistake,
+        // and serde quotes it in backticks.
+        for text in [
+            "[worker.env]\nTOKEN = 12345678\n",
+            "[worker . \"env\"] # secrets\nTOKEN = 12345678\n",
+            "[worker]\nenv.TOKEN = 12345678\n",
+        ] {
+            let e = parse::<WithEnv>(text, "c.toml").unwrap_err().to_string();
+            assert!(!e.contains("12345678"), "{text:?}: {e}");
+            assert!(e.contains("TOKEN`: line 2, column "), "{text:?}: {e}");
+        }
     }
 
     #[test]

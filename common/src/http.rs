@@ -28,6 +28,23 @@ pub struct Limits {
     /// (hyper's `header_read_timeout`; the status endpoint's scrapers send
     /// theirs at once).
     pub header_read_timeout: Duration,
+    /// A connection is closed after this long whatever it does: the head
+    /// timeout runs only while a head is read, and a peer that pipelines
+    /// requests and never reads the answers holds its slot otherwise.
+    /// `None`: no bound (test servers whose requests last as long as a job).
+    pub max_connection_time: Option<Duration>,
+}
+
+impl Limits {
+    /// For an endpoint anyone on the instance can reach (the agent's
+    /// status): one request per connection, 30 s at most each (a scrape
+    /// answers in milliseconds).
+    pub fn exposed() -> Limits {
+        Limits {
+            max_connection_time: Some(Duration::from_secs(30)),
+            ..Limits::default()
+        }
+    }
 }
 
 impl Default for Limits {
@@ -37,6 +54,7 @@ impl Default for Limits {
         Limits {
             max_connections: 64,
             header_read_timeout: Duration::from_secs(10),
+            max_connection_time: None,
         }
     }
 }
@@ -97,12 +115,22 @@ where
         tokio::spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(handle);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+                .keep_alive(limits.max_connection_time.is_none())
+                .serve_connection(TokioIo::new(stream), service);
+            let ended = match limits.max_connection_time {
+                Some(t) => match tokio::time::timeout(t, conn).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::debug!("connection held too long; closed");
+                        return;
+                    }
+                },
+                None => conn.await,
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended");
             }
         });
@@ -133,6 +161,42 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_peer_that_never_reads_its_answers_is_closed_on_an_exposed_endpoint() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_within(
+            listener,
+            std::future::pending(),
+            |_req: Request<Incoming>| async {
+                Ok::<_, std::io::Error>(reply(200, "text/plain", "x".repeat(64 * 1024)))
+            },
+            Limits {
+                max_connections: 1,
+                max_connection_time: Some(Duration::from_millis(500)),
+                ..Limits::exposed()
+            },
+        ));
+        // Pipelined requests, answers never read: hyper blocks writing.
+        let mut hog = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let many = "GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200);
+        let _ =
+            tokio::time::timeout(Duration::from_millis(300), hog.write_all(many.as_bytes())).await;
+        // The slot comes back within the connection's bound.
+        let mut next = tokio::net::TcpStream::connect(addr).await.unwrap();
+        next.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), next.read_to_end(&mut out))
+            .await
+            .expect("served once the hog was closed")
+            .unwrap();
+        assert!(out.starts_with(b"HTTP/1.1 200"));
+        drop(hog);
+    }
+
+    #[tokio::test]
     async fn a_silent_peer_is_dropped_and_connections_past_the_cap_wait() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -140,6 +204,7 @@ mod tests {
         let limits = Limits {
             max_connections: 1,
             header_read_timeout: Duration::from_millis(300),
+            max_connection_time: None,
         };
         tokio::spawn(serve_within(
             listener,

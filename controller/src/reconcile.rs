@@ -274,7 +274,18 @@ impl Memory {
         m.primary_short_since = time(TAG_SHORT_SINCE, &mut warnings);
         m.primary_whole_since = time(TAG_WHOLE_SINCE, &mut warnings);
         m.intake_closed = tags.get(TAG_INTAKE).is_some_and(|v| v == "closed");
-        m.handover_to = tags.get(TAG_HANDOVER).and_then(|v| v.parse().ok());
+        m.handover_to = match tags.get(TAG_HANDOVER).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(v) => match v.parse::<i32>() {
+                Ok(n) if n >= 0 => Some(n),
+                _ => {
+                    warnings.push(format!(
+                        "tag {TAG_HANDOVER}={v:?} is not a count of instances; ignored"
+                    ));
+                    None
+                }
+            },
+        };
         m.held_since = time(TAG_HELD_SINCE, &mut warnings);
         if let Some(v) = tags.get(TAG_VERSION) {
             match v.parse() {
@@ -883,7 +894,12 @@ pub fn reconcile_seen(
                 m.handover_to = None;
             }
         } else {
-            let to = *m.handover_to.get_or_insert(work.min(p.max));
+            // Within the primary's MaxSize whatever the tag says: a larger
+            // target (a tampered tag, a MaxSize lowered mid-hand-over) is a
+            // desired capacity AWS refuses every tick, and the memory is
+            // never saved after a refused action.
+            let to = (*m.handover_to.get_or_insert(work.min(p.max))).clamp(0, p.max.max(0));
+            m.handover_to = Some(to);
             if p.in_service + p.pending < to && p.desired < to {
                 actions.push(Action::SetPrimaryDesired {
                     from: p.desired,
@@ -941,8 +957,11 @@ pub fn reconcile_seen(
     }
     let mut m = m.normalized();
     if m != stored || memory.to_tags() != stored.to_tags() {
-        // Saturating: a version tag written at u64::MAX must not overflow.
-        m.version = stored.version.saturating_add(1);
+        // Wrapping: a version tag written at u64::MAX must not overflow,
+        // and versions are only compared for equality, so each write must
+        // still change it (saturating would make every later write look
+        // like no write to a concurrent writer).
+        m.version = stored.version.wrapping_add(1);
         actions.push(Action::SaveMemory { tags: m.to_tags() });
     }
     Plan {
@@ -1347,6 +1366,23 @@ mod tests {
     }
 
     #[test]
+    fn a_hand_over_target_past_the_primarys_max_size_is_cut_to_it() {
+        // A tag writer (or a MaxSize lowered mid-hand-over) leaves a target
+        // of 500 for a primary of MaxSize 10: it is asked for 10, which
+        // AWS takes, not 500, which it refuses every tick.
+        let g = group(3, 3, 3, 3);
+        let mut m = failed_over_at(0);
+        m.handover_to = Some(500);
+        let p = PrimaryGroup {
+            max: 10,
+            ..busy(up(4, 4), 4)
+        };
+        let (next, plan) = step_p(&m, &g, p, &[], 60);
+        assert_eq!(raise_to(&plan), Some(10));
+        assert_eq!(next.handover_to, Some(10));
+    }
+
+    #[test]
     fn a_primary_at_its_max_size_with_more_work_keeps_the_fallback_open() {
         // 10 busy in a primary of MaxSize 10, 3 busy in the fallback: the
         // primary cannot run the 13; the fallback keeps its intake.
@@ -1604,7 +1640,8 @@ mod tests {
         tags.insert(TAG_HELD_SINCE.into(), rfc(5000));
         let (m, _) = Memory::from_tags(&tags, t(1000));
         assert_eq!(m.held_since, None);
-        // A version at the maximum saturates instead of overflowing.
+        // A version at the maximum wraps instead of overflowing, so the
+        // write still changes it for a concurrent writer's check.
         let mut m = failed_over_at(0);
         m.version = u64::MAX;
         let p = reconcile(&m, &group(0, 10, 0, 0), &[fail(900, "z")], t(1000), &s);
@@ -1612,7 +1649,13 @@ mod tests {
             .actions
             .iter()
             .any(|a| matches!(a, Action::SaveMemory { .. })));
-        assert_eq!(p.memory.version, u64::MAX);
+        assert_eq!(p.memory.version, 0);
+        // A negative hand-over target is no target.
+        let mut tags = failed_over_at(0).to_tags();
+        tags.insert(TAG_HANDOVER.into(), "-5".into());
+        let (m, warnings) = Memory::from_tags(&tags, t(1000));
+        assert_eq!(m.handover_to, None);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
     }
 
     #[test]

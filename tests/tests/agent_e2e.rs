@@ -144,7 +144,7 @@ fn a_spot_notice_stops_intake_and_hands_the_long_job_to_another_agent() {
             );
         }
     }
-    // The message is back at once (visibility 0), not after 30 s.
+    // The message is back at once (re-sent in its place), not after 30 s.
     let _agent_b = s.start(
         "agent-b",
         &s.agent_config(1, "b", |c| {
@@ -168,9 +168,9 @@ fn a_spot_notice_stops_intake_and_hands_the_long_job_to_another_agent() {
     assert_eq!(
         (starts[1].0, starts[1].1.as_str()),
         (2, "b"),
-        "seen again with a higher receive count"
+        "seen again, one interruption more (re-sent, not handed back)"
     );
-    // Handed back with visibility 0: agent b got it within seconds of its
+    // Back at once: agent b got it within seconds of its
     // start, not after the 30 s visibility timeout.
     let b_took = starts[1].2 - term_at;
     assert!(

@@ -10,13 +10,27 @@
 //! concurrent workers do not interleave):
 //! With `"leave_child": true` on the first line, only that line is read: a
 //! `sleep 301` child inherits the rest of stdin and outlives the worker.
-//! `start <id> <receive_count> <pid> <agent> <ms>`, then `done <id> <ms>`,
+//! `start <id> <try> <pid> <agent> <ms>` (`<try>`: the receive count plus
+//! the interruptions the message was re-sent for), then `done <id> <ms>`,
 //! `fail <id> <ms>` or `term <id> <ms>` (`<agent>` is `$TEST_AGENT`, `<ms>`
 //! milliseconds since the epoch).
 //! With `SPOTGUARD_TEST_RAW_DIR`, the raw body is also copied to
 //! `<dir>/<message id>` and the environment to `<dir>/<message id>.env`.
 
 use std::io::{Read, Write};
+
+/// This run's try: the receive count plus the interruptions the message was
+/// re-sent for (an interrupted job comes back as a new message, receive
+/// count 1, `spotguard.interruptions` counted), as text.
+fn try_number() -> String {
+    let n = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    (n("SPOTGUARD_RECEIVE_COUNT") + n("SPOTGUARD_ATTR_spotguard_interruptions")).to_string()
+}
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -123,7 +137,7 @@ fn main() {
             .stdin(std::process::Stdio::inherit())
             .spawn();
         let id = first_line["id"].as_str().unwrap_or("-").to_string();
-        let count = std::env::var("SPOTGUARD_RECEIVE_COUNT").unwrap_or_default();
+        let count = try_number();
         let agent = std::env::var("TEST_AGENT").unwrap_or_else(|_| "-".into());
         record(&format!(
             "start {id} {count} {} {agent}",
@@ -140,7 +154,7 @@ fn main() {
     }
     stdin.read_to_end(&mut body).expect("stdin");
     let msg_id = std::env::var("SPOTGUARD_MESSAGE_ID").unwrap_or_default();
-    let count = std::env::var("SPOTGUARD_RECEIVE_COUNT").unwrap_or_default();
+    let count = try_number();
     if let Some(dir) = std::env::var_os("SPOTGUARD_TEST_RAW_DIR") {
         let dir = std::path::PathBuf::from(dir);
         std::fs::write(dir.join(&msg_id), &body).expect("raw body");
