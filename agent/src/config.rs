@@ -665,6 +665,15 @@ impl WorkerConfig {
             (None, Some(u)) if !u.starts_with("http://") => {
                 return invalid("worker.url", format!("{u:?} is not an http:// URL"))
             }
+            (Some(c), None) if c[0].contains('/') && !c[0].starts_with('/') => {
+                return invalid(
+                    "worker.command",
+                    format!(
+                        "{:?} is a relative path: give an absolute path, or a bare name looked up on PATH",
+                        c[0]
+                    ),
+                )
+            }
             (Some(c), None) if c.iter().any(|a| a.contains('\0')) => {
                 return invalid(
                     "worker.command",
@@ -813,10 +822,12 @@ impl InterruptionConfig {
                 "must be the hook's HeartbeatTimeout, 30s..=2h",
             );
         }
-        if self.lifecycle_heartbeat_interval.0 >= timeout {
+        // Half: a heartbeat that fails once is retried in 5 s and still
+        // lands within the timeout.
+        if self.lifecycle_heartbeat_interval.0 * 2 > timeout {
             return invalid(
                 "interruption.lifecycle_heartbeat_interval",
-                "must be shorter than interruption.lifecycle_heartbeat_timeout, or the hook times out between heartbeats",
+                "must be at most half of interruption.lifecycle_heartbeat_timeout, or a missed heartbeat lets the hook time out",
             );
         }
         Ok(())
@@ -1004,6 +1015,9 @@ command = ["/bin/true"]
         ))
         .contains("exactly one"));
         assert!(err_full(&format!("{q}[worker]\ncommand = []\n")).contains("worker.command"));
+        assert!(
+            err_full(&format!("{q}[worker]\ncommand = [\"bin/run\"]\n")).contains("relative path")
+        );
         assert!(err_full(&format!("{q}[worker]\nurl = \"ftp://x\"\n")).contains("worker.url"));
         assert!(err_full(&format!(
             "{q}[worker]\ncommand = [\"a\"]\nconcurrency = 0\n"

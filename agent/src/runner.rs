@@ -65,6 +65,10 @@ pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(600);
 /// Describe call a minute.
 pub const GROUP_LOOK_AGAIN: Duration = Duration::from_secs(60);
 
+/// How often the worker's program is checked (a stat or a few): a program
+/// removed mid-deploy costs at most one start failure in this time.
+pub const WORKER_CHECK_EVERY: Duration = Duration::from_secs(10);
+
 /// After an unclear scale-in answer, the instance's state is read this long
 /// later, and again as long after a reading that says it stays: Describe
 /// calls are eventually consistent, and a terminate that did apply can
@@ -213,6 +217,8 @@ pub struct Books {
     /// not executable): why. Checked before each receive, so no message's
     /// receive is spent finding out.
     pub worker_unready: Option<String>,
+    /// When the worker was last checked.
+    pub worker_checked: Option<Instant>,
     /// `health.command` has answered at least once (or there is none).
     pub check_known: bool,
     pub health_check: Pending,
@@ -264,6 +270,7 @@ impl Books {
             broken: None,
             check_failing: None,
             worker_unready: None,
+            worker_checked: None,
             check_known: true,
             health_check: Pending::new(now),
             imds_ready: false,
@@ -367,6 +374,17 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     let idle = jobs == 0
         && (now.saturating_duration_since(b.last_activity) >= s.idle_timeout || b.intake_closed);
 
+    // In no group, nothing can take the instance away on advice: a
+    // rebalance's stop (from before the group was found missing) ends.
+    if b.not_in_group
+        && (matches!(mode, Mode::IntakeStopped)
+            || mode
+                .drain()
+                .is_some_and(|d| d.reasons == [DrainReason::Rebalance]))
+    {
+        mode = Mode::Running;
+    }
+
     // Idle: stop intake and scale in (also after a rebalance drain).
     if s.scale_in && idle && !b.not_in_group && b.scale_in.ready(now) {
         if let Some(m) = state::on_idle(&mode) {
@@ -405,7 +423,7 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     }
 
     // The group, for protection, the lifecycle hook and the intake tag.
-    if (s.protect_busy || s.hook || s.follow_intake.is_some())
+    if (s.protect_busy || s.hook || s.follow_intake.is_some() || b.not_in_group)
         && b.group.is_none()
         && b.group_lookup.ready(now)
     {
@@ -435,9 +453,10 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
     // or EnteringStandby or Standby"), and a retry every 5 s for the whole
     // drain would compete with the hook's heartbeats for the account's
     // Auto Scaling rate; it protects nothing there anyway.
-    let leaving = mode
-        .drain()
-        .is_some_and(|d| d.has(DrainReason::LifecycleTerminated) || d.has(DrainReason::WarmPool));
+    let leaving = matches!(mode, Mode::Terminating)
+        || mode.drain().is_some_and(|d| {
+            d.has(DrainReason::LifecycleTerminated) || d.has(DrainReason::WarmPool)
+        });
     if s.protect_busy && b.group.is_some() && !leaving && b.protection.ready(now) {
         let want = if jobs > 0 {
             true
@@ -727,6 +746,16 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
     /// every turn of the loop, so before each receive. A change is logged
     /// once and shown on `/healthz`.
     fn check_worker(&self, b: &mut Books) {
+        // A stat of the program (and of PATH's directories): every 10 s at
+        // most, not on every turn of the loop, which also serves heartbeats
+        // and IMDS polls.
+        let at = Instant::now();
+        if b.worker_checked
+            .is_some_and(|t| at.duration_since(t) < WORKER_CHECK_EVERY)
+        {
+            return;
+        }
+        b.worker_checked = Some(at);
         let now = self.worker.ready().err();
         if now == b.worker_unready {
             return;
@@ -806,6 +835,20 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 state: TargetLifecycleState::InService,
                 ..
             } => Some(Notice::InService),
+            // Detached from its group: a standalone instance from now on
+            // (no protection, no hook, no scale-in; the lookups go on).
+            WatchEvent::LifecycleState {
+                state: TargetLifecycleState::Detached,
+                ..
+            } => {
+                if st.books.group.take().is_some() {
+                    tracing::warn!(
+                        "detached from its Auto Scaling group: working on as a standalone instance"
+                    );
+                }
+                st.books.not_in_group = true;
+                None
+            }
             WatchEvent::LifecycleState { .. } => None,
             WatchEvent::ScheduledEvent { .. } => {
                 inc(&c.notices_scheduled);
@@ -836,7 +879,12 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
     fn apply(&self, st: &mut Loop, notice: Notice, chans: &Chans) {
         let b = &mut st.books;
         let before = b.mode.clone();
-        b.mode = state::on_notice(&b.mode, &notice, &self.policy(), self.clock.now());
+        let policy = Policy {
+            // An instance in no group cannot leave by itself either.
+            scale_in: self.cfg.scale_in.enabled && !b.not_in_group,
+            ..self.policy()
+        };
+        b.mode = state::on_notice(&b.mode, &notice, &policy, self.clock.now());
         if b.mode == before {
             return;
         }
@@ -922,6 +970,10 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 b.failed_messages.clear();
                 if b.broken.take().is_some() {
                     b.broken_until = None;
+                    // Healthy again: a mark still waiting (its calls
+                    // failing) must not replace a working instance.
+                    b.replace_pending = false;
+                    b.mark = Pending::new(Instant::now());
                     tracing::info!("a job succeeded after the breaker's cool-down: healthy again");
                     self.status.set_unhealthy(b.unhealthy().map(str::to_string));
                 }
@@ -931,7 +983,14 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             // on a quiet instance is the message's fault, not the
             // instance's. Not starting is the instance's each time.
             Settled::Failed | Settled::TimedOut if !b.failed_messages.contains(&r.message_id) => {
-                b.failed_messages.push(r.message_id.clone());
+                // At most the breaker's count (it trips there; 0: off).
+                let keep = self.cfg.health.max_consecutive_failures as usize;
+                if keep > 0 {
+                    if b.failed_messages.len() >= keep {
+                        b.failed_messages.remove(0);
+                    }
+                    b.failed_messages.push(r.message_id.clone());
+                }
                 b.failures_in_a_row += 1;
             }
             Settled::NotStarted => b.failures_in_a_row += 1,
@@ -1091,14 +1150,13 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                     // left the group); any other state (InService, Standby,
                     // Pending...) means it stays: back to work.
                     let leaving = match state.as_deref() {
-                        // Listed in no group: it left the one it was known
-                        // in, or (never known in one: a standalone or
-                        // detached instance) there is nothing to scale in.
+                        // Listed in no group: a terminating instance stays
+                        // listed until it is gone (and the agent with it),
+                        // so this one stays: standalone, or detached.
                         None => {
-                            if b.group.is_none() {
-                                b.not_in_group = true;
-                            }
-                            b.group.is_some()
+                            b.group = None;
+                            b.not_in_group = true;
+                            false
                         }
                         Some(s) => s.starts_with("Terminating") || s == "Terminated",
                     };
@@ -1234,10 +1292,16 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 }
                 Err(e) => {
                     // Tried again (1, 2, 4 ... s): a throttled call must not
-                    // leave a broken instance eating the queue.
+                    // leave a broken instance eating the queue. Not when
+                    // AWS says it never will (no group, no permission), and
+                    // not once the breaker has closed again.
                     inc(&c.aws_errors);
                     b.mark.failed(now, receive_backoff);
-                    b.replace_pending = true;
+                    let permanent = matches!(
+                        e.code.as_deref(),
+                        Some("ValidationError" | "AccessDenied" | "AccessDeniedException")
+                    );
+                    b.replace_pending = !permanent && b.broken.is_some();
                     tracing::warn!(error = %e, retry_in = ?receive_backoff(b.mark.failures), "cannot mark the instance unhealthy");
                 }
             },

@@ -487,6 +487,56 @@ async fn a_standalone_instance_keeps_working_after_its_scale_in_finds_no_group()
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_standalone_instance_takes_work_after_a_rebalance() {
+    // Found in no group (the idle scale-in's check), then a rebalance
+    // recommendation (stop-intake, the default): nothing can take the
+    // instance away, so it must not stop taking work.
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"30s\"\n"),
+        MemFleet::new(None, 0, 1),
+        false,
+    );
+    w.run_for(70).await;
+    assert_eq!(
+        w.fleet.calls("TerminateInstanceInAutoScalingGroup").len(),
+        1
+    );
+    w.rebalance().await;
+    w.run_for(5).await;
+    w.queue.push("1");
+    w.run_for(30).await;
+    assert_eq!(w.worker.started().len(), 1, "intake stopped for ever");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_detached_instance_works_on_and_never_parks_as_terminating() {
+    let w = World::start(
+        cfg("[scale_in]\nidle_timeout = \"30s\"\nprotect_busy = true\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    w.queue.push("5");
+    w.run_for(10).await;
+    // Detached by an operator: out of the group.
+    w.fleet.lock().group = None;
+    w.notice(WatchEvent::LifecycleState {
+        change: Change::New,
+        state: TargetLifecycleState::Detached,
+        previous: Some(TargetLifecycleState::InService),
+        terminating: false,
+    })
+    .await;
+    w.run_for(120).await;
+    assert!(w
+        .fleet
+        .calls("TerminateInstanceInAutoScalingGroup")
+        .is_empty());
+    w.queue.push("1");
+    w.run_for(30).await;
+    assert_eq!(w.worker.started().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_rebalance_drain_scales_in_once_idle() {
     let w = World::start(
         cfg("[scale_in]\nidle_timeout = \"30s\"\n[interruption]\nrebalance = \"drain\"\n"),
@@ -972,6 +1022,33 @@ async fn the_unhealthy_mark_is_retried_and_sent_again_on_every_trip() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_mark_still_failing_when_the_breaker_closes_is_dropped() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 2\non_unhealthy = \"replace\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    // Auto Scaling throttles every mark for a long while.
+    w.fleet.fail_next("SetInstanceHealth", "Throttling", 1000);
+    w.queue.push("1 fail");
+    w.queue.push("1 fail");
+    w.run_for(10).await;
+    assert!(!w.fleet.calls("SetInstanceHealth").is_empty());
+    // The cool-down ends, the job let through succeeds: healthy again.
+    w.queue.lock().messages.retain(|m| m.body != "1 fail");
+    w.queue.push("1");
+    w.run_for(620).await;
+    assert!(w.status.unhealthy().is_none());
+    let before = w.fleet.calls("SetInstanceHealth").len();
+    w.run_for(600).await;
+    assert_eq!(
+        w.fleet.calls("SetInstanceHealth").len(),
+        before,
+        "kept marking a healthy instance"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_success_resets_the_count_of_failures() {
     let w = World::start(
         cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 3\n"),
@@ -1025,9 +1102,9 @@ async fn a_missing_program_closes_intake_before_any_receive() {
         w.status.unhealthy().as_deref(),
         Some("worker.command /opt/run-job: not found")
     );
-    // Installed: intake opens at the next turn, no restart needed.
+    // Installed: intake opens at the next check (10 s), no restart needed.
     *w.worker.unready.lock().unwrap() = None;
-    w.run_for(5).await;
+    w.run_for(12).await;
     assert_eq!(w.worker.started().len(), 1);
     assert!(w.status.unhealthy().is_none());
 }

@@ -396,7 +396,16 @@ impl Worker for WorkerSpec {
     fn ready(&self) -> Result<(), String> {
         match &self.mode {
             WorkerMode::Exec(argv) => match argv.first() {
-                Some(program) => program_ready(program, std::env::var_os("PATH").as_deref()),
+                // The PATH the job gets: worker.env's, else the agent's.
+                Some(program) => {
+                    let path = self
+                        .env
+                        .iter()
+                        .find(|(k, _)| k == "PATH")
+                        .map(|(_, v)| std::ffi::OsString::from(v))
+                        .or_else(|| std::env::var_os("PATH"));
+                    program_ready(program, path.as_deref())
+                }
                 None => Err("worker.command is empty".into()),
             },
             WorkerMode::Http(_) => Ok(()),
@@ -1569,9 +1578,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_stopped_job_and_its_helpers_are_gone_within_one_grace() {
-        // The leader leaves 1.2 s after SIGTERM; its helper ignores SIGTERM.
+        // The leader leaves 1.5 s after SIGTERM; its helper ignores SIGTERM.
         let script = "(trap '' TERM; exec sleep 30) & \
-                      trap 'sleep 1.2; exit 0' TERM; \
+                      trap 'sleep 1.5; exit 0' TERM; \
                       while :; do sleep 0.1; done";
         let spec = WorkerSpec {
             term_grace: Duration::from_secs(2),
@@ -1594,8 +1603,9 @@ mod tests {
         let ended = execute(&spec, &msg, None, rx, stop).await;
         let took = t0.elapsed() - Duration::from_millis(300);
         assert_eq!(ended.outcome, Outcome::Stopped(StopReason::Deadline));
-        // One grace (2 s), not the leader's 1.2 s and then a second grace.
-        assert!(took < Duration::from_millis(2700), "{took:?}");
+        // One grace (2 s), not the leader's 1.5 s and then a second grace
+        // (3.5 s).
+        assert!(took < Duration::from_millis(3000), "{took:?}");
         assert!(took >= Duration::from_millis(1900), "{took:?}");
     }
 

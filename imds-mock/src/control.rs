@@ -37,6 +37,16 @@ pub enum ControlError {
 /// One HTTP/1.1 request to an `http://HOST:PORT/PATH` URL: (status, body).
 /// For loopback test servers (the mock, the agent's status endpoint).
 pub fn request(method: &str, url: &str, body: &str) -> Result<(u16, String), ControlError> {
+    request_with(method, url, body, None)
+}
+
+/// [`request`] with the control API's token, if any.
+pub fn request_with(
+    method: &str,
+    url: &str,
+    body: &str,
+    token: Option<&str>,
+) -> Result<(u16, String), ControlError> {
     let io = |source: std::io::Error| ControlError::Io {
         method: method.into(),
         url: url.into(),
@@ -50,9 +60,12 @@ pub fn request(method: &str, url: &str, body: &str) -> Result<(u16, String), Con
     let mut s = TcpStream::connect(host).map_err(io)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(io)?;
+    let token = token
+        .map(|t| format!("{}: {t}\r\n", crate::CONTROL_TOKEN_HEADER))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{token}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .map_err(io)?;
@@ -118,18 +131,30 @@ impl Requests {
 #[derive(Debug, Clone)]
 pub struct Control {
     pub base: String,
+    /// The control API's token (the mock program prints it at start).
+    pub token: Option<String>,
 }
 
 impl Control {
     pub fn new(base: impl Into<String>) -> Control {
-        Control { base: base.into() }
+        Control {
+            base: base.into(),
+            token: None,
+        }
+    }
+
+    pub fn with_token(self, token: impl Into<String>) -> Control {
+        Control {
+            token: Some(token.into()),
+            ..self
+        }
     }
 
     /// POSTs `body` to a control `path` and returns the JSON answer;
     /// anything but 200 is an error naming the status and the mock's text.
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ControlError> {
         let url = format!("{}{path}", self.base);
-        let (status, text) = request("POST", &url, &body.to_string())?;
+        let (status, text) = request_with("POST", &url, &body.to_string(), self.token.as_deref())?;
         if status != 200 {
             return Err(ControlError::Status {
                 method: "POST".into(),
@@ -147,7 +172,12 @@ impl Control {
 
     /// Any request to the mock (metadata paths included): (status, body).
     pub fn raw(&self, method: &str, path: &str, body: &str) -> Result<(u16, String), ControlError> {
-        request(method, &format!("{}{path}", self.base), body)
+        request_with(
+            method,
+            &format!("{}{path}", self.base),
+            body,
+            self.token.as_deref(),
+        )
     }
 
     /// A spot notice: `action` (terminate, stop, hibernate) in `in_seconds`.
@@ -198,7 +228,7 @@ impl Control {
 
     pub fn requests(&self) -> Result<Requests, ControlError> {
         let url = format!("{}/mock/requests", self.base);
-        let (_, text) = request("GET", &url, "")?;
+        let (_, text) = request_with("GET", &url, "", self.token.as_deref())?;
         serde_json::from_str(&text).map_err(|e| ControlError::Json {
             method: "GET".into(),
             url,

@@ -49,7 +49,15 @@ pub struct MockConfig {
     /// IMDSv2 only (the default, as on current AMIs): a GET without a token is 401.
     pub require_token: bool,
     pub json_style: JsonStyle,
+    /// The control API (`/mock/...`) answers only requests that carry it
+    /// in [`CONTROL_TOKEN_HEADER`]: anything on the host can reach a
+    /// loopback port, and the control API decides what the agent believes
+    /// (notices, its instance id). `None`: no check (in-process tests).
+    pub control_token: Option<String>,
 }
+
+/// The header the control API's token travels in.
+pub const CONTROL_TOKEN_HEADER: &str = "x-mock-token";
 
 impl Default for MockConfig {
     fn default() -> Self {
@@ -61,6 +69,7 @@ impl Default for MockConfig {
             life_cycle: "spot".into(),
             require_token: true,
             json_style: JsonStyle::Imds,
+            control_token: None,
         }
     }
 }
@@ -183,6 +192,20 @@ pub async fn spawn(
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Dropped> {
     let path = req.uri().path().to_string();
     if path == "/mock" || path.starts_with("/mock/") {
+        if let Some(want) = &shared.cfg.control_token {
+            let got = req
+                .headers()
+                .get(CONTROL_TOKEN_HEADER)
+                .and_then(|v| v.to_str().ok());
+            if got != Some(want.as_str()) {
+                return Ok(text(
+                    403,
+                    format!(
+                        "control API: missing or wrong {CONTROL_TOKEN_HEADER} (printed at start)\n"
+                    ),
+                ));
+            }
+        }
         return Ok(control(&shared, req).await);
     }
     let method = req.method().to_string();

@@ -34,6 +34,20 @@ struct Args {
     /// application/json (the popular AWS mock).
     #[arg(long, value_enum, default_value = "imds")]
     json_style: JsonStyle,
+    /// The control API's token (header `x-mock-token`); by default a random
+    /// one, printed on the second line of stdout.
+    #[arg(long)]
+    control_token: Option<String>,
+}
+
+/// 128 random bits as hex, from the kernel.
+fn random_token() -> Result<String, spotguard_common::rt::BoxError> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| format!("cannot read /dev/urandom for the control token: {e}"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 fn main() -> ExitCode {
@@ -49,7 +63,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), spotguard_common::rt::BoxError> {
+    let token = match args.control_token {
+        Some(t) => t,
+        None => random_token()?,
+    };
     let cfg = MockConfig {
+        control_token: Some(token.clone()),
         instance_id: args.instance_id,
         region: args.region,
         availability_zone: args.availability_zone,
@@ -65,9 +84,10 @@ fn run(args: Args) -> Result<(), spotguard_common::rt::BoxError> {
         let addr = listener
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?;
-        // The first stdout line is the address, for scripts that pass port 0.
+        // The first stdout line is the address, for scripts that pass port
+        // 0; the second the control API's token.
         let mut out = std::io::stdout();
-        writeln!(out, "listening on http://{addr}")
+        writeln!(out, "listening on http://{addr}\ncontrol token: {token}")
             .and_then(|_| out.flush())
             .map_err(|e| format!("cannot write to stdout: {e}"))?;
         let shutdown = spotguard_common::rt::shutdown_signal()?;

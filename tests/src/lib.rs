@@ -223,9 +223,16 @@ impl MockImds {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line: {first}"))
             .to_string();
+        let (_, second) = lines
+            .next(Duration::from_secs(10))
+            .expect("spotguard-imds-mock printed no control token");
+        let token = second
+            .strip_prefix("control token: ")
+            .unwrap_or_else(|| panic!("unexpected second line: {second}"))
+            .to_string();
         MockImds {
             proc,
-            ctl: spotguard_imds_mock::control::Control::new(url.clone()),
+            ctl: spotguard_imds_mock::control::Control::new(url.clone()).with_token(token),
             url,
         }
     }

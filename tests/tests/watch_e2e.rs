@@ -199,3 +199,27 @@ fn mock_requires_a_token_by_default() {
     let (status, _) = mock.raw("GET", "/latest/meta-data/instance-id", "");
     assert_eq!(status, 401);
 }
+
+#[test]
+fn the_mock_control_api_answers_only_with_its_token() {
+    let mock = MockImds::start(&["--allow-imdsv1"]);
+    let url = format!("{}/mock/spot-interruption", mock.url);
+    let notice = || {
+        mock.raw("GET", "/latest/meta-data/spot/instance-action", "")
+            .0
+    };
+    let body = r#"{"action":"terminate","in_seconds":120}"#;
+    // Anything else on the host: refused, and no notice is set.
+    let (status, text) = spotguard_imds_mock::control::request("POST", &url, body).unwrap();
+    assert_eq!(status, 403, "{text}");
+    let (status, _) =
+        spotguard_imds_mock::control::request_with("POST", &url, body, Some("wrong")).unwrap();
+    assert_eq!(status, 403);
+    assert_eq!(notice(), 404, "no notice was set");
+    // With the token it printed: set.
+    mock.control(
+        "/mock/spot-interruption",
+        serde_json::json!({"in_seconds": 120}),
+    );
+    assert_eq!(notice(), 200);
+}
