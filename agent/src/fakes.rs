@@ -335,12 +335,33 @@ impl Queue for MemQueue {
                 st.rejected.push((OP, code.to_string()));
                 Err(aws_error(OP, code))
             };
+            // As SQS answers (REFERENCE.md), not as moto does: a handle of
+            // a message someone else received since, or deleted, is
+            // InvalidParameterValue; an expired handle of a message nobody
+            // received since is OK, and changes nothing.
+            let Some((id, _)) = receipt.split_once('#') else {
+                return reject(&mut st, "ReceiptHandleIsInvalid");
+            };
+            let id = id.to_string();
+            let current = st
+                .messages
+                .iter()
+                .find(|m| m.id == id)
+                .map(|m| (m.receipt.clone(), m.visible_at));
+            match current {
+                Some((Some(r), visible_at)) if r == receipt && visible_at <= now => return Ok(()),
+                Some((Some(r), _)) if r == receipt => {}
+                _ => {
+                    st.rejected.push((OP, "InvalidParameterValue".into()));
+                    return Err(AwsError {
+                        message: format!("Value {receipt} for parameter ReceiptHandle is invalid. Reason: Message does not exist or is not available for visibility timeout change."),
+                        ..aws_error(OP, "InvalidParameterValue")
+                    });
+                }
+            }
             let Some(m) = MemQueue::find(&mut st, &receipt) else {
                 return reject(&mut st, "ReceiptHandleIsInvalid");
             };
-            if m.visible_at <= now {
-                return reject(&mut st, "MessageNotInflight");
-            }
             let until = now + Duration::from_secs(secs.max(0) as u64);
             if m.received_at.is_some_and(|r| until > r + MAX_INVISIBLE) {
                 return reject(&mut st, "InvalidParameterValue");

@@ -148,7 +148,7 @@ pub async fn run_job<Q: Queue, W: Worker>(
 ) -> JobReport {
     let started = Instant::now();
     let files = match ctx.worker.state_dir() {
-        Some(dir) => match JobFiles::create(dir, &msg.id, ctx.worker.job_group()) {
+        Some(dir) => match JobFiles::create(dir, &msg.id, &msg.receipt, ctx.worker.job_group()) {
             Ok(f) => Some(f),
             Err(e) => {
                 // The job still runs; it only cannot see notices or checkpoint.
@@ -213,7 +213,14 @@ pub async fn run_job<Q: Queue, W: Worker>(
     };
     let ran_for = started.elapsed();
     let checkpoint = match (&ended.checkpoint, &files) {
-        (Some(c), _) => Some(c.clone()),
+        // From an http app's header: within checkpoint_max_bytes too.
+        (Some(c), _) => match crate::worker::checkpoint_value(c.as_bytes(), ctx.checkpoint_max) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(message_id = %msg.id, error = %e, "checkpoint not carried over");
+                None
+            }
+        },
         (None, Some(f)) => match f.checkpoint(ctx.checkpoint_max) {
             Ok(c) => c,
             Err(e) => {
@@ -237,8 +244,9 @@ pub async fn run_job<Q: Queue, W: Worker>(
             Settled::SettleFailed
         }
     };
-    if let Some(f) = &files {
-        f.remove();
+    if let Some(f) = files.clone() {
+        // Off the runtime's thread: a big tree takes a while to remove.
+        let _ = tokio::task::spawn_blocking(move || f.remove()).await;
     }
     match settled {
         Settled::Deleted => {
@@ -295,6 +303,8 @@ async fn settle<Q: Queue, W>(
             Settled::TimedOut,
         ),
         Outcome::Stopped(StopReason::LeaseLimit) => {
+            // FIFO: a re-send reorders the group; only when opted in.
+            let checkpoint = checkpoint.filter(|_| !ctx.fifo || ctx.fifo_resend);
             if let Some(c) = checkpoint {
                 match resend(ctx, msg, Some(&c), false).await {
                     Ok(()) => return Settled::HandedOver,
@@ -507,15 +517,26 @@ const HEARTBEAT_RETRIES: u32 = 3;
 
 /// The heartbeat's answer when the lease is gone: the handle is stale or the
 /// message no longer in flight (another consumer may hold it).
+///
+/// SQS answers `InvalidParameterValue` ("Message does not exist or is not
+/// available for visibility timeout change") for a message someone else
+/// received since, and OK for an expired handle nobody took; moto answers
+/// `ReceiptHandleIsInvalid` or `MessageNotInflight` (REFERENCE.md). The
+/// same code with another text is the 12-hour cap, which is not this.
 fn lease_gone(e: &crate::aws::AwsError) -> bool {
-    matches!(
-        e.code.as_deref(),
+    match e.code.as_deref() {
         Some(
             "ReceiptHandleIsInvalid"
-                | "MessageNotInflight"
-                | "AWS.SimpleQueueService.MessageNotInflight"
-        )
-    )
+            | "MessageNotInflight"
+            | "AWS.SimpleQueueService.MessageNotInflight",
+        ) => true,
+        Some("InvalidParameterValue") => {
+            e.message
+                .contains("not available for visibility timeout change")
+                || e.message.contains("Message does not exist")
+        }
+        _ => false,
+    }
 }
 
 async fn retry<F, Fut>(mut f: F) -> Result<(), crate::aws::AwsError>

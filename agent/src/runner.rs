@@ -407,6 +407,8 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
         && b.check_known
         && b.imds_ready
         && b.unhealthy_now(now).is_none()
+        // Half-open (the breaker past its cool-down): one job, alone.
+        && (b.broken.is_none() || jobs == 0)
     {
         // FIFO: one message per receive. A receive returns several messages
         // of a group; running them in parallel breaks the order, and handing
@@ -414,7 +416,7 @@ pub fn due(b: &Books, jobs: usize, s: &Settings, now: Instant) -> Due {
         // dead-letter queue) without running it. With one at a time SQS
         // holds the group until its message is settled, and the next
         // receive serves another group.
-        d.receive = Some(if s.fifo {
+        d.receive = Some(if s.fifo || b.broken.is_some() {
             1
         } else {
             (s.concurrency - jobs).min(10) as i32
@@ -916,16 +918,18 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             chans.deadline_tx.send_replace(deadline);
         }
         // Every drain (spot, lifecycle, SIGTERM, rebalance in drain mode) is
-        // told to the running jobs, again whenever its deadline changes.
-        if let Some(drain) = b.mode.drain() {
-            let kind = match notice {
-                Notice::Spot { .. } => "spot_interruption",
-                Notice::Rebalance => "rebalance_recommendation",
-                Notice::LifecycleTerminated => "lifecycle_terminated",
-                Notice::WarmPool => "warm_pool",
-                Notice::InService | Notice::Resumed => "resumed",
-                Notice::Shutdown => "shutdown",
-            };
+        // told to the running jobs, again whenever its deadline changes. An
+        // ended reason (a resume, a return from the warm pool) with others
+        // holding tells them nothing new.
+        let kind = match notice {
+            Notice::Spot { .. } => Some("spot_interruption"),
+            Notice::Rebalance => Some("rebalance_recommendation"),
+            Notice::LifecycleTerminated => Some("lifecycle_terminated"),
+            Notice::WarmPool => Some("warm_pool"),
+            Notice::InService | Notice::Resumed => None,
+            Notice::Shutdown => Some("shutdown"),
+        };
+        if let (Some(drain), Some(kind)) = (b.mode.drain(), kind) {
             let spot = drain
                 .has(DrainReason::SpotInterruption)
                 .then(|| b.spot.clone())
@@ -1058,7 +1062,13 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                 for _ in &msgs {
                     inc(&c.messages_received);
                 }
-                let (mode, run) = state::on_late_messages(&b.mode);
+                let (mode, mut run) = state::on_late_messages(&b.mode);
+                // A long poll that was out when the breaker tripped (or the
+                // health check failed): its messages go back unstarted.
+                if let Some(why) = b.unhealthy_now(now) {
+                    tracing::info!(count = msgs.len(), reason = %why, "unhealthy: messages of a long poll handed back unstarted");
+                    run = false;
+                }
                 if mode != b.mode {
                     tracing::info!(
                         from = b.mode.name(),

@@ -769,6 +769,47 @@ async fn a_14_hour_job_never_asks_past_the_12_hour_cap_and_stops_before_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_apps_checkpoint_answer_is_held_to_checkpoint_max_bytes() {
+    // The scripted worker answers as an http app does (no files): its
+    // checkpoint "ckpt-of-<id>" is longer than the 4 bytes allowed.
+    let mut c = cfg(no_scale_in());
+    c.worker.checkpoint_max_bytes = 4;
+    let w = World::start(c, MemFleet::new(None, 0, 1), false);
+    w.queue.push("1000 ckpt");
+    w.run_for(2).await;
+    w.spot(120).await;
+    w.run_for(110).await;
+    let st = w.queue.lock();
+    assert_eq!(st.messages.len(), 1);
+    assert!(
+        !st.messages[0]
+            .attributes
+            .contains_key("spotguard.checkpoint"),
+        "{:?}",
+        st.messages[0].attributes
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_fifo_a_job_stopped_at_the_12_hour_cap_re_sends_its_checkpoint_only_when_opted_in() {
+    let mut c = cfg(no_scale_in());
+    c.queue.url = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs.fifo".into();
+    let w = World::start(c, MemFleet::new(None, 0, 1), false);
+    w.queue
+        .push_group(&format!("{} ckpt", 14 * 3600), Some("g"));
+    for _ in 0..(12 * 360) {
+        advance(Duration::from_secs(10)).await;
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    w.run_for(60).await;
+    assert_eq!(w.counter(|c| &c.jobs_timed_out), 1);
+    // The group's order holds: no re-send at its tail.
+    assert!(w.queue.calls("SendMessage").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
 async fn fifo_groups_run_one_message_at_a_time_in_order_and_a_failure_blocks_the_rest() {
     let mut c = cfg(no_scale_in());
     c.queue.url = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs.fifo".into();
@@ -1046,6 +1087,30 @@ async fn a_mark_still_failing_when_the_breaker_closes_is_dropped() {
         before,
         "kept marking a healthy instance"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_half_open_breaker_lets_one_job_through_at_any_concurrency() {
+    for concurrency in [4u32, 8] {
+        let mut c = cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 2\n");
+        c.worker.concurrency = concurrency;
+        let w = World::start(c, MemFleet::new(None, 0, 1), false);
+        for _ in 0..20 {
+            w.queue.push("1 fail");
+        }
+        w.run_for(10).await;
+        assert!(w.status.unhealthy().is_some());
+        let tripped = w.worker.started().len();
+        assert_eq!(tripped, concurrency as usize, "the first batch ran");
+        // Past the cool-down: one job through; it fails, closed again.
+        w.run_for(620).await;
+        assert_eq!(
+            w.worker.started().len(),
+            tripped + 1,
+            "concurrency {concurrency}"
+        );
+        assert!(w.status.unhealthy().is_some());
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -1418,6 +1483,40 @@ async fn a_spot_notice_never_decrements_the_group_even_with_scale_in_on() {
 /// Two heartbeats failing in a row (an SQS blip) must not let the lease
 /// lapse: the job would run twice. The failed one is tried again within
 /// seconds.
+#[tokio::test(start_paused = true)]
+async fn a_lease_another_consumer_took_is_seen_as_lost_with_sqss_own_answer() {
+    use crate::aws::Queue as _;
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.queue.push("200");
+    w.run_for(5).await;
+    // Two heartbeats fail with all their retries: the 60 s lease lapses.
+    w.queue
+        .fail_next("ChangeMessageVisibility", "ServiceUnavailable", 8);
+    w.run_for(70).await;
+    assert_eq!(
+        w.counter(|c| &c.lost_ownership),
+        0,
+        "an expired handle is OK on SQS"
+    );
+    // Another consumer receives it; the next heartbeat is refused as SQS
+    // refuses it (InvalidParameterValue, not moto's codes).
+    let other = w
+        .queue
+        .receive(1, Duration::ZERO, Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_eq!(other.len(), 1);
+    // Counted when the job ends (at 200 s).
+    w.run_for(150).await;
+    assert_eq!(w.counter(|c| &c.lost_ownership), 1);
+    assert!(w
+        .queue
+        .lock()
+        .rejected
+        .iter()
+        .any(|(op, code)| *op == "ChangeMessageVisibility" && code == "InvalidParameterValue"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_heartbeat_is_tried_again_before_the_lease_lapses() {
     let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);

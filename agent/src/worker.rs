@@ -244,9 +244,14 @@ impl JobFiles {
     /// and removes), the agent gives its notice file that group, and nobody
     /// else reads either. No set-group-ID bit: the unit's
     /// `RestrictSUIDSGID=yes` refuses it.
+    ///
+    /// The directory is per receive (a digest of the receipt handle after
+    /// the id): a message delivered twice to one instance runs twice, and
+    /// the first to finish must not remove the other's files.
     pub fn create(
         state_dir: &Path,
         message_id: &str,
+        receipt: &str,
         group: Option<u32>,
     ) -> std::io::Result<JobFiles> {
         let safe: String = message_id
@@ -259,7 +264,11 @@ impl JobFiles {
                 }
             })
             .collect();
-        let dir = state_dir.join("jobs").join(safe);
+        let mut h: u32 = 0x811c_9dc5;
+        for b in receipt.bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        let dir = state_dir.join("jobs").join(format!("{safe}.{h:08x}"));
         std::fs::create_dir_all(&dir)?;
         if let Some(gid) = group {
             use std::os::unix::fs::PermissionsExt;
@@ -385,11 +394,14 @@ impl Worker for WorkerSpec {
     }
 
     fn all_done(&self) {
-        if let Some(u) = &self.job_user {
-            let n = end_processes_of(u.uid);
-            if n > 0 {
-                tracing::warn!(user = %u.name, processes = n, "processes of the job user outlived their jobs; killed");
-            }
+        if let Some(u) = self.job_user.clone() {
+            // A /proc scan: off the runtime's thread (heartbeats, polls).
+            tokio::task::spawn_blocking(move || {
+                let n = end_processes_of(u.uid);
+                if n > 0 {
+                    tracing::warn!(user = %u.name, processes = n, "processes of the job user outlived their jobs; killed");
+                }
+            });
         }
     }
 
@@ -588,6 +600,29 @@ fn notice_json(msg: &Message, n: &JobNotice) -> String {
 
 /// Writes the notice file atomically (temporary file, then rename), so a
 /// job polling for it never reads half a notice.
+/// Attribute values longer than this go to a file, not the environment:
+/// 32 KiB keeps the ten SQS allows far under ARG_MAX with the body's
+/// variables beside them.
+pub const ATTR_ENV_MAX: usize = 32 * 1024;
+
+/// Writes a file the job reads in its directory: created anew (`O_EXCL`,
+/// no symlink followed), in the job's group, readable by it.
+fn write_job_file(files: &JobFiles, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o640)
+        .open(path)?;
+    if let Some(gid) = files.group {
+        std::os::unix::fs::fchown(&f, None, Some(gid))?;
+    }
+    f.write_all(bytes)
+}
+
 ///
 /// The job can write in its directory: whatever it left at the temporary
 /// name is removed, and the file is created anew (`O_EXCL`, no symlink
@@ -686,6 +721,25 @@ async fn exec(
             tracing::warn!(message_id = %msg.id, attribute = %loggable(k), "attribute holds a NUL byte; not passed");
             continue;
         }
+        if a.value.len() > ATTR_ENV_MAX {
+            // Too big for the environment (Linux refuses one string over
+            // 128 KiB, and all of them over ARG_MAX, with E2BIG): a file in
+            // the job's directory, named in `<variable>_FILE`.
+            let Some(f) = files else {
+                tracing::warn!(message_id = %msg.id, attribute = %loggable(k), bytes = a.value.len(), "attribute too big for the environment and no job directory; not passed");
+                continue;
+            };
+            let path = f.dir.join(format!("attr-{}", attr_env_name(k)));
+            match write_job_file(f, &path, a.value.as_bytes()) {
+                Ok(()) => {
+                    cmd.env(format!("{}_FILE", attr_env_name(k)), &path);
+                }
+                Err(e) => {
+                    tracing::warn!(message_id = %msg.id, attribute = %loggable(k), error = %e, "cannot write the attribute's file; not passed")
+                }
+            }
+            continue;
+        }
         cmd.env(attr_env_name(k), &a.value);
         match k.as_str() {
             CHECKPOINT_ATTR => {
@@ -704,6 +758,13 @@ async fn exec(
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
+        // E2BIG: the message's attributes and body made the environment
+        // too big. The message's fault, not the instance's.
+        Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
+            return ended(Outcome::Failed(format!(
+                "cannot start {program}: the message's attributes make the environment too big: {e}"
+            )))
+        }
         Err(e) => return ended(Outcome::NotStarted(format!("cannot start {program}: {e}"))),
     };
     let pgid = child
@@ -1066,6 +1127,9 @@ async fn http(
                     "message_id": msg.id,
                 });
                 post_to_app(spec, &msg.id, body.to_string(), "stop");
+                // The app was told; its work may still hold the GPU. The
+                // slot stays taken for the grace an exec job gets to end.
+                tokio::time::sleep(spec.term_grace).await;
                 return Ended { outcome: Outcome::Stopped(reason), checkpoint: None };
             }
         }
@@ -1086,7 +1150,7 @@ mod tests {
     #[test]
     fn a_huge_checkpoint_file_is_refused_after_reading_only_the_limit() {
         let dir = std::env::temp_dir().join(format!("sg-ckpt-{}", std::process::id()));
-        let f = JobFiles::create(&dir, "m-1", None).unwrap();
+        let f = JobFiles::create(&dir, "m-1", "r-1", None).unwrap();
         // A sparse 1 GiB file: reading it whole would take a gigabyte.
         let file = std::fs::File::create(&f.checkpoint).unwrap();
         file.set_len(1 << 30).unwrap();
@@ -1115,14 +1179,22 @@ mod tests {
     #[test]
     fn job_files_stay_inside_the_state_dir() {
         let base = std::env::temp_dir().join(format!("spotguard-jobfiles-{}", std::process::id()));
-        let f = JobFiles::create(&base, "../../etc/passwd", None).unwrap();
+        let f = JobFiles::create(&base, "../../etc/passwd", "r", None).unwrap();
         assert!(f.dir.starts_with(base.join("jobs")));
         assert!(!f.dir.to_string_lossy().contains(".."));
         std::fs::write(&f.checkpoint, "42\n").unwrap();
         assert_eq!(f.checkpoint(16), Ok(Some("42".into())));
         // A new run of the same message starts without the old files.
-        let again = JobFiles::create(&base, "../../etc/passwd", None).unwrap();
+        let again = JobFiles::create(&base, "../../etc/passwd", "r", None).unwrap();
         assert_eq!(again.checkpoint(16), Ok(None));
+        // The same message delivered twice at once: one directory each, and
+        // the first to finish leaves the other's files alone.
+        let first = JobFiles::create(&base, "m-twice", "r1", None).unwrap();
+        let second = JobFiles::create(&base, "m-twice", "r2", None).unwrap();
+        assert_ne!(first.dir, second.dir);
+        std::fs::write(&second.checkpoint, "s3://b/k\n").unwrap();
+        first.remove();
+        assert_eq!(second.checkpoint(16), Ok(Some("s3://b/k".into())));
         let _ = std::fs::remove_dir_all(base);
     }
 
@@ -1130,7 +1202,7 @@ mod tests {
     fn links_and_fifos_the_job_leaves_in_its_directory_are_not_followed() {
         use std::os::unix::ffi::OsStrExt;
         let base = std::env::temp_dir().join(format!("sg-links-{}", std::process::id()));
-        let f = JobFiles::create(&base, "m-link", None).unwrap();
+        let f = JobFiles::create(&base, "m-link", "r", None).unwrap();
         let secret = base.join("secret");
         std::fs::write(&secret, "token").unwrap();
         // A checkpoint that links to a file the job may not read: refused,
@@ -1174,7 +1246,7 @@ mod tests {
             .unwrap()
             .expect("nobody is another user than root");
         let base = std::env::temp_dir().join(format!("sg-jobuser-{}", std::process::id()));
-        let files = JobFiles::create(&base, "m-user", Some(user.gid)).unwrap();
+        let files = JobFiles::create(&base, "m-user", "r", Some(user.gid)).unwrap();
         // The agent's own environment (here cargo's, set for every test
         // run) does not reach the job.
         assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
@@ -1361,8 +1433,15 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             StopReason::Deadline
         };
+        let t0 = std::time::Instant::now();
         let ended = execute(&spec, &msg, None, rx, stop).await;
         assert_eq!(ended.outcome, Outcome::Stopped(StopReason::Deadline));
+        // The slot is held for the grace (1 s) after the stop (at 0.2 s).
+        assert!(
+            t0.elapsed() >= Duration::from_millis(1200),
+            "{:?}",
+            t0.elapsed()
+        );
         for _ in 0..100 {
             if !seen.lock().unwrap().is_empty() {
                 break;
@@ -1652,6 +1731,36 @@ mod tests {
         spec.all_done();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(strays(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_attribute_too_big_for_the_environment_reaches_the_job_as_a_file() {
+        let base = std::env::temp_dir().join(format!("sg-bigattr-{}", std::process::id()));
+        let files = JobFiles::create(&base, "m-big-attr", "r", None).unwrap();
+        // 200 KiB: over Linux's 128 KiB for one environment string, so as a
+        // variable the start fails (E2BIG) for every try of the message.
+        let big = "p".repeat(200 * 1024);
+        let mut msg = Message {
+            attributes: Default::default(),
+            ..periodic_msg("m-big-attr")
+        };
+        msg.attributes
+            .insert("prompt".into(), crate::aws::Attr::string(big.clone()));
+        let script = "test -z \"${SPOTGUARD_ATTR_prompt:-}\" && wc -c < \"$SPOTGUARD_ATTR_prompt_FILE\" > \"$SPOTGUARD_CHECKPOINT_FILE.out\"";
+        let spec = WorkerSpec {
+            state_dir: base.clone(),
+            ..test_spec(WorkerMode::Exec(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                script.into(),
+            ]))
+        };
+        let (_tx, rx) = watch::channel(None);
+        let ended = execute(&spec, &msg, Some(&files), rx, std::future::pending()).await;
+        assert_eq!(ended.outcome, Outcome::Succeeded);
+        let n = std::fs::read_to_string(files.dir.join("checkpoint.out")).unwrap_or_default();
+        assert_eq!(n.trim(), big.len().to_string());
+        let _ = std::fs::remove_dir_all(base);
     }
 
     #[test]

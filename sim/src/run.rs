@@ -1040,6 +1040,14 @@ fn summarize(
         for k in &j.kills {
             *killed.entry(format!("{k:?}")).or_default() += 1;
         }
+        // No simulated job fails on its own: one in the dead-letter queue
+        // got there by interruptions (and faults) alone, which the agent
+        // re-sends instead of handing back (queue.max_interruptions).
+        if dead.contains(name) {
+            w.violations.push(format!(
+                "job {name} dead-lettered, yet no simulated job fails on its own: interruptions spent its receives"
+            ));
+        }
         if !j.done.is_empty() {
             done += 1;
         } else if !queued.contains(name) && !dead.contains(name) {

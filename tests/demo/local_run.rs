@@ -126,7 +126,7 @@ fn main() {
     for l in &r.lines {
         let at: u128 = l.last().and_then(|x| x.parse().ok()).unwrap_or(0);
         let what = match l[0].as_str() {
-            "start" => format!("agent {} started {} (receive #{})", l[4], l[1], l[2]),
+            "start" => format!("agent {} started {} (try #{})", l[4], l[1], l[2]),
             "done" => format!("{} done", l[1]),
             "term" => format!("{} stopped at the drain deadline -> handed back", l[1]),
             "fail" => format!("{} failed", l[1]),
@@ -134,7 +134,19 @@ fn main() {
         };
         events.push((at, what));
     }
-    events.push((notice_at, "SPOT NOTICE on agent a: intake stopped".into()));
+    // When agent a saw the notice (its log's "state change" for it), not
+    // when the mock was told: the agent sees it up to a poll later.
+    let seen_at = std::fs::read_to_string(dir.path().join("agent-a.log"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains("state change") && l.contains("Spot"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|ts| chrono::DateTime::parse_from_rfc3339(ts).ok())
+        .map_or(notice_at, |t| t.timestamp_millis() as u128);
+    events.push((
+        seen_at,
+        "SPOT NOTICE seen by agent a: intake stopped".into(),
+    ));
     if let Some(at) = scaled_in_at {
         events.push((
             at,

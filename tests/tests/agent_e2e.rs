@@ -28,11 +28,15 @@ fn jobs_are_run_once_and_deleted_after_success() {
     let mut port = String::new();
     wait(&s, 20, "the status endpoint's address in the log", || {
         let log = std::fs::read_to_string(s.dir.path().join("agent.log")).unwrap_or_default();
+        // The text log (`addr=127.0.0.1:N`) or the JSON one
+        // (`"addr":"127.0.0.1:N"`, SPOTGUARD_LOG_FORMAT=json): the digits
+        // after the address on the line that says so.
         port = log
-            .split_once("status endpoint listening addr=127.0.0.1:")
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .unwrap_or("")
-            .to_string();
+            .lines()
+            .find(|l| l.contains("status endpoint listening"))
+            .and_then(|l| l.split_once("127.0.0.1:"))
+            .map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).collect())
+            .unwrap_or_default();
         !port.is_empty()
     });
     for i in 0..8 {
