@@ -320,6 +320,7 @@ async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
         periodic_senders: cfg.worker.periodic_sender_ids.clone(),
         job_user,
         oom_score_adj: cfg.worker.oom_score_adj,
+        stuck: Default::default(),
     };
     if let WorkerMode::Exec(argv) = &spec.mode {
         let jobs = spec.state_dir.join("jobs");

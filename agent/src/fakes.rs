@@ -632,6 +632,8 @@ pub struct ScriptedWorker {
     pub notices: Mutex<Vec<(String, JobNotice)>>,
     /// Why no job can run (a missing program), when set.
     pub unready: Mutex<Option<String>>,
+    /// A job process that SIGKILL did not end, when set.
+    pub stuck: Mutex<Option<String>>,
 }
 
 impl ScriptedWorker {
@@ -673,6 +675,10 @@ impl ScriptedWorker {
 impl Worker for ScriptedWorker {
     fn state_dir(&self) -> Option<&Path> {
         None
+    }
+
+    fn stuck(&self) -> Option<String> {
+        lock(&self.stuck).clone()
     }
 
     fn ready(&self) -> Result<(), String> {

@@ -758,6 +758,18 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             return;
         }
         b.worker_checked = Some(at);
+        if let (Some(why), None) = (self.worker.stuck(), &b.broken) {
+            // For good: no cool-down ends it (no half-open try on a process
+            // table that cannot be cleared); replaced if so configured.
+            inc(&self.status.counters.unhealthy_trips);
+            tracing::error!(reason = %why, action = ?self.cfg.health.on_unhealthy, "this instance is unhealthy: intake closed");
+            b.broken = Some(why);
+            b.broken_until = None;
+            if self.cfg.health.on_unhealthy == OnUnhealthy::Replace {
+                b.replace_pending = true;
+            }
+            self.status.set_unhealthy(b.unhealthy().map(str::to_string));
+        }
         let now = self.worker.ready().err();
         if now == b.worker_unready {
             return;
@@ -972,7 +984,9 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             Settled::Deleted => {
                 b.failures_in_a_row = 0;
                 b.failed_messages.clear();
-                if b.broken.take().is_some() {
+                // Not when a job's process could not be killed: that does
+                // not heal with another job's success.
+                if self.worker.stuck().is_none() && b.broken.take().is_some() {
                     b.broken_until = None;
                     // Healthy again: a mark still waiting (its calls
                     // failing) must not replace a working instance.

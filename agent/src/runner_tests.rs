@@ -1114,6 +1114,23 @@ async fn the_half_open_breaker_lets_one_job_through_at_any_concurrency() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_job_that_sigkill_cannot_end_makes_the_instance_unhealthy_for_good() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[health]\non_unhealthy = \"replace\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    *w.worker.stuck.lock().unwrap() = Some("group 42 did not end after SIGKILL".into());
+    w.run_for(15).await;
+    assert!(w.status.unhealthy().is_some_and(|u| u.contains("SIGKILL")));
+    assert!(w.fleet.lock().unhealthy, "replaced");
+    // No cool-down ends it: no half-open try, ever.
+    w.queue.push("1");
+    w.run_for(1800).await;
+    assert!(w.worker.started().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_success_resets_the_count_of_failures() {
     let w = World::start(
         cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 3\n"),

@@ -116,7 +116,14 @@ pub struct WorkerSpec {
     pub job_user: Option<crate::jobuser::JobUser>,
     /// Exec mode: each job's OOM score adjustment.
     pub oom_score_adj: i16,
+    /// A job's process that SIGKILL did not end: why (the instance is
+    /// unfit for work from then on).
+    pub stuck: Arc<std::sync::Mutex<Option<String>>>,
 }
+
+/// How long a SIGKILLed job may take to go: a killable process is gone in
+/// milliseconds; one still there after 5 s sleeps uninterruptibly.
+pub const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// How many periodic slots an instance remembers: a day of a task every
 /// few minutes; a duplicate comes within a tick or two of the original.
@@ -370,6 +377,11 @@ pub trait Worker: Send + Sync + 'static {
     }
     /// No job runs any more: what jobs left behind is ended.
     fn all_done(&self) {}
+    /// A job's process could not be ended: why. The instance is unhealthy
+    /// for good (it is replaced with `on_unhealthy = "replace"`).
+    fn stuck(&self) -> Option<String> {
+        None
+    }
     /// Runs a job until it ends or `stop` completes, whichever is first,
     /// telling it of every notice on `notices`.
     fn run(
@@ -391,6 +403,10 @@ impl Worker for WorkerSpec {
 
     fn job_group(&self) -> Option<u32> {
         self.job_user.as_ref().map(|u| u.gid)
+    }
+
+    fn stuck(&self) -> Option<String> {
+        self.stuck.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn all_done(&self) {
@@ -831,7 +847,18 @@ async fn exec(
                     signal_group(pgid, Signal::SIGTERM);
                     if tokio::time::timeout(spec.term_grace, &mut run).await.is_err() {
                         signal_group(pgid, Signal::SIGKILL);
-                        let _ = run.await;
+                        // SIGKILL ends any process at once, but one in
+                        // uninterruptible sleep (a GPU fallen off the bus, a
+                        // hung mount) only when that returns, maybe never:
+                        // the message is handed back all the same, and the
+                        // instance is no longer fit for work.
+                        if tokio::time::timeout(KILL_WAIT, &mut run).await.is_err() {
+                            let why = format!(
+                                "a job's process (group {pgid}) did not end {KILL_WAIT:?} after SIGKILL: uninterruptible (a GPU or a mount that hangs)"
+                            );
+                            tracing::error!(message_id = %msg.id, reason = %why, "the instance cannot end its jobs");
+                            *spec.stuck.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                        }
                     } else {
                         // The leader went; helpers that ignore SIGTERM may
                         // not: the rest of the same grace, then SIGKILL.
@@ -1406,6 +1433,7 @@ mod tests {
             periodic_senders: Vec::new(),
             job_user: None,
             oom_score_adj: 500,
+            stuck: Default::default(),
         }
     }
 
