@@ -72,7 +72,9 @@ try:
           and env.get("SPOTGUARD_NOTIFY_SNS_TOPIC_ARN") == out["TopicArn"], env)
     check("no periodic tasks unless given (no SPOTGUARD_CRON_YAML)", "SPOTGUARD_CRON_YAML" not in env, env)
     rules = client("events").list_rules()["Rules"]
-    check("four EventBridge rules (capacity failures, successes, spot warning, schedule)", len(rules) == 4, rules)
+    check("three EventBridge rules (capacity failures, successes, schedule)", len(rules) == 3, rules)
+    check("no rule for spot interruption warnings (every one in the region would invoke the controller)",
+          not any("Interruption Warning" in (r.get("EventPattern") or "") for r in rules), rules)
     check("a one-minute schedule", any(r.get("ScheduleExpression") == "rate(1 minute)" for r in rules))
     # moto (5.x) does not create AWS::CloudWatch::Alarm or
     # AWS::AutoScaling::ScalingPolicy from a template (it lists them with an
