@@ -45,6 +45,9 @@ pub enum Settled {
 #[derive(Debug, Clone)]
 pub struct JobReport {
     pub message_id: String,
+    /// The first message's id when this one was re-sent (a hand-over, an
+    /// interruption): the same job across its copies.
+    pub original_id: Option<String>,
     /// A heartbeat was refused as stale: another worker may run it too.
     pub lost_ownership: bool,
     pub outcome: Outcome,
@@ -265,6 +268,10 @@ pub async fn run_job<Q: Queue, W: Worker>(
         tracing::warn!(message_id = %msg.id, "deleted after ownership was lost: another worker may have run this job too");
     }
     JobReport {
+        original_id: msg
+            .attributes
+            .get(ORIGINAL_ID_ATTR)
+            .map(|a| a.value.clone()),
         message_id: msg.id,
         lost_ownership,
         outcome,

@@ -1000,14 +1000,24 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             // comes back: a poison message received maxReceiveCount times
             // on a quiet instance is the message's fault, not the
             // instance's. Not starting is the instance's each time.
-            Settled::Failed | Settled::TimedOut if !b.failed_messages.contains(&r.message_id) => {
+            // The job, not the copy: a re-sent message (an interruption, a
+            // hand-over) has a new id but its first one in an attribute.
+            Settled::Failed | Settled::TimedOut
+                if !b
+                    .failed_messages
+                    .contains(r.original_id.as_ref().unwrap_or(&r.message_id)) =>
+            {
                 // At most the breaker's count (it trips there; 0: off).
                 let keep = self.cfg.health.max_consecutive_failures as usize;
                 if keep > 0 {
                     if b.failed_messages.len() >= keep {
                         b.failed_messages.remove(0);
                     }
-                    b.failed_messages.push(r.message_id.clone());
+                    b.failed_messages.push(
+                        r.original_id
+                            .clone()
+                            .unwrap_or_else(|| r.message_id.clone()),
+                    );
                 }
                 b.failures_in_a_row += 1;
             }

@@ -1131,6 +1131,34 @@ async fn a_job_that_sigkill_cannot_end_makes_the_instance_unhealthy_for_good() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn copies_of_one_re_sent_job_count_once_for_the_breaker() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 3\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    // Two copies of one job (re-sent after interruptions: new ids, the
+    // first id in an attribute) and one other job, all failing.
+    for _ in 0..2 {
+        w.queue.push("1 fail");
+        let mut st = w.queue.lock();
+        let last = st.messages.len() - 1;
+        st.messages[last].attributes.insert(
+            "spotguard.original-message-id".into(),
+            crate::aws::Attr::string("first-id"),
+        );
+    }
+    w.queue.push("1 fail");
+    w.run_for(5).await;
+    assert_eq!(w.counter(|c| &c.jobs_failed), 3);
+    assert_eq!(
+        w.counter(|c| &c.unhealthy_trips),
+        0,
+        "two jobs failed, not three"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_success_resets_the_count_of_failures() {
     let w = World::start(
         cfg("[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 3\n"),
