@@ -413,6 +413,19 @@ pub struct FleetState {
     pub log: CallLog,
 }
 
+impl FleetState {
+    /// The instance's lifecycle state as `DescribeAutoScalingInstances`
+    /// reports it: the override, else Terminating:Wait once terminated,
+    /// else InService.
+    fn lifecycle_state(&self) -> String {
+        match (&self.state_override, self.terminated) {
+            (Some(s), _) => s.clone(),
+            (None, true) => "Terminating:Wait".to_string(),
+            (None, false) => "InService".to_string(),
+        }
+    }
+}
+
 /// One instance's view of its Auto Scaling group.
 pub struct MemFleet {
     pub state: Mutex<FleetState>,
@@ -530,17 +543,7 @@ impl Fleet for MemFleet {
     ) -> impl Future<Output = Result<Option<String>, AwsError>> + Send {
         let r = self
             .begin("DescribeAutoScalingInstances", instance.to_string())
-            .map(|st| {
-                st.group.as_ref().map(|_| {
-                    if let Some(s) = &st.state_override {
-                        s.clone()
-                    } else if st.terminated {
-                        "Terminating:Wait".to_string()
-                    } else {
-                        "InService".to_string()
-                    }
-                })
-            });
+            .map(|st| st.group.as_ref().map(|_| st.lifecycle_state()));
         async move { r }
     }
 
@@ -554,10 +557,10 @@ impl Fleet for MemFleet {
             .begin("SetInstanceProtection", format!("{instance} {protect}"))
             .and_then(|mut st| {
                 // As AWS: only an instance in service (or standby) takes it.
-                let state = st.state_override.clone().unwrap_or_else(|| {
-                    if st.terminated { "Terminating:Wait" } else { "InService" }.to_string()
-                });
-                if !matches!(state.as_str(), "InService" | "EnteringStandby" | "Standby") {
+                if !matches!(
+                    st.lifecycle_state().as_str(),
+                    "InService" | "EnteringStandby" | "Standby"
+                ) {
                     return Err(AwsError {
                         message: format!("The instance {instance} is not in InService or EnteringStandby or Standby."),
                         ..aws_error("SetInstanceProtection", "ValidationError")

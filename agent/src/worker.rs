@@ -540,6 +540,15 @@ pub fn program_ready(program: &str, path: Option<&std::ffi::OsStr>) -> Result<()
     }
 }
 
+/// The pids listed in `/proc` (none if it cannot be read).
+fn proc_pids() -> impl Iterator<Item = i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+}
+
 /// SIGKILLs every process whose real uid is `uid` (the job user's, never
 /// the agent's): called when no job runs, so all of them are strays.
 /// Returns how many were signalled. Linux: `/proc/<pid>/status`.
@@ -547,14 +556,8 @@ pub fn end_processes_of(uid: u32) -> usize {
     if uid == 0 || uid == nix::unistd::getuid().as_raw() {
         return 0;
     }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
     let mut n = 0;
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
+    for pid in proc_pids() {
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };
@@ -642,24 +645,11 @@ fn write_job_file(files: &JobFiles, path: &Path, bytes: &[u8]) -> std::io::Resul
 ///
 /// The job can write in its directory: whatever it left at the temporary
 /// name is removed, and the file is created anew (`O_EXCL`, no symlink
-/// followed), so the agent never writes through a link into another file.
+/// followed: [`write_job_file`]), so the agent never writes through a link
+/// into another file.
 fn write_notice(files: &JobFiles, json: &str) {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let tmp = files.dir.join(".notice.json.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o640)
-        .open(&tmp)
-        .and_then(|mut f| {
-            if let Some(gid) = files.group {
-                std::os::unix::fs::fchown(&f, None, Some(gid))?;
-            }
-            f.write_all(json.as_bytes())
-        })
+    let written = write_job_file(files, &tmp, json.as_bytes())
         .and_then(|_| std::fs::rename(&tmp, &files.notice));
     if let Err(e) = written {
         tracing::warn!(file = %files.notice.display(), error = %e, "cannot write the notice file");
@@ -877,15 +867,9 @@ async fn exec(
 /// finish before the deadline. Linux: reads `/proc/<pid>/stat` (group) and
 /// `/proc/<pid>/status` (`SigCgt`, the caught-signals mask).
 pub fn signal_catchers(pgid: Pid, sig: Signal) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
     let bit = 1u64 << ((sig as i32) - 1);
     let mut sent = 0;
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
+    for pid in proc_pids() {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
@@ -1284,16 +1268,9 @@ mod tests {
         let spec = WorkerSpec {
             state_dir: base.clone(),
             job_user: Some(user.clone()),
-            ..test_spec(WorkerMode::Exec(vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                script.into(),
-            ]))
+            ..test_spec(sh(script))
         };
-        let msg = Message {
-            attributes: Default::default(),
-            ..periodic_msg("m-user")
-        };
+        let msg = plain_msg("m-user");
         let (_tx, rx) = watch::channel(None);
         let ended = execute(&spec, &msg, Some(&files), rx, std::future::pending()).await;
         assert_eq!(ended.outcome, Outcome::Succeeded);
@@ -1364,10 +1341,7 @@ mod tests {
             },
         ));
         let spec = test_spec(WorkerMode::Http(url));
-        let msg = Message {
-            attributes: Default::default(),
-            ..periodic_msg("m-redirect")
-        };
+        let msg = plain_msg("m-redirect");
         let (_tx, rx) = watch::channel(None);
         let ended = execute(&spec, &msg, None, rx, std::future::pending()).await;
         assert_eq!(
@@ -1494,11 +1468,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let spec = WorkerSpec {
             state_dir: dir.clone(),
-            ..test_spec(WorkerMode::Exec(vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "sleep 30 & exit 0".into(),
-            ]))
+            ..test_spec(sh("sleep 30 & exit 0"))
         };
         let msg = Message {
             id: "m-big".into(),
@@ -1522,6 +1492,20 @@ mod tests {
         assert_eq!(ended.outcome, Outcome::Succeeded);
         assert!(started.elapsed() < Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A job run by `/bin/sh -c script` (no shell ever sees a message:
+    /// the script is the test's own).
+    fn sh(script: &str) -> WorkerMode {
+        WorkerMode::Exec(vec!["/bin/sh".into(), "-c".into(), script.into()])
+    }
+
+    /// A plain job's message (a periodic task's, without its attributes).
+    fn plain_msg(id: &str) -> Message {
+        Message {
+            attributes: Default::default(),
+            ..periodic_msg(id)
+        }
     }
 
     fn periodic_msg(id: &str) -> Message {
@@ -1691,16 +1675,9 @@ mod tests {
                       while :; do sleep 0.1; done";
         let spec = WorkerSpec {
             term_grace: Duration::from_secs(2),
-            ..test_spec(WorkerMode::Exec(vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                script.into(),
-            ]))
+            ..test_spec(sh(script))
         };
-        let msg = Message {
-            attributes: Default::default(),
-            ..periodic_msg("m-grace")
-        };
+        let msg = plain_msg("m-grace");
         let (_tx, rx) = watch::channel(None);
         let stop = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1732,17 +1709,12 @@ mod tests {
         };
         let spec = WorkerSpec {
             job_user: Some(user),
-            ..test_spec(WorkerMode::Exec(vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                // Its own session: out of the job's process group.
-                "setsid sleep 300 </dev/null >/dev/null 2>&1 & sleep 0.5; exit 0".into(),
-            ]))
+            // Its own session: out of the job's process group.
+            ..test_spec(sh(
+                "setsid sleep 300 </dev/null >/dev/null 2>&1 & sleep 0.5; exit 0",
+            ))
         };
-        let msg = Message {
-            attributes: Default::default(),
-            ..periodic_msg("m-stray")
-        };
+        let msg = plain_msg("m-stray");
         let (_tx, rx) = watch::channel(None);
         let ended = execute(&spec, &msg, None, rx, std::future::pending()).await;
         assert_eq!(ended.outcome, Outcome::Succeeded);
@@ -1768,20 +1740,13 @@ mod tests {
         // 200 KiB: over Linux's 128 KiB for one environment string, so as a
         // variable the start fails (E2BIG) for every try of the message.
         let big = "p".repeat(200 * 1024);
-        let mut msg = Message {
-            attributes: Default::default(),
-            ..periodic_msg("m-big-attr")
-        };
+        let mut msg = plain_msg("m-big-attr");
         msg.attributes
             .insert("prompt".into(), crate::aws::Attr::string(big.clone()));
         let script = "test -z \"${SPOTGUARD_ATTR_prompt:-}\" && wc -c < \"$SPOTGUARD_ATTR_prompt_FILE\" > \"$SPOTGUARD_CHECKPOINT_FILE.out\"";
         let spec = WorkerSpec {
             state_dir: base.clone(),
-            ..test_spec(WorkerMode::Exec(vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                script.into(),
-            ]))
+            ..test_spec(sh(script))
         };
         let (_tx, rx) = watch::channel(None);
         let ended = execute(&spec, &msg, Some(&files), rx, std::future::pending()).await;

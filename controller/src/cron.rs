@@ -612,12 +612,15 @@ mod tests {
         assert_eq!(n, 12);
     }
 
+    /// One task, `five`, at `/five` every five minutes.
+    fn every_five_minutes() -> Vec<Task> {
+        parse("version: 1\ncron:\n - name: five\n   url: /five\n   schedule: \"*/5 * * * *\"\n")
+            .unwrap()
+    }
+
     #[test]
     fn a_slot_remembered_ahead_of_now_does_not_silence_the_task() {
-        let tasks = parse(
-            "version: 1\ncron:\n - name: five\n   url: /five\n   schedule: \"*/5 * * * *\"\n",
-        )
-        .unwrap();
+        let tasks = every_five_minutes();
         let mut tags = BTreeMap::new();
         // Written by someone with tag rights: a slot a year ahead.
         tags.insert(tag_of("five"), "2027-11-29T10:05:00Z".to_string());
@@ -634,10 +637,7 @@ mod tests {
 
     #[test]
     fn a_controller_that_was_down_fires_once_when_back() {
-        let tasks = parse(
-            "version: 1\ncron:\n - name: five\n   url: /five\n   schedule: \"*/5 * * * *\"\n",
-        )
-        .unwrap();
+        let tasks = every_five_minutes();
         let mut tags = BTreeMap::new();
         tags.insert(tag_of("five"), "2026-11-29T10:05:00Z".to_string());
         // Down from 10:06 to 12:31: 28 slots missed, one message.
