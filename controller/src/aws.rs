@@ -36,6 +36,14 @@ pub struct GroupInfo {
     pub tags: BTreeMap<String, String>,
 }
 
+/// A message received: its receipt handle and when it was first sent
+/// (SQS's `SentTimestamp`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub receipt: String,
+    pub sent: Option<DateTime<Utc>>,
+}
+
 /// What one `UpdateAutoScalingGroup` call changes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GroupUpdate {
@@ -198,6 +206,30 @@ pub trait Cloud: Send + Sync {
         enabled: bool,
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
     fn put_metric(&self, m: &MetricValue) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// `ReceiveMessage` of at most one message, in flight for `visibility`
+    /// seconds: the lease's token ([`crate::lease`]). `attempt` is the
+    /// FIFO receive-request attempt id, so that a retried call answers the
+    /// same message instead of finding the group blocked by it.
+    fn receive_one(
+        &self,
+        region: &str,
+        url: &str,
+        visibility: i32,
+        attempt: &str,
+    ) -> impl Future<Output = Result<Option<Received>, CloudError>> + Send;
+    fn change_visibility(
+        &self,
+        region: &str,
+        url: &str,
+        receipt: &str,
+        visibility: i32,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn delete_message(
+        &self,
+        region: &str,
+        url: &str,
+        receipt: &str,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
     fn publish(
         &self,
         topic: &str,
@@ -785,6 +817,91 @@ impl Cloud for SdkCloud {
                 .await
                 .map(|_| ())
                 .map_err(|e| err(OP, &m.region, e))
+        })
+        .await
+    }
+
+    async fn receive_one(
+        &self,
+        region: &str,
+        url: &str,
+        visibility: i32,
+        attempt: &str,
+    ) -> Result<Option<Received>, CloudError> {
+        use aws_sdk_sqs::types::MessageSystemAttributeName as A;
+        const OP: &str = "ReceiveMessage";
+        let c = self.clients(OP, region)?;
+        bounded(OP, region, async {
+            let out = c
+                .sqs
+                .receive_message()
+                .queue_url(url)
+                .max_number_of_messages(1)
+                .visibility_timeout(visibility)
+                // A long poll asks every server: a short poll samples some
+                // and may answer nothing while the token is there (SQS
+                // Developer Guide, "short and long polling").
+                .wait_time_seconds(1)
+                .receive_request_attempt_id(attempt)
+                .message_system_attribute_names(A::SentTimestamp)
+                .send()
+                .await
+                .map_err(|e| err(OP, region, e))?;
+            Ok(out.messages().first().and_then(|m| {
+                let sent = m
+                    .attributes()
+                    .and_then(|a| a.get(&A::SentTimestamp))
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .and_then(DateTime::<Utc>::from_timestamp_millis);
+                Some(Received {
+                    receipt: m.receipt_handle()?.to_string(),
+                    sent,
+                })
+            }))
+        })
+        .await
+    }
+
+    async fn change_visibility(
+        &self,
+        region: &str,
+        url: &str,
+        receipt: &str,
+        visibility: i32,
+    ) -> Result<(), CloudError> {
+        const OP: &str = "ChangeMessageVisibility";
+        let c = self.clients(OP, region)?;
+        bounded(OP, region, async {
+            c.sqs
+                .change_message_visibility()
+                .queue_url(url)
+                .receipt_handle(receipt)
+                .visibility_timeout(visibility)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| err(OP, region, e))
+        })
+        .await
+    }
+
+    async fn delete_message(
+        &self,
+        region: &str,
+        url: &str,
+        receipt: &str,
+    ) -> Result<(), CloudError> {
+        const OP: &str = "DeleteMessage";
+        let c = self.clients(OP, region)?;
+        bounded(OP, region, async {
+            c.sqs
+                .delete_message()
+                .queue_url(url)
+                .receipt_handle(receipt)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| err(OP, region, e))
         })
         .await
     }

@@ -133,6 +133,12 @@ async fn controller(cfg: Config) -> Controller<SdkCloud> {
     if let Some(r) = topic_region.as_deref() {
         regions.push(r);
     }
+    let lease_region = cfg.lease.queue_url.as_deref().map(|u| {
+        spotguard_common::region::queue_url_region(u).unwrap_or_else(|| cfg.primary.region.clone())
+    });
+    if let Some(r) = lease_region.as_deref() {
+        regions.push(r);
+    }
     let cloud = SdkCloud::new(&sdk, &regions);
     Controller {
         cfg,
@@ -161,10 +167,7 @@ async fn dispatch(cmd: Command, cfg: Config) -> Result<(), BoxError> {
                 let r = c.handle_event(&v).await?;
                 out.insert("event".into(), serde_json::to_value(r)?);
             }
-            out.insert(
-                "tick".into(),
-                serde_json::to_value(c.tick(Vec::new()).await?)?,
-            );
+            out.insert("tick".into(), serde_json::to_value(c.leased_tick().await?)?);
             print(&out)
         }
         Command::Status(_) => {
@@ -200,6 +203,7 @@ async fn dispatch(cmd: Command, cfg: Config) -> Result<(), BoxError> {
 /// unreadable group, a denied call, a region impaired) instead of a
 /// success; Lambda's own retry of it is one more idempotent tick.
 async fn lambda(c: Controller<SdkCloud>) -> Result<(), BoxError> {
+    warn_unguarded(&c.cfg);
     let c = Arc::new(c);
     lambda_runtime::run(lambda_runtime::service_fn(
         move |ev: lambda_runtime::LambdaEvent<Value>| {
@@ -209,7 +213,14 @@ async fn lambda(c: Controller<SdkCloud>) -> Result<(), BoxError> {
                     crate::events::parse(&ev.payload, &c.cfg.failover_codes()),
                     Ok(crate::events::Event::Tick)
                 );
-                match c.handle_event(&ev.payload).await {
+                // The invocation's deadline (milliseconds since the epoch),
+                // as time left on tokio's clock.
+                let left = i128::from(ev.context.deadline)
+                    - i128::from(chrono::Utc::now().timestamp_millis());
+                let deadline = u64::try_from(left)
+                    .ok()
+                    .map(|ms| tokio::time::Instant::now() + std::time::Duration::from_millis(ms));
+                match c.handle_event_by(&ev.payload, deadline).await {
                     Ok(Some(r)) => Ok(json!({"handled": true, "mode": r.reconcile.mode})),
                     Ok(None) => Ok(json!({"handled": false})),
                     Err(e) if scheduled => {
@@ -227,7 +238,16 @@ async fn lambda(c: Controller<SdkCloud>) -> Result<(), BoxError> {
     .await
 }
 
+/// Said once at start: without a lease nothing keeps a second controller
+/// from acting on the same memory at the same moment.
+fn warn_unguarded(cfg: &Config) {
+    if cfg.lease.queue_url.is_none() {
+        tracing::warn!("no lease.queue_url (SPOTGUARD_LEASE_QUEUE_URL): run exactly one controller, or two may act on the same memory at once");
+    }
+}
+
 async fn run_loop(c: Controller<SdkCloud>) -> Result<(), BoxError> {
+    warn_unguarded(&c.cfg);
     let shutdown = spotguard_common::rt::shutdown_signal()?;
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(c.cfg.run.interval.0);
@@ -257,8 +277,9 @@ async fn run_loop(c: Controller<SdkCloud>) -> Result<(), BoxError> {
         if let Some(src) = &events {
             crate::handler::read_events(&c, src).await;
         }
-        match c.tick(Vec::new()).await {
-            Ok(r) => tracing::info!(
+        match c.leased_tick().await {
+            Ok(None) => {}
+            Ok(Some(r)) => tracing::info!(
                 mode = r.reconcile.mode,
                 actions = r
                     .reconcile

@@ -36,6 +36,38 @@ pub struct Config {
     pub run: Run,
     #[serde(default)]
     pub cron: Cron,
+    #[serde(default)]
+    pub lease: Lease,
+}
+
+/// One controller at a time ([`crate::lease`]): the SQS FIFO queue whose
+/// token is the lease. Without it, nothing keeps two controllers (two `run`
+/// replicas, `once` beside the Lambda, overlapping invocations) from both
+/// acting on the same memory; the controller says so at start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    pub queue_url: Option<String>,
+    /// The token's visibility timeout: how long a holder that died keeps
+    /// the others out, and the most a holder may work (less
+    /// [`crate::lease::MARGIN`]). 60 s: twice the template's Lambda
+    /// `Timeout` (30 s), so an invocation always ends inside its lease, and
+    /// a killed one costs at most the next one-minute tick.
+    #[serde(default = "d_hold")]
+    pub hold: Dur,
+}
+
+impl Default for Lease {
+    fn default() -> Self {
+        Lease {
+            queue_url: None,
+            hold: d_hold(),
+        }
+    }
+}
+
+fn d_hold() -> Dur {
+    Dur(Duration::from_secs(60))
 }
 
 /// Periodic tasks: Elastic Beanstalk's `cron.yaml`, from a file or (for
@@ -343,7 +375,7 @@ fn d_interval() -> Dur {
 }
 
 const SECTIONS: &[&str] = &[
-    "primary", "fallback", "failover", "metric", "policy", "notify", "run", "cron",
+    "primary", "fallback", "failover", "metric", "policy", "notify", "run", "cron", "lease",
 ];
 
 impl Config {
@@ -558,6 +590,23 @@ impl Validate for Config {
             .is_some_and(|a| !a.starts_with("arn:"))
         {
             return bad("notify.sns_topic_arn", "must be an SNS topic ARN".into());
+        }
+        if let Some(url) = &self.lease.queue_url {
+            // A standard queue may return a message twice, and has no
+            // message groups: two holders at once.
+            if !(url.starts_with("https://") || url.starts_with("http://"))
+                || !url.ends_with(".fifo")
+            {
+                return bad(
+                    "lease.queue_url",
+                    format!("{url:?} is not an SQS FIFO queue URL (ending in .fifo)"),
+                );
+            }
+        }
+        // SQS takes a visibility timeout of 0 s to 12 h; under MARGIN
+        // plus one call's bound no tick could run inside it.
+        if !(20..=43_200).contains(&self.lease.hold.0.as_secs()) {
+            return bad("lease.hold", "must be within 20s..=12h".into());
         }
         self.cron.tasks = match (&self.cron.file, &self.cron.yaml) {
             (Some(_), Some(_)) => {
@@ -784,6 +833,37 @@ asg = "gpu-west-2"
         .to_string();
         assert!(e.contains("cannot read /nonexistent/cron.yaml"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_lease_queue_is_fifo_and_its_hold_within_sqs_bounds() {
+        let fifo = "https://sqs.us-east-1.amazonaws.com/1/spotguard-lease.fifo";
+        let c = Config::from_env([
+            ("SPOTGUARD_PRIMARY_ASG".to_string(), "a".to_string()),
+            (
+                "SPOTGUARD_PRIMARY_QUEUE_URL".into(),
+                "https://sqs.us-east-1.amazonaws.com/1/jobs".into(),
+            ),
+            ("SPOTGUARD_FALLBACK_ASG".into(), "b".into()),
+            ("SPOTGUARD_LEASE_QUEUE_URL".into(), fifo.into()),
+        ])
+        .unwrap();
+        assert_eq!(c.lease.queue_url.as_deref(), Some(fifo));
+        assert_eq!(c.lease.hold.0, Duration::from_secs(60));
+        assert!(Config::parse(MIN, "t").unwrap().lease.queue_url.is_none());
+        for (extra, wants) in [
+            (
+                "[lease]\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/1/lease\"\n",
+                "`lease.queue_url`",
+            ),
+            ("[lease]\nhold = \"10s\"\n", "`lease.hold`"),
+            ("[lease]\nhold = \"13h\"\n", "`lease.hold`"),
+        ] {
+            let e = Config::parse(&format!("{MIN}{extra}"), "c.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(wants), "{extra}: {e}");
+        }
     }
 
     #[test]

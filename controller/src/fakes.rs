@@ -42,16 +42,117 @@ pub struct CloudState {
     /// (a writer that never stops).
     pub race_always: bool,
     reads: BTreeMap<(String, String), usize>,
+    /// (region, URL) -> the FIFO queues that hold messages (the lease's):
+    /// messages in send order, as SQS keeps a FIFO queue.
+    pub fifo: BTreeMap<(String, String), FifoQueue>,
+    /// The wall-clock time at a tokio instant (a test's `TokioClock`), for
+    /// the FIFO messages' `SentTimestamp`; the system clock without it.
+    pub wall: Option<(chrono::DateTime<chrono::Utc>, tokio::time::Instant)>,
+}
+
+/// A FIFO queue as SQS answers it: a message group with a message in
+/// flight returns nothing more until that one is deleted or visible again;
+/// a deduplication id seen in the last 5 minutes is accepted and dropped.
+#[derive(Debug, Default)]
+pub struct FifoQueue {
+    pub messages: Vec<FifoMessage>,
+    /// (deduplication id, when sent).
+    pub dedup: Vec<(String, tokio::time::Instant)>,
+    /// (attempt id, receipt answered): a retried receive answers the same.
+    pub attempts: Vec<(String, String)>,
+    pub next: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct FifoMessage {
+    pub group: String,
+    pub receipt: String,
+    pub sent: chrono::DateTime<chrono::Utc>,
+    /// In flight until then.
+    pub hidden_until: Option<tokio::time::Instant>,
+}
+
+impl FifoQueue {
+    fn in_flight(m: &FifoMessage, now: tokio::time::Instant) -> bool {
+        m.hidden_until.is_some_and(|t| t > now)
+    }
+
+    /// (visible, in flight), as `GetQueueAttributes` counts them.
+    pub fn depth(&self) -> (i64, i64) {
+        let now = tokio::time::Instant::now();
+        let flying = self
+            .messages
+            .iter()
+            .filter(|m| FifoQueue::in_flight(m, now))
+            .count() as i64;
+        (self.messages.len() as i64 - flying, flying)
+    }
+}
+
+/// One call of an operation held back until the test lets it go: the
+/// moment of a race (another controller runs its whole tick in between).
+#[derive(Debug, Default)]
+pub struct Gate {
+    armed: Mutex<Option<&'static str>>,
+    parked: tokio::sync::Notify,
+    open: tokio::sync::Notify,
+}
+
+impl Gate {
+    /// The next call of `op` waits for [`Gate::open`].
+    pub fn arm(&self, op: &'static str) {
+        *self.armed.lock().unwrap_or_else(|p| p.into_inner()) = Some(op);
+    }
+
+    /// Returns once the armed call is waiting.
+    pub async fn parked(&self) {
+        self.parked.notified().await;
+    }
+
+    pub fn open(&self) {
+        self.open.notify_one();
+    }
+
+    async fn pass(&self, op: &'static str) {
+        let hit = {
+            let mut a = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+            if *a == Some(op) {
+                *a = None;
+                true
+            } else {
+                false
+            }
+        };
+        if hit {
+            self.parked.notify_one();
+            self.open.notified().await;
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct FakeCloud {
     pub state: Mutex<CloudState>,
+    pub gate: Gate,
 }
+
+/// Auto Scaling's tag limits (User Guide, "Tag Auto Scaling groups and
+/// instances"; API Reference, `Tag`): 50 tags a group, keys of 1-128
+/// characters, values of at most 256.
+pub const MAX_TAGS: usize = 50;
+pub const MAX_TAG_KEY: usize = 128;
+pub const MAX_TAG_VALUE: usize = 256;
 
 impl FakeCloud {
     pub fn lock(&self) -> MutexGuard<'_, CloudState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A FIFO queue (the lease's), empty.
+    pub fn add_fifo(&self, region: &str, url: &str) {
+        self.lock()
+            .fifo
+            .insert((region.into(), url.into()), FifoQueue::default());
     }
 
     pub fn add_group(&self, region: &str, name: &str, g: GroupInfo) {
@@ -166,8 +267,12 @@ impl Cloud for FakeCloud {
     ) -> impl Future<Output = Result<(i64, i64), CloudError>> + Send {
         const OP: &str = "GetQueueAttributes";
         ready(self.begin(OP, region).and_then(|st| {
+            let key = (region.to_string(), url.to_string());
+            if let Some(q) = st.fifo.get(&key) {
+                return Ok(q.depth());
+            }
             st.queues
-                .get(&(region.to_string(), url.to_string()))
+                .get(&key)
                 .copied()
                 .ok_or_else(|| FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)"))
         }))
@@ -196,6 +301,33 @@ impl Cloud for FakeCloud {
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         const OP: &str = "SendMessage";
         ready(self.begin(OP, region).map(|mut st| {
+            let key = (region.to_string(), url.to_string());
+            let st_wall = st.wall;
+            if let (Some(q), Some((group, dedup))) = (st.fifo.get_mut(&key), fifo) {
+                let now = tokio::time::Instant::now();
+                // SQS: the deduplication interval is 5 minutes.
+                q.dedup.retain(|(_, at)| {
+                    now.duration_since(*at) < std::time::Duration::from_secs(300)
+                });
+                if !q.dedup.iter().any(|(d, _)| d == dedup) {
+                    q.dedup.push((dedup.to_string(), now));
+                    let sent = match st_wall {
+                        Some((at, base)) => {
+                            at + chrono::Duration::from_std(now.duration_since(base))
+                                .unwrap_or_default()
+                        }
+                        None => chrono::Utc::now(),
+                    };
+                    q.next += 1;
+                    let receipt = format!("rh-{}", q.next);
+                    q.messages.push(FifoMessage {
+                        group: group.to_string(),
+                        receipt,
+                        sent,
+                        hidden_until: None,
+                    });
+                }
+            }
             st.sent.push((
                 region.to_string(),
                 url.to_string(),
@@ -254,14 +386,35 @@ impl Cloud for FakeCloud {
         tags: &BTreeMap<String, String>,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         const OP: &str = "CreateOrUpdateTags";
-        ready(self.begin(OP, region).and_then(|mut st| {
+        async move {
+            self.gate.pass(OP).await;
+            let mut st = self.begin(OP, region)?;
             let g = st
                 .groups
                 .get_mut(&(region.to_string(), group.to_string()))
                 .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
+            let fail = |message: String| CloudError {
+                op: OP,
+                region: region.to_string(),
+                message,
+            };
+            for (i, (k, v)) in tags.iter().enumerate() {
+                if k.is_empty() || k.chars().count() > MAX_TAG_KEY {
+                    return Err(fail(format!("ValidationError: 1 validation error detected: Value at 'tags.{}.member.key' failed to satisfy constraint: Member must have length between 1 and {MAX_TAG_KEY}", i + 1)));
+                }
+                if v.chars().count() > MAX_TAG_VALUE {
+                    return Err(fail(format!("ValidationError: 1 validation error detected: Value at 'tags.{}.member.value' failed to satisfy constraint: Member must have length less than or equal to {MAX_TAG_VALUE}", i + 1)));
+                }
+            }
+            let after = g.tags.len() + tags.keys().filter(|k| !g.tags.contains_key(*k)).count();
+            if after > MAX_TAGS {
+                return Err(fail(format!(
+                    "LimitExceeded: The number of tags for the Auto Scaling group would exceed the limit of {MAX_TAGS}"
+                )));
+            }
             g.tags.extend(tags.clone());
             Ok(())
-        }))
+        }
     }
 
     fn delete_tags(
@@ -315,6 +468,99 @@ impl Cloud for FakeCloud {
             self.begin("PutMetricData", &m.region)
                 .map(|mut st| st.metrics.push(m.clone())),
         )
+    }
+
+    fn receive_one(
+        &self,
+        region: &str,
+        url: &str,
+        visibility: i32,
+        attempt: &str,
+    ) -> impl Future<Output = Result<Option<crate::aws::Received>, CloudError>> + Send {
+        const OP: &str = "ReceiveMessage";
+        ready(self.begin(OP, region).and_then(|mut st| {
+            let q = st
+                .fifo
+                .get_mut(&(region.to_string(), url.to_string()))
+                .ok_or_else(|| FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)"))?;
+            let now = tokio::time::Instant::now();
+            let hide = now + std::time::Duration::from_secs(u64::try_from(visibility).unwrap_or(0));
+            if let Some((_, receipt)) = q.attempts.iter().find(|(a, _)| a == attempt) {
+                let receipt = receipt.clone();
+                return Ok(q.messages.iter().find(|m| m.receipt == receipt).map(|m| {
+                    crate::aws::Received {
+                        receipt: m.receipt.clone(),
+                        sent: Some(m.sent),
+                    }
+                }));
+            }
+            // The first message whose group has nothing in flight.
+            let blocked: Vec<String> = q
+                .messages
+                .iter()
+                .filter(|m| FifoQueue::in_flight(m, now))
+                .map(|m| m.group.clone())
+                .collect();
+            let Some(m) = q.messages.iter_mut().find(|m| !blocked.contains(&m.group)) else {
+                return Ok(None);
+            };
+            m.hidden_until = Some(hide);
+            let got = crate::aws::Received {
+                receipt: m.receipt.clone(),
+                sent: Some(m.sent),
+            };
+            q.attempts.push((attempt.to_string(), got.receipt.clone()));
+            Ok(Some(got))
+        }))
+    }
+
+    fn change_visibility(
+        &self,
+        region: &str,
+        url: &str,
+        receipt: &str,
+        visibility: i32,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        const OP: &str = "ChangeMessageVisibility";
+        ready(self.begin(OP, region).and_then(|mut st| {
+            let q = st
+                .fifo
+                .get_mut(&(region.to_string(), url.to_string()))
+                .ok_or_else(|| FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)"))?;
+            let now = tokio::time::Instant::now();
+            match q.messages.iter_mut().find(|m| m.receipt == receipt) {
+                // SQS: "Message does not exist or is not available for
+                // visibility timeout change" once it is no longer in flight.
+                Some(m) if FifoQueue::in_flight(m, now) => {
+                    m.hidden_until = Some(
+                        now + std::time::Duration::from_secs(u64::try_from(visibility).unwrap_or(0)),
+                    );
+                    Ok(())
+                }
+                _ => Err(CloudError {
+                    op: OP,
+                    region: region.to_string(),
+                    message: format!("InvalidParameterValue: Value {receipt} for parameter ReceiptHandle is invalid. Reason: Message does not exist or is not available for visibility timeout change."),
+                }),
+            }
+        }))
+    }
+
+    fn delete_message(
+        &self,
+        region: &str,
+        url: &str,
+        receipt: &str,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        const OP: &str = "DeleteMessage";
+        ready(self.begin(OP, region).and_then(|mut st| {
+            let q = st
+                .fifo
+                .get_mut(&(region.to_string(), url.to_string()))
+                .ok_or_else(|| FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)"))?;
+            q.messages.retain(|m| m.receipt != receipt);
+            Ok(())
+        }))
     }
 
     fn publish(

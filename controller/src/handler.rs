@@ -96,9 +96,90 @@ impl<C: Cloud> Controller<C> {
             .position(|(r, g)| g == group && region.is_none_or(|x| x == r))
     }
 
+    /// The lease queue's region: from its URL, else the primary's.
+    fn lease_region(url: &str, cfg: &Config) -> String {
+        spotguard_common::region::queue_url_region(url)
+            .unwrap_or_else(|| cfg.primary.region.clone())
+    }
+
+    /// Runs `work` as the one controller acting ([`crate::lease`]), cut at
+    /// the lease's end or at `deadline` (a Lambda invocation's), whichever
+    /// comes first, so that nothing is written once another may hold the
+    /// lease. `Ok(None)`: another controller holds it and this one did
+    /// nothing (its tick is the holder's). Without `lease.queue_url`, the
+    /// work runs unguarded.
+    pub async fn leased<T>(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+        work: impl std::future::Future<Output = Result<T, CloudError>>,
+    ) -> Result<Option<T>, CloudError> {
+        let held = match &self.cfg.lease.queue_url {
+            None => None,
+            Some(url) => {
+                let region = Self::lease_region(url, &self.cfg);
+                let hold = self.cfg.lease.hold.0;
+                match crate::lease::acquire(&self.cloud, &region, url, hold, self.clock.now())
+                    .await?
+                {
+                    Some(l) => Some((region, url, l)),
+                    None => {
+                        tracing::info!("another controller holds the lease: this one does nothing");
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let mut budget = held.as_ref().map(|(_, _, l)| l.budget(self.clock.now()));
+        if let Some(d) = deadline {
+            let left = d
+                .saturating_duration_since(tokio::time::Instant::now())
+                .saturating_sub(crate::lease::MARGIN);
+            budget = Some(budget.map_or(left, |b| b.min(left)));
+        }
+        let r = match budget {
+            None => work.await,
+            Some(b) => tokio::time::timeout(b, work).await.unwrap_or_else(|_| {
+                Err(CloudError {
+                    op: "tick",
+                    region: self.cfg.primary.region.clone(),
+                    message: format!(
+                        "cut short after {b:?}: the lease's end or the invocation's deadline"
+                    ),
+                })
+            }),
+        };
+        if let Some((region, url, l)) = &held {
+            crate::lease::release(&self.cloud, region, url, l, self.clock.now()).await;
+        }
+        r.map(Some)
+    }
+
+    /// [`Controller::handle`] as the one controller acting
+    /// ([`Controller::leased`]); `Ok(None)` also when another acts.
+    pub async fn handle_event(&self, v: &Value) -> Result<Option<TickReport>, CloudError> {
+        self.handle_event_by(v, None).await
+    }
+
+    /// [`Controller::handle_event`] within a deadline (a Lambda's).
+    pub async fn handle_event_by(
+        &self,
+        v: &Value,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Option<TickReport>, CloudError> {
+        self.leased(deadline, self.handle(v))
+            .await
+            .map(Option::flatten)
+    }
+
+    /// [`Controller::tick`] as the one controller acting; `Ok(None)` when
+    /// another acts.
+    pub async fn leased_tick(&self) -> Result<Option<TickReport>, CloudError> {
+        self.leased(None, self.tick(Vec::new())).await
+    }
+
     /// Handles one EventBridge event. Unknown or malformed events are logged
     /// and acknowledged (`Ok(None)`): a retry would not make them valid.
-    pub async fn handle_event(&self, v: &Value) -> Result<Option<TickReport>, CloudError> {
+    pub async fn handle(&self, v: &Value) -> Result<Option<TickReport>, CloudError> {
         match events::parse(v, &self.cfg.failover_codes()) {
             Err(e) => {
                 tracing::warn!(error = %e, "event ignored");

@@ -7,6 +7,7 @@
 //! - [`aws`]: the AWS calls behind the [`aws::Cloud`] trait, and its SDK implementation.
 //! - `fakes` (tests, feature `test-util`): an in-memory `Cloud`.
 //! - [`handler`]: one invocation (an event and/or a tick) over a `Cloud`.
+//! - [`lease`]: one controller acting at a time (an SQS FIFO token).
 //! - [`setup`]: creating the target-tracking policies.
 //! - [`config`], [`cli`]: configuration and command line.
 
@@ -18,6 +19,7 @@ pub mod events;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fakes;
 pub mod handler;
+pub mod lease;
 pub mod metrics;
 pub mod reconcile;
 pub mod setup;

@@ -36,9 +36,8 @@
 //! the new memory and the actions that make AWS match it. Every action is
 //! idempotent, so a retried invocation does no harm. Two concurrent ones
 //! could: tags are last-writer-wins, so a stale decision could undo a newer
-//! one. The deployment runs one at a time (`ReservedConcurrentExecutions:
-//! 1`), and the memory carries a version that the handler checks before it
-//! acts.
+//! one. One controller acts at a time (its lease, [`crate::lease`]), and the
+//! memory carries a version that the handler checks before it acts.
 //!
 //! The fallback group's MaxSize is the gate: 0 in `normal`, the configured
 //! cap in `failed-over`, lowered step by step in `failing-back`, and never

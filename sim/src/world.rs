@@ -23,7 +23,9 @@ use tokio::time::Instant;
 use spotguard_agent::aws::{AwsError, Fleet, ScaleIn};
 use spotguard_agent::fakes::{aws_error, MemQueue, MIN_SIZE_REFUSAL};
 use spotguard_agent::watch::Detected;
-use spotguard_controller::aws::{Cloud, CloudError, GroupInfo, GroupUpdate, TargetTracking};
+use spotguard_controller::aws::{
+    Cloud, CloudError, GroupInfo, GroupUpdate, Received, TargetTracking,
+};
 use spotguard_controller::events::Activity;
 use spotguard_controller::metrics::MetricValue;
 
@@ -1037,6 +1039,45 @@ impl Cloud for SimCloud {
             .published
             .push((subject.to_string(), message.to_string()));
         std::future::ready(Ok(()))
+    }
+
+    // The simulation runs one controller and configures no lease: these
+    // are never called, and answer as a region without the queue would.
+    fn receive_one(
+        &self,
+        region: &str,
+        _url: &str,
+        _visibility: i32,
+        _attempt: &str,
+    ) -> impl Future<Output = Result<Option<Received>, CloudError>> + Send {
+        std::future::ready(Err(no_lease_queue("ReceiveMessage", region)))
+    }
+
+    fn change_visibility(
+        &self,
+        region: &str,
+        _url: &str,
+        _receipt: &str,
+        _visibility: i32,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        std::future::ready(Err(no_lease_queue("ChangeMessageVisibility", region)))
+    }
+
+    fn delete_message(
+        &self,
+        region: &str,
+        _url: &str,
+        _receipt: &str,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        std::future::ready(Err(no_lease_queue("DeleteMessage", region)))
+    }
+}
+
+fn no_lease_queue(op: &'static str, region: &str) -> CloudError {
+    CloudError {
+        op,
+        region: region.to_string(),
+        message: "AWS.SimpleQueueService.NonExistentQueue: The specified queue does not exist (the simulation has no lease queue)".into(),
     }
 }
 

@@ -95,8 +95,12 @@ try:
     live = client("cloudwatch").describe_alarms()["MetricAlarms"]
     if live:
         check("the alarms exist in CloudWatch", len(live) == 4, live)
-    check("one controller at a time (ReservedConcurrentExecutions 1)",
-          client("lambda").get_function_concurrency(FunctionName=out["ControllerFunction"]).get("ReservedConcurrentExecutions") == 1)
+    check("no reserved concurrency (it cannot deploy under a low account quota; the lease serialises)",
+          client("lambda").get_function_concurrency(FunctionName=out["ControllerFunction"]).get("ReservedConcurrentExecutions") is None)
+    lease = sqs.get_queue_attributes(QueueUrl=out["LeaseQueueUrl"], AttributeNames=["All"])["Attributes"]
+    check("the lease queue is FIFO, keeps its token 14 days, and the controller is given it",
+          lease.get("FifoQueue") == "true" and lease.get("MessageRetentionPeriod") == "1209600"
+          and env.get("SPOTGUARD_LEASE_QUEUE_URL") == out["LeaseQueueUrl"], (lease, env))
 
     for region, group, max_size, purchase in [("us-east-1", "spotguard-gpu-primary", "10", "spot"),
                                               ("us-east-2", "spotguard-gpu-fallback", "0", "spot"),

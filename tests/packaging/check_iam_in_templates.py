@@ -33,6 +33,7 @@ AGENT_SUBST = {
 }
 CONTROLLER_SUBST = {
     "${JobQueue.Arn}": "${QueueArn}",
+    "${LeaseQueue.Arn}": "${LeaseQueueArn}",
     "${NoticesTopic}": "${TopicArn}",
     GROUP_ARN % ("${AWS::Region}", "${PrimaryGroupName}"): "${PrimaryGroupArn}",
     "${If Cascade ? %s : %s}" % (GROUP_ARN % ("*", "${CascadeGroupNamePattern}"),

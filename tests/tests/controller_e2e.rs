@@ -722,12 +722,14 @@ fn the_lambda_runtime_handles_events_and_acknowledges_garbage() {
     // As Lambda runs it: the binary named `bootstrap`, no arguments.
     let bootstrap = t.dir.path().join("bootstrap");
     std::fs::copy(bin("spotguard-controller"), &bootstrap).unwrap();
+    let lease = t.env.create_fifo_queue("spotguard-lease");
     let mut cmd = Command::new(&bootstrap);
     spotguard_tests::lambda_env(&mut cmd, &api);
     cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
         .env("SPOTGUARD_PRIMARY_QUEUE_URL", &t.queue)
         .env("SPOTGUARD_FALLBACK_ASG", "gpu-fallback")
         .env("SPOTGUARD_FALLBACK_MAX_SIZE", "4")
+        .env("SPOTGUARD_LEASE_QUEUE_URL", &lease)
         // The primary is short from the start here (see `setup`).
         .env("SPOTGUARD_FAILOVER_SHORTAGE_FOR", "0s");
     for (k, v) in t.env.agent_env() {
@@ -758,6 +760,64 @@ fn the_lambda_runtime_handles_events_and_acknowledges_garbage() {
         !t.env.proxy.calls_of("PutMetricData").is_empty(),
         "the scheduled tick published the metrics"
     );
+    // Each invocation took the lease and gave it back: one token, visible.
+    assert_eq!(t.env.depth(&lease), (1, 0));
+    assert_eq!(t.env.proxy.calls_of("ChangeMessageVisibility").len(), 3);
+}
+
+/// Another controller holds the lease (its token in flight on the FIFO
+/// queue): a scheduled invocation does nothing and says so, no error.
+#[test]
+fn a_lambda_tick_while_another_holds_the_lease_does_nothing() {
+    let t = setup("ctl-lambda-lease");
+    let lease = t.env.create_fifo_queue("spotguard-lease");
+    t.env
+        .send_fifo(&lease, "token", "spotguard-lease", "token-1");
+    let held = t.env.rt.block_on(async {
+        t.env
+            .sqs
+            .receive_message()
+            .queue_url(&lease)
+            .visibility_timeout(300)
+            .send()
+            .await
+            .expect("receive")
+            .messages()
+            .len()
+    });
+    assert_eq!(held, 1);
+    let (api, responses) = fake_runtime(
+        &t.env.rt,
+        vec![json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}})],
+    );
+    let bootstrap = t.dir.path().join("bootstrap");
+    std::fs::copy(bin("spotguard-controller"), &bootstrap).unwrap();
+    let mut cmd = Command::new(&bootstrap);
+    spotguard_tests::lambda_env(&mut cmd, &api);
+    cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
+        .env("SPOTGUARD_PRIMARY_QUEUE_URL", &t.queue)
+        .env("SPOTGUARD_FALLBACK_ASG", "gpu-fallback")
+        .env("SPOTGUARD_LEASE_QUEUE_URL", &lease);
+    for (k, v) in t.env.agent_env() {
+        cmd.env(k, v);
+    }
+    let (_lambda, _) = spotguard_tests::Proc::spawn(cmd, "spotguard-controller lambda");
+    assert!(
+        t.env
+            .wait_for(Duration::from_secs(30), || responses.lock().unwrap().len()
+                == 1),
+        "responses: {:?}",
+        responses.lock().unwrap()
+    );
+    let r = responses.lock().unwrap().clone();
+    assert_eq!(
+        r[0]["path"], "/2018-06-01/runtime/invocation/req-0/response",
+        "{r:?}"
+    );
+    assert_eq!(r[0]["body"]["handled"], false);
+    assert!(t.env.proxy.calls_of("PutMetricData").is_empty());
+    assert!(t.env.proxy.calls_of("UpdateAutoScalingGroup").is_empty());
+    assert_eq!(t.env.depth(&lease), (0, 1), "no second token seeded");
 }
 
 /// A scheduled tick that fails on AWS (the fallback group denied, its
