@@ -413,6 +413,79 @@ mod tests {
         assert!(capacity_code("Max spot instance count exceeded.", &only_capacity).is_none());
     }
 
+    /// EventBridge's `wildcard`: `*` any run of characters, the rest
+    /// literal and case-sensitive.
+    fn wildcard(pattern: &str, text: &str) -> bool {
+        let parts: Vec<&str> = pattern.split('*').collect();
+        let mut at = 0;
+        for (i, p) in parts.iter().enumerate() {
+            if i == 0 {
+                if !text.starts_with(p) {
+                    return false;
+                }
+                at = p.len();
+            } else if i == parts.len() - 1 {
+                return text.len() >= at + p.len() && text[at..].ends_with(p);
+            } else {
+                match text[at..].find(p) {
+                    Some(j) => at += j + p.len(),
+                    None => return false,
+                }
+            }
+        }
+        at == text.len()
+    }
+
+    #[test]
+    fn the_event_rule_and_the_parser_share_one_list_of_failure_forms() {
+        use crate::reconcile::FAILOVER_FORMS;
+        let all: Vec<String> = crate::config::CAPACITY_CODES
+            .iter()
+            .chain(crate::config::QUOTA_CODES)
+            .map(|c| c.to_string())
+            .collect();
+        for (w, code, sample) in FAILOVER_FORMS {
+            assert!(wildcard(w, sample), "{w} does not match its own sample");
+            assert_eq!(
+                capacity_code(sample, &all).as_deref(),
+                Some(*code),
+                "{sample}"
+            );
+        }
+        for code in &all {
+            assert!(
+                FAILOVER_FORMS.iter().any(|f| f.1 == code),
+                "{code} has no form"
+            );
+        }
+        // Forms that never fail over wake no one.
+        for msg in [
+            "Could not launch Spot Instances. Unsupported - The requested configuration is currently not supported. Launching EC2 instance failed.",
+            "Could not launch Spot Instances. SpotMaxPriceTooLow - Your Spot request price of 0.1 is lower than the minimum required Spot request fulfillment price of 0.2. Launching EC2 instance failed.",
+            "The image id '[ami-1]' does not exist. Launching EC2 instance failed.",
+        ] {
+            assert!(!FAILOVER_FORMS.iter().any(|f| wildcard(f.0, msg)), "{msg}");
+        }
+        // The template's rule lists exactly these wildcards.
+        let template = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../packaging/cloudformation/spotguard-control.yaml"
+        ))
+        .unwrap();
+        let rule = &template[template.find("LaunchUnsuccessfulRule:").unwrap()..];
+        let rule = &rule[..rule.find("Targets:").unwrap()];
+        let mut in_rule: Vec<&str> = rule
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- wildcard: "))
+            .map(|w| w.trim_matches('"'))
+            .collect();
+        let mut forms: Vec<&str> = FAILOVER_FORMS.iter().map(|f| f.0).collect();
+        in_rule.sort_unstable();
+        forms.sort_unstable();
+        assert_eq!(in_rule, forms);
+        assert!(wildcard("*a*b*", "xaxbx") && !wildcard("*a*b*", "xbxax"));
+    }
+
     #[test]
     fn the_aws_sample_event_parses() {
         let v: Value = serde_json::from_str(AWS_SAMPLE).unwrap();

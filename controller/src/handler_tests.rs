@@ -954,3 +954,33 @@ async fn quota_failures_fail_over_only_with_on_quota() {
     assert_eq!(r.map(|r| r.reconcile.mode), Some("normal"));
     assert_eq!(off.cloud.group_of("us-east-2", "gpu-east-2").max, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn periodic_tasks_whose_memory_would_pass_the_groups_50_tags_send_nothing() {
+    let mut c = controller();
+    c.cfg.cron.tasks = crate::cron::parse(
+        "version: 1\ncron:\n - name: a\n   url: /a\n   schedule: \"*/5 * * * *\"\n - name: b\n   url: /b\n   schedule: \"*/5 * * * *\"\n",
+    )
+    .unwrap();
+    // 49 tags of the user's already: AWS keeps at most 50 on a group, so
+    // the two slots cannot be remembered, and an unremembered slot is
+    // never sent (a retried invocation would send it again).
+    {
+        let mut st = c.cloud.lock();
+        let p = st
+            .groups
+            .get_mut(&("us-east-1".into(), "gpu-east-1".into()))
+            .unwrap();
+        for i in 0..49 {
+            p.tags.insert(format!("team:{i}"), "x".into());
+        }
+    }
+    for _ in 0..3 {
+        assert!(c.tick(Vec::new()).await.unwrap().cron.is_empty());
+        tokio::time::advance(std::time::Duration::from_secs(310)).await;
+    }
+    let st = c.cloud.lock();
+    assert!(st.sent.iter().all(|s| s.1 != QUEUE), "{:?}", st.sent);
+    let p = &st.groups[&("us-east-1".to_string(), "gpu-east-1".to_string())];
+    assert_eq!(p.tags.len(), 49, "the write refused whole, as AWS does");
+}

@@ -477,6 +477,40 @@ pub fn failure_code(status_message: &str) -> Option<String> {
     None
 }
 
+/// Every form of launch failure that can fail over, as (the control
+/// template's EventBridge `wildcard` for it, case-sensitive as EventBridge
+/// matches; the code [`failure_code`] reads; a message in that form, from
+/// REFERENCE.md). One list for the rule and the parser: a test holds the
+/// template's `LaunchUnsuccessfulRule` to it, so the rule neither drops a
+/// form the controller fails over on nor wakes it for one that never does
+/// (`Unsupported`, `SpotMaxPriceTooLow`). A code added to
+/// `failover.capacity_codes` needs its wildcard in the rule too (or the
+/// one-minute tick's activity poll finds it).
+pub const FAILOVER_FORMS: &[(&str, &str, &str)] = &[
+    ("*InsufficientInstanceCapacity*", "InsufficientInstanceCapacity",
+     "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed."),
+    ("*InsufficientCapacity*", "InsufficientCapacity",
+     "Could not launch Spot Instances. InsufficientCapacity - There is not enough capacity to fulfill your request. Launching EC2 instance failed."),
+    ("*UnfulfillableCapacity*", "UnfulfillableCapacity",
+     "Could not launch Spot Instances. UnfulfillableCapacity - Unable to fulfill capacity due to your request configuration. Launching EC2 instance failed."),
+    ("*InsufficientHostCapacity*", "InsufficientHostCapacity",
+     "Could not launch On-Demand Instances. InsufficientHostCapacity - There is not enough capacity to fulfill your Dedicated Host request. Launching EC2 instance failed."),
+    ("*InsufficientReservedInstanceCapacity*", "InsufficientReservedInstanceCapacity",
+     "Could not launch On-Demand Instances. InsufficientReservedInstanceCapacity - Insufficient capacity to fulfill the Reserved Instance request. Launching EC2 instance failed."),
+    ("*do not have sufficient*capacity*", "InsufficientInstanceCapacity",
+     "We currently do not have sufficient g4dn.xlarge capacity in the Availability Zone you requested (us-east-1a). Our system will be working on provisioning additional capacity."),
+    ("*no Spot capacity available*", "InsufficientInstanceCapacity",
+     "There is no Spot capacity available that matches your request."),
+    ("*MaxSpotInstanceCountExceeded*", "MaxSpotInstanceCountExceeded",
+     "Could not launch Spot Instances. MaxSpotInstanceCountExceeded - Max spot instance count exceeded. Launching EC2 instance failed."),
+    ("*Max spot instance count exceeded*", "MaxSpotInstanceCountExceeded",
+     "Max spot instance count exceeded. Launching EC2 instance failed."),
+    ("*VcpuLimitExceeded*", "VcpuLimitExceeded",
+     "Could not launch Spot Instances. VcpuLimitExceeded - You have requested more vCPU capacity than your current vCPU limit of 64 allows. Launching EC2 instance failed."),
+    ("*current vCPU limit*", "VcpuLimitExceeded",
+     "You have requested more vCPU capacity than your current vCPU limit of 64 allows for the instance bucket that the specified instance type belongs to. Launching EC2 instance failed."),
+];
+
 /// The failover code of a failure: its parsed code, if it is one of `codes`
 /// (exact match).
 pub fn capacity_code(status_message: &str, codes: &[String]) -> Option<String> {
