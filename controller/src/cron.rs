@@ -15,9 +15,11 @@
 //! `beanstalk.sqsd.scheduled_time`, `beanstalk.sqsd.path`), so the agent
 //! (or sqsd) dispatches it as a periodic task. What was last enqueued per
 //! task is remembered in tags on the primary group; a slot is enqueued
-//! only when it is later than that, so a controller that was down fires
-//! each task once when it comes back (its latest slot), not once per
-//! missed slot.
+//! only when it is later than that. Slots missed between two ticks (ticks
+//! more than a minute apart: ordinary jitter, a tick skipped while another
+//! controller held the lease) are each sent, oldest first, back to
+//! [`CATCH_UP`]; a controller down longer sends those of the last
+//! [`CATCH_UP`] only, and says how far its memory was behind.
 
 use std::collections::BTreeMap;
 
@@ -297,6 +299,14 @@ pub fn parse(text: &str) -> Result<Vec<Task>, String> {
     Ok(tasks)
 }
 
+/// How far back missed slots are still sent: 10 minutes covers a
+/// Lambda tick late or skipped (the one-minute schedule, a lease held by a
+/// holder that died: `lease.hold`, 60 s) several times over, and bounds
+/// what a controller back from a long outage sends at once (10 slots of a
+/// per-minute task), so that it does not flood the queue with a night of
+/// stale slots.
+pub const CATCH_UP: Duration = Duration::minutes(10);
+
 /// A slot to enqueue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Due {
@@ -313,7 +323,8 @@ pub fn tag_of(name: &str) -> String {
 /// What is due at `now`, and the memory to write once it is enqueued.
 /// A task never seen before starts from its latest slot without firing it
 /// (a schedule added at 15:00 does not run its 03:00 slot); a task whose
-/// latest slot is later than the one remembered fires that slot, once.
+/// latest slot is later than the one remembered fires each slot after the
+/// remembered one within [`CATCH_UP`], oldest first, once.
 pub fn due(
     tasks: &[Task],
     tags: &BTreeMap<String, String>,
@@ -350,11 +361,31 @@ pub fn due(
         };
         match last {
             Some(last) if slot <= last => continue,
-            Some(_) => out.push(Due {
-                name: t.name.clone(),
-                path: t.path.clone(),
-                at: slot,
-            }),
+            Some(last) => {
+                let window = slot - CATCH_UP;
+                if last < window {
+                    tracing::warn!(task = %t.name, remembered = %minute(last), sent_from = %minute(window), "periodic slots older than the catch-up window are not sent");
+                }
+                // Whole minutes after the later of the two, up to the slot:
+                // at most CATCH_UP's minutes, so bounded.
+                let Some(mut m) = last
+                    .max(window)
+                    .with_second(0)
+                    .and_then(|m| m.with_nanosecond(0))
+                else {
+                    continue;
+                };
+                while m < slot {
+                    m += Duration::minutes(1);
+                    if t.schedule.matches(m) {
+                        out.push(Due {
+                            name: t.name.clone(),
+                            path: t.path.clone(),
+                            at: m,
+                        });
+                    }
+                }
+            }
             None => {}
         }
         memory.insert(tag_of(&t.name), minute(slot));
@@ -636,26 +667,49 @@ mod tests {
     }
 
     #[test]
-    fn a_controller_that_was_down_fires_once_when_back() {
+    fn a_controller_that_was_down_sends_the_slots_of_the_catch_up_window_only() {
         let tasks = every_five_minutes();
         let mut tags = BTreeMap::new();
         tags.insert(tag_of("five"), "2026-11-29T10:05:00Z".to_string());
-        // Down from 10:06 to 12:31: 28 slots missed, one message.
+        // Down from 10:06 to 12:31: 29 slots missed; those of the last 10
+        // minutes sent, oldest first (12:20 is at the window's edge: out).
         let (d, m) = due(&tasks, &tags, t("2026-11-29T12:31:05Z"));
-        assert_eq!(
-            d,
-            [Due {
-                name: "five".into(),
-                path: "/five".into(),
-                at: t("2026-11-29T12:30:00Z")
-            }]
-        );
+        let at: Vec<_> = d.iter().map(|d| d.at).collect();
+        assert_eq!(at, [t("2026-11-29T12:25:00Z"), t("2026-11-29T12:30:00Z")]);
         assert_eq!(m[&tag_of("five")], "2026-11-29T12:30:00Z");
         // A retried invocation with the memory not yet written sends the same
-        // slot again, with the same deduplication id.
+        // slots again, with the same deduplication ids.
         let (again, _) = due(&tasks, &tags, t("2026-11-29T12:31:40Z"));
-        assert_eq!(fifo_ids(&again[0]), fifo_ids(&d[0]));
+        let ids = |d: &[Due]| d.iter().map(fifo_ids).collect::<Vec<_>>();
+        assert_eq!(ids(&again), ids(&d));
         tags.extend(m);
         assert!(due(&tasks, &tags, t("2026-11-29T12:32:00Z")).0.is_empty());
+    }
+
+    #[test]
+    fn ticks_more_than_a_minute_apart_lose_no_slot_of_a_per_minute_task() {
+        let tasks =
+            parse("version: 1\ncron:\n - name: m\n   url: /m\n   schedule: \"* * * * *\"\n")
+                .unwrap();
+        let mut tags = BTreeMap::new();
+        tags.insert(tag_of("m"), "2026-11-29T12:00:00Z".to_string());
+        let mut sent = Vec::new();
+        // Ticks 100 s apart, then one skipped (a lease held by a holder
+        // that died): every minute's slot goes out once, in order.
+        for now in ["12:01:40", "12:03:20", "12:06:40", "12:07:10"] {
+            let (d, m) = due(&tasks, &tags, t(&format!("2026-11-29T{now}Z")));
+            sent.extend(d.iter().map(|d| d.at.format("%H:%M").to_string()));
+            tags.extend(m);
+        }
+        assert_eq!(
+            sent,
+            ["12:01", "12:02", "12:03", "12:04", "12:05", "12:06", "12:07"]
+        );
+        // A remembered time off the minute (a first sight with no slot in
+        // the look-back) still gives whole-minute slots.
+        tags.insert(tag_of("m"), "2026-11-29T12:07:30Z".to_string());
+        let (d, _) = due(&tasks, &tags, t("2026-11-29T12:09:10Z"));
+        let at: Vec<_> = d.iter().map(|d| d.at).collect();
+        assert_eq!(at, [t("2026-11-29T12:08:00Z"), t("2026-11-29T12:09:00Z")]);
     }
 }

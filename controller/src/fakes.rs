@@ -33,7 +33,8 @@ pub struct CloudState {
     pub published: Vec<(String, String, String)>,
     /// (operation, region) of every call.
     pub calls: Vec<(&'static str, String)>,
-    /// Errors to answer for (operation, region), before answering normally.
+    /// Errors to answer for (operation, region), in turn, before answering
+    /// normally (an empty one: answer normally that time).
     pub faults: BTreeMap<(&'static str, String), VecDeque<String>>,
     /// A concurrent writer: after the n-th read of a group (counted per
     /// group), its `spotguard:version` tag becomes this value.
@@ -197,10 +198,12 @@ impl FakeCloud {
     ) -> Result<MutexGuard<'_, CloudState>, CloudError> {
         let mut st = self.lock();
         st.calls.push((op, region.to_string()));
+        // An empty entry answers normally: a fault behind a success.
         if let Some(m) = st
             .faults
             .get_mut(&(op, region.to_string()))
             .and_then(VecDeque::pop_front)
+            .filter(|m| !m.is_empty())
         {
             return Err(CloudError {
                 op,

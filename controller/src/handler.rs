@@ -348,7 +348,16 @@ impl<C: Cloud> Controller<C> {
         let fifo = p.queue_url.ends_with(".fifo");
         let mut sent = Vec::new();
         let mut restore = std::collections::BTreeMap::new();
+        // Slots come oldest first per task: once one fails, the task's later
+        // ones wait for the next tick (its memory goes back to the last slot
+        // sent), so none is sent out of order or twice.
+        let mut failed: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+        let mut last_sent: std::collections::BTreeMap<&str, String> =
+            std::collections::BTreeMap::new();
         for d in &due {
+            if failed.contains(d.name.as_str()) {
+                continue;
+            }
             let ids = cron::fifo_ids(d);
             let r = self
                 .cloud
@@ -364,13 +373,15 @@ impl<C: Cloud> Controller<C> {
             match r {
                 Ok(()) => {
                     tracing::info!(task = %d.name, scheduled_at = %at, "periodic task enqueued");
+                    last_sent.insert(d.name.as_str(), at.clone());
                     sent.push((d.name.clone(), at));
                 }
                 Err(e) => {
                     tracing::warn!(task = %d.name, scheduled_at = %at, error = %e, "cannot enqueue a periodic task; tried again next tick");
+                    failed.insert(d.name.as_str());
                     let key = cron::tag_of(&d.name);
-                    if let Some(old) = tags.get(&key) {
-                        restore.insert(key, old.clone());
+                    if let Some(back) = last_sent.get(d.name.as_str()).or_else(|| tags.get(&key)) {
+                        restore.insert(key, back.clone());
                     }
                 }
             }

@@ -775,14 +775,35 @@ async fn periodic_tasks_are_enqueued_once_per_slot_and_retried_when_sending_fail
     step(20).await;
     assert_eq!(c.tick(Vec::new()).await.unwrap().cron.len(), 1);
     assert_eq!(sent(&c).len(), 2);
-    // Down from 08:11 to 09:02: one message, for 09:00.
+    // Down from 08:11 to 09:02: the slots of the last 10 minutes (the
+    // catch-up window), oldest first.
     step(51 * 60).await;
     let r = c.tick(Vec::new()).await.unwrap();
+    let slot = |at: &str| ("report".to_string(), format!("2026-11-28T{at}:00Z"));
+    assert_eq!(r.cron, [slot("08:55"), slot("09:00")]);
+    assert_eq!(sent(&c).len(), 4);
+    // Two slots due, the second refused: the first stays sent, the memory
+    // goes back to it, and the next tick sends the second alone.
+    step(11 * 60).await; // 09:13:xx: 09:05 and 09:10 due
+    {
+        let mut st = c.cloud.lock();
+        let q = st
+            .faults
+            .entry(("SendMessage", "us-east-1".into()))
+            .or_default();
+        q.push_back(String::new()); // the first answers normally
+        q.push_back("ServiceUnavailable".into());
+    }
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(r.cron, [slot("09:05")]);
     assert_eq!(
-        r.cron,
-        [("report".to_string(), "2026-11-28T09:00:00Z".to_string())]
+        c.cloud.group_of("us-east-1", "gpu-east-1").tags["spotguard:cron:report"],
+        "2026-11-28T09:05:00Z"
     );
-    assert_eq!(sent(&c).len(), 3);
+    step(20).await;
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(r.cron, [slot("09:10")]);
+    assert_eq!(sent(&c).len(), 6);
 }
 
 #[tokio::test(start_paused = true)]
