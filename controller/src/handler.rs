@@ -569,8 +569,8 @@ impl<C: Cloud> Controller<C> {
         }
         let launches_seen = by_group.iter().map(Vec::len).sum();
         // The primary, for the first link's shortage rule; unreadable
-        // (throttled, its region impaired), the rule is not applied rather
-        // than every decision blocked.
+        // (throttled, its region impaired), its last reading in the memory
+        // stands rather than every decision blocked.
         let p = &self.cfg.primary;
         let primary = match self.cloud.group(&p.region, &p.asg).await {
             Ok(pg) => Some(reconcile::PrimaryGroup {
@@ -581,7 +581,7 @@ impl<C: Cloud> Controller<C> {
                 pending: pg.pending,
             }),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the primary group; deciding without the shortage rule");
+                tracing::warn!(error = %e, "cannot read the primary group; deciding on its last reading");
                 None
             }
         };

@@ -765,11 +765,13 @@ pub fn reconcile_seen(
             m.primary_whole_since = Some(m.primary_whole_since.map_or(now, |t| t.min(now)));
         }
     }
-    // Not observed: the rule does not hold the failover back (the region
-    // may be impaired); the last readings are kept for recovery.
-    let short_long_enough = seen.primary.is_none()
-        || m.primary_short_since
-            .is_some_and(|t| now - t >= dur(s.shortage_for));
+    // Not observed (throttled, its region impaired): the last reading
+    // stands, short since then or whole; only a primary never read at all
+    // leaves the rule unable to hold the failover back.
+    let short_long_enough = match (seen.primary, m.primary_short_since, m.primary_whole_since) {
+        (None, None, None) => true,
+        (_, short, _) => short.is_some_and(|t| now - t >= dur(s.shortage_for)),
+    };
     // Nobody needs the fallback: nothing waiting, nothing running (in-flight
     // messages count: busy fallback instances need not be protected), no
     // busy fallback instance.
@@ -1557,11 +1559,35 @@ mod tests {
         };
         let p = reconcile(&m, &group(0, 0, 0, 0), &[fail(0, "f0")], t(1400), &s);
         assert_eq!(p.memory.mode, Mode::Normal);
-        // A new one within the min dwell in normal: not yet.
-        let p = reconcile(&m, &group(0, 0, 0, 0), &[fail(1005, "f9")], t(1006), &s);
-        assert_eq!(p.memory.mode, Mode::Normal);
-        let p = reconcile(&m, &group(0, 0, 0, 0), &[fail(1005, "f9")], t(1301), &s);
-        assert_eq!(p.memory.mode, Mode::FailedOver);
+        // A new one within the min dwell in normal, the primary short again:
+        // not yet; past the dwell (and shortage_for), failed over.
+        let (m2, _) = step_p(&m, &group(0, 0, 0, 0), up(4, 3), &[fail(1005, "f9")], 1006);
+        assert_eq!(m2.mode, Mode::Normal);
+        let (m3, _) = step_p(
+            &m2,
+            &group(0, 0, 0, 0),
+            up(4, 3),
+            &[fail(1300, "f10")],
+            1301,
+        );
+        assert_eq!(m3.mode, Mode::FailedOver);
+    }
+
+    #[test]
+    fn an_unreadable_primary_keeps_its_last_reading() {
+        // Whole at the last reading: capacity failures alone (one zone dry)
+        // do not fail over while the primary cannot be read.
+        let (m, _) = step_p(&Memory::initial(), &group(0, 0, 0, 0), up(4, 4), &[], 0);
+        let (m1, _) = step(&m, &group(0, 0, 0, 0), &[fail(400, "a")], 401);
+        assert_eq!(m1.mode, Mode::Normal);
+        // Short at the last reading, shortage_for (120 s) ago: it counts.
+        let (m, _) = step_p(&Memory::initial(), &group(0, 0, 0, 0), up(4, 3), &[], 0);
+        let (m2, _) = step(&m, &group(0, 0, 0, 0), &[fail(400, "a")], 401);
+        assert_eq!(m2.mode, Mode::FailedOver);
+        // Short only just before: not yet.
+        let (m, _) = step_p(&Memory::initial(), &group(0, 0, 0, 0), up(4, 3), &[], 350);
+        let (m3, _) = step(&m, &group(0, 0, 0, 0), &[fail(400, "a")], 401);
+        assert_eq!(m3.mode, Mode::Normal);
     }
 
     #[test]
