@@ -46,6 +46,10 @@ pub struct CloudState {
     /// (region, URL) -> the FIFO queues that hold messages (the lease's):
     /// messages in send order, as SQS keeps a FIFO queue.
     pub fifo: BTreeMap<(String, String), FifoQueue>,
+    /// How long (operation, region) takes to answer: a slow or hanging
+    /// region (with a fault queued, it answers that error after the wait,
+    /// as the SDK's bound does).
+    pub latency: BTreeMap<(&'static str, String), std::time::Duration>,
     /// The wall-clock time at a tokio instant (a test's `TokioClock`), for
     /// the FIFO messages' `SentTimestamp`; the system clock without it.
     pub wall: Option<(chrono::DateTime<chrono::Utc>, tokio::time::Instant)>,
@@ -214,6 +218,40 @@ impl FakeCloud {
         Ok(st)
     }
 
+    fn read_group(
+        &self,
+        op: &'static str,
+        region: &str,
+        name: &str,
+    ) -> Result<GroupInfo, CloudError> {
+        let mut st = self.begin(op, region)?;
+        let key = (region.to_string(), name.to_string());
+        let g = st
+            .groups
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| FakeCloud::missing(op, region, &format!("group {name:?}")))?;
+        let n = {
+            let r = st.reads.entry(key.clone()).or_default();
+            *r += 1;
+            *r
+        };
+        if let Some((at, group, version)) = st.race.clone() {
+            let hit = if st.race_always { n >= at } else { n == at };
+            if hit && group == key {
+                let version = if st.race_always {
+                    (1000 + n).to_string()
+                } else {
+                    version
+                };
+                if let Some(g) = st.groups.get_mut(&key) {
+                    g.tags.insert("spotguard:version".into(), version);
+                }
+            }
+        }
+        Ok(g)
+    }
+
     fn missing(op: &'static str, region: &str, what: &str) -> CloudError {
         CloudError {
             op,
@@ -234,33 +272,13 @@ impl Cloud for FakeCloud {
         name: &str,
     ) -> impl Future<Output = Result<GroupInfo, CloudError>> + Send {
         const OP: &str = "DescribeAutoScalingGroups";
-        ready(self.begin(OP, region).and_then(|mut st| {
-            let key = (region.to_string(), name.to_string());
-            let g = st
-                .groups
-                .get(&key)
-                .cloned()
-                .ok_or_else(|| FakeCloud::missing(OP, region, &format!("group {name:?}")))?;
-            let n = {
-                let r = st.reads.entry(key.clone()).or_default();
-                *r += 1;
-                *r
-            };
-            if let Some((at, group, version)) = st.race.clone() {
-                let hit = if st.race_always { n >= at } else { n == at };
-                if hit && group == key {
-                    let version = if st.race_always {
-                        (1000 + n).to_string()
-                    } else {
-                        version
-                    };
-                    if let Some(g) = st.groups.get_mut(&key) {
-                        g.tags.insert("spotguard:version".into(), version);
-                    }
-                }
+        let delay = self.lock().latency.get(&(OP, region.to_string())).copied();
+        async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
             }
-            Ok(g)
-        }))
+            self.read_group(OP, region, name)
+        }
     }
 
     fn queue_depth(

@@ -57,6 +57,10 @@ pub struct LinkReport {
     pub plan: Plan,
 }
 
+/// One reading of every group, in cascade order (0: the primary), each as
+/// AWS answered it.
+pub type Groups = Vec<Result<GroupInfo, CloudError>>;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TickReport {
     pub metrics: Vec<MetricValue>,
@@ -232,15 +236,31 @@ impl<C: Cloud> Controller<C> {
     /// group that may run from 0 to 1 if work waits. A metrics failure does
     /// not stop the reconcile. `launches` are the primary's.
     pub async fn tick(&self, launches: Vec<Launch>) -> Result<TickReport, CloudError> {
-        let (metrics, errors, depth) = self.publish_metrics().await;
+        // One reading of the queue and of every group, all at once, passed
+        // along: the metrics, the decision, the periodic tasks and the
+        // scale-out from zero read nothing again (only the version re-check
+        // before acting does).
+        let (depth, groups) = tokio::join!(self.read_depth(), self.read_groups());
+        let (metrics, errors, depth) = self.publish_metrics_with(depth, &groups).await;
         for e in &errors {
             tracing::warn!(error = %e, "cannot publish a backlog metric");
         }
         // The failover decision first; periodic tasks need only the primary
         // group, so a decision that cannot be made this tick does not hold
         // them back, and their time (bounded) comes after it.
-        let reconcile = self.reconcile(launches, true, depth).await;
-        let cron = match tokio::time::timeout(CRON_BUDGET, self.run_cron()).await {
+        let reconcile = self
+            .reconcile_with(
+                launches.into_iter().map(|l| (0, l)).collect(),
+                true,
+                depth,
+                Some(&groups),
+            )
+            .await;
+        let primary_tags = groups
+            .first()
+            .and_then(|g| g.as_ref().ok())
+            .map(|g| &g.tags);
+        let cron = match tokio::time::timeout(CRON_BUDGET, self.run_cron(primary_tags)).await {
             Ok(sent) => sent,
             Err(_) => {
                 tracing::error!(budget = ?CRON_BUDGET, "periodic tasks cut short: AWS too slow; a slot remembered but not sent is missed");
@@ -254,9 +274,7 @@ impl<C: Cloud> Controller<C> {
             Ok(r) => r,
             Err(e) => {
                 if let Some((visible, _)) = depth {
-                    let p = &self.cfg.primary;
-                    self.raise_from_zero(visible, &[(p.region.as_str(), p.asg.as_str())])
-                        .await;
+                    self.raise_from_zero(visible, &[(0, groups.first())]).await;
                 }
                 return Err(e);
             }
@@ -278,7 +296,7 @@ impl<C: Cloud> Controller<C> {
             Err(e) => errors.push(e.to_string()),
         }
         let raised_from_zero = match depth {
-            Some((visible, _)) => self.scale_from_zero(visible, &reconcile).await,
+            Some((visible, _)) => self.scale_from_zero(visible, &reconcile, &groups).await,
             None => Vec::new(),
         };
         Ok(TickReport {
@@ -297,19 +315,21 @@ impl<C: Cloud> Controller<C> {
     /// nothing, on any queue. A send that fails puts the memory back, so
     /// the next tick sends it; if that too fails, the slot is missed, and
     /// said so. Never stops the failover work.
-    async fn run_cron(&self) -> Vec<(String, String)> {
+    async fn run_cron(
+        &self,
+        primary_tags: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Vec<(String, String)> {
         use crate::cron;
         let tasks = &self.cfg.cron.tasks;
         if tasks.is_empty() {
             return Vec::new();
         }
         let p = &self.cfg.primary;
-        let tags = match self.cloud.group(&p.region, &p.asg).await {
-            Ok(g) => g.tags,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the periodic tasks' memory; none enqueued");
-                return Vec::new();
-            }
+        let Some(tags) = primary_tags else {
+            tracing::warn!(
+                "cannot read the periodic tasks' memory (the primary group); none enqueued"
+            );
+            return Vec::new();
         };
         // Tags of tasks no longer configured go: a group holds 50.
         let stale: Vec<String> = tags
@@ -328,7 +348,7 @@ impl<C: Cloud> Controller<C> {
                 }
             }
         }
-        let (due, memory) = cron::due(tasks, &tags, self.clock.now());
+        let (due, memory) = cron::due(tasks, tags, self.clock.now());
         if memory.is_empty() {
             return Vec::new();
         }
@@ -401,25 +421,55 @@ impl<C: Cloud> Controller<C> {
     /// the controller sets its desired capacity to 1, and target tracking
     /// takes it from there. With the one-minute schedule, a job waits about
     /// a minute plus the launch for its first instance.
-    async fn scale_from_zero(&self, visible: i64, report: &Report) -> Vec<String> {
-        let p = &self.cfg.primary;
-        let mut groups = vec![(p.region.as_str(), p.asg.as_str())];
-        for l in &report.links {
+    async fn scale_from_zero(&self, visible: i64, report: &Report, read: &Groups) -> Vec<String> {
+        // The tick's reading, with what this tick's plans set on top (a
+        // gate just opened, a desired capacity just raised).
+        let mut seen: Vec<Option<Result<GroupInfo, CloudError>>> =
+            read.iter().cloned().map(Some).collect();
+        if report.executed {
+            for (i, l) in report.links.iter().enumerate() {
+                for a in &l.plan.actions {
+                    let (at, max, desired) = match *a {
+                        Action::SetFallbackMaxSize { to, .. } => (i + 1, Some(to), None),
+                        Action::SetFallbackDesired { to, .. } => (i + 1, None, Some(to)),
+                        Action::SetPrimaryDesired { to, .. } => (i, None, Some(to)),
+                        _ => continue,
+                    };
+                    if let Some(Some(Ok(g))) = seen.get_mut(at) {
+                        g.max = max.unwrap_or(g.max);
+                        g.desired = desired.unwrap_or(g.desired).min(g.max);
+                    }
+                }
+            }
+        }
+        let mut groups = vec![(0, seen.first().and_then(Option::as_ref))];
+        for (i, l) in report.links.iter().enumerate() {
             if l.mode == Mode::FailedOver.as_str() {
-                groups.push((l.region.as_str(), l.asg.as_str()));
+                groups.push((i + 1, seen.get(i + 1).and_then(Option::as_ref)));
             }
         }
         self.raise_from_zero(visible, &groups).await
     }
 
-    /// Raises each empty group of `groups` (region, name) to 1 if work waits.
-    async fn raise_from_zero(&self, visible: i64, groups: &[(&str, &str)]) -> Vec<String> {
+    /// Raises each empty group of `groups` (index in the cascade, its
+    /// reading this tick) to 1 if work waits.
+    async fn raise_from_zero(
+        &self,
+        visible: i64,
+        groups: &[(usize, Option<&Result<GroupInfo, CloudError>>)],
+    ) -> Vec<String> {
         if visible < 1 {
             return Vec::new();
         }
         let mut raised = Vec::new();
-        for &(region, name) in groups {
-            match self.cloud.group(region, name).await {
+        for &(i, reading) in groups {
+            let Some((region, name)) = self.cfg.groups().nth(i) else {
+                continue;
+            };
+            let Some(reading) = reading else {
+                continue;
+            };
+            match reading {
                 Ok(g) if g.desired == 0 && g.in_service == 0 && g.max >= 1 => {
                     match self
                         .cloud
@@ -449,22 +499,44 @@ impl<C: Cloud> Controller<C> {
     /// published, the errors, and the queue depth (visible, in flight) if
     /// it could be read.
     pub async fn publish_metrics(&self) -> (Vec<MetricValue>, Vec<String>, Option<(i64, i64)>) {
-        let (visible, in_flight) = match self
-            .cloud
+        let (depth, groups) = tokio::join!(self.read_depth(), self.read_groups());
+        self.publish_metrics_with(depth, &groups).await
+    }
+
+    /// The queue's depth (visible, in flight).
+    async fn read_depth(&self) -> Result<(i64, i64), CloudError> {
+        self.cloud
             .queue_depth(&self.cfg.queue_region(), &self.cfg.primary.queue_url)
             .await
-        {
+    }
+
+    /// Every group (the primary, then the fallbacks in cascade order), read
+    /// at once: a region that hangs costs one call's bound
+    /// ([`crate::aws::CALL_TIMEOUT`]) for the whole reading, not one per
+    /// group read in turn, so a healthy group before it is still decided
+    /// and acted on within the invocation's deadline.
+    pub async fn read_groups(&self) -> Groups {
+        futures_util::future::join_all(self.cfg.groups().map(|(r, g)| self.cloud.group(r, g))).await
+    }
+
+    /// [`Controller::publish_metrics`] on a reading already made.
+    async fn publish_metrics_with(
+        &self,
+        depth: Result<(i64, i64), CloudError>,
+        groups: &Groups,
+    ) -> (Vec<MetricValue>, Vec<String>, Option<(i64, i64)>) {
+        let (visible, in_flight) = match depth {
             Ok(d) => d,
             Err(e) => return (Vec::new(), vec![e.to_string()], None),
         };
         let backlog = metrics::backlog_of(&self.cfg, visible, in_flight);
         let mut published = Vec::new();
         let mut errors = Vec::new();
-        // Every group is read first: the figure is the fleet's, backlog per
-        // InService instance of the open groups together.
+        // The figure is the fleet's, backlog per InService instance of the
+        // open groups together.
         let mut read = Vec::new();
-        for (region, group) in self.cfg.groups() {
-            match self.cloud.group(region, group).await {
+        for ((region, group), g) in self.cfg.groups().zip(groups) {
+            match g {
                 Ok(g) => read.push((region, group, Some(g))),
                 Err(e) => {
                     errors.push(e.to_string());
@@ -538,6 +610,19 @@ impl<C: Cloud> Controller<C> {
         execute: bool,
         depth: Option<(i64, i64)>,
     ) -> Result<Report, CloudError> {
+        self.reconcile_with(launches, execute, depth, None).await
+    }
+
+    /// [`Controller::reconcile_at`] on the tick's reading of the groups, if
+    /// one was made (else it reads them, at once). Activities and policies
+    /// are read at once too.
+    async fn reconcile_with(
+        &self,
+        launches: Vec<(usize, Launch)>,
+        execute: bool,
+        depth: Option<(i64, i64)>,
+        reading: Option<&Groups>,
+    ) -> Result<Report, CloudError> {
         let n = self.cfg.fallbacks.len();
         let now = self.clock.now();
         let groups: Vec<(String, String)> = self
@@ -553,8 +638,39 @@ impl<C: Cloud> Controller<C> {
             }
         }
         let codes = self.cfg.failover_codes();
-        for (i, (region, asg)) in groups.iter().take(n).enumerate() {
-            match self.cloud.activities(region, asg).await {
+        let own_reading = async {
+            match reading {
+                Some(_) => None,
+                None => Some(self.read_groups().await),
+            }
+        };
+        let (activities, policies, own_reading) = tokio::join!(
+            futures_util::future::join_all(
+                groups
+                    .iter()
+                    .take(n)
+                    .map(|(region, asg)| self.cloud.activities(region, asg))
+            ),
+            futures_util::future::join_all(self.cfg.fallbacks.iter().map(|f| self.cloud.policy(
+                &f.region,
+                &f.asg,
+                &f.policy_name
+            ))),
+            own_reading
+        );
+        let reading: &Groups = match (reading, &own_reading) {
+            (Some(r), _) => r,
+            (None, Some(r)) => r,
+            (None, None) => {
+                return Err(CloudError {
+                    op: "DescribeAutoScalingGroups",
+                    region: self.cfg.primary.region.clone(),
+                    message: "no reading of the groups".into(),
+                })
+            }
+        };
+        for (i, acts) in activities.into_iter().enumerate() {
+            match acts {
                 Ok(acts) => {
                     by_group[i].extend(events::launches_of(&acts, &codes));
                     by_group[i].extend(events::stuck_spot_requests(
@@ -571,8 +687,13 @@ impl<C: Cloud> Controller<C> {
         // The primary, for the first link's shortage rule; unreadable
         // (throttled, its region impaired), its last reading in the memory
         // stands rather than every decision blocked.
-        let p = &self.cfg.primary;
-        let primary = match self.cloud.group(&p.region, &p.asg).await {
+        let primary = match reading.first().cloned().unwrap_or_else(|| {
+            Err(CloudError {
+                op: "DescribeAutoScalingGroups",
+                region: self.cfg.primary.region.clone(),
+                message: "not read".into(),
+            })
+        }) {
             Ok(pg) => Some(reconcile::PrimaryGroup {
                 desired: pg.desired,
                 max: pg.max,
@@ -585,18 +706,16 @@ impl<C: Cloud> Controller<C> {
                 None
             }
         };
-        let mut policy_enabled = Vec::with_capacity(n);
-        for f in &self.cfg.fallbacks {
-            policy_enabled.push(
-                match self.cloud.policy(&f.region, &f.asg, &f.policy_name).await {
-                    Ok(p) => p.and_then(|(enabled, _)| enabled),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read a fallback policy");
-                        None
-                    }
-                },
-            );
-        }
+        let policy_enabled: Vec<Option<bool>> = policies
+            .into_iter()
+            .map(|p| match p {
+                Ok(p) => p.and_then(|(enabled, _)| enabled),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read a fallback policy");
+                    None
+                }
+            })
+            .collect();
         let settings: Vec<Settings> = (0..n).map(|i| self.settings(i)).collect();
         // Decide on the memories as read; if another invocation wrote a
         // newer one meanwhile, decide again on it (the launches still
@@ -608,10 +727,19 @@ impl<C: Cloud> Controller<C> {
             // Each group on its own: one that cannot be read (its region
             // impaired) must not stop the decisions before it. The links
             // up to it are decided; it and those after it keep their state.
+            // The first decision on the tick's reading; a decision made
+            // again (the memory moved) on a new one.
+            let again;
+            let fallback_reading: &[Result<GroupInfo, CloudError>] = if attempt == 1 {
+                reading.get(1..).unwrap_or_default()
+            } else {
+                again = self.read_groups().await;
+                again.get(1..).unwrap_or_default()
+            };
             let mut infos: Vec<GroupInfo> = Vec::with_capacity(n);
             let mut unreadable = Vec::new();
-            for f in &self.cfg.fallbacks {
-                match self.cloud.group(&f.region, &f.asg).await {
+            for g in fallback_reading {
+                match g.clone() {
                     Ok(g) => infos.push(g),
                     Err(e) if !infos.is_empty() => {
                         tracing::warn!(error = %e, "cannot read a fallback group; it and the groups after it keep their state this time");

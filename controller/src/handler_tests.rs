@@ -1005,3 +1005,86 @@ async fn periodic_tasks_whose_memory_would_pass_the_groups_50_tags_send_nothing(
     let p = &st.groups[&("us-east-1".to_string(), "gpu-east-1".to_string())];
     assert_eq!(p.tags.len(), 49, "the write refused whole, as AWS does");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_region_costs_one_bound_and_the_healthy_link_still_fails_over() {
+    let c = cascade_controller();
+    // us-west-2 (the last fallback) accepts connections and never answers:
+    // each read of it ends, as the SDK's bound makes it, after 10 s.
+    {
+        let mut st = c.cloud.lock();
+        st.latency.insert(
+            ("DescribeAutoScalingGroups", "us-west-2".into()),
+            crate::aws::CALL_TIMEOUT,
+        );
+        for op in ["DescribeAutoScalingGroups", "DescribePolicies"] {
+            let q = st.faults.entry((op, "us-west-2".into())).or_default();
+            for _ in 0..20 {
+                q.push_back("no answer within 10s".into());
+            }
+        }
+    }
+    // A scheduled tick of a Lambda with 20 s left, the primary short and
+    // failing: the first link fails over within the deadline.
+    c.cloud.lock().activities.insert(
+        ("us-east-1".into(), "gpu".into()),
+        vec![crate::events::Activity {
+            id: "a1".into(),
+            status_code: "Failed".into(),
+            status_message: ICE.into(),
+            start: Some(start()),
+            end: Some(start()),
+            description: "Launching a new EC2 instance. Status Reason: ...".into(),
+            details: String::new(),
+        }],
+    );
+    let t0 = tokio::time::Instant::now();
+    let tick = json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}});
+    let r = c
+        .handle_event_by(&tick, Some(t0 + std::time::Duration::from_secs(20)))
+        .await
+        .unwrap()
+        .expect("acted");
+    assert_eq!(r.reconcile.links[0].mode, "failed-over");
+    assert!(c.cloud.group_of("us-east-2", "gpu").max >= 1);
+    // Read at once: one bound for the whole tick, not one per read in turn.
+    assert_eq!(t0.elapsed(), crate::aws::CALL_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tick_reads_each_group_once_and_re_checks_only_before_acting() {
+    let mut c = controller();
+    c.cfg.cron.tasks = crate::cron::parse(
+        "version: 1\ncron:\n - name: report\n   url: /r\n   schedule: \"*/5 * * * *\"\n",
+    )
+    .unwrap();
+    // Nothing to act on (the primary whole, the fallback closed, the
+    // memory of the first tick written): one reading of each group.
+    set_primary(&c, 3, 3);
+    c.tick(Vec::new()).await.unwrap();
+    c.cloud.lock().calls.clear();
+    tokio::time::advance(std::time::Duration::from_secs(60)).await;
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert!(r.reconcile.links[0].plan.actions.is_empty(), "{r:?}");
+    assert_eq!(c.cloud.calls("DescribeAutoScalingGroups").len(), 2);
+    // Failing over: the reading, then the fallback's version re-checked
+    // before acting. The scale-out from zero and the periodic tasks read
+    // nothing again.
+    set_primary(&c, 3, 2);
+    c.cloud.lock().calls.clear();
+    c.cloud.lock().activities.insert(
+        ("us-east-1".into(), "gpu-east-1".into()),
+        vec![crate::events::Activity {
+            id: "a1".into(),
+            status_code: "Failed".into(),
+            status_message: ICE.into(),
+            start: Some(start()),
+            end: Some(start()),
+            description: "Launching a new EC2 instance. Status Reason: ...".into(),
+            details: String::new(),
+        }],
+    );
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(r.reconcile.mode, "failed-over");
+    assert_eq!(c.cloud.calls("DescribeAutoScalingGroups").len(), 3);
+}
