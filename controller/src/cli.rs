@@ -47,6 +47,9 @@ enum Command {
     },
     /// Print the mode, the groups' counts and the plan, changing nothing.
     Status(ConfigArg),
+    /// Check the configuration (exit 2 naming what is wrong), including
+    /// that the Lambda's environment for it fits Lambda's 4 KB.
+    CheckConfig(ConfigArg),
     /// Create or update the target-tracking policies of both groups.
     Setup {
         #[command(flatten)]
@@ -94,7 +97,7 @@ pub fn main() -> ExitCode {
     init_logging();
     let cfg_arg = match &cli.command {
         Command::Lambda => ConfigArg { config: None },
-        Command::Run(c) | Command::Status(c) => ConfigArg {
+        Command::Run(c) | Command::Status(c) | Command::CheckConfig(c) => ConfigArg {
             config: c.config.clone(),
         },
         Command::Once { config, .. } | Command::Setup { config, .. } => ConfigArg {
@@ -108,6 +111,21 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::CheckConfig(_)) {
+        return match cfg.check_lambda_environment() {
+            Ok(size) => {
+                println!(
+                    "configuration ok; the Lambda's environment is {size} of {} bytes",
+                    crate::config::LAMBDA_ENV_LIMIT
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("spotguard-controller: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match spotguard_common::rt::block_on(dispatch(cli.command, cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -170,6 +188,7 @@ async fn dispatch(cmd: Command, cfg: Config) -> Result<(), BoxError> {
             out.insert("tick".into(), serde_json::to_value(c.leased_tick().await?)?);
             print(&out)
         }
+        Command::CheckConfig(_) => Ok(()),
         Command::Status(_) => {
             let c = controller(cfg).await;
             print(&crate::handler::status(&c).await?)

@@ -473,6 +473,71 @@ impl Config {
     }
 }
 
+/// Lambda's limit on a function's environment variables, all together
+/// (Lambda quotas: "Environment variables: 4 KB, for all environment
+/// variables associated with the function, in aggregate").
+pub const LAMBDA_ENV_LIMIT: usize = 4096;
+
+impl Config {
+    /// The variables the control template gives the Lambda for this
+    /// configuration (`packaging/cloudformation/spotguard-control.yaml`):
+    /// the primary, the fallbacks, the topic, the lease queue and the
+    /// `cron.yaml` text.
+    pub fn lambda_environment(&self) -> Result<std::collections::BTreeMap<String, String>, String> {
+        let mut env = std::collections::BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            env.insert(format!("SPOTGUARD_{k}"), v);
+        };
+        put("PRIMARY_REGION", self.primary.region.clone());
+        put("PRIMARY_ASG", self.primary.asg.clone());
+        put("PRIMARY_QUEUE_URL", self.primary.queue_url.clone());
+        let fallbacks: Vec<String> = self
+            .fallbacks
+            .iter()
+            .map(|f| {
+                format!(
+                    "{{ region = {:?}, asg = {:?}, max_size = {} }}",
+                    f.region, f.asg, f.max_size
+                )
+            })
+            .collect();
+        put("FALLBACKS", format!("[{}]", fallbacks.join(", ")));
+        if let Some(t) = &self.notify.sns_topic_arn {
+            put("NOTIFY_SNS_TOPIC_ARN", t.clone());
+        }
+        if let Some(u) = &self.lease.queue_url {
+            put("LEASE_QUEUE_URL", u.clone());
+        }
+        let cron = match (&self.cron.yaml, &self.cron.file) {
+            (Some(text), _) => Some(text.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?,
+            ),
+            (None, None) => None,
+        };
+        if let Some(text) = cron {
+            put("CRON_YAML", text);
+        }
+        Ok(env)
+    }
+
+    /// Whether the Lambda's environment fits Lambda's 4 KB: its size,
+    /// counted as the variables' JSON (names, values and punctuation: the
+    /// strictest reading), or a one-line error with the size and what to
+    /// cut, so that it is refused here rather than at deploy.
+    pub fn check_lambda_environment(&self) -> Result<usize, String> {
+        let env = self.lambda_environment()?;
+        let size = serde_json::to_string(&env).map_or(usize::MAX, |s| s.len());
+        if size > LAMBDA_ENV_LIMIT {
+            let cron = env.get("SPOTGUARD_CRON_YAML").map_or(0, String::len);
+            return Err(format!(
+                "the Lambda's environment would be {size} bytes, over Lambda's {LAMBDA_ENV_LIMIT} (cron.yaml is {cron} of them): shorten cron.yaml or the cascade, or run the controller as a container (`run`), which has no such limit"
+            ));
+        }
+        Ok(size)
+    }
+}
+
 impl Validate for Config {
     /// The fallback given as `[fallback]` becomes the one entry of
     /// `fallbacks`; errors name its keys as written.
@@ -832,6 +897,49 @@ asg = "gpu-west-2"
         .unwrap_err()
         .to_string();
         assert!(e.contains("cannot read /nonexistent/cron.yaml"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_lambda_environment_over_4_kb_is_refused_with_its_size() {
+        let c = Config::parse(MIN, "t").unwrap();
+        let size = c.check_lambda_environment().unwrap();
+        assert!(size > 100 && size < 400, "{size}");
+        // Twenty tasks with long paths: a cron.yaml Lambda cannot carry.
+        let mut yaml = String::from("version: 1\ncron:\n");
+        for i in 0..20 {
+            yaml.push_str(&format!(
+                " - name: nightly-report-of-the-gpu-fleet-{i:02}\n   url: /tasks/reports/nightly/gpu-fleet/{i:02}/{}\n   schedule: \"0 3 * * *\"\n",
+                "x".repeat(80)
+            ));
+        }
+        let c = Config::parse(
+            &format!(
+                "{MIN}[cron]\nyaml = {}\n",
+                toml::Value::String(yaml.clone())
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.cron.tasks.len(), 20);
+        let e = c.check_lambda_environment().unwrap_err();
+        assert!(
+            e.contains("over Lambda's 4096")
+                && e.contains(&format!("cron.yaml is {} of them", yaml.len())),
+            "{e}"
+        );
+        // The size counts what Lambda would hold: the same text from a
+        // file counts the same.
+        let dir = std::env::temp_dir().join(format!("sg-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("cron.yaml");
+        std::fs::write(&f, &yaml).unwrap();
+        let c = Config::parse(
+            &format!("{MIN}[cron]\nfile = {:?}\n", f.display().to_string()),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.check_lambda_environment().unwrap_err(), e);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
