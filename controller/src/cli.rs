@@ -236,9 +236,10 @@ async fn lambda(c: Controller<SdkCloud>) -> Result<(), BoxError> {
                 // as time left on tokio's clock.
                 let left = i128::from(ev.context.deadline)
                     - i128::from(chrono::Utc::now().timestamp_millis());
-                let deadline = u64::try_from(left)
-                    .ok()
-                    .map(|ms| tokio::time::Instant::now() + std::time::Duration::from_millis(ms));
+                // Already past (clocks apart): no time at all, not none.
+                let ms = u64::try_from(left.max(0)).unwrap_or(u64::MAX);
+                let deadline =
+                    Some(tokio::time::Instant::now() + std::time::Duration::from_millis(ms));
                 match c.handle_event_by(&ev.payload, deadline).await {
                     Ok(Some(r)) => Ok(json!({"handled": true, "mode": r.reconcile.mode})),
                     Ok(None) => Ok(json!({"handled": false})),

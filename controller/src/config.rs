@@ -670,8 +670,13 @@ impl Validate for Config {
         }
         // SQS takes a visibility timeout of 0 s to 12 h; under MARGIN
         // plus one call's bound no tick could run inside it.
-        if !(20..=43_200).contains(&self.lease.hold.0.as_secs()) {
-            return bad("lease.hold", "must be within 20s..=12h".into());
+        if !(20..=43_200).contains(&self.lease.hold.0.as_secs())
+            || self.lease.hold.0.subsec_nanos() != 0
+        {
+            return bad(
+                "lease.hold",
+                "must be whole seconds within 20s..=12h (SQS's visibility timeout)".into(),
+            );
         }
         self.cron.tasks = match (&self.cron.file, &self.cron.yaml) {
             (Some(_), Some(_)) => {

@@ -46,10 +46,10 @@ pub struct CloudState {
     /// (region, URL) -> the FIFO queues that hold messages (the lease's):
     /// messages in send order, as SQS keeps a FIFO queue.
     pub fifo: BTreeMap<(String, String), FifoQueue>,
-    /// How long (operation, region) takes to answer: a slow or hanging
+    /// How long every call in a region takes to answer: a slow or hanging
     /// region (with a fault queued, it answers that error after the wait,
     /// as the SDK's bound does).
-    pub latency: BTreeMap<(&'static str, String), std::time::Duration>,
+    pub latency: BTreeMap<String, std::time::Duration>,
     /// The wall-clock time at a tokio instant (a test's `TokioClock`), for
     /// the FIFO messages' `SentTimestamp`; the system clock without it.
     pub wall: Option<(chrono::DateTime<chrono::Utc>, tokio::time::Instant)>,
@@ -70,7 +70,10 @@ pub struct FifoQueue {
 
 #[derive(Debug, Clone)]
 pub struct FifoMessage {
+    /// Stable: the message's id.
+    pub id: String,
     pub group: String,
+    /// The handle of its last receive (empty before the first).
     pub receipt: String,
     pub sent: chrono::DateTime<chrono::Utc>,
     /// In flight until then.
@@ -261,8 +264,17 @@ impl FakeCloud {
     }
 }
 
-fn ready<T: Send>(r: T) -> impl Future<Output = T> + Send {
-    std::future::ready(r)
+/// Answers `$body` after the region's latency, if any.
+macro_rules! later {
+    ($self:ident, $region:expr, $body:expr) => {{
+        let delay = $self.lock().latency.get($region).copied();
+        async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            $body
+        }
+    }};
 }
 
 impl Cloud for FakeCloud {
@@ -272,13 +284,7 @@ impl Cloud for FakeCloud {
         name: &str,
     ) -> impl Future<Output = Result<GroupInfo, CloudError>> + Send {
         const OP: &str = "DescribeAutoScalingGroups";
-        let delay = self.lock().latency.get(&(OP, region.to_string())).copied();
-        async move {
-            if let Some(d) = delay {
-                tokio::time::sleep(d).await;
-            }
-            self.read_group(OP, region, name)
-        }
+        later!(self, region, self.read_group(OP, region, name))
     }
 
     fn queue_depth(
@@ -287,16 +293,20 @@ impl Cloud for FakeCloud {
         url: &str,
     ) -> impl Future<Output = Result<(i64, i64), CloudError>> + Send {
         const OP: &str = "GetQueueAttributes";
-        ready(self.begin(OP, region).and_then(|st| {
-            let key = (region.to_string(), url.to_string());
-            if let Some(q) = st.fifo.get(&key) {
-                return Ok(q.depth());
-            }
-            st.queues
-                .get(&key)
-                .copied()
-                .ok_or_else(|| FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)"))
-        }))
+        later!(
+            self,
+            region,
+            self.begin(OP, region).and_then(|st| {
+                let key = (region.to_string(), url.to_string());
+                if let Some(q) = st.fifo.get(&key) {
+                    return Ok(q.depth());
+                }
+                st.queues
+                    .get(&key)
+                    .copied()
+                    .ok_or_else(|| FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)"))
+            })
+        )
     }
 
     fn activities(
@@ -304,12 +314,16 @@ impl Cloud for FakeCloud {
         region: &str,
         group: &str,
     ) -> impl Future<Output = Result<Vec<Activity>, CloudError>> + Send {
-        ready(self.begin("DescribeScalingActivities", region).map(|st| {
-            st.activities
-                .get(&(region.to_string(), group.to_string()))
-                .cloned()
-                .unwrap_or_default()
-        }))
+        later!(
+            self,
+            region,
+            self.begin("DescribeScalingActivities", region).map(|st| {
+                st.activities
+                    .get(&(region.to_string(), group.to_string()))
+                    .cloned()
+                    .unwrap_or_default()
+            })
+        )
     }
 
     fn send_message(
@@ -321,42 +335,47 @@ impl Cloud for FakeCloud {
         fifo: Option<(&str, &str)>,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         const OP: &str = "SendMessage";
-        ready(self.begin(OP, region).map(|mut st| {
-            let key = (region.to_string(), url.to_string());
-            let st_wall = st.wall;
-            if let (Some(q), Some((group, dedup))) = (st.fifo.get_mut(&key), fifo) {
-                let now = tokio::time::Instant::now();
-                // SQS: the deduplication interval is 5 minutes.
-                q.dedup.retain(|(_, at)| {
-                    now.duration_since(*at) < std::time::Duration::from_secs(300)
-                });
-                if !q.dedup.iter().any(|(d, _)| d == dedup) {
-                    q.dedup.push((dedup.to_string(), now));
-                    let sent = match st_wall {
-                        Some((at, base)) => {
-                            at + chrono::Duration::from_std(now.duration_since(base))
-                                .unwrap_or_default()
-                        }
-                        None => chrono::Utc::now(),
-                    };
-                    q.next += 1;
-                    let receipt = format!("rh-{}", q.next);
-                    q.messages.push(FifoMessage {
-                        group: group.to_string(),
-                        receipt,
-                        sent,
-                        hidden_until: None,
+        later!(
+            self,
+            region,
+            self.begin(OP, region).map(|mut st| {
+                let key = (region.to_string(), url.to_string());
+                let st_wall = st.wall;
+                if let (Some(q), Some((group, dedup))) = (st.fifo.get_mut(&key), fifo) {
+                    let now = tokio::time::Instant::now();
+                    // SQS: the deduplication interval is 5 minutes.
+                    q.dedup.retain(|(_, at)| {
+                        now.duration_since(*at) < std::time::Duration::from_secs(300)
                     });
+                    if !q.dedup.iter().any(|(d, _)| d == dedup) {
+                        q.dedup.push((dedup.to_string(), now));
+                        let sent = match st_wall {
+                            Some((at, base)) => {
+                                at + chrono::Duration::from_std(now.duration_since(base))
+                                    .unwrap_or_default()
+                            }
+                            None => chrono::Utc::now(),
+                        };
+                        q.next += 1;
+                        let id = format!("m-{}", q.next);
+                        q.messages.push(FifoMessage {
+                            id,
+                            group: group.to_string(),
+                            receipt: String::new(),
+                            sent,
+                            hidden_until: None,
+                        });
+                    }
                 }
-            }
-            st.sent.push((
-                region.to_string(),
-                url.to_string(),
-                body.to_string(),
-                attributes.clone(),
-                fifo.map(|(g, d)| (g.to_string(), d.to_string())),
-            ));
-        }))
+                st.sent.push((
+                    region.to_string(),
+                    url.to_string(),
+                    body.to_string(),
+                    attributes.clone(),
+                    fifo.map(|(g, d)| (g.to_string(), d.to_string())),
+                ));
+            })
+        )
     }
 
     fn update_group(
@@ -366,21 +385,25 @@ impl Cloud for FakeCloud {
         update: GroupUpdate,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         const OP: &str = "UpdateAutoScalingGroup";
-        ready(self.begin(OP, region).and_then(|mut st| {
-            let g = st
-                .groups
-                .get_mut(&(region.to_string(), group.to_string()))
-                .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
-            (g.max, g.desired) =
-                update
-                    .apply(g.min, g.max, g.desired)
-                    .map_err(|message| CloudError {
-                        op: OP,
-                        region: region.to_string(),
-                        message,
-                    })?;
-            Ok(())
-        }))
+        later!(
+            self,
+            region,
+            self.begin(OP, region).and_then(|mut st| {
+                let g = st
+                    .groups
+                    .get_mut(&(region.to_string(), group.to_string()))
+                    .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
+                (g.max, g.desired) =
+                    update
+                        .apply(g.min, g.max, g.desired)
+                        .map_err(|message| CloudError {
+                            op: OP,
+                            region: region.to_string(),
+                            message,
+                        })?;
+                Ok(())
+            })
+        )
     }
 
     fn release_protection(
@@ -389,15 +412,19 @@ impl Cloud for FakeCloud {
         group: &str,
     ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send {
         const OP: &str = "SetInstanceProtection";
-        ready(self.begin(OP, region).and_then(|mut st| {
-            let g = st
-                .groups
-                .get_mut(&(region.to_string(), group.to_string()))
-                .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
-            let ids = (0..g.busy).map(|i| format!("i-busy{i}")).collect();
-            g.busy = 0;
-            Ok(ids)
-        }))
+        later!(
+            self,
+            region,
+            self.begin(OP, region).and_then(|mut st| {
+                let g = st
+                    .groups
+                    .get_mut(&(region.to_string(), group.to_string()))
+                    .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
+                let ids = (0..g.busy).map(|i| format!("i-busy{i}")).collect();
+                g.busy = 0;
+                Ok(ids)
+            })
+        )
     }
 
     fn put_tags(
@@ -445,14 +472,18 @@ impl Cloud for FakeCloud {
         keys: &[String],
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         const OP: &str = "DeleteTags";
-        ready(self.begin(OP, region).and_then(|mut st| {
-            let g = st
-                .groups
-                .get_mut(&(region.to_string(), group.to_string()))
-                .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
-            g.tags.retain(|k, _| !keys.contains(k));
-            Ok(())
-        }))
+        later!(
+            self,
+            region,
+            self.begin(OP, region).and_then(|mut st| {
+                let g = st
+                    .groups
+                    .get_mut(&(region.to_string(), group.to_string()))
+                    .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
+                g.tags.retain(|k, _| !keys.contains(k));
+                Ok(())
+            })
+        )
     }
 
     fn policy(
@@ -462,11 +493,15 @@ impl Cloud for FakeCloud {
         name: &str,
     ) -> impl Future<Output = Result<Option<(Option<bool>, TargetTracking)>, CloudError>> + Send
     {
-        ready(self.begin("DescribePolicies", region).map(|st| {
-            st.policies
-                .get(&(region.to_string(), group.to_string(), name.to_string()))
-                .cloned()
-        }))
+        later!(
+            self,
+            region,
+            self.begin("DescribePolicies", region).map(|st| {
+                st.policies
+                    .get(&(region.to_string(), group.to_string(), name.to_string()))
+                    .cloned()
+            })
+        )
     }
 
     fn put_policy(
@@ -476,18 +511,24 @@ impl Cloud for FakeCloud {
         policy: &TargetTracking,
         enabled: bool,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
-        ready(self.begin("PutScalingPolicy", region).map(|mut st| {
-            st.policies.insert(
-                (region.to_string(), group.to_string(), policy.name.clone()),
-                (Some(enabled), policy.clone()),
-            );
-        }))
+        later!(
+            self,
+            region,
+            self.begin("PutScalingPolicy", region).map(|mut st| {
+                st.policies.insert(
+                    (region.to_string(), group.to_string(), policy.name.clone()),
+                    (Some(enabled), policy.clone()),
+                );
+            })
+        )
     }
 
     fn put_metric(&self, m: &MetricValue) -> impl Future<Output = Result<(), CloudError>> + Send {
-        ready(
+        later!(
+            self,
+            &m.region,
             self.begin("PutMetricData", &m.region)
-                .map(|mut st| st.metrics.push(m.clone())),
+                .map(|mut st| st.metrics.push(m.clone()))
         )
     }
 
@@ -499,40 +540,53 @@ impl Cloud for FakeCloud {
         attempt: &str,
     ) -> impl Future<Output = Result<Option<crate::aws::Received>, CloudError>> + Send {
         const OP: &str = "ReceiveMessage";
-        ready(self.begin(OP, region).and_then(|mut st| {
-            let q = st
-                .fifo
-                .get_mut(&(region.to_string(), url.to_string()))
-                .ok_or_else(|| FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)"))?;
-            let now = tokio::time::Instant::now();
-            let hide = now + std::time::Duration::from_secs(u64::try_from(visibility).unwrap_or(0));
-            if let Some((_, receipt)) = q.attempts.iter().find(|(a, _)| a == attempt) {
-                let receipt = receipt.clone();
-                return Ok(q.messages.iter().find(|m| m.receipt == receipt).map(|m| {
-                    crate::aws::Received {
-                        receipt: m.receipt.clone(),
-                        sent: Some(m.sent),
-                    }
-                }));
-            }
-            // The first message whose group has nothing in flight.
-            let blocked: Vec<String> = q
-                .messages
-                .iter()
-                .filter(|m| FifoQueue::in_flight(m, now))
-                .map(|m| m.group.clone())
-                .collect();
-            let Some(m) = q.messages.iter_mut().find(|m| !blocked.contains(&m.group)) else {
-                return Ok(None);
-            };
-            m.hidden_until = Some(hide);
-            let got = crate::aws::Received {
-                receipt: m.receipt.clone(),
-                sent: Some(m.sent),
-            };
-            q.attempts.push((attempt.to_string(), got.receipt.clone()));
-            Ok(Some(got))
-        }))
+        later!(
+            self,
+            region,
+            self.begin(OP, region).and_then(|mut st| {
+                let q = st
+                    .fifo
+                    .get_mut(&(region.to_string(), url.to_string()))
+                    .ok_or_else(|| {
+                        FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)")
+                    })?;
+                let now = tokio::time::Instant::now();
+                let hide =
+                    now + std::time::Duration::from_secs(u64::try_from(visibility).unwrap_or(0));
+                if let Some((_, receipt)) = q.attempts.iter().find(|(a, _)| a == attempt) {
+                    let receipt = receipt.clone();
+                    return Ok(q.messages.iter().find(|m| m.receipt == receipt).map(|m| {
+                        crate::aws::Received {
+                            receipt: m.receipt.clone(),
+                            sent: Some(m.sent),
+                        }
+                    }));
+                }
+                // The first message whose group has nothing in flight.
+                let blocked: Vec<String> = q
+                    .messages
+                    .iter()
+                    .filter(|m| FifoQueue::in_flight(m, now))
+                    .map(|m| m.group.clone())
+                    .collect();
+                let Some(i) = q.messages.iter().position(|m| !blocked.contains(&m.group)) else {
+                    return Ok(None);
+                };
+                // SQS gives a new receipt handle on every receive; an old one
+                // no longer changes or deletes the message.
+                q.next += 1;
+                let receipt = format!("{}#{}", q.messages[i].id, q.next);
+                let m = &mut q.messages[i];
+                m.hidden_until = Some(hide);
+                m.receipt = receipt.clone();
+                let got = crate::aws::Received {
+                    receipt: receipt.clone(),
+                    sent: Some(m.sent),
+                };
+                q.attempts.push((attempt.to_string(), receipt));
+                Ok(Some(got))
+            })
+        )
     }
 
     fn change_visibility(
@@ -543,7 +597,7 @@ impl Cloud for FakeCloud {
         visibility: i32,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         const OP: &str = "ChangeMessageVisibility";
-        ready(self.begin(OP, region).and_then(|mut st| {
+        later!(self, region, self.begin(OP, region).and_then(|mut st| {
             let q = st
                 .fifo
                 .get_mut(&(region.to_string(), url.to_string()))
@@ -574,14 +628,21 @@ impl Cloud for FakeCloud {
         receipt: &str,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         const OP: &str = "DeleteMessage";
-        ready(self.begin(OP, region).and_then(|mut st| {
-            let q = st
-                .fifo
-                .get_mut(&(region.to_string(), url.to_string()))
-                .ok_or_else(|| FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)"))?;
-            q.messages.retain(|m| m.receipt != receipt);
-            Ok(())
-        }))
+        later!(
+            self,
+            region,
+            self.begin(OP, region).and_then(|mut st| {
+                let q = st
+                    .fifo
+                    .get_mut(&(region.to_string(), url.to_string()))
+                    .ok_or_else(|| {
+                        FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)")
+                    })?;
+                q.messages
+                    .retain(|m| m.receipt.is_empty() || m.receipt != receipt);
+                Ok(())
+            })
+        )
     }
 
     fn publish(
@@ -591,9 +652,13 @@ impl Cloud for FakeCloud {
         message: &str,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         let region = spotguard_common::region::arn_region(topic).unwrap_or_default();
-        ready(self.begin("Publish", &region).map(|mut st| {
-            st.published
-                .push((topic.to_string(), subject.to_string(), message.to_string()))
-        }))
+        later!(
+            self,
+            &region,
+            self.begin("Publish", &region).map(|mut st| {
+                st.published
+                    .push((topic.to_string(), subject.to_string(), message.to_string()))
+            })
+        )
     }
 }

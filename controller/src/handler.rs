@@ -61,6 +61,22 @@ pub struct LinkReport {
 /// AWS answered it.
 pub type Groups = Vec<Result<GroupInfo, CloudError>>;
 
+/// The data points published, the errors, and the queue's depth (visible,
+/// in flight) if it could be read.
+pub type Published = (Vec<MetricValue>, Vec<String>, Option<(i64, i64)>);
+
+/// What a tick reads ([`Controller::read`]).
+pub struct Reading {
+    pub depth: Result<(i64, i64), CloudError>,
+    pub groups: Groups,
+    /// The scaling activities of each group that opens a link (all but
+    /// the last).
+    pub activities: Vec<Result<Vec<crate::events::Activity>, CloudError>>,
+    /// Each fallback's policy.
+    #[allow(clippy::type_complexity)]
+    pub policies: Vec<Result<Option<(Option<bool>, crate::aws::TargetTracking)>, CloudError>>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TickReport {
     pub metrics: Vec<MetricValue>,
@@ -109,21 +125,39 @@ impl<C: Cloud> Controller<C> {
     /// Runs `work` as the one controller acting ([`crate::lease`]), cut at
     /// the lease's end or at `deadline` (a Lambda invocation's), whichever
     /// comes first, so that nothing is written once another may hold the
-    /// lease. `Ok(None)`: another controller holds it and this one did
-    /// nothing (its tick is the holder's). Without `lease.queue_url`, the
-    /// work runs unguarded.
-    pub async fn leased<T>(
+    /// lease; `work` is told when it will be cut. A lease another holds is
+    /// waited for ([`crate::lease::WAIT`], within the deadline); `Ok(None)`:
+    /// still held, and this invocation did nothing. Without
+    /// `lease.queue_url`, the work runs unguarded.
+    pub async fn leased<T, F>(
         &self,
         deadline: Option<tokio::time::Instant>,
-        work: impl std::future::Future<Output = Result<T, CloudError>>,
-    ) -> Result<Option<T>, CloudError> {
+        work: impl FnOnce(Option<tokio::time::Instant>) -> F,
+    ) -> Result<Option<T>, CloudError>
+    where
+        F: std::future::Future<Output = Result<T, CloudError>>,
+    {
+        let margin = crate::lease::MARGIN;
         let held = match &self.cfg.lease.queue_url {
             None => None,
             Some(url) => {
                 let region = Self::lease_region(url, &self.cfg);
                 let hold = self.cfg.lease.hold.0;
-                match crate::lease::acquire(&self.cloud, &region, url, hold, self.clock.now())
-                    .await?
+                let mut wait_until = tokio::time::Instant::now() + crate::lease::WAIT;
+                if let Some(d) = deadline {
+                    // Leave the work at least half of what is left.
+                    let half = d.saturating_duration_since(tokio::time::Instant::now()) / 2;
+                    wait_until = wait_until.min(tokio::time::Instant::now() + half);
+                }
+                match crate::lease::acquire_waiting(
+                    &self.cloud,
+                    &region,
+                    url,
+                    hold,
+                    self.clock.as_ref(),
+                    wait_until,
+                )
+                .await?
                 {
                     Some(l) => Some((region, url, l)),
                     None => {
@@ -133,24 +167,30 @@ impl<C: Cloud> Controller<C> {
                 }
             }
         };
-        let mut budget = held.as_ref().map(|(_, _, l)| l.budget(self.clock.now()));
+        let now = tokio::time::Instant::now();
+        let mut end = held
+            .as_ref()
+            .map(|(_, _, l)| now + l.budget(self.clock.now()));
         if let Some(d) = deadline {
-            let left = d
-                .saturating_duration_since(tokio::time::Instant::now())
-                .saturating_sub(crate::lease::MARGIN);
-            budget = Some(budget.map_or(left, |b| b.min(left)));
+            let by_deadline = now + d.saturating_duration_since(now).saturating_sub(margin);
+            end = Some(end.map_or(by_deadline, |e| e.min(by_deadline)));
         }
-        let r = match budget {
-            None => work.await,
-            Some(b) => tokio::time::timeout(b, work).await.unwrap_or_else(|_| {
-                Err(CloudError {
-                    op: "tick",
-                    region: self.cfg.primary.region.clone(),
-                    message: format!(
-                        "cut short after {b:?}: the lease's end or the invocation's deadline"
-                    ),
-                })
-            }),
+        let r = match end {
+            None => work(None).await,
+            Some(e) => {
+                let b = e.saturating_duration_since(now);
+                tokio::time::timeout(b, work(Some(e)))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(CloudError {
+                            op: "tick",
+                            region: self.cfg.primary.region.clone(),
+                            message: format!(
+                                "cut short after {b:?}: the lease's end or the invocation's deadline"
+                            ),
+                        })
+                    })
+            }
         };
         if let Some((region, url, l)) = &held {
             crate::lease::release(&self.cloud, region, url, l, self.clock.now()).await;
@@ -158,27 +198,53 @@ impl<C: Cloud> Controller<C> {
         r.map(Some)
     }
 
-    /// [`Controller::handle`] as the one controller acting
-    /// ([`Controller::leased`]); `Ok(None)` also when another acts.
+    /// [`Controller::handle_event_by`] without a deadline.
     pub async fn handle_event(&self, v: &Value) -> Result<Option<TickReport>, CloudError> {
         self.handle_event_by(v, None).await
     }
 
-    /// [`Controller::handle_event`] within a deadline (a Lambda's).
+    /// One EventBridge event, within a deadline (a Lambda's). Events that
+    /// change nothing (malformed, a spot warning, a group that opens no
+    /// fallback) take no lease. A tick publishes the backlog metrics
+    /// whoever holds the lease (target tracking needs a data point every
+    /// minute), then decides and acts under it; a launch outcome is decided
+    /// under it. `Ok(None)`: nothing decided (ignored, or the lease held
+    /// throughout the wait; the next tick polls the activities again).
     pub async fn handle_event_by(
         &self,
         v: &Value,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Option<TickReport>, CloudError> {
-        self.leased(deadline, self.handle(v))
-            .await
-            .map(Option::flatten)
+        match events::parse(v, &self.cfg.failover_codes()) {
+            Ok(Event::Tick) => self.tick_by(Vec::new(), deadline).await,
+            Ok(Event::Launch { group, region, .. })
+                if self.upstream_index(region.as_deref(), &group).is_some() =>
+            {
+                self.leased(deadline, |_| self.handle(v))
+                    .await
+                    .map(Option::flatten)
+            }
+            _ => self.handle(v).await,
+        }
     }
 
-    /// [`Controller::tick`] as the one controller acting; `Ok(None)` when
-    /// another acts.
+    /// A tick as the one controller acting: the reading and the metrics
+    /// first, unleased; the rest under the lease. `Ok(None)` when another
+    /// held the lease throughout.
     pub async fn leased_tick(&self) -> Result<Option<TickReport>, CloudError> {
-        self.leased(None, self.tick(Vec::new())).await
+        self.tick_by(Vec::new(), None).await
+    }
+
+    async fn tick_by(
+        &self,
+        launches: Vec<Launch>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Option<TickReport>, CloudError> {
+        let (reading, published) = self.read_and_publish().await;
+        self.leased(deadline, |end| {
+            self.tick_rest(launches, &reading, published, end)
+        })
+        .await
     }
 
     /// Handles one EventBridge event. Unknown or malformed events are logged
@@ -232,19 +298,68 @@ impl<C: Cloud> Controller<C> {
         }
     }
 
-    /// The scheduled work: publish the metrics, reconcile, then raise a
-    /// group that may run from 0 to 1 if work waits. A metrics failure does
-    /// not stop the reconcile. `launches` are the primary's.
+    /// The scheduled work, unguarded (tests, the simulation): publish the
+    /// metrics, reconcile, then raise a group that may run from 0 to 1 if
+    /// work waits. A metrics failure does not stop the reconcile.
+    /// `launches` are the primary's.
     pub async fn tick(&self, launches: Vec<Launch>) -> Result<TickReport, CloudError> {
-        // One reading of the queue and of every group, all at once, passed
-        // along: the metrics, the decision, the periodic tasks and the
-        // scale-out from zero read nothing again (only the version re-check
-        // before acting does).
-        let (depth, groups) = tokio::join!(self.read_depth(), self.read_groups());
-        let (metrics, errors, depth) = self.publish_metrics_with(depth, &groups).await;
-        for e in &errors {
+        let (reading, published) = self.read_and_publish().await;
+        self.tick_rest(launches, &reading, published, None).await
+    }
+
+    /// One reading of the queue, every group, their activities and
+    /// policies, all at once, then the backlog metrics from it.
+    async fn read_and_publish(&self) -> (Reading, Published) {
+        let reading = self.read().await;
+        let published = self
+            .publish_metrics_with(reading.depth.clone(), &reading.groups)
+            .await;
+        for e in &published.1 {
             tracing::warn!(error = %e, "cannot publish a backlog metric");
         }
+        (reading, published)
+    }
+
+    /// Everything a tick reads, read at once: a region that hangs costs one
+    /// call's bound ([`crate::aws::CALL_TIMEOUT`]) for the whole reading,
+    /// not one per read in turn, so a healthy group before it is still
+    /// decided and acted on within the invocation's deadline.
+    pub async fn read(&self) -> Reading {
+        let n = self.cfg.fallbacks.len();
+        let (depth, groups, activities, policies) = tokio::join!(
+            self.read_depth(),
+            self.read_groups(),
+            futures_util::future::join_all(
+                self.cfg
+                    .groups()
+                    .take(n)
+                    .map(|(region, asg)| self.cloud.activities(region, asg))
+            ),
+            futures_util::future::join_all(self.cfg.fallbacks.iter().map(|f| self.cloud.policy(
+                &f.region,
+                &f.asg,
+                &f.policy_name
+            ))),
+        );
+        Reading {
+            depth,
+            groups,
+            activities,
+            policies,
+        }
+    }
+
+    /// The tick after its reading and metrics: the decision, the periodic
+    /// tasks (within `end`, the lease's or the deadline's cut), the
+    /// `FailedOver` point, the scale-out from zero.
+    async fn tick_rest(
+        &self,
+        launches: Vec<Launch>,
+        reading: &Reading,
+        (metrics, errors, depth): Published,
+        end: Option<tokio::time::Instant>,
+    ) -> Result<TickReport, CloudError> {
+        let groups = &reading.groups;
         // The failover decision first; periodic tasks need only the primary
         // group, so a decision that cannot be made this tick does not hold
         // them back, and their time (bounded) comes after it.
@@ -253,18 +368,33 @@ impl<C: Cloud> Controller<C> {
                 launches.into_iter().map(|l| (0, l)).collect(),
                 true,
                 depth,
-                Some(&groups),
+                Some(reading),
             )
             .await;
         let primary_tags = groups
             .first()
             .and_then(|g| g.as_ref().ok())
             .map(|g| &g.tags);
-        let cron = match tokio::time::timeout(CRON_BUDGET, self.run_cron(primary_tags)).await {
-            Ok(sent) => sent,
-            Err(_) => {
-                tracing::error!(budget = ?CRON_BUDGET, "periodic tasks cut short: AWS too slow; a slot remembered but not sent is missed");
-                Vec::new()
+        // Within what is left before the cut (less a call's bound for the
+        // rest of the tick); none begun without a call's bound left, so a
+        // slot's memory and its send are not split by the cut.
+        let budget = match end {
+            None => CRON_BUDGET,
+            Some(e) => e
+                .saturating_duration_since(tokio::time::Instant::now())
+                .saturating_sub(crate::aws::CALL_TIMEOUT)
+                .min(CRON_BUDGET),
+        };
+        let cron = if budget < crate::aws::CALL_TIMEOUT && !self.cfg.cron.tasks.is_empty() {
+            tracing::warn!(left = ?budget, "no time left for the periodic tasks this tick; the next one catches up");
+            Vec::new()
+        } else {
+            match tokio::time::timeout(budget, self.run_cron(primary_tags)).await {
+                Ok(sent) => sent,
+                Err(_) => {
+                    tracing::error!(budget = ?budget, "periodic tasks cut short: AWS too slow; a slot remembered but not sent is missed");
+                    Vec::new()
+                }
             }
         };
         // A fallback that cannot be read or acted on (its region impaired,
@@ -296,7 +426,7 @@ impl<C: Cloud> Controller<C> {
             Err(e) => errors.push(e.to_string()),
         }
         let raised_from_zero = match depth {
-            Some((visible, _)) => self.scale_from_zero(visible, &reconcile, &groups).await,
+            Some((visible, _)) => self.scale_from_zero(visible, &reconcile, groups).await,
             None => Vec::new(),
         };
         Ok(TickReport {
@@ -469,8 +599,20 @@ impl<C: Cloud> Controller<C> {
             let Some(reading) = reading else {
                 continue;
             };
+            let empty = |g: &GroupInfo| g.desired == 0 && g.in_service == 0 && g.max >= 1;
             match reading {
-                Ok(g) if g.desired == 0 && g.in_service == 0 && g.max >= 1 => {
+                Ok(g) if empty(g) => {
+                    // The reading is the tick's (seconds old): read again
+                    // before acting, so that a group raised meanwhile (by
+                    // a person, a scheduled action) is not set back to 1.
+                    match self.cloud.group(region, name).await {
+                        Ok(now) if empty(&now) => {}
+                        Ok(_) => continue,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the group again for scale-out from zero");
+                            continue;
+                        }
+                    }
                     match self
                         .cloud
                         .update_group(region, name, GroupUpdate::desired(1))
@@ -498,7 +640,7 @@ impl<C: Cloud> Controller<C> {
     /// error in one region does not stop the others'. Returns what was
     /// published, the errors, and the queue depth (visible, in flight) if
     /// it could be read.
-    pub async fn publish_metrics(&self) -> (Vec<MetricValue>, Vec<String>, Option<(i64, i64)>) {
+    pub async fn publish_metrics(&self) -> Published {
         let (depth, groups) = tokio::join!(self.read_depth(), self.read_groups());
         self.publish_metrics_with(depth, &groups).await
     }
@@ -524,7 +666,7 @@ impl<C: Cloud> Controller<C> {
         &self,
         depth: Result<(i64, i64), CloudError>,
         groups: &Groups,
-    ) -> (Vec<MetricValue>, Vec<String>, Option<(i64, i64)>) {
+    ) -> Published {
         let (visible, in_flight) = match depth {
             Ok(d) => d,
             Err(e) => return (Vec::new(), vec![e.to_string()], None),
@@ -621,7 +763,7 @@ impl<C: Cloud> Controller<C> {
         launches: Vec<(usize, Launch)>,
         execute: bool,
         depth: Option<(i64, i64)>,
-        reading: Option<&Groups>,
+        reading: Option<&Reading>,
     ) -> Result<Report, CloudError> {
         let n = self.cfg.fallbacks.len();
         let now = self.clock.now();
@@ -638,38 +780,17 @@ impl<C: Cloud> Controller<C> {
             }
         }
         let codes = self.cfg.failover_codes();
-        let own_reading = async {
-            match reading {
-                Some(_) => None,
-                None => Some(self.read_groups().await),
+        let own;
+        let reading: &Reading = match reading {
+            Some(r) => r,
+            None => {
+                own = self.read().await;
+                &own
             }
         };
-        let (activities, policies, own_reading) = tokio::join!(
-            futures_util::future::join_all(
-                groups
-                    .iter()
-                    .take(n)
-                    .map(|(region, asg)| self.cloud.activities(region, asg))
-            ),
-            futures_util::future::join_all(self.cfg.fallbacks.iter().map(|f| self.cloud.policy(
-                &f.region,
-                &f.asg,
-                &f.policy_name
-            ))),
-            own_reading
-        );
-        let reading: &Groups = match (reading, &own_reading) {
-            (Some(r), _) => r,
-            (None, Some(r)) => r,
-            (None, None) => {
-                return Err(CloudError {
-                    op: "DescribeAutoScalingGroups",
-                    region: self.cfg.primary.region.clone(),
-                    message: "no reading of the groups".into(),
-                })
-            }
-        };
-        for (i, acts) in activities.into_iter().enumerate() {
+        let activities = reading.activities.iter().cloned();
+        let policies = reading.policies.iter().cloned();
+        for (i, acts) in activities.enumerate() {
             match acts {
                 Ok(acts) => {
                     by_group[i].extend(events::launches_of(&acts, &codes));
@@ -687,7 +808,7 @@ impl<C: Cloud> Controller<C> {
         // The primary, for the first link's shortage rule; unreadable
         // (throttled, its region impaired), its last reading in the memory
         // stands rather than every decision blocked.
-        let primary = match reading.first().cloned().unwrap_or_else(|| {
+        let primary = match reading.groups.first().cloned().unwrap_or_else(|| {
             Err(CloudError {
                 op: "DescribeAutoScalingGroups",
                 region: self.cfg.primary.region.clone(),
@@ -707,7 +828,6 @@ impl<C: Cloud> Controller<C> {
             }
         };
         let policy_enabled: Vec<Option<bool>> = policies
-            .into_iter()
             .map(|p| match p {
                 Ok(p) => p.and_then(|(enabled, _)| enabled),
                 Err(e) => {
@@ -731,7 +851,7 @@ impl<C: Cloud> Controller<C> {
             // again (the memory moved) on a new one.
             let again;
             let fallback_reading: &[Result<GroupInfo, CloudError>] = if attempt == 1 {
-                reading.get(1..).unwrap_or_default()
+                reading.groups.get(1..).unwrap_or_default()
             } else {
                 again = self.read_groups().await;
                 again.get(1..).unwrap_or_default()

@@ -1013,11 +1013,14 @@ async fn a_hanging_region_costs_one_bound_and_the_healthy_link_still_fails_over(
     // each read of it ends, as the SDK's bound makes it, after 10 s.
     {
         let mut st = c.cloud.lock();
-        st.latency.insert(
-            ("DescribeAutoScalingGroups", "us-west-2".into()),
-            crate::aws::CALL_TIMEOUT,
-        );
-        for op in ["DescribeAutoScalingGroups", "DescribePolicies"] {
+        // Every call in the region: groups, policies, activities alike.
+        st.latency
+            .insert("us-west-2".into(), crate::aws::CALL_TIMEOUT);
+        for op in [
+            "DescribeAutoScalingGroups",
+            "DescribePolicies",
+            "DescribeScalingActivities",
+        ] {
             let q = st.faults.entry((op, "us-west-2".into())).or_default();
             for _ in 0..20 {
                 q.push_back("no answer within 10s".into());
@@ -1087,4 +1090,49 @@ async fn a_tick_reads_each_group_once_and_re_checks_only_before_acting() {
     let r = c.tick(Vec::new()).await.unwrap();
     assert_eq!(r.reconcile.mode, "failed-over");
     assert_eq!(c.cloud.calls("DescribeAutoScalingGroups").len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tick_that_fails_over_keeps_the_shortfall_it_handed_and_raises_no_group_set_meanwhile() {
+    let c = controller();
+    // The primary short by 2 (desired 4, 2 InService), failing: the tick
+    // fails over and hands the fallback 2; the scale-out from zero (work
+    // waits) must not then set it to 1 from the tick's earlier reading.
+    set_primary(&c, 4, 2);
+    c.cloud.lock().activities.insert(
+        ("us-east-1".into(), "gpu-east-1".into()),
+        vec![crate::events::Activity {
+            id: "a1".into(),
+            status_code: "Failed".into(),
+            status_message: ICE.into(),
+            start: Some(start()),
+            end: Some(start()),
+            description: "Launching a new EC2 instance. Status Reason: ...".into(),
+            details: String::new(),
+        }],
+    );
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(r.reconcile.mode, "failed-over");
+    assert!(r.raised_from_zero.is_empty(), "{:?}", r.raised_from_zero);
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").desired, 2);
+    // An empty primary raised by someone else between the reading and the
+    // scale-out from zero keeps what they set.
+    let c = controller();
+    set_primary(&c, 0, 0);
+    {
+        let mut st = c.cloud.lock();
+        st.race = None;
+    }
+    // The re-read before acting sees desired 5 (set meanwhile).
+    let reading = c.read().await;
+    set_primary(&c, 5, 0);
+    let (m, e, depth) = c
+        .publish_metrics_with(reading.depth.clone(), &reading.groups)
+        .await;
+    let r = c
+        .tick_rest(Vec::new(), &reading, (m, e, depth), None)
+        .await
+        .unwrap();
+    assert!(r.raised_from_zero.is_empty());
+    assert_eq!(c.cloud.group_of("us-east-1", "gpu-east-1").desired, 5);
 }

@@ -33,10 +33,10 @@ pub const GROUP: &str = "spotguard-lease";
 /// most 14 days, 4 by default), however often it is received.
 pub const REFRESH_AFTER: chrono::Duration = chrono::Duration::hours(24);
 
-/// The lease is held this much less than its visibility timeout, so that
-/// the holder's work (cut at [`Lease::budget`]) ends before another can
-/// take it; one SDK call's bound ([`crate::aws::CALL_TIMEOUT`]) covers the
-/// give-back that may still be on its way.
+/// The holder's work is cut this long before the lease's end (and before
+/// a Lambda's deadline), so that nothing is written once another may take
+/// the lease. The give-back after it needs one call's bound more
+/// ([`Lease::budget`]).
 pub const MARGIN: Duration = Duration::from_secs(5);
 
 /// The lease while held.
@@ -50,26 +50,63 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// How long the holder may still work.
+    /// How long the holder may still work: to the lease's end less
+    /// [`MARGIN`] and one call's bound, so that the give-back
+    /// ([`release`]) still lands inside the lease.
     pub fn budget(&self, now: DateTime<Utc>) -> Duration {
         (self.until - now)
             .to_std()
             .unwrap_or_default()
-            .saturating_sub(MARGIN)
+            .saturating_sub(MARGIN + crate::aws::CALL_TIMEOUT)
     }
 }
 
-/// Unique within the process and across processes (the time and the pid):
-/// an id reused within SQS's 5-minute deduplication interval would make a
-/// new token a duplicate, accepted and dropped.
+/// An id no other controller makes: 128 bits from two hashers that the
+/// standard library seeds from the operating system's randomness once per
+/// process (`RandomState`), over the time and a counter. Time, pid and a
+/// counter alone repeat across Lambda environments (the same pid, the
+/// counter from 0 at a cold start), and a `ReceiveRequestAttemptId` used
+/// twice returns the same message and receipt to both callers.
 fn unique(prefix: &str, now: DateTime<Utc>) -> String {
+    use std::hash::BuildHasher;
     static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{prefix}-{}-{}-{}",
-        now.timestamp_millis(),
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let half = |salt: u8| {
+        std::collections::hash_map::RandomState::new().hash_one((
+            salt,
+            now.timestamp_nanos_opt(),
+            std::process::id(),
+            n,
+        ))
+    };
+    format!("{prefix}-{:016x}{:016x}", half(1), half(2))
+}
+
+/// How long an invocation waits for a lease another holds: a holder's
+/// tick takes a few seconds (one bound, 10 s, when a region hangs), and a
+/// tick that gave up at once lost its minute's decision and periodic
+/// slots to whatever event invocation held the lease.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// [`acquire`], tried again every second until `until` while another
+/// holds the lease.
+pub async fn acquire_waiting<C: Cloud>(
+    cloud: &C,
+    region: &str,
+    url: &str,
+    hold: Duration,
+    clock: &dyn spotguard_common::clock::Clock,
+    until: tokio::time::Instant,
+) -> Result<Option<Lease>, CloudError> {
+    loop {
+        if let Some(l) = acquire(cloud, region, url, hold, clock.now()).await? {
+            return Ok(Some(l));
+        }
+        if tokio::time::Instant::now() + Duration::from_secs(1) >= until {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Tries to take the lease: `Ok(None)` when another controller holds it.
@@ -105,20 +142,33 @@ pub async fn acquire<C: Cloud>(
         .map(lease))
 }
 
+/// A token for an empty queue. Its deduplication id is the same for every
+/// controller within a 5-minute bucket: two that find the queue empty at
+/// once (the counts are approximate, up to a minute behind) make one
+/// token, not two that would live for ever.
 async fn seed<C: Cloud>(
     cloud: &C,
     region: &str,
     url: &str,
     now: DateTime<Utc>,
 ) -> Result<(), CloudError> {
-    let dedup = unique("token", now);
+    let dedup = format!("token-{}", now.timestamp().div_euclid(300));
+    send_token(cloud, region, url, &dedup).await
+}
+
+async fn send_token<C: Cloud>(
+    cloud: &C,
+    region: &str,
+    url: &str,
+    dedup: &str,
+) -> Result<(), CloudError> {
     cloud
         .send_message(
             region,
             url,
             "spotguard controller lease token",
             &BTreeMap::new(),
-            Some((GROUP, &dedup)),
+            Some((GROUP, dedup)),
         )
         .await
 }
@@ -127,6 +177,12 @@ async fn seed<C: Cloud>(
 /// old, a new token sent and the old one deleted (in that order: a failure
 /// in between leaves two tokens, which is harmless). A failed give-back
 /// costs the others at most `hold`: the token comes back by itself.
+///
+/// Only while each call, at its bound ([`crate::aws::CALL_TIMEOUT`]),
+/// still ends inside the lease: SQS says a change of visibility after the
+/// timeout "might" fail, not that it will, so a give-back landing after
+/// another controller took the token could free that one's hold. Too late
+/// for that, the token is left to come back by itself.
 pub async fn release<C: Cloud>(
     cloud: &C,
     region: &str,
@@ -134,8 +190,14 @@ pub async fn release<C: Cloud>(
     lease: &Lease,
     now: DateTime<Utc>,
 ) {
-    if lease.sent.is_some_and(|s| now - s > REFRESH_AFTER) {
-        let replaced = match seed(cloud, region, url, now).await {
+    let call = chrono::Duration::from_std(crate::aws::CALL_TIMEOUT).unwrap_or_default();
+    let left = lease.until - now;
+    if left <= call {
+        tracing::info!(until = %lease.until, "too near the lease's end to give it back safely: it frees itself");
+        return;
+    }
+    if lease.sent.is_some_and(|s| now - s > REFRESH_AFTER) && left > call * 2 {
+        let replaced = match send_token(cloud, region, url, &unique("token", now)).await {
             Ok(()) => cloud.delete_message(region, url, &lease.receipt).await,
             Err(e) => Err(e),
         };

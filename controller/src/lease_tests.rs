@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use spotguard_common::clock::TokioClock;
 
-use crate::aws::GroupInfo;
+use crate::aws::{Cloud, GroupInfo};
 use crate::config::Config;
 use crate::fakes::FakeCloud;
 use crate::handler::Controller;
@@ -145,15 +145,63 @@ async fn a_holder_that_died_keeps_the_others_out_for_hold_then_not() {
         .unwrap()
         .expect("the first takes it");
     assert_eq!(lease_depth(&c), (0, 1), "seeded and taken");
-    tokio::time::advance(Duration::from_secs(59)).await;
+    // 40 s on, a tick waits its 10 s and gives up: the metrics published
+    // (target tracking needs them whoever holds the lease), nothing decided.
+    tokio::time::advance(Duration::from_secs(40)).await;
+    let t0 = tokio::time::Instant::now();
     assert!(c.handle_event(&tick_event()).await.unwrap().is_none());
-    assert!(c.cloud.calls("PutMetricData").is_empty(), "did nothing");
-    tokio::time::advance(Duration::from_secs(2)).await;
-    assert!(c.handle_event(&tick_event()).await.unwrap().is_some());
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited <= crate::lease::WAIT,
+        "{waited:?}"
+    );
     assert!(!c.cloud.calls("PutMetricData").is_empty());
-    // The dead holder's give-back, late, changes nothing it should not.
-    crate::lease::release(&c.cloud, "us-east-1", LEASE, &dead, c.clock.now()).await;
+    assert!(c.cloud.calls("UpdateAutoScalingGroup").is_empty());
+    assert!(c.cloud.calls("CreateOrUpdateTags").is_empty());
+    // 55 s on, the tick waits out the dead holder's 60 s and acts.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let r = c.handle_event(&tick_event()).await.unwrap();
+    assert!(r.is_some(), "decided");
+    assert!(
+        !c.cloud.calls("CreateOrUpdateTags").is_empty(),
+        "the primary's shortage remembered"
+    );
     assert_eq!(lease_depth(&c), (1, 0));
+    // The dead holder's give-back, late, touches nothing.
+    let changes = c.cloud.calls("ChangeMessageVisibility").len();
+    crate::lease::release(&c.cloud, "us-east-1", LEASE, &dead, c.clock.now()).await;
+    assert_eq!(c.cloud.calls("ChangeMessageVisibility").len(), changes);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_give_back_too_near_the_leases_end_is_not_made() {
+    let c = controller(true);
+    let hold = Duration::from_secs(60);
+    let a = crate::lease::acquire(&c.cloud, "us-east-1", LEASE, hold, c.clock.now())
+        .await
+        .unwrap()
+        .unwrap();
+    // 8 s before its end a give-back (bounded at 10 s) might land after
+    // it, and free the hold of whoever took the token meanwhile: not made.
+    tokio::time::advance(Duration::from_secs(52)).await;
+    crate::lease::release(&c.cloud, "us-east-1", LEASE, &a, c.clock.now()).await;
+    assert!(c.cloud.calls("ChangeMessageVisibility").is_empty());
+    assert_eq!(lease_depth(&c), (0, 1), "still A's until its end");
+    // Then B holds; A's old receipt (SQS gives a new one per receive)
+    // cannot free B's hold either.
+    tokio::time::advance(Duration::from_secs(9)).await;
+    let b = crate::lease::acquire(&c.cloud, "us-east-1", LEASE, hold, c.clock.now())
+        .await
+        .unwrap()
+        .expect("B takes it");
+    assert_ne!(a.receipt, b.receipt);
+    let e = c
+        .cloud
+        .change_visibility("us-east-1", LEASE, &a.receipt, 0)
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("InvalidParameterValue"), "{e}");
+    assert_eq!(lease_depth(&c), (0, 1), "B's hold survives");
 }
 
 #[tokio::test(start_paused = true)]
@@ -169,7 +217,7 @@ async fn one_token_seeded_reused_and_replaced_after_a_day() {
     assert_eq!(lease_sends(&c), 1, "seeded once, then reused");
     assert_eq!(lease_depth(&c), (1, 0));
     let first = c.cloud.lock().fifo[&("us-east-1".to_string(), LEASE.to_string())].messages[0]
-        .receipt
+        .id
         .clone();
     // A day on, SQS's retention would come for the token: it is replaced.
     tokio::time::advance(Duration::from_secs(24 * 3600)).await;
@@ -178,7 +226,7 @@ async fn one_token_seeded_reused_and_replaced_after_a_day() {
     let st = c.cloud.lock();
     let q = &st.fifo[&("us-east-1".to_string(), LEASE.to_string())];
     assert_eq!(q.messages.len(), 1, "the old token deleted");
-    assert_ne!(q.messages[0].receipt, first);
+    assert_ne!(q.messages[0].id, first);
     assert_eq!(q.depth(), (1, 0));
 }
 
@@ -186,12 +234,13 @@ async fn one_token_seeded_reused_and_replaced_after_a_day() {
 async fn work_is_cut_at_the_leases_end_or_the_invocations_deadline() {
     let c = controller(true);
     // A write that never answers (a hanging region): the tick stops at the
-    // lease's end less the margin, and gives the lease back.
+    // lease's end less the margin and one call's bound (60 - 5 - 10 s),
+    // and gives the lease back inside it.
     c.cloud.gate.arm("CreateOrUpdateTags");
     let t0 = tokio::time::Instant::now();
     let e = c.handle_event(&capacity_failure()).await.unwrap_err();
     assert!(e.to_string().contains("cut short"), "{e}");
-    assert_eq!(t0.elapsed(), Duration::from_secs(55));
+    assert_eq!(t0.elapsed(), Duration::from_secs(45));
     assert_eq!(lease_depth(&c), (1, 0));
     // A Lambda invocation with 10 s left stops 5 s before its deadline.
     c.cloud.gate.arm("CreateOrUpdateTags");
@@ -216,5 +265,19 @@ async fn an_unreadable_lease_queue_acts_not() {
     );
     let e = c.handle_event(&tick_event()).await.unwrap_err();
     assert!(e.to_string().contains("AccessDenied"), "{e}");
-    assert!(c.cloud.calls("PutMetricData").is_empty());
+    // The metrics went out (unleased); nothing was decided or acted on.
+    assert!(!c.cloud.calls("PutMetricData").is_empty());
+    assert!(c.cloud.calls("UpdateAutoScalingGroup").is_empty());
+    assert!(c.cloud.calls("CreateOrUpdateTags").is_empty());
+}
+
+#[test]
+fn attempt_ids_do_not_repeat_at_the_same_instant() {
+    // The same time, pid and a counter from 0 (two Lambda environments at
+    // a cold start) must still give different ids: 128 random bits.
+    let at = start();
+    let ids: std::collections::BTreeSet<String> =
+        (0..1000).map(|_| super::unique("take", at)).collect();
+    assert_eq!(ids.len(), 1000);
+    assert!(ids.iter().all(|i| i.len() == "take-".len() + 32));
 }
