@@ -225,6 +225,16 @@ async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
     // instance (AWS_REGION is not consulted); SQS to the queue's; SNS to the
     // topic's. A fallback-region worker thus reads the primary's queue.
     let own_region = imds_value(&imds, crate::imds::paths::REGION).await?;
+    // For the GPU count only: an instance that cannot say its type is
+    // checked against health.gpu_count alone.
+    let instance_type = match cfg.health.gpu {
+        crate::config::GpuMode::Off => None,
+        _ => imds
+            .get(crate::imds::paths::INSTANCE_TYPE)
+            .await
+            .ok()
+            .flatten(),
+    };
     let queue_region = cfg
         .queue_region()
         .ok_or("queue.region: the queue URL names no region; set queue.region")?;
@@ -277,6 +287,7 @@ async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
     let notifier = Notifier {
         sns,
         hook: cfg.notify.hook_command.clone(),
+        sent: None,
     };
     let http = crate::worker::http_client()
         .map_err(|e| format!("cannot build the worker HTTP client: {e}"))?;
@@ -371,6 +382,7 @@ async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
             // end is logged by the runner when the notice channel closes.
             let _ = ready_rx.await;
         },
+        health: health_checks(&cfg, instance_type.as_deref().map(str::trim)),
     };
     run_with(
         cfg,
@@ -400,6 +412,29 @@ pub struct Edges<Q, F, W, R> {
     pub notices: mpsc::Receiver<Detected>,
     /// Completes once the watcher's first poll has answered.
     pub ready: R,
+    /// `health.command` and the GPU checks ([`health_checks`]), if any.
+    pub health: Option<Arc<dyn crate::health::HealthCheck>>,
+}
+
+/// The instance's health checks: `health.command`, then the GPU checks
+/// (`health.gpu`; the expected count from `instance_type`).
+pub fn health_checks(
+    cfg: &Config,
+    instance_type: Option<&str>,
+) -> Option<Arc<dyn crate::health::HealthCheck>> {
+    let mut all: Vec<Arc<dyn crate::health::HealthCheck>> = Vec::new();
+    if let Some(argv) = cfg.health.command.clone() {
+        all.push(Arc::new(crate::health::CommandCheck { argv }));
+    }
+    if let Some(g) = crate::gpu::from_config(&cfg.health, instance_type) {
+        tracing::info!(nvidia_smi = %g.nvidia_smi.display(), expected = ?g.expected, "GPU checks on");
+        all.push(Arc::new(g));
+    }
+    match all.len() {
+        0 => None,
+        1 => all.pop(),
+        _ => Some(Arc::new(crate::health::All(all))),
+    }
 }
 
 /// The work, over its edges: runs until a shutdown drain completes.
@@ -411,9 +446,7 @@ pub async fn run_with<Q: Queue, F: Fleet, W: Worker, R: std::future::Future<Outp
     edges: Edges<Q, F, W, R>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let health = cfg.health.command.clone().map(|argv| {
-        Arc::new(crate::health::CommandCheck { argv }) as Arc<dyn crate::health::HealthCheck>
-    });
+    let health = edges.health;
     status.imds_stale_ms.store(
         u64::try_from(cfg.health.imds_unreachable_after.0.as_millis()).unwrap_or(u64::MAX),
         std::sync::atomic::Ordering::Relaxed,

@@ -76,6 +76,39 @@ pub struct HealthConfig {
     /// (notices would go unseen). 60 s is 60 missed spot polls.
     #[serde(default = "d_imds_stale")]
     pub imds_unreachable_after: Dur,
+    /// The built-in GPU checks ([`crate::gpu`]): `auto` runs them when
+    /// `nvidia_smi` is found, `on` always (a missing `nvidia-smi` is then a
+    /// failure), `off` never.
+    #[serde(default)]
+    pub gpu: GpuMode,
+    /// GPUs the instance must list; absent: from its instance type (the
+    /// g4dn, g5, g5g, g6, g6e, p3, p4d, p5 families), else not checked.
+    pub gpu_count: Option<u32>,
+    /// The `nvidia-smi` to run: a name looked up in PATH, or a path.
+    #[serde(default = "d_nvidia_smi")]
+    pub nvidia_smi: String,
+    /// Where Xid events are read: `journal` (`journalctl -k`; the unit
+    /// puts the agent in group `systemd-journal`), a file of `/dev/kmsg`
+    /// records (`/dev/kmsg` itself needs CAP_SYSLOG, which the unit does
+    /// not give), or empty: no Xid check.
+    #[serde(default = "d_kernel_log")]
+    pub kernel_log: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GpuMode {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+fn d_nvidia_smi() -> String {
+    "nvidia-smi".into()
+}
+fn d_kernel_log() -> String {
+    "journal".into()
 }
 
 impl Default for HealthConfig {
@@ -87,6 +120,10 @@ impl Default for HealthConfig {
             command: None,
             interval: d_health_interval(),
             imds_unreachable_after: d_imds_stale(),
+            gpu: GpuMode::Auto,
+            gpu_count: None,
+            nvidia_smi: d_nvidia_smi(),
+            kernel_log: d_kernel_log(),
         }
     }
 }
@@ -767,6 +804,18 @@ impl HealthConfig {
         }
         if self.interval.0.is_zero() {
             return invalid("health.interval", "must be greater than zero");
+        }
+        if self.nvidia_smi.trim().is_empty() || self.nvidia_smi.contains('\0') {
+            return invalid(
+                "health.nvidia_smi",
+                "must name a program: \"nvidia-smi\" or a path",
+            );
+        }
+        if self.gpu_count == Some(0) {
+            return invalid(
+                "health.gpu_count",
+                "must be at least 1 (or `gpu = \"off\"`)",
+            );
         }
         Ok(())
     }

@@ -8,7 +8,8 @@
 //! - [`worker`]: exec and http (sqsd) hand-off of a message to the worker.
 //! - [`aws`]: the SQS and Auto Scaling calls behind small traits.
 //! - `fakes` (tests, feature `test-util`): in-memory SQS, Auto Scaling and worker.
-//! - [`health`]: the worker-health check (`health.command`).
+//! - [`health`]: the worker-health checks (`health.command`, [`gpu`]).
+//! - [`gpu`]: the built-in GPU checks (count, nvidia-smi answering, ECC, Xid).
 //! - [`config`], [`status`], [`notify`], [`cli`]: file, endpoint, SNS/hook, command line.
 
 pub mod aws;
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod config;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fakes;
+pub mod gpu;
 pub mod health;
 pub mod imds;
 pub mod job;

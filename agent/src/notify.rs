@@ -10,10 +10,15 @@ use tokio::io::AsyncWriteExt;
 /// A hook that runs longer is killed: notices must not pile up hooks.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Every notice sent, (subject, event): the in-memory target of tests.
+pub type Sent = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
 #[derive(Clone)]
 pub struct Notifier {
     pub sns: Option<(aws_sdk_sns::Client, String)>,
     pub hook: Option<Vec<String>>,
+    /// Tests: every notice, kept.
+    pub sent: Option<Sent>,
 }
 
 impl Notifier {
@@ -21,11 +26,17 @@ impl Notifier {
         Notifier {
             sns: None,
             hook: None,
+            sent: None,
         }
     }
 
     /// Sends `event` (a JSON object) to every configured target, in the background.
     pub fn notify(&self, subject: &str, event: serde_json::Value) {
+        if let Some(sent) = &self.sent {
+            sent.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((subject.to_string(), event.clone()));
+        }
         let text = event.to_string();
         if let Some((client, topic)) = self.sns.clone() {
             let (subject, text) = (subject.to_string(), text.clone());

@@ -85,7 +85,7 @@ enum Effect {
     Intake(Result<crate::aws::Intake, AwsError>),
     LifecycleCompleted(Result<(), AwsError>),
     HookHeartbeat(Result<(), AwsError>),
-    Health(Result<(), String>),
+    Health(crate::health::Outcome),
     MarkedUnhealthy(Result<(), AwsError>),
 }
 
@@ -95,7 +95,7 @@ pub struct Runner<Q, F, W> {
     pub fleet: Arc<F>,
     pub worker: Arc<W>,
     pub clock: Arc<dyn Clock>,
-    /// `health.command`, if configured.
+    /// `health.command` and the GPU checks, if any.
     pub health: Option<Arc<dyn HealthCheck>>,
     pub notifier: Notifier,
     pub status: Arc<Status>,
@@ -599,7 +599,8 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             job_starts: Default::default(),
             clocks: (now, self.clock.now()),
         };
-        let settings = Settings::of(&self.cfg);
+        let mut settings = Settings::of(&self.cfg);
+        settings.health_check = self.health.is_some();
         let (effects_tx, mut effects) = mpsc::unbounded_channel();
         let (deadline_tx, deadline_rx) = watch::channel(None::<Instant>);
         let (notice_tx, notice_rx) = watch::channel(None::<JobNotice>);
@@ -984,9 +985,14 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
             Settled::Deleted => {
                 b.failures_in_a_row = 0;
                 b.failed_messages.clear();
-                // Not when a job's process could not be killed: that does
-                // not heal with another job's success.
-                if self.worker.stuck().is_none() && b.broken.take().is_some() {
+                // Only the breaker's trip heals (it alone has a cool-down):
+                // not a job's process that could not be killed, nor a GPU
+                // check's lasting failure; a job started before the GPU
+                // failed may well finish.
+                if self.worker.stuck().is_none()
+                    && b.broken_until.is_some()
+                    && b.broken.take().is_some()
+                {
                     b.broken_until = None;
                     // Healthy again: a mark still waiting (its calls
                     // failing) must not replace a working instance.
@@ -1299,22 +1305,41 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                     }
                 }
             },
-            Effect::Health(r) => {
+            Effect::Health(o) => {
                 b.health_check.succeeded();
                 b.health_check.not_before = now + self.cfg.health.interval.0;
                 b.check_known = true;
-                match r {
-                    Ok(()) => {
+                self.status.set_checks(&o.checks);
+                match o.failure {
+                    None => {
                         if let Some(why) = b.check_failing.take() {
-                            tracing::info!(was = %why, "health.command passes again: intake reopens");
+                            tracing::info!(was = %why, "the health checks pass again: intake reopens");
                         }
                     }
-                    Err(why) => {
+                    Some(why) => {
                         if b.check_failing.is_none() {
                             inc(&c.unhealthy_trips);
-                            tracing::error!(reason = %why, "health.command fails: intake closed");
+                            tracing::error!(reason = %why, "a health check fails: intake closed");
                         }
-                        b.check_failing = Some(why);
+                        b.check_failing = Some(why.clone());
+                        // A GPU lost, an uncorrectable error, a fatal Xid:
+                        // no pass later makes the instance fit again. For
+                        // good, as an unkillable job is: the notice, and
+                        // replaced once idle if so configured.
+                        if o.lasting && (b.broken.is_none() || b.broken_until.is_some()) {
+                            tracing::error!(reason = %why, action = ?self.cfg.health.on_unhealthy, "this instance is unhealthy for good: intake closed");
+                            if b.broken.is_none() {
+                                self.notifier.notify(
+                                    "spotguard: instance unhealthy",
+                                    json!({"event": "unhealthy", "instance_id": self.instance_id, "reason": why}),
+                                );
+                            }
+                            b.broken = Some(why);
+                            b.broken_until = None;
+                            if self.cfg.health.on_unhealthy == OnUnhealthy::Replace {
+                                b.replace_pending = true;
+                            }
+                        }
                     }
                 }
                 self.status.set_unhealthy(b.unhealthy().map(str::to_string));

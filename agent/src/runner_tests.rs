@@ -35,6 +35,8 @@ fn cfg(extra: &str) -> Config {
 }
 
 struct World {
+    /// Every notice the agent sent (SNS and hook).
+    sent: crate::notify::Sent,
     queue: Arc<MemQueue>,
     fleet: Arc<MemFleet>,
     worker: Arc<ScriptedWorker>,
@@ -56,9 +58,13 @@ impl crate::health::HealthCheck for FlagCheck {
         let ok = self.0.load(std::sync::atomic::Ordering::SeqCst);
         Box::pin(async move {
             if ok {
-                Ok(())
+                crate::health::Outcome::pass("command")
             } else {
-                Err("health.command nvidia-smi exited with exit status: 9".into())
+                crate::health::Outcome::fail(
+                    "command",
+                    "health.command nvidia-smi exited with exit status: 9".into(),
+                    false,
+                )
             }
         })
     }
@@ -91,6 +97,7 @@ impl World {
             offset_secs: std::sync::atomic::AtomicI64::new(0),
         });
         let (ntx, nrx) = mpsc::channel(16);
+        let sent = crate::notify::Sent::default();
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
         let (sd_tx, sd_rx) = oneshot::channel::<()>();
         let runner = Runner {
@@ -100,7 +107,10 @@ impl World {
             worker: worker.clone(),
             clock: clock.clone(),
             health,
-            notifier: Notifier::none(),
+            notifier: Notifier {
+                sent: Some(sent.clone()),
+                ..Notifier::none()
+            },
             status: status.clone(),
             instance_id: "i-0test".into(),
         };
@@ -114,6 +124,7 @@ impl World {
             },
         ));
         let mut w = World {
+            sent,
             queue,
             fleet,
             worker,
@@ -1574,4 +1585,86 @@ async fn a_failed_heartbeat_is_tried_again_before_the_lease_lapses() {
     assert_eq!(w.queue.deleted().len(), 1, "{:?}", w.worker.events());
     assert_eq!(w.counter(|c| &c.lost_ownership), 0);
     assert_eq!(w.worker.started().len(), 1);
+}
+
+/// A check whose answer the test sets.
+struct SetCheck(std::sync::Mutex<crate::health::Outcome>);
+
+impl crate::health::HealthCheck for SetCheck {
+    fn check(&self) -> crate::health::CheckFuture<'_> {
+        let o = self.0.lock().unwrap().clone();
+        Box::pin(async move { o })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gpu_lost_mid_job_makes_the_instance_unhealthy_for_good_replaced_once_idle() {
+    use crate::health::Outcome;
+    let healthy = Outcome::pass("gpu_answers")
+        .and(Outcome::pass("gpu_count"))
+        .and(Outcome::pass("gpu_xid"));
+    let check = Arc::new(SetCheck(std::sync::Mutex::new(healthy.clone())));
+    let w = World::start_with(
+        cfg("[scale_in]\nenabled = false\n[health]\non_unhealthy = \"replace\"\ninterval = \"30s\"\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+        Some(check.clone()),
+    );
+    w.queue.push("100");
+    w.run_for(5).await;
+    assert_eq!(w.worker.started().len(), 1);
+    assert!(w
+        .status
+        .prometheus()
+        .contains("spotguard_agent_health_check{check=\"gpu_count\"} 1"));
+    // The GPU falls off the bus while the job runs.
+    *check.0.lock().unwrap() = Outcome::pass("gpu_answers")
+        .and(Outcome::fail(
+            "gpu_count",
+            "0 GPU(s) listed by nvidia-smi, 1 expected".into(),
+            true,
+        ))
+        .and(Outcome::fail(
+            "gpu_xid",
+            "Xid 79 on GPU 0000:00:1e (the GPU has fallen off the bus)".into(),
+            true,
+        ));
+    w.queue.push("1");
+    w.run_for(31).await;
+    assert_eq!(w.worker.started().len(), 1, "intake closed");
+    assert_eq!(w.status.healthz().0, 503);
+    assert!(
+        w.status.healthz().1.contains("Xid 79"),
+        "{}",
+        w.status.healthz().1
+    );
+    let m = w.status.prometheus();
+    assert!(
+        m.contains("spotguard_agent_health_check{check=\"gpu_count\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("spotguard_agent_health_check{check=\"gpu_answers\"} 1"),
+        "{m}"
+    );
+    assert_eq!(w.status.json()["checks"]["gpu_xid"], false);
+    let sent = w.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].1["event"], "unhealthy");
+    assert!(sent[0].1["reason"].as_str().unwrap().contains("0 GPU(s)"));
+    // Not under a running job: the group replaces it once idle.
+    assert!(!w.fleet.lock().unhealthy, "replaced under a running job");
+    w.run_for(70).await;
+    assert!(
+        w.fleet.lock().unhealthy,
+        "SetInstanceHealth Unhealthy once idle"
+    );
+    // A later pass (the driver answering again) does not reopen intake,
+    // and the failing checks send no second notice.
+    *check.0.lock().unwrap() = healthy;
+    w.run_for(60).await;
+    assert_eq!(w.worker.started().len(), 1);
+    assert_eq!(w.status.healthz().0, 503);
+    assert_eq!(w.sent.lock().unwrap().len(), 1);
+    assert_eq!(w.counter(|c| &c.unhealthy_trips), 1);
 }

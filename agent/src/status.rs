@@ -95,6 +95,9 @@ pub struct Status {
     view: Mutex<View>,
     /// Why the agent is unhealthy, if it is.
     unhealthy: Mutex<Option<String>>,
+    /// The health checks' last answers, by check (`command`, `gpu_count`,
+    /// `gpu_answers`, `gpu_memory`, `gpu_xid`).
+    checks: Mutex<std::collections::BTreeMap<&'static str, bool>>,
     started_ms: u64,
     /// IMDS silent this long makes `/healthz` answer 503.
     pub imds_stale_ms: AtomicU64,
@@ -121,6 +124,7 @@ impl Status {
                 oldest_job_secs: 0,
             }),
             unhealthy: Mutex::new(None),
+            checks: Mutex::new(Default::default()),
             started_ms: now_ms(),
             imds_stale_ms: AtomicU64::new(60_000),
         }
@@ -128,6 +132,22 @@ impl Status {
 
     pub fn set_unhealthy(&self, why: Option<String>) {
         *self.unhealthy.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    /// The last answer of each check (a check left out this time, as the
+    /// Xid check with an unreadable log, keeps its last answer).
+    pub fn set_checks(&self, checks: &[(&'static str, bool)]) {
+        let mut m = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, ok) in checks {
+            m.insert(k, *ok);
+        }
+    }
+
+    pub fn checks(&self) -> std::collections::BTreeMap<&'static str, bool> {
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn unhealthy(&self) -> Option<String> {
@@ -172,6 +192,7 @@ impl Status {
             "jobs_in_flight": v.jobs_in_flight,
             "oldest_job_age_seconds": v.oldest_job_secs,
             "unhealthy": self.unhealthy(),
+            "checks": self.checks(),
             "counters": counters,
             "imds": self.imds.snapshot(),
         })
@@ -223,6 +244,21 @@ impl Status {
             "spotguard_agent_healthy {}",
             u8::from(self.unhealthy().is_none())
         );
+        let checks = self.checks();
+        if !checks.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP spotguard_agent_health_check 1 while the check passes (its last answer)."
+            );
+            let _ = writeln!(out, "# TYPE spotguard_agent_health_check gauge");
+            for (k, ok) in checks {
+                let _ = writeln!(
+                    out,
+                    "spotguard_agent_health_check{{check=\"{k}\"}} {}",
+                    u8::from(ok)
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP spotguard_agent_mode The current mode (1 for the active one)."

@@ -52,6 +52,9 @@ check "README shipped" test -f /usr/share/doc/spotguard-agent/README.md
 check "copyright shipped" test -f /usr/share/doc/spotguard-agent/copyright
 check "check-config accepts the shipped default" /usr/bin/spotguard-agent check-config --config /etc/spotguard/agent.toml
 check "systemd-analyze verify" systemd-analyze verify "$unit"
+# The unit's SupplementaryGroups: a group that does not exist stops the
+# start (the GPU check's journalctl -k reads the journal through it).
+check "group systemd-journal exists (the unit's SupplementaryGroups)" getent group systemd-journal
 echo "   $(systemd-analyze security --offline=yes "$unit" 2>/dev/null | tail -n1)"
 check "not enabled by the install" sh -c "! ls /etc/systemd/system/multi-user.target.wants/spotguard-agent.service"
 # An upgrade (reinstall) keeps the user's edits.

@@ -12,6 +12,109 @@ fn no_scale_in(c: &mut spotguard_agent::config::Config) {
     c.scale_in.enabled = false;
 }
 
+/// The status endpoint's port, from the agent's log (`log`, in the
+/// fixture's directory): the text log (`addr=127.0.0.1:N`) or the JSON one
+/// (`"addr":"127.0.0.1:N"`, SPOTGUARD_LOG_FORMAT=json), the digits after
+/// the address on the line that says so.
+fn status_port(s: &spotguard_tests::agent_setup::Setup, log: &str) -> String {
+    let mut port = String::new();
+    wait(s, 20, "the status endpoint's address in the log", || {
+        let text = std::fs::read_to_string(s.dir.path().join(log)).unwrap_or_default();
+        port = text
+            .lines()
+            .find(|l| l.contains("status endpoint listening"))
+            .and_then(|l| l.split_once("127.0.0.1:"))
+            .map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).collect())
+            .unwrap_or_default();
+        !port.is_empty()
+    });
+    port
+}
+
+fn get(port: &str, path: &str) -> (u16, String) {
+    spotguard_imds_mock::control::request("GET", &format!("http://127.0.0.1:{port}{path}"), "")
+        .unwrap()
+}
+
+/// The built-in GPU check as shipped, without a GPU: the harness's fake
+/// `nvidia-smi`, the expected count from the instance type the mock IMDS
+/// gives (g4dn.xlarge: 1), a GPU lost while the agent runs.
+#[test]
+fn a_gpu_lost_closes_intake_and_the_status_endpoint_says_why() {
+    let s = fleet("gpu", 5, 0, 1);
+    let fake = s.dir.path().join("gpu");
+    std::fs::create_dir_all(&fake).unwrap();
+    let smi = fake.join("nvidia-smi");
+    std::os::unix::fs::symlink(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/fake/nvidia-smi"),
+        &smi,
+    )
+    .unwrap();
+    std::fs::write(fake.join("mode"), "healthy").unwrap();
+    std::fs::write(fake.join("gpus"), "1").unwrap();
+    std::fs::write(
+        fake.join("kmsg"),
+        "6,1,1,-;NVRM: loading NVIDIA UNIX Kernel Module\n",
+    )
+    .unwrap();
+    let _agent = s.start(
+        "agent",
+        &s.agent_config(0, "a", |c| {
+            c.scale_in.enabled = false;
+            c.status.listen = "127.0.0.1:0".into();
+            c.health.gpu = spotguard_agent::config::GpuMode::On;
+            c.health.nvidia_smi = smi.display().to_string();
+            c.health.kernel_log = fake.join("kmsg").display().to_string();
+            c.health.interval = secs(1);
+        }),
+    );
+    let port = status_port(&s, "agent.log");
+    s.env.send(
+        &s.queue,
+        &json!({"id": "before", "sleep_ms": 50}).to_string(),
+    );
+    wait(&s, 30, "the job before to be done", || {
+        Record::read(s.dir.path()).count("done", "before") == 1
+    });
+    assert!(get(&port, "/metrics")
+        .1
+        .contains("spotguard_agent_health_check{check=\"gpu_count\"} 1\n"));
+    // The GPU falls off the bus: nvidia-smi lists none, and the kernel says so.
+    std::fs::write(fake.join("mode"), "missing").unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(fake.join("kmsg"))
+            .unwrap();
+        writeln!(
+            f,
+            "4,2,2,-;NVRM: Xid (PCI:0000:00:1e): 79, pid=1, GPU has fallen off the bus."
+        )
+        .unwrap();
+    }
+    wait(&s, 20, "/healthz to answer 503", || {
+        get(&port, "/healthz").0 == 503
+    });
+    let why = get(&port, "/healthz").1;
+    assert!(
+        why.contains("0 GPU(s) listed by nvidia-smi, 1 expected") && why.contains("Xid 79"),
+        "{why}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&get(&port, "/status").1).unwrap();
+    assert_eq!(status["checks"]["gpu_count"], false);
+    assert_eq!(status["checks"]["gpu_xid"], false);
+    assert_eq!(status["checks"]["gpu_answers"], true);
+    // No job is taken any more.
+    s.env.send(
+        &s.queue,
+        &json!({"id": "after", "sleep_ms": 50}).to_string(),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(Record::read(s.dir.path()).count("start", "after"), 0);
+    assert_eq!(s.env.depth(&s.queue), (1, 0));
+}
+
 #[test]
 fn jobs_are_run_once_and_deleted_after_success() {
     let s = fleet("normal", 5, 0, 1);
@@ -25,20 +128,7 @@ fn jobs_are_run_once_and_deleted_after_success() {
             c.status.listen = "127.0.0.1:0".into();
         }),
     );
-    let mut port = String::new();
-    wait(&s, 20, "the status endpoint's address in the log", || {
-        let log = std::fs::read_to_string(s.dir.path().join("agent.log")).unwrap_or_default();
-        // The text log (`addr=127.0.0.1:N`) or the JSON one
-        // (`"addr":"127.0.0.1:N"`, SPOTGUARD_LOG_FORMAT=json): the digits
-        // after the address on the line that says so.
-        port = log
-            .lines()
-            .find(|l| l.contains("status endpoint listening"))
-            .and_then(|l| l.split_once("127.0.0.1:"))
-            .map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).collect())
-            .unwrap_or_default();
-        !port.is_empty()
-    });
+    let port = status_port(&s, "agent.log");
     for i in 0..8 {
         s.env.send(
             &s.queue,
@@ -56,10 +146,7 @@ fn jobs_are_run_once_and_deleted_after_success() {
     }
     assert_eq!(s.env.proxy.calls_of("DeleteMessage").len(), 8);
     // The status endpoint tells the same story.
-    let get = |path: &str| {
-        spotguard_imds_mock::control::request("GET", &format!("http://127.0.0.1:{port}{path}"), "")
-            .unwrap()
-    };
+    let get = |path: &str| get(&port, path);
     assert_eq!(get("/healthz"), (200, "ok\n".to_string()));
     let status: serde_json::Value = serde_json::from_str(&get("/status").1).unwrap();
     assert_eq!(status["state"]["mode"], "running");

@@ -1,0 +1,521 @@
+//! The built-in GPU checks (`[health] gpu`): a broken GPU found before it
+//! eats the queue. Each check's verdict is a pure function of what
+//! `nvidia-smi` printed and what the kernel logged ([`judge`],
+//! [`judge_xids`]); [`GpuCheck`] gathers them.
+//!
+//! - **Count**: the GPUs `nvidia-smi` lists equal the instance type's
+//!   (`health.gpu_count` overrides; [`expected_gpus`]). One GPU of four
+//!   gone is the commonest silent failure: jobs still start.
+//! - **Answers**: `nvidia-smi` answers within [`SMI_TIMEOUT`] and succeeds;
+//!   a hung driver is the commonest GPU failure of all.
+//! - **Memory**: no uncorrectable (volatile) ECC error, no page retirement
+//!   or row remapping pending, no row remapping failure. NVIDIA's A100
+//!   "GPU memory error management": a pending retirement or remapping takes
+//!   effect only at the next GPU reset, and a remapping failure means the
+//!   GPU should be serviced.
+//! - **Xid**: no Xid event since boot among those NVIDIA's "Xid Errors"
+//!   catalogue resolves by resetting or replacing the GPU ([`FATAL_XIDS`]),
+//!   read from the kernel's messages as the agent's user can, without a
+//!   shell: through `journalctl -k` (the unit puts the agent in group
+//!   `systemd-journal`; `ProtectKernelLogs=yes` stays, and the agent holds
+//!   no CAP_SYSLOG), or from a file of `/dev/kmsg` records.
+//!
+//! Every failure here lasts: nothing short of a reset or a new instance
+//! brings the GPU back, so the instance is unhealthy for good (the notice
+//! sent; replaced under `on_unhealthy = "replace"`, once idle).
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::health::{CheckFuture, HealthCheck, Outcome};
+
+/// `nvidia-smi` answers a query in well under a second with the driver
+/// loaded and persistence mode on, and in a few seconds per GPU without
+/// it: 20 s is a hung driver, and well under the 60 s `health.interval`.
+pub const SMI_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The query: one CSV line per GPU.
+pub const QUERY: &str = "index,pci.bus_id,ecc.errors.uncorrected.volatile.total,retired_pages.pending,remapped_rows.pending,remapped_rows.failure";
+/// What every driver answers, for one that does not know a memory field.
+pub const QUERY_BASIC: &str = "index,pci.bus_id";
+
+/// Xid events after which the GPU is not fit for jobs until it is reset or
+/// replaced (NVIDIA, "Xid Errors" and the A100 "GPU memory error
+/// management" guide). Application faults (13, 31, 43, 45) and a recorded
+/// remapping (63) are not among them: the next job may well run.
+pub const FATAL_XIDS: &[(u32, &str)] = &[
+    (48, "double-bit (uncorrectable) ECC error"),
+    (
+        64,
+        "ECC page retirement or row remapping could not be recorded",
+    ),
+    (74, "NVLink error"),
+    (79, "the GPU has fallen off the bus"),
+    (94, "contained ECC error"),
+    (95, "uncontained ECC error"),
+    (119, "GSP RPC timeout"),
+    (120, "GSP error"),
+];
+
+/// The GPUs of an instance type (Amazon EC2 accelerated computing instance
+/// specifications), for the families spotguard is run on; `None` for any
+/// other (the count is then checked only against `health.gpu_count`).
+pub fn expected_gpus(instance_type: &str) -> Option<u32> {
+    let (family, size) = instance_type.split_once('.')?;
+    let n = match (family, size) {
+        ("g4dn", "12xlarge") => 4,
+        ("g4dn", "metal") => 8,
+        ("g4dn", _) => 1,
+        ("g5" | "g6" | "g6e", "12xlarge" | "24xlarge") => 4,
+        ("g5" | "g6" | "g6e", "48xlarge") => 8,
+        ("g5" | "g6" | "g6e", _) => 1,
+        ("g5g", "16xlarge" | "metal") => 2,
+        ("g5g", _) => 1,
+        ("p3", "2xlarge") => 1,
+        ("p3", "8xlarge") => 4,
+        ("p3", "16xlarge") => 8,
+        ("p3dn" | "p4d" | "p4de" | "p5" | "p5e" | "p5en", _) => 8,
+        _ => return None,
+    };
+    Some(n)
+}
+
+/// One GPU as the query lists it. `None`: the driver reports the field as
+/// not available on this GPU (`[N/A]`, `[Not Supported]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gpu {
+    pub bus: String,
+    pub ecc_uncorrected: Option<u64>,
+    pub retirement_pending: Option<bool>,
+    pub remap_pending: Option<bool>,
+    pub remap_failed: Option<bool>,
+}
+
+/// `nvidia-smi --query-gpu=QUERY --format=csv,noheader,nounits` output;
+/// with [`QUERY_BASIC`] only the first two fields are there.
+pub fn parse_query(text: &str) -> Result<Vec<Gpu>, String> {
+    let na = |v: &str| v.starts_with('[') || v.eq_ignore_ascii_case("n/a") || v.is_empty();
+    let mut gpus = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        if f.len() < 2 || f[0].parse::<u32>().is_err() {
+            return Err(format!("nvidia-smi printed an unreadable line: {line:?}"));
+        }
+        let flag = |i: usize| match f.get(i).copied() {
+            Some("Yes") => Some(true),
+            Some("No") => Some(false),
+            _ => None,
+        };
+        gpus.push(Gpu {
+            bus: f[1].to_string(),
+            ecc_uncorrected: f.get(2).filter(|v| !na(v)).and_then(|v| v.parse().ok()),
+            retirement_pending: flag(3),
+            remap_pending: flag(4),
+            remap_failed: flag(5),
+        });
+    }
+    Ok(gpus)
+}
+
+/// The count and memory checks on what the query listed. `memory`: the
+/// memory fields were queried (a driver that knows them).
+pub fn judge(gpus: &[Gpu], expected: Option<u32>, memory: bool) -> Outcome {
+    let listed = u32::try_from(gpus.len()).unwrap_or(u32::MAX);
+    let mut out = match expected {
+        Some(n) if listed != n => Outcome::fail(
+            "gpu_count",
+            format!("{listed} GPU(s) listed by nvidia-smi, {n} expected"),
+            true,
+        ),
+        None if listed == 0 => {
+            Outcome::fail("gpu_count", "no GPU listed by nvidia-smi".into(), true)
+        }
+        _ => Outcome::pass("gpu_count"),
+    };
+    if memory {
+        let bad: Vec<String> = gpus
+            .iter()
+            .filter_map(|g| {
+                let mut why = Vec::new();
+                if let Some(n) = g.ecc_uncorrected.filter(|n| *n > 0) {
+                    why.push(format!("{n} uncorrectable ECC error(s)"));
+                }
+                if g.retirement_pending == Some(true) {
+                    why.push("a page retirement pending".to_string());
+                }
+                if g.remap_pending == Some(true) {
+                    why.push("a row remapping pending".to_string());
+                }
+                if g.remap_failed == Some(true) {
+                    why.push("a row remapping failure".to_string());
+                }
+                (!why.is_empty()).then(|| format!("GPU {}: {}", g.bus, why.join(", ")))
+            })
+            .collect();
+        out = out.and(if bad.is_empty() {
+            Outcome::pass("gpu_memory")
+        } else {
+            Outcome::fail("gpu_memory", bad.join("; "), true)
+        });
+    }
+    out
+}
+
+/// The Xid events in kernel log text (one record or line each): (Xid, the
+/// GPU's PCI address), from NVIDIA's form `NVRM: Xid (PCI:0000:00:1e): 79,
+/// pid=..., ...`; a `/dev/kmsg` record's `pri,seq,time,flags;` prefix is
+/// skipped.
+pub fn xids_in(text: &str) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(at) = line.find("NVRM: Xid (") else {
+            continue;
+        };
+        let rest = &line[at + "NVRM: Xid (".len()..];
+        let Some((inside, after)) = rest.split_once("): ") else {
+            continue;
+        };
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        if let Ok(code) = digits.parse() {
+            let bus = inside.split_whitespace().next().unwrap_or(inside);
+            out.push((code, bus.trim_start_matches("PCI:").to_string()));
+        }
+    }
+    out
+}
+
+/// The Xid check on the events seen since boot.
+pub fn judge_xids(seen: &[(u32, String)]) -> Outcome {
+    let fatal: Vec<String> = seen
+        .iter()
+        .filter_map(|(code, bus)| {
+            FATAL_XIDS
+                .iter()
+                .find(|(c, _)| c == code)
+                .map(|(c, what)| format!("Xid {c} on GPU {bus} ({what})"))
+        })
+        .collect();
+    if fatal.is_empty() {
+        Outcome::pass("gpu_xid")
+    } else {
+        Outcome::fail("gpu_xid", fatal.join("; "), true)
+    }
+}
+
+/// The kernel log, read from where the last check stopped: `/dev/kmsg`
+/// gives each opener the records from the oldest kept, then only new ones,
+/// one record per read. Opened without blocking: a read with nothing new
+/// answers at once.
+struct KernelLog {
+    path: PathBuf,
+    reader: Option<std::io::BufReader<std::fs::File>>,
+    /// Xid events seen since boot (only fatal ones kept: the list is
+    /// bounded by the catalogue, not by the log).
+    fatal: Vec<(u32, String)>,
+    /// Could not be read: said once, and the Xid check left out.
+    unreadable: Option<String>,
+}
+
+impl KernelLog {
+    fn read_new(&mut self) -> Result<(), String> {
+        if self.reader.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.path)
+                .map_err(|e| format!("{}: {e}", self.path.display()))?;
+            self.reader = Some(std::io::BufReader::new(f));
+        }
+        let Some(r) = self.reader.as_mut() else {
+            return Ok(());
+        };
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {
+                    for x in xids_in(&line) {
+                        if FATAL_XIDS.iter().any(|(c, _)| *c == x.0) && !self.fatal.contains(&x) {
+                            self.fatal.push(x);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                // /dev/kmsg: records were overwritten since the last read;
+                // the next read goes on from the oldest kept.
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+                // Not UTF-8: the record is skipped.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => continue,
+                Err(e) => return Err(format!("{}: {e}", self.path.display())),
+            }
+        }
+    }
+}
+
+/// Where the kernel's messages are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelSource {
+    /// `journalctl -k -b`: the journal's copy, from where the last read
+    /// stopped (its cursor).
+    Journal,
+    /// A file of `/dev/kmsg` records (or plain lines), read on from where
+    /// the last read stopped.
+    File(PathBuf),
+}
+
+impl KernelSource {
+    /// `health.kernel_log`: `journal`, a path, or empty for none.
+    pub fn of(setting: &str) -> Option<KernelSource> {
+        match setting.trim() {
+            "" => None,
+            "journal" => Some(KernelSource::Journal),
+            path => Some(KernelSource::File(PathBuf::from(path))),
+        }
+    }
+}
+
+/// The Xid events in `journalctl -o cat --show-cursor` output, and the
+/// cursor it ends with (`-- cursor: s=...`), if any.
+pub fn journal_read(text: &str) -> (Vec<(u32, String)>, Option<String>) {
+    let mut cursor = None;
+    let mut xids = Vec::new();
+    for line in text.lines() {
+        match line.strip_prefix("-- cursor: ") {
+            Some(c) => cursor = Some(c.trim().to_string()),
+            None => xids.extend(xids_in(line)),
+        }
+    }
+    (xids, cursor)
+}
+
+/// The journal's kernel messages since the last read: the fatal Xids seen
+/// since boot, kept across reads.
+struct Journal {
+    cursor: Option<String>,
+    fatal: Vec<(u32, String)>,
+    warned: bool,
+}
+
+/// The GPU checks of one instance.
+pub struct GpuCheck {
+    pub nvidia_smi: PathBuf,
+    pub expected: Option<u32>,
+    /// [`SMI_TIMEOUT`]; shorter in tests.
+    pub timeout: Duration,
+    log: Option<Arc<Mutex<KernelLog>>>,
+    journal: Option<tokio::sync::Mutex<Journal>>,
+}
+
+impl GpuCheck {
+    /// `kernel_log`: where Xid events are read (`None`: no Xid check).
+    pub fn new(
+        nvidia_smi: PathBuf,
+        expected: Option<u32>,
+        kernel_log: Option<KernelSource>,
+    ) -> GpuCheck {
+        let (file, journal) = match kernel_log {
+            None => (None, None),
+            Some(KernelSource::Journal) => (
+                None,
+                Some(tokio::sync::Mutex::new(Journal {
+                    cursor: None,
+                    fatal: Vec::new(),
+                    warned: false,
+                })),
+            ),
+            Some(KernelSource::File(p)) => (Some(p), None),
+        };
+        GpuCheck {
+            nvidia_smi,
+            expected,
+            timeout: SMI_TIMEOUT,
+            journal,
+            log: file.map(|path| {
+                Arc::new(Mutex::new(KernelLog {
+                    path,
+                    reader: None,
+                    fatal: Vec::new(),
+                    unreadable: None,
+                }))
+            }),
+        }
+    }
+
+    /// Runs `nvidia-smi` with `query`: its output, or why it failed.
+    async fn query(&self, query: &str) -> Result<String, String> {
+        let mut cmd = tokio::process::Command::new(&self.nvidia_smi);
+        cmd.arg(format!("--query-gpu={query}"))
+            .arg("--format=csv,noheader,nounits")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        crate::jobuser::without_capabilities(&mut cmd);
+        let smi = self.nvidia_smi.display();
+        match tokio::time::timeout(self.timeout, cmd.output()).await {
+            Err(_) => Err(format!(
+                "nvidia-smi did not answer within {:?} (a hung driver)",
+                self.timeout
+            )),
+            Ok(Err(e)) => Err(format!("{smi}: cannot start: {e}")),
+            Ok(Ok(o)) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
+            Ok(Ok(o)) => {
+                let said = [o.stdout.as_slice(), o.stderr.as_slice()]
+                    .iter()
+                    .flat_map(|b| {
+                        String::from_utf8_lossy(b)
+                            .lines()
+                            .map(str::to_string)
+                            .collect::<Vec<_>>()
+                    })
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or_default();
+                Err(format!(
+                    "nvidia-smi exited with {}: {}",
+                    o.status,
+                    said.trim()
+                ))
+            }
+        }
+    }
+
+    async fn smi(&self) -> Outcome {
+        let (text, memory) = match self.query(QUERY).await {
+            Ok(t) => (t, true),
+            // An older driver that does not know a memory field: the count
+            // still counts, the memory check is left out.
+            Err(e) if e.contains("is not a valid field") => match self.query(QUERY_BASIC).await {
+                Ok(t) => (t, false),
+                Err(e) => return Outcome::fail("gpu_answers", e, true),
+            },
+            Err(e) => return Outcome::fail("gpu_answers", e, true),
+        };
+        match parse_query(&text) {
+            Ok(gpus) => Outcome::pass("gpu_answers").and(judge(&gpus, self.expected, memory)),
+            Err(e) => Outcome::fail("gpu_answers", e, true),
+        }
+    }
+
+    /// The journal's kernel messages since the last read.
+    async fn journal_xids(&self, j: &tokio::sync::Mutex<Journal>) -> Outcome {
+        let mut j = j.lock().await;
+        let mut cmd = tokio::process::Command::new("journalctl");
+        cmd.args(["-k", "-b", "-o", "cat", "--no-pager", "--show-cursor"]);
+        if let Some(c) = &j.cursor {
+            cmd.arg(format!("--after-cursor={c}"));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        crate::jobuser::without_capabilities(&mut cmd);
+        let why = match tokio::time::timeout(self.timeout, cmd.output()).await {
+            Ok(Ok(o)) if o.status.success() => {
+                let (xids, cursor) = journal_read(&String::from_utf8_lossy(&o.stdout));
+                for x in xids {
+                    if FATAL_XIDS.iter().any(|(c, _)| *c == x.0) && !j.fatal.contains(&x) {
+                        j.fatal.push(x);
+                    }
+                }
+                if cursor.is_some() {
+                    j.cursor = cursor;
+                }
+                return judge_xids(&j.fatal);
+            }
+            Ok(Ok(o)) => format!(
+                "journalctl exited with {}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+            ),
+            Ok(Err(e)) => format!("journalctl: cannot start: {e}"),
+            Err(_) => format!("journalctl did not answer within {:?}", self.timeout),
+        };
+        if !j.warned {
+            j.warned = true;
+            tracing::warn!(error = %why, "cannot read the kernel's messages: the Xid check is left out (group systemd-journal, or health.kernel_log)");
+        }
+        // Events already seen still count.
+        if j.fatal.is_empty() {
+            Outcome::default()
+        } else {
+            judge_xids(&j.fatal)
+        }
+    }
+
+    async fn xids(&self) -> Outcome {
+        if let Some(j) = &self.journal {
+            return self.journal_xids(j).await;
+        }
+        let Some(log) = self.log.clone() else {
+            return Outcome::default();
+        };
+        // Reading a file: off the runtime's threads.
+        let read = tokio::task::spawn_blocking(move || {
+            let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+            match l.read_new() {
+                Ok(()) => Ok(l.fatal.clone()),
+                Err(e) => {
+                    if l.unreadable.is_none() {
+                        tracing::warn!(error = %e, "cannot read the kernel log: the Xid check is left out (health.kernel_log)");
+                    }
+                    l.unreadable = Some(e.clone());
+                    Err(e)
+                }
+            }
+        })
+        .await;
+        match read {
+            Ok(Ok(fatal)) => judge_xids(&fatal),
+            _ => Outcome::default(),
+        }
+    }
+}
+
+/// The GPU checks `health` asks for on an instance of `instance_type`:
+/// `None` when `gpu = "off"`, or `auto` finds no `nvidia-smi`.
+pub fn from_config(
+    h: &crate::config::HealthConfig,
+    instance_type: Option<&str>,
+) -> Option<GpuCheck> {
+    use crate::config::GpuMode;
+    let found =
+        crate::worker::program_ready(&h.nvidia_smi, std::env::var_os("PATH").as_deref()).is_ok();
+    match h.gpu {
+        GpuMode::Off => return None,
+        GpuMode::Auto if !found => {
+            tracing::info!(nvidia_smi = %h.nvidia_smi, "no nvidia-smi: the GPU checks are off (health.gpu = \"auto\")");
+            return None;
+        }
+        _ => {}
+    }
+    let expected = h
+        .gpu_count
+        .or_else(|| instance_type.and_then(expected_gpus));
+    if expected.is_none() {
+        tracing::warn!(instance_type = instance_type.unwrap_or("unknown"), "the GPU count is not checked (an instance type of no known family): set health.gpu_count");
+    }
+    Some(GpuCheck::new(
+        PathBuf::from(&h.nvidia_smi),
+        expected,
+        KernelSource::of(&h.kernel_log),
+    ))
+}
+
+impl HealthCheck for GpuCheck {
+    fn check(&self) -> CheckFuture<'_> {
+        Box::pin(async move { self.smi().await.and(self.xids().await) })
+    }
+}
+
+#[cfg(test)]
+#[path = "gpu_tests.rs"]
+mod tests;
