@@ -206,6 +206,19 @@ pub trait Cloud: Send + Sync {
         enabled: bool,
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
     fn put_metric(&self, m: &MetricValue) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Several data points (one `PutMetricData` per region and namespace
+    /// where the SDK is used; one by one here).
+    fn put_metrics(
+        &self,
+        points: &[MetricValue],
+    ) -> impl Future<Output = Result<(), CloudError>> + Send {
+        async move {
+            for p in points {
+                self.put_metric(p).await?;
+            }
+            Ok(())
+        }
+    }
     /// `ReceiveMessage` of at most one message, in flight for `visibility`
     /// seconds: the lease's token ([`crate::lease`]). `attempt` is the
     /// FIFO receive-request attempt id, so that a retried call answers the
@@ -806,7 +819,7 @@ impl Cloud for SdkCloud {
             let mut d = MetricDatum::builder()
                 .metric_name(&m.name)
                 .value(m.value)
-                .unit(StandardUnit::Count);
+                .unit(StandardUnit::from(m.unit));
             for (k, v) in &m.dimensions {
                 d = d.dimensions(Dimension::builder().name(k).value(v).build());
             }
@@ -819,6 +832,47 @@ impl Cloud for SdkCloud {
                 .map_err(|e| err(OP, &m.region, e))
         })
         .await
+    }
+
+    async fn put_metrics(&self, points: &[MetricValue]) -> Result<(), CloudError> {
+        const OP: &str = "PutMetricData";
+        // PutMetricData takes up to 1000 data points a call (CloudWatch API
+        // Reference, `MetricData`), of one namespace, in one region.
+        let mut by: BTreeMap<(&str, &str), Vec<&MetricValue>> = BTreeMap::new();
+        for p in points {
+            by.entry((p.region.as_str(), p.namespace.as_str()))
+                .or_default()
+                .push(p);
+        }
+        for ((region, namespace), points) in by {
+            let c = self.clients(OP, region)?;
+            for chunk in points.chunks(1000) {
+                let data: Vec<MetricDatum> = chunk
+                    .iter()
+                    .map(|m| {
+                        let mut d = MetricDatum::builder()
+                            .metric_name(&m.name)
+                            .value(m.value)
+                            .unit(StandardUnit::from(m.unit));
+                        for (k, v) in &m.dimensions {
+                            d = d.dimensions(Dimension::builder().name(k).value(v).build());
+                        }
+                        d.build()
+                    })
+                    .collect();
+                bounded(OP, region, async {
+                    c.cw.put_metric_data()
+                        .namespace(namespace)
+                        .set_metric_data(Some(data))
+                        .send()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| err(OP, region, e))
+                })
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn receive_one(

@@ -55,6 +55,28 @@ pub struct LinkReport {
     pub mode: &'static str,
     pub group: FallbackGroup,
     pub plan: Plan,
+    /// The codes of the capacity failures of the group before that this
+    /// decision saw first (its memory did not have them), one per failure.
+    pub new_failures: Vec<String>,
+}
+
+/// The capacity failures among `launches` that `after` remembers and
+/// `before` did not: each counted once, by its code.
+fn new_failures(launches: &[Launch], before: &Memory, after: &Memory) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    launches
+        .iter()
+        .filter_map(|l| match &l.kind {
+            reconcile::LaunchKind::CapacityFailure(code) => Some((l.activity_id.as_str(), code)),
+            _ => None,
+        })
+        .filter(|(id, _)| {
+            !before.failures.iter().any(|f| f.id == *id)
+                && after.failures.iter().any(|f| f.id == *id)
+                && seen.insert(*id)
+        })
+        .map(|(_, code)| code.clone())
+        .collect()
 }
 
 /// One reading of every group, in cascade order (0: the primary), each as
@@ -425,6 +447,12 @@ impl<C: Cloud> Controller<C> {
             Ok(()) => metrics.push(mode_point),
             Err(e) => errors.push(e.to_string()),
         }
+        // The dashboard's, in the control plane's region, in one call.
+        let fleet = self.fleet_points(groups, &reconcile);
+        match self.cloud.put_metrics(&fleet).await {
+            Ok(()) => metrics.extend(fleet),
+            Err(e) => errors.push(e.to_string()),
+        }
         let raised_from_zero = match depth {
             Some((visible, _)) => self.scale_from_zero(visible, &reconcile, groups).await,
             None => Vec::new(),
@@ -436,6 +464,49 @@ impl<C: Cloud> Controller<C> {
             raised_from_zero,
             cron,
         })
+    }
+
+    /// What the dashboard shows that CloudWatch does not have in the
+    /// control plane's region: each group's instances and gate as read
+    /// this tick, each link's mode, the new capacity failures by code.
+    fn fleet_points(&self, groups: &Groups, report: &Report) -> Vec<MetricValue> {
+        use crate::metrics::{self as m, fleet_point};
+        let cfg = &self.cfg;
+        let mut out = Vec::new();
+        for (at, g) in cfg.groups().zip(groups) {
+            let Ok(g) = g else { continue };
+            for (name, v) in [
+                (m::GROUP_IN_SERVICE, g.in_service),
+                (m::GROUP_PENDING, g.pending),
+                (m::GROUP_DESIRED, g.desired),
+                (m::GROUP_MAX_SIZE, g.max),
+            ] {
+                out.push(fleet_point(cfg, name, at, f64::from(v), "Count"));
+            }
+        }
+        for (i, l) in report.links.iter().enumerate() {
+            let code = match l.mode {
+                "failed-over" => 1.0,
+                "failing-back" => 2.0,
+                _ => 0.0,
+            };
+            out.push(fleet_point(
+                cfg,
+                m::LINK_MODE,
+                (&l.region, &l.asg),
+                code,
+                "None",
+            ));
+            let mut by_code: std::collections::BTreeMap<&str, usize> = Default::default();
+            for c in &l.new_failures {
+                *by_code.entry(c.as_str()).or_default() += 1;
+            }
+            let upstream = cfg.groups().nth(i).map_or("", |(_, g)| g);
+            for (c, n) in by_code {
+                out.push(m::failures_point(cfg, upstream, c, n));
+            }
+        }
+        out
     }
 
     /// Enqueues the periodic tasks that are due ([`crate::cron::due`]).
@@ -932,6 +1003,7 @@ impl<C: Cloud> Controller<C> {
                         mode: plan.memory.mode.as_str(),
                         group: fallbacks[i],
                         plan: plan.clone(),
+                        new_failures: new_failures(&by_group[i], &memories[i], &plan.memory),
                     })
                     .collect(),
                 unreadable,

@@ -1136,3 +1136,100 @@ async fn a_tick_that_fails_over_keeps_the_shortfall_it_handed_and_raises_no_grou
     assert!(r.raised_from_zero.is_empty());
     assert_eq!(c.cloud.group_of("us-east-1", "gpu-east-1").desired, 5);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_tick_publishes_what_the_dashboard_shows_and_a_failure_once() {
+    let c = controller();
+    let failure = crate::events::Activity {
+        id: "a1".into(),
+        status_code: "Failed".into(),
+        status_message: ICE.into(),
+        start: Some(start()),
+        end: Some(start()),
+        description: "Launching a new EC2 instance. Status Reason: ...".into(),
+        details: String::new(),
+    };
+    c.cloud
+        .lock()
+        .activities
+        .insert(("us-east-1".into(), "gpu-east-1".into()), vec![failure]);
+    c.tick(Vec::new()).await.unwrap();
+    let points = c.cloud.lock().metrics.clone();
+    let value = |name: &str, dims: &[(&str, &str)]| -> Vec<f64> {
+        points
+            .iter()
+            .filter(|p| {
+                p.name == name
+                    && p.dimensions.len() == dims.len()
+                    && dims
+                        .iter()
+                        .all(|(k, v)| p.dimensions.iter().any(|(a, b)| a == k && b == v))
+            })
+            .map(|p| p.value)
+            .collect()
+    };
+    let g = |group: &'static str, region: &'static str| {
+        [("AutoScalingGroupName", group), ("Region", region)]
+    };
+    // In the control plane's region, every group's reading and each link's mode.
+    assert_eq!(
+        value("GroupInService", &g("gpu-east-1", "us-east-1")),
+        [2.0]
+    );
+    assert_eq!(value("GroupDesired", &g("gpu-east-1", "us-east-1")), [3.0]);
+    assert_eq!(
+        value("GroupMaxSize", &g("gpu-east-2", "us-east-2")),
+        [0.0],
+        "as read, before the gate opened"
+    );
+    assert_eq!(
+        value("LinkMode", &g("gpu-east-2", "us-east-2")),
+        [1.0],
+        "failed over"
+    );
+    assert_eq!(
+        value(
+            "CapacityFailures",
+            &[
+                ("AutoScalingGroupName", "gpu-east-1"),
+                ("Code", "InsufficientInstanceCapacity")
+            ]
+        ),
+        [1.0]
+    );
+    let dashboard: Vec<_> = points
+        .iter()
+        .filter(|p| p.name != "BacklogPerInstance" && p.name != "FailedOver")
+        .collect();
+    assert!(
+        dashboard.iter().all(|p| p.region == "us-east-1"),
+        "{dashboard:?}"
+    );
+    let units: std::collections::BTreeSet<&str> = dashboard.iter().map(|p| p.unit).collect();
+    assert_eq!(units.into_iter().collect::<Vec<_>>(), ["Count", "None"]);
+    // Every point is in the published list (what the dashboard may show),
+    // and every entry of the list is published.
+    for p in &points {
+        let dims: Vec<&str> = p.dimensions.iter().map(|d| d.0.as_str()).collect();
+        assert!(
+            crate::metrics::PUBLISHED
+                .iter()
+                .any(|(n, d)| *n == p.name && d.to_vec() == dims),
+            "{} {dims:?} is not in metrics::PUBLISHED",
+            p.name
+        );
+    }
+    for (n, _) in crate::metrics::PUBLISHED {
+        assert!(points.iter().any(|p| p.name == *n), "{n} never published");
+    }
+    // The same activity read again next tick is not a new failure.
+    c.cloud.lock().metrics.clear();
+    tokio::time::advance(std::time::Duration::from_secs(60)).await;
+    c.tick(Vec::new()).await.unwrap();
+    assert!(c
+        .cloud
+        .lock()
+        .metrics
+        .iter()
+        .all(|p| p.name != "CapacityFailures"));
+}

@@ -21,6 +21,75 @@ pub struct MetricValue {
     /// (name, value); `AutoScalingGroupName` = the group.
     pub dimensions: Vec<(String, String)>,
     pub value: f64,
+    /// CloudWatch's unit: `Count`, or `None` for a code (the link mode).
+    pub unit: &'static str,
+}
+
+/// The failover mode of each link (fallback group): 0 normal, 1 failed
+/// over, 2 failing back; published in the control plane's region (the
+/// primary's, where the dashboard lives), dimensions `AutoScalingGroupName`
+/// and `Region` of the fallback.
+pub const LINK_MODE: &str = "LinkMode";
+/// Each group's instances, as the controller read them this tick, in the
+/// control plane's region (AWS/AutoScaling has them only in each group's
+/// own region, and only with group metrics collection on).
+pub const GROUP_IN_SERVICE: &str = "GroupInService";
+pub const GROUP_PENDING: &str = "GroupPending";
+pub const GROUP_DESIRED: &str = "GroupDesired";
+/// The gate: a fallback's MaxSize (the primary's too).
+pub const GROUP_MAX_SIZE: &str = "GroupMaxSize";
+/// New capacity failures seen this tick, by the code AWS gave, of the
+/// group that failed (`AutoScalingGroupName`, `Code`).
+pub const CAPACITY_FAILURES: &str = "CapacityFailures";
+
+/// Every metric the controller publishes in its namespace, with its
+/// dimensions: what the dashboard may show (a test holds the template's
+/// dashboard to this list, another the controller's points).
+pub const PUBLISHED: &[(&str, &[&str])] = &[
+    ("BacklogPerInstance", &["AutoScalingGroupName"]),
+    (FAILED_OVER, &["AutoScalingGroupName"]),
+    (LINK_MODE, &["AutoScalingGroupName", "Region"]),
+    (GROUP_IN_SERVICE, &["AutoScalingGroupName", "Region"]),
+    (GROUP_PENDING, &["AutoScalingGroupName", "Region"]),
+    (GROUP_DESIRED, &["AutoScalingGroupName", "Region"]),
+    (GROUP_MAX_SIZE, &["AutoScalingGroupName", "Region"]),
+    (CAPACITY_FAILURES, &["AutoScalingGroupName", "Code"]),
+];
+
+/// A group's gauge for the dashboard, in the control plane's region.
+pub fn fleet_point(
+    cfg: &Config,
+    name: &str,
+    (region, group): (&str, &str),
+    value: f64,
+    unit: &'static str,
+) -> MetricValue {
+    MetricValue {
+        region: cfg.primary.region.clone(),
+        namespace: cfg.metric.namespace.clone(),
+        name: name.to_string(),
+        dimensions: vec![
+            ("AutoScalingGroupName".into(), group.to_string()),
+            ("Region".into(), region.to_string()),
+        ],
+        value,
+        unit,
+    }
+}
+
+/// New capacity failures of `group`, by code, in the control plane's region.
+pub fn failures_point(cfg: &Config, group: &str, code: &str, count: usize) -> MetricValue {
+    MetricValue {
+        region: cfg.primary.region.clone(),
+        namespace: cfg.metric.namespace.clone(),
+        name: CAPACITY_FAILURES.to_string(),
+        dimensions: vec![
+            ("AutoScalingGroupName".into(), group.to_string()),
+            ("Code".into(), code.to_string()),
+        ],
+        value: count as f64,
+        unit: "Count",
+    }
 }
 
 /// 1 while the fallback is in use (failed over or failing back), 0 in
@@ -82,12 +151,135 @@ pub fn group_point(cfg: &Config, region: &str, group: &str, name: &str, value: f
         name: name.to_string(),
         dimensions: vec![("AutoScalingGroupName".into(), group.to_string())],
         value,
+        unit: "Count",
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The control template's dashboard body, its `${...}` filled in.
+    fn dashboard() -> serde_json::Value {
+        let t = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../packaging/cloudformation/spotguard-control.yaml"
+        ))
+        .unwrap();
+        let at = t.find("DashboardBody: !Sub |").expect("a dashboard");
+        let body: Vec<&str> = t[at..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.is_empty() || l.starts_with("        "))
+            .collect();
+        let mut text = body.join("\n");
+        for (k, v) in [
+            ("${AWS::Region}", "us-east-1"),
+            ("${JobQueue.QueueName}", "jobs"),
+            ("${DeadLetterQueue.QueueName}", "jobs-dlq"),
+            ("${PrimaryGroupName}", "gpu"),
+            ("${Controller}", "controller"),
+            ("${DashboardBacklogTarget}", "20"),
+        ] {
+            text = text.replace(k, v);
+        }
+        assert!(!text.contains("${"), "a substitution left: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// (namespace, name, dimension names) of every metric the dashboard
+    /// shows, SEARCH expressions included.
+    fn shown(d: &serde_json::Value) -> Vec<(String, String, Vec<String>)> {
+        let mut out = Vec::new();
+        for w in d["widgets"].as_array().unwrap() {
+            for m in w["properties"]["metrics"].as_array().unwrap() {
+                let m = m.as_array().unwrap();
+                if let Some(e) = m[0]["expression"].as_str() {
+                    // SEARCH('{ns,dim,...} MetricName="X"', ...)
+                    let inner = &e[e.find("'{").unwrap() + 2..];
+                    let (schema, rest) = inner.split_once('}').unwrap();
+                    let mut parts = schema.split(',').map(str::to_string);
+                    let ns = parts.next().unwrap();
+                    let name = rest.split('"').nth(1).unwrap().to_string();
+                    out.push((ns, name, parts.collect()));
+                    continue;
+                }
+                let strs: Vec<String> = m
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect();
+                let dims = strs[2..].iter().step_by(2).cloned().collect();
+                out.push((strs[0].clone(), strs[1].clone(), dims));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_dashboard_shows_only_what_is_published_and_all_the_issue_asks() {
+        let d = dashboard();
+        let shown = shown(&d);
+        let aws: &[(&str, &str, &[&str])] = &[
+            (
+                "AWS/SQS",
+                "ApproximateNumberOfMessagesVisible",
+                &["QueueName"],
+            ),
+            (
+                "AWS/SQS",
+                "ApproximateNumberOfMessagesNotVisible",
+                &["QueueName"],
+            ),
+            ("AWS/SQS", "ApproximateAgeOfOldestMessage", &["QueueName"]),
+            ("AWS/Lambda", "Errors", &["FunctionName"]),
+            ("AWS/Lambda", "Throttles", &["FunctionName"]),
+        ];
+        for (ns, name, dims) in &shown {
+            let ok = if ns == "spotguard" {
+                PUBLISHED
+                    .iter()
+                    .any(|(n, d)| n == name && d.to_vec() == *dims)
+            } else {
+                aws.iter()
+                    .any(|(a, n, d)| a == ns && n == name && d.to_vec() == *dims)
+            };
+            assert!(
+                ok,
+                "the dashboard shows {ns} {name} {dims:?}, which nothing publishes so"
+            );
+        }
+        // What the fleet's users asked to see: backlog and its age, backlog
+        // per instance, InService and pending per group, each link's mode,
+        // failures by code, the dead-letter queue, the controller's errors.
+        for name in [
+            "ApproximateNumberOfMessagesVisible",
+            "ApproximateAgeOfOldestMessage",
+            "BacklogPerInstance",
+            GROUP_IN_SERVICE,
+            GROUP_PENDING,
+            LINK_MODE,
+            CAPACITY_FAILURES,
+            "Errors",
+        ] {
+            assert!(
+                shown.iter().any(|s| s.1 == name),
+                "{name} not on the dashboard"
+            );
+        }
+        let dlq = d.to_string().contains("\"QueueName\",\"jobs-dlq\"");
+        assert!(dlq, "the dead-letter queue");
+        // The widgets tile the 24-column grid without overlapping.
+        let mut cells = std::collections::BTreeSet::new();
+        for w in d["widgets"].as_array().unwrap() {
+            let f = |k: &str| w[k].as_u64().unwrap();
+            assert!(f("x") + f("width") <= 24, "{w}");
+            for x in f("x")..f("x") + f("width") {
+                for y in f("y")..f("y") + f("height") {
+                    assert!(cells.insert((x, y)), "widgets overlap at ({x}, {y})");
+                }
+            }
+        }
+    }
 
     fn cfg(in_flight: bool) -> Config {
         let mut c = Config::parse(

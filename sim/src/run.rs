@@ -945,6 +945,7 @@ async fn publish_simple(cloud: &SimCloud, s: &Scenario, queue: &MemQueue, fallba
             name: METRIC.into(),
             dimensions: vec![("AutoScalingGroupName".into(), PRIMARY.into())],
             value: v,
+            unit: "Count",
         };
         let _ = cloud.put_metric(&m).await;
     }
@@ -955,6 +956,7 @@ async fn publish_simple(cloud: &SimCloud, s: &Scenario, queue: &MemQueue, fallba
             name: SEED_METRIC.into(),
             dimensions: vec![("AutoScalingGroupName".into(), FALLBACK.into())],
             value: visible as f64,
+            unit: "Count",
         };
         let _ = cloud.put_metric(&m).await;
     }
