@@ -9,10 +9,11 @@
 //! - **Answers**: `nvidia-smi` answers within [`SMI_TIMEOUT`] and succeeds;
 //!   a hung driver is the commonest GPU failure of all.
 //! - **Memory**: no uncorrectable (volatile) ECC error, no page retirement
-//!   or row remapping pending, no row remapping failure. NVIDIA's A100
-//!   "GPU memory error management": a pending retirement or remapping takes
-//!   effect only at the next GPU reset, and a remapping failure means the
-//!   GPU should be serviced.
+//!   pending, no row remapping failure, and no field reading an error of
+//!   the GPU's own (`[Unknown Error]`). NVIDIA's "GPU memory error
+//!   management": a pending retirement takes effect only at the next reset,
+//!   and a remapping failure means the GPU should be serviced; a remapping
+//!   *pending* does not affect new work (NVML) and passes.
 //! - **Xid**: no Xid event since boot among those NVIDIA's "Xid Errors"
 //!   catalogue resolves by resetting or replacing the GPU ([`FATAL_XIDS`]),
 //!   read from the kernel's messages as the agent's user can, without a
@@ -34,8 +35,15 @@ use crate::health::{CheckFuture, HealthCheck, Outcome};
 
 /// `nvidia-smi` answers a query in well under a second with the driver
 /// loaded and persistence mode on, and in a few seconds per GPU without
-/// it: 20 s is a hung driver, and well under the 60 s `health.interval`.
+/// it: 20 s is a hung driver (or eight GPUs initialised cold), and well
+/// under the 60 s `health.interval`.
 pub const SMI_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `nvidia-smi` failing this many checks in a row (3 minutes at the
+/// default interval) is a GPU or driver gone for good; fewer close intake
+/// only while they last (a slow first query without persistence mode, a
+/// check racing the driver's start).
+pub const SMI_FAILURES_LASTING: u32 = 3;
 
 /// The query: one CSV line per GPU.
 pub const QUERY: &str = "index,pci.bus_id,ecc.errors.uncorrected.volatile.total,retired_pages.pending,remapped_rows.pending,remapped_rows.failure";
@@ -43,11 +51,15 @@ pub const QUERY: &str = "index,pci.bus_id,ecc.errors.uncorrected.volatile.total,
 pub const QUERY_BASIC: &str = "index,pci.bus_id";
 
 /// Xid events after which the GPU is not fit for jobs until it is reset or
-/// replaced (NVIDIA, "Xid Errors" and the A100 "GPU memory error
-/// management" guide). Application faults (13, 31, 43, 45) and a recorded
-/// remapping (63) are not among them: the next job may well run.
+/// replaced (NVIDIA, "Xid Errors" and "GPU memory error management").
+/// Application faults (13, 31, 43, 45) and a recorded remapping (63) are
+/// not among them: the next job may well run. 94 (a contained ECC error) is
+/// borderline: NVIDIA restarts the application and resets the GPU "at the
+/// earliest convenience"; counted, as the issue asks, since jobs here are
+/// the applications.
 pub const FATAL_XIDS: &[(u32, &str)] = &[
     (48, "double-bit (uncorrectable) ECC error"),
+    (62, "internal micro-controller halt"),
     (
         64,
         "ECC page retirement or row remapping could not be recorded",
@@ -58,6 +70,10 @@ pub const FATAL_XIDS: &[(u32, &str)] = &[
     (95, "uncontained ECC error"),
     (119, "GSP RPC timeout"),
     (120, "GSP error"),
+    (140, "unrecovered ECC error"),
+    // The driver's own verdict: a recovery action (GPU reset, node reboot)
+    // required; one that goes back to "None" is not counted.
+    (154, "the driver asks for a GPU reset or a reboot"),
 ];
 
 /// The GPUs of an instance type (Amazon EC2 accelerated computing instance
@@ -65,19 +81,24 @@ pub const FATAL_XIDS: &[(u32, &str)] = &[
 /// other (the count is then checked only against `health.gpu_count`).
 pub fn expected_gpus(instance_type: &str) -> Option<u32> {
     let (family, size) = instance_type.split_once('.')?;
+    // Exact sizes only: a size guessed wrong makes every such instance
+    // unhealthy (p5.4xlarge has one H100, p5.48xlarge eight).
     let n = match (family, size) {
+        ("g4dn", "xlarge" | "2xlarge" | "4xlarge" | "8xlarge" | "16xlarge") => 1,
         ("g4dn", "12xlarge") => 4,
         ("g4dn", "metal") => 8,
-        ("g4dn", _) => 1,
+        ("g5" | "g6" | "g6e", "xlarge" | "2xlarge" | "4xlarge" | "8xlarge" | "16xlarge") => 1,
         ("g5" | "g6" | "g6e", "12xlarge" | "24xlarge") => 4,
         ("g5" | "g6" | "g6e", "48xlarge") => 8,
-        ("g5" | "g6" | "g6e", _) => 1,
+        ("g5g", "xlarge" | "2xlarge" | "4xlarge" | "8xlarge") => 1,
         ("g5g", "16xlarge" | "metal") => 2,
-        ("g5g", _) => 1,
         ("p3", "2xlarge") => 1,
         ("p3", "8xlarge") => 4,
         ("p3", "16xlarge") => 8,
-        ("p3dn" | "p4d" | "p4de" | "p5" | "p5e" | "p5en", _) => 8,
+        ("p3dn", "24xlarge") => 8,
+        ("p4d" | "p4de", "24xlarge") => 8,
+        ("p5", "4xlarge") => 1,
+        ("p5" | "p5e" | "p5en", "48xlarge") => 8,
         _ => return None,
     };
     Some(n)
@@ -95,26 +116,39 @@ pub struct Gpu {
 }
 
 /// `nvidia-smi --query-gpu=QUERY --format=csv,noheader,nounits` output;
-/// with [`QUERY_BASIC`] only the first two fields are there.
+/// with [`QUERY_BASIC`] only the first two fields are there. A field the
+/// GPU does not have reads `[N/A]` or `[Not Supported]`; any other value
+/// than a number (or Yes/No) is the GPU's own error (`[Unknown Error]`,
+/// `[GPU requires reset]`), and an error here.
 pub fn parse_query(text: &str) -> Result<Vec<Gpu>, String> {
-    let na = |v: &str| v.starts_with('[') || v.eq_ignore_ascii_case("n/a") || v.is_empty();
+    let na = |v: &str| matches!(v, "[N/A]" | "N/A" | "[Not Supported]" | "Not Supported");
     let mut gpus = Vec::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let f: Vec<&str> = line.split(',').map(str::trim).collect();
         if f.len() < 2 || f[0].parse::<u32>().is_err() {
             return Err(format!("nvidia-smi printed an unreadable line: {line:?}"));
         }
-        let flag = |i: usize| match f.get(i).copied() {
-            Some("Yes") => Some(true),
-            Some("No") => Some(false),
-            _ => None,
+        let bad = |i: usize| format!("GPU {}: field {} reads {:?}", f[1], i + 1, f[i]);
+        let flag = |i: usize| -> Result<Option<bool>, String> {
+            match f.get(i).copied() {
+                None => Ok(None),
+                Some(v) if na(v) => Ok(None),
+                Some("Yes") => Ok(Some(true)),
+                Some("No") => Ok(Some(false)),
+                Some(_) => Err(bad(i)),
+            }
+        };
+        let ecc = match f.get(2).copied() {
+            None => None,
+            Some(v) if na(v) => None,
+            Some(v) => Some(v.parse::<u64>().map_err(|_| bad(2))?),
         };
         gpus.push(Gpu {
             bus: f[1].to_string(),
-            ecc_uncorrected: f.get(2).filter(|v| !na(v)).and_then(|v| v.parse().ok()),
-            retirement_pending: flag(3),
-            remap_pending: flag(4),
-            remap_failed: flag(5),
+            ecc_uncorrected: ecc,
+            retirement_pending: flag(3)?,
+            remap_pending: flag(4)?,
+            remap_failed: flag(5)?,
         });
     }
     Ok(gpus)
@@ -146,9 +180,9 @@ pub fn judge(gpus: &[Gpu], expected: Option<u32>, memory: bool) -> Outcome {
                 if g.retirement_pending == Some(true) {
                     why.push("a page retirement pending".to_string());
                 }
-                if g.remap_pending == Some(true) {
-                    why.push("a row remapping pending".to_string());
-                }
+                // A remapping pending is not among them: NVML says it
+                // "won't affect future work on the GPU" (error containment
+                // and dynamic page blacklisting cover it until the reset).
                 if g.remap_failed == Some(true) {
                     why.push("a row remapping failure".to_string());
                 }
@@ -179,6 +213,10 @@ pub fn xids_in(text: &str) -> Vec<(u32, String)> {
             continue;
         };
         let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        // Xid 154 going back to no recovery action is the all-clear.
+        if digits == "154" && after.contains("to 0x0 (None)") {
+            continue;
+        }
         if let Ok(code) = digits.parse() {
             let bus = inside.split_whitespace().next().unwrap_or(inside);
             out.push((code, bus.trim_start_matches("PCI:").to_string()));
@@ -260,8 +298,8 @@ impl KernelLog {
 /// Where the kernel's messages are read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelSource {
-    /// `journalctl -k -b`: the journal's copy, from where the last read
-    /// stopped (its cursor).
+    /// `journalctl -k -b`: the journal's copy of this boot's kernel
+    /// messages, read whole each time.
     Journal,
     /// A file of `/dev/kmsg` records (or plain lines), read on from where
     /// the last read stopped.
@@ -293,10 +331,8 @@ pub fn journal_read(text: &str) -> (Vec<(u32, String)>, Option<String>) {
     (xids, cursor)
 }
 
-/// The journal's kernel messages since the last read: the fatal Xids seen
-/// since boot, kept across reads.
+/// The fatal Xids the journal has shown since boot, kept across reads.
 struct Journal {
-    cursor: Option<String>,
     fatal: Vec<(u32, String)>,
     warned: bool,
 }
@@ -307,6 +343,8 @@ pub struct GpuCheck {
     pub expected: Option<u32>,
     /// [`SMI_TIMEOUT`]; shorter in tests.
     pub timeout: Duration,
+    /// Checks in a row in which `nvidia-smi` did not answer.
+    smi_failures: std::sync::atomic::AtomicU32,
     log: Option<Arc<Mutex<KernelLog>>>,
     journal: Option<tokio::sync::Mutex<Journal>>,
 }
@@ -323,7 +361,6 @@ impl GpuCheck {
             Some(KernelSource::Journal) => (
                 None,
                 Some(tokio::sync::Mutex::new(Journal {
-                    cursor: None,
                     fatal: Vec::new(),
                     warned: false,
                 })),
@@ -334,6 +371,7 @@ impl GpuCheck {
             nvidia_smi,
             expected,
             timeout: SMI_TIMEOUT,
+            smi_failures: Default::default(),
             journal,
             log: file.map(|path| {
                 Arc::new(Mutex::new(KernelLog {
@@ -385,30 +423,49 @@ impl GpuCheck {
     }
 
     async fn smi(&self) -> Outcome {
-        let (text, memory) = match self.query(QUERY).await {
-            Ok(t) => (t, true),
+        use std::sync::atomic::Ordering;
+        let answered = match self.query(QUERY).await {
+            Ok(t) => Ok((t, true)),
             // An older driver that does not know a memory field: the count
             // still counts, the memory check is left out.
-            Err(e) if e.contains("is not a valid field") => match self.query(QUERY_BASIC).await {
-                Ok(t) => (t, false),
-                Err(e) => return Outcome::fail("gpu_answers", e, true),
-            },
-            Err(e) => return Outcome::fail("gpu_answers", e, true),
+            Err(e) if e.contains("is not a valid field") => {
+                self.query(QUERY_BASIC).await.map(|t| (t, false))
+            }
+            Err(e) => Err(e),
         };
+        let (text, memory) = match answered {
+            Ok(a) => a,
+            Err(e) => {
+                let n = self.smi_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                let lasting = n >= SMI_FAILURES_LASTING;
+                let why = if lasting {
+                    format!("{e} ({n} checks in a row)")
+                } else {
+                    e
+                };
+                return Outcome::fail("gpu_answers", why, lasting);
+            }
+        };
+        self.smi_failures.store(0, Ordering::Relaxed);
         match parse_query(&text) {
             Ok(gpus) => Outcome::pass("gpu_answers").and(judge(&gpus, self.expected, memory)),
+            // A field reading the GPU's own error: the GPU, not the tool.
+            Err(e) if e.starts_with("GPU ") => {
+                Outcome::pass("gpu_answers").and(Outcome::fail("gpu_memory", e, true))
+            }
             Err(e) => Outcome::fail("gpu_answers", e, true),
         }
     }
 
-    /// The journal's kernel messages since the last read.
+    /// The journal's kernel messages of this boot.
     async fn journal_xids(&self, j: &tokio::sync::Mutex<Journal>) -> Outcome {
         let mut j = j.lock().await;
+        // The whole boot's kernel messages each time (small), not from a
+        // cursor: with a match (-k) and a cursor whose entry was rotated
+        // away, systemd before 255 skips the first matching entry (systemd
+        // issue 30288; AL2023 ships 252, Ubuntu 22.04 249).
         let mut cmd = tokio::process::Command::new("journalctl");
-        cmd.args(["-k", "-b", "-o", "cat", "--no-pager", "--show-cursor"]);
-        if let Some(c) = &j.cursor {
-            cmd.arg(format!("--after-cursor={c}"));
-        }
+        cmd.args(["-k", "-b", "-o", "cat", "--no-pager"]);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -416,14 +473,11 @@ impl GpuCheck {
         crate::jobuser::without_capabilities(&mut cmd);
         let why = match tokio::time::timeout(self.timeout, cmd.output()).await {
             Ok(Ok(o)) if o.status.success() => {
-                let (xids, cursor) = journal_read(&String::from_utf8_lossy(&o.stdout));
+                let (xids, _) = journal_read(&String::from_utf8_lossy(&o.stdout));
                 for x in xids {
                     if FATAL_XIDS.iter().any(|(c, _)| *c == x.0) && !j.fatal.contains(&x) {
                         j.fatal.push(x);
                     }
-                }
-                if cursor.is_some() {
-                    j.cursor = cursor;
                 }
                 return judge_xids(&j.fatal);
             }
@@ -500,6 +554,12 @@ pub fn from_config(
     let expected = h
         .gpu_count
         .or_else(|| instance_type.and_then(expected_gpus));
+    // A GPU image on an instance of another type (nvidia-smi there, no GPU)
+    // is not a broken GPU: auto wants a GPU instance type, or a count.
+    if h.gpu == GpuMode::Auto && expected.is_none() {
+        tracing::info!(instance_type = instance_type.unwrap_or("unknown"), "not a GPU instance type spotguard knows and no health.gpu_count: the GPU checks are off (health.gpu = \"auto\")");
+        return None;
+    }
     if expected.is_none() {
         tracing::warn!(instance_type = instance_type.unwrap_or("unknown"), "the GPU count is not checked (an instance type of no known family): set health.gpu_count");
     }

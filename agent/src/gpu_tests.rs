@@ -19,6 +19,13 @@ fn expected_counts_by_instance_type() {
         ("p3.8xlarge", Some(4)),
         ("p4d.24xlarge", Some(8)),
         ("p5.48xlarge", Some(8)),
+        ("p5.4xlarge", Some(1)),
+        ("p5e.48xlarge", Some(8)),
+        ("p3dn.24xlarge", Some(8)),
+        ("g6e.12xlarge", Some(4)),
+        // Unknown sizes are not guessed.
+        ("p5.2xlarge", None),
+        ("g4dn.32xlarge", None),
         ("c5.large", None),
         ("g4dn", None),
     ] {
@@ -46,10 +53,25 @@ fn the_query_is_read_and_judged() {
     // No expectation: any GPU passes, none fails.
     assert!(judge(&gpus, None, true).ok());
     assert!(!judge(&[], None, true).ok());
+    // A remapping pending does not affect new work (NVML): it passes.
+    assert!(judge(
+        &parse_query("0, b, 0, [N/A], Yes, No").unwrap(),
+        Some(1),
+        true
+    )
+    .ok());
+    // A field reading the GPU's own error is an error, not "not available".
+    for line in [
+        "0, b, [Unknown Error], No, No, No",
+        "0, b, 0, [GPU requires reset], No, No",
+        "0, b, 0, No, No, Maybe",
+    ] {
+        let e = parse_query(line).unwrap_err();
+        assert!(e.starts_with("GPU b: field"), "{line}: {e}");
+    }
     for (line, why) in [
         ("0, b, 3, No, No, No", "3 uncorrectable ECC error(s)"),
         ("0, b, 0, Yes, [N/A], [N/A]", "a page retirement pending"),
-        ("0, b, [N/A], [N/A], Yes, No", "a row remapping pending"),
         ("0, b, 0, [N/A], No, Yes", "a row remapping failure"),
     ] {
         let o = judge(&parse_query(line).unwrap(), Some(1), true);
@@ -89,6 +111,11 @@ fn fatal_xids_fail_and_application_ones_do_not() {
         .contains("Xid 79 on GPU 0000:00:1e (the GPU has fallen off the bus)"));
     // An application's fault (13) and a recorded remapping (63) pass.
     assert!(judge_xids(&[(13, "a".into()), (63, "a".into())]).ok());
+    // The driver asking for a reset (154) fails; going back to None does not.
+    let reset = "NVRM: Xid (PCI:0000:00:1e): 154, GPU recovery action changed from 0x0 (None) to 0x1 (GPU Reset Required)\n";
+    assert!(!judge_xids(&xids_in(reset)).ok());
+    let clear = "NVRM: Xid (PCI:0000:00:1e): 154, GPU recovery action changed from 0x1 (GPU Reset Required) to 0x0 (None)\n";
+    assert!(xids_in(clear).is_empty());
 }
 
 /// The harness's fake `nvidia-smi`, linked into a directory of its own,
@@ -135,15 +162,29 @@ async fn the_check_over_a_fake_nvidia_smi() {
     assert!(o.failure.unwrap().contains("2 uncorrectable ECC error(s)"));
     let o = run("retire", "retire", 1, None).await;
     assert!(o.failure.unwrap().contains("a page retirement pending"));
-    let o = run("driver", "driver", 1, Some(1)).await;
-    assert_eq!(o.checks, [("gpu_answers", false)]);
-    assert!(o.lasting);
-    assert!(
-        o.failure
-            .unwrap()
-            .contains("couldn't communicate with the NVIDIA driver"),
-        "the driver's own words"
-    );
+    // The driver down: closes intake at once, lasting only on the third
+    // check in a row (a slow first query, a check racing the driver's start).
+    let c = GpuCheck::new(fake_smi("driver", "driver", 1), Some(1), None);
+    for n in 1..=3 {
+        let o = c.check().await;
+        assert_eq!(o.checks, [("gpu_answers", false)]);
+        assert_eq!(o.lasting, n == 3, "check {n}");
+        assert!(
+            o.failure
+                .unwrap()
+                .contains("couldn't communicate with the NVIDIA driver"),
+            "the driver's own words"
+        );
+    }
+    // An answer in between starts the count again.
+    let smi = fake_smi("flaky", "driver", 1);
+    let c = GpuCheck::new(smi.clone(), Some(1), None);
+    assert!(!c.check().await.lasting);
+    assert!(!c.check().await.lasting);
+    std::fs::write(smi.parent().unwrap().join("mode"), "healthy").unwrap();
+    assert!(c.check().await.ok());
+    std::fs::write(smi.parent().unwrap().join("mode"), "driver").unwrap();
+    assert!(!c.check().await.lasting, "the count started again");
     // A driver without the memory fields: counted, memory left out.
     let o = run("old", "old-driver", 2, Some(2)).await;
     assert!(o.ok(), "{o:?}");
@@ -152,6 +193,10 @@ async fn the_check_over_a_fake_nvidia_smi() {
         .check()
         .await;
     assert!(o.failure.unwrap().contains("cannot start"));
+    // A GPU error in a field: the memory check, lasting at once.
+    let o = run("gpuerr", "unknown-error", 1, Some(1)).await;
+    assert_eq!(o.checks, [("gpu_answers", true), ("gpu_memory", false)]);
+    assert!(o.lasting && o.failure.unwrap().contains("[Unknown Error]"));
 }
 
 #[tokio::test]
@@ -162,7 +207,10 @@ async fn a_hung_nvidia_smi_fails_at_the_bound() {
     let o = c.check().await;
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert_eq!(o.checks, [("gpu_answers", false)]);
-    assert!(o.lasting && o.failure.unwrap().contains("did not answer within 300ms"));
+    assert!(!o.lasting, "not on the first hang");
+    assert!(o.failure.unwrap().contains("did not answer within 300ms"));
+    c.check().await;
+    assert!(c.check().await.lasting, "the third hang in a row");
 }
 
 #[tokio::test]
@@ -209,7 +257,7 @@ async fn xid_events_are_read_from_the_kernel_log_as_they_come() {
 }
 
 #[test]
-fn the_journal_is_read_on_from_its_cursor() {
+fn the_journals_kernel_messages_are_read() {
     let out = "NVRM: loading NVIDIA UNIX x86_64 Kernel Module\nNVRM: Xid (PCI:0000:00:1e): 79, pid=9, GPU has fallen off the bus.\n-- cursor: s=abc;i=12;b=def\n";
     let (xids, cursor) = journal_read(out);
     assert_eq!(xids, [(79, "0000:00:1e".to_string())]);

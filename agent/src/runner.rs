@@ -1048,6 +1048,12 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         let Some(why) = tripped else {
             return;
         };
+        // Unhealthy for good already (a lasting GPU failure, an unkillable
+        // job): that stands, its reason too; a cool-down would let a
+        // success heal it.
+        if b.broken.is_some() && b.broken_until.is_none() {
+            return;
+        }
         if b.broken.is_none() {
             tracing::error!(reason = %why, action = ?self.cfg.health.on_unhealthy, "this instance is unhealthy: intake closed");
             inc(&c.unhealthy_trips);

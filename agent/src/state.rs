@@ -375,6 +375,16 @@ mod tests {
                 deadline: None,
                 reasons: vec![DrainReason::LifecycleTerminated],
             }),
+            // A rebalance drain has no deadline of its own: a spot notice
+            // on top must give it one.
+            Mode::Draining(Drain {
+                deadline: None,
+                reasons: vec![DrainReason::Rebalance],
+            }),
+            Mode::Draining(Drain {
+                deadline: None,
+                reasons: vec![DrainReason::WarmPool, DrainReason::Shutdown],
+            }),
         ]
     }
 

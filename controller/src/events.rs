@@ -578,4 +578,63 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn a_capacity_failure_names_its_zone_and_type_from_event_and_activity_alike() {
+        let msg = "We currently do not have sufficient g4dn.xlarge capacity in the Availability Zone you requested (us-east-1a). Our system will be working on provisioning additional capacity.";
+        let codes = codes();
+        // The event: the zone from detail.Details, the type from the text.
+        let mut v: Value = serde_json::from_str(AWS_SAMPLE).unwrap();
+        v["detail-type"] = json!("EC2 Instance Launch Unsuccessful");
+        v["detail"]["StatusCode"] = json!("Failed");
+        v["detail"]["StatusMessage"] = json!(msg);
+        v["detail"]["Details"] = json!({"Availability Zone": "us-east-1c"});
+        let Event::Launch { launch, .. } = parse(&v, &codes).unwrap() else {
+            panic!("a launch")
+        };
+        assert_eq!(launch.offering.zone.as_deref(), Some("us-east-1c"));
+        assert_eq!(
+            launch.offering.instance_type.as_deref(),
+            Some("g4dn.xlarge")
+        );
+        // The activity: the zone from its Details JSON.
+        let a = Activity {
+            id: "a".into(),
+            description: "Launching a new EC2 instance. Status Reason: ...".into(),
+            status_code: "Failed".into(),
+            status_message: msg.into(),
+            start: None,
+            end: Some(Utc::now()),
+            details: r#"{"Subnet ID":"subnet-1","Availability Zone":"us-east-1b"}"#.into(),
+        };
+        assert_eq!(a.zone().as_deref(), Some("us-east-1b"));
+        let l = launches_of(std::slice::from_ref(&a), &codes);
+        assert_eq!(l[0].offering.zone.as_deref(), Some("us-east-1b"));
+        assert_eq!(l[0].offering.instance_type.as_deref(), Some("g4dn.xlarge"));
+        // Without Details, the zone named in the text.
+        let bare = Activity {
+            details: String::new(),
+            ..a
+        };
+        assert_eq!(bare.zone(), None);
+        assert_eq!(
+            launches_of(&[bare], &codes)[0].offering.zone.as_deref(),
+            Some("us-east-1a")
+        );
+        // A failure that does not fail over names no offering.
+        let other = Activity {
+            id: "b".into(),
+            description: "Launching a new EC2 instance. Status Reason: ...".into(),
+            status_code: "Failed".into(),
+            status_message: "The image id '[ami-1]' does not exist. Launching EC2 instance failed."
+                .into(),
+            start: None,
+            end: Some(Utc::now()),
+            details: r#"{"Availability Zone":"us-east-1b"}"#.into(),
+        };
+        assert_eq!(
+            launches_of(&[other], &codes)[0].offering,
+            Offering::default()
+        );
+    }
 }

@@ -61,19 +61,27 @@ pub struct LinkReport {
 }
 
 /// The capacity failures among `launches` that `after` remembers and
-/// `before` did not: each counted once, by its code.
-fn new_failures(launches: &[Launch], before: &Memory, after: &Memory) -> Vec<String> {
+/// `before` did not (by the id the memory keeps, [`reconcile::failure_id`]):
+/// each counted once, by its code.
+fn new_failures(
+    launches: &[Launch],
+    before: &Memory,
+    after: &Memory,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<String> {
     let mut seen = std::collections::BTreeSet::new();
     launches
         .iter()
         .filter_map(|l| match &l.kind {
-            reconcile::LaunchKind::CapacityFailure(code) => Some((l.activity_id.as_str(), code)),
+            reconcile::LaunchKind::CapacityFailure(code) => {
+                Some((reconcile::failure_id(l, now), code))
+            }
             _ => None,
         })
         .filter(|(id, _)| {
             !before.failures.iter().any(|f| f.id == *id)
                 && after.failures.iter().any(|f| f.id == *id)
-                && seen.insert(*id)
+                && seen.insert(id.clone())
         })
         .map(|(_, code)| code.clone())
         .collect()
@@ -301,9 +309,20 @@ impl<C: Cloud> Controller<C> {
                     }
                 };
                 let reconcile = self.reconcile_at(vec![(i, launch)], true, depth).await?;
+                // A failure an event brings first is counted here (the next
+                // tick finds it remembered).
+                let failures = self.failure_points(&reconcile);
+                let metrics_error = match self.cloud.put_metrics(&failures).await {
+                    Ok(()) => None,
+                    Err(e) => Some(e.to_string()),
+                };
                 Ok(Some(TickReport {
-                    metrics: Vec::new(),
-                    metrics_error: None,
+                    metrics: if metrics_error.is_none() {
+                        failures
+                    } else {
+                        Vec::new()
+                    },
+                    metrics_error,
                     reconcile,
                     raised_from_zero: Vec::new(),
                     cron: Vec::new(),
@@ -484,7 +503,7 @@ impl<C: Cloud> Controller<C> {
                 out.push(fleet_point(cfg, name, at, f64::from(v), "Count"));
             }
         }
-        for (i, l) in report.links.iter().enumerate() {
+        for l in &report.links {
             let code = match l.mode {
                 "failed-over" => 1.0,
                 "failing-back" => 2.0,
@@ -497,13 +516,27 @@ impl<C: Cloud> Controller<C> {
                 code,
                 "None",
             ));
+        }
+        out.extend(self.failure_points(report));
+        out
+    }
+
+    /// The capacity failures a decision saw first, by group and code
+    /// (published by ticks and launch events alike: whichever saw a failure
+    /// first remembers it, and counts it).
+    fn failure_points(&self, report: &Report) -> Vec<MetricValue> {
+        if !report.executed {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (i, l) in report.links.iter().enumerate() {
             let mut by_code: std::collections::BTreeMap<&str, usize> = Default::default();
             for c in &l.new_failures {
                 *by_code.entry(c.as_str()).or_default() += 1;
             }
-            let upstream = cfg.groups().nth(i).map_or("", |(_, g)| g);
+            let upstream = self.cfg.groups().nth(i).unwrap_or_default();
             for (c, n) in by_code {
-                out.push(m::failures_point(cfg, upstream, c, n));
+                out.push(crate::metrics::failures_point(&self.cfg, upstream, c, n));
             }
         }
         out
@@ -1003,7 +1036,7 @@ impl<C: Cloud> Controller<C> {
                         mode: plan.memory.mode.as_str(),
                         group: fallbacks[i],
                         plan: plan.clone(),
-                        new_failures: new_failures(&by_group[i], &memories[i], &plan.memory),
+                        new_failures: new_failures(&by_group[i], &memories[i], &plan.memory, now),
                     })
                     .collect(),
                 unreadable,

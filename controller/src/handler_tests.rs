@@ -1141,7 +1141,8 @@ async fn a_tick_that_fails_over_keeps_the_shortfall_it_handed_and_raises_no_grou
 async fn a_tick_publishes_what_the_dashboard_shows_and_a_failure_once() {
     let c = controller();
     let failure = crate::events::Activity {
-        id: "a1".into(),
+        // A real activity id: a UUID, longer than the memory keeps.
+        id: "9f1c2d3e-4b5a-6978-8a9b-0c1d2e3f4a5b".into(),
         status_code: "Failed".into(),
         status_message: ICE.into(),
         start: Some(start()),
@@ -1192,6 +1193,7 @@ async fn a_tick_publishes_what_the_dashboard_shows_and_a_failure_once() {
             "CapacityFailures",
             &[
                 ("AutoScalingGroupName", "gpu-east-1"),
+                ("Region", "us-east-1"),
                 ("Code", "InsufficientInstanceCapacity")
             ]
         ),
@@ -1232,4 +1234,45 @@ async fn a_tick_publishes_what_the_dashboard_shows_and_a_failure_once() {
         .metrics
         .iter()
         .all(|p| p.name != "CapacityFailures"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_an_event_brings_first_is_counted_once() {
+    let c = controller();
+    let r = c
+        .handle_event(&launch(
+            "EC2 Instance Launch Unsuccessful",
+            ICE,
+            "2026-11-28T08:00:00Z",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.reconcile.mode, "failed-over");
+    let count = |c: &Controller<FakeCloud>| {
+        c.cloud
+            .lock()
+            .metrics
+            .iter()
+            .filter(|p| p.name == "CapacityFailures")
+            .map(|p| p.value)
+            .sum::<f64>()
+    };
+    assert_eq!(count(&c), 1.0, "counted by the event");
+    // The tick after reads the same activity from the group: not again.
+    c.cloud.lock().activities.insert(
+        ("us-east-1".into(), "gpu-east-1".into()),
+        vec![crate::events::Activity {
+            id: "act-080000".into(),
+            status_code: "Failed".into(),
+            status_message: ICE.into(),
+            start: Some(start()),
+            end: Some(start()),
+            description: "Launching a new EC2 instance. Status Reason: ...".into(),
+            details: String::new(),
+        }],
+    );
+    tokio::time::advance(std::time::Duration::from_secs(60)).await;
+    c.tick(Vec::new()).await.unwrap();
+    assert_eq!(count(&c), 1.0);
 }

@@ -38,8 +38,10 @@ pub const GROUP_PENDING: &str = "GroupPending";
 pub const GROUP_DESIRED: &str = "GroupDesired";
 /// The gate: a fallback's MaxSize (the primary's too).
 pub const GROUP_MAX_SIZE: &str = "GroupMaxSize";
-/// New capacity failures seen this tick, by the code AWS gave, of the
-/// group that failed (`AutoScalingGroupName`, `Code`).
+/// New capacity failures (those a decision saw first), by the code AWS
+/// gave, of the group that failed (`AutoScalingGroupName`, `Region`,
+/// `Code`). The failover codes only: other launch failures do not reach
+/// the decision.
 pub const CAPACITY_FAILURES: &str = "CapacityFailures";
 
 /// Every metric the controller publishes in its namespace, with its
@@ -53,7 +55,10 @@ pub const PUBLISHED: &[(&str, &[&str])] = &[
     (GROUP_PENDING, &["AutoScalingGroupName", "Region"]),
     (GROUP_DESIRED, &["AutoScalingGroupName", "Region"]),
     (GROUP_MAX_SIZE, &["AutoScalingGroupName", "Region"]),
-    (CAPACITY_FAILURES, &["AutoScalingGroupName", "Code"]),
+    (
+        CAPACITY_FAILURES,
+        &["AutoScalingGroupName", "Region", "Code"],
+    ),
 ];
 
 /// A group's gauge for the dashboard, in the control plane's region.
@@ -77,14 +82,21 @@ pub fn fleet_point(
     }
 }
 
-/// New capacity failures of `group`, by code, in the control plane's region.
-pub fn failures_point(cfg: &Config, group: &str, code: &str, count: usize) -> MetricValue {
+/// New capacity failures of `group` (region, name), by code, in the
+/// control plane's region.
+pub fn failures_point(
+    cfg: &Config,
+    (region, group): (&str, &str),
+    code: &str,
+    count: usize,
+) -> MetricValue {
     MetricValue {
         region: cfg.primary.region.clone(),
         namespace: cfg.metric.namespace.clone(),
         name: CAPACITY_FAILURES.to_string(),
         dimensions: vec![
             ("AutoScalingGroupName".into(), group.to_string()),
+            ("Region".into(), region.to_string()),
             ("Code".into(), code.to_string()),
         ],
         value: count as f64,

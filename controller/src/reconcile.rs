@@ -668,6 +668,23 @@ fn later(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>> {
     Some(a.map_or(b, |a| a.max(b)))
 }
 
+/// A failure's id as the memory keeps it: only characters that survive the
+/// tag encoding (`secs/id`, space-separated; event input is outside
+/// input), cut to [`ID_CHARS`]; none left, its time.
+pub fn failure_id(l: &Launch, now: DateTime<Utc>) -> String {
+    let id: String = l
+        .activity_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(ID_CHARS)
+        .collect();
+    if id.is_empty() {
+        format!("t{}", l.at.min(now).timestamp())
+    } else {
+        id
+    }
+}
+
 /// Merges launch outcomes into the memory (idempotent, order-independent).
 fn merge(m: &mut Memory, launches: &[Launch], now: DateTime<Utc>, s: &Settings) {
     // Expired entries go first, so that one cannot hide a new failure that
@@ -680,19 +697,7 @@ fn merge(m: &mut Memory, launches: &[Launch], now: DateTime<Utc>, s: &Settings) 
         match &l.kind {
             LaunchKind::Success => m.last_success = later(m.last_success, at),
             LaunchKind::CapacityFailure(_) => {
-                // Only characters that survive the tag encoding (`secs/id`,
-                // space-separated): event input is outside input.
-                let id: String = l
-                    .activity_id
-                    .chars()
-                    .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-                    .take(ID_CHARS)
-                    .collect();
-                let id = if id.is_empty() {
-                    format!("t{}", at.timestamp())
-                } else {
-                    id
-                };
+                let id = failure_id(l, now);
                 if !m.failures.iter().any(|f| f.id == id) {
                     m.failures.push(Failure { at, id });
                 }

@@ -62,8 +62,12 @@ try:
                  {"ControllerCodeBucket": "code", "FallbackMaxSize": "7"})
     sqs = client("sqs")
     attrs = sqs.get_queue_attributes(QueueUrl=out["QueueUrl"], AttributeNames=["All"])["Attributes"]
-    check("job queue redrives to the DLQ after 5 receives", '"maxReceiveCount": 5' in attrs.get("RedrivePolicy", "")
-          or '"maxReceiveCount":5' in attrs.get("RedrivePolicy", ""), attrs.get("RedrivePolicy"))
+    import json as _json
+    redrive = _json.loads(attrs.get("RedrivePolicy", "{}"))
+    # Parsed: a substring test of "maxReceiveCount": 5 also matches 50.
+    check("job queue redrives to the DLQ after 5 receives",
+          int(redrive.get("maxReceiveCount", 0)) == 5 and redrive.get("deadLetterTargetArn", "").endswith(":" + out["DeadLetterQueueUrl"].rsplit("/", 1)[1]),
+          attrs.get("RedrivePolicy"))
     fn = client("lambda").get_function(FunctionName=out["ControllerFunction"])["Configuration"]
     env = fn["Environment"]["Variables"]
     check("controller runs provided.al2023 bootstrap", fn["Runtime"] == "provided.al2023" and fn["Handler"] == "bootstrap")

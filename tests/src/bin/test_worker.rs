@@ -2,7 +2,7 @@
 //!
 //! The body is read from stdin. A body starting with `{` is a JSON job
 //! `{"id": "...", "sleep_ms": N, "sleep_ms_first": N, "exit": CODE,
-//! "crash": bool, "crash_first": bool, "ignore_term": bool}` (`sleep_ms_first`
+//! "crash": bool, "crash_first": bool}` (`sleep_ms_first`
 //! and `crash_first` apply on the first receive only; a crash aborts the
 //! process half-way through `sleep_ms`);
 //! anything else is stored raw. Every execution appends one line per event to
@@ -178,14 +178,11 @@ fn main() {
     let sleep = Duration::from_millis(sleep_ms);
     let agent = std::env::var("TEST_AGENT").unwrap_or_else(|_| "-".into());
     let exit = job["exit"].as_i64().unwrap_or(0) as i32;
-    let ignore_term = job["ignore_term"].as_bool().unwrap_or(false);
     // SAFETY: the handlers only store to atomics, which is signal-safe.
     unsafe {
         use nix::sys::signal::{signal, SigHandler, Signal};
         let _ = signal(Signal::SIGTERM, SigHandler::Handler(on_term));
-        if !job["no_notice_handler"].as_bool().unwrap_or(false) {
-            let _ = signal(Signal::SIGUSR1, SigHandler::Handler(on_notice));
-        }
+        let _ = signal(Signal::SIGUSR1, SigHandler::Handler(on_notice));
     }
     record(&format!(
         "start {id} {count} {} {agent}",
@@ -203,7 +200,7 @@ fn main() {
     }
     let end = Instant::now() + sleep;
     while Instant::now() < end {
-        if TERM.load(Ordering::SeqCst) && !ignore_term {
+        if TERM.load(Ordering::SeqCst) {
             record(&format!("term {id}"));
             std::process::exit(143);
         }
