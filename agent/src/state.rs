@@ -389,6 +389,36 @@ mod tests {
     }
 
     #[test]
+    fn a_hook_or_warm_pool_drain_ends_a_margin_before_the_hooks_global_timeout() {
+        // 100 x a 300 s heartbeat timeout: 8 h 20 min after 08:20, less 25 s.
+        let p = policy(RebalancePolicy::StopIntake);
+        for notice in [Notice::LifecycleTerminated, Notice::WarmPool] {
+            let next = on_notice(&Mode::Running, &notice, &p, t(NOW));
+            let d = next.drain().unwrap();
+            assert_eq!(d.deadline, Some(t("2026-11-28T16:39:35Z")), "{notice:?}");
+        }
+    }
+
+    #[test]
+    fn each_mode_has_the_name_status_and_metrics_show() {
+        // /status and the spotguard_agent_mode{mode} gauge read these.
+        let names: Vec<&str> = every_mode().iter().map(Mode::name).collect();
+        assert_eq!(
+            names,
+            [
+                "running",
+                "intake_stopped",
+                "scaling_in",
+                "scaling_in",
+                "terminating",
+                "draining",
+                "draining",
+                "draining"
+            ]
+        );
+    }
+
+    #[test]
     fn spot_notice_drains_from_every_mode_with_deadline_before_the_notice() {
         let p = policy(RebalancePolicy::StopIntake);
         for m in every_mode() {

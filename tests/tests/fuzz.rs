@@ -104,6 +104,42 @@ fn imds_bodies_never_panic() {
     });
 }
 
+/// Spot notices that differ (action, time) among gaps (404): each change
+/// is reported once, a notice back after a gap is not reported again. The
+/// bodies of `body()` hold one valid time, so they never make two different
+/// notices; these do.
+#[test]
+fn a_spot_notice_is_reported_once_per_change_and_never_again_after_a_gap() {
+    use spotguard_agent::watch::SpotTracker;
+    let notice = (
+        prop_oneof![Just("terminate"), Just("stop"), Just("hibernate")],
+        prop_oneof![
+            Just("2026-11-28T08:22:00Z"),
+            Just("2026-11-28T08:24:00Z"),
+            Just("2026-11-28T09:00:00Z")
+        ],
+    );
+    run(
+        "spot notices that change",
+        prop::collection::vec(prop::option::of(notice), 1..12),
+        |polls| {
+            let now = chrono::Utc::now();
+            let mut t = SpotTracker::default();
+            let (mut reported, mut expected, mut last) = (0, 0, None);
+            for p in &polls {
+                let body = p.map(|(a, at)| format!(r#"{{"action":"{a}","time":"{at}"}}"#));
+                reported += t.observe(body.as_deref(), now).events.len();
+                if p.is_some() && *p != last {
+                    expected += 1;
+                    last = *p;
+                }
+            }
+            prop_assert_eq!(reported, expected, "{:?}", polls);
+            Ok(())
+        },
+    );
+}
+
 #[test]
 fn trackers_never_panic_and_never_repeat_a_notice() {
     use spotguard_agent::watch::{
