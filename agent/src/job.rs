@@ -586,6 +586,103 @@ mod tests {
         }
     }
 
+    fn aws(code: &str, message: &str) -> crate::aws::AwsError {
+        crate::aws::AwsError {
+            op: "ChangeMessageVisibility",
+            code: Some(code.into()),
+            message: message.into(),
+            resource: None,
+            region: None,
+        }
+    }
+
+    #[test]
+    fn the_lease_is_gone_only_on_the_answers_that_say_so() {
+        for (code, text, gone) in [
+            ("ReceiptHandleIsInvalid", "", true),
+            ("MessageNotInflight", "", true),
+            ("AWS.SimpleQueueService.MessageNotInflight", "", true),
+            ("InvalidParameterValue", "Value r for parameter ReceiptHandle is invalid. Reason: Message does not exist or is not available for visibility timeout change.", true),
+            ("InvalidParameterValue", "Message does not exist", true),
+            // The same code for the 12-hour cap: not a lost lease.
+            ("InvalidParameterValue", "Value 43300 for parameter VisibilityTimeout is invalid. Reason: Total VisibilityTimeout for the message is beyond the limit [43200 seconds]", false),
+            ("ServiceUnavailable", "", false),
+            ("ThrottlingException", "Rate exceeded", false),
+        ] {
+            assert_eq!(lease_gone(&aws(code, text)), gone, "{code} {text}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_settle_call_is_tried_three_times_100_then_200_ms_apart() {
+        for (failures, ok) in [(2, true), (3, false)] {
+            let calls = std::sync::Mutex::new(Vec::new());
+            let t0 = tokio::time::Instant::now();
+            let r = retry(|| {
+                let mut c = calls.lock().unwrap();
+                c.push(t0.elapsed());
+                let n = c.len();
+                async move {
+                    if n <= failures {
+                        Err(aws("ServiceUnavailable", ""))
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .await;
+            assert_eq!(r.is_ok(), ok, "{failures} failures");
+            let c = calls.into_inner().unwrap();
+            assert_eq!(
+                c,
+                [
+                    Duration::ZERO,
+                    Duration::from_millis(100),
+                    Duration::from_millis(300)
+                ],
+                "{failures} failures"
+            );
+        }
+    }
+
+    #[test]
+    fn fnv1a_separates_parts_and_matches_its_vector() {
+        // Computed independently (each part followed by a 0 byte).
+        assert_eq!(fnv1a(&["spotguard", "m-1"]), 0xd5ad_13db_c315_eec9);
+        assert_ne!(fnv1a(&["ab", "c"]), fnv1a(&["a", "bc"]));
+    }
+
+    #[test]
+    fn a_re_sent_message_is_held_to_sqs_limits_to_the_attribute_and_the_byte() {
+        // 10 attributes pass, 11 are refused: customer, six more, and the
+        // checkpoint, the original id and the interruptions added.
+        let mut m = msg(None);
+        m.first_received_ms = None;
+        for i in 0..6 {
+            m.attributes.insert(format!("a{i}"), Attr::string("x"));
+        }
+        assert!(resend_message(&m, Some("c"), false, true).is_ok());
+        m.attributes.insert("a6".into(), Attr::string("x"));
+        let e = resend_message(&m, Some("c"), false, true).unwrap_err();
+        assert!(e.contains("11 attributes"), "{e}");
+        // 256 KiB: the body and each attribute's name, type and value.
+        let mut m = msg(None);
+        m.first_received_ms = None;
+        m.attributes.clear();
+        let original = ORIGINAL_ID_ATTR.len() + "String".len() + m.id.len();
+        m.body = "x".repeat(MAX_MESSAGE_BYTES - original);
+        assert!(resend_message(&m, None, false, false).is_ok());
+        m.body.push('x');
+        let e = resend_message(&m, None, false, false).unwrap_err();
+        assert!(
+            e.contains(&format!(
+                "{} bytes; SQS allows 262144",
+                MAX_MESSAGE_BYTES + 1
+            )),
+            "{e}"
+        );
+    }
+
     #[test]
     fn hand_over_message_carries_checkpoint_origin_and_group() {
         let m = hand_over_message(&msg(None), "s3://b/ckpt-7", false).unwrap();

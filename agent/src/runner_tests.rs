@@ -1668,3 +1668,80 @@ async fn a_gpu_lost_mid_job_makes_the_instance_unhealthy_for_good_replaced_once_
     assert_eq!(w.sent.lock().unwrap().len(), 1);
     assert_eq!(w.counter(|c| &c.unhealthy_trips), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_visibility_heartbeat_is_tried_again_1_then_2_seconds_later() {
+    let c = cfg(no_scale_in());
+    let hb = c.heartbeat_interval().as_secs_f64();
+    let w = World::start(c, MemFleet::new(None, 0, 1), false);
+    w.queue.push(&format!("{}", (hb as u64) * 3));
+    w.run_for(1).await;
+    assert_eq!(w.worker.started().len(), 1);
+    w.queue
+        .fail_next("ChangeMessageVisibility", "ServiceUnavailable", 2);
+    w.run_for(hb as u64 * 2).await;
+    let t = w.call_times(w.queue.calls("ChangeMessageVisibility"));
+    assert!(t.len() >= 4, "{t:?}");
+    // Failed, 1 s, failed, 2 s, answered; the next one a heartbeat later.
+    assert_eq!((t[1] - t[0], t[2] - t[1]), (1.0, 2.0), "{t:?}");
+    assert_eq!(t[3] - t[0], hb, "{t:?}");
+    // The job kept its lease: it ran once and its message was deleted.
+    w.run_for(hb as u64 * 2).await;
+    assert_eq!(w.worker.started().len(), 1);
+    assert_eq!(w.queue.deleted().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_at_a_spot_notice_is_handed_over_on_a_standard_queue() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.queue.push("1000 ckpt");
+    w.run_for(2).await;
+    w.spot(120).await;
+    w.run_for(110).await;
+    assert_eq!(w.counter(|c| &c.jobs_handed_over), 1);
+    let st = w.queue.lock();
+    assert_eq!(st.messages.len(), 1);
+    let ckpt = st.messages[0]
+        .attributes
+        .get("spotguard.checkpoint")
+        .map(|a| a.value.clone());
+    assert!(
+        ckpt.is_some_and(|c| c.starts_with("ckpt-of-")),
+        "{:?}",
+        st.messages[0].attributes
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_fifo_a_failed_re_send_is_tried_three_times_100_then_200_ms_apart() {
+    for (failures, handed_over) in [(2, 1), (3, 0)] {
+        let mut c = cfg(no_scale_in());
+        c.queue.url = "https://sqs.us-east-1.amazonaws.com/123456789012/jobs.fifo".into();
+        c.worker.fifo_resend_checkpoint = true;
+        let w = World::start(c, MemFleet::new(None, 0, 1), false);
+        w.queue.push_group("1000 ckpt", Some("g"));
+        w.run_for(2).await;
+        w.queue
+            .fail_next("SendMessage", "ServiceUnavailable", failures);
+        w.spot(120).await;
+        w.run_for(110).await;
+        let sends: Vec<f64> = w
+            .queue
+            .calls("SendMessage")
+            .into_iter()
+            .map(|(t, _)| w.at(t))
+            .collect();
+        // FIFO deduplicates a retry: three attempts at most.
+        assert_eq!(sends.len(), 3, "{failures} failures: {sends:?}");
+        let gaps = [sends[1] - sends[0], sends[2] - sends[1]];
+        assert!(
+            (gaps[0] - 0.1).abs() < 0.05 && (gaps[1] - 0.2).abs() < 0.05,
+            "{gaps:?}"
+        );
+        assert_eq!(
+            w.counter(|c| &c.jobs_handed_over),
+            handed_over,
+            "{failures} failures"
+        );
+    }
+}
