@@ -1682,7 +1682,9 @@ async fn a_failed_visibility_heartbeat_is_tried_again_1_then_2_seconds_later() {
     w.run_for(hb as u64 * 2).await;
     let t = w.call_times(w.queue.calls("ChangeMessageVisibility"));
     assert!(t.len() >= 4, "{t:?}");
-    // Failed, 1 s, failed, 2 s, answered; the next one a heartbeat later.
+    // The first a heartbeat after the start; failed, 1 s, failed, 2 s,
+    // answered; the next one a heartbeat later.
+    assert_eq!(t[0], hb, "{t:?}");
     assert_eq!((t[1] - t[0], t[2] - t[1]), (1.0, 2.0), "{t:?}");
     assert_eq!(t[3] - t[0], hb, "{t:?}");
     // The job kept its lease: it ran once and its message was deleted.
@@ -1744,4 +1746,41 @@ async fn on_fifo_a_failed_re_send_is_tried_three_times_100_then_200_ms_apart() {
             "{failures} failures"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_stops_the_heartbeats() {
+    let c = cfg(no_scale_in());
+    let hb = c.heartbeat_interval().as_secs();
+    let w = World::start(c, MemFleet::new(None, 0, 1), false);
+    w.queue.push(&format!("{}", hb * 4));
+    w.run_for(1).await;
+    // An answer that says the lease is gone (moto's words; SQS's own are
+    // tested in job.rs).
+    w.queue
+        .fail_next("ChangeMessageVisibility", "MessageNotInflight", 1);
+    w.run_for(hb * 3).await;
+    // One heartbeat, lost; none after it (it would only extend another's lease).
+    assert_eq!(w.queue.calls("ChangeMessageVisibility").len(), 1);
+    // Counted when the job ends.
+    w.run_for(hb * 2).await;
+    assert_eq!(w.queue.calls("ChangeMessageVisibility").len(), 1);
+    assert_eq!(w.counter(|c| &c.lost_ownership), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_a_standard_queue_a_job_at_the_12_hour_cap_hands_its_checkpoint_over() {
+    let w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
+    w.queue.push(&format!("{} ckpt", 14 * 3600));
+    for _ in 0..(12 * 360) {
+        advance(Duration::from_secs(10)).await;
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    w.run_for(60).await;
+    // No reordering to protect: re-sent with its checkpoint, not failed.
+    assert_eq!(w.counter(|c| &c.jobs_handed_over), 1);
+    assert_eq!(w.counter(|c| &c.jobs_timed_out), 0);
+    assert_eq!(w.queue.calls("SendMessage").len(), 1);
 }
