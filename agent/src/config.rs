@@ -77,12 +77,15 @@ pub struct HealthConfig {
     #[serde(default = "d_imds_stale")]
     pub imds_unreachable_after: Dur,
     /// The built-in GPU checks ([`crate::gpu`]): `auto` runs them when
-    /// `nvidia_smi` is found, `on` always (a missing `nvidia-smi` is then a
-    /// failure), `off` never.
+    /// `nvidia_smi` is found on an instance type of a GPU family and size
+    /// it knows (or with `gpu_count`), `on` always (a missing `nvidia-smi`
+    /// is then a failure), `off` never.
     #[serde(default)]
     pub gpu: GpuMode,
-    /// GPUs the instance must list; absent: from its instance type (the
-    /// g4dn, g5, g5g, g6, g6e, p3, p4d, p5 families), else not checked.
+    /// GPUs the instance must list; absent: from its instance type (exact
+    /// sizes of the g4dn, g5, g5g, g6, g6e, p3, p3dn, p4d, p4de, p5, p5e,
+    /// p5en families); another type: `auto` leaves the checks off, `on`
+    /// runs them without a count.
     pub gpu_count: Option<u32>,
     /// The `nvidia-smi` to run: a name looked up in PATH, or a path.
     #[serde(default = "d_nvidia_smi")]

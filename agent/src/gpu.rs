@@ -21,9 +21,10 @@
 //!   `systemd-journal`; `ProtectKernelLogs=yes` stays, and the agent holds
 //!   no CAP_SYSLOG), or from a file of `/dev/kmsg` records.
 //!
-//! Every failure here lasts: nothing short of a reset or a new instance
-//! brings the GPU back, so the instance is unhealthy for good (the notice
-//! sent; replaced under `on_unhealthy = "replace"`, once idle).
+//! A failure here lasts (`nvidia-smi` not answering: from the third check in
+//! a row): nothing short of a reset or a new instance brings the GPU back,
+//! so the instance is unhealthy for good (the notice sent; replaced under
+//! `on_unhealthy = "replace"`, once idle).
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -39,7 +40,7 @@ use crate::health::{CheckFuture, HealthCheck, Outcome};
 /// under the 60 s `health.interval`.
 pub const SMI_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// `nvidia-smi` failing this many checks in a row (3 minutes at the
+/// `nvidia-smi` failing this many checks in a row (over 2 minutes at the
 /// default interval) is a GPU or driver gone for good; fewer close intake
 /// only while they last (a slow first query without persistence mode, a
 /// check racing the driver's start).
@@ -72,7 +73,8 @@ pub const FATAL_XIDS: &[(u32, &str)] = &[
     (120, "GSP error"),
     (140, "unrecovered ECC error"),
     // The driver's own verdict: a recovery action (GPU reset, node reboot)
-    // required; one that goes back to "None" is not counted.
+    // required. One that goes back to "None" is not itself counted; an
+    // earlier one still stands (the GPU was reset, or the instance goes).
     (154, "the driver asks for a GPU reset or a reboot"),
 ];
 
@@ -129,13 +131,15 @@ pub fn parse_query(text: &str) -> Result<Vec<Gpu>, String> {
             return Err(format!("nvidia-smi printed an unreadable line: {line:?}"));
         }
         let bad = |i: usize| format!("GPU {}: field {} reads {:?}", f[1], i + 1, f[i]);
+        // Retirement reads Yes/No; remapped rows may read 0/1 (drivers
+        // differ; tools parse them as integers).
         let flag = |i: usize| -> Result<Option<bool>, String> {
             match f.get(i).copied() {
                 None => Ok(None),
                 Some(v) if na(v) => Ok(None),
                 Some("Yes") => Ok(Some(true)),
                 Some("No") => Ok(Some(false)),
-                Some(_) => Err(bad(i)),
+                Some(v) => v.parse::<u64>().map(|n| Some(n > 0)).map_err(|_| bad(i)),
             }
         };
         let ecc = match f.get(2).copied() {
@@ -213,7 +217,7 @@ pub fn xids_in(text: &str) -> Vec<(u32, String)> {
             continue;
         };
         let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-        // Xid 154 going back to no recovery action is the all-clear.
+        // Xid 154 going back to no recovery action: not itself a failure.
         if digits == "154" && after.contains("to 0x0 (None)") {
             continue;
         }
@@ -317,18 +321,9 @@ impl KernelSource {
     }
 }
 
-/// The Xid events in `journalctl -o cat --show-cursor` output, and the
-/// cursor it ends with (`-- cursor: s=...`), if any.
-pub fn journal_read(text: &str) -> (Vec<(u32, String)>, Option<String>) {
-    let mut cursor = None;
-    let mut xids = Vec::new();
-    for line in text.lines() {
-        match line.strip_prefix("-- cursor: ") {
-            Some(c) => cursor = Some(c.trim().to_string()),
-            None => xids.extend(xids_in(line)),
-        }
-    }
-    (xids, cursor)
+/// The Xid events in `journalctl -o cat` output.
+pub fn journal_read(text: &str) -> Vec<(u32, String)> {
+    text.lines().flat_map(xids_in).collect()
 }
 
 /// The fatal Xids the journal has shown since boot, kept across reads.
@@ -473,7 +468,7 @@ impl GpuCheck {
         crate::jobuser::without_capabilities(&mut cmd);
         let why = match tokio::time::timeout(self.timeout, cmd.output()).await {
             Ok(Ok(o)) if o.status.success() => {
-                let (xids, _) = journal_read(&String::from_utf8_lossy(&o.stdout));
+                let xids = journal_read(&String::from_utf8_lossy(&o.stdout));
                 for x in xids {
                     if FATAL_XIDS.iter().any(|(c, _)| *c == x.0) && !j.fatal.contains(&x) {
                         j.fatal.push(x);

@@ -60,6 +60,10 @@ fn the_query_is_read_and_judged() {
         true
     )
     .ok());
+    // An A100's remapped rows read as integers: 0 passes, 1 is a failure.
+    assert!(judge(&parse_query("0, b, 0, [N/A], 0, 0").unwrap(), Some(1), true).ok());
+    let o = judge(&parse_query("0, b, 0, [N/A], 0, 1").unwrap(), Some(1), true);
+    assert_eq!(o.failure.as_deref(), Some("GPU b: a row remapping failure"));
     // A field reading the GPU's own error is an error, not "not available".
     for line in [
         "0, b, [Unknown Error], No, No, No",
@@ -259,11 +263,8 @@ async fn xid_events_are_read_from_the_kernel_log_as_they_come() {
 #[test]
 fn the_journals_kernel_messages_are_read() {
     let out = "NVRM: loading NVIDIA UNIX x86_64 Kernel Module\nNVRM: Xid (PCI:0000:00:1e): 79, pid=9, GPU has fallen off the bus.\n-- cursor: s=abc;i=12;b=def\n";
-    let (xids, cursor) = journal_read(out);
-    assert_eq!(xids, [(79, "0000:00:1e".to_string())]);
-    assert_eq!(cursor.as_deref(), Some("s=abc;i=12;b=def"));
-    // Nothing new: no cursor line, no events.
-    assert_eq!(journal_read(""), (vec![], None));
+    assert_eq!(journal_read(out), [(79, "0000:00:1e".to_string())]);
+    assert_eq!(journal_read(""), vec![]);
     assert_eq!(KernelSource::of("journal"), Some(KernelSource::Journal));
     assert_eq!(KernelSource::of(""), None);
     assert_eq!(

@@ -1784,3 +1784,45 @@ async fn on_a_standard_queue_a_job_at_the_12_hour_cap_hands_its_checkpoint_over(
     assert_eq!(w.counter(|c| &c.jobs_timed_out), 0);
     assert_eq!(w.queue.calls("SendMessage").len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_trip_does_not_turn_a_lasting_gpu_failure_into_a_cool_down() {
+    use crate::health::Outcome;
+    let check = Arc::new(SetCheck(std::sync::Mutex::new(Outcome::pass("gpu_count"))));
+    let mut c = cfg(
+        "[scale_in]\nenabled = false\n[health]\nmax_consecutive_failures = 3\ninterval = \"30s\"\n",
+    );
+    c.worker.concurrency = 3;
+    let w = World::start_with(
+        c,
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+        Some(check.clone()),
+    );
+    for _ in 0..3 {
+        w.queue.push("40 fail");
+    }
+    w.run_for(5).await;
+    assert_eq!(w.worker.started().len(), 3);
+    // The GPU goes at 30 s; the three jobs then fail at 40 s: the breaker
+    // trips on top of the lasting failure.
+    *check.0.lock().unwrap() = Outcome::fail(
+        "gpu_count",
+        "0 GPU(s) listed by nvidia-smi, 1 expected".into(),
+        true,
+    );
+    w.run_for(40).await;
+    assert_eq!(w.counter(|c| &c.jobs_failed), 3);
+    // nvidia-smi answering again, and work waiting past the breaker's
+    // 10-minute cool-down: no half-open job, no heal.
+    *check.0.lock().unwrap() = Outcome::pass("gpu_count");
+    w.queue.push("1");
+    w.run_for(11 * 60).await;
+    assert_eq!(w.worker.started().len(), 3, "a job was let through");
+    assert_eq!(w.status.healthz().0, 503);
+    assert!(
+        w.status.healthz().1.contains("0 GPU(s)"),
+        "{}",
+        w.status.healthz().1
+    );
+}

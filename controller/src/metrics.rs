@@ -40,8 +40,9 @@ pub const GROUP_DESIRED: &str = "GroupDesired";
 pub const GROUP_MAX_SIZE: &str = "GroupMaxSize";
 /// New capacity failures (those a decision saw first), by the code AWS
 /// gave, of the group that failed (`AutoScalingGroupName`, `Region`,
-/// `Code`). The failover codes only: other launch failures do not reach
-/// the decision.
+/// `Code`). The failover codes only (other launch failures do not reach
+/// the decision), and spot requests stuck past `failover.spot_wait`
+/// (`PendingSpotBidPlacement`, `WaitingForSpotInstanceId`).
 pub const CAPACITY_FAILURES: &str = "CapacityFailures";
 
 /// Every metric the controller publishes in its namespace, with its

@@ -275,9 +275,37 @@ fn once_with_a_capacity_event_fails_over_and_publishes_the_metrics() {
     );
     // Metrics: 40 visible, 1 InService in the primary; each in its group's region.
     let puts = t.env.proxy.calls_of("PutMetricData");
+    // The event's new capacity failure, counted once by its code (the
+    // tick after finds it remembered).
+    let failures: Vec<_> = puts
+        .iter()
+        .filter(|c| c.body.contains("MetricName=CapacityFailures"))
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        failures[0]
+            .body
+            .contains("Value=InsufficientInstanceCapacity")
+            && failures[0].body.contains("Unit=Count"),
+        "{}",
+        failures[0].body
+    );
+    // The dashboard's points, in one call of the control plane's region,
+    // the link's mode with no unit.
+    let fleet = puts
+        .iter()
+        .find(|c| c.body.contains("MetricName=LinkMode"))
+        .expect("the dashboard's points");
+    assert_eq!(fleet.region, "us-east-1");
+    assert!(
+        fleet.body.contains("MetricName=GroupInService"),
+        "{}",
+        fleet.body
+    );
+    assert!(fleet.body.contains("Unit=None"), "{}", fleet.body);
     let primary = puts
         .iter()
-        .find(|c| c.region == "us-east-1")
+        .find(|c| c.region == "us-east-1" && c.body.contains("MetricName=BacklogPerInstance"))
         .expect("primary metric");
     assert!(
         primary.body.contains("MetricName=BacklogPerInstance"),
