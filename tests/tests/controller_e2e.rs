@@ -684,6 +684,14 @@ fn config_errors_exit_2_naming_the_key() {
     );
 }
 
+/// The controller binary as Lambda runs it, named `bootstrap`: a link, not
+/// a copy (an executable being written while another test forks cannot be
+/// run: ETXTBSY, seen with three Lambda tests at once).
+fn link_bootstrap(at: &std::path::Path) {
+    let target = std::fs::canonicalize(bin("spotguard-controller")).unwrap();
+    std::os::unix::fs::symlink(target, at).unwrap();
+}
+
 /// A fake Lambda runtime API on loopback that hands out `events` one by one
 /// and collects the function's responses.
 fn fake_runtime(
@@ -749,7 +757,7 @@ fn the_lambda_runtime_handles_events_and_acknowledges_garbage() {
     );
     // As Lambda runs it: the binary named `bootstrap`, no arguments.
     let bootstrap = t.dir.path().join("bootstrap");
-    std::fs::copy(bin("spotguard-controller"), &bootstrap).unwrap();
+    link_bootstrap(&bootstrap);
     let lease = t.env.create_fifo_queue("spotguard-lease");
     let mut cmd = Command::new(&bootstrap);
     spotguard_tests::lambda_env(&mut cmd, &api);
@@ -820,7 +828,7 @@ fn a_lambda_tick_while_another_holds_the_lease_does_nothing() {
         vec![json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}})],
     );
     let bootstrap = t.dir.path().join("bootstrap");
-    std::fs::copy(bin("spotguard-controller"), &bootstrap).unwrap();
+    link_bootstrap(&bootstrap);
     let mut cmd = Command::new(&bootstrap);
     spotguard_tests::lambda_env(&mut cmd, &api);
     cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
@@ -875,7 +883,7 @@ fn a_failed_scheduled_tick_is_a_function_error_in_lambda() {
         ],
     );
     let bootstrap = t.dir.path().join("bootstrap");
-    std::fs::copy(bin("spotguard-controller"), &bootstrap).unwrap();
+    link_bootstrap(&bootstrap);
     let mut cmd = Command::new(&bootstrap);
     spotguard_tests::lambda_env(&mut cmd, &api);
     cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
