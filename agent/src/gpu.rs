@@ -229,6 +229,16 @@ pub fn xids_in(text: &str) -> Vec<(u32, String)> {
     out
 }
 
+/// Adds the fatal ones among `xids` to `fatal`, each (Xid, GPU) once: the
+/// list is bounded by the catalogue and the GPUs, not by the log.
+fn remember_fatal(fatal: &mut Vec<(u32, String)>, xids: Vec<(u32, String)>) {
+    for x in xids {
+        if FATAL_XIDS.iter().any(|(c, _)| *c == x.0) && !fatal.contains(&x) {
+            fatal.push(x);
+        }
+    }
+}
+
 /// The Xid check on the events seen since boot.
 pub fn judge_xids(seen: &[(u32, String)]) -> Outcome {
     let fatal: Vec<String> = seen
@@ -281,11 +291,7 @@ impl KernelLog {
             match r.read_line(&mut line) {
                 Ok(0) => return Ok(()),
                 Ok(_) => {
-                    for x in xids_in(&line) {
-                        if FATAL_XIDS.iter().any(|(c, _)| *c == x.0) && !self.fatal.contains(&x) {
-                            self.fatal.push(x);
-                        }
-                    }
+                    remember_fatal(&mut self.fatal, xids_in(&line));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 // /dev/kmsg: records were overwritten since the last read;
@@ -469,11 +475,7 @@ impl GpuCheck {
         let why = match tokio::time::timeout(self.timeout, cmd.output()).await {
             Ok(Ok(o)) if o.status.success() => {
                 let xids = journal_read(&String::from_utf8_lossy(&o.stdout));
-                for x in xids {
-                    if FATAL_XIDS.iter().any(|(c, _)| *c == x.0) && !j.fatal.contains(&x) {
-                        j.fatal.push(x);
-                    }
-                }
+                remember_fatal(&mut j.fatal, xids);
                 return judge_xids(&j.fatal);
             }
             Ok(Ok(o)) => format!(

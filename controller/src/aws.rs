@@ -334,6 +334,18 @@ async fn bounded<T>(
         })
 }
 
+/// One data point as CloudWatch takes it.
+fn datum(m: &MetricValue) -> MetricDatum {
+    let mut d = MetricDatum::builder()
+        .metric_name(&m.name)
+        .value(m.value)
+        .unit(StandardUnit::from(m.unit));
+    for (k, v) in &m.dimensions {
+        d = d.dimensions(Dimension::builder().name(k).value(v).build());
+    }
+    d.build()
+}
+
 /// `SetInstanceProtection` takes at most 50 instance ids a call
 /// (Amazon EC2 Auto Scaling API Reference, `InstanceIds`): the batches of
 /// one release.
@@ -816,16 +828,9 @@ impl Cloud for SdkCloud {
         const OP: &str = "PutMetricData";
         let c = self.clients(OP, &m.region)?;
         bounded(OP, &m.region, async {
-            let mut d = MetricDatum::builder()
-                .metric_name(&m.name)
-                .value(m.value)
-                .unit(StandardUnit::from(m.unit));
-            for (k, v) in &m.dimensions {
-                d = d.dimensions(Dimension::builder().name(k).value(v).build());
-            }
             c.cw.put_metric_data()
                 .namespace(&m.namespace)
-                .metric_data(d.build())
+                .metric_data(datum(m))
                 .send()
                 .await
                 .map(|_| ())
@@ -847,19 +852,7 @@ impl Cloud for SdkCloud {
         for ((region, namespace), points) in by {
             let c = self.clients(OP, region)?;
             for chunk in points.chunks(1000) {
-                let data: Vec<MetricDatum> = chunk
-                    .iter()
-                    .map(|m| {
-                        let mut d = MetricDatum::builder()
-                            .metric_name(&m.name)
-                            .value(m.value)
-                            .unit(StandardUnit::from(m.unit));
-                        for (k, v) in &m.dimensions {
-                            d = d.dimensions(Dimension::builder().name(k).value(v).build());
-                        }
-                        d.build()
-                    })
-                    .collect();
+                let data: Vec<MetricDatum> = chunk.iter().map(|m| datum(m)).collect();
                 bounded(OP, region, async {
                     c.cw.put_metric_data()
                         .namespace(namespace)

@@ -138,6 +138,20 @@ impl Gate {
     }
 }
 
+impl CloudState {
+    /// The FIFO queue at (region, URL), or SQS's answer for none.
+    fn fifo_queue<'a>(
+        &'a mut self,
+        op: &'static str,
+        region: &str,
+        url: &str,
+    ) -> Result<&'a mut FifoQueue, CloudError> {
+        self.fifo
+            .get_mut(&(region.to_string(), url.to_string()))
+            .ok_or_else(|| FakeCloud::missing(op, region, "such queue (QueueDoesNotExist)"))
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct FakeCloud {
     pub state: Mutex<CloudState>,
@@ -544,12 +558,7 @@ impl Cloud for FakeCloud {
             self,
             region,
             self.begin(OP, region).and_then(|mut st| {
-                let q = st
-                    .fifo
-                    .get_mut(&(region.to_string(), url.to_string()))
-                    .ok_or_else(|| {
-                        FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)")
-                    })?;
+                let q = CloudState::fifo_queue(&mut st, OP, region, url)?;
                 let now = tokio::time::Instant::now();
                 let hide =
                     now + std::time::Duration::from_secs(u64::try_from(visibility).unwrap_or(0));
@@ -598,10 +607,7 @@ impl Cloud for FakeCloud {
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         const OP: &str = "ChangeMessageVisibility";
         later!(self, region, self.begin(OP, region).and_then(|mut st| {
-            let q = st
-                .fifo
-                .get_mut(&(region.to_string(), url.to_string()))
-                .ok_or_else(|| FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)"))?;
+            let q = CloudState::fifo_queue(&mut st, OP, region, url)?;
             let now = tokio::time::Instant::now();
             match q.messages.iter_mut().find(|m| m.receipt == receipt) {
                 // SQS: "Message does not exist or is not available for
@@ -632,12 +638,7 @@ impl Cloud for FakeCloud {
             self,
             region,
             self.begin(OP, region).and_then(|mut st| {
-                let q = st
-                    .fifo
-                    .get_mut(&(region.to_string(), url.to_string()))
-                    .ok_or_else(|| {
-                        FakeCloud::missing(OP, region, "such queue (QueueDoesNotExist)")
-                    })?;
+                let q = CloudState::fifo_queue(&mut st, OP, region, url)?;
                 q.messages
                     .retain(|m| m.receipt.is_empty() || m.receipt != receipt);
                 Ok(())

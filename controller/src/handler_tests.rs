@@ -85,6 +85,19 @@ fn launch(detail_type: &str, msg: &str, at: &str) -> Value {
 
 const ICE: &str = "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity available that matches your request. Launching EC2 instance failed.";
 
+/// The primary's scaling activity for a launch that failed for capacity.
+fn capacity_failure(id: &str) -> crate::events::Activity {
+    crate::events::Activity {
+        id: id.into(),
+        status_code: "Failed".into(),
+        status_message: ICE.into(),
+        start: Some(start()),
+        end: Some(start()),
+        description: "Launching a new EC2 instance. Status Reason: ...".into(),
+        details: String::new(),
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_capacity_failure_opens_the_fallback_and_announces_it() {
     let c = controller();
@@ -1031,15 +1044,7 @@ async fn a_hanging_region_costs_one_bound_and_the_healthy_link_still_fails_over(
     // failing: the first link fails over within the deadline.
     c.cloud.lock().activities.insert(
         ("us-east-1".into(), "gpu".into()),
-        vec![crate::events::Activity {
-            id: "a1".into(),
-            status_code: "Failed".into(),
-            status_message: ICE.into(),
-            start: Some(start()),
-            end: Some(start()),
-            description: "Launching a new EC2 instance. Status Reason: ...".into(),
-            details: String::new(),
-        }],
+        vec![capacity_failure("a1")],
     );
     let t0 = tokio::time::Instant::now();
     let tick = json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}});
@@ -1077,15 +1082,7 @@ async fn a_tick_reads_each_group_once_and_re_checks_only_before_acting() {
     c.cloud.lock().calls.clear();
     c.cloud.lock().activities.insert(
         ("us-east-1".into(), "gpu-east-1".into()),
-        vec![crate::events::Activity {
-            id: "a1".into(),
-            status_code: "Failed".into(),
-            status_message: ICE.into(),
-            start: Some(start()),
-            end: Some(start()),
-            description: "Launching a new EC2 instance. Status Reason: ...".into(),
-            details: String::new(),
-        }],
+        vec![capacity_failure("a1")],
     );
     let r = c.tick(Vec::new()).await.unwrap();
     assert_eq!(r.reconcile.mode, "failed-over");
@@ -1101,15 +1098,7 @@ async fn a_tick_that_fails_over_keeps_the_shortfall_it_handed_and_raises_no_grou
     set_primary(&c, 4, 2);
     c.cloud.lock().activities.insert(
         ("us-east-1".into(), "gpu-east-1".into()),
-        vec![crate::events::Activity {
-            id: "a1".into(),
-            status_code: "Failed".into(),
-            status_message: ICE.into(),
-            start: Some(start()),
-            end: Some(start()),
-            description: "Launching a new EC2 instance. Status Reason: ...".into(),
-            details: String::new(),
-        }],
+        vec![capacity_failure("a1")],
     );
     let r = c.tick(Vec::new()).await.unwrap();
     assert_eq!(r.reconcile.mode, "failed-over");
@@ -1140,16 +1129,10 @@ async fn a_tick_that_fails_over_keeps_the_shortfall_it_handed_and_raises_no_grou
 #[tokio::test(start_paused = true)]
 async fn a_tick_publishes_what_the_dashboard_shows_and_a_failure_once() {
     let c = controller();
-    let failure = crate::events::Activity {
+    let failure = capacity_failure(
         // A real activity id: a UUID, longer than the memory keeps.
-        id: "9f1c2d3e-4b5a-6978-8a9b-0c1d2e3f4a5b".into(),
-        status_code: "Failed".into(),
-        status_message: ICE.into(),
-        start: Some(start()),
-        end: Some(start()),
-        description: "Launching a new EC2 instance. Status Reason: ...".into(),
-        details: String::new(),
-    };
+        "9f1c2d3e-4b5a-6978-8a9b-0c1d2e3f4a5b",
+    );
     c.cloud
         .lock()
         .activities
@@ -1262,15 +1245,7 @@ async fn a_failure_an_event_brings_first_is_counted_once() {
     // The tick after reads the same activity from the group: not again.
     c.cloud.lock().activities.insert(
         ("us-east-1".into(), "gpu-east-1".into()),
-        vec![crate::events::Activity {
-            id: "act-080000".into(),
-            status_code: "Failed".into(),
-            status_message: ICE.into(),
-            start: Some(start()),
-            end: Some(start()),
-            description: "Launching a new EC2 instance. Status Reason: ...".into(),
-            details: String::new(),
-        }],
+        vec![capacity_failure("act-080000")],
     );
     tokio::time::advance(std::time::Duration::from_secs(60)).await;
     c.tick(Vec::new()).await.unwrap();

@@ -692,6 +692,42 @@ fn link_bootstrap(at: &std::path::Path) {
     std::os::unix::fs::symlink(target, at).unwrap();
 }
 
+/// The controller as Lambda runs it (the binary linked as `bootstrap`, no
+/// arguments, the groups `gpu-primary` and `gpu-fallback` and `env` from
+/// the environment, AWS through the proxy) against the fake runtime `api`,
+/// until it has answered `n` invocations within `within`: the answers.
+fn lambda_answers(
+    t: &Ctl,
+    api: &str,
+    responses: &std::sync::Mutex<Vec<Value>>,
+    env: &[(&str, &str)],
+    n: usize,
+    within: Duration,
+) -> Vec<Value> {
+    let bootstrap = t.dir.path().join("bootstrap");
+    link_bootstrap(&bootstrap);
+    let mut cmd = Command::new(&bootstrap);
+    spotguard_tests::lambda_env(&mut cmd, api);
+    cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
+        .env("SPOTGUARD_PRIMARY_QUEUE_URL", &t.queue)
+        .env("SPOTGUARD_FALLBACK_ASG", "gpu-fallback");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    for (k, v) in t.env.agent_env() {
+        cmd.env(k, v);
+    }
+    let (_lambda, _) = spotguard_tests::Proc::spawn(cmd, "spotguard-controller lambda");
+    assert!(
+        t.env
+            .wait_for(within, || responses.lock().unwrap().len() == n),
+        "responses: {:?}",
+        responses.lock().unwrap()
+    );
+    let answers = responses.lock().unwrap().clone();
+    answers
+}
+
 /// A fake Lambda runtime API on loopback that hands out `events` one by one
 /// and collects the function's responses.
 fn fake_runtime(
@@ -755,31 +791,20 @@ fn the_lambda_runtime_handles_events_and_acknowledges_garbage() {
             json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}}),
         ],
     );
-    // As Lambda runs it: the binary named `bootstrap`, no arguments.
-    let bootstrap = t.dir.path().join("bootstrap");
-    link_bootstrap(&bootstrap);
     let lease = t.env.create_fifo_queue("spotguard-lease");
-    let mut cmd = Command::new(&bootstrap);
-    spotguard_tests::lambda_env(&mut cmd, &api);
-    cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
-        .env("SPOTGUARD_PRIMARY_QUEUE_URL", &t.queue)
-        .env("SPOTGUARD_FALLBACK_ASG", "gpu-fallback")
-        .env("SPOTGUARD_FALLBACK_MAX_SIZE", "4")
-        .env("SPOTGUARD_LEASE_QUEUE_URL", &lease)
-        // The primary is short from the start here (see `setup`).
-        .env("SPOTGUARD_FAILOVER_SHORTAGE_FOR", "0s");
-    for (k, v) in t.env.agent_env() {
-        cmd.env(k, v);
-    }
-    let (_lambda, _) = spotguard_tests::Proc::spawn(cmd, "spotguard-controller lambda");
-    assert!(
-        t.env
-            .wait_for(Duration::from_secs(30), || responses.lock().unwrap().len()
-                == 3),
-        "responses: {:?}",
-        responses.lock().unwrap()
+    let r = lambda_answers(
+        &t,
+        &api,
+        &responses,
+        &[
+            ("SPOTGUARD_FALLBACK_MAX_SIZE", "4"),
+            ("SPOTGUARD_LEASE_QUEUE_URL", &lease),
+            // The primary is short from the start here (see `setup`).
+            ("SPOTGUARD_FAILOVER_SHORTAGE_FOR", "0s"),
+        ],
+        3,
+        Duration::from_secs(30),
     );
-    let r = responses.lock().unwrap().clone();
     // Every invocation answered (no error posts, so no retries), in order.
     for (i, resp) in r.iter().enumerate() {
         assert_eq!(
@@ -827,26 +852,14 @@ fn a_lambda_tick_while_another_holds_the_lease_does_nothing() {
         &t.env.rt,
         vec![json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}})],
     );
-    let bootstrap = t.dir.path().join("bootstrap");
-    link_bootstrap(&bootstrap);
-    let mut cmd = Command::new(&bootstrap);
-    spotguard_tests::lambda_env(&mut cmd, &api);
-    cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
-        .env("SPOTGUARD_PRIMARY_QUEUE_URL", &t.queue)
-        .env("SPOTGUARD_FALLBACK_ASG", "gpu-fallback")
-        .env("SPOTGUARD_LEASE_QUEUE_URL", &lease);
-    for (k, v) in t.env.agent_env() {
-        cmd.env(k, v);
-    }
-    let (_lambda, _) = spotguard_tests::Proc::spawn(cmd, "spotguard-controller lambda");
-    assert!(
-        t.env
-            .wait_for(Duration::from_secs(30), || responses.lock().unwrap().len()
-                == 1),
-        "responses: {:?}",
-        responses.lock().unwrap()
+    let r = lambda_answers(
+        &t,
+        &api,
+        &responses,
+        &[("SPOTGUARD_LEASE_QUEUE_URL", &lease)],
+        1,
+        Duration::from_secs(30),
     );
-    let r = responses.lock().unwrap().clone();
     assert_eq!(
         r[0]["path"], "/2018-06-01/runtime/invocation/req-0/response",
         "{r:?}"
@@ -882,25 +895,7 @@ fn a_failed_scheduled_tick_is_a_function_error_in_lambda() {
             json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}}),
         ],
     );
-    let bootstrap = t.dir.path().join("bootstrap");
-    link_bootstrap(&bootstrap);
-    let mut cmd = Command::new(&bootstrap);
-    spotguard_tests::lambda_env(&mut cmd, &api);
-    cmd.env("SPOTGUARD_PRIMARY_ASG", "gpu-primary")
-        .env("SPOTGUARD_PRIMARY_QUEUE_URL", &t.queue)
-        .env("SPOTGUARD_FALLBACK_ASG", "gpu-fallback");
-    for (k, v) in t.env.agent_env() {
-        cmd.env(k, v);
-    }
-    let (_lambda, _) = spotguard_tests::Proc::spawn(cmd, "spotguard-controller lambda");
-    assert!(
-        t.env
-            .wait_for(Duration::from_secs(60), || responses.lock().unwrap().len()
-                == 2),
-        "responses: {:?}",
-        responses.lock().unwrap()
-    );
-    let r = responses.lock().unwrap().clone();
+    let r = lambda_answers(&t, &api, &responses, &[], 2, Duration::from_secs(60));
     assert_eq!(
         r[0]["path"], "/2018-06-01/runtime/invocation/req-0/response",
         "{r:?}"
