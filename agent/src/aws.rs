@@ -199,6 +199,15 @@ pub trait Fleet: Send + Sync + 'static {
         instance: &str,
         protect: bool,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
+    /// Writes this instance's liveness mark: the tag `spotguard:alive` =
+    /// `value` (the Unix time) on the instance, EC2 `CreateTags`. A busy
+    /// agent writes it before it protects itself and at every re-assertion,
+    /// so the controller releases only a dead agent's protection.
+    fn mark_alive(
+        &self,
+        instance: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
     /// Whether the controller has closed the group's intake (its
     /// `spotguard:intake` tag reads `closed`: failing back), and whether
     /// the group runs more InService instances than its desired capacity.
@@ -380,6 +389,8 @@ fn convert_message(m: &aws_sdk_sqs::types::Message) -> Option<Message> {
 pub struct AsgFleet {
     pub client: aws_sdk_autoscaling::Client,
     pub region: String,
+    /// For the liveness mark; the reason when it could not be made.
+    pub ec2: Result<spotguard_common::ec2::Ec2, String>,
 }
 
 impl AsgFleet {
@@ -413,11 +424,32 @@ pub struct Intake {
     pub surplus: bool,
 }
 
+/// The liveness mark's value at `now`: the Unix time in seconds (the
+/// controller's `liveness::judge` reads it).
+pub fn alive_mark(now: chrono::DateTime<chrono::Utc>) -> String {
+    now.timestamp().to_string()
+}
+
 /// The group tag by which the controller closes a fallback group's
 /// intake while failing back (`closed` / `open`).
 pub const INTAKE_TAG: &str = "spotguard:intake";
 
 impl Fleet for AsgFleet {
+    async fn mark_alive(&self, instance: &str, value: &str) -> Result<(), AwsError> {
+        const OP: &str = "CreateTags";
+        let t = self.target(instance);
+        let ec2 = self
+            .ec2
+            .as_ref()
+            .map_err(|m| t.error(OP, None, m.clone()))?;
+        t.bounded(OP, CALL_TIMEOUT, async {
+            ec2.create_tag(instance, spotguard_common::ec2::ALIVE_TAG, value)
+                .await
+                .map_err(|e| t.error(OP, e.code, e.message))
+        })
+        .await
+    }
+
     async fn group_of(&self, instance: &str) -> Result<Option<String>, AwsError> {
         Ok(self.describe(instance).await?.map(|(group, _)| group))
     }

@@ -372,6 +372,10 @@ async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
         }),
         fleet: Arc::new(AsgFleet {
             client: aws_sdk_autoscaling::Client::new(&sdk),
+            ec2: match sdk.credentials_provider() {
+                Some(p) => spotguard_common::ec2::Ec2::new(p, &own_region, sdk.endpoint_url()),
+                None => Err("no AWS credentials provider".to_string()),
+            },
             region: own_region,
         }),
         worker: Arc::new(spec),

@@ -479,6 +479,17 @@ impl MemFleet {
 pub const MIN_SIZE_REFUSAL: &str = "Currently, desiredSize equals minSize (1). Terminating instance without replacement will violate group's min size constraint. Either set shouldDecrementDesiredCapacity flag to false or lower group's min size.";
 
 impl Fleet for MemFleet {
+    fn mark_alive(
+        &self,
+        instance: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send {
+        let r = self
+            .begin("CreateTags", format!("{instance} {value}"))
+            .map(|_| ());
+        async move { r }
+    }
+
     fn intake(
         &self,
         group: &str,

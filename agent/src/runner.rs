@@ -50,7 +50,24 @@ pub const MAX_START_FAILURE_PAUSE: Duration = Duration::from_secs(300);
 /// A busy instance re-asserts its scale-in protection this often: if the
 /// controller released it (a gate held too long by protected instances),
 /// a live agent takes it back.
+///
+/// It also paces the liveness mark, written before each assertion: the
+/// controller's `failover.dead_after` (25 minutes) covers two refreshes.
 pub const PROTECTION_REFRESH: Duration = Duration::from_secs(600);
+
+/// A liveness mark that could not be written (throttled, EC2 impaired) is
+/// written again this soon, with the protection, rather than in 10
+/// minutes: three failures in a row still leave the mark younger than the
+/// controller's 25 minutes.
+pub const MARK_RETRY: Duration = Duration::from_secs(60);
+
+/// EC2's and IAM's refusals: the liveness mark is not allowed.
+fn is_denied(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException" | "AuthFailure")
+    )
+}
 
 /// The circuit breaker, once tripped, lets one job through after this long
 /// (half-open): a downstream outage that made jobs fail may be over. One
@@ -77,10 +94,15 @@ pub const CONFIRM_DELAY: Duration = Duration::from_secs(10);
 
 enum Effect {
     Received(Result<Vec<Message>, AwsError>),
-    HandedBack { asked: usize, done: usize },
+    HandedBack {
+        asked: usize,
+        done: usize,
+    },
     ScaleIn(Result<ScaleIn, AwsError>),
     Confirmed(Result<Option<String>, AwsError>),
-    Protection(bool, Result<(), AwsError>),
+    /// Protection set (or not), and the liveness mark written before it
+    /// when protecting.
+    Protection(bool, Result<(), AwsError>, Option<Result<(), AwsError>>),
     Group(Result<Option<String>, AwsError>),
     Intake(Result<crate::aws::Intake, AwsError>),
     LifecycleCompleted(Result<(), AwsError>),
@@ -233,6 +255,8 @@ pub struct Books {
     pub mark: Pending,
     /// When protection was last set on (re-asserted while busy).
     pub protected_at: Option<Instant>,
+    /// The liveness mark was refused (IAM): said once.
+    pub mark_denied: bool,
     /// A resume after a pause is waiting for the jobs that ran across it.
     pub resume_pending: bool,
 }
@@ -278,6 +302,7 @@ impl Books {
             replace_pending: false,
             mark: Pending::new(now),
             protected_at: None,
+            mark_denied: false,
             resume_pending: false,
         }
     }
@@ -1226,19 +1251,42 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                     tracing::warn!(error = %e, "cannot confirm the instance's state; retrying");
                 }
             },
-            Effect::Protection(want, r) => match r {
-                Ok(()) => {
-                    b.protection.succeeded();
-                    b.protected = want;
-                    b.protected_at = want.then_some(now);
-                    tracing::info!(protected = want, "scale-in protection set");
+            Effect::Protection(want, r, mark) => {
+                match r {
+                    Ok(()) => {
+                        b.protection.succeeded();
+                        b.protected = want;
+                        b.protected_at = want.then_some(now);
+                        tracing::info!(protected = want, "scale-in protection set");
+                    }
+                    Err(e) => {
+                        inc(&c.aws_errors);
+                        b.protection.failed(now, |_| CALL_RETRY);
+                        tracing::warn!(error = %e, "cannot set scale-in protection");
+                    }
                 }
-                Err(e) => {
-                    inc(&c.aws_errors);
-                    b.protection.failed(now, |_| CALL_RETRY);
-                    tracing::warn!(error = %e, "cannot set scale-in protection");
+                match mark {
+                    Some(Err(e)) if is_denied(e.code.as_deref()) => {
+                        inc(&c.aws_errors);
+                        // Not allowed to tag: retrying sooner changes nothing.
+                        if !b.mark_denied {
+                            b.mark_denied = true;
+                            tracing::warn!(error = %e, "cannot write the liveness mark (IAM: ec2:CreateTags on this instance, tag spotguard:alive): the controller cannot tell this agent alive and releases its protection only after failover.max_busy_age");
+                        }
+                    }
+                    Some(Err(e)) => {
+                        inc(&c.aws_errors);
+                        tracing::warn!(error = %e, again_in = ?MARK_RETRY, "cannot write the liveness mark; writing it again soon");
+                        // The next re-assertion (mark, then protection)
+                        // comes MARK_RETRY from now, not PROTECTION_REFRESH.
+                        if b.protected {
+                            b.protected_at = now.checked_sub(PROTECTION_REFRESH - MARK_RETRY);
+                        }
+                    }
+                    Some(Ok(())) => b.mark_denied = false,
+                    None => {}
                 }
-            },
+            }
             Effect::Group(r) => match r {
                 Ok(Some(g)) => {
                     b.group_lookup.succeeded();
@@ -1462,8 +1510,16 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         if let (Some(want), Some(group)) = (d.protect, b.group.clone()) {
             b.protection.start();
             let (fleet, id) = (fleet.clone(), id.clone());
+            let mark = want.then(|| crate::aws::alive_mark(self.clock.now()));
             spawn(Box::pin(async move {
-                Effect::Protection(want, fleet.set_protection(&group, &id, want).await)
+                // The mark first: a protected instance's mark is never
+                // older than its protection, so the controller never finds
+                // a live agent's instance protected under an old mark.
+                let marked = match &mark {
+                    Some(v) => Some(fleet.mark_alive(&id, v).await),
+                    None => None,
+                };
+                Effect::Protection(want, fleet.set_protection(&group, &id, want).await, marked)
             }));
         }
         if d.request_scale_in {

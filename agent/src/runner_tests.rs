@@ -1318,6 +1318,85 @@ async fn a_busy_instance_reasserts_its_protection() {
     );
 }
 
+/// The fleet calls of `ops`, in order: (seconds since start, op, detail).
+fn sequence(w: &World, ops: &[&str]) -> Vec<(f64, &'static str, String)> {
+    w.fleet
+        .lock()
+        .log
+        .calls
+        .iter()
+        .filter(|c| ops.contains(&c.1))
+        .map(|c| (w.at(c.0).round(), c.1, c.2.clone()))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_agent_marks_itself_alive_before_each_protection() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\nprotect_busy = true\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    w.queue.push("1500");
+    w.run_for(1300).await;
+    let seq: Vec<(f64, &str)> = sequence(&w, &["CreateTags", "SetInstanceProtection"])
+        .into_iter()
+        .map(|(t, op, _)| (t, op))
+        .collect();
+    assert_eq!(
+        seq,
+        vec![
+            (0.0, "CreateTags"),
+            (0.0, "SetInstanceProtection"),
+            (600.0, "CreateTags"),
+            (600.0, "SetInstanceProtection"),
+            (1200.0, "CreateTags"),
+            (1200.0, "SetInstanceProtection"),
+        ],
+        "the mark first (never older than the protection), again at every re-assertion"
+    );
+    // The value is the wall-clock time in Unix seconds.
+    let first = &w.fleet.calls("CreateTags")[0].1;
+    assert_eq!(
+        first,
+        &format!("i-0test {}", start_time().timestamp()),
+        "{first}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_mark_is_written_again_within_a_minute_and_a_refused_one_is_not() {
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\nprotect_busy = true\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    // Throttled twice: protection is set regardless, and the mark is
+    // tried again 60 s later each time, not 10 minutes later.
+    w.fleet.fail_next("CreateTags", "RequestLimitExceeded", 2);
+    w.queue.push("1500");
+    w.run_for(700).await;
+    let marks: Vec<f64> = w.call_times(w.fleet.calls("CreateTags"));
+    assert_eq!(marks, vec![0.0, 60.0, 120.0]);
+    assert!(w.fleet.lock().protected);
+
+    // Refused by IAM: no faster retry (it would change nothing), the
+    // normal 10-minute cadence.
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\nprotect_busy = true\n"),
+        MemFleet::new(Some("g"), 0, 2),
+        false,
+    );
+    w.fleet.fail_next("CreateTags", "UnauthorizedOperation", 3);
+    w.queue.push("1500");
+    w.run_for(1300).await;
+    assert_eq!(
+        w.call_times(w.fleet.calls("CreateTags")),
+        vec![0.0, 600.0, 1200.0]
+    );
+    assert!(w.fleet.lock().protected);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unclear_answer_then_standby_resumes_work() {
     let w = World::start(

@@ -3,11 +3,14 @@
 //! definition of every body), the configuration duration type and error
 //! chain, the clock decisions read, and the region of a queue URL or ARN;
 //! with `rt`, how each binary starts (log, runtime, signals); with `aws`,
-//! the SNS publish both binaries make; with `http`, the one HTTP/1 accept
+//! the SNS publish both binaries make and the two EC2 tag calls of the
+//! agents' liveness mark; with `http`, the one HTTP/1 accept
 //! loop.
 
 pub mod clock;
 pub mod config;
+#[cfg(feature = "aws")]
+pub mod ec2;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod imds;

@@ -31,6 +31,8 @@ pub struct GroupInfo {
     pub in_service: i32,
     /// InService instances protected from scale-in (busy agents).
     pub busy: i32,
+    /// Their ids (for the dead-agent check, [`crate::liveness`]).
+    pub protected: Vec<String>,
     /// Instances on their way in (`Pending`, `Pending:Wait`, `Pending:Proceed`).
     pub pending: i32,
     pub tags: BTreeMap<String, String>,
@@ -170,13 +172,21 @@ pub trait Cloud: Send + Sync {
         group: &str,
         update: GroupUpdate,
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
-    /// Releases the scale-in protection of the group's protected
-    /// instances; returns their ids.
+    /// Releases the scale-in protection of these instances of the group
+    /// (50 to a call, AWS's limit); returns those released.
     fn release_protection(
         &self,
         region: &str,
         group: &str,
+        ids: &[String],
     ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send;
+    /// The agents' liveness marks (the instance tag `spotguard:alive`) of
+    /// these instances: instance id -> the tag's value (EC2 `DescribeTags`).
+    fn alive_marks(
+        &self,
+        region: &str,
+        ids: &[String],
+    ) -> impl Future<Output = Result<BTreeMap<String, String>, CloudError>> + Send;
     fn put_tags(
         &self,
         region: &str,
@@ -256,6 +266,9 @@ struct Clients {
     sqs: aws_sdk_sqs::Client,
     cw: aws_sdk_cloudwatch::Client,
     sns: aws_sdk_sns::Client,
+    /// `None` when it cannot be made (no credentials provider, no TLS
+    /// roots): the dead-agent check then fails with that reason.
+    ec2: Result<spotguard_common::ec2::Ec2, String>,
 }
 
 /// SDK clients for each region the controller works in.
@@ -280,6 +293,10 @@ impl SdkCloud {
                     sqs: aws_sdk_sqs::Client::new(&conf),
                     cw: aws_sdk_cloudwatch::Client::new(&conf),
                     sns: aws_sdk_sns::Client::new(&conf),
+                    ec2: match base.credentials_provider() {
+                        Some(p) => spotguard_common::ec2::Ec2::new(p, r, base.endpoint_url()),
+                        None => Err("no AWS credentials provider".to_string()),
+                    },
                 },
             );
         }
@@ -386,18 +403,6 @@ impl SdkCloud {
         })
         .await
     }
-
-    /// The group's instances that are protected from scale-in.
-    async fn protected_ids(&self, region: &str, group: &str) -> Result<Vec<String>, CloudError> {
-        Ok(self
-            .describe(region, group)
-            .await?
-            .instances()
-            .iter()
-            .filter(|i| i.protected_from_scale_in() == Some(true))
-            .filter_map(|i| i.instance_id().map(str::to_string))
-            .collect())
-    }
 }
 
 impl Cloud for SdkCloud {
@@ -417,6 +422,11 @@ impl Cloud for SdkCloud {
                 .iter()
                 .filter(|i| i.protected_from_scale_in() == Some(true))
                 .count() as i32,
+            protected: in_service
+                .iter()
+                .filter(|i| i.protected_from_scale_in() == Some(true))
+                .filter_map(|i| i.instance_id().map(str::to_string))
+                .collect(),
             pending: g
                 .instances()
                 .iter()
@@ -552,12 +562,12 @@ impl Cloud for SdkCloud {
         &self,
         region: &str,
         group: &str,
+        ids: &[String],
     ) -> Result<Vec<String>, CloudError> {
         const OP: &str = "SetInstanceProtection";
-        let ids = self.protected_ids(region, group).await?;
         let c = self.clients(OP, region)?;
         bounded(OP, region, async {
-            for batch in protection_batches(&ids) {
+            for batch in protection_batches(ids) {
                 c.asg
                     .set_instance_protection()
                     .auto_scaling_group_name(group)
@@ -567,7 +577,32 @@ impl Cloud for SdkCloud {
                     .await
                     .map_err(|e| err(OP, region, e))?;
             }
-            Ok(ids)
+            Ok(ids.to_vec())
+        })
+        .await
+    }
+
+    async fn alive_marks(
+        &self,
+        region: &str,
+        ids: &[String],
+    ) -> Result<BTreeMap<String, String>, CloudError> {
+        const OP: &str = "DescribeTags";
+        let c = self.clients(OP, region)?;
+        let ec2 = c.ec2.as_ref().map_err(|m| CloudError {
+            op: OP,
+            region: region.to_string(),
+            message: m.clone(),
+        })?;
+        bounded(OP, region, async {
+            ec2.tag_values(spotguard_common::ec2::ALIVE_TAG, ids)
+                .await
+                .map(|v| v.into_iter().collect())
+                .map_err(|e| CloudError {
+                    op: OP,
+                    region: region.to_string(),
+                    message: e.to_string(),
+                })
         })
         .await
     }

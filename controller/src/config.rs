@@ -200,6 +200,14 @@ pub struct Failover {
     /// live agent takes no new job once intake is closed.
     #[serde(default = "d_max_busy_age")]
     pub max_busy_age: Dur,
+    /// A protected instance whose agent's liveness mark (the instance tag
+    /// `spotguard:alive`, refreshed every 10 minutes while it is busy) is
+    /// older than this has its protection released, with an alarm: its
+    /// agent is dead. 25 minutes is two missed refreshes and a tick, so a
+    /// dead agent's instance is released within 30 minutes of its death
+    /// and a live one survives one lost refresh. `0s`: never.
+    #[serde(default = "d_dead_after")]
+    pub dead_after: Dur,
 }
 
 impl Default for Failover {
@@ -216,6 +224,7 @@ impl Default for Failover {
             shortage_for: d_shortage_for(),
             spot_wait: d_spot_wait(),
             max_busy_age: d_max_busy_age(),
+            dead_after: d_dead_after(),
         }
     }
 }
@@ -253,6 +262,13 @@ fn d_spot_wait() -> Dur {
 fn d_max_busy_age() -> Dur {
     Dur(Duration::from_secs(24 * 3600))
 }
+fn d_dead_after() -> Dur {
+    Dur(Duration::from_secs(25 * 60))
+}
+
+/// How often a busy agent refreshes its liveness mark (the agent's
+/// `PROTECTION_REFRESH`): `failover.dead_after` must cover two of them.
+pub const MARK_REFRESH: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -624,6 +640,13 @@ impl Validate for Config {
                     "must be at most {} (the failures the controller remembers)",
                     crate::reconcile::MAX_FAILURES
                 ),
+            );
+        }
+        let dead = self.failover.dead_after.0;
+        if !dead.is_zero() && dead <= 2 * MARK_REFRESH {
+            return bad(
+                "failover.dead_after",
+                "must exceed 20m (two of the agents' 10-minute liveness refreshes), or be 0s (never)".into(),
             );
         }
         if self.failover.failback_step < 1 {

@@ -53,6 +53,9 @@ pub struct CloudState {
     /// The wall-clock time at a tokio instant (a test's `TokioClock`), for
     /// the FIFO messages' `SentTimestamp`; the system clock without it.
     pub wall: Option<(chrono::DateTime<chrono::Utc>, tokio::time::Instant)>,
+    /// (region, instance id) -> its `spotguard:alive` tag (the agents'
+    /// liveness marks).
+    pub marks: BTreeMap<(String, String), String>,
 }
 
 /// A FIFO queue as SQS answers it: a message group with a message in
@@ -245,9 +248,10 @@ impl FakeCloud {
         let key = (region.to_string(), name.to_string());
         let g = st
             .groups
-            .get(&key)
-            .cloned()
+            .get_mut(&key)
             .ok_or_else(|| FakeCloud::missing(op, region, &format!("group {name:?}")))?;
+        protected_ids(g);
+        let g = g.clone();
         let n = {
             let r = st.reads.entry(key.clone()).or_default();
             *r += 1;
@@ -275,6 +279,14 @@ impl FakeCloud {
             region: region.to_string(),
             message: format!("no {what} in this region"),
         }
+    }
+}
+
+/// A group set up by its count of busy instances gets their ids
+/// (`i-busy0`, ...) the first time they are needed; ids already there stay.
+fn protected_ids(g: &mut GroupInfo) {
+    if g.protected.len() != g.busy.max(0) as usize {
+        g.protected = (0..g.busy).map(|i| format!("i-busy{i}")).collect();
     }
 }
 
@@ -424,8 +436,10 @@ impl Cloud for FakeCloud {
         &self,
         region: &str,
         group: &str,
+        ids: &[String],
     ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send {
         const OP: &str = "SetInstanceProtection";
+        let ids = ids.to_vec();
         later!(
             self,
             region,
@@ -434,9 +448,40 @@ impl Cloud for FakeCloud {
                     .groups
                     .get_mut(&(region.to_string(), group.to_string()))
                     .ok_or_else(|| FakeCloud::missing(OP, region, "such group"))?;
-                let ids = (0..g.busy).map(|i| format!("i-busy{i}")).collect();
-                g.busy = 0;
+                // AWS: at most 50 instance ids a call.
+                if ids.len() > 50 {
+                    return Err(CloudError {
+                        op: OP,
+                        region: region.to_string(),
+                        message: "ValidationError: 1 validation error detected: Value at 'instanceIds' failed to satisfy constraint: Member must have length less than or equal to 50".into(),
+                    });
+                }
+                protected_ids(g);
+                g.protected.retain(|i| !ids.contains(i));
+                g.busy = g.protected.len() as i32;
                 Ok(ids)
+            })
+        )
+    }
+
+    fn alive_marks(
+        &self,
+        region: &str,
+        ids: &[String],
+    ) -> impl Future<Output = Result<BTreeMap<String, String>, CloudError>> + Send {
+        const OP: &str = "DescribeTags";
+        let ids = ids.to_vec();
+        later!(
+            self,
+            region,
+            self.begin(OP, region).map(|st| {
+                ids.iter()
+                    .filter_map(|id| {
+                        st.marks
+                            .get(&(region.to_string(), id.clone()))
+                            .map(|v| (id.clone(), v.clone()))
+                    })
+                    .collect()
             })
         )
     }

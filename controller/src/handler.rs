@@ -2,6 +2,7 @@
 //! publish the metrics, observe, decide ([`crate::reconcile`]) and act.
 //! The same code serves Lambda, the `run` loop and `once`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -116,6 +117,9 @@ pub struct TickReport {
     pub raised_from_zero: Vec<String>,
     /// Periodic tasks enqueued: (name, scheduled time).
     pub cron: Vec<(String, String)>,
+    /// Instances whose agent was dead ([`crate::liveness`]): their
+    /// protection released this tick.
+    pub dead_released: Vec<String>,
 }
 
 impl<C: Cloud> Controller<C> {
@@ -326,6 +330,7 @@ impl<C: Cloud> Controller<C> {
                     reconcile,
                     raised_from_zero: Vec::new(),
                     cron: Vec::new(),
+                    dead_released: Vec::new(),
                 }))
             }
             Ok(Event::SpotInterruption {
@@ -476,13 +481,103 @@ impl<C: Cloud> Controller<C> {
             Some((visible, _)) => self.scale_from_zero(visible, &reconcile, groups).await,
             None => Vec::new(),
         };
+        let dead_released = self.release_dead_agents(groups).await;
         Ok(TickReport {
             metrics,
             metrics_error: (!errors.is_empty()).then(|| errors.join("; ")),
             reconcile,
             raised_from_zero,
             cron,
+            dead_released,
         })
+    }
+
+    /// Releases the protection of every protected instance, in every group
+    /// read this tick, whose agent's liveness mark is older than
+    /// `failover.dead_after` ([`crate::liveness`]), with an alarm: a dead
+    /// agent would hold its instance (and a failing-back gate) for ever.
+    /// One `DescribeTags` per group with protected instances (200 ids to a
+    /// call); the groups at once. A group whose marks cannot be read
+    /// releases nothing this tick.
+    async fn release_dead_agents(&self, groups: &Groups) -> Vec<String> {
+        let dead_after = self.cfg.failover.dead_after.0;
+        if dead_after.is_zero() {
+            return Vec::new();
+        }
+        let checks = self
+            .cfg
+            .groups()
+            .zip(groups.iter())
+            .filter_map(|((region, asg), g)| {
+                let g = g.as_ref().ok().filter(|g| !g.protected.is_empty())?;
+                Some(async move {
+                    let marks = match self.cloud.alive_marks(region, &g.protected).await {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::warn!(group = %asg, error = %e, "cannot read the agents' liveness marks; no dead agent released this tick");
+                            return Vec::new();
+                        }
+                    };
+                    let now = self.clock.now();
+                    let dead: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+                        crate::liveness::judge(&g.protected, &marks, now, dead_after)
+                            .into_iter()
+                            .filter_map(|(id, a)| match a {
+                                crate::liveness::Agent::Dead { last } => Some((id, last)),
+                                _ => None,
+                            })
+                            .collect();
+                    if dead.is_empty() {
+                        return Vec::new();
+                    }
+                    let ids: Vec<String> = dead.iter().map(|d| d.0.clone()).collect();
+                    tracing::error!(group = %asg, instances = ?ids, "protected instances whose agent stopped marking itself alive: releasing their protection");
+                    let mut released = Vec::new();
+                    for batch in crate::aws::protection_batches(&ids) {
+                        match self.cloud.release_protection(region, asg, batch).await {
+                            Ok(r) => released.extend(r),
+                            Err(e) => {
+                                tracing::warn!(group = %asg, error = %e, "cannot release a dead agent's protection; next tick again");
+                            }
+                        }
+                    }
+                    if released.is_empty() {
+                        return released;
+                    }
+                    let marks: serde_json::Map<String, Value> = dead
+                        .iter()
+                        .filter(|d| released.contains(&d.0))
+                        .map(|(id, last)| (id.clone(), json!(last.to_rfc3339())))
+                        .collect();
+                    self.alarm(
+                        "spotguard: ALARM dead agent's protection released",
+                        json!({
+                            "event": "dead_agent_protection_released",
+                            "group": {"region": region, "asg": asg},
+                            "instances": released,
+                            "last_marked": marks,
+                            "dead_after_secs": dead_after.as_secs(),
+                        }),
+                    )
+                    .await;
+                    released
+                })
+            });
+        futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Publishes an alarm to `notify.sns_topic_arn`, if set; a failure is
+    /// logged (the action it reports is done).
+    async fn alarm(&self, subject: &str, msg: Value) {
+        if let Some(topic) = &self.cfg.notify.sns_topic_arn {
+            if let Err(e) = self.cloud.publish(topic, subject, &msg.to_string()).await {
+                tracing::warn!(error = %e, "cannot publish the alarm");
+            }
+        }
     }
 
     /// What the dashboard shows that CloudWatch does not have in the
@@ -1140,27 +1235,50 @@ impl<C: Cloud> Controller<C> {
         }
         for a in &plan.actions {
             if let Action::ReleaseStaleProtection { busy, held_since } = a {
-                tracing::error!(group = %f.asg, busy, %held_since, "failing back has been held by protected fallback instances past failover.max_busy_age: releasing their protection (their agents may be dead)");
-                let released = self.cloud.release_protection(&f.region, &f.asg).await?;
-                if let Some(topic) = &self.cfg.notify.sns_topic_arn {
-                    let msg = json!({
+                // Only instances whose agent is not known alive: a live
+                // agent with a long job keeps its protection however long
+                // the gate is held (its mark says so).
+                let g = self.cloud.group(&f.region, &f.asg).await?;
+                let marks = match self.cloud.alive_marks(&f.region, &g.protected).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(group = %f.asg, error = %e, "cannot read the agents' liveness marks: every protected instance counts as unmarked");
+                        BTreeMap::new()
+                    }
+                };
+                let stale: Vec<String> = crate::liveness::judge(
+                    &g.protected,
+                    &marks,
+                    self.clock.now(),
+                    self.cfg.failover.dead_after.0,
+                )
+                .into_iter()
+                .filter(|(_, a)| *a != crate::liveness::Agent::Alive)
+                .map(|(id, _)| id)
+                .collect();
+                if stale.is_empty() {
+                    tracing::info!(group = %f.asg, busy, "failing back is held past failover.max_busy_age by live agents only: nothing released");
+                    continue;
+                }
+                tracing::error!(group = %f.asg, busy, %held_since, instances = ?stale, "failing back has been held by protected fallback instances past failover.max_busy_age: releasing those without a live agent");
+                let mut released = Vec::new();
+                for batch in crate::aws::protection_batches(&stale) {
+                    released.extend(
+                        self.cloud
+                            .release_protection(&f.region, &f.asg, batch)
+                            .await?,
+                    );
+                }
+                self.alarm(
+                    "spotguard: ALARM stale scale-in protection released",
+                    json!({
                         "event": "stale_protection_released",
                         "fallback": {"region": f.region, "asg": f.asg},
                         "instances": released,
                         "held_since": held_since.to_rfc3339(),
-                    });
-                    if let Err(e) = self
-                        .cloud
-                        .publish(
-                            topic,
-                            "spotguard: ALARM stale scale-in protection released",
-                            &msg.to_string(),
-                        )
-                        .await
-                    {
-                        tracing::warn!(error = %e, "cannot publish the alarm");
-                    }
-                }
+                    }),
+                )
+                .await;
             }
         }
         for a in &plan.actions {

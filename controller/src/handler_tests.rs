@@ -430,11 +430,19 @@ async fn a_gate_held_by_stale_protection_is_released_with_an_alarm() {
         "held by the busy instances"
     );
     assert!(c.cloud.calls("SetInstanceProtection").is_empty());
-    // A day later they are still protected: released, with an alarm.
-    tokio::time::advance(std::time::Duration::from_secs(24 * 3600)).await;
+    // A day later they are still protected: the one whose agent is not
+    // known alive (no liveness mark) is released, with an alarm; the one
+    // whose agent marked itself alive 5 minutes ago (a job longer than
+    // max_busy_age) is not.
+    tokio::time::advance(std::time::Duration::from_secs(24 * 3600 - 300)).await;
+    mark(&c, "us-east-2", "i-busy0");
+    tokio::time::advance(std::time::Duration::from_secs(300)).await;
     c.tick(Vec::new()).await.unwrap();
     assert_eq!(c.cloud.calls("SetInstanceProtection"), vec!["us-east-2"]);
-    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").busy, 0);
+    assert_eq!(
+        c.cloud.group_of("us-east-2", "gpu-east-2").protected,
+        vec!["i-busy0"]
+    );
     let alarms: Vec<_> = c
         .cloud
         .lock()
@@ -444,6 +452,115 @@ async fn a_gate_held_by_stale_protection_is_released_with_an_alarm() {
         .cloned()
         .collect();
     assert_eq!(alarms.len(), 1, "{alarms:?}");
+    let body: serde_json::Value = serde_json::from_str(&alarms[0].2).unwrap();
+    assert_eq!(body["instances"], json!(["i-busy1"]));
+}
+
+/// Writes instance `id`'s liveness mark at the controller's time.
+fn mark(c: &Controller<FakeCloud>, region: &str, id: &str) {
+    let v = crate::liveness::mark(c.clock.now());
+    c.cloud.lock().marks.insert((region.into(), id.into()), v);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_agent_is_released_within_30_minutes_and_a_live_busy_one_never() {
+    let c = controller();
+    set_primary(&c, 3, 3);
+    {
+        let mut st = c.cloud.lock();
+        let p = st
+            .groups
+            .get_mut(&("us-east-1".into(), "gpu-east-1".into()))
+            .unwrap();
+        p.busy = 3;
+    }
+    // i-busy0: a live agent with back-to-back jobs, marking every 10
+    // minutes; i-busy1: marked once, then its agent dies; i-busy2: an
+    // agent that never marks (older version, or IAM denies the tag).
+    mark(&c, "us-east-1", "i-busy0");
+    mark(&c, "us-east-1", "i-busy1");
+    let mut released_at = None;
+    for minute in 1..=6 * 60 {
+        tokio::time::advance(std::time::Duration::from_secs(60)).await;
+        if minute % 10 == 0 {
+            mark(&c, "us-east-1", "i-busy0");
+        }
+        let r = c.tick(Vec::new()).await.unwrap();
+        if !r.dead_released.is_empty() {
+            assert_eq!(r.dead_released, vec!["i-busy1"], "minute {minute}");
+            assert!(released_at.is_none(), "released twice");
+            released_at = Some(minute);
+        }
+    }
+    // Its mark 25 minutes old is still alive; older, dead: released at
+    // the next tick, within 30 minutes of the last mark.
+    assert_eq!(released_at, Some(26));
+    assert_eq!(
+        c.cloud.group_of("us-east-1", "gpu-east-1").protected,
+        vec!["i-busy0", "i-busy2"],
+        "the live agent and the unmarked one keep their protection"
+    );
+    let alarms: Vec<serde_json::Value> = c
+        .cloud
+        .lock()
+        .published
+        .iter()
+        .filter(|p| p.1.contains("dead agent"))
+        .map(|p| serde_json::from_str(&p.2).unwrap())
+        .collect();
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    assert_eq!(alarms[0]["event"], "dead_agent_protection_released");
+    assert_eq!(alarms[0]["instances"], json!(["i-busy1"]));
+    assert_eq!(
+        alarms[0]["last_marked"]["i-busy1"],
+        "2026-11-28T08:00:00+00:00"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_dead_agent_check_can_be_switched_off_and_survives_unreadable_marks() {
+    let c = fake_controller(
+        &format!(
+            "[primary]\nasg = \"gpu-east-1\"\nqueue_url = \"{QUEUE}\"\n[fallback]\nasg = \"gpu-east-2\"\n[failover]\ndead_after = \"0s\"\n"
+        ),
+        ("us-east-1", "gpu-east-1", 1, 1),
+        &[("us-east-2", "gpu-east-2")],
+    );
+    c.cloud
+        .lock()
+        .groups
+        .get_mut(&("us-east-1".into(), "gpu-east-1".into()))
+        .unwrap()
+        .busy = 1;
+    mark(&c, "us-east-1", "i-busy0");
+    tokio::time::advance(std::time::Duration::from_secs(3600)).await;
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert!(r.dead_released.is_empty());
+    assert!(
+        c.cloud.calls("DescribeTags").is_empty(),
+        "switched off: no call"
+    );
+
+    // On: marks that cannot be read (EC2 throttling) release nothing and
+    // fail no tick; the next tick reads them.
+    let c = controller();
+    c.cloud
+        .lock()
+        .groups
+        .get_mut(&("us-east-1".into(), "gpu-east-1".into()))
+        .unwrap()
+        .busy = 1;
+    set_primary(&c, 3, 3);
+    mark(&c, "us-east-1", "i-busy0");
+    tokio::time::advance(std::time::Duration::from_secs(3600)).await;
+    c.cloud.lock().faults.insert(
+        ("DescribeTags", "us-east-1".into()),
+        ["RequestLimitExceeded: Request limit exceeded.".to_string()].into(),
+    );
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert!(r.dead_released.is_empty());
+    let r = c.tick(Vec::new()).await.unwrap();
+    assert_eq!(r.dead_released, vec!["i-busy0"]);
 }
 
 #[tokio::test(start_paused = true)]

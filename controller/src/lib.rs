@@ -20,6 +20,7 @@ pub mod events;
 pub mod fakes;
 pub mod handler;
 pub mod lease;
+pub mod liveness;
 pub mod metrics;
 pub mod reconcile;
 pub mod setup;

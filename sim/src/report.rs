@@ -38,6 +38,9 @@ const COLUMNS: &[Column] = &[
     }),
     ("killed: reclaim", |s, _| kills(s, "Reclaimed").to_string()),
     ("killed: replaced", |s, _| kills(s, "Replaced").to_string()),
+    ("killed: agent died", |s, _| {
+        kills(s, "AgentDied").to_string()
+    }),
     ("lost", |s, _| s.lost.to_string()),
     ("dead-lettered", |s, _| s.dead_lettered.to_string()),
     ("fallback instance-h", |s, _| {

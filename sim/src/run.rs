@@ -93,6 +93,10 @@ fn fallback_name(k: usize) -> String {
     }
 }
 const METRIC: &str = "BacklogPerInstance";
+
+/// README: "a dead agent's instance is released within 30 minutes" (of its
+/// last liveness mark, which is before the death).
+const DEAD_RELEASE_BOUND: Duration = Duration::from_secs(30 * 60);
 const SEED_METRIC: &str = "ApproximateNumberOfMessagesVisible";
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -131,6 +135,8 @@ pub struct Summary {
     pub utilization: f64,
     /// Mode changes of the cascade, each counted when it happens.
     pub mode_changes: usize,
+    /// Agents that died (`faults.agent_death_per_hour`).
+    pub agent_deaths: usize,
     pub violations: Vec<String>,
 }
 
@@ -533,6 +539,8 @@ async fn simulate(
     // Events on their way: (delivery second, order, event).
     let mut in_transit: Vec<(u64, usize, serde_json::Value)> = Vec::new();
     let mut event_rng = Rng::new(seed.wrapping_mul(131).wrapping_add(5));
+    // Its own stream, so that agent deaths change no other draw.
+    let mut death_rng = Rng::new(seed.wrapping_mul(977).wrapping_add(11));
     let mut series = Series::default();
     let mut last_mode = 0.0;
     let mut mode_changes = 0;
@@ -679,6 +687,49 @@ async fn simulate(
                                 running.len()
                             ));
                         }
+                    }
+                    _ => {}
+                }
+            }
+            // Agents that die: the instance runs on, protected if it was
+            // busy; its jobs' messages come back when their visibility
+            // lapses. A dead agent's instance still protected 30 minutes
+            // after the death breaks the controller's promise.
+            let death = s.faults.agent_death_per_hour * step.as_secs_f64() / 3600.0;
+            let ids: Vec<String> = w.instances.keys().cloned().collect();
+            for id in ids {
+                let i = w.instances.get_mut(&id).expect("present");
+                if i.state != State::InService {
+                    continue;
+                }
+                match i.agent_dead_at {
+                    None if death > 0.0 && i.task.is_some() && death_rng.unit() < death => {
+                        if let Some(t) = i.task.take() {
+                            t.abort();
+                        }
+                        i.agent_dead_at = Some(now);
+                        let running = std::mem::take(&mut i.running);
+                        for job in &running {
+                            w.jobs
+                                .entry(job.clone())
+                                .or_default()
+                                .kills
+                                .push(Kill::AgentDied);
+                        }
+                        *w.kills_by_cause.entry("AgentDied".into()).or_default() += running.len();
+                        w.agent_deaths += 1;
+                    }
+                    Some(at)
+                        if i.protected
+                            && !i.dead_reported
+                            && policy.is_spotguard()
+                            && now.duration_since(at) > DEAD_RELEASE_BOUND =>
+                    {
+                        i.dead_reported = true;
+                        w.violations.push(format!(
+                            "{id}: its agent died {:.0} min ago and it is still protected from scale-in",
+                            now.duration_since(at).as_secs_f64() / 60.0
+                        ));
                     }
                     _ => {}
                 }
@@ -848,6 +899,7 @@ async fn simulate(
                 "AgentScaleIn",
                 "Reclaimed",
                 "Replaced",
+                "AgentDied",
             ] {
                 let k = w.kills_by_cause.get(cause).copied().unwrap_or(0);
                 series
@@ -1103,6 +1155,7 @@ fn summarize(
         transfer_usd: w.transfer_cost,
         utilization: if paid > 0.0 { busy / paid } else { 0.0 },
         mode_changes,
+        agent_deaths: w.agent_deaths,
         violations: w.violations.clone(),
     }
 }

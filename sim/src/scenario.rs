@@ -270,6 +270,11 @@ pub struct Faults {
     /// jobs run twice: a heartbeat failed twice in a row let the lease
     /// lapse (fixed: a failed heartbeat is tried again within seconds).
     pub visibility_error_rate: f64,
+    /// The chance per InService instance-hour that its agent dies (its
+    /// process gone, the instance still running and, if it was busy,
+    /// still protected from scale-in): the controller must release such
+    /// an instance's protection within 30 minutes, by its liveness mark.
+    pub agent_death_per_hour: f64,
 }
 
 impl Scenario {
@@ -337,6 +342,7 @@ impl Scenario {
                 "faults.visibility_error_rate",
                 s.faults.visibility_error_rate,
             ),
+            ("faults.agent_death_per_hour", s.faults.agent_death_per_hour),
         ] {
             if !(0.0..=1.0).contains(&p) {
                 return bad(key, "must be between 0 and 1");

@@ -77,6 +77,12 @@ pub struct Instance {
     pub billed_secs: f64,
     pub state: State,
     pub protected: bool,
+    /// Its agent's liveness mark (the `spotguard:alive` tag), if written.
+    pub alive_mark: Option<String>,
+    /// When its agent died (`faults.agent_death_per_hour`), and whether
+    /// that was reported as a protection held too long.
+    pub agent_dead_at: Option<Instant>,
+    pub dead_reported: bool,
     pub launched: Instant,
     pub ended: Option<Instant>,
     /// The spot notice was given (no decrement may follow).
@@ -144,6 +150,9 @@ pub enum Kill {
     AgentScaleIn,
     /// The instance was replaced as unhealthy.
     Replaced,
+    /// Its agent died while the job ran (the message comes back when its
+    /// visibility lapses).
+    AgentDied,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -186,6 +195,8 @@ pub struct World {
     pub transfer_per_job: f64,
     /// Executions killed so far, by cause (`Kill`'s name).
     pub kills_by_cause: BTreeMap<String, usize>,
+    /// Agents dead so far (`faults.agent_death_per_hour`).
+    pub agent_deaths: usize,
     pub faults: crate::scenario::Faults,
     /// The faults' own generator, so that they do not shift the rest.
     pub fault_rng: Option<Rng>,
@@ -392,6 +403,9 @@ impl World {
                             ready: now + launch.delay.0 + launch.boot.0,
                         },
                         protected: false,
+                        alive_mark: None,
+                        agent_dead_at: None,
+                        dead_reported: false,
                         launched: now,
                         ended: None,
                         noticed: false,
@@ -620,6 +634,21 @@ pub struct SimFleet {
 }
 
 impl Fleet for SimFleet {
+    fn mark_alive(
+        &self,
+        _instance: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send {
+        let mut w = lock(&self.world);
+        if w.agent_call_fails() {
+            return std::future::ready(Err(aws_error("CreateTags", "RequestLimitExceeded")));
+        }
+        if let Some(i) = w.instances.get_mut(&self.id) {
+            i.alive_mark = Some(value.to_string());
+        }
+        std::future::ready(Ok(()))
+    }
+
     fn intake(
         &self,
         _group: &str,
@@ -833,6 +862,11 @@ impl Cloud for SimCloud {
                     .iter()
                     .filter(|i| i.state == State::InService && i.protected)
                     .count() as i32,
+                protected: ins
+                    .iter()
+                    .filter(|i| i.state == State::InService && i.protected)
+                    .map(|i| i.id.clone())
+                    .collect(),
                 pending: ins
                     .iter()
                     .filter(|i| matches!(i.state, State::Pending { .. }))
@@ -924,17 +958,34 @@ impl Cloud for SimCloud {
         &self,
         region: &str,
         group: &str,
+        ids: &[String],
     ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send {
         let mut w = lock(&self.world);
         let g = w.group_index(region, group);
-        let mut ids = Vec::new();
+        let mut released = Vec::new();
         for i in w.instances.values_mut() {
-            if Some(i.group) == g && i.protected {
+            if Some(i.group) == g && i.protected && ids.contains(&i.id) {
                 i.protected = false;
-                ids.push(i.id.clone());
+                released.push(i.id.clone());
             }
         }
-        std::future::ready(Ok(ids))
+        std::future::ready(Ok(released))
+    }
+
+    fn alive_marks(
+        &self,
+        _region: &str,
+        ids: &[String],
+    ) -> impl Future<Output = Result<BTreeMap<String, String>, CloudError>> + Send {
+        let w = lock(&self.world);
+        let marks = ids
+            .iter()
+            .filter_map(|id| {
+                let m = w.instances.get(id)?.alive_mark.clone()?;
+                Some((id.clone(), m))
+            })
+            .collect();
+        std::future::ready(Ok(marks))
     }
 
     fn delete_tags(

@@ -30,6 +30,7 @@ GROUP_ARN = "arn:${AWS::Partition}:autoscaling:%s:${AWS::AccountId}:autoScalingG
 # Template rendering -> the JSON's placeholder (README, "Least privilege").
 AGENT_SUBST = {
     GROUP_ARN % ("${AWS::Region}", "${GroupName}"): "${GroupArn}",
+    "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:instance/*": "${InstanceArns}",
 }
 CONTROLLER_SUBST = {
     "${JobQueue.Arn}": "${QueueArn}",
@@ -211,8 +212,8 @@ def self_tests(docs):
         tpl["Condition"]["StringEquals"]["autoscaling:ResourceTag/spotguard"] = "yes"
 
     def template_resource_differs(d):  # same actions and conditions; the fallback only
-        tpl = statement(d["controller"][0], "ProtectionOfItsFallbacksOnly")
-        tpl["Resource"] = GROUP_ARN % ("${AWS::Region}", "${PrimaryGroupName}")
+        tpl = statement(d["controller"][0], "ProtectionOfItsGroupsOnly")
+        tpl["Resource"] = [GROUP_ARN % ("${AWS::Region}", "${PrimaryGroupName}")]
 
     def json_condition_missing(d):
         del statement(d["controller"][1], "CapacityOfItsGroupsOnly")["Condition"]["NumericLessThanEqualsIfExists"]

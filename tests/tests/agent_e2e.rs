@@ -682,6 +682,37 @@ fn busy_instances_are_protected_from_scale_in_and_released_when_idle() {
     // On once for the busy spell, off once idle (idle_timeout): not per job.
     let calls = s.env.proxy.calls_of("SetInstanceProtection").len();
     assert_eq!(calls, 2, "{calls} SetInstanceProtection calls for 4 jobs");
+    // Its liveness mark, written (signed by hand) before the protection,
+    // reads back through the controller's DescribeTags.
+    assert_eq!(s.env.proxy.calls_of("CreateTags").len(), 1);
+    // 250 ids (two calls: 200 to a filter) and EC2's throttling twice
+    // (RequestLimitExceeded, HTTP 503: retried).
+    let cloud =
+        spotguard_controller::aws::SdkCloud::new(&s.env.sdk_through_proxy(), &["us-east-1"]);
+    let mut asked: Vec<String> = (0..249).map(|i| format!("i-{i:017x}")).collect();
+    asked.push(ids[0].clone());
+    s.env.proxy.inject(
+        "DescribeTags",
+        spotguard_tests::proxy::Fault::Error {
+            status: 503,
+            code: "RequestLimitExceeded",
+        },
+        2,
+    );
+    let marks = s
+        .env
+        .rt
+        .block_on(spotguard_controller::aws::Cloud::alive_marks(
+            &cloud,
+            "us-east-1",
+            &asked,
+        ))
+        .unwrap();
+    assert_eq!(s.env.proxy.calls_of("DescribeTags").len(), 4);
+    let mark: i64 = marks[&ids[0]].parse().unwrap();
+    let now = chrono::Utc::now().timestamp();
+    assert!(now - 120 < mark && mark <= now, "{mark} vs {now}");
+    assert_eq!(marks.len(), 1, "{marks:?}");
 }
 
 #[test]
