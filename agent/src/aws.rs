@@ -430,6 +430,10 @@ pub fn alive_mark(now: chrono::DateTime<chrono::Utc>) -> String {
     now.timestamp().to_string()
 }
 
+/// The liveness mark of an agent that is not busy (and not protected):
+/// not a time, so the controller never judges it.
+pub const IDLE_MARK: &str = "idle";
+
 /// The group tag by which the controller closes a fallback group's
 /// intake while failing back (`closed` / `open`).
 pub const INTAKE_TAG: &str = "spotguard:intake";

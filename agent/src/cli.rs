@@ -373,7 +373,11 @@ async fn run_command(mut cfg: Config) -> Result<(), BoxError> {
         fleet: Arc::new(AsgFleet {
             client: aws_sdk_autoscaling::Client::new(&sdk),
             ec2: match sdk.credentials_provider() {
-                Some(p) => spotguard_common::ec2::Ec2::new(p, &own_region, sdk.endpoint_url()),
+                Some(p) => spotguard_common::ec2::Ec2::new(
+                    p,
+                    &own_region,
+                    spotguard_common::ec2::endpoint_override(sdk.endpoint_url()).as_deref(),
+                ),
                 None => Err("no AWS credentials provider".to_string()),
             },
             region: own_region,

@@ -99,6 +99,8 @@ pub struct QueueState {
     /// Calls SQS itself rejected (stale handle, past the 12-hour cap...):
     /// (operation, error code).
     pub rejected: Vec<(&'static str, String)>,
+    /// How long a `SendMessage` takes to answer (an SQS that is slow).
+    pub send_latency: Option<Duration>,
     next: u64,
 }
 
@@ -378,7 +380,11 @@ impl Queue for MemQueue {
 
     fn send(&self, msg: &Outgoing) -> impl Future<Output = Result<String, AwsError>> + Send {
         let msg = msg.clone();
+        let latency = self.lock().send_latency;
         async move {
+            if let Some(d) = latency {
+                tokio::time::sleep(d).await;
+            }
             self.begin("SendMessage", msg.body.clone())?;
             let id = self.push_group(&msg.body, msg.group_id.as_deref());
             if let Some(m) = self.lock().messages.iter_mut().find(|m| m.id == id) {

@@ -57,15 +57,16 @@ pub const PROTECTION_REFRESH: Duration = Duration::from_secs(600);
 
 /// A liveness mark that could not be written (throttled, EC2 impaired) is
 /// written again this soon, with the protection, rather than in 10
-/// minutes: three failures in a row still leave the mark younger than the
-/// controller's 25 minutes.
-pub const MARK_RETRY: Duration = Duration::from_secs(60);
+/// minutes: the controller's 25 minutes leave room for dozens of tries.
+/// 15 s: three retried attempts of one call take about 2 s, and EC2's
+/// throttling refills within seconds.
+pub const MARK_RETRY: Duration = Duration::from_secs(15);
 
 /// EC2's and IAM's refusals: the liveness mark is not allowed.
 fn is_denied(code: Option<&str>) -> bool {
     matches!(
         code,
-        Some("UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException" | "AuthFailure")
+        Some("UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException")
     )
 }
 
@@ -1274,7 +1275,7 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                             tracing::warn!(error = %e, "cannot write the liveness mark (IAM: ec2:CreateTags on this instance, tag spotguard:alive): the controller cannot tell this agent alive and releases its protection only after failover.max_busy_age");
                         }
                     }
-                    Some(Err(e)) => {
+                    Some(Err(e)) if want => {
                         inc(&c.aws_errors);
                         tracing::warn!(error = %e, again_in = ?MARK_RETRY, "cannot write the liveness mark; writing it again soon");
                         // The next re-assertion (mark, then protection)
@@ -1282,6 +1283,10 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                         if b.protected {
                             b.protected_at = now.checked_sub(PROTECTION_REFRESH - MARK_RETRY);
                         }
+                    }
+                    Some(Err(e)) => {
+                        inc(&c.aws_errors);
+                        tracing::warn!(error = %e, "cannot mark the liveness tag idle; the next busy spell writes it again");
                     }
                     Some(Ok(())) => b.mark_denied = false,
                     None => {}
@@ -1510,16 +1515,23 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         if let (Some(want), Some(group)) = (d.protect, b.group.clone()) {
             b.protection.start();
             let (fleet, id) = (fleet.clone(), id.clone());
-            let mark = want.then(|| crate::aws::alive_mark(self.clock.now()));
+            // The mark first: protecting, the time (a protected instance's
+            // mark is not older than its protection); unprotecting,
+            // `idle` (not a time), so that a later busy spell whose mark
+            // cannot be written shows no old time for the controller to
+            // take for a dead agent.
+            let mark = if want {
+                crate::aws::alive_mark(self.clock.now())
+            } else {
+                crate::aws::IDLE_MARK.to_string()
+            };
             spawn(Box::pin(async move {
-                // The mark first: a protected instance's mark is never
-                // older than its protection, so the controller never finds
-                // a live agent's instance protected under an old mark.
-                let marked = match &mark {
-                    Some(v) => Some(fleet.mark_alive(&id, v).await),
-                    None => None,
-                };
-                Effect::Protection(want, fleet.set_protection(&group, &id, want).await, marked)
+                let marked = fleet.mark_alive(&id, &mark).await;
+                Effect::Protection(
+                    want,
+                    fleet.set_protection(&group, &id, want).await,
+                    Some(marked),
+                )
             }));
         }
         if d.request_scale_in {

@@ -331,6 +331,35 @@ async fn a_drain_stops_running_jobs_at_the_deadline_and_hands_them_back() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn at_the_deadline_a_slow_hand_back_gets_only_what_is_left_of_the_margin() {
+    // Margin 12 s, grace 10 s: the settle gets 2 s (not the usual 10 s),
+    // so the whole deadline path ends by the notice time.
+    let w = World::start(
+        cfg("[scale_in]\nenabled = false\n[interruption]\ndeadline_margin = \"12s\"\n"),
+        MemFleet::new(None, 0, 1),
+        false,
+    );
+    let id = w.queue.push("1000");
+    w.run_for(5).await;
+    // SQS takes 5 s to take the re-sent copy: past the 2 s budget.
+    w.queue.lock().send_latency = Some(Duration::from_secs(5));
+    w.spot(120).await; // deadline: t+5+120-12 = t+113
+    w.run_for(118).await;
+    let end = w
+        .worker
+        .events()
+        .into_iter()
+        .find(|e| e.2 == "end")
+        .expect("job ended");
+    assert_eq!(w.at(end.0).round(), 113.0);
+    assert!(
+        w.queue.deleted().is_empty(),
+        "the hand-back was cut at 2 s: {id} comes back when its visibility lapses"
+    );
+    assert_eq!(w.queue.depth().1, 1, "still in flight");
+}
+
+#[tokio::test(start_paused = true)]
 async fn shutdown_drains_then_the_runner_exits() {
     let mut w = World::start(cfg(no_scale_in()), MemFleet::new(None, 0, 1), false);
     w.queue.push("30");
@@ -707,6 +736,23 @@ async fn protection_is_set_once_for_back_to_back_jobs_and_dropped_when_idle() {
         .collect();
     assert_eq!(calls, vec!["i-0test true", "i-0test false"]);
     assert!(!w.fleet.lock().protected);
+    // The liveness mark: a time when protecting, `idle` when not (an old
+    // time left behind would make a later busy spell whose mark fails look
+    // like a dead agent).
+    let marks: Vec<String> = w
+        .fleet
+        .calls("CreateTags")
+        .into_iter()
+        .map(|c| c.1)
+        .collect();
+    assert_eq!(marks.len(), 2, "{marks:?}");
+    assert!(
+        marks[0]
+            .strip_prefix("i-0test ")
+            .is_some_and(|v| v.parse::<i64>().is_ok()),
+        "{marks:?}"
+    );
+    assert_eq!(marks[1], "i-0test idle");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1372,12 +1418,12 @@ async fn a_failed_mark_is_written_again_within_a_minute_and_a_refused_one_is_not
         false,
     );
     // Throttled twice: protection is set regardless, and the mark is
-    // tried again 60 s later each time, not 10 minutes later.
+    // tried again 15 s later each time, not 10 minutes later.
     w.fleet.fail_next("CreateTags", "RequestLimitExceeded", 2);
     w.queue.push("1500");
     w.run_for(700).await;
     let marks: Vec<f64> = w.call_times(w.fleet.calls("CreateTags"));
-    assert_eq!(marks, vec![0.0, 60.0, 120.0]);
+    assert_eq!(marks, vec![0.0, 15.0, 30.0, 630.0]);
     assert!(w.fleet.lock().protected);
 
     // Refused by IAM: no faster retry (it would change nothing), the

@@ -27,8 +27,10 @@ pub const ALIVE_TAG: &str = "spotguard:alive";
 /// EC2's Query API version (the one every current SDK speaks).
 const VERSION: &str = "2016-11-15";
 
-/// Resource ids per `DescribeTags` filter: EC2 takes at most 200 values in
-/// one filter (AWS's "Filter" limits; more is `FilterLimitExceeded`).
+/// Resource ids per `DescribeTags` filter. AWS's API reference states no
+/// limit on a filter's values, but EC2 has been seen refusing more than
+/// 200 (`FilterLimitExceeded`; Apache Druid's EC2 autoscaler keeps to it
+/// too): 200 a call stays within it.
 pub const IDS_PER_FILTER: usize = 200;
 
 /// Attempts per call: throttling (`RequestLimitExceeded`, HTTP 503), a 5xx
@@ -97,7 +99,7 @@ impl Ec2 {
         let http = Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
         let endpoint = match endpoint {
             Some(e) => e.trim_end_matches('/').to_string(),
-            None => format!("https://ec2.{region}.amazonaws.com"),
+            None => regional_endpoint(region),
         };
         Ok(Ec2 {
             region: region.to_string(),
@@ -241,6 +243,28 @@ impl Ec2 {
             Err((parse_error(status, &text), Some(status)))
         }
     }
+}
+
+/// EC2's endpoint in `region`: `amazonaws.com.cn` in the China regions
+/// (AWS: "The endpoint domain for both the Beijing and Ningxia Regions is
+/// amazonaws.com.cn"), `amazonaws.com` elsewhere. FIPS endpoints are not
+/// chosen by themselves: set `AWS_ENDPOINT_URL_EC2`.
+pub fn regional_endpoint(region: &str) -> String {
+    if region.starts_with("cn-") {
+        format!("https://ec2.{region}.amazonaws.com.cn")
+    } else {
+        format!("https://ec2.{region}.amazonaws.com")
+    }
+}
+
+/// The endpoint to use instead of EC2's own, as the SDK would choose it:
+/// `AWS_ENDPOINT_URL_EC2`, else the configuration's endpoint for every
+/// service (`AWS_ENDPOINT_URL`, a local AWS).
+pub fn endpoint_override(all_services: Option<&str>) -> Option<String> {
+    std::env::var("AWS_ENDPOINT_URL_EC2")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| all_services.map(str::to_string))
 }
 
 /// `application/x-www-form-urlencoded`, as the Query API reads it.
@@ -432,6 +456,18 @@ mod tests {
         let odd = parse_error(502, "<html>Bad Gateway</html>");
         assert_eq!(odd.to_string(), "HTTP 502: <html>Bad Gateway</html>");
         assert!(odd.retryable(Some(502)));
+    }
+
+    #[test]
+    fn the_china_regions_have_their_own_domain() {
+        assert_eq!(
+            regional_endpoint("cn-north-1"),
+            "https://ec2.cn-north-1.amazonaws.com.cn"
+        );
+        assert_eq!(
+            regional_endpoint("us-east-2"),
+            "https://ec2.us-east-2.amazonaws.com"
+        );
     }
 
     #[test]

@@ -294,7 +294,12 @@ impl SdkCloud {
                     cw: aws_sdk_cloudwatch::Client::new(&conf),
                     sns: aws_sdk_sns::Client::new(&conf),
                     ec2: match base.credentials_provider() {
-                        Some(p) => spotguard_common::ec2::Ec2::new(p, r, base.endpoint_url()),
+                        Some(p) => spotguard_common::ec2::Ec2::new(
+                            p,
+                            r,
+                            spotguard_common::ec2::endpoint_override(base.endpoint_url())
+                                .as_deref(),
+                        ),
                         None => Err("no AWS credentials provider".to_string()),
                     },
                 },
@@ -594,17 +599,23 @@ impl Cloud for SdkCloud {
             region: region.to_string(),
             message: m.clone(),
         })?;
-        bounded(OP, region, async {
-            ec2.tag_values(spotguard_common::ec2::ALIVE_TAG, ids)
-                .await
-                .map(|v| v.into_iter().collect())
-                .map_err(|e| CloudError {
-                    op: OP,
-                    region: region.to_string(),
-                    message: e.to_string(),
-                })
-        })
-        .await
+        // One bound per call (200 ids), not one for them all: a fleet of
+        // thousands of busy instances is read in several calls.
+        let mut marks = BTreeMap::new();
+        for batch in ids.chunks(spotguard_common::ec2::IDS_PER_FILTER) {
+            let found = bounded(OP, region, async {
+                ec2.tag_values(spotguard_common::ec2::ALIVE_TAG, batch)
+                    .await
+                    .map_err(|e| CloudError {
+                        op: OP,
+                        region: region.to_string(),
+                        message: e.to_string(),
+                    })
+            })
+            .await?;
+            marks.extend(found);
+        }
+        Ok(marks)
     }
 
     async fn put_tags(

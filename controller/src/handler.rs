@@ -481,7 +481,17 @@ impl<C: Cloud> Controller<C> {
             Some((visible, _)) => self.scale_from_zero(visible, &reconcile, groups).await,
             None => Vec::new(),
         };
-        let dead_released = self.release_dead_agents(groups).await;
+        // Within what is left before the cut: three calls' bounds (the
+        // marks, their re-read, the release).
+        let time_left = end.is_none_or(|e| {
+            e.saturating_duration_since(tokio::time::Instant::now()) >= 3 * crate::aws::CALL_TIMEOUT
+        });
+        let dead_released = if time_left {
+            self.release_dead_agents(groups).await
+        } else {
+            tracing::warn!("no time left for the dead-agent check this tick");
+            Vec::new()
+        };
         Ok(TickReport {
             metrics,
             metrics_error: (!errors.is_empty()).then(|| errors.join("; ")),
@@ -510,64 +520,88 @@ impl<C: Cloud> Controller<C> {
             .zip(groups.iter())
             .filter_map(|((region, asg), g)| {
                 let g = g.as_ref().ok().filter(|g| !g.protected.is_empty())?;
-                Some(async move {
-                    let marks = match self.cloud.alive_marks(region, &g.protected).await {
-                        Ok(m) => m,
-                        Err(e) => {
-                            tracing::warn!(group = %asg, error = %e, "cannot read the agents' liveness marks; no dead agent released this tick");
-                            return Vec::new();
-                        }
-                    };
-                    let now = self.clock.now();
-                    let dead: Vec<(String, chrono::DateTime<chrono::Utc>)> =
-                        crate::liveness::judge(&g.protected, &marks, now, dead_after)
-                            .into_iter()
-                            .filter_map(|(id, a)| match a {
-                                crate::liveness::Agent::Dead { last } => Some((id, last)),
-                                _ => None,
-                            })
-                            .collect();
-                    if dead.is_empty() {
-                        return Vec::new();
-                    }
-                    let ids: Vec<String> = dead.iter().map(|d| d.0.clone()).collect();
-                    tracing::error!(group = %asg, instances = ?ids, "protected instances whose agent stopped marking itself alive: releasing their protection");
-                    let mut released = Vec::new();
-                    for batch in crate::aws::protection_batches(&ids) {
-                        match self.cloud.release_protection(region, asg, batch).await {
-                            Ok(r) => released.extend(r),
-                            Err(e) => {
-                                tracing::warn!(group = %asg, error = %e, "cannot release a dead agent's protection; next tick again");
-                            }
-                        }
-                    }
-                    if released.is_empty() {
-                        return released;
-                    }
-                    let marks: serde_json::Map<String, Value> = dead
-                        .iter()
-                        .filter(|d| released.contains(&d.0))
-                        .map(|(id, last)| (id.clone(), json!(last.to_rfc3339())))
-                        .collect();
-                    self.alarm(
-                        "spotguard: ALARM dead agent's protection released",
-                        json!({
-                            "event": "dead_agent_protection_released",
-                            "group": {"region": region, "asg": asg},
-                            "instances": released,
-                            "last_marked": marks,
-                            "dead_after_secs": dead_after.as_secs(),
-                        }),
-                    )
-                    .await;
-                    released
-                })
+                Some(self.release_dead_in(region, asg, &g.protected, dead_after))
             });
         futures_util::future::join_all(checks)
             .await
             .into_iter()
             .flatten()
             .collect()
+    }
+
+    /// [`Controller::release_dead_agents`] for one group. The marks of the
+    /// instances found dead are read again right before the release: an
+    /// agent restarted meanwhile has marked itself alive again.
+    async fn release_dead_in(
+        &self,
+        region: &str,
+        asg: &str,
+        protected: &[String],
+        dead_after: std::time::Duration,
+    ) -> Vec<String> {
+        let dead = |marks: &BTreeMap<String, String>, ids: &[String]| {
+            crate::liveness::judge(ids, marks, self.clock.now(), dead_after)
+                .into_iter()
+                .filter_map(|(id, a)| match a {
+                    crate::liveness::Agent::Dead { last } => Some((id, last)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let read = |ids: Vec<String>| async move {
+            match self.cloud.alive_marks(region, &ids).await {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(group = %asg, error = %e, "cannot read the agents' liveness marks; no dead agent released this tick");
+                    None
+                }
+            }
+        };
+        let Some(marks) = read(protected.to_vec()).await else {
+            return Vec::new();
+        };
+        let suspects: Vec<String> = dead(&marks, protected).into_iter().map(|d| d.0).collect();
+        if suspects.is_empty() {
+            return Vec::new();
+        }
+        let Some(again) = read(suspects.clone()).await else {
+            return Vec::new();
+        };
+        let dead = dead(&again, &suspects);
+        if dead.is_empty() {
+            return Vec::new();
+        }
+        let ids: Vec<String> = dead.iter().map(|d| d.0.clone()).collect();
+        tracing::error!(group = %asg, instances = ?ids, "protected instances whose agent stopped marking itself alive: releasing their protection");
+        let mut released = Vec::new();
+        for batch in crate::aws::protection_batches(&ids) {
+            match self.cloud.release_protection(region, asg, batch).await {
+                Ok(r) => released.extend(r),
+                Err(e) => {
+                    tracing::warn!(group = %asg, error = %e, "cannot release a dead agent's protection; next tick again");
+                }
+            }
+        }
+        if released.is_empty() {
+            return released;
+        }
+        let last_marked: serde_json::Map<String, Value> = dead
+            .iter()
+            .filter(|d| released.contains(&d.0))
+            .map(|(id, last)| (id.clone(), json!(last.to_rfc3339())))
+            .collect();
+        self.alarm(
+            "spotguard: ALARM dead agent's protection released",
+            json!({
+                "event": "dead_agent_protection_released",
+                "group": {"region": region, "asg": asg},
+                "instances": released,
+                "last_marked": last_marked,
+                "dead_after_secs": dead_after.as_secs(),
+            }),
+        )
+        .await;
+        released
     }
 
     /// Publishes an alarm to `notify.sns_topic_arn`, if set; a failure is
@@ -1235,29 +1269,33 @@ impl<C: Cloud> Controller<C> {
         }
         for a in &plan.actions {
             if let Action::ReleaseStaleProtection { busy, held_since } = a {
-                // Only instances whose agent is not known alive: a live
-                // agent with a long job keeps its protection however long
-                // the gate is held (its mark says so).
+                // Only instances whose agent has no mark: a live agent
+                // with a long job keeps its protection however long the
+                // gate is held (its mark says so), and one marked dead is
+                // the dead-agent check's, later this tick. Marks that
+                // cannot be read release nothing (next tick again). With
+                // the dead-agent check off (`dead_after = 0s`), every
+                // protected instance, as before marks.
                 let g = self.cloud.group(&f.region, &f.asg).await?;
-                let marks = match self.cloud.alive_marks(&f.region, &g.protected).await {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(group = %f.asg, error = %e, "cannot read the agents' liveness marks: every protected instance counts as unmarked");
-                        BTreeMap::new()
-                    }
+                let dead_after = self.cfg.failover.dead_after.0;
+                let stale: Vec<String> = if dead_after.is_zero() {
+                    g.protected.clone()
+                } else {
+                    let marks = match self.cloud.alive_marks(&f.region, &g.protected).await {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::error!(group = %f.asg, error = %e, "failing back is held past failover.max_busy_age, but the agents' liveness marks cannot be read: nothing released");
+                            continue;
+                        }
+                    };
+                    crate::liveness::judge(&g.protected, &marks, self.clock.now(), dead_after)
+                        .into_iter()
+                        .filter(|(_, a)| *a == crate::liveness::Agent::Unmarked)
+                        .map(|(id, _)| id)
+                        .collect()
                 };
-                let stale: Vec<String> = crate::liveness::judge(
-                    &g.protected,
-                    &marks,
-                    self.clock.now(),
-                    self.cfg.failover.dead_after.0,
-                )
-                .into_iter()
-                .filter(|(_, a)| *a != crate::liveness::Agent::Alive)
-                .map(|(id, _)| id)
-                .collect();
                 if stale.is_empty() {
-                    tracing::info!(group = %f.asg, busy, "failing back is held past failover.max_busy_age by live agents only: nothing released");
+                    tracing::info!(group = %f.asg, busy, "failing back is held past failover.max_busy_age by marked agents only: nothing released here");
                     continue;
                 }
                 tracing::error!(group = %f.asg, busy, %held_since, instances = ?stale, "failing back has been held by protected fallback instances past failover.max_busy_age: releasing those without a live agent");

@@ -393,8 +393,9 @@ async fn an_unneeded_failover_closes_and_does_not_flap() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_gate_held_by_stale_protection_is_released_with_an_alarm() {
+/// Failing back, the fallback's gate held by its 2 busy (protected)
+/// instances after its intake closed.
+async fn failing_back_held_by_two_busy() -> Controller<FakeCloud> {
     let c = controller();
     c.handle_event(&launch(
         "EC2 Instance Launch Unsuccessful",
@@ -430,6 +431,45 @@ async fn a_gate_held_by_stale_protection_is_released_with_an_alarm() {
         "held by the busy instances"
     );
     assert!(c.cloud.calls("SetInstanceProtection").is_empty());
+    c
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_max_busy_age_nothing_is_released_while_the_marks_cannot_be_read() {
+    let c = failing_back_held_by_two_busy().await;
+    // A day later, DescribeTags denied (a policy not updated): not one
+    // release, and no alarm; the gate stays held.
+    tokio::time::advance(std::time::Duration::from_secs(24 * 3600)).await;
+    c.cloud.lock().faults.insert(
+        ("DescribeTags", "us-east-1".into()),
+        std::iter::repeat_n(
+            "UnauthorizedOperation: You are not authorized to perform this operation.".to_string(),
+            10,
+        )
+        .collect(),
+    );
+    c.cloud.lock().faults.insert(
+        ("DescribeTags", "us-east-2".into()),
+        std::iter::repeat_n(
+            "UnauthorizedOperation: You are not authorized to perform this operation.".to_string(),
+            10,
+        )
+        .collect(),
+    );
+    c.tick(Vec::new()).await.unwrap();
+    assert!(c.cloud.calls("SetInstanceProtection").is_empty());
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").busy, 2);
+    assert!(!c
+        .cloud
+        .lock()
+        .published
+        .iter()
+        .any(|p| p.1.contains("ALARM")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gate_held_by_stale_protection_is_released_with_an_alarm() {
+    let c = failing_back_held_by_two_busy().await;
     // A day later they are still protected: the one whose agent is not
     // known alive (no liveness mark) is released, with an alarm; the one
     // whose agent marked itself alive 5 minutes ago (a job longer than
@@ -861,6 +901,14 @@ async fn the_cascade_counts_as_failed_over_while_any_fallback_is_in_use() {
         .collect();
     assert_eq!(failed_over, [1.0]);
     assert_eq!(status(&c).await.unwrap()["mode"], "failing-back");
+    // The dashboard's link mode: 2 for the link failing back.
+    let link_modes: Vec<f64> = r
+        .metrics
+        .iter()
+        .filter(|m| m.name == crate::metrics::LINK_MODE)
+        .map(|m| m.value)
+        .collect();
+    assert!(link_modes.contains(&2.0), "{link_modes:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1367,4 +1415,97 @@ async fn a_failure_an_event_brings_first_is_counted_once() {
     tokio::time::advance(std::time::Duration::from_secs(60)).await;
     c.tick(Vec::new()).await.unwrap();
     assert_eq!(count(&c), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn periodic_tasks_begin_only_with_a_calls_bound_left_before_the_cut() {
+    let mut c = controller();
+    c.cfg.cron.tasks = crate::cron::parse(
+        "version: 1\ncron:\n - name: report\n   url: /tasks/report\n   schedule: \"*/5 * * * *\"\n",
+    )
+    .unwrap();
+    c.tick(Vec::new()).await.unwrap(); // first sight of the schedule
+    tokio::time::advance(std::time::Duration::from_secs(310)).await;
+    let secs = std::time::Duration::from_secs;
+    // 20 s to the deadline: the cut 15 s away, 5 s for the tasks after one
+    // call's bound: none begun (the next tick catches up).
+    let now = tokio::time::Instant::now();
+    let r = c
+        .tick_by(Vec::new(), Some(now + secs(20)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.cron.is_empty());
+    // 25 s: exactly one call's bound (10 s) for them: sent.
+    let now = tokio::time::Instant::now();
+    let r = c
+        .tick_by(Vec::new(), Some(now + secs(25)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.cron.len(), 1);
+    assert_eq!(r.metrics_error, None, "a clean tick reports no error");
+    // Without the lease or a deadline: a tick all the same.
+    assert!(c.leased_tick().await.unwrap().is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_under_30_s_left_the_dead_agent_check_waits_for_the_next_tick() {
+    let c = controller();
+    set_primary(&c, 3, 3);
+    c.cloud
+        .lock()
+        .groups
+        .get_mut(&("us-east-1".into(), "gpu-east-1".into()))
+        .unwrap()
+        .busy = 1;
+    mark(&c, "us-east-1", "i-busy0");
+    tokio::time::advance(std::time::Duration::from_secs(1800)).await;
+    let secs = std::time::Duration::from_secs;
+    // The cut 29 s away (34 s less the 5 s margin): not begun.
+    let now = tokio::time::Instant::now();
+    let r = c
+        .tick_by(Vec::new(), Some(now + secs(34)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.dead_released.is_empty());
+    let now = tokio::time::Instant::now();
+    let r = c
+        .tick_by(Vec::new(), Some(now + secs(35)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.dead_released, vec!["i-busy0"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gate_opened_this_tick_lets_the_fallback_scale_out_from_zero_at_once() {
+    // The primary cannot be read (its region impaired): a capacity failure
+    // fails over with the gate at the cap, and the empty fallback is
+    // raised to 1 in the same tick, from the gate just set (its reading
+    // said MaxSize 0).
+    let c = controller();
+    c.cloud.lock().faults.insert(
+        ("DescribeAutoScalingGroups", "us-east-1".into()),
+        std::iter::repeat_n("ServiceUnavailable: impaired".to_string(), 50).collect(),
+    );
+    let r = c
+        .tick(vec![Launch {
+            at: start(),
+            activity_id: "a-1".into(),
+            kind: crate::reconcile::LaunchKind::CapacityFailure(
+                "InsufficientInstanceCapacity".into(),
+            ),
+            offering: Default::default(),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(r.reconcile.mode, "failed-over");
+    assert!(
+        r.raised_from_zero.iter().any(|g| g.contains("gpu-east-2")),
+        "{:?}",
+        r.raised_from_zero
+    );
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").desired, 1);
 }

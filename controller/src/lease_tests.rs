@@ -158,6 +158,25 @@ async fn a_holder_that_died_keeps_the_others_out_for_hold_then_not() {
     assert!(!c.cloud.calls("PutMetricData").is_empty());
     assert!(c.cloud.calls("UpdateAutoScalingGroup").is_empty());
     assert!(c.cloud.calls("CreateOrUpdateTags").is_empty());
+    // A Lambda with 8 s left waits only half of them (4 s): the rest is
+    // the work's.
+    let t0 = tokio::time::Instant::now();
+    assert!(c
+        .handle_event_by(&tick_event(), Some(t0 + Duration::from_secs(8)))
+        .await
+        .unwrap()
+        .is_none());
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited <= Duration::from_secs(4),
+        "{waited:?}"
+    );
+    // An event of a group that opens no fallback takes no lease.
+    let receives = c.cloud.calls("ReceiveMessage").len();
+    let mut other = capacity_failure();
+    other["detail"]["AutoScalingGroupName"] = json!("someone-elses-group");
+    assert!(c.handle_event(&other).await.unwrap().is_none());
+    assert_eq!(c.cloud.calls("ReceiveMessage").len(), receives);
     // 55 s on, the tick waits out the dead holder's 60 s and acts.
     tokio::time::advance(Duration::from_secs(5)).await;
     let r = c.handle_event(&tick_event()).await.unwrap();

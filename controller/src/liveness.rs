@@ -16,14 +16,20 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+/// How far ahead of the controller's clock a mark may be and still count:
+/// EC2 instances keep time by the Amazon Time Sync Service (well within a
+/// second); 5 minutes is SigV4's own tolerance of a skewed clock.
+pub const FUTURE_SLACK: Duration = Duration::from_secs(300);
+
 /// What the controller knows of a protected instance's agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Agent {
-    /// Marked within `dead_after` (or in the future: a clock ahead).
+    /// Marked within `dead_after` (or up to 5 minutes ahead: a clock ahead).
     Alive,
     /// Last marked at this time, longer ago than `dead_after`.
     Dead { last: DateTime<Utc> },
-    /// No mark, or one that is not a Unix time.
+    /// No mark, one that is not a Unix time (`idle`: the agent is not
+    /// busy), or one more than 5 minutes ahead.
     Unmarked,
 }
 
@@ -44,6 +50,9 @@ pub fn judge(
                 .and_then(|s| DateTime::from_timestamp(s, 0));
             let agent = match last {
                 None => Agent::Unmarked,
+                // A clock far ahead would keep a dead agent alive for as
+                // long: such a mark is not believed.
+                Some(t) if t - now > dur(FUTURE_SLACK) => Agent::Unmarked,
                 Some(t) if dead_after.is_zero() || now - t <= dur(dead_after) => Agent::Alive,
                 Some(t) => Agent::Dead { last: t },
             };
@@ -72,9 +81,11 @@ mod tests {
     #[test]
     fn only_a_mark_older_than_dead_after_is_a_dead_agent() {
         let now = at("2026-12-04T12:00:00Z");
-        let ids: Vec<String> = ["i-fresh", "i-edge", "i-old", "i-none", "i-junk", "i-ahead"]
-            .map(String::from)
-            .to_vec();
+        let ids: Vec<String> = [
+            "i-fresh", "i-edge", "i-old", "i-none", "i-junk", "i-ahead", "i-far", "i-idle",
+        ]
+        .map(String::from)
+        .to_vec();
         let marks: BTreeMap<String, String> = [
             ("i-fresh", mark(at("2026-12-04T11:51:00Z"))),
             // Exactly dead_after old: still alive (older than, not as old as).
@@ -82,6 +93,8 @@ mod tests {
             ("i-old", mark(at("2026-12-04T11:34:59Z"))),
             ("i-junk", "yesterday".to_string()),
             ("i-ahead", mark(at("2026-12-04T12:05:00Z"))),
+            ("i-far", mark(at("2026-12-04T12:05:01Z"))),
+            ("i-idle", "idle".to_string()),
         ]
         .map(|(k, v)| (k.to_string(), v))
         .into();
@@ -100,6 +113,8 @@ mod tests {
                 ("i-none".to_string(), Agent::Unmarked),
                 ("i-junk".to_string(), Agent::Unmarked),
                 ("i-ahead".to_string(), Agent::Alive),
+                ("i-far".to_string(), Agent::Unmarked),
+                ("i-idle".to_string(), Agent::Unmarked),
             ]
         );
         // Switched off: an old mark is not a dead agent.

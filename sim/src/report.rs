@@ -7,11 +7,33 @@ use plotters::prelude::*;
 
 use crate::run::{Outcome, Summary};
 
-const COLORS: [RGBColor; 4] = [
-    RGBColor(31, 119, 180),
-    RGBColor(214, 39, 40),
-    RGBColor(44, 160, 44),
-    RGBColor(148, 103, 189),
+/// One colour per policy, the same in every plot where lines are policies.
+fn policy_color(name: &str) -> RGBColor {
+    match name {
+        "spotguard" => RGBColor(31, 119, 180),
+        "spotguard-2-regions" => RGBColor(148, 103, 189),
+        "seed" => RGBColor(214, 39, 40),
+        "single-region" => RGBColor(44, 160, 44),
+        _ => RGBColor(127, 127, 127),
+    }
+}
+
+/// Groups (primary, fallback 1, 2, ...) and other series: a palette of
+/// their own, so that no line looks like a policy.
+const SERIES_COLORS: [RGBColor; 6] = [
+    RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
+    RGBColor(140, 86, 75),
+    RGBColor(188, 189, 34),
+    RGBColor(227, 119, 194),
+    RGBColor(0, 0, 0),
+];
+
+/// One colour per failover state, in the mode timeline.
+const STATES: [(&str, RGBColor); 3] = [
+    ("normal", RGBColor(210, 210, 210)),
+    ("failed over", RGBColor(214, 39, 40)),
+    ("failing back", RGBColor(255, 160, 40)),
 ];
 
 /// The table's columns: header and the cell of one policy's summary.
@@ -89,12 +111,33 @@ pub fn html_table(rows: &[&Summary], no_outage_p95: Option<f64>) -> String {
 
 type Line<'a> = (&'a str, &'a [f64]);
 
+/// A line as drawn: its name, its points, its colour.
+type Drawn<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
+
+/// How a plot's lines are coloured: by policy name, or from the series
+/// palette in order.
+#[derive(Clone, Copy)]
+enum Colors {
+    Policies,
+    Series,
+}
+
+impl Colors {
+    fn of(self, k: usize, name: &str) -> RGBColor {
+        match self {
+            Colors::Policies => policy_color(name),
+            Colors::Series => SERIES_COLORS[k % SERIES_COLORS.len()],
+        }
+    }
+}
+
 fn line_plot(
     title: &str,
     y_desc: &str,
     x: &[f64],
     lines: &[Line<'_>],
     step: bool,
+    colors: Colors,
 ) -> Result<String, String> {
     let x_max = x.last().copied().unwrap_or(1.0).max(1.0) / 60.0;
     let y_max = lines
@@ -104,7 +147,8 @@ fn line_plot(
         * 1.1;
     let series = lines
         .iter()
-        .map(|(name, ys)| {
+        .enumerate()
+        .map(|(k, (name, ys))| {
             let mut pts: Vec<(f64, f64)> = Vec::new();
             for (i, (xv, yv)) in x.iter().zip(ys.iter()).enumerate() {
                 if step && i > 0 {
@@ -112,7 +156,7 @@ fn line_plot(
                 }
                 pts.push((xv / 60.0, *yv));
             }
-            (*name, pts)
+            (*name, pts, colors.of(k, name))
         })
         .collect();
     plot(
@@ -142,7 +186,7 @@ fn wait_plot(outcomes: &[(&str, &Outcome)]) -> Result<String, String> {
                 .enumerate()
                 .map(|(i, w)| (w / 60.0, (i + 1) as f64 / n))
                 .collect();
-            (*name, pts)
+            (*name, pts, policy_color(name))
         })
         .collect();
     plot(
@@ -159,7 +203,7 @@ fn plot(
     title: &str,
     (x_desc, y_desc): (&str, &str),
     (x_max, y_max): (f64, f64),
-    series: Vec<(&str, Vec<(f64, f64)>)>,
+    series: Vec<Drawn<'_>>,
     legend: SeriesLabelPosition,
 ) -> Result<String, String> {
     let mut svg = String::new();
@@ -179,8 +223,7 @@ fn plot(
             .y_desc(y_desc)
             .draw()
             .map_err(|e| e.to_string())?;
-        for (k, (name, pts)) in series.into_iter().enumerate() {
-            let color = COLORS[k % COLORS.len()];
+        for (name, pts, color) in series {
             chart
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))
                 .map_err(|e| e.to_string())?
@@ -194,6 +237,80 @@ fn plot(
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .position(legend)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
+/// The modes as a categorical chart: one row per policy, a bar coloured
+/// by state for each stretch of time in it (mode 0 normal, 1 failed over,
+/// 2 failing back, sampled once a minute).
+fn mode_plot(x: &[f64], rows: &[Line<'_>]) -> Result<String, String> {
+    let x_max = x.last().copied().unwrap_or(1.0).max(1.0) / 60.0;
+    let n = rows.len().max(1);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 80 + 36 * n as u32)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("failover mode", ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(10)
+            .build_cartesian_2d(0f64..x_max, 0f64..n as f64)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("simulated hours")
+            .y_labels(0)
+            .disable_y_mesh()
+            .draw()
+            .map_err(|e| e.to_string())?;
+        // Row 0 (the first policy) at the top.
+        for (k, (name, modes)) in rows.iter().enumerate() {
+            let row = (n - 1 - k) as f64;
+            let mut start = 0usize;
+            while start < modes.len() {
+                let m = modes[start];
+                let mut end = start + 1;
+                while end < modes.len() && modes[end] == m {
+                    end += 1;
+                }
+                let state = (m.round().max(0.0) as usize).min(STATES.len() - 1);
+                let x0 = x.get(start).copied().unwrap_or(0.0) / 60.0;
+                let x1 = x.get(end).copied().map_or(x_max, |v| v / 60.0);
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(x0, row + 0.15), (x1, row + 0.85)],
+                        STATES[state].1.filled(),
+                    )))
+                    .map_err(|e| e.to_string())?;
+                start = end;
+            }
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    name.to_string(),
+                    (x_max * 0.01, row + 0.62),
+                    ("sans-serif", 13).into_font().color(&BLACK),
+                )))
+                .map_err(|e| e.to_string())?;
+        }
+        for (name, color) in STATES {
+            chart
+                .draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())
+                .map_err(|e| e.to_string())?
+                .label(name)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
             .draw()
             .map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())?;
@@ -248,6 +365,7 @@ pub fn html(
         &x,
         &backlog,
         false,
+        Colors::Policies,
     )?);
     // The outage windows: each region's spot capacity, from the run with
     // the most groups (every policy sees the same capacity).
@@ -262,7 +380,14 @@ pub fn html(
             .map(|(n, v)| (n.as_str(), v.as_slice()))
             .collect();
         body.push_str("<h2>Spot capacity per region (the outages)</h2>");
-        body.push_str(&line_plot("spot capacity", "instances", &x, &lines, true)?);
+        body.push_str(&line_plot(
+            "spot capacity",
+            "instances",
+            &x,
+            &lines,
+            true,
+            Colors::Series,
+        )?);
     }
     body.push_str("<h2>Instances per group, pending, and work</h2>");
     for (name, o) in outcomes {
@@ -281,6 +406,7 @@ pub fn html(
             &s.minutes,
             &lines,
             false,
+            Colors::Series,
         )?);
         body.push_str(&line_plot(
             &format!("{name}: messages in flight and busy instances"),
@@ -292,6 +418,7 @@ pub fn html(
                 ("busy instances", &s.busy),
             ],
             false,
+            Colors::Series,
         )?);
     }
     body.push_str("<h2>Jobs killed over time, by cause</h2>");
@@ -317,6 +444,7 @@ pub fn html(
         &x,
         &kill_lines,
         true,
+        Colors::Series,
     )?);
     body.push_str("<h2>Job wait-time distribution</h2>");
     body.push_str(&wait_plot(outcomes)?);
@@ -325,13 +453,20 @@ pub fn html(
         .iter()
         .map(|(n, o)| (*n, o.series.cost.as_slice()))
         .collect();
-    body.push_str(&line_plot("cumulative cost", "dollars", &x, &cost, false)?);
-    body.push_str("<h2>Failover mode timeline</h2><p>0 normal, 1 failed over, 2 failing back (the original design: 1 while its fallback is open).</p>");
+    body.push_str(&line_plot(
+        "cumulative cost",
+        "dollars",
+        &x,
+        &cost,
+        false,
+        Colors::Policies,
+    )?);
+    body.push_str("<h2>Failover mode timeline</h2><p>One row per policy, one colour per state (the original design: failed over while its fallback is open).</p>");
     let modes: Vec<(&str, &[f64])> = outcomes
         .iter()
         .map(|(n, o)| (*n, o.series.mode.as_slice()))
         .collect();
-    body.push_str(&line_plot("mode", "mode", &x, &modes, true)?);
+    body.push_str(&mode_plot(&x, &modes)?);
     Ok(format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>spotguard-sim: {}</title><style>body{{font-family:sans-serif;max-width:820px;margin:auto}}pre{{font-size:11px;overflow-x:auto}}table{{border-collapse:collapse;font-size:11px}}td,th{{border:1px solid #ccc;padding:2px 4px}}svg{{display:block;margin:8px 0}}</style></head><body>{body}</body></html>\n",
         esc(scenario)

@@ -441,7 +441,20 @@ impl World {
                     .collect();
                 staying.sort();
                 let excess = (staying.len() as i32 - pool.capacity).max(0) as usize;
-                for (_, id) in staying.iter().rev().take(excess) {
+                // Which instances EC2 reclaims when a pool shrinks is not
+                // documented: any of them, busy ones too, in a seeded
+                // random order (newest first without a generator, for the
+                // unit tests). Newest first spared the busy old ones.
+                staying.reverse();
+                if excess > 0 {
+                    if let Some(rng) = self.rng.as_mut() {
+                        for k in (1..staying.len()).rev() {
+                            let j = (rng.next_u64() % (k as u64 + 1)) as usize;
+                            staying.swap(k, j);
+                        }
+                    }
+                }
+                for (_, id) in staying.iter().take(excess) {
                     picks.push((id.clone(), false));
                 }
             }
@@ -963,11 +976,22 @@ impl Cloud for SimCloud {
         let mut w = lock(&self.world);
         let g = w.group_index(region, group);
         let mut released = Vec::new();
+        let mut live_busy = Vec::new();
         for i in w.instances.values_mut() {
             if Some(i.group) == g && i.protected && ids.contains(&i.id) {
                 i.protected = false;
                 released.push(i.id.clone());
+                // The controller's promise: a live agent's protection is
+                // never released, only a dead one's.
+                if i.agent_dead_at.is_none() && !i.running.is_empty() {
+                    live_busy.push(i.id.clone());
+                }
             }
+        }
+        for id in live_busy {
+            w.violations.push(format!(
+                "{id}: the protection of a live, busy agent was released"
+            ));
         }
         std::future::ready(Ok(released))
     }
@@ -1256,6 +1280,43 @@ mod tests {
             Duration::ZERO,
         );
         assert_eq!(noticed(&w), 68);
+    }
+
+    #[test]
+    fn with_a_generator_a_drop_reclaims_old_instances_too() {
+        let t0 = Instant::now();
+        let mut w = world(group(&[("a", 200)], 0));
+        // 40 instances launched a minute apart, then the pool halves.
+        for k in 0..40 {
+            w.groups[0].desired = k + 1;
+            w.reconcile_groups(
+                t0 + Duration::from_secs(60 * k as u64),
+                &Launch::default(),
+                base(t0),
+            );
+        }
+        assert_eq!(w.alive(0).count(), 40);
+        w.rng = Some(Rng::new(7));
+        w.groups[0].zones[0].capacity = 20;
+        let now = t0 + Duration::from_secs(3600);
+        w.interrupt(now, Duration::from_secs(1), Duration::ZERO);
+        let oldest: Vec<bool> = {
+            let mut by_age: Vec<(Instant, bool)> = w
+                .alive(0)
+                .map(|i| (i.launched, i.interruption.is_some()))
+                .collect();
+            by_age.sort_by_key(|x| x.0);
+            by_age.into_iter().map(|x| x.1).collect()
+        };
+        assert_eq!(
+            oldest.iter().filter(|x| **x).count(),
+            20,
+            "the excess, once"
+        );
+        assert!(
+            oldest[..20].iter().any(|x| *x),
+            "some of the 20 oldest are reclaimed: {oldest:?}"
+        );
     }
 
     fn policy() -> Tracking {

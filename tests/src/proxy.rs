@@ -51,6 +51,9 @@ pub struct Call {
     pub body: String,
     /// The status answered; 0 for a dropped connection.
     pub status: u16,
+    /// When the request arrived (ms since the epoch): a long poll's start,
+    /// not its answer.
+    pub arrived_ms: u128,
 }
 
 #[derive(Default)]
@@ -174,6 +177,7 @@ async fn handle(
     upstream: String,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Dropped> {
+    let arrived_ms = crate::now_ms();
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map_err(|_| Dropped)?.to_bytes();
     let text = String::from_utf8_lossy(&body).into_owned();
@@ -208,6 +212,7 @@ async fn handle(
             region: region.clone(),
             body: text.clone(),
             status,
+            arrived_ms,
         });
     };
     match fault {
