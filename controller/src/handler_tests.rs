@@ -769,14 +769,17 @@ async fn a_three_region_cascade_opens_by_region_and_closes_last_first() {
         "the primary's shortfall (4 - 1)"
     );
     assert_eq!(c.cloud.group_of("us-west-2", "gpu").max, 0);
-    // us-east-2 runs dry too: short (desired 3, none in service) with a failure.
+    // us-east-2 runs dry too: short (desired 4, one in service, one
+    // pending) with a failure.
     {
         let mut st = c.cloud.lock();
         let g = st
             .groups
             .get_mut(&("us-east-2".into(), "gpu".into()))
             .unwrap();
-        g.desired = 3;
+        g.desired = 4;
+        g.in_service = 1;
+        g.pending = 1;
     }
     tokio::time::advance(std::time::Duration::from_secs(30)).await;
     c.handle_event(&launch_in(
@@ -791,9 +794,9 @@ async fn a_three_region_cascade_opens_by_region_and_closes_last_first() {
     let west = c.cloud.group_of("us-west-2", "gpu");
     assert_eq!(
         west.max, 3,
-        "us-east-2's shortfall, within its own cap of 8"
+        "what us-east-2 cannot hold (4 - 1), within its own cap of 8"
     );
-    assert_eq!(west.desired, 3, "us-east-2's shortfall");
+    assert_eq!(west.desired, 2, "us-east-2's shortfall less its pending one");
     // Each group gets its backlog data point in its own region.
     let r = c.tick(Vec::new()).await.unwrap();
     let regions: Vec<&str> = r
@@ -1508,4 +1511,81 @@ async fn a_gate_opened_this_tick_lets_the_fallback_scale_out_from_zero_at_once()
         r.raised_from_zero
     );
     assert_eq!(c.cloud.group_of("us-east-2", "gpu-east-2").desired, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_failover_the_fallbacks_scaling_policy_is_turned_on() {
+    let c = controller();
+    let name = c.cfg.fallbacks[0].policy_name.clone();
+    let spec = crate::aws::MetricSpec::Custom {
+        namespace: "spotguard".into(),
+        name: "BacklogPerInstance".into(),
+        dimensions: Vec::new(),
+    };
+    c.cloud.lock().policies.insert(
+        ("us-east-2".into(), "gpu-east-2".into(), name.clone()),
+        (Some(false), crate::aws::TargetTracking::new(name.clone(), 20.0, spec)),
+    );
+    c.handle_event(&launch("EC2 Instance Launch Unsuccessful", ICE, "2026-11-28T08:00:00Z"))
+        .await
+        .unwrap();
+    let st = c.cloud.lock();
+    assert_eq!(
+        st.policies[&("us-east-2".to_string(), "gpu-east-2".to_string(), name)].0,
+        Some(true)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_primary_back_whole_is_asked_for_the_fallbacks_work() {
+    let c = controller();
+    c.handle_event(&launch("EC2 Instance Launch Unsuccessful", ICE, "2026-11-28T08:00:00Z"))
+        .await
+        .unwrap();
+    {
+        let mut st = c.cloud.lock();
+        let f = st.groups.get_mut(&("us-east-2".into(), "gpu-east-2".into())).unwrap();
+        f.in_service = 2;
+        f.busy = 2;
+        let p = st.groups.get_mut(&("us-east-1".into(), "gpu-east-1".into())).unwrap();
+        p.in_service = 3;
+        p.busy = 3;
+    }
+    tokio::time::advance(std::time::Duration::from_secs(60)).await;
+    c.tick(Vec::new()).await.unwrap();
+    // Whole with its 3, all busy: raised to the work in flight, 3 + 2.
+    assert_eq!(c.cloud.group_of("us-east-1", "gpu-east-1").desired, 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_group_gets_its_metric_name_and_closed_fallbacks_leave_the_fleet_figure() {
+    let c = fake_controller(
+        &format!(
+            "[primary]\nasg = \"gpu-east-1\"\nqueue_url = \"{QUEUE}\"\n[fallback]\nasg = \"gpu-east-2\"\n[metric]\nprimary_name = \"PrimaryBacklog\"\nfallback_name = \"FallbackBacklog\"\n"
+        ),
+        ("us-east-1", "gpu-east-1", 2, 2),
+        &[("us-east-2", "gpu-east-2")],
+    );
+    {
+        let mut st = c.cloud.lock();
+        for (region, name) in [("us-east-1", "gpu-east-1"), ("us-east-2", "gpu-east-2")] {
+            let g = st.groups.get_mut(&(region.into(), name.into())).unwrap();
+            // (A primary's intake tag means nothing: it is never left out.)
+            g.tags.insert("spotguard:intake".into(), "closed".into());
+        }
+        st.groups.get_mut(&("us-east-2".into(), "gpu-east-2".into())).unwrap().in_service = 3;
+    }
+    let r = c.tick(Vec::new()).await.unwrap();
+    let backlog: Vec<(&str, &str, f64)> = r
+        .metrics
+        .iter()
+        .filter(|m| m.name.ends_with("Backlog"))
+        .map(|m| (m.region.as_str(), m.name.as_str(), m.value))
+        .collect();
+    // 40 visible over the primary's 2 InService: the fallback's 3 have
+    // their intake closed.
+    assert_eq!(
+        backlog,
+        [("us-east-1", "PrimaryBacklog", 20.0), ("us-east-2", "FallbackBacklog", 20.0)]
+    );
 }
