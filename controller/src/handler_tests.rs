@@ -796,7 +796,10 @@ async fn a_three_region_cascade_opens_by_region_and_closes_last_first() {
         west.max, 3,
         "what us-east-2 cannot hold (4 - 1), within its own cap of 8"
     );
-    assert_eq!(west.desired, 2, "us-east-2's shortfall less its pending one");
+    assert_eq!(
+        west.desired, 2,
+        "us-east-2's shortfall less its pending one"
+    );
     // Each group gets its backlog data point in its own region.
     let r = c.tick(Vec::new()).await.unwrap();
     let regions: Vec<&str> = r
@@ -1524,11 +1527,18 @@ async fn on_failover_the_fallbacks_scaling_policy_is_turned_on() {
     };
     c.cloud.lock().policies.insert(
         ("us-east-2".into(), "gpu-east-2".into(), name.clone()),
-        (Some(false), crate::aws::TargetTracking::new(name.clone(), 20.0, spec)),
+        (
+            Some(false),
+            crate::aws::TargetTracking::new(name.clone(), 20.0, spec),
+        ),
     );
-    c.handle_event(&launch("EC2 Instance Launch Unsuccessful", ICE, "2026-11-28T08:00:00Z"))
-        .await
-        .unwrap();
+    c.handle_event(&launch(
+        "EC2 Instance Launch Unsuccessful",
+        ICE,
+        "2026-11-28T08:00:00Z",
+    ))
+    .await
+    .unwrap();
     let st = c.cloud.lock();
     assert_eq!(
         st.policies[&("us-east-2".to_string(), "gpu-east-2".to_string(), name)].0,
@@ -1539,15 +1549,25 @@ async fn on_failover_the_fallbacks_scaling_policy_is_turned_on() {
 #[tokio::test(start_paused = true)]
 async fn the_primary_back_whole_is_asked_for_the_fallbacks_work() {
     let c = controller();
-    c.handle_event(&launch("EC2 Instance Launch Unsuccessful", ICE, "2026-11-28T08:00:00Z"))
-        .await
-        .unwrap();
+    c.handle_event(&launch(
+        "EC2 Instance Launch Unsuccessful",
+        ICE,
+        "2026-11-28T08:00:00Z",
+    ))
+    .await
+    .unwrap();
     {
         let mut st = c.cloud.lock();
-        let f = st.groups.get_mut(&("us-east-2".into(), "gpu-east-2".into())).unwrap();
+        let f = st
+            .groups
+            .get_mut(&("us-east-2".into(), "gpu-east-2".into()))
+            .unwrap();
         f.in_service = 2;
         f.busy = 2;
-        let p = st.groups.get_mut(&("us-east-1".into(), "gpu-east-1".into())).unwrap();
+        let p = st
+            .groups
+            .get_mut(&("us-east-1".into(), "gpu-east-1".into()))
+            .unwrap();
         p.in_service = 3;
         p.busy = 3;
     }
@@ -1573,7 +1593,10 @@ async fn each_group_gets_its_metric_name_and_closed_fallbacks_leave_the_fleet_fi
             // (A primary's intake tag means nothing: it is never left out.)
             g.tags.insert("spotguard:intake".into(), "closed".into());
         }
-        st.groups.get_mut(&("us-east-2".into(), "gpu-east-2".into())).unwrap().in_service = 3;
+        st.groups
+            .get_mut(&("us-east-2".into(), "gpu-east-2".into()))
+            .unwrap()
+            .in_service = 3;
     }
     let r = c.tick(Vec::new()).await.unwrap();
     let backlog: Vec<(&str, &str, f64)> = r
@@ -1586,6 +1609,44 @@ async fn each_group_gets_its_metric_name_and_closed_fallbacks_leave_the_fleet_fi
     // their intake closed.
     assert_eq!(
         backlog,
-        [("us-east-1", "PrimaryBacklog", 20.0), ("us-east-2", "FallbackBacklog", 20.0)]
+        [
+            ("us-east-1", "PrimaryBacklog", 20.0),
+            ("us-east-2", "FallbackBacklog", 20.0)
+        ]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_the_last_region_unreadable_the_link_before_it_holds_its_gate() {
+    // us-east-2 and us-west-2 failed over an hour ago; the primary has been
+    // whole as long. us-west-2 cannot be read: it is taken as still failed
+    // over, so us-east-2 does not fail back under it.
+    let c = cascade_controller();
+    let mut m = Memory::initial();
+    m.mode = Mode::FailedOver;
+    m.since = start() - chrono::Duration::hours(1);
+    m.primary_whole_since = Some(start() - chrono::Duration::hours(1));
+    {
+        let mut st = c.cloud.lock();
+        for region in ["us-east-2", "us-west-2"] {
+            let g = st.groups.get_mut(&(region.into(), "gpu".into())).unwrap();
+            g.tags = m.to_tags();
+            g.max = 3;
+            g.desired = 3;
+            g.in_service = 3;
+        }
+        let p = st
+            .groups
+            .get_mut(&("us-east-1".into(), "gpu".into()))
+            .unwrap();
+        p.in_service = 4;
+    }
+    c.cloud.fail_next(
+        "DescribeAutoScalingGroups",
+        "us-west-2",
+        "ServiceUnavailable",
+        100,
+    );
+    c.tick(Vec::new()).await.ok();
+    assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failed-over"));
 }

@@ -1188,6 +1188,13 @@ fn the_offerings_tag_holds_what_fits_in_256_characters() {
     let v = offerings_tag(&marks);
     assert_eq!(v.split(' ').count(), 16);
     assert!(v.starts_with(&t(1).timestamp().to_string()), "{v}");
+    // 127 characters and a space, then 128 and a space: 257, one too many.
+    let marks = [
+        mark(0, &"y".repeat(128 - base)),
+        mark(1, &"z".repeat(127 - base)),
+    ];
+    let v = offerings_tag(&marks);
+    assert_eq!(v.len(), 127, "only the newest: {v}");
 }
 
 #[test]
