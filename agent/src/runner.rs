@@ -57,10 +57,18 @@ pub const PROTECTION_REFRESH: Duration = Duration::from_secs(600);
 
 /// A liveness mark that could not be written (throttled, EC2 impaired) is
 /// written again this soon, with the protection, rather than in 10
-/// minutes: the controller's 25 minutes leave room for dozens of tries.
+/// minutes, then after twice as long each time (15, 30, 60 ... s, at most
+/// 10 minutes): the controller's 25 minutes leave room for several tries.
 /// 15 s: three retried attempts of one call take about 2 s, and EC2's
 /// throttling refills within seconds.
 pub const MARK_RETRY: Duration = Duration::from_secs(15);
+
+/// When a liveness mark that failed `failures` times in a row is written
+/// again: [`MARK_RETRY`], doubling, at most [`PROTECTION_REFRESH`].
+pub fn mark_retry_after(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (MARK_RETRY * 2u32.pow(doublings)).min(PROTECTION_REFRESH)
+}
 
 /// EC2's and IAM's refusals: the liveness mark is not allowed.
 fn is_denied(code: Option<&str>) -> bool {
@@ -258,6 +266,8 @@ pub struct Books {
     pub protected_at: Option<Instant>,
     /// The liveness mark was refused (IAM): said once.
     pub mark_denied: bool,
+    /// Liveness marks failed in a row (for the retry's backoff).
+    pub mark_failures: u32,
     /// A resume after a pause is waiting for the jobs that ran across it.
     pub resume_pending: bool,
 }
@@ -304,6 +314,7 @@ impl Books {
             mark: Pending::new(now),
             protected_at: None,
             mark_denied: false,
+            mark_failures: 0,
             resume_pending: false,
         }
     }
@@ -1277,18 +1288,26 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                     }
                     Some(Err(e)) if want => {
                         inc(&c.aws_errors);
-                        tracing::warn!(error = %e, again_in = ?MARK_RETRY, "cannot write the liveness mark; writing it again soon");
                         // The next re-assertion (mark, then protection)
-                        // comes MARK_RETRY from now, not PROTECTION_REFRESH.
+                        // comes sooner than PROTECTION_REFRESH: 15 s, then
+                        // doubling, so that an EC2 this instance cannot
+                        // reach (a private subnet without its endpoint)
+                        // does not become a protection call every 15 s.
+                        b.mark_failures = b.mark_failures.saturating_add(1);
+                        let again = mark_retry_after(b.mark_failures);
+                        tracing::warn!(error = %e, again_in = ?again, "cannot write the liveness mark; writing it again");
                         if b.protected {
-                            b.protected_at = now.checked_sub(PROTECTION_REFRESH - MARK_RETRY);
+                            b.protected_at = now.checked_sub(PROTECTION_REFRESH - again);
                         }
                     }
                     Some(Err(e)) => {
                         inc(&c.aws_errors);
                         tracing::warn!(error = %e, "cannot mark the liveness tag idle; the next busy spell writes it again");
                     }
-                    Some(Ok(())) => b.mark_denied = false,
+                    Some(Ok(())) => {
+                        b.mark_denied = false;
+                        b.mark_failures = 0;
+                    }
                     None => {}
                 }
             }
@@ -1515,23 +1534,23 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
         if let (Some(want), Some(group)) = (d.protect, b.group.clone()) {
             b.protection.start();
             let (fleet, id) = (fleet.clone(), id.clone());
-            // The mark first: protecting, the time (a protected instance's
-            // mark is not older than its protection); unprotecting,
-            // `idle` (not a time), so that a later busy spell whose mark
-            // cannot be written shows no old time for the controller to
-            // take for a dead agent.
+            // With the mark: protecting, the time; unprotecting, `idle`
+            // (not a time), so that a busy spell whose mark cannot be
+            // written shows no old time for the controller to take for a
+            // dead agent. Both at once: an EC2 endpoint this instance
+            // cannot reach must not hold the protection back (a job
+            // already runs).
             let mark = if want {
                 crate::aws::alive_mark(self.clock.now())
             } else {
                 crate::aws::IDLE_MARK.to_string()
             };
             spawn(Box::pin(async move {
-                let marked = fleet.mark_alive(&id, &mark).await;
-                Effect::Protection(
-                    want,
-                    fleet.set_protection(&group, &id, want).await,
-                    Some(marked),
-                )
+                let (marked, set) = tokio::join!(
+                    fleet.mark_alive(&id, &mark),
+                    fleet.set_protection(&group, &id, want)
+                );
+                Effect::Protection(want, set, Some(marked))
             }));
         }
         if d.request_scale_in {

@@ -1377,7 +1377,7 @@ fn sequence(w: &World, ops: &[&str]) -> Vec<(f64, &'static str, String)> {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_busy_agent_marks_itself_alive_before_each_protection() {
+async fn a_busy_agent_marks_itself_alive_with_each_protection() {
     let w = World::start(
         cfg("[scale_in]\nenabled = false\nprotect_busy = true\n"),
         MemFleet::new(Some("g"), 0, 2),
@@ -1399,7 +1399,7 @@ async fn a_busy_agent_marks_itself_alive_before_each_protection() {
             (1200.0, "CreateTags"),
             (1200.0, "SetInstanceProtection"),
         ],
-        "the mark first (never older than the protection), again at every re-assertion"
+        "the mark with each protection, again at every re-assertion"
     );
     // The value is the wall-clock time in Unix seconds.
     let first = &w.fleet.calls("CreateTags")[0].1;
@@ -1418,12 +1418,18 @@ async fn a_failed_mark_is_written_again_within_a_minute_and_a_refused_one_is_not
         false,
     );
     // Throttled twice: protection is set regardless, and the mark is
-    // tried again 15 s later each time, not 10 minutes later.
+    // tried again 15 s, then 30 s later, not 10 minutes later.
     w.fleet.fail_next("CreateTags", "RequestLimitExceeded", 2);
     w.queue.push("1500");
     w.run_for(700).await;
     let marks: Vec<f64> = w.call_times(w.fleet.calls("CreateTags"));
-    assert_eq!(marks, vec![0.0, 15.0, 30.0, 630.0]);
+    assert_eq!(marks, vec![0.0, 15.0, 45.0, 645.0]);
+    // EC2 unreachable for good: 15, 30, 60 ... s apart, then every 10
+    // minutes, not a protection call every 15 s.
+    let waits: Vec<u64> = (1..=8)
+        .map(|n| crate::runner::mark_retry_after(n).as_secs())
+        .collect();
+    assert_eq!(waits, [15, 30, 60, 120, 240, 480, 600, 600]);
     assert!(w.fleet.lock().protected);
 
     // Refused by IAM: no faster retry (it would change nothing), the

@@ -1,15 +1,17 @@
 //! Which protected instances have a dead agent.
 //!
-//! A busy agent protects its instance from scale-in, and writes its
-//! liveness mark first (the instance tag `spotguard:alive`, the Unix time
-//! in seconds), again every 10 minutes while it stays busy. So a protected
-//! instance's mark is never older than its protection, and a mark older
-//! than `failover.dead_after` means the agent stopped: its instance would
-//! hold the group (and a failing-back gate) for ever. Such an instance has
-//! its protection released; a live agent with back-to-back jobs never is,
-//! however long it stays busy. An instance with no mark (an agent from
-//! before marks, or one that IAM does not let tag) cannot be judged here:
-//! only `failover.max_busy_age` releases it.
+//! A busy agent protects its instance from scale-in and, with it, writes
+//! its liveness mark (the instance tag `spotguard:alive`, the Unix time in
+//! seconds), again every 10 minutes while it stays busy, and `idle` when
+//! it drops the protection. So a protected instance's mark is a time from
+//! this busy spell (or `idle`, while its first mark is on its way or
+//! failing), and a time older than `failover.dead_after` means the agent
+//! stopped: its instance would hold the group (and a failing-back gate)
+//! for ever. Such an instance has its protection released; a live agent
+//! with back-to-back jobs never is, however long it stays busy. An
+//! instance with no time (an agent from before marks, one that IAM does
+//! not let tag, `idle`) cannot be judged here: only
+//! `failover.max_busy_age` releases it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
