@@ -51,7 +51,7 @@ pub const MAX_START_FAILURE_PAUSE: Duration = Duration::from_secs(300);
 /// controller released it (a gate held too long by protected instances),
 /// a live agent takes it back.
 ///
-/// It also paces the liveness mark, written before each assertion: the
+/// It also paces the liveness mark, written with each assertion: the
 /// controller's `failover.dead_after` (25 minutes) covers two refreshes.
 pub const PROTECTION_REFRESH: Duration = Duration::from_secs(600);
 
@@ -109,8 +109,7 @@ enum Effect {
     },
     ScaleIn(Result<ScaleIn, AwsError>),
     Confirmed(Result<Option<String>, AwsError>),
-    /// Protection set (or not), and the liveness mark written before it
-    /// when protecting.
+    /// Protection set (or not), and the liveness mark written with it.
     Protection(bool, Result<(), AwsError>, Option<Result<(), AwsError>>),
     Group(Result<Option<String>, AwsError>),
     Intake(Result<crate::aws::Intake, AwsError>),
@@ -1296,8 +1295,12 @@ impl<Q: Queue, F: Fleet, W: Worker> Runner<Q, F, W> {
                         b.mark_failures = b.mark_failures.saturating_add(1);
                         let again = mark_retry_after(b.mark_failures);
                         tracing::warn!(error = %e, again_in = ?again, "cannot write the liveness mark; writing it again");
+                        // (An instance up for less than that: at the usual
+                        // cadence. Its first mark failed, so its tag says
+                        // `idle` or nothing, which is never judged dead.)
                         if b.protected {
-                            b.protected_at = now.checked_sub(PROTECTION_REFRESH - again);
+                            b.protected_at =
+                                Some(now.checked_sub(PROTECTION_REFRESH - again).unwrap_or(now));
                         }
                     }
                     Some(Err(e)) => {
