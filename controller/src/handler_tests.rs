@@ -1432,23 +1432,12 @@ async fn periodic_tasks_begin_only_with_a_calls_bound_left_before_the_cut() {
     .unwrap();
     c.tick(Vec::new()).await.unwrap(); // first sight of the schedule
     tokio::time::advance(std::time::Duration::from_secs(310)).await;
-    let secs = std::time::Duration::from_secs;
     // 20 s to the deadline: the cut 15 s away, 5 s for the tasks after one
     // call's bound: none begun (the next tick catches up).
-    let now = tokio::time::Instant::now();
-    let r = c
-        .tick_by(Vec::new(), Some(now + secs(20)))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = tick_within(&c, 20).await;
     assert!(r.cron.is_empty());
     // 25 s: exactly one call's bound (10 s) for them: sent.
-    let now = tokio::time::Instant::now();
-    let r = c
-        .tick_by(Vec::new(), Some(now + secs(25)))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = tick_within(&c, 25).await;
     assert_eq!(r.cron.len(), 1);
     assert_eq!(r.metrics_error, None, "a clean tick reports no error");
     // Without the lease or a deadline: a tick all the same.
@@ -1467,21 +1456,10 @@ async fn with_under_30_s_left_the_dead_agent_check_waits_for_the_next_tick() {
         .busy = 1;
     mark(&c, "us-east-1", "i-busy0");
     tokio::time::advance(std::time::Duration::from_secs(1800)).await;
-    let secs = std::time::Duration::from_secs;
     // The cut 29 s away (34 s less the 5 s margin): not begun.
-    let now = tokio::time::Instant::now();
-    let r = c
-        .tick_by(Vec::new(), Some(now + secs(34)))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = tick_within(&c, 34).await;
     assert!(r.dead_released.is_empty());
-    let now = tokio::time::Instant::now();
-    let r = c
-        .tick_by(Vec::new(), Some(now + secs(35)))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = tick_within(&c, 35).await;
     assert_eq!(r.dead_released, vec!["i-busy0"]);
 }
 
@@ -1649,4 +1627,13 @@ async fn with_the_last_region_unreadable_the_link_before_it_holds_its_gate() {
     );
     c.tick(Vec::new()).await.ok();
     assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failed-over"));
+}
+
+/// A tick as a Lambda invocation with `secs` left before its deadline.
+async fn tick_within(c: &Controller<FakeCloud>, secs: u64) -> TickReport {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    c.tick_by(Vec::new(), Some(deadline))
+        .await
+        .unwrap()
+        .unwrap()
 }

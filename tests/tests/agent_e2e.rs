@@ -170,12 +170,11 @@ fn jobs_are_run_once_and_deleted_after_success() {
         .is_empty());
 }
 
-#[test]
-fn a_spot_notice_stops_intake_and_hands_the_long_job_to_another_agent() {
-    let s = fleet("notice", 5, 0, 2);
-    let mock_a = &s.mocks[0];
-    // The notice hook runs when agent a sees the notice: its file's time
-    // marks the detection.
+/// A notice hook that writes what it is given to `hook.json`: (the hook,
+/// its output file).
+fn recording_hook(
+    s: &spotguard_tests::agent_setup::Setup,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let hook_out = s.dir.path().join("hook.json");
     let hook = s.dir.path().join("hook.sh");
     std::fs::write(
@@ -184,6 +183,16 @@ fn a_spot_notice_stops_intake_and_hands_the_long_job_to_another_agent() {
     )
     .unwrap();
     std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    (hook, hook_out)
+}
+
+#[test]
+fn a_spot_notice_stops_intake_and_hands_the_long_job_to_another_agent() {
+    let s = fleet("notice", 5, 0, 2);
+    let mock_a = &s.mocks[0];
+    // The notice hook runs when agent a sees the notice: its file's time
+    // marks the detection.
+    let (hook, hook_out) = recording_hook(&s);
     let mut agent_a = s.start(
         "agent-a",
         &s.agent_config(0, "a", |c| {
@@ -760,14 +769,7 @@ fn busy_instances_are_protected_from_scale_in_and_released_when_idle() {
 fn a_long_poll_in_flight_at_a_notice_is_abandoned_and_its_messages_handed_back_unstarted() {
     let s = fleet("longpoll", 5, 0, 1);
     let (ids, mock) = (&s.ids, &s.mocks[0]);
-    let hook_out = s.dir.path().join("hook.json");
-    let hook = s.dir.path().join("hook.sh");
-    std::fs::write(
-        &hook,
-        format!("#!/bin/sh\ncat > '{}'\n", hook_out.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (hook, hook_out) = recording_hook(&s);
     let _agent = s.start(
         "agent",
         &s.agent_config(0, "a", |c| {
