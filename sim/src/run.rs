@@ -30,8 +30,9 @@ use spotguard_controller::aws::{Cloud, GroupUpdate, MetricSpec, TargetTracking};
 use spotguard_controller::handler::Controller;
 
 use crate::scenario::Scenario;
+use crate::apis::{SimCloud, SimFleet};
 use crate::world::{
-    lock, wall, Group, Instance, Kill, Pool, Rng, Shared, SimCloud, SimFleet, State, Tracking,
+    lock, wall, Group, Instance, Kill, Pool, Rng, Shared, State, Tracking,
     World,
 };
 
