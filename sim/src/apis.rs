@@ -32,14 +32,19 @@ impl Fleet for SimFleet {
         _instance: &str,
         value: &str,
     ) -> impl Future<Output = Result<(), AwsError>> + Send {
-        let mut w = lock(&self.world);
-        if w.agent_call_fails() {
-            return std::future::ready(Err(aws_error("CreateTags", "RequestLimitExceeded")));
+        let (world, id, value) = (self.world.clone(), self.id.clone(), value.to_string());
+        let latency = lock(&world).faults.agent_api_latency.0;
+        async move {
+            landing(latency).await;
+            let mut w = lock(&world);
+            if w.agent_call_fails() {
+                return Err(aws_error("CreateTags", "RequestLimitExceeded"));
+            }
+            if let Some(i) = w.instances.get_mut(&id) {
+                i.alive_mark = Some(value);
+            }
+            Ok(())
         }
-        if let Some(i) = w.instances.get_mut(&self.id) {
-            i.alive_mark = Some(value.to_string());
-        }
-        std::future::ready(Ok(()))
     }
 
     fn intake(
@@ -82,9 +87,10 @@ impl Fleet for SimFleet {
     ) -> impl Future<Output = Result<Option<String>, AwsError>> + Send {
         let w = lock(&self.world);
         let r = w.instances.get(&self.id).map(|i| {
-            match i.state {
-                State::InService => "InService",
-                State::Pending { .. } => "Pending",
+            match (i.state, i.hook) {
+                (State::InService, _) => "InService",
+                (State::Pending { .. }, _) => "Pending",
+                (State::Terminating { .. }, Some(_)) => "Terminating:Wait",
                 _ => "Terminating",
             }
             .to_string()
@@ -150,14 +156,21 @@ impl Fleet for SimFleet {
         _instance: &str,
         protect: bool,
     ) -> impl Future<Output = Result<(), AwsError>> + Send {
-        let mut w = lock(&self.world);
-        if w.agent_call_fails() {
-            return std::future::ready(Err(aws_error("SetInstanceProtection", "Throttling")));
+        let (world, id) = (self.world.clone(), self.id.clone());
+        let latency = lock(&world).faults.agent_api_latency.0;
+        async move {
+            // The call lands after `faults.agent_api_latency`: a scale-in
+            // meanwhile may still pick the instance (its job already runs).
+            landing(latency).await;
+            let mut w = lock(&world);
+            if w.agent_call_fails() {
+                return Err(aws_error("SetInstanceProtection", "Throttling"));
+            }
+            if let Some(i) = w.instances.get_mut(&id) {
+                i.protected = protect;
+            }
+            Ok(())
         }
-        if let Some(i) = w.instances.get_mut(&self.id) {
-            i.protected = protect;
-        }
-        std::future::ready(Ok(()))
     }
 
     fn mark_unhealthy(&self, _instance: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
@@ -173,7 +186,9 @@ impl Fleet for SimFleet {
         _h: &str,
         _i: &str,
     ) -> impl Future<Output = Result<(), AwsError>> + Send {
-        std::future::ready(Ok(()))
+        let mut w = lock(&self.world);
+        let ok = w.hook_heartbeat(&self.id, Instant::now());
+        std::future::ready(no_action(ok, "RecordLifecycleActionHeartbeat", &self.id))
     }
 
     fn complete_lifecycle(
@@ -182,8 +197,32 @@ impl Fleet for SimFleet {
         _h: &str,
         _i: &str,
     ) -> impl Future<Output = Result<(), AwsError>> + Send {
-        std::future::ready(Ok(()))
+        let mut w = lock(&self.world);
+        let ok = w.hook_complete(&self.id, Instant::now());
+        std::future::ready(no_action(ok, "CompleteLifecycleAction", &self.id))
     }
+}
+
+/// Waits out an agent call's latency, if any.
+async fn landing(latency: Duration) {
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+}
+
+/// Auto Scaling's answer to a lifecycle call for an instance the hook does
+/// not hold.
+fn no_action(ok: bool, op: &'static str, id: &str) -> Result<(), AwsError> {
+    if ok {
+        return Ok(());
+    }
+    Err(AwsError {
+        op,
+        code: Some("ValidationError".into()),
+        message: format!("No active Lifecycle Action found with instance ID {id}"),
+        resource: None,
+        region: None,
+    })
 }
 
 /// The controller's view of AWS.
@@ -535,4 +574,3 @@ fn no_lease_queue(op: &'static str, region: &str) -> CloudError {
         message: "AWS.SimpleQueueService.NonExistentQueue: The specified queue does not exist (the simulation has no lease queue)".into(),
     }
 }
-

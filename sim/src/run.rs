@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use spotguard_agent::aws::Message;
 use spotguard_agent::config::Config as AgentConfig;
 use spotguard_agent::fakes::MemQueue;
-use spotguard_agent::imds::{ImdsStats, SpotAction};
+use spotguard_agent::imds::{ImdsStats, SpotAction, TargetLifecycleState};
 use spotguard_agent::notify::Notifier;
 use spotguard_agent::runner::Runner;
 use spotguard_agent::status::Status;
@@ -29,12 +29,9 @@ use spotguard_common::clock::{Clock, TokioClock};
 use spotguard_controller::aws::{Cloud, GroupUpdate, MetricSpec, TargetTracking};
 use spotguard_controller::handler::Controller;
 
-use crate::scenario::Scenario;
 use crate::apis::{SimCloud, SimFleet};
-use crate::world::{
-    lock, wall, Group, Instance, Kill, Pool, Rng, Shared, State, Tracking,
-    World,
-};
+use crate::scenario::Scenario;
+use crate::world::{lock, wall, Group, Instance, Kill, Pool, Rng, Shared, State, Tracking, World};
 
 /// The failover policies compared side by side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -318,8 +315,13 @@ protect_busy = true
 follow_intake = true
 [status]
 listen = ""
-"#,
+{hook}"#,
         region = s.primary.region,
+        hook = if s.launch.lifecycle_hook {
+            "[interruption]\nlifecycle_hook = \"spotguard-drain\"\n"
+        } else {
+            ""
+        },
         vis = humantime_of(s.agent.visibility_timeout.0),
         conc = s.agent.concurrency,
         idle = humantime_of(s.agent.idle_timeout.0),
@@ -403,7 +405,8 @@ fn group_of(
             .pools()
             .into_iter()
             .map(|z| Pool {
-                name: format!("{}{}", r.region, z.name),
+                name: format!("{}{}", r.region, z.zone),
+                instance_type: z.instance_type,
                 capacity: z.capacity,
             })
             .collect(),
@@ -413,6 +416,7 @@ fn group_of(
         last_launch_try: None,
         interruptions_per_hour: r.interruptions_per_hour,
         spot_requests_wait: r.spot_requests_wait,
+        hook: false,
     }
 }
 
@@ -480,6 +484,9 @@ async fn simulate(
         let mut g = group_of(f, &name, Some(tr), 0);
         g.desired = 0;
         w.groups.push(g);
+    }
+    for g in &mut w.groups {
+        g.hook = s.launch.lifecycle_hook;
     }
     w.instance_secs = vec![0.0; w.groups.len()];
     let world: Shared = Arc::new(std::sync::Mutex::new(w));
@@ -599,6 +606,25 @@ async fn simulate(
                 let Some(i) = w.instances.get_mut(&id) else {
                     continue;
                 };
+                // The group's lifecycle hook holds it: its agent sees the
+                // target lifecycle state `Terminated` on its next IMDS poll.
+                if let (Some((until, false)), State::Terminating { .. }) = (i.hook, i.state) {
+                    i.hook = Some((until, true));
+                    if let Some(tx) = &i.notices {
+                        notices.push((
+                            tx.clone(),
+                            Detected {
+                                event: WatchEvent::LifecycleState {
+                                    change: Change::New,
+                                    state: TargetLifecycleState::Terminated,
+                                    previous: Some(TargetLifecycleState::InService),
+                                    terminating: true,
+                                },
+                                detected_at: wall_of(now),
+                            },
+                        ));
+                    }
+                }
                 if let (Some((reb, notice, reclaim)), true) = (
                     i.interruption,
                     matches!(i.state, State::InService | State::Pending { .. }),

@@ -74,24 +74,73 @@ pub struct Region {
 pub struct Zone {
     /// The zone's letter, appended to the region (`a` -> `us-east-1a`).
     pub name: String,
+    /// The zone's one pool (no `types`).
+    #[serde(default)]
+    pub capacity: i32,
+    #[serde(default)]
+    pub capacity_changes: Vec<CapacityChange>,
+    /// A mixed-instances group's pools in this zone, one per instance type
+    /// (instead of `capacity`): a spot pool is an instance type in a zone,
+    /// and one type can be dry while another in the same zone is not.
+    #[serde(default)]
+    pub types: Vec<TypePool>,
+}
+
+/// One instance type's spot pool in a zone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypePool {
+    /// The instance type (`g4dn.xlarge`).
+    pub name: String,
     pub capacity: i32,
     #[serde(default)]
     pub capacity_changes: Vec<CapacityChange>,
 }
 
+/// One spot pool of a region: an instance type in a zone.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    /// The zone's letter.
+    pub zone: String,
+    /// The instance type, empty when the scenario names none.
+    pub instance_type: String,
+    pub capacity: i32,
+    pub capacity_changes: Vec<CapacityChange>,
+}
+
 impl Region {
-    /// The region's pools: its zones, or one zone `a` with the region's
-    /// capacity.
-    pub fn pools(&self) -> Vec<Zone> {
+    /// The region's pools, zone by zone and, within a zone, type by type in
+    /// the scenario's order: its zones' types, its zones, or one zone `a`
+    /// with the region's capacity.
+    pub fn pools(&self) -> Vec<PoolSpec> {
         if self.zones.is_empty() {
-            vec![Zone {
-                name: "a".into(),
+            return vec![PoolSpec {
+                zone: "a".into(),
+                instance_type: String::new(),
                 capacity: self.capacity,
                 capacity_changes: self.capacity_changes.clone(),
-            }]
-        } else {
-            self.zones.clone()
+            }];
         }
+        let mut out = Vec::new();
+        for z in &self.zones {
+            if z.types.is_empty() {
+                out.push(PoolSpec {
+                    zone: z.name.clone(),
+                    instance_type: String::new(),
+                    capacity: z.capacity,
+                    capacity_changes: z.capacity_changes.clone(),
+                });
+            }
+            for t in &z.types {
+                out.push(PoolSpec {
+                    zone: z.name.clone(),
+                    instance_type: t.name.clone(),
+                    capacity: t.capacity,
+                    capacity_changes: t.capacity_changes.clone(),
+                });
+            }
+        }
+        out
     }
 }
 
@@ -221,6 +270,14 @@ pub struct Launch {
     pub rebalance_probability: f64,
     /// A group short of instances tries to launch this often.
     pub retry: Dur,
+    /// The groups' termination lifecycle hook (the shipped template's,
+    /// HeartbeatTimeout 300 s): an instance the group scales in (target
+    /// tracking, a lowered MaxSize) waits in `Terminating:Wait` while its
+    /// agent drains, heartbeats and completes the action, at most
+    /// min(48 h, 100 x 300 s). Spot reclaims ignore it, as on AWS. `false`:
+    /// the group terminates at once, and a job that started before its
+    /// protection landed is killed.
+    pub lifecycle_hook: bool,
 }
 
 impl Default for Launch {
@@ -236,6 +293,7 @@ impl Default for Launch {
             rebalance_lead: Dur(std::time::Duration::from_secs(300)),
             rebalance_probability: 0.5,
             retry: Dur(std::time::Duration::from_secs(30)),
+            lifecycle_hook: true,
         }
     }
 }
@@ -275,6 +333,12 @@ pub struct Faults {
     /// still protected from scale-in): the controller must release such
     /// an instance's protection within 30 minutes, by its liveness mark.
     pub agent_death_per_hour: f64,
+    /// Each of the agents' Auto Scaling and EC2 calls (protection, the
+    /// liveness mark) lands this long after it is made. A job starts
+    /// before its instance's protection lands (a job already runs when the
+    /// agent asks), so a scale-in in that window picks a busy instance:
+    /// on AWS the termination lifecycle hook's drain is what saves the job.
+    pub agent_api_latency: Dur,
 }
 
 impl Scenario {
@@ -332,6 +396,30 @@ impl Scenario {
             if names.len() != r.zones.len() {
                 return bad(&format!("{key}.zones"), "zone names must differ");
             }
+            for (i, z) in r.zones.iter().enumerate() {
+                let at = format!("{key}.zones[{i}]");
+                if z.types.is_empty() {
+                    continue;
+                }
+                if z.capacity != 0 || !z.capacity_changes.is_empty() {
+                    return bad(
+                        &format!("{at}.types"),
+                        "give the capacity per instance type or for the zone, not both",
+                    );
+                }
+                if r.spot_requests_wait && z.types.len() > 1 {
+                    return bad(
+                        &format!("{at}.types"),
+                        "a group whose spot requests wait has no mixed-instances policy: one instance type",
+                    );
+                }
+                let mut types: Vec<&str> = z.types.iter().map(|t| t.name.as_str()).collect();
+                types.sort_unstable();
+                types.dedup();
+                if types.len() != z.types.len() {
+                    return bad(&format!("{at}.types"), "instance type names must differ");
+                }
+            }
         }
         for (key, p) in [
             ("faults.api_error_rate", s.faults.api_error_rate),
@@ -372,5 +460,81 @@ impl Scenario {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         Scenario::parse(&text, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TYPED: &str = r#"
+name = "typed"
+duration = "1h"
+[primary]
+region = "us-east-1"
+max = 10
+spot_price = 0.25
+zones = [
+  { name = "a", types = [{ name = "g4dn.xlarge", capacity = 0, capacity_changes = [{ at = "30m", capacity = 5 }] }, { name = "g5.xlarge", capacity = 4 }] },
+  { name = "b", capacity = 3 },
+]
+[jobs]
+arrivals = [{ start = "0s", end = "30m", count = 10, duration = "2m" }]
+[controller]
+target = 2.0
+"#;
+
+    #[test]
+    fn zones_hold_one_pool_per_instance_type_in_order() {
+        let s = Scenario::parse(TYPED, "t.toml").expect("valid");
+        let pools: Vec<(String, String, i32, usize)> = s
+            .primary
+            .pools()
+            .into_iter()
+            .map(|p| {
+                (
+                    p.zone,
+                    p.instance_type,
+                    p.capacity,
+                    p.capacity_changes.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            pools,
+            [
+                ("a".into(), "g4dn.xlarge".into(), 0, 1),
+                ("a".into(), "g5.xlarge".into(), 4, 0),
+                ("b".into(), String::new(), 3, 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_zone_with_types_refuses_a_capacity_of_its_own_a_waiting_group_more_types_and_twins() {
+        let cases = [
+            (
+                TYPED.replace(
+                    r#"{ name = "a", types"#,
+                    r#"{ name = "a", capacity = 2, types"#,
+                ),
+                "`primary.zones[0].types`: give the capacity per instance type or for the zone",
+            ),
+            (
+                TYPED.replace(
+                    "spot_price = 0.25",
+                    "spot_price = 0.25\nspot_requests_wait = true",
+                ),
+                "`primary.zones[0].types`: a group whose spot requests wait",
+            ),
+            (
+                TYPED.replace(r#"name = "g5.xlarge""#, r#"name = "g4dn.xlarge""#),
+                "`primary.zones[0].types`: instance type names must differ",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Scenario::parse(&text, "t.toml").unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

@@ -61,7 +61,7 @@ pub enum State {
 pub struct Instance {
     pub id: String,
     pub group: usize,
-    /// Index of its zone in the group's pools.
+    /// Index of its pool (zone and instance type) in the group's pools.
     pub zone: usize,
     /// When it reached `running` (billing starts there): launch + delay.
     pub running_at: Instant,
@@ -89,15 +89,21 @@ pub struct Instance {
     pub broken: bool,
     /// Why it ends, once it is ending.
     pub why: Option<Kill>,
+    /// In `Terminating:Wait` on the group's lifecycle hook: the hook's
+    /// global timeout (the latest end whatever the heartbeats), and whether
+    /// its agent has seen the target lifecycle state `Terminated`.
+    pub hook: Option<(Instant, bool)>,
     /// Jobs running on it now (message ids), kept by its worker.
     pub running: Vec<String>,
 }
 
-/// One Availability Zone's spot pool.
+/// One spot pool: an instance type in an Availability Zone.
 #[derive(Debug, Clone)]
 pub struct Pool {
     /// The zone's name (`us-east-1a`).
     pub name: String,
+    /// The instance type (empty: the scenario names none).
+    pub instance_type: String,
     /// Spot instances it can hold now.
     pub capacity: i32,
 }
@@ -118,7 +124,8 @@ pub struct Group {
     pub max: i32,
     pub desired: i32,
     pub price: f64,
-    /// Spot pools, one per Availability Zone.
+    /// Spot pools, zone by zone, and within a zone one per instance type
+    /// (an instance's `zone` indexes this).
     pub zones: Vec<Pool>,
     pub tags: BTreeMap<String, String>,
     pub activities: Vec<Activity>,
@@ -128,7 +135,17 @@ pub struct Group {
     /// Spot requests wait in `PendingSpotBidPlacement` instead of failing
     /// (`spot_requests_wait` in the scenario).
     pub spot_requests_wait: bool,
+    /// A termination lifecycle hook (`launch.lifecycle_hook`).
+    pub hook: bool,
 }
+
+/// The shipped template's HeartbeatTimeout
+/// (packaging/cloudformation/spotguard-region.yaml).
+pub const HOOK_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The hook's global timeout: min(48 h, 100 x HeartbeatTimeout)
+/// (REFERENCE.md, "Termination lifecycle hook").
+pub const HOOK_GLOBAL_TIMEOUT: Duration = Duration::from_secs(100 * 300);
 
 /// Why a job's execution ended without its own end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -242,6 +259,56 @@ impl World {
         i.why = Some(why);
     }
 
+    /// The group takes an instance out: through its termination lifecycle
+    /// hook if it has one (the instance waits while its agent drains, up to
+    /// a heartbeat timeout at a time), else at once.
+    pub fn scale_in(&mut self, id: &str, now: Instant, why: Kill) {
+        let hook = self
+            .instances
+            .get(id)
+            .and_then(|i| self.groups.get(i.group))
+            .is_some_and(|g| g.hook);
+        if !hook {
+            self.terminate(id, now, why);
+            return;
+        }
+        self.terminate(id, now + HOOK_HEARTBEAT_TIMEOUT, why);
+        if let Some(i) = self.instances.get_mut(id) {
+            if i.why == Some(why) && i.hook.is_none() {
+                i.hook = Some((now + HOOK_GLOBAL_TIMEOUT, false));
+            }
+        }
+    }
+
+    /// `RecordLifecycleActionHeartbeat`: the wait restarts, within the
+    /// global timeout. Refused (false) for an instance not waiting on it.
+    pub fn hook_heartbeat(&mut self, id: &str, now: Instant) -> bool {
+        match self.instances.get_mut(id) {
+            Some(i) => match (i.state, i.hook) {
+                (State::Terminating { .. }, Some((until, told))) => {
+                    i.state = State::Terminating {
+                        at: (now + HOOK_HEARTBEAT_TIMEOUT).min(until),
+                    };
+                    i.hook = Some((until, told));
+                    true
+                }
+                _ => false,
+            },
+            None => false,
+        }
+    }
+
+    /// `CompleteLifecycleAction` CONTINUE: the instance ends now.
+    pub fn hook_complete(&mut self, id: &str, now: Instant) -> bool {
+        match self.instances.get_mut(id) {
+            Some(i) if i.hook.is_some() && matches!(i.state, State::Terminating { .. }) => {
+                i.state = State::Terminating { at: now };
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn activity(
         &mut self,
         g: usize,
@@ -313,7 +380,7 @@ impl World {
                     .collect();
                 victims.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
                 for (_, _, id) in victims.into_iter().take((have - desired) as usize) {
-                    self.terminate(&id, now, why);
+                    self.scale_in(&id, now, why);
                 }
                 continue;
             }
@@ -328,14 +395,22 @@ impl World {
             }
             self.groups[g].last_launch_try = Some(now);
             // Balanced best effort (AWS): each launch goes to the zone with
-            // the fewest of the group's instances; a dry zone logs a failed
-            // activity naming it and the launch moves to another zone, until
-            // one succeeds or every zone is dry.
-            let mut per_zone = vec![0i32; self.groups[g].zones.len()];
+            // the fewest of the group's instances; within it, a
+            // mixed-instances group takes the instance type with the most
+            // spot capacity left (capacity-optimized), silently: another
+            // type filling the launch is no failure. A zone with every type
+            // dry logs a failed activity naming it and the launch moves to
+            // another zone, until one succeeds or every zone is dry.
+            let (zone_of, first_pool) = zones_of_pools(&self.groups[g].zones);
+            let mut per_pool = vec![0i32; zone_of.len()];
             for i in self.alive(g) {
-                if let Some(n) = per_zone.get_mut(i.zone) {
+                if let Some(n) = per_pool.get_mut(i.zone) {
                     *n += 1;
                 }
+            }
+            let mut per_zone = vec![0i32; first_pool.len()];
+            for (p, n) in per_pool.iter().enumerate() {
+                per_zone[zone_of[p]] += n;
             }
             let mut dry = vec![false; per_zone.len()];
             let mut want = desired - have;
@@ -346,8 +421,12 @@ impl World {
                 else {
                     break;
                 };
-                if per_zone[z] >= self.groups[g].zones[z].capacity {
-                    let zone = self.groups[g].zones[z].name.clone();
+                let pools = &self.groups[g].zones;
+                let free = (0..pools.len())
+                    .filter(|p| zone_of[*p] == z && per_pool[*p] < pools[*p].capacity)
+                    .min_by_key(|p| (per_pool[*p] - pools[*p].capacity, *p));
+                let Some(p) = free else {
+                    let zone = pools[first_pool[z]].name.clone();
                     if self.groups[g].spot_requests_wait {
                         // The request waits in its zone, silently: one
                         // pending activity until capacity comes back.
@@ -368,7 +447,7 @@ impl World {
                     let ev = self.activity(g, now, false, CAPACITY_FAILURE, Some(&zone), base);
                     self.events.push(ev);
                     continue;
-                }
+                };
                 // A launch: a request that waited is fulfilled now.
                 for a in self.groups[g].activities.iter_mut() {
                     if a.status_code == PENDING_SPOT {
@@ -376,6 +455,7 @@ impl World {
                         a.end = Some(wall(base.0, base.1, now));
                     }
                 }
+                per_pool[p] += 1;
                 per_zone[z] += 1;
                 want -= 1;
                 self.next_instance += 1;
@@ -389,7 +469,7 @@ impl World {
                     Instance {
                         id,
                         group: g,
-                        zone: z,
+                        zone: p,
                         running_at: now + launch.delay.0,
                         in_service_at: None,
                         billed_secs: 0.0,
@@ -409,10 +489,11 @@ impl World {
                         status: None,
                         broken,
                         why: None,
+                        hook: None,
                         running: Vec::new(),
                     },
                 );
-                let zone = self.groups[g].zones[z].name.clone();
+                let zone = self.groups[g].zones[p].name.clone();
                 let ev = self.activity(g, now, true, "", Some(&zone), base);
                 self.events.push(ev);
             }
@@ -583,6 +664,24 @@ impl World {
     }
 }
 
+/// The zone of each pool (an index into the zones in the order they first
+/// appear) and each zone's first pool (whose name names the zone).
+fn zones_of_pools(pools: &[Pool]) -> (Vec<usize>, Vec<usize>) {
+    let mut first: Vec<usize> = Vec::new();
+    let zone_of = (0..pools.len())
+        .map(
+            |p| match first.iter().position(|f| pools[*f].name == pools[p].name) {
+                Some(z) => z,
+                None => {
+                    first.push(p);
+                    first.len() - 1
+                }
+            },
+        )
+        .collect();
+    (zone_of, first)
+}
+
 /// One target-tracking evaluation of a group: its new desired capacity.
 /// `warm`: InService instances past their warm-up; `warming`: the others
 /// (pending or warming). Pure, for the unit tests of AWS's arithmetic.
@@ -651,6 +750,7 @@ mod tests {
                 .iter()
                 .map(|(n, c)| Pool {
                     name: format!("us-east-1{n}"),
+                    instance_type: String::new(),
                     capacity: *c,
                 })
                 .collect(),
@@ -660,6 +760,7 @@ mod tests {
             last_launch_try: None,
             interruptions_per_hour: 0.0,
             spot_requests_wait: false,
+            hook: false,
         }
     }
 
@@ -708,6 +809,108 @@ mod tests {
         w.groups[0].zones[1].capacity = 4;
         w.reconcile_groups(now + Duration::from_secs(60), &Launch::default(), base(now));
         assert_eq!(zones_of(&w), [0, 4, 10]);
+    }
+
+    /// Pools per zone x instance type: (zone, type, capacity).
+    fn typed(pools: &[(&str, &str, i32)], desired: i32) -> Group {
+        let mut g = group(&[], desired);
+        g.zones = pools
+            .iter()
+            .map(|(z, t, c)| Pool {
+                name: format!("us-east-1{z}"),
+                instance_type: (*t).into(),
+                capacity: *c,
+            })
+            .collect();
+        g
+    }
+
+    fn failures(w: &World) -> Vec<String> {
+        w.groups[0]
+            .activities
+            .iter()
+            .filter(|a| a.status_code == "Failed")
+            .map(|a| a.details.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_dry_instance_type_is_filled_by_another_type_in_its_zone_silently() {
+        let now = Instant::now();
+        // g4dn dry everywhere, g5 has room: a mixed-instances group moves
+        // to g5 in the same zones, logs no failure, stays balanced.
+        let mut w = world(typed(
+            &[
+                ("a", "g4dn.xlarge", 0),
+                ("a", "g5.xlarge", 10),
+                ("b", "g4dn.xlarge", 0),
+                ("b", "g5.xlarge", 10),
+            ],
+            6,
+        ));
+        w.reconcile_groups(now, &Launch::default(), base(now));
+        assert_eq!(zones_of(&w), [0, 3, 0, 3]);
+        assert!(failures(&w).is_empty(), "{:?}", failures(&w));
+        assert_eq!(w.events.len(), 6, "six launches, no failure event");
+        // Within a zone, the type with the most room left first.
+        let mut w = world(typed(&[("a", "g4dn.xlarge", 2), ("a", "g5.xlarge", 5)], 5));
+        w.reconcile_groups(now, &Launch::default(), base(now));
+        // g5 (4 left), g5 (3), g5 (2), a tie (g4dn first), g5.
+        assert_eq!(zones_of(&w), [1, 4], "the most room left first");
+    }
+
+    #[test]
+    fn a_zone_with_every_type_dry_logs_one_failure_and_the_launch_moves_on() {
+        let now = Instant::now();
+        let mut w = world(typed(
+            &[
+                ("a", "g4dn.xlarge", 0),
+                ("a", "g5.xlarge", 0),
+                ("b", "g4dn.xlarge", 10),
+                ("b", "g5.xlarge", 0),
+            ],
+            4,
+        ));
+        w.reconcile_groups(now, &Launch::default(), base(now));
+        assert_eq!(zones_of(&w), [0, 0, 4, 0]);
+        let f = failures(&w);
+        assert_eq!(f.len(), 1, "one failure for zone a: {f:?}");
+        assert!(f[0].contains("us-east-1a"), "{f:?}");
+        // One type's pool shrinking reclaims that type's instances only.
+        w.groups[0].zones[2].capacity = 1;
+        w.interrupt(now, Duration::from_secs(1), Duration::ZERO);
+        let noticed = w.alive(0).filter(|i| i.interruption.is_some()).count();
+        assert_eq!(noticed, 3);
+    }
+
+    #[test]
+    fn a_hooked_scale_in_waits_a_heartbeat_timeout_at_a_time_within_the_global_one() {
+        let t0 = Instant::now();
+        let mut g = group(&[("a", 10)], 2);
+        g.hook = true;
+        let mut w = world(g);
+        w.reconcile_groups(t0, &Launch::default(), base(t0));
+        let ids: Vec<String> = w.alive(0).map(|i| i.id.clone()).collect();
+        let (a, b) = (&ids[0], &ids[1]);
+        let end = |w: &World, id: &str| match w.instances[id].state {
+            State::Terminating { at } => Some(at.duration_since(t0).as_secs()),
+            _ => None,
+        };
+        assert!(!w.hook_heartbeat(a, t0), "no lifecycle action yet");
+        w.scale_in(a, t0, Kill::GroupScaleIn);
+        assert_eq!(end(&w, a), Some(300), "HeartbeatTimeout");
+        // Heartbeats restart the wait, never past the global timeout.
+        assert!(w.hook_heartbeat(a, t0 + Duration::from_secs(200)));
+        assert_eq!(end(&w, a), Some(500));
+        assert!(w.hook_heartbeat(a, t0 + Duration::from_secs(29_900)));
+        assert_eq!(end(&w, a), Some(30_000), "100 x 300 s");
+        assert!(w.hook_complete(a, t0 + Duration::from_secs(29_950)));
+        assert_eq!(end(&w, a), Some(29_950), "CONTINUE ends it now");
+        // Without a hook the group ends it at once.
+        w.groups[0].hook = false;
+        w.scale_in(b, t0, Kill::GroupScaleIn);
+        assert_eq!(end(&w, b), Some(0));
+        assert!(!w.hook_complete(b, t0), "no lifecycle action to complete");
     }
 
     #[test]

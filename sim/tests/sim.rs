@@ -358,3 +358,57 @@ fn under_a_load_that_never_stops_the_failback_completes_and_kills_nothing() {
         "{m:?}"
     );
 }
+
+/// A spot pool is an instance type in a zone: with every g4dn pool of the
+/// primary dry for two hours and g5 pools with room in the same zones, the
+/// mixed-instances group refills from g5 without a failed activity, and
+/// spotguard stays in its primary.
+#[test]
+fn one_dry_instance_type_with_another_fine_is_no_failover() {
+    let s = scenario("type-dry.toml");
+    let o = run(&s, 1, Policy::Spotguard, &mut |_| {}).unwrap();
+    let m = &o.summary;
+    assert!(m.violations.is_empty(), "{:?}", m.violations);
+    assert_eq!(m.done, m.jobs);
+    // The drop bit: g4dn instances were reclaimed at 1 h.
+    let at = |min: usize| o.series.primary_in_service[min];
+    let dip = (61..80).map(at).fold(f64::MAX, f64::min);
+    assert!(dip < at(59), "in service {} before, {dip} after", at(59));
+    assert_eq!(m.mode_changes, 0, "{m:?}");
+    assert_eq!(m.fallback_instance_hours, 0.0, "{m:?}");
+}
+
+/// The agent protects its instance once a job runs, so a scale-in between
+/// the job's start and the protection landing picks a busy instance. With
+/// the agents' calls landing 60 s late, the 2-hour outage's scale-ins kill
+/// jobs when the groups have no termination lifecycle hook; with the hook
+/// (the shipped template's), each such instance waits while its agent
+/// drains, and nothing is killed.
+#[test]
+fn the_lifecycle_hook_saves_a_job_that_started_before_its_protection_landed() {
+    let mut s = scenario("outage-2h.toml");
+    s.faults.agent_api_latency = "60s".parse().unwrap();
+    s.launch.lifecycle_hook = false;
+    let o = run(&s, 1, Policy::Spotguard, &mut |_| {}).unwrap();
+    let killed: usize = o.summary.killed.values().sum();
+    assert!(killed > 0, "{:?}", o.summary);
+    assert!(
+        o.summary.violations.iter().any(|v| v.contains("scale-in")),
+        "{:?}",
+        o.summary.violations
+    );
+    s.launch.lifecycle_hook = true;
+    let o = run(&s, 1, Policy::Spotguard, &mut |_| {}).unwrap();
+    assert!(
+        o.summary.violations.is_empty(),
+        "{:?}",
+        o.summary.violations
+    );
+    assert_eq!(
+        o.summary.killed.values().sum::<usize>(),
+        0,
+        "{:?}",
+        o.summary
+    );
+    assert_eq!(o.summary.done, o.summary.jobs);
+}
