@@ -140,9 +140,16 @@ impl Fleet for SimFleet {
                             self.id
                         ));
                     }
-                    // The instance shuts down a little later (the agent has
-                    // nothing left to do).
-                    w.terminate(&self.id, now + Duration::from_secs(30), Kill::AgentScaleIn);
+                    // Through the group's termination hook if it has one
+                    // (AWS runs it for TerminateInstanceInAutoScalingGroup
+                    // too: the agent sees `Terminated` and completes the
+                    // action); else the instance shuts down a little later
+                    // (the agent has nothing left to do).
+                    if w.groups[g].hook {
+                        w.scale_in(&self.id, now, Kill::AgentScaleIn);
+                    } else {
+                        w.terminate(&self.id, now + Duration::from_secs(30), Kill::AgentScaleIn);
+                    }
                     Ok(ScaleIn::Accepted)
                 }
             }
@@ -166,17 +173,32 @@ impl Fleet for SimFleet {
             if w.agent_call_fails() {
                 return Err(aws_error("SetInstanceProtection", "Throttling"));
             }
-            if let Some(i) = w.instances.get_mut(&id) {
-                i.protected = protect;
+            match w.instances.get_mut(&id) {
+                Some(i) if i.state == State::InService => {
+                    i.protected = protect;
+                    Ok(())
+                }
+                // AWS refuses it for an instance the group is taking out
+                // (REFERENCE.md), which a late call can meet.
+                _ => Err(AwsError {
+                    op: "SetInstanceProtection",
+                    code: Some("ValidationError".into()),
+                    message: format!(
+                        "The instance {id} is not in InService or EnteringStandby or Standby."
+                    ),
+                    resource: None,
+                    region: None,
+                }),
             }
-            Ok(())
         }
     }
 
     fn mark_unhealthy(&self, _instance: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
         let mut w = lock(&self.world);
         let now = Instant::now();
-        w.terminate(&self.id, now, Kill::Replaced);
+        // Replaced through the termination hook, as any termination by
+        // the group.
+        w.scale_in(&self.id, now, Kill::Replaced);
         std::future::ready(Ok(()))
     }
 

@@ -133,6 +133,10 @@ pub struct Summary {
     pub utilization: f64,
     /// Mode changes of the cascade, each counted when it happens.
     pub mode_changes: usize,
+    /// Instances the group scaled in while a job ran (it started before
+    /// its protection landed): drained by the lifecycle hook, or killed
+    /// without one.
+    pub busy_scaled_in: usize,
     /// Agents that died (`faults.agent_death_per_hour`).
     pub agent_deaths: usize,
     pub violations: Vec<String>,
@@ -625,10 +629,13 @@ async fn simulate(
                         ));
                     }
                 }
-                if let (Some((reb, notice, reclaim)), true) = (
-                    i.interruption,
-                    matches!(i.state, State::InService | State::Pending { .. }),
-                ) {
+                // An instance waiting on the hook is still EC2's to reclaim.
+                let on_spot = match i.state {
+                    State::InService | State::Pending { .. } => true,
+                    State::Terminating { .. } => i.hook.is_some(),
+                    State::Gone => false,
+                };
+                if let (Some((reb, notice, reclaim)), true) = (i.interruption, on_spot) {
                     if let (Some(r), Some(tx)) = (reb, &i.notices) {
                         if r <= now {
                             notices.push((
@@ -1183,6 +1190,7 @@ fn summarize(
         utilization: if paid > 0.0 { busy / paid } else { 0.0 },
         mode_changes,
         agent_deaths: w.agent_deaths,
+        busy_scaled_in: w.busy_scaled_in,
         violations: w.violations.clone(),
     }
 }

@@ -74,9 +74,9 @@ pub struct Region {
 pub struct Zone {
     /// The zone's letter, appended to the region (`a` -> `us-east-1a`).
     pub name: String,
-    /// The zone's one pool (no `types`).
+    /// The zone's one pool (or `types`, not both).
     #[serde(default)]
-    pub capacity: i32,
+    pub capacity: Option<i32>,
     #[serde(default)]
     pub capacity_changes: Vec<CapacityChange>,
     /// A mixed-instances group's pools in this zone, one per instance type
@@ -127,7 +127,7 @@ impl Region {
                 out.push(PoolSpec {
                     zone: z.name.clone(),
                     instance_type: String::new(),
-                    capacity: z.capacity,
+                    capacity: z.capacity.unwrap_or(0),
                     capacity_changes: z.capacity_changes.clone(),
                 });
             }
@@ -399,9 +399,12 @@ impl Scenario {
             for (i, z) in r.zones.iter().enumerate() {
                 let at = format!("{key}.zones[{i}]");
                 if z.types.is_empty() {
+                    if z.capacity.is_none() {
+                        return bad(&at, "give the zone a `capacity` or `types`");
+                    }
                     continue;
                 }
-                if z.capacity != 0 || !z.capacity_changes.is_empty() {
+                if z.capacity.is_some() || !z.capacity_changes.is_empty() {
                     return bad(
                         &format!("{at}.types"),
                         "give the capacity per instance type or for the zone, not both",
@@ -530,6 +533,10 @@ target = 2.0
             (
                 TYPED.replace(r#"name = "g5.xlarge""#, r#"name = "g4dn.xlarge""#),
                 "`primary.zones[0].types`: instance type names must differ",
+            ),
+            (
+                TYPED.replace(r#"{ name = "b", capacity = 3 }"#, r#"{ name = "b" }"#),
+                "`primary.zones[1]`: give the zone a `capacity` or `types`",
             ),
         ];
         for (text, want) in cases {

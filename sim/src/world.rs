@@ -208,6 +208,10 @@ pub struct World {
     pub kills_by_cause: BTreeMap<String, usize>,
     /// Agents dead so far (`faults.agent_death_per_hour`).
     pub agent_deaths: usize,
+    /// Instances the group scaled in while a job ran on them (a job that
+    /// started before its protection landed): the lifecycle hook's drain
+    /// saves those jobs, without a hook they are killed.
+    pub busy_scaled_in: usize,
     pub faults: crate::scenario::Faults,
     /// The faults' own generator, so that they do not shift the rest.
     pub fault_rng: Option<Rng>,
@@ -247,16 +251,42 @@ impl World {
             .count() as i32
     }
 
-    /// Marks an instance to end at `at`, counting the jobs it kills.
-    pub fn terminate(&mut self, id: &str, at: Instant, why: Kill) {
+    /// The instances of group `g` that hold spot capacity: pending, in
+    /// service, or waiting on the termination hook (still running, and
+    /// still EC2's to reclaim: "a lifecycle hook does not prevent an
+    /// instance from terminating in the event that capacity is no longer
+    /// available", EC2 Auto Scaling User Guide, lifecycle hooks).
+    pub fn on_spot(&self, g: usize) -> impl Iterator<Item = &Instance> {
+        self.instances.values().filter(move |i| {
+            i.group == g
+                && match i.state {
+                    State::Pending { .. } | State::InService => true,
+                    State::Terminating { .. } => i.hook.is_some(),
+                    State::Gone => false,
+                }
+        })
+    }
+
+    /// Marks an instance to end at `at`, counting the jobs it kills; false
+    /// if it is already ending. A spot reclaim ends an instance waiting on
+    /// the termination hook too, at the reclaim.
+    pub fn terminate(&mut self, id: &str, at: Instant, why: Kill) -> bool {
         let Some(i) = self.instances.get_mut(id) else {
-            return;
+            return false;
         };
-        if !matches!(i.state, State::Pending { .. } | State::InService) {
-            return;
+        match i.state {
+            State::Pending { .. } | State::InService => {}
+            State::Terminating { at: then } if why == Kill::Reclaimed && i.hook.is_some() => {
+                i.state = State::Terminating { at: then.min(at) };
+                i.why = Some(why);
+                i.hook = None;
+                return true;
+            }
+            _ => return false,
         }
         i.state = State::Terminating { at };
         i.why = Some(why);
+        true
     }
 
     /// The group takes an instance out: through its termination lifecycle
@@ -268,13 +298,33 @@ impl World {
             .get(id)
             .and_then(|i| self.groups.get(i.group))
             .is_some_and(|g| g.hook);
-        if !hook {
-            self.terminate(id, now, why);
+        let busy = self
+            .instances
+            .get(id)
+            .is_some_and(|i| !i.running.is_empty());
+        let ends = if hook {
+            now + HOOK_HEARTBEAT_TIMEOUT
+        } else {
+            now
+        };
+        if !self.terminate(id, ends, why) {
             return;
         }
-        self.terminate(id, now + HOOK_HEARTBEAT_TIMEOUT, why);
-        if let Some(i) = self.instances.get_mut(id) {
-            if i.why == Some(why) && i.hook.is_none() {
+        if busy {
+            // Only a job that started before its protection landed (or a
+            // throttled protection call) leaves a busy instance for the
+            // group to pick; with neither fault, it is a protection bug.
+            self.busy_scaled_in += 1;
+            let faultless =
+                self.faults.agent_api_latency.0.is_zero() && self.faults.agent_error_rate == 0.0;
+            if faultless {
+                self.violations.push(format!(
+                    "{id}: scaled in by its group ({why:?}) while busy: its protection is missing"
+                ));
+            }
+        }
+        if hook {
+            if let Some(i) = self.instances.get_mut(id) {
                 i.hook = Some((now + HOOK_GLOBAL_TIMEOUT, false));
             }
         }
@@ -302,7 +352,10 @@ impl World {
     pub fn hook_complete(&mut self, id: &str, now: Instant) -> bool {
         match self.instances.get_mut(id) {
             Some(i) if i.hook.is_some() && matches!(i.state, State::Terminating { .. }) => {
+                // The action is over: later heartbeats and completions are
+                // refused, as AWS refuses them.
                 i.state = State::Terminating { at: now };
+                i.hook = None;
                 true
             }
             _ => false,
@@ -402,15 +455,20 @@ impl World {
             // dry logs a failed activity naming it and the launch moves to
             // another zone, until one succeeds or every zone is dry.
             let (zone_of, first_pool) = zones_of_pools(&self.groups[g].zones);
+            // A pool's capacity is used by every instance still on it (one
+            // waiting on the hook too); the zones' balance counts the
+            // group's own (a terminating instance has left it).
             let mut per_pool = vec![0i32; zone_of.len()];
-            for i in self.alive(g) {
+            for i in self.on_spot(g) {
                 if let Some(n) = per_pool.get_mut(i.zone) {
                     *n += 1;
                 }
             }
             let mut per_zone = vec![0i32; first_pool.len()];
-            for (p, n) in per_pool.iter().enumerate() {
-                per_zone[zone_of[p]] += n;
+            for i in self.alive(g) {
+                if let Some(z) = zone_of.get(i.zone) {
+                    per_zone[*z] += 1;
+                }
             }
             let mut dry = vec![false; per_zone.len()];
             let mut want = desired - have;
@@ -510,7 +568,7 @@ impl World {
             let rate = self.groups[g].interruptions_per_hour;
             for (z, pool) in self.groups[g].zones.iter().enumerate() {
                 let mut staying: Vec<(Instant, String)> = self
-                    .alive(g)
+                    .on_spot(g)
                     .filter(|i| i.zone == z && i.interruption.is_none())
                     .map(|i| (i.launched, i.id.clone()))
                     .collect();
@@ -536,7 +594,7 @@ impl World {
             if rate > 0.0 {
                 let p = rate * dt.as_secs_f64() / 3600.0;
                 let running: Vec<String> = self
-                    .alive(g)
+                    .on_spot(g)
                     .filter(|i| i.interruption.is_none())
                     .map(|i| i.id.clone())
                     .collect();
@@ -876,11 +934,22 @@ mod tests {
         let f = failures(&w);
         assert_eq!(f.len(), 1, "one failure for zone a: {f:?}");
         assert!(f[0].contains("us-east-1a"), "{f:?}");
-        // One type's pool shrinking reclaims that type's instances only.
-        w.groups[0].zones[2].capacity = 1;
+    }
+
+    #[test]
+    fn a_shrinking_type_pool_reclaims_that_type_in_its_zone_only() {
+        let now = Instant::now();
+        let mut w = world(typed(&[("a", "g4dn.xlarge", 5), ("a", "g5.xlarge", 5)], 8));
+        w.reconcile_groups(now, &Launch::default(), base(now));
+        assert_eq!(zones_of(&w), [4, 4]);
+        w.groups[0].zones[0].capacity = 1;
         w.interrupt(now, Duration::from_secs(1), Duration::ZERO);
-        let noticed = w.alive(0).filter(|i| i.interruption.is_some()).count();
-        assert_eq!(noticed, 3);
+        let noticed: Vec<usize> = w
+            .alive(0)
+            .filter(|i| i.interruption.is_some())
+            .map(|i| i.zone)
+            .collect();
+        assert_eq!(noticed, [0, 0, 0], "three g4dn, no g5");
     }
 
     #[test]
@@ -906,11 +975,69 @@ mod tests {
         assert_eq!(end(&w, a), Some(30_000), "100 x 300 s");
         assert!(w.hook_complete(a, t0 + Duration::from_secs(29_950)));
         assert_eq!(end(&w, a), Some(29_950), "CONTINUE ends it now");
+        // Over: a later heartbeat or completion is refused, as AWS does.
+        assert!(!w.hook_heartbeat(a, t0 + Duration::from_secs(29_960)));
+        assert!(!w.hook_complete(a, t0 + Duration::from_secs(29_960)));
+        assert_eq!(end(&w, a), Some(29_950));
         // Without a hook the group ends it at once.
         w.groups[0].hook = false;
         w.scale_in(b, t0, Kill::GroupScaleIn);
         assert_eq!(end(&w, b), Some(0));
         assert!(!w.hook_complete(b, t0), "no lifecycle action to complete");
+    }
+
+    #[test]
+    fn an_instance_waiting_on_the_hook_holds_its_spot_capacity_and_ec2_still_reclaims_it() {
+        let t0 = Instant::now();
+        let mut g = group(&[("a", 2)], 2);
+        g.hook = true;
+        let mut w = world(g);
+        w.reconcile_groups(t0, &Launch::default(), base(t0));
+        let a = w.alive(0).next().map(|i| i.id.clone()).unwrap();
+        w.scale_in(&a, t0, Kill::GroupScaleIn);
+        // Its replacement finds the pool full: the waiting one still runs.
+        w.reconcile_groups(t0 + Duration::from_secs(60), &Launch::default(), base(t0));
+        assert_eq!(w.alive(0).count(), 1);
+        assert_eq!(w.on_spot(0).count(), 2);
+        // The pool shrinks: EC2 may reclaim the waiting one too.
+        w.groups[0].zones[0].capacity = 0;
+        w.interrupt(
+            t0 + Duration::from_secs(61),
+            Duration::from_secs(1),
+            Duration::ZERO,
+        );
+        assert!(w.instances[&a].interruption.is_some());
+        // The reclaim cuts the hook's wait short, and counts as a reclaim.
+        assert!(w.terminate(&a, t0 + Duration::from_secs(181), Kill::Reclaimed));
+        assert_eq!(w.instances[&a].why, Some(Kill::Reclaimed));
+        assert_eq!(
+            w.instances[&a].state,
+            State::Terminating {
+                at: t0 + Duration::from_secs(181)
+            }
+        );
+        assert!(!w.hook_heartbeat(&a, t0 + Duration::from_secs(182)));
+        // Not a busy one: nothing counted as scaled in while busy.
+        assert_eq!(w.busy_scaled_in, 0);
+    }
+
+    #[test]
+    fn a_busy_instance_scaled_in_without_faults_is_a_protection_bug() {
+        let t0 = Instant::now();
+        let mut w = world(group(&[("a", 5)], 2));
+        w.reconcile_groups(t0, &Launch::default(), base(t0));
+        let ids: Vec<String> = w.alive(0).map(|i| i.id.clone()).collect();
+        for id in &ids {
+            w.instances.get_mut(id).unwrap().running.push("j1".into());
+        }
+        w.scale_in(&ids[0], t0, Kill::GroupScaleIn);
+        assert_eq!(w.busy_scaled_in, 1);
+        assert_eq!(w.violations.len(), 1, "{:?}", w.violations);
+        // With the agents' calls late, it is the race, not a bug.
+        w.faults.agent_api_latency = "1s".parse().unwrap();
+        w.scale_in(&ids[1], t0, Kill::GroupScaleIn);
+        assert_eq!(w.busy_scaled_in, 2);
+        assert_eq!(w.violations.len(), 1);
     }
 
     #[test]
