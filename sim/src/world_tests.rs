@@ -231,6 +231,63 @@ fn an_instance_waiting_on_the_hook_holds_its_spot_capacity_and_ec2_still_reclaim
 }
 
 #[test]
+fn an_ending_instance_is_not_ended_again_but_a_reclaim_cuts_the_hooks_wait() {
+    let t0 = Instant::now();
+    let mut w = world(group(&[("a", 10)], 3));
+    w.reconcile_groups(t0, &Launch::default(), base(t0));
+    let ids: Vec<String> = w.alive(0).map(|i| i.id.clone()).collect();
+    let later = t0 + Duration::from_secs(600);
+    // Ending without a hook: neither a reclaim nor a scale-in moves it.
+    assert!(w.terminate(&ids[0], later, Kill::AgentScaleIn));
+    assert!(!w.terminate(&ids[0], t0, Kill::Reclaimed));
+    assert!(!w.terminate(&ids[0], t0, Kill::GroupScaleIn));
+    assert_eq!(w.instances[&ids[0]].state, State::Terminating { at: later });
+    assert_eq!(w.instances[&ids[0]].why, Some(Kill::AgentScaleIn));
+    // Waiting on the hook: a scale-in does not move it, a reclaim does.
+    w.groups[0].hook = true;
+    w.scale_in(&ids[1], t0, Kill::GroupScaleIn);
+    assert!(!w.terminate(&ids[1], t0, Kill::Replaced));
+    assert_eq!(w.instances[&ids[1]].why, Some(Kill::GroupScaleIn));
+    assert!(w.terminate(&ids[1], t0 + Duration::from_secs(120), Kill::Reclaimed));
+    assert_eq!(w.instances[&ids[1]].why, Some(Kill::Reclaimed));
+    // Gone is gone.
+    w.instances.get_mut(&ids[2]).unwrap().state = State::Gone;
+    assert!(!w.terminate(&ids[2], t0, Kill::Reclaimed));
+}
+
+#[test]
+fn a_fallback_at_exactly_its_gate_scaled_in_is_target_trackings() {
+    let t0 = Instant::now();
+    let mut w = world(group(&[("a", 10)], 0));
+    w.groups.push(group(&[("a", 10)], 2));
+    w.instance_secs = vec![0.0; 2];
+    w.reconcile_groups(t0, &Launch::default(), base(t0));
+    w.groups[1].max = 2;
+    w.groups[1].desired = 1;
+    w.reconcile_groups(t0, &Launch::default(), base(t0));
+    let why: Vec<Option<Kill>> = w
+        .instances
+        .values()
+        .filter(|i| i.why.is_some())
+        .map(|i| i.why)
+        .collect();
+    assert_eq!(why, [Some(Kill::GroupScaleIn)]);
+}
+
+#[test]
+fn launches_balance_against_the_instances_already_in_each_zone() {
+    let t0 = Instant::now();
+    let mut w = world(group(&[("a", 10), ("b", 0)], 3));
+    w.reconcile_groups(t0, &Launch::default(), base(t0));
+    assert_eq!(zones_of(&w), [3, 0]);
+    w.groups[0].zones[1].capacity = 10;
+    w.groups[0].desired = 5;
+    let t = t0 + Duration::from_secs(60);
+    w.reconcile_groups(t, &Launch::default(), base(t0));
+    assert_eq!(zones_of(&w), [3, 2], "both to b, which has fewer");
+}
+
+#[test]
 fn a_busy_instance_scaled_in_without_faults_is_a_protection_bug() {
     let t0 = Instant::now();
     let mut w = world(group(&[("a", 5)], 2));
@@ -468,6 +525,8 @@ fn groups_are_found_by_region_and_name_and_instances_counted_by_state() {
     assert_eq!(w.in_service(0), 2);
     assert_eq!(w.alive(0).count(), 2);
     assert_eq!(w.in_service(1), 0);
+    assert_eq!(w.on_spot(0).count(), 2, "its own, not the other group's");
+    assert_eq!(w.on_spot(1).count(), 2);
 }
 
 #[test]
@@ -605,12 +664,12 @@ fn a_short_group_tries_again_after_launch_retry_and_a_launch_sets_its_times() {
 fn random_interruptions_at_the_rate_with_the_rebalance_share_and_lead() {
     let t0 = Instant::now();
     let mut g = group(&[("a", 100)], 100);
-    g.interruptions_per_hour = 1800.0; // p = 0.5 a second
+    g.interruptions_per_hour = 900.0; // p = 0.5 in a 2-second step
     let mut w = world(g);
     w.reconcile_groups(t0, &Launch::default(), base(t0));
     w.rebalance_probability = 1.0;
     let lead = Duration::from_secs(300);
-    w.interrupt(t0, Duration::from_secs(1), lead);
+    w.interrupt(t0, Duration::from_secs(2), lead);
     let picked: Vec<&Instance> = w.alive(0).filter(|i| i.interruption.is_some()).collect();
     assert!((30..=70).contains(&picked.len()), "{}", picked.len());
     for i in &picked {
@@ -807,7 +866,7 @@ fn agent_calls_fail_at_the_scenario_rate() {
 #[test]
 fn billing_counts_busy_and_running_time_and_settles_each_instance_on_its_own() {
     let t0 = Instant::now();
-    let mut w = world(group(&[("a", 10)], 2));
+    let mut w = world(group(&[("a", 10)], 3));
     w.busy_secs = vec![0.0];
     w.up_secs = vec![0.0];
     let launch = Launch::default();
@@ -818,6 +877,14 @@ fn billing_counts_busy_and_running_time_and_settles_each_instance_on_its_own() {
         .unwrap()
         .running
         .push("j".into());
+    // The third never runs: ended while pending, billed nothing.
+    w.terminate(&ids[2], t0, Kill::GroupScaleIn);
+    w.settle(&ids[2]);
+    w.instances.get_mut(&ids[2]).unwrap().state = State::Gone;
+    assert_eq!(
+        w.instances[&ids[2]].billed_secs, 0.0,
+        "no minimum for nothing"
+    );
     let step = Duration::from_secs(1);
     let mut now = t0;
     for _ in 0..100 {
@@ -851,4 +918,12 @@ fn billing_counts_busy_and_running_time_and_settles_each_instance_on_its_own() {
         w.instance_secs[0]
     );
     assert!((w.cost - total / 3600.0 * 0.36).abs() < 1e-9);
+    // Reclaimed after exactly an hour: EC2 refunds only within the first.
+    let mut w = world(group(&[("a", 10)], 1));
+    w.reconcile_groups(t0, &launch, base(t0));
+    let id = w.alive(0).next().map(|i| i.id.clone()).unwrap();
+    w.instances.get_mut(&id).unwrap().billed_secs = 3600.0;
+    w.terminate(&id, t0, Kill::Reclaimed);
+    w.settle(&id);
+    assert_eq!(w.instances[&id].billed_secs, 3600.0);
 }
