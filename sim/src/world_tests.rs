@@ -866,7 +866,7 @@ fn agent_calls_fail_at_the_scenario_rate() {
 #[test]
 fn billing_counts_busy_and_running_time_and_settles_each_instance_on_its_own() {
     let t0 = Instant::now();
-    let mut w = world(group(&[("a", 10)], 3));
+    let mut w = world(group(&[("a", 10)], 4));
     w.busy_secs = vec![0.0];
     w.up_secs = vec![0.0];
     let launch = Launch::default();
@@ -891,8 +891,8 @@ fn billing_counts_busy_and_running_time_and_settles_each_instance_on_its_own() {
         now += step;
         w.bill(now, step);
     }
-    // 10 s running each (from 90 s); one busy.
-    assert!((w.up_secs[0] - 20.0).abs() < 1.5, "{}", w.up_secs[0]);
+    // 10 s running for each of the three left (from 90 s); one busy.
+    assert!((w.up_secs[0] - 30.0).abs() < 1.5, "{}", w.up_secs[0]);
     assert!((w.busy_secs[0] - 10.0).abs() < 1.5, "{}", w.busy_secs[0]);
     // One scaled in after 10 s: billed 60; the other reclaimed after an
     // hour and 10 s: billed what it ran, not refunded.
@@ -911,7 +911,8 @@ fn billing_counts_busy_and_running_time_and_settles_each_instance_on_its_own() {
     w.settle(&ids[1]);
     assert_eq!(w.instances[&ids[1]].billed_secs, ran);
     // The group's total is the two instances' bills, the cost its price.
-    let total = billed0 + ran;
+    let total: f64 = w.instances.values().map(|i| i.billed_secs).sum();
+    assert!(total > billed0 + ran, "the idle one still running");
     assert!(
         (w.instance_secs[0] - total).abs() < 1e-6,
         "{} {total}",
