@@ -1,7 +1,11 @@
 //! The simulated AWS's APIs: the agent's [`Fleet`] and the controller's
 //! [`Cloud`] over the one [`World`], so the real agent and controller code
-//! runs against it. Each call answers as AWS does, with the scenario's API
-//! faults (throttling, latency) applied before the world changes.
+//! runs against it. Each call answers as AWS does, with the scenario's
+//! faults: the controller's calls are throttled (decided before the call
+//! applies) and their answer delayed (`faults.api_latency`); the agents'
+//! protection and liveness mark land late (`faults.agent_api_latency`, the
+//! change itself delayed) and their Auto Scaling calls are throttled
+//! (`faults.agent_error_rate`).
 
 use std::collections::BTreeMap;
 use std::future::Future;

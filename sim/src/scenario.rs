@@ -51,8 +51,8 @@ pub struct Region {
     /// Changes of that capacity over time.
     #[serde(default)]
     pub capacity_changes: Vec<CapacityChange>,
-    /// The region's spot pools, one per Availability Zone (instead of
-    /// `capacity`): a group launches in the zone with the fewest of its
+    /// The region's spot pools, one per Availability Zone, or one per
+    /// instance type in a zone with `types` (instead of `capacity`): a group launches in the zone with the fewest of its
     /// instances first, and in another when that one is dry, as AWS's
     /// "balanced best effort" does, logging a failed activity for the dry
     /// zone each time.
@@ -271,12 +271,14 @@ pub struct Launch {
     /// A group short of instances tries to launch this often.
     pub retry: Dur,
     /// The groups' termination lifecycle hook (the shipped template's,
-    /// HeartbeatTimeout 300 s): an instance the group scales in (target
-    /// tracking, a lowered MaxSize) waits in `Terminating:Wait` while its
-    /// agent drains, heartbeats and completes the action, at most
-    /// min(48 h, 100 x 300 s). Spot reclaims ignore it, as on AWS. `false`:
-    /// the group terminates at once, and a job that started before its
-    /// protection landed is killed.
+    /// HeartbeatTimeout 300 s): every termination by a group (target
+    /// tracking's scale-in, a lowered MaxSize, the agent's own
+    /// `TerminateInstanceInAutoScalingGroup`, an unhealthy replacement)
+    /// waits in `Terminating:Wait` while its agent drains, heartbeats and
+    /// completes the action, at most min(48 h, 100 x 300 s). Spot reclaims
+    /// cut the wait short, as on AWS. `false`: the group terminates at once
+    /// (the agent's own request 30 s later), and a job that started before
+    /// its protection landed is killed.
     pub lifecycle_hook: bool,
 }
 
@@ -333,11 +335,11 @@ pub struct Faults {
     /// still protected from scale-in): the controller must release such
     /// an instance's protection within 30 minutes, by its liveness mark.
     pub agent_death_per_hour: f64,
-    /// Each of the agents' Auto Scaling and EC2 calls (protection, the
-    /// liveness mark) lands this long after it is made. A job starts
+    /// The agents' protection and liveness-mark calls land this long
+    /// after they are made (their other calls stay instant). A job starts
     /// before its instance's protection lands (a job already runs when the
-    /// agent asks), so a scale-in in that window picks a busy instance:
-    /// on AWS the termination lifecycle hook's drain is what saves the job.
+    /// agent asks), so a scale-in in that window picks a busy instance: on
+    /// AWS the termination lifecycle hook's drain is what saves the job.
     pub agent_api_latency: Dur,
 }
 

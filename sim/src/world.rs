@@ -1,8 +1,9 @@
 //! The simulated AWS: Auto Scaling groups per region over spot capacity
 //! that follows the scenario, spot interruptions (rebalance, notice,
 //! reclaim), launches that fail with AWS's own StatusMessage forms and
-//! EventBridge events, target tracking as AWS documents it, SQS (the
-//! agent's in-memory queue, with redrive), and the bill.
+//! EventBridge events, the termination lifecycle hook, target tracking as
+//! AWS documents it, and the bill. (SQS is the agent's in-memory queue,
+//! with redrive, driven by `run.rs`.)
 //!
 //! The agents' `Fleet` and the controller's `Cloud` are implemented over
 //! this one world in [`crate::apis`], so the real agent and controller code
@@ -298,10 +299,13 @@ impl World {
             .get(id)
             .and_then(|i| self.groups.get(i.group))
             .is_some_and(|g| g.hook);
-        let busy = self
-            .instances
-            .get(id)
-            .is_some_and(|i| !i.running.is_empty());
+        // The agent's own request has its own check (apis.rs): a busy
+        // instance here is the group's pick.
+        let busy = why != Kill::AgentScaleIn
+            && self
+                .instances
+                .get(id)
+                .is_some_and(|i| !i.running.is_empty());
         let ends = if hook {
             now + HOOK_HEARTBEAT_TIMEOUT
         } else {
@@ -405,7 +409,8 @@ impl World {
     }
 
     /// Launches what the groups are short of, against spot capacity; ends
-    /// what is above desired (unprotected first, newest first).
+    /// what is above desired (unprotected only: pending first, then the
+    /// newest).
     pub fn reconcile_groups(
         &mut self,
         now: Instant,
@@ -558,8 +563,9 @@ impl World {
         }
     }
 
-    /// Interruptions: at the scenario's rate, and whenever a zone's pool
-    /// shrank below what runs in it (newest first). An instance already
+    /// Interruptions: at the scenario's rate, and whenever a pool (a zone,
+    /// or an instance type in it) shrank below what runs on it (any of
+    /// them, in a seeded random order). An instance already
     /// given its notice is leaving: it is not counted against the pool
     /// again (a drop from 88 to 20 reclaims 68, not all 88).
     pub fn interrupt(&mut self, now: Instant, dt: Duration, lead: Duration) {
@@ -623,9 +629,9 @@ impl World {
     /// instance, AWS keeps scaling out, but counts warming instances as
     /// part of the desired capacity of the next scale-out rather than of
     /// the current capacity, and does not scale in ("Set the default
-    /// instance warmup", EC2 Auto Scaling User Guide). Scale-in never goes
-    /// below the instances that are busy and protected (the group cannot
-    /// pick them).
+    /// instance warmup", EC2 Auto Scaling User Guide). The desired capacity
+    /// may fall below the busy, protected instances, as on AWS; the group
+    /// then takes only unprotected ones ([`World::reconcile_groups`]).
     pub fn track(&mut self, now: Instant) {
         const WARMUP: Duration = Duration::from_secs(300);
         for g in 0..self.groups.len() {

@@ -910,7 +910,7 @@ fn billing_counts_busy_and_running_time_and_settles_each_instance_on_its_own() {
     w.terminate(&ids[1], now, Kill::Reclaimed);
     w.settle(&ids[1]);
     assert_eq!(w.instances[&ids[1]].billed_secs, ran);
-    // The group's total is the two instances' bills, the cost its price.
+    // The group's total is its instances' bills, the cost its price.
     let total: f64 = w.instances.values().map(|i| i.billed_secs).sum();
     assert!(total > billed0 + ran, "the idle one still running");
     assert!(

@@ -1,6 +1,8 @@
 //! The simulation end to end, in virtual time: determinism, the promises
 //! it checks (no loss, no kill by failback or own scale-in, scale-out from
-//! zero, a broken worker), and the report rendered by a real browser.
+//! zero, a broken worker, the third region of a cascade, a dry zone, a dry
+//! instance type, a load that never stops, the lifecycle hook against the
+//! job-start/protection race), and the report rendered by a real browser.
 
 use spotguard_sim::run::{run, Policy};
 use spotguard_sim::scenario::Scenario;
@@ -360,9 +362,9 @@ fn under_a_load_that_never_stops_the_failback_completes_and_kills_nothing() {
 }
 
 /// A spot pool is an instance type in a zone: with every g4dn pool of the
-/// primary dry for two hours and g5 pools with room in the same zones, the
-/// mixed-instances group refills from g5 without a failed activity, and
-/// spotguard stays in its primary.
+/// primary dry for two hours and g5 pools with room in the same zones (24
+/// places, more than the load needs), the mixed-instances group refills
+/// from g5, and spotguard stays in its primary.
 #[test]
 fn one_dry_instance_type_with_another_fine_is_no_failover() {
     let s = scenario("type-dry.toml");

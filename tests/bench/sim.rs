@@ -1,7 +1,12 @@
 //! Simulation figures: speed (24 simulated hours of a 100-instance fleet
-//! with 20,000 jobs, against real time), and the 2-hour outage scenario,
-//! all three policies side by side, against the same scenario without the
-//! outage. Printed as Markdown for the README (`./scripts/bench`).
+//! with 20,000 jobs, against real time); the 2-hour outage, the same
+//! outage under a load that never stops and one dry zone, each with all
+//! three policies side by side against the same scenario without the
+//! outage, the control law's goals (issue 21) and, beside them, an
+//! estimate of what running the outage's displaced work in the fallback
+//! costs and the p95 of a failover that does not wait out the shortage
+//! rule; and the outage's sensitivity to the boot time. Printed as
+//! Markdown for the README (`./scripts/bench`).
 
 use std::time::Instant;
 
