@@ -1957,3 +1957,65 @@ async fn a_breaker_trip_does_not_turn_a_lasting_gpu_failure_into_a_cool_down() {
         w.status.healthz().1
     );
 }
+
+/// `due`'s settings for the pure tests below: one slot, no scale-in.
+fn bare_settings() -> Settings {
+    Settings {
+        concurrency: 1,
+        idle_timeout: Duration::from_secs(300),
+        scale_in: false,
+        protect_busy: false,
+        hook: false,
+        health_check: false,
+        fifo: false,
+        follow_intake: None,
+    }
+}
+
+#[test]
+fn in_no_group_a_rebalance_stop_ends_but_a_spot_drain_stays() {
+    use crate::state::{Drain, DrainReason, Mode};
+    let now = Instant::now();
+    let s = bare_settings();
+    let mut b = Books::new(now);
+    b.not_in_group = true;
+    let drain = |r: DrainReason| {
+        Mode::Draining(Drain {
+            deadline: None,
+            reasons: vec![r],
+        })
+    };
+    for m in [Mode::IntakeStopped, drain(DrainReason::Rebalance)] {
+        b.mode = m.clone();
+        assert_eq!(due(&b, 0, &s, now).mode, Some(Mode::Running), "{m:?}");
+    }
+    b.mode = drain(DrainReason::SpotInterruption);
+    assert_eq!(
+        due(&b, 0, &s, now).mode,
+        None,
+        "a spot notice is not advice"
+    );
+    // In a group, the rebalance's stop stays (the group may take it).
+    b.not_in_group = false;
+    b.mode = Mode::IntakeStopped;
+    assert_eq!(due(&b, 0, &s, now).mode, None);
+}
+
+#[test]
+fn a_broken_worker_is_unhealthy_until_its_pause_ends_not_at_its_end() {
+    let now = Instant::now();
+    let mut b = Books::new(now);
+    b.broken = Some("no such program".into());
+    b.broken_until = Some(now + Duration::from_secs(60));
+    assert_eq!(
+        b.unhealthy_now(now + Duration::from_secs(59)),
+        Some("no such program")
+    );
+    assert_eq!(b.unhealthy_now(now + Duration::from_secs(60)), None);
+    b.broken_until = None;
+    assert_eq!(
+        b.unhealthy_now(now + Duration::from_secs(3600)),
+        Some("no such program"),
+        "no end: broken until it is fixed"
+    );
+}

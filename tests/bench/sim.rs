@@ -106,7 +106,12 @@ fn no_outage_p95(s: &Scenario, seed: u64) -> f64 {
 /// a failover policy pays too (two fleets boot), and leaves out that the
 /// p95 lets 5 % of the jobs wait instead. `None` without the primary's
 /// capacity series.
-fn cost_estimate(s: &Scenario, calm: &Outcome, outage: &Outcome, single_cost: f64) -> Option<(f64, f64)> {
+fn cost_estimate(
+    s: &Scenario,
+    calm: &Outcome,
+    outage: &Outcome,
+    single_cost: f64,
+) -> Option<(f64, f64)> {
     let fallback = s.cascade().first().copied()?;
     let cap = outage.series.group_capacity.first()?;
     let displaced_h: f64 = calm
@@ -118,7 +123,10 @@ fn cost_estimate(s: &Scenario, calm: &Outcome, outage: &Outcome, single_cost: f6
         .sum::<f64>()
         / 60.0;
     let (n, secs) = s.jobs.arrivals.iter().fold((0.0, 0.0), |(n, t), a| {
-        (n + f64::from(a.count), t + f64::from(a.count) * a.duration.0.as_secs_f64())
+        (
+            n + f64::from(a.count),
+            t + f64::from(a.count) * a.duration.0.as_secs_f64(),
+        )
     });
     let job_h = if n > 0.0 { secs / n / 3600.0 } else { 1.0 };
     let transfer = displaced_h / job_h * s.jobs.transfer_gb * s.jobs.transfer_usd_per_gb;
@@ -186,7 +194,10 @@ fn compare(s: &Scenario, seed: u64) {
         Err(e) => format!("n/a ({e})"),
     };
     let cost = match estimate {
-        Some((c, _)) => format!("${c:.2} ({:.2}x single-region)", c / single.cost_usd.max(1e-9)),
+        Some((c, _)) => format!(
+            "${c:.2} ({:.2}x single-region)",
+            c / single.cost_usd.max(1e-9)
+        ),
         None => "n/a".to_string(),
     };
     println!(
