@@ -844,6 +844,79 @@ async fn a_three_region_cascade_opens_by_region_and_closes_last_first() {
     assert_eq!(mode_of(&c, "us-east-2").as_deref(), Some("failing-back"));
 }
 
+/// The second link of a cascade hands its work back to the first
+/// fallback, not to the primary: the hand-over's target is the work in
+/// flight of the group before it (us-east-2) and its own, within that
+/// group's MaxSize, and it is us-east-2's desired capacity that is raised.
+#[tokio::test(start_paused = true)]
+async fn a_cascade_link_hands_back_to_the_fallback_before_it() {
+    let c = cascade_controller();
+    let failed_over = || {
+        let mut tags = Memory::initial().to_tags();
+        tags.insert("spotguard:mode".into(), "failed-over".into());
+        tags
+    };
+    {
+        let mut st = c.cloud.lock();
+        let set = |st: &mut crate::fakes::CloudState, region: &str, g: GroupInfo| {
+            st.groups.insert((region.into(), "gpu".into()), g);
+        };
+        // The primary still short: the first link stays open.
+        set(
+            &mut *st,
+            "us-east-1",
+            GroupInfo {
+                desired: 10,
+                max: 10,
+                in_service: 1,
+                ..Default::default()
+            },
+        );
+        // us-east-2 whole again (2 of 2), one busy, room for 6.
+        set(
+            &mut *st,
+            "us-east-2",
+            GroupInfo {
+                desired: 2,
+                max: 6,
+                in_service: 2,
+                busy: 1,
+                tags: failed_over(),
+                ..Default::default()
+            },
+        );
+        // us-west-2 carries two busy ones, its gate at 2.
+        set(
+            &mut *st,
+            "us-west-2",
+            GroupInfo {
+                desired: 2,
+                max: 2,
+                in_service: 2,
+                busy: 2,
+                tags: failed_over(),
+                ..Default::default()
+            },
+        );
+    }
+    c.tick(Vec::new()).await.unwrap();
+    // 1 + 2 busy, within us-east-2's MaxSize of 6 (not us-west-2's 2).
+    assert_eq!(c.cloud.group_of("us-east-2", "gpu").desired, 3);
+    assert_eq!(
+        c.cloud
+            .group_of("us-west-2", "gpu")
+            .tags
+            .get("spotguard:handover-to")
+            .map(String::as_str),
+        Some("3")
+    );
+    assert_eq!(
+        c.cloud.group_of("us-east-1", "gpu").desired,
+        10,
+        "not the primary"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unreadable_last_region_does_not_stop_the_failover_before_it() {
     let c = cascade_controller();
