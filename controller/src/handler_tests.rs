@@ -863,7 +863,7 @@ async fn a_cascade_link_hands_back_to_the_fallback_before_it() {
         };
         // The primary still short: the first link stays open.
         set(
-            &mut *st,
+            &mut st,
             "us-east-1",
             GroupInfo {
                 desired: 10,
@@ -874,7 +874,7 @@ async fn a_cascade_link_hands_back_to_the_fallback_before_it() {
         );
         // us-east-2 whole again (2 of 2), one busy, room for 6.
         set(
-            &mut *st,
+            &mut st,
             "us-east-2",
             GroupInfo {
                 desired: 2,
@@ -887,7 +887,7 @@ async fn a_cascade_link_hands_back_to_the_fallback_before_it() {
         );
         // us-west-2 carries two busy ones, its gate at 2.
         set(
-            &mut *st,
+            &mut st,
             "us-west-2",
             GroupInfo {
                 desired: 2,
