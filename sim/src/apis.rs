@@ -185,13 +185,10 @@ impl Fleet for SimFleet {
                 // AWS refuses it for an instance the group is taking out
                 // (REFERENCE.md), which a late call can meet.
                 _ => Err(AwsError {
-                    op: "SetInstanceProtection",
-                    code: Some("ValidationError".into()),
                     message: format!(
                         "The instance {id} is not in InService or EnteringStandby or Standby."
                     ),
-                    resource: None,
-                    region: None,
+                    ..aws_error("SetInstanceProtection", "ValidationError")
                 }),
             }
         }
@@ -243,11 +240,8 @@ fn no_action(ok: bool, op: &'static str, id: &str) -> Result<(), AwsError> {
         return Ok(());
     }
     Err(AwsError {
-        op,
-        code: Some("ValidationError".into()),
         message: format!("No active Lifecycle Action found with instance ID {id}"),
-        resource: None,
-        region: None,
+        ..aws_error(op, "ValidationError")
     })
 }
 

@@ -630,12 +630,7 @@ async fn simulate(
                     }
                 }
                 // An instance waiting on the hook is still EC2's to reclaim.
-                let on_spot = match i.state {
-                    State::InService | State::Pending { .. } => true,
-                    State::Terminating { .. } => i.hook.is_some(),
-                    State::Gone => false,
-                };
-                if let (Some((reb, notice, reclaim)), true) = (i.interruption, on_spot) {
+                if let (Some((reb, notice, reclaim)), true) = (i.interruption, i.on_spot()) {
                     if let (Some(r), Some(tx)) = (reb, &i.notices) {
                         if r <= now {
                             notices.push((

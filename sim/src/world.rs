@@ -98,6 +98,18 @@ pub struct Instance {
     pub running: Vec<String>,
 }
 
+impl Instance {
+    /// Still on its spot capacity: pending, in service, or waiting on the
+    /// termination hook ([`World::on_spot`]).
+    pub fn on_spot(&self) -> bool {
+        match self.state {
+            State::Pending { .. } | State::InService => true,
+            State::Terminating { .. } => self.hook.is_some(),
+            State::Gone => false,
+        }
+    }
+}
+
 /// One spot pool: an instance type in an Availability Zone.
 #[derive(Debug, Clone)]
 pub struct Pool {
@@ -258,14 +270,9 @@ impl World {
     /// instance from terminating in the event that capacity is no longer
     /// available", EC2 Auto Scaling User Guide, lifecycle hooks).
     pub fn on_spot(&self, g: usize) -> impl Iterator<Item = &Instance> {
-        self.instances.values().filter(move |i| {
-            i.group == g
-                && match i.state {
-                    State::Pending { .. } | State::InService => true,
-                    State::Terminating { .. } => i.hook.is_some(),
-                    State::Gone => false,
-                }
-        })
+        self.instances
+            .values()
+            .filter(move |i| i.group == g && i.on_spot())
     }
 
     /// Marks an instance to end at `at`, counting the jobs it kills; false
@@ -339,11 +346,10 @@ impl World {
     pub fn hook_heartbeat(&mut self, id: &str, now: Instant) -> bool {
         match self.instances.get_mut(id) {
             Some(i) => match (i.state, i.hook) {
-                (State::Terminating { .. }, Some((until, told))) => {
+                (State::Terminating { .. }, Some((until, _))) => {
                     i.state = State::Terminating {
                         at: (now + HOOK_HEARTBEAT_TIMEOUT).min(until),
                     };
-                    i.hook = Some((until, told));
                     true
                 }
                 _ => false,
